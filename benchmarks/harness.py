@@ -1,0 +1,253 @@
+"""How one benchmark row is run: the variants side by side, the inputs, the timing, the record.
+
+Variants ("backend" in the results):
+  eager      plain PyTorch, separate ops (F.conv3d -> F.prelu -> +, autograd saves what eager saves), NCDHW:
+             cuDNN on a GPU. The baseline.
+  eager_cl   the same in channels_last_3d (torch 2.9 routes fp16/bf16 NCDHW 3D convs around cuDNN; channels-last
+             stays on it). speedup_vs_cudnn is measured against the faster of eager and eager_cl.
+  compile    torch.compile of the eager function (Inductor: cuDNN conv + a generated pointwise epilogue).
+  reference  seg3d_fast's reference backend (cuDNN conv, the fused op's memory contract); opt-in.
+  triton     seg3d_fast's Triton kernels, channels_last_3d inputs (the layout the implicit GEMM reads).
+  cuda       seg3d_fast's CUDA C++ kernels, channels_last_3d inputs.
+Directions: forward (training forward: inputs require grad, the graph is built), backward (autograd.grad of a
+retained graph), both (forward + backward).
+GPU time: CUDA events around each call, median over reps; inputs rotated among several copies when one set fits
+in L2, so that each call reads from device memory. CPU time: pytest-benchmark's median wall time.
+"""
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+BASELINES = ("eager", "eager_cl")
+FUSED = ("reference", "triton", "cuda")
+LAYOUT = {"eager": "ncdhw", "eager_cl": "ndhwc", "compile": "ncdhw", "reference": "ncdhw", "triton": "ndhwc",
+          "cuda": "ndhwc"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Unsupported(Exception):
+    """This variant cannot run this input here (the message says why): the row is skipped."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the functions being timed
+def conv_eager(x, weight, bias, alpha, residual, stride, residual_first):
+    """The op in plain PyTorch, separate ops: what the plain network runs."""
+    z = F.conv3d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
+    if residual is not None and residual_first:
+        z = z + residual
+    y = z if alpha is None else F.prelu(z, alpha)
+    return y + residual if residual is not None and not residual_first else y
+
+
+def _compiled(fn):
+    # A fresh compile per row: dynamo's per-function recompile limit would otherwise silently fall back to eager.
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def conv_function(variant, case):
+    """callable(x, weight, bias, alpha, residual) for `variant`; raises Unsupported where it cannot run."""
+    s, rf = case.stride, case.residual_first
+    if variant in BASELINES:
+        return lambda *t: conv_eager(*t, s, rf)
+    if variant == "compile":
+        fn = _compiled(conv_eager)
+        return lambda *t: fn(*t, s, rf)
+    if variant in FUSED:
+        import seg3d_fast as sf
+        from seg3d_fast.backends import BackendUnsupported
+
+        def fused(*t):
+            try:
+                return sf.conv3d_prelu(*t, stride=s, residual_first=rf, backend=variant)
+            except BackendUnsupported as e:
+                raise Unsupported(str(e)) from e
+        return fused
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def jaccard_function(variant):
+    """callable(logits, labels) -> scalar loss."""
+    from seg3d_fast.profile import plain_jaccard_loss
+
+    if variant in BASELINES:
+        return plain_jaccard_loss
+    if variant == "compile":
+        return _compiled(plain_jaccard_loss)
+    if variant in FUSED:
+        import seg3d_fast as sf
+        from seg3d_fast.backends import BackendUnsupported
+
+        def fused(logits, labels):
+            try:
+                return sf.jaccard_loss(logits, labels, backend=variant)
+            except BackendUnsupported as e:
+                raise Unsupported(str(e)) from e
+        return fused
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs
+def _rand(shape, dtype, device, channels_last, grad=True):
+    t = torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last_3d)
+    return t.requires_grad_(grad)
+
+
+def conv_inputs(case, dtype, device, channels_last):
+    """(x, weight, bias, alpha, residual): fresh random, every one requiring grad; weights scaled like the
+    network's init so that activations stay O(1) in half precision."""
+    x = _rand((case.n, case.c_in, *case.spatial), dtype, device, channels_last)
+    bound = 1 / math.sqrt(case.c_in * case.k**3)
+    weight = (torch.rand((case.c_out, case.c_in) + (case.k,) * 3, device=device) * 2 - 1).mul_(bound)
+    weight = weight.to(dtype)
+    if channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
+    bias = (torch.rand(case.c_out, device=device) * 2 - 1).mul_(bound).to(dtype)
+    alpha = (0.1 + 0.3 * torch.rand(case.c_out, device=device)).to(dtype) if case.prelu else None
+    residual = _rand((case.n, case.c_out, *case.out_spatial), dtype, device, channels_last) if case.residual else None
+    for t in (weight, bias, alpha):
+        if t is not None:
+            t.requires_grad_(True)
+    return x, weight, bias, alpha, residual
+
+
+def jaccard_inputs(case, dtype, device, channels_last):
+    logits = _rand((case.n, case.classes, *case.spatial), dtype, device, channels_last)
+    labels = torch.randint(0, case.classes, (case.n, *case.spatial), device=device)
+    return logits, labels
+
+
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def direction_callables(fn, make_inputs, direction, copies):
+    """One callable per input copy doing `direction`'s work. backward: the graph is built once per copy and
+    kept (retain_graph), each call runs autograd.grad on it."""
+    calls = []
+    for _ in range(copies):
+        inputs = make_inputs()
+        leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        if direction == "forward":
+            calls.append(lambda inputs=inputs: fn(*inputs))
+            continue
+        out = fn(*inputs)
+        grad = torch.randn_like(out)
+        if direction == "backward":
+            calls.append(lambda out=out, grad=grad, leaves=leaves:
+                         torch.autograd.grad(out, leaves, grad, retain_graph=True))
+        else:
+            del out
+            calls.append(lambda inputs=inputs, grad=grad, leaves=leaves:
+                         torch.autograd.grad(fn(*inputs), leaves, grad))
+    return calls
+
+
+def copies_for(make_inputs, device):
+    """How many input sets to rotate among so that the rotation outgrows the L2 cache (3x; at most 64)."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    probe = make_inputs()
+    # inputs + output + gradients: about 3x the input bytes in flight per call
+    one = 3 * _nbytes(probe)
+    del probe
+    return 1 if one >= 3 * l2 else min(64, math.ceil(3 * l2 / max(one, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timing and memory
+def gpu_median_ms(calls, budget_ms=40.0, min_reps=10, max_reps=500):
+    """Median of CUDA-event times over reps (each rep one call, inputs rotated)."""
+    for c in calls:  # warm-up: JIT, autotuning, cuDNN algorithm choice
+        c()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(3):
+        calls[i % len(calls)]()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) / 3 * 1e3
+    reps = int(min(max_reps, max(min_reps, budget_ms / max(est, 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        calls[i % len(calls)]()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def peak_bytes(call, device):
+    """GPU memory one call needs above what was allocated before it (its outputs, saved tensors and workspaces
+    included); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = call()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del result
+    return peak
+
+
+def measure(benchmark, calls, device, rounds):
+    """-> (ms, ms_host): device median (GPU) and pytest-benchmark's median of synchronized calls (host)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    state = {"i": 0}
+
+    def synchronized_call():
+        calls[state["i"] % len(calls)]()
+        state["i"] += 1
+        sync()
+
+    ms = gpu_median_ms(calls) if device.type == "cuda" else None
+    benchmark.pedantic(synchronized_call, rounds=rounds, iterations=1, warmup_rounds=1)
+    stats = getattr(benchmark, "stats", None)
+    ms_host = stats.stats.median * 1e3 if stats is not None else None
+    return (ms if ms is not None else ms_host), ms_host
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# records
+def record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize, layer_names=()):
+    from ceilings import floor_ms
+
+    flops = case.flops(direction)
+    nbytes = case.min_bytes(direction, itemsize)
+    rec = {"op": op, "name": case.name, "shape": case.shape(), "layers": list(layer_names), "dtype": dtype_name,
+           "backend": variant, "layout": LAYOUT.get(variant, "ncdhw"), "direction": direction, "ms": ms,
+           "ms_host": ms_host, "peak_bytes": peak, "flops": flops, "bytes": nbytes, "tflops": None, "gbps": None,
+           "floor_ms": None, "fraction_of_floor": None, "speedup_vs_cudnn": None}
+    if ms:
+        rec["tflops"] = flops / (ms * 1e-3) / 1e12
+        rec["gbps"] = nbytes / (ms * 1e-3) / 1e9
+    if ms and ceilings:
+        rec["floor_ms"] = floor_ms(flops, nbytes, ceilings, DTYPES[dtype_name])
+        rec["fraction_of_floor"] = rec["floor_ms"] / ms
+    return rec
+
+
+def row_key(rec):
+    return rec["op"], rec["name"], rec["dtype"], rec["direction"]
+
+
+def fill_speedups(records):
+    """speedup_vs_cudnn = (faster of the eager baselines) / ms, for every record whose row has a baseline."""
+    best = {}
+    for r in records:
+        if r["backend"] in BASELINES and r["ms"]:
+            k = row_key(r)
+            best[k] = min(best.get(k, math.inf), r["ms"])
+    for r in records:
+        base = best.get(row_key(r))
+        r["speedup_vs_cudnn"] = base / r["ms"] if base and r["ms"] else None
+    return records

@@ -1,0 +1,199 @@
+"""What the benchmarks measure: the conv layer shapes of Seg3DNet and the Jaccard loss, with their minimal cost.
+
+Conv shapes are read off the network itself (forward pre-hooks on every ConvPReLU3d) at the paper's crop
+1x4x128x160x144, for the base network (features 8/16/32/64) and a wide one (32/64/128/256); identical shapes are
+measured once. On a CPU the same code runs at a tiny input with scaled-down features so that CI exercises the suite.
+
+Minimal cost (for TFLOP/s, GB/s and the floor; DESIGN.md "Ceilings"): M = N*D'*H'*W' output voxels, K = C_in*k^3.
+  forward : 2*M*C_out*K FLOPs; bytes = x + weight + (residual) + out, each once.
+  backward: 4*M*C_out*K FLOPs (input and weight gradients); bytes = grad_out + x + saved activation
+            (the PReLU output, to recover the pre-activation) + grad_x + weight + grad_weight.
+  both    : the sum of the two.
+Jaccard loss at C classes over V voxels: forward reads logits and labels once (5 FLOPs per logit: exp,
+normalise, three sums); backward reads them again and writes the logits' gradient (6 FLOPs per logit).
+"""
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+FULL_INPUT = (1, 4, 128, 160, 144)   # the paper's BRATS crop
+TINY_INPUT = (1, 4, 16, 20, 18)      # CPU: the plumbing at a size the interpreter can run
+NETWORKS = {"base": (8, 16, 32, 64), "wide": (32, 64, 128, 256)}
+TINY_NETWORKS = {"base": (2, 4, 6, 8)}
+NUM_CLASSES = 5
+DIRECTIONS = ("forward", "backward", "both")
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    n: int
+    c_in: int
+    c_out: int
+    spatial: tuple          # input (D, H, W)
+    k: int
+    stride: int
+    residual: bool
+    residual_first: bool
+    prelu: bool
+    layers: tuple = field(default=(), compare=False)  # "<net>.<module name>" where this shape occurs
+
+    @property
+    def out_spatial(self):
+        return tuple((s + 2 * (self.k // 2) - self.k) // self.stride + 1 for s in self.spatial)
+
+    @property
+    def name(self):
+        d, h, w = self.spatial
+        tail = ("_res1st" if self.residual_first else "_res") if self.residual else ""
+        act = "" if self.prelu else "_noact"
+        return f"c{self.c_in}-{self.c_out}_k{self.k}s{self.stride}_{d}x{h}x{w}{tail}{act}"
+
+    def shape(self):
+        """The record's shape field."""
+        return {"N": self.n, "C_in": self.c_in, "C_out": self.c_out, "DHW": list(self.spatial), "k": self.k,
+                "stride": self.stride, "residual": self.residual, "residual_first": self.residual_first,
+                "prelu": self.prelu}
+
+    def flops(self, direction):
+        m = self.n * _prod(self.out_spatial)
+        one = 2 * m * self.c_out * self.c_in * self.k**3
+        return {"forward": one, "backward": 2 * one, "both": 3 * one}[direction]
+
+    def min_bytes(self, direction, itemsize):
+        x = self.n * self.c_in * _prod(self.spatial)
+        y = self.n * self.c_out * _prod(self.out_spatial)
+        w = self.c_out * self.c_in * self.k**3
+        fwd = x + w + y + (y if self.residual else 0)
+        bwd = y + x + (y if self.prelu else 0) + x + 2 * w
+        return itemsize * {"forward": fwd, "backward": bwd, "both": fwd + bwd}[direction]
+
+
+@dataclass(frozen=True)
+class JaccardCase:
+    n: int
+    classes: int
+    spatial: tuple
+
+    @property
+    def name(self):
+        d, h, w = self.spatial
+        return f"jaccard_c{self.classes}_{d}x{h}x{w}"
+
+    def shape(self):
+        return {"N": self.n, "C": self.classes, "DHW": list(self.spatial)}
+
+    def flops(self, direction):
+        logits = self.n * self.classes * _prod(self.spatial)
+        return {"forward": 5 * logits, "backward": 6 * logits, "both": 11 * logits}[direction]
+
+    def min_bytes(self, direction, itemsize, label_itemsize=8):
+        logits = self.n * self.classes * _prod(self.spatial) * itemsize
+        labels = self.n * _prod(self.spatial) * label_itemsize
+        fwd = logits + labels
+        bwd = 2 * logits + labels
+        return {"forward": fwd, "backward": bwd, "both": fwd + bwd}[direction]
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def conv_cases_of(model, input_shape):
+    """Conv shapes of `model` (ConvPReLU3d layers) seen in one forward at `input_shape`, in call order
+    (run on the meta device: shapes only, no memory, no arithmetic)."""
+    from seg3d_fast.nn import ConvPReLU3d
+
+    seen = []
+
+    def hook(module, args, kwargs):
+        x = args[0]
+        residual = args[1] if len(args) > 1 else kwargs.get("residual")
+        seen.append(ConvCase(
+            n=x.shape[0], c_in=module.in_channels, c_out=module.out_channels, spatial=tuple(x.shape[2:]),
+            k=_int(module.kernel_size), stride=_int(module.stride), residual=residual is not None,
+            residual_first=bool(module.residual_first), prelu=getattr(module, "alpha", None) is not None,
+            layers=(module._bench_name,)))
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, ConvPReLU3d):
+            module._bench_name = name
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model = model.to("meta")
+        with torch.no_grad():
+            model(torch.randn(input_shape, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _int(v):
+    return v[0] if isinstance(v, (tuple, list)) else int(v)
+
+
+def dedupe(cases):
+    """Merge identical shapes (keeping the first, with every layer name it stands for)."""
+    merged = {}
+    for c in cases:
+        if c in merged:
+            first = merged[c]
+            merged[c] = ConvCase(**{**first.__dict__, "layers": first.layers + c.layers})
+        else:
+            merged[c] = c
+    return list(merged.values())
+
+
+def network_conv_cases(tiny):
+    """Deduplicated conv shapes of the benchmark networks (tiny: the CPU sizes)."""
+    from seg3d_fast.models import Seg3DNet
+
+    input_shape = TINY_INPUT if tiny else FULL_INPUT
+    cases = []
+    for net, features in (TINY_NETWORKS if tiny else NETWORKS).items():
+        torch.manual_seed(0)
+        model = Seg3DNet(in_channels=input_shape[1], num_classes=NUM_CLASSES, features=features, fused=True)
+        for c in conv_cases_of(model, input_shape):
+            cases.append(ConvCase(**{**c.__dict__, "layers": tuple(f"{net}.{n}" for n in c.layers)}))
+        del model
+    return dedupe(cases)
+
+
+def representative(cases):
+    """A few layers that stand for the rest (measured in every dtype): the heaviest 3x3 stride-1 layer, the
+    heaviest stride-2 layer, the heaviest residual layer, the lightest full-resolution 3x3 layer (memory bound)
+    and the heaviest 1x1 layer."""
+    def heaviest(pool):
+        return max(pool, key=lambda c: c.flops("forward")) if pool else None
+
+    k3 = [c for c in cases if c.k == 3]
+    full = max((_prod(c.spatial) for c in k3), default=0)
+    picks = [
+        heaviest([c for c in k3 if c.stride == 1]),
+        heaviest([c for c in k3 if c.stride == 2]),
+        heaviest([c for c in k3 if c.residual]),
+        min((c for c in k3 if c.stride == 1 and _prod(c.spatial) == full), key=lambda c: c.flops("forward"),
+            default=None),
+        heaviest([c for c in cases if c.k == 1]),
+    ]
+    out = []
+    for c in picks:
+        if c is not None and c not in out:
+            out.append(c)
+    return out
+
+
+def jaccard_case(tiny):
+    shape = TINY_INPUT if tiny else FULL_INPUT
+    return JaccardCase(n=shape[0], classes=NUM_CLASSES, spatial=tuple(shape[2:]))
+
+
+def env_list(name, default):
+    """Comma-separated env var, or the default list."""
+    value = os.environ.get(name)
+    return [v.strip() for v in value.split(",") if v.strip()] if value else list(default)

@@ -1,0 +1,103 @@
+"""Backends and dispatch.
+
+Each backend (reference, triton, cuda) is a module implementing the contract in API.md. It says why it cannot run
+at all here (`unavailable_reason()`) and why it cannot run a given input (`<op>_unsupported(...)`); `select()` picks
+the preferred backend that can run an input, or raises `BackendUnsupported` with every reason when an explicit
+choice cannot.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+NAMES = ("reference", "triton", "cuda")
+ENV_BACKEND = "SEG3D_FAST_BACKEND"
+# Preference on a GPU when the dispatch table has no entry for the card/op: compiled kernels first, cuDNN last.
+DEFAULT_GPU_ORDER = ("cuda", "triton", "reference")
+DISPATCH_TABLE = Path(__file__).with_name("dispatch_table.json")
+
+_modules: dict[str, object] = {}
+_import_errors: dict[str, str] = {}
+
+
+class BackendUnsupported(RuntimeError):
+    """An explicitly requested backend cannot run the given input; the message lists why."""
+
+
+def deterministic() -> bool:
+    """Bitwise-reproducible mode: no float atomics (torch's flag or SEG3D_FAST_DETERMINISTIC=1)."""
+    import torch
+
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("SEG3D_FAST_DETERMINISTIC", "0") == "1"
+
+
+def load(name: str):
+    """The backend module `name`, or None when it cannot be imported (reason in unavailable_reason)."""
+    if name not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES} or None, got {name!r}")
+    if name not in _modules and name not in _import_errors:
+        try:
+            _modules[name] = importlib.import_module(f"{__name__}.{name}")
+        except Exception as e:  # noqa: BLE001 - any import failure makes the backend unavailable, with its reason
+            _import_errors[name] = f"import failed: {type(e).__name__}: {e}"
+    return _modules.get(name)
+
+
+def unavailable_reason(name: str) -> str | None:
+    module = load(name)
+    return _import_errors[name] if module is None else module.unavailable_reason()
+
+
+def available() -> dict[str, str | None]:
+    """{backend name: None if it can run here, else the reason it cannot}."""
+    return {name: unavailable_reason(name) for name in NAMES}
+
+
+def unsupported_reasons(name: str, op: str, *args) -> list[str]:
+    """Why backend `name` cannot run `op` ("conv3d_prelu" | "jaccard") on these arguments ([] = it can)."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return [reason]
+    return list(getattr(load(name), f"{op}_unsupported")(*args))
+
+
+def _preference(op: str, device, key: str) -> tuple[str, ...]:
+    """Backends to try, best first. On the CPU only the reference (Triton's interpreter is for tests, never
+    chosen automatically). On a GPU: the committed table of measured winners for this card, else the default."""
+    if device.type != "cuda":
+        return ("reference",)
+    table = _dispatch_table()
+    import torch
+
+    card = torch.cuda.get_device_name(device)
+    order = table.get(card, {}).get(op, {}).get(key)
+    return tuple(order) if order else DEFAULT_GPU_ORDER
+
+
+_table_cache: dict | None = None
+
+
+def _dispatch_table() -> dict:
+    global _table_cache
+    if _table_cache is None:
+        _table_cache = json.loads(DISPATCH_TABLE.read_text()) if DISPATCH_TABLE.exists() else {}
+    return _table_cache
+
+
+def select(op: str, backend: str | None, device, key: str, args: tuple) -> str:
+    """Name of the backend that runs `op` on `args`. `backend` (or env SEG3D_FAST_BACKEND) forces a choice."""
+    requested = backend or os.environ.get(ENV_BACKEND) or None
+    if requested is not None:
+        reasons = unsupported_reasons(requested, op, *args)
+        if reasons:
+            raise BackendUnsupported(f"backend {requested!r} cannot run {op} on this input: " + "; ".join(reasons))
+        return requested
+    tried = {}
+    for name in _preference(op, device, key):
+        reasons = unsupported_reasons(name, op, *args)
+        if not reasons:
+            return name
+        tried[name] = reasons
+    raise BackendUnsupported(f"no backend can run {op} on this input: {tried}")

@@ -1,0 +1,65 @@
+"""Shared pieces of the Triton backend: environment switches, tile-config lists and 64-bit row indexing."""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting():
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1): tiny shapes, one small config."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(gpu_configs, default, interpreter):
+    """Configs for triton.autotune: the full list on a GPU, one default when SEG3D_FAST_AUTOTUNE=0,
+    one small config under the interpreter. Read once, when the kernel module is imported."""
+    if interpreting():
+        return [interpreter]
+    if os.environ.get("SEG3D_FAST_AUTOTUNE", "1") == "0":
+        return [default]
+    return gpu_configs
+
+
+def dot_precision(dtype):
+    """tl.dot input precision: TF32 for fp32 only where torch allows it for matmuls, else exact fp32."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def parallel_slots(device):
+    """Programs worth launching to fill the device (4 per SM; 2 under the interpreter)."""
+    if device.type != "cuda":
+        return 2
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(n, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+@triton.jit
+def row_coords(m, E1, E2, E3):
+    """Split flat row indices m (int64) of an (N, E1, E2, E3) grid into (n, i1, i2, i3), all int64.
+    Rows of big volumes pass 2^31, so the division chain runs in 64 bits."""
+    m = m.to(tl.int64)
+    i3 = m % E3
+    t = m // E3
+    i2 = t % E2
+    t = t // E2
+    i1 = t % E1
+    n = t // E1
+    return n, i1, i2, i3
+
+
+@triton.jit
+def strided_offset(n, i1, i2, i3, s_n, s_1, s_2, s_3):
+    """Element offset (int64) of voxel (n, i1, i2, i3) in a tensor with the given strides."""
+    return n.to(tl.int64) * s_n + i1.to(tl.int64) * s_1 + i2.to(tl.int64) * s_2 + i3.to(tl.int64) * s_3

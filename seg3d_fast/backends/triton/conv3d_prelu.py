@@ -1,0 +1,419 @@
+"""conv3d (3x3x3 / 1x1x1, stride 1/2) + bias + PReLU + residual: forward, dgrad and wgrad as Triton kernels.
+
+All three are implicit GEMMs over channels-last (NDHWC) tensors:
+  forward: rows = output voxels, columns = C_out, reduction = taps x C_in (padding = masked loads);
+  dgrad  : the same kernel run on dz with the flipped, transposed weights; for stride 2 it runs once per
+           output-parity class (8 of them) with only the taps that hit that class (no work on zero taps);
+  wgrad  : dW^T (taps*C_in, C_out) = sum over voxels of x_shifted^T @ dz, split over voxels into fp32
+           partial buffers, then one fixed-order sum (no atomics: deterministic always); the bias and alpha
+           gradients (and dz itself, when asked) come out of the same pass.
+dz = grad_out * (z > 0 ? 1 : alpha) is formed in the loads of grad_out from the saved tensor; it is never stored
+unless grad_preact is asked for.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune_configs, dot_precision, interpreting, next_pow2, parallel_slots, row_coords, strided_offset
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DZ_NONE, _DZ_ACT, _DZ_PREACT = 0, 1, 2
+_DZ_KINDS = {"none": _DZ_NONE, "act": _DZ_ACT, "preact": _DZ_PREACT}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _load_gathered(src_ptr, saved_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0,
+                   K_TOTAL, C_SRC, Ds, Hs, Ws,
+                   FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DZ_KIND: tl.constexpr, DZ_ALPHA_PER_CH: tl.constexpr):
+    """(rows, BLOCK_K) tile of the implicit im2col matrix: column k = (tap, c) reads source voxel
+    (ra, rb, rc) + taps[tap] channel c; out-of-volume taps read 0 (the padding).
+    FLAT_K: every column finds its own tap (small C_SRC: no tensor-core work lost to channel padding);
+    else the whole block shares one tap (C_SRC is a multiple of BLOCK_K) and only rows need masks.
+    DZ_KIND != 0: the source is grad_out and the tile returned is dz = g * (saved > 0 ? 1 : alpha[c])."""
+    if FLAT_K:
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K_TOTAL
+        tap = k // C_SRC
+        ch = k - tap * C_SRC
+        dd = tl.load(taps_ptr + tap * 3, mask=k_ok, other=0)
+        dh = tl.load(taps_ptr + tap * 3 + 1, mask=k_ok, other=0)
+        dw = tl.load(taps_ptr + tap * 3 + 2, mask=k_ok, other=0)
+        pd = ra[:, None] + dd[None, :]
+        ph = rb[:, None] + dh[None, :]
+        pw = rc[:, None] + dw[None, :]
+        ok = (row_ok[:, None] & k_ok[None, :] & (pd >= 0) & (pd < Ds) & (ph >= 0) & (ph < Hs)
+              & (pw >= 0) & (pw < Ws))
+        delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * C_SRC + ch
+        off = row_base[:, None] + delta[None, :]
+    else:
+        tap = k0 // C_SRC
+        ch = (k0 - tap * C_SRC) + tl.arange(0, BLOCK_K)
+        dd = tl.load(taps_ptr + tap * 3)
+        dh = tl.load(taps_ptr + tap * 3 + 1)
+        dw = tl.load(taps_ptr + tap * 3 + 2)
+        pd = ra + dd
+        ph = rb + dh
+        pw = rc + dw
+        ok_row = row_ok & (pd >= 0) & (pd < Ds) & (ph >= 0) & (ph < Hs) & (pw >= 0) & (pw < Ws)
+        delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * C_SRC
+        off = (row_base + delta)[:, None] + ch[None, :]
+        ok = ok_row[:, None] & (ch < C_SRC)[None, :]
+    a = tl.load(src_ptr + off, mask=ok, other=0.0)
+    if DZ_KIND != 0:
+        # z > 0 <=> saved > 0 for both kinds ("act": y = prelu(z) with alpha > 0 keeps the sign)
+        s = tl.load(saved_ptr + off, mask=ok, other=0.0)
+        if DZ_ALPHA_PER_CH:
+            al = tl.load(alpha_ptr + ch).to(tl.float32)[None, :]
+        else:
+            al = tl.load(alpha_ptr).to(tl.float32)
+        g = a.to(tl.float32)
+        a = tl.where(s > 0, g, g * al).to(src_ptr.dtype.element_ty)
+    return a
+
+
+def _conv_configs():
+    gpu = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+           for bm in (64, 128) for w in (4, 8) for s in (3, 4)]
+    return autotune_configs(gpu, triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+                            triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1))
+
+
+@triton.autotune(configs=_conv_configs(), key=["M", "C_SRC", "C_OUT", "K_TOTAL", "STEP"])
+@triton.jit
+def _conv_kernel(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr, act_ptr,
+                 M, E1, E2, E3, Ds, Hs, Ws, C_SRC, K_TOTAL, C_OUT, N_PAD,
+                 o_sn, o_sc, o_s1, o_s2, o_s3, r_sn, r_sc, r_s1, r_s2, r_s3,
+                 STEP: tl.constexpr, FLAT_K: tl.constexpr, DZ_KIND: tl.constexpr, DZ_ALPHA_PER_CH: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ACT_KIND: tl.constexpr, RES_MODE: tl.constexpr, SAVE_ACT: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[row, co] = epilogue(sum_k A[row, k] * W[k, co]); rows are an (N, E1, E2, E3) grid whose voxel
+    (n, a, b, c) reads source voxel (a, b, c) * STEP + taps[t]. ACT_KIND 0 none / 1 shared / 2 per-channel
+    alpha; RES_MODE 0 none / 1 before the activation / 2 after it (SAVE_ACT: also store the PReLU output)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = m < M
+    n, i1, i2, i3 = row_coords(m, E1, E2, E3)
+    ra = (i1 * STEP).to(tl.int32)
+    rb = (i2 * STEP).to(tl.int32)
+    rc = (i3 * STEP).to(tl.int32)
+    row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_SRC
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        a = _load_gathered(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0,
+                           K_TOTAL, C_SRC, Ds, Hs, Ws, FLAT_K, BLOCK_K, DZ_KIND, DZ_ALPHA_PER_CH)
+        # the weight matrix is zero-padded to (K_PAD, N_PAD): no masks
+        b = tl.load(w_ptr + (k0 + rk)[:, None] * N_PAD + co[None, :])
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+    # epilogue on the accumulator: the pre-activation never reaches memory
+    co_ok = co < C_OUT
+    mask = row_ok[:, None] & co_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    if RES_MODE != 0:
+        r_off = strided_offset(n, i1, i2, i3, r_sn, r_s1, r_s2, r_s3)[:, None] + co[None, :].to(tl.int64) * r_sc
+        res = tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        if RES_MODE == 1:
+            acc += res
+    if ACT_KIND == 1:
+        acc = tl.where(acc > 0, acc, acc * tl.load(alpha_ptr).to(tl.float32))
+    if ACT_KIND == 2:
+        al = tl.load(alpha_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
+        acc = tl.where(acc > 0, acc, acc * al[None, :])
+    o_off = strided_offset(n, i1, i2, i3, o_sn, o_s1, o_s2, o_s3)[:, None] + co[None, :].to(tl.int64) * o_sc
+    if SAVE_ACT:
+        tl.store(act_ptr + o_off, acc.to(act_ptr.dtype.element_ty), mask=mask)
+    if RES_MODE == 2:
+        acc += res
+    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _wgrad_configs():
+    gpu = [triton.Config({"BLOCK_V": bv}, num_warps=w, num_stages=s)
+           for bv in (64, 128) for w in (4, 8) for s in (3, 4)]
+    return autotune_configs(gpu, triton.Config({"BLOCK_V": 64}, num_warps=4, num_stages=3),
+                            triton.Config({"BLOCK_V": 64}, num_warps=4, num_stages=1))
+
+
+_VOX_GRAIN = 256  # voxels per split are a multiple of this (so of every BLOCK_V)
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["M", "C_IN", "C_OUT", "K_TOTAL", "STEP", "COMPUTE_W"])
+@triton.jit
+def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_part_ptr, da_part_ptr, dz_ptr,
+                  M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
+                  STEP: tl.constexpr, FLAT_K: tl.constexpr, DZ_KIND: tl.constexpr, ALPHA_PER_CH: tl.constexpr,
+                  COMPUTE_W: tl.constexpr, REDUCE_BIAS: tl.constexpr, REDUCE_ALPHA: tl.constexpr,
+                  WRITE_DZ: tl.constexpr, DOT_PREC: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_KT: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """Program (split, kt-tile, co-tile) sums x_shifted^T @ dz over its voxel range into a fp32 partial.
+    grad_out / saved / dz are channels-last: voxel m, channel co at m * C_OUT + co. The kt-tile-0
+    programs also reduce dz (bias) and g * z * (z <= 0) (alpha) and write dz when asked."""
+    split = tl.program_id(0).to(tl.int64)
+    pid_kt = tl.program_id(1)
+    pid_co = tl.program_id(2)
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < C_OUT
+    first = (tl.zeros((BLOCK_CO,), dtype=tl.int32) + pid_kt) == 0  # a block, not a scalar: used in masks
+    if DZ_KIND != 0:
+        if ALPHA_PER_CH:
+            al = tl.load(alpha_ptr + co, mask=co_ok, other=1.0).to(tl.float32)[None, :]
+        else:
+            al = tl.load(alpha_ptr).to(tl.float32)
+    kt0 = pid_kt * BLOCK_KT
+    acc = tl.zeros((BLOCK_KT, BLOCK_CO), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    v_start = split * VOX_PER_SPLIT
+    for i in range(0, VOX_PER_SPLIT, BLOCK_V):
+        m = v_start + i + tl.arange(0, BLOCK_V)
+        row_ok = m < M
+        mask = row_ok[:, None] & co_ok[None, :]
+        g_off = m[:, None] * C_OUT + co[None, :]
+        g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        if DZ_KIND != 0:
+            s = tl.load(saved_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+            neg = s <= 0
+            dz = tl.where(neg, g * al, g)
+            if REDUCE_ALPHA:
+                if DZ_KIND == 1:
+                    z = tl.where(neg, s / al, s)
+                else:
+                    z = s
+                acc_a += tl.sum(tl.where(neg, g * z, 0.0), axis=0)
+        else:
+            dz = g
+        if REDUCE_BIAS:
+            acc_b += tl.sum(dz, axis=0)
+        if WRITE_DZ:
+            tl.store(dz_ptr + g_off, dz.to(dz_ptr.dtype.element_ty), mask=mask & first[None, :])
+        if COMPUTE_W:
+            n, i1, i2, i3 = row_coords(m, E1, E2, E3)
+            ra = (i1 * STEP).to(tl.int32)
+            rb = (i2 * STEP).to(tl.int32)
+            rc = (i3 * STEP).to(tl.int32)
+            row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_IN
+            xt = _load_gathered(x_ptr, x_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, kt0,
+                                K_TOTAL, C_IN, Ds, Hs, Ws, FLAT_K, BLOCK_KT, 0, False)
+            acc = tl.dot(tl.trans(xt), dz.to(x_ptr.dtype.element_ty), acc, input_precision=DOT_PREC)
+    if COMPUTE_W:
+        kt = kt0 + tl.arange(0, BLOCK_KT)
+        tl.store(dw_part_ptr + split * KT_PAD * CO_PAD + kt[:, None] * CO_PAD + co[None, :], acc)
+    if REDUCE_BIAS:
+        tl.store(db_part_ptr + split * CO_PAD + co, acc_b, mask=first)
+    if REDUCE_ALPHA:
+        tl.store(da_part_ptr + split * CO_PAD + co, acc_a, mask=first)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------------
+def _out_memory_format(x):
+    """API.md: channels_last_3d when x is channels_last_3d (and not plain contiguous), else NCDHW."""
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _k_blocking(c_src, k_total):
+    """(FLAT_K, BLOCK_K): one tap per K block when C_src is a multiple of 16, else taps and channels
+    flattened jointly (C_in = 4 or 8 would otherwise pad every tap's K to 16 and waste tensor-core work)."""
+    if c_src % 16 == 0:
+        return False, 64 if c_src % 64 == 0 else (32 if c_src % 32 == 0 else 16)
+    return True, 16 if k_total <= 16 else 32
+
+
+def _tap_table(deltas, device):
+    return torch.tensor(deltas, dtype=torch.int32, device=device).reshape(-1, 3)
+
+
+def _pad2d(w, rows, cols):
+    out = torch.zeros(rows, cols, dtype=w.dtype, device=w.device)
+    out[: w.shape[0], : w.shape[1]] = w
+    return out
+
+
+def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, saved=None, dz_kind=_DZ_NONE, dz_alpha=None,
+                 bias=None, alpha=None, residual=None, residual_first=False, act=None):
+    """src: channels-last contiguous (N, C_src, Ds, Hs, Ws); weight_mat: (T * C_src, C_out);
+    out: (N, C_out, E1, E2, E3) view with any strides; rows: (N, E1, E2, E3)."""
+    n, e1, e2, e3 = rows
+    m_rows = n * e1 * e2 * e3
+    if m_rows == 0:
+        return
+    k_total, c_out = weight_mat.shape
+    flat_k, block_k = _k_blocking(c_src, k_total)
+    block_n = next_pow2(c_out, 16, 128)
+    grid_n = triton.cdiv(c_out, block_n)
+    w = _pad2d(weight_mat, triton.cdiv(k_total, block_k) * block_k, grid_n * block_n)
+    res = residual if residual is not None else out
+    dummy = out
+    grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]), grid_n)
+    _conv_kernel[grid](
+        src, saved if saved is not None else src, dz_alpha if dz_alpha is not None else dummy, taps, w,
+        bias if bias is not None else dummy, alpha if alpha is not None else dummy, res, out,
+        act if act is not None else out,
+        m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out, grid_n * block_n,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), out.stride(4),
+        res.stride(0), res.stride(1), res.stride(2), res.stride(3), res.stride(4),
+        STEP=step, FLAT_K=flat_k, DZ_KIND=dz_kind,
+        DZ_ALPHA_PER_CH=dz_alpha is not None and dz_alpha.numel() > 1,
+        HAS_BIAS=bias is not None,
+        ACT_KIND=0 if alpha is None else (2 if alpha.numel() > 1 else 1),
+        RES_MODE=0 if residual is None else (1 if residual_first else 2),
+        SAVE_ACT=act is not None, DOT_PREC=dot_precision(src.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+
+
+def _forward_taps(k, device):
+    p = k // 2
+    return _tap_table([(kd - p, kh - p, kw - p) for kd in range(k) for kh in range(k) for kw in range(k)], device)
+
+
+def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first):
+    reasons = []
+    tensors = {"x": x, "weight": weight, "bias": bias, "alpha": alpha, "residual": residual}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda" and not interpreting():
+            reasons.append(f"{name} is on {t.device.type}: the triton backend needs CUDA tensors "
+                           "(or TRITON_INTERPRET=1 for CPU tensors)")
+        if t.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"{name} has dtype {t.dtype}: expected float32, float16 or bfloat16")
+    if x.dim() != 5 or weight.dim() != 5:
+        reasons.append(f"x and weight must be 5-D (got x.dim()={x.dim()}, weight.dim()={weight.dim()})")
+        return reasons
+    k = weight.shape[-1]
+    if tuple(weight.shape[2:]) not in ((1, 1, 1), (3, 3, 3)):
+        reasons.append(f"weight kernel size {tuple(weight.shape[2:])}: only 1x1x1 and 3x3x3 are supported")
+    if weight.shape[1] != x.shape[1]:
+        reasons.append(f"weight has {weight.shape[1]} input channels but x has {x.shape[1]} "
+                       "(groups / dilation are not supported)")
+    if stride not in (1, 2):
+        reasons.append(f"stride {stride}: only 1 and 2 are supported")
+    if alpha is not None and alpha.numel() not in (1, weight.shape[0]):
+        reasons.append(f"alpha has {alpha.numel()} elements: expected 1 or C_out={weight.shape[0]}")
+    if residual is not None and stride in (1, 2) and k in (1, 3):
+        expected = (x.shape[0], weight.shape[0]) + tuple((s - 1) // stride + 1 for s in x.shape[2:])
+        if tuple(residual.shape) != expected:
+            reasons.append(f"residual has shape {tuple(residual.shape)}: expected {expected}")
+    return reasons
+
+
+def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act):
+    n, c_in, d, h, w = x.shape
+    c_out, k = weight.shape[0], weight.shape[-1]
+    do, ho, wo = [(s - 1) // stride + 1 for s in (d, h, w)]  # padding k // 2: same for k = 1 and 3
+    fmt = _out_memory_format(x)
+    out = torch.empty((n, c_out, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    act = torch.empty_like(out) if save_act else None
+    weight_mat = weight.permute(2, 3, 4, 1, 0).reshape(k * k * k * c_in, c_out)
+    _launch_conv(_channels_last(x), weight_mat, _forward_taps(k, x.device), out, (n, do, ho, wo), c_in, stride,
+                 bias=bias, alpha=alpha.reshape(-1) if alpha is not None else None, residual=residual,
+                 residual_first=residual_first, act=act)
+    return out, act
+
+
+def _dgrad(dz_src, saved, dz_kind, alpha, weight, x, stride):
+    """grad_x = conv_transpose(dz, weight), dz formed in the loads of grad_out (dz_src) and saved."""
+    n, c_in, d, h, w = x.shape
+    c_out, k = weight.shape[0], weight.shape[-1]
+    p = k // 2
+    out_dims = dz_src.shape[2:]
+    w_perm = weight.permute(2, 3, 4, 0, 1)  # (kd, kh, kw, C_out, C_in)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
+    if stride == 2 and k == 1:
+        grad_x.zero_()  # odd positions get no tap at all
+    # input voxel i = stride * o - p + kk  <=>  o = (i + p - kk) / stride. Stride 1: one class, every tap.
+    # Stride 2: i = 2 j + q gets only the taps kk with (q + p - kk) even, at o = j + (q + p - kk) / 2.
+    for q in ([(0, 0, 0)] if stride == 1 else [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]):
+        per_dim = [[(kk, (qq + p - kk) // stride) for kk in range(k) if (qq + p - kk) % stride == 0] for qq in q]
+        if any(len(t) == 0 for t in per_dim):
+            continue  # no tap reaches this class (k = 1, stride 2): its gradient is 0
+        taps = [(a, b, c) for a in per_dim[0] for b in per_dim[1] for c in per_dim[2]]
+        out_view = grad_x[:, :, q[0]::stride, q[1]::stride, q[2]::stride]
+        if out_view.numel() == 0:
+            continue
+        kd, kh, kw = ([t[i][0] for t in taps] for i in range(3))
+        weight_mat = w_perm[kd, kh, kw].reshape(len(taps) * c_out, c_in)
+        deltas = _tap_table([(t[0][1], t[1][1], t[2][1]) for t in taps], x.device)
+        _launch_conv(dz_src, weight_mat, deltas, out_view, (n,) + tuple(out_view.shape[2:]), c_out, 1,
+                     saved=saved, dz_kind=dz_kind, dz_alpha=alpha)
+    return grad_x
+
+
+def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, want_b, want_a, want_dz):
+    n, c_in, d, h, w = x.shape
+    c_out, k = weight.shape[0], weight.shape[-1]
+    do, ho, wo = g.shape[2:]
+    m_rows = n * do * ho * wo
+    k_total = k * k * k * c_in
+    flat_k, block_kt = _k_blocking(c_in, k_total)
+    block_co = next_pow2(c_out, 16, 128)
+    kt_tiles = triton.cdiv(k_total, block_kt) if want_w else 1
+    co_tiles = triton.cdiv(c_out, block_co)
+    kt_pad, co_pad = kt_tiles * block_kt, co_tiles * block_co
+    splits = max(1, min(triton.cdiv(m_rows, _VOX_GRAIN), triton.cdiv(parallel_slots(x.device), kt_tiles * co_tiles)))
+    vox_per_split = triton.cdiv(triton.cdiv(m_rows, splits), _VOX_GRAIN) * _VOX_GRAIN
+    splits = max(1, triton.cdiv(m_rows, vox_per_split))
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dw_part = torch.empty((splits, kt_pad, co_pad), **f32) if want_w else None
+    db_part = torch.empty((splits, co_pad), **f32) if want_b else None
+    da_part = torch.empty((splits, co_pad), **f32) if want_a else None
+    dz = torch.empty(g.shape, dtype=g.dtype, device=g.device, memory_format=torch.channels_last_3d) if want_dz else None
+    xs = _channels_last(x) if want_w else g
+    dummy = g
+    _wgrad_kernel[(splits, kt_tiles, co_tiles)](
+        xs, _forward_taps(k, x.device), g, saved if saved is not None else g, alpha if alpha is not None else dummy,
+        dw_part if want_w else dummy, db_part if want_b else dummy, da_part if want_a else dummy,
+        dz if want_dz else dummy,
+        m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
+        STEP=stride, FLAT_K=flat_k, DZ_KIND=dz_kind, ALPHA_PER_CH=alpha is not None and alpha.numel() > 1,
+        COMPUTE_W=want_w, REDUCE_BIAS=want_b, REDUCE_ALPHA=want_a, WRITE_DZ=want_dz,
+        DOT_PREC=dot_precision(x.dtype), BLOCK_KT=block_kt, BLOCK_CO=block_co,
+    )
+    # second stage: fixed-order sums over the splits (deterministic)
+    grad_w = grad_b = grad_a = None
+    if want_w:
+        dw = dw_part.sum(0)[:k_total, :c_out].reshape(k, k, k, c_in, c_out)
+        grad_w = dw.permute(4, 3, 0, 1, 2).to(weight.dtype).contiguous()
+    if want_b:
+        grad_b = db_part.sum(0)[:c_out]
+    if want_a:
+        grad_a = da_part.sum(0)[:c_out]
+    return grad_w, grad_b, grad_a, dz
+
+
+def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
+    want_x, want_w, want_b, want_a, want_dz = (bool(v) for v in output_mask)
+    dz_kind = _DZ_KINDS[saved_kind]
+    if dz_kind == _DZ_NONE:
+        want_a = False  # no activation: no alpha gradient
+    g = _channels_last(grad_out)
+    s = _channels_last(saved) if dz_kind != _DZ_NONE else None
+    a = alpha.reshape(-1) if (alpha is not None and dz_kind != _DZ_NONE) else None
+    grad_x = _dgrad(g, s, dz_kind, a, weight, x, stride) if want_x else None
+    grad_w = grad_b = grad_a = dz = None
+    if want_w or want_b or want_a or want_dz:
+        grad_w, grad_b, grad_a, dz = _wgrad_and_reductions(g, s, dz_kind, a, x, weight, stride,
+                                                          want_w, want_b, want_a, want_dz)
+    if grad_b is not None:
+        grad_b = grad_b.to(x.dtype)
+    if grad_a is not None:
+        grad_a = (grad_a if alpha.numel() > 1 else grad_a.sum().reshape(1)).to(alpha.dtype).reshape(alpha.shape)
+    if want_dz and dz is None:
+        dz = g
+    return grad_x, grad_w, grad_b, grad_a, dz

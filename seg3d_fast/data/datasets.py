@@ -1,0 +1,261 @@
+"""Dataset layouts: BRATS case folders, Medical Segmentation Decathlon / nnU-Net raw, a CSV manifest, plain files.
+
+discover(path) -> Dataset (a list of Case: name, one image file per channel or one 4D file, optional label file).
+load_case(case) -> (reference image, float32 array (C, X, Y, Z), int64 label array or None), with every file
+checked: readable NIfTI, all channels and the label on one grid, labels integral and inside the class range.
+"""
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .nifti import Seg3DFastDataError, case_name, check_same_grid, is_nifti_path, load_nifti
+
+# BRATS modality suffixes in channel order; old (2012-2021) and new (2023+) naming.
+BRATS_MODALITIES = {
+    "old": ("t1", "t1ce", "t2", "flair"),
+    "new": ("t1n", "t1c", "t2w", "t2f"),
+}
+BRATS_LABEL = "seg"
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000.nii.gz
+
+
+@dataclass
+class Case:
+    name: str
+    images: list            # Path per channel, or a single 4D file holding all channels
+    label: Path | None = None
+
+
+@dataclass
+class Dataset:
+    cases: list
+    layout: str                            # "brats" | "msd" | "nnunet" | "csv" | "files"
+    channel_names: list = field(default_factory=list)
+    num_classes: int | None = None         # from dataset.json; None when only the label maps tell
+    root: Path | None = None
+
+
+def discover(path, require_labels=False):
+    """Find the cases under `path` (a dataset folder, a CSV manifest, a case folder or a single NIfTI file)."""
+    path = Path(path)
+    if not path.exists():
+        raise Seg3DFastDataError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            ds = _from_csv(path)
+        elif is_nifti_path(path):
+            ds = Dataset([Case(case_name(path), [path])], "files", root=path.parent)
+        else:
+            raise Seg3DFastDataError(f"{path}: expected a NIfTI file (.nii/.nii.gz), a CSV manifest or a folder")
+    elif (path / "dataset.json").is_file():
+        ds = _from_dataset_json(path)
+    else:
+        ds = _from_folder(path)
+    if not ds.cases:
+        raise Seg3DFastDataError(f"{path}: no cases found (expected BRATS case folders, dataset.json with "
+                                 "imagesTr/labelsTr, a CSV manifest or NIfTI files)")
+    if require_labels:
+        missing = [c.name for c in ds.cases if c.label is None]
+        if missing:
+            raise Seg3DFastDataError(f"{path}: no label file for case(s) {', '.join(missing[:5])}")
+    names = [c.name for c in ds.cases]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise Seg3DFastDataError(f"{path}: duplicate case names {', '.join(dup[:5])}")
+    return ds
+
+
+def load_case(case, num_classes=None, expect_channels=None):
+    """-> (reference nibabel image, image float32 (C, X, Y, Z), label int64 (X, Y, Z) or None)."""
+    ref_path, ref_img, channels = None, None, []
+    for path in case.images:
+        img, data = load_nifti(path)
+        if ref_img is None:
+            ref_path, ref_img = path, img
+        else:
+            check_same_grid(ref_path, ref_img, path, img)
+        if data.ndim == 4:
+            channels.extend(np.moveaxis(data, -1, 0))
+        else:
+            channels.append(data)
+    image = np.stack([np.asarray(c, dtype=np.float32) for c in channels])
+    if expect_channels is not None and image.shape[0] != expect_channels:
+        raise Seg3DFastDataError(
+            f"{case.images[0]}: case {case.name} has {image.shape[0]} channel(s), the model expects {expect_channels}")
+    label = None
+    if case.label is not None:
+        lab_img, label = load_label(case.label, num_classes)
+        check_same_grid(ref_path, ref_img, case.label, lab_img)
+    return ref_img, image, label
+
+
+def load_label(path, num_classes=None):
+    """-> (image, int64 label map (X, Y, Z)); values must be integral, >= 0 and < num_classes when given."""
+    img, data = load_nifti(path)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise Seg3DFastDataError(f"{path}: a label map must be 3D, got shape {data.shape}")
+    if data.dtype.kind == "f":
+        if not np.all(data == np.round(data)):
+            raise Seg3DFastDataError(f"{path}: label map has non-integer values (expected class indices)")
+    labels = data.astype(np.int64)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise Seg3DFastDataError(f"{path}: label {lo} outside the class range (labels must be >= 0)")
+    if num_classes is not None and hi >= num_classes:
+        raise Seg3DFastDataError(f"{path}: label {hi} outside the class range 0..{num_classes - 1}")
+    return img, labels
+
+
+# ---- layouts ------------------------------------------------------------------------------------------------
+def _from_dataset_json(root):
+    """MSD (dataset.json 'training' list, 4D images) or nnU-Net raw (imagesTr/<case>_0000.nii.gz, labelsTr/)."""
+    meta_path = root / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise Seg3DFastDataError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise Seg3DFastDataError(f"{meta_path}: expected a JSON object")
+    num_classes = _num_classes_from_labels(meta.get("labels"), meta_path)
+    channels = meta.get("channel_names") or meta.get("modality") or {}
+    channel_names = [channels[k] for k in sorted(channels, key=int)] if isinstance(channels, dict) else []
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise Seg3DFastDataError(f"{root}: dataset.json found but no imagesTr folder")
+    grouped = _group_channel_files(images_dir)
+    if grouped:  # nnU-Net raw: channels as separate _0000, _0001, ... files
+        cases = []
+        for name, files in grouped.items():
+            if channel_names and len(files) != len(channel_names):
+                raise Seg3DFastDataError(f"{images_dir}: case {name} has {len(files)} channel file(s), "
+                                         f"dataset.json lists {len(channel_names)}")
+            cases.append(Case(name, files, _find_label(labels_dir, name)))
+        return Dataset(cases, "nnunet", channel_names, num_classes, root)
+    cases = []  # MSD: 'training' entries point at (possibly 4D) images
+    for entry in meta.get("training", []):
+        image = root / entry["image"]
+        label = root / entry["label"] if entry.get("label") else None
+        cases.append(Case(case_name(image), [image], label))
+    if not cases:  # no list: every NIfTI in imagesTr is one case
+        cases = [Case(case_name(p), [p], _find_label(labels_dir, case_name(p))) for p in _nifti_files(images_dir)]
+    return Dataset(cases, "msd", channel_names, num_classes, root)
+
+
+def _num_classes_from_labels(labels, where):
+    """dataset.json 'labels': MSD {"0": "background", ...} or nnU-Net v2 {"background": 0, ...}."""
+    if not labels:
+        return None
+    values = []
+    for k, v in labels.items():
+        for candidate in (k, v):
+            if isinstance(candidate, int) or (isinstance(candidate, str) and candidate.isdigit()):
+                values.append(int(candidate))
+                break
+    if not values:
+        raise Seg3DFastDataError(f"{where}: cannot read class indices from 'labels'")
+    return max(values) + 1
+
+
+def _from_csv(path):
+    """Header row; columns 'name' (optional), one or more image columns, 'label' (optional, may be empty)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise Seg3DFastDataError(f"{path}: cannot read the CSV manifest ({e})") from None
+    if not rows:
+        raise Seg3DFastDataError(f"{path}: CSV manifest has no rows")
+    columns = list(rows[0].keys())
+    image_cols = [c for c in columns if c and c.strip().lower() not in ("name", "case", "label")]
+    label_col = next((c for c in columns if c and c.strip().lower() == "label"), None)
+    name_col = next((c for c in columns if c and c.strip().lower() in ("name", "case")), None)
+    if not image_cols:
+        raise Seg3DFastDataError(f"{path}: CSV manifest needs at least one image column besides name/label")
+    cases = []
+    for i, row in enumerate(rows, start=2):
+        images = []
+        for c in image_cols:
+            value = (row.get(c) or "").strip()
+            if not value:
+                raise Seg3DFastDataError(f"{path}: line {i}: empty image path in column '{c}'")
+            images.append(_resolve(path.parent, value))
+        label = (row.get(label_col) or "").strip() if label_col else ""
+        name = (row.get(name_col) or "").strip() if name_col else ""
+        cases.append(Case(name or case_name(images[0]), images, _resolve(path.parent, label) if label else None))
+    return Dataset(cases, "csv", image_cols, None, path.parent)
+
+
+def _from_folder(root):
+    """A folder of BRATS case folders, one BRATS case folder, or plain NIfTI files (grouped by _0000 suffix)."""
+    brats = [_brats_case(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    brats = [c for c in brats if c is not None]
+    if brats:
+        return Dataset(brats, "brats", list(_brats_naming(brats[0])), None, root)
+    single = _brats_case(root)
+    if single is not None:
+        return Dataset([single], "brats", list(_brats_naming(single)), None, root.parent)
+    grouped = _group_channel_files(root)
+    if grouped:
+        return Dataset([Case(n, f) for n, f in grouped.items()], "files", [], None, root)
+    return Dataset([Case(case_name(p), [p]) for p in _nifti_files(root)], "files", [], None, root)
+
+
+def _brats_case(folder):
+    """A Case when `folder` holds BRATS-named modality files, else None. Missing modalities are an error."""
+    by_suffix = {}
+    for p in _nifti_files(folder):
+        token = re.split(r"[_-]", case_name(p))[-1].lower()
+        by_suffix[token] = p
+    for naming in BRATS_MODALITIES.values():
+        present = [m for m in naming if m in by_suffix]
+        if not present:
+            continue
+        missing = [m for m in naming if m not in by_suffix]
+        if missing:
+            raise Seg3DFastDataError(f"{folder}: BRATS case is missing modality file(s) {', '.join(missing)}")
+        return Case(folder.name, [by_suffix[m] for m in naming], by_suffix.get(BRATS_LABEL))
+    return None
+
+
+def _brats_naming(case):
+    token = re.split(r"[_-]", case_name(case.images[0]))[-1].lower()
+    return next(n for n in BRATS_MODALITIES.values() if token in n)
+
+
+def _group_channel_files(folder):
+    """{case: [channel files in order]} for nnU-Net-style names (case_0000.nii.gz ...); {} when none match."""
+    groups = {}
+    for p in _nifti_files(folder):
+        m = _CHANNEL_RE.match(case_name(p))
+        if m:
+            groups.setdefault(m["case"], {})[int(m["channel"])] = p
+    out = {}
+    for name, by_index in sorted(groups.items()):
+        expected = list(range(len(by_index)))
+        if sorted(by_index) != expected:
+            raise Seg3DFastDataError(f"{folder}: case {name} has channel files {sorted(by_index)}, expected {expected}")
+        out[name] = [by_index[i] for i in expected]
+    return out
+
+
+def _find_label(labels_dir, name):
+    for suffix in (".nii.gz", ".nii"):
+        p = labels_dir / f"{name}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _nifti_files(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+
+
+def _resolve(base, value):
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p

@@ -1,0 +1,134 @@
+"""NIfTI reading and writing: every problem with a file becomes one Seg3DFastDataError naming the file.
+
+Writes are atomic (a temporary file in the same folder, then os.replace), so a failed or interrupted run
+never leaves a half-written output behind.
+"""
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Two images share a grid when shapes are equal and affines agree to this (mm, and relative).
+AFFINE_ATOL = 1e-3
+AFFINE_RTOL = 1e-4
+
+
+class Seg3DFastDataError(ValueError):
+    """Bad input data (missing, unreadable or inconsistent files). The message names the file and the problem."""
+
+
+def case_name(path):
+    """File name without the NIfTI suffix: 'a/b/case_0000.nii.gz' -> 'case_0000'."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def is_nifti_path(path):
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def load_nifti(path):
+    """-> (nibabel image, numpy data). Reads the whole data block, so truncation is detected here."""
+    path = Path(path)
+    if not path.exists():
+        raise Seg3DFastDataError(f"{path}: file not found")
+    if not path.is_file():
+        raise Seg3DFastDataError(f"{path}: not a file")
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises several types for foreign or damaged headers
+        raise Seg3DFastDataError(f"{path}: not a readable NIfTI file ({_short(e)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise Seg3DFastDataError(f"{path}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise Seg3DFastDataError(f"{path}: cannot read the image data, file truncated or corrupt ({_short(e)})") from None
+    if data.ndim not in (3, 4):
+        raise Seg3DFastDataError(f"{path}: expected a 3D volume or a 4D multi-channel volume, got shape {data.shape}")
+    if data.size == 0:
+        raise Seg3DFastDataError(f"{path}: empty image, shape {data.shape}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise Seg3DFastDataError(f"{path}: image contains NaN or infinite values")
+    return img, data
+
+
+def same_grid(img_a, img_b, shape_a=None, shape_b=None):
+    shape_a = tuple(shape_a if shape_a is not None else img_a.shape[:3])
+    shape_b = tuple(shape_b if shape_b is not None else img_b.shape[:3])
+    return shape_a == shape_b and np.allclose(img_a.affine, img_b.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL)
+
+
+def check_same_grid(ref_path, ref_img, path, img):
+    """Raise a data error naming `path` when `img` is not on the grid of `ref_img` (shape and affine)."""
+    if tuple(img.shape[:3]) != tuple(ref_img.shape[:3]):
+        raise Seg3DFastDataError(
+            f"{path}: grid mismatch, shape {tuple(img.shape[:3])} differs from {tuple(ref_img.shape[:3])} of {ref_path}")
+    if not same_grid(ref_img, img):
+        raise Seg3DFastDataError(f"{path}: grid mismatch, affine differs from the affine of {ref_path}")
+
+
+def label_image_like(labels, like_img):
+    """A label-map image on the grid of `like_img` with its affine and header (data type set to fit the labels)."""
+    labels = np.asarray(labels)
+    dtype = np.uint8 if labels.max(initial=0) < 256 and labels.min(initial=0) >= 0 else np.int16
+    header = like_img.header.copy()
+    header.set_data_dtype(dtype)
+    out = type(like_img)(labels.astype(dtype), like_img.affine, header)
+    out.header.set_slope_inter(1, 0)  # integer labels: no intensity scaling from the input header
+    return out
+
+
+def float_image_like(data, like_img):
+    """A float32 image (3D or 4D with channels last) on the grid of `like_img`, keeping its affine and header."""
+    header = like_img.header.copy()
+    header.set_data_dtype(np.float32)
+    out = type(like_img)(np.asarray(data, dtype=np.float32), like_img.affine, header)
+    out.header.set_slope_inter(1, 0)
+    return out
+
+
+def save_nifti(img, path):
+    """Write atomically: a temp file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path, write):
+    """Call write(tmp_path) then rename to `path`: for JSON, CSV, PNG and checkpoints."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path, text):
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _short(e):
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]

@@ -1,0 +1,131 @@
+"""Preprocessing and its exact inverse.
+
+Forward (training and prediction): reorient to canonical RAS (nibabel.as_closest_canonical), crop to the
+bounding box of the non-zero voxels of any channel, optional CT intensity clipping, per-channel z-score
+inside that foreground (background set to 0), optional downsampling by a factor ("compressed" input).
+Inverse (prediction): logits interpolated back to the cropped grid, softmax, padded with background
+outside the crop, reoriented to the input's orientation: the result lies on the input's exact grid.
+"""
+from dataclasses import asdict, dataclass
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .nifti import Seg3DFastDataError
+
+_RAS = np.array([[0, 1], [1, 1], [2, 1]])
+
+
+@dataclass
+class PreprocessConfig:
+    downsample: float = 1.0           # >1: input shrunk by this factor per axis, logits interpolated back
+    clip: tuple | None = None         # (low, high) intensity window applied before z-scoring, e.g. CT HU
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        clip = d.get("clip")
+        return cls(downsample=float(d.get("downsample", 1.0)), clip=tuple(clip) if clip is not None else None)
+
+
+@dataclass
+class Geometry:
+    """Where the network's grid sits in the input: what the inverse needs."""
+    shape: tuple                  # input (X, Y, Z)
+    orientation: np.ndarray       # nibabel orientation of the input axes (io_orientation of its affine)
+    canonical_shape: tuple        # shape after reorientation to RAS
+    bbox: tuple                   # ((start, stop) per canonical axis): the foreground crop
+    processed_shape: tuple        # after downsampling: the network's input extent
+
+
+def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="image"):
+    """image: float32 (C, X, Y, Z) on ref_img's grid; label: int64 (X, Y, Z) or None.
+    -> (x float32 (C, d, h, w), y int64 (d, h, w) or None, Geometry)."""
+    orientation = nib.orientations.io_orientation(ref_img.affine)
+    image = _to_canonical(np.moveaxis(image, 0, -1), orientation)  # (X', Y', Z', C)
+    image = np.moveaxis(image, -1, 0)
+    if label is not None:
+        label = _to_canonical(label, orientation)
+    foreground = np.any(image != 0, axis=0)
+    if not foreground.any():
+        raise Seg3DFastDataError(f"{name}: empty foreground (every voxel is zero in every channel)")
+    idx = np.argwhere(foreground)
+    bbox = tuple((int(a), int(b) + 1) for a, b in zip(idx.min(0), idx.max(0)))
+    crop = tuple(slice(a, b) for a, b in bbox)
+    image = image[(slice(None), *crop)].astype(np.float32, copy=True)
+    foreground = foreground[crop]
+    if label is not None:
+        label = np.ascontiguousarray(label[crop])
+    if config.clip is not None:
+        np.clip(image, config.clip[0], config.clip[1], out=image)
+    for c in range(image.shape[0]):
+        values = image[c][foreground]
+        std = values.std()
+        image[c] = (image[c] - values.mean()) / (std if std > 0 else 1.0)
+        image[c][~foreground] = 0.0
+    x = torch.from_numpy(image)
+    y = torch.from_numpy(label) if label is not None else None
+    if config.downsample != 1.0:
+        target = downsampled_shape(x.shape[1:], config.downsample)
+        x = F.interpolate(x[None], size=target, mode="area")[0]
+        if y is not None:
+            y = downsample_labels(y, target)
+    geometry = Geometry(tuple(ref_img.shape[:3]), orientation, _canon_shape(ref_img.shape[:3], orientation),
+                        bbox, tuple(x.shape[1:]))
+    return x.contiguous(), (y.long().contiguous() if y is not None else None), geometry
+
+
+def downsampled_shape(shape, factor):
+    if factor < 1:
+        raise ValueError(f"downsample factor must be >= 1, got {factor}")
+    return tuple(max(1, int(round(s / factor))) for s in shape)
+
+
+def downsample_labels(label, shape):
+    """Majority label per output voxel: area-average each class's indicator, keep the largest."""
+    best_value = torch.full(shape, -1.0)
+    best = torch.zeros(shape, dtype=torch.int64)
+    for c in torch.unique(label).tolist():
+        frac = F.interpolate((label == c).float()[None, None], size=shape, mode="area")[0, 0]
+        better = frac > best_value
+        best[better] = c
+        best_value = torch.where(better, frac, best_value)
+    return best
+
+
+def logits_to_crop_probabilities(logits, geometry):
+    """logits (C, d, h, w) on the network grid -> softmax probabilities on the cropped canonical grid."""
+    crop_shape = tuple(b - a for a, b in geometry.bbox)
+    logits = logits.float()
+    if tuple(logits.shape[1:]) != crop_shape:
+        logits = F.interpolate(logits[None], size=crop_shape, mode="trilinear", align_corners=False)[0]
+    return logits.softmax(0)
+
+
+def restore_probabilities(crop_probs, geometry):
+    """Probabilities (C, crop grid) -> numpy float32 (C, X, Y, Z) on the input grid: background outside the crop."""
+    num_classes = crop_probs.shape[0]
+    full = np.zeros((num_classes, *geometry.canonical_shape), dtype=np.float32)
+    full[0] = 1.0
+    full[(slice(None), *[slice(a, b) for a, b in geometry.bbox])] = crop_probs.cpu().numpy()
+    back = nib.orientations.ornt_transform(_RAS, geometry.orientation)
+    full = nib.orientations.apply_orientation(np.moveaxis(full, 0, -1), back)
+    full = np.ascontiguousarray(np.moveaxis(full, -1, 0))
+    assert full.shape[1:] == tuple(geometry.shape), (full.shape, geometry.shape)
+    return full
+
+
+def _to_canonical(array, orientation):
+    """Reorder/flip the first three axes to RAS, as nibabel.as_closest_canonical does with the image."""
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, orientation))
+
+
+def _canon_shape(shape, orientation):
+    out = [0, 0, 0]
+    for axis, (target, _) in enumerate(orientation):
+        out[int(target)] = shape[axis]
+    return tuple(out)

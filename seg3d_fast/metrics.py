@@ -1,0 +1,174 @@
+"""Segmentation metrics: Dice, Jaccard, sensitivity, PPV per class and per BRATS region; folder evaluation.
+
+Conventions: Dice and Jaccard are 1 when prediction and truth are both empty; sensitivity is NaN when the truth
+is empty, PPV when the prediction is empty; means skip NaN.
+"""
+import csv
+import io
+import json
+import math
+
+import numpy as np
+
+# BRATS tumour regions as sets of labels. 2015-2021 labels: 1 necrosis/non-enhancing, 2 edema, 4 enhancing;
+# BraTS 2023+ relabelled enhancing tumour to 3.
+REGIONS = {
+    "brats": {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)},
+    "brats2023": {"whole": (1, 2, 3), "core": (1, 3), "enhancing": (3,)},
+}
+METRICS = ("dice", "jaccard", "sensitivity", "ppv")
+
+
+def confusion(pred_mask, true_mask):
+    """(tp, fp, fn) voxel counts of two boolean masks."""
+    pred_mask, true_mask = np.asarray(pred_mask, bool), np.asarray(true_mask, bool)
+    tp = int(np.count_nonzero(pred_mask & true_mask))
+    return tp, int(np.count_nonzero(pred_mask)) - tp, int(np.count_nonzero(true_mask)) - tp
+
+
+def scores(tp, fp, fn):
+    """{dice, jaccard, sensitivity, ppv} from counts."""
+    nan = float("nan")
+    return {
+        "dice": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+        "jaccard": 1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn),
+        "sensitivity": nan if tp + fn == 0 else tp / (tp + fn),
+        "ppv": nan if tp + fp == 0 else tp / (tp + fp),
+    }
+
+
+def dice_per_class(pred, truth, num_classes):
+    """[Dice of class c for c in 0..num_classes-1] for two integer label maps (numpy or torch)."""
+    pred, truth = _numpy(pred), _numpy(truth)
+    return [scores(*confusion(pred == c, truth == c))["dice"] for c in range(num_classes)]
+
+
+def looks_like_brats(label_values):
+    """The regions to report for these label values: 'brats' when labels are within 0..4 and 4 occurs."""
+    values = set(int(v) for v in label_values)
+    return "brats" if values <= {0, 1, 2, 3, 4} and 4 in values else None
+
+
+def evaluate_case(pred, truth, classes, regions=None):
+    """{name: {metric: value}} for each class (name 'class_c') and region; pred/truth integer label maps."""
+    pred, truth = _numpy(pred), _numpy(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {truth.shape}")
+    out = {f"class_{c}": scores(*confusion(pred == c, truth == c)) for c in classes}
+    for name, labels in (REGIONS[regions].items() if regions else ()):
+        out[name] = scores(*confusion(np.isin(pred, labels), np.isin(truth, labels)))
+    return out
+
+
+def summarize(per_case):
+    """Mean of each (target, metric) over cases, skipping NaN: {target: {metric: mean}}."""
+    targets = {t for case in per_case.values() for t in case}
+    out = {}
+    for t in sorted(targets, key=_target_order):
+        out[t] = {}
+        for m in METRICS:
+            vals = [case[t][m] for case in per_case.values() if t in case and not math.isnan(case[t][m])]
+            out[t][m] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def to_csv_text(per_case, mean):
+    """One row per (case, target) plus 'mean' rows; columns case, target, dice, jaccard, sensitivity, ppv."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case", "target", *METRICS])
+    for case, targets in list(per_case.items()) + [("mean", mean)]:
+        for t in sorted(targets, key=_target_order):
+            w.writerow([case, t, *(_fmt(targets[t][m]) for m in METRICS)])
+    return buf.getvalue()
+
+
+def to_json_text(obj):
+    """JSON with NaN written as null (strict JSON)."""
+    return json.dumps(_nan_to_none(obj), indent=2) + "\n"
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
+
+
+def _fmt(v):
+    return "" if math.isnan(v) else f"{v:.6f}"
+
+
+def _target_order(t):
+    return (0, int(t.split("_")[1])) if t.startswith("class_") else (1, t)
+
+
+def _numpy(a):
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+# ---- folders of NIfTI label maps ------------------------------------------------------------------------------
+def find_label_file(label_dir, name):
+    """The ground truth for case `name` under `label_dir`: name.nii.gz, name_seg / name-seg (BRATS), in a
+    case subfolder, or in labelsTr/. None when there is none."""
+    from pathlib import Path
+
+    label_dir = Path(label_dir)
+    for folder in (label_dir, label_dir / name, label_dir / "labelsTr"):
+        for stem in (name, f"{name}_seg", f"{name}-seg"):
+            for suffix in (".nii.gz", ".nii"):
+                p = folder / f"{stem}{suffix}"
+                if p.is_file():
+                    return p
+    return None
+
+
+def evaluate_folders(pred_dir, label_dir, regions="auto"):
+    """Compare every label map in pred_dir (probability maps skipped) with its ground truth in label_dir.
+    regions: 'auto' (BRATS regions when the labels look like BRATS), 'brats', 'brats2023' or 'none'.
+    -> {"per_case", "mean", "classes", "regions", "mean_dice"}."""
+    from pathlib import Path
+
+    from .data.datasets import load_label
+    from .data.nifti import Seg3DFastDataError, case_name, check_same_grid, is_nifti_path
+
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise Seg3DFastDataError(f"{pred_dir}: prediction folder not found")
+    preds = sorted(p for p in pred_dir.iterdir() if is_nifti_path(p) and not p.name.startswith(".")
+                   and not case_name(p).endswith("_probabilities"))
+    if not preds:
+        raise Seg3DFastDataError(f"{pred_dir}: no NIfTI label maps to evaluate")
+    pairs = []
+    for p in preds:
+        truth_path = find_label_file(label_dir, case_name(p))
+        if truth_path is None:
+            raise Seg3DFastDataError(f"{p}: no ground-truth label file for case {case_name(p)} under {label_dir}")
+        pred_img, pred = load_label(p)
+        truth_img, truth = load_label(truth_path)
+        check_same_grid(truth_path, truth_img, p, pred_img)
+        pairs.append((case_name(p), pred, truth))
+    values = set()
+    for _, pred, truth in pairs:
+        values |= set(np.unique(pred).tolist()) | set(np.unique(truth).tolist())
+    if regions == "auto":
+        regions = looks_like_brats(values)
+    elif regions == "none":
+        regions = None
+    classes = sorted(v for v in values if v != 0)
+    per_case = {name: evaluate_case(pred, truth, classes, regions) for name, pred, truth in pairs}
+    mean = summarize(per_case)
+    dices = [mean[f"class_{c}"]["dice"] for c in classes if not math.isnan(mean[f"class_{c}"]["dice"])]
+    return {"per_case": per_case, "mean": mean, "classes": classes, "regions": regions,
+            "mean_dice": float(np.mean(dices)) if dices else float("nan")}
+
+
+def write_evaluation(result, out_dir):
+    """evaluation.csv and evaluation.json in out_dir (written atomically)."""
+    from .data.nifti import write_text_atomic
+
+    write_text_atomic(f"{out_dir}/evaluation.csv", to_csv_text(result["per_case"], result["mean"]))
+    write_text_atomic(f"{out_dir}/evaluation.json", to_json_text(result))

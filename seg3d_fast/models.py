@@ -1,0 +1,177 @@
+"""Seg3DNet: the 3D U-Net variant of Kayalibay et al. (arXiv 1701.03056, model `fcn_rffc4`), built from fused modules.
+
+Per level l (features f_l): encoder [conv 3x3x3 (stride 2 from level 1 on) -> conv 3x3x3] with a short residual sum of
+the two outputs; decoder: 1x1x1 reduction (no PReLU) -> transposed conv x2 + PReLU -> long skip merged by sum (default)
+or concatenation -> conv 3x3x3; deep supervision: 1x1x1 segmentation maps at 1/4, 1/2 and full resolution, each
+upsampled x2 (trilinear) and summed into the next. Softmax is left to the loss. PReLU after every conv except the 1x1x1
+ones. The encoder's residual is summed before the second conv's PReLU (residual_first=True), so each fused block saves
+only its output for backward; residual_first=False sums after it.
+
+fused=False builds the same network from plain nn.Conv3d / nn.PReLU / nn.ConvTranspose3d and Python sums: the
+baseline for memory and speed comparisons, and the form `convert()` turns into the fused one.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nn import ConvPReLU3d, DeepSupervisionMerge, UpConvPReLU3d
+
+NORMS = (None, "instance", "batch")
+SKIPS = ("sum", "concat")
+
+
+def _norm(kind: Optional[str], channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    return nn.Identity()
+
+
+class PlainConvBlock(nn.Module):
+    """conv -> [norm] -> [+ residual] -> [PReLU] -> [+ residual] as separate PyTorch ops (the baseline)."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, act: bool = True,
+                 residual_first: bool = False, norm: Optional[str] = None):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, kernel_size, stride, padding=kernel_size // 2)
+        self.norm = _norm(norm, cout)
+        self.act = nn.PReLU(cout) if act else None
+        self.residual_first = residual_first
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        z = self.norm(self.conv(x))
+        if residual is not None and self.residual_first:
+            z = z + residual
+        y = z if self.act is None else self.act(z)
+        if residual is not None and not self.residual_first:
+            y = y + residual
+        return y
+
+
+class PlainUpBlock(nn.Module):
+    """ConvTranspose3d (kernel 2, stride 2) -> PReLU -> [+ skip] as separate PyTorch ops."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.deconv = nn.ConvTranspose3d(cin, cout, 2, stride=2)
+        self.act = nn.PReLU(cout)
+
+    def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
+        y = self.act(self.deconv(x))
+        return y if skip is None else y + skip
+
+
+class Seg3DNet(nn.Module):
+    def __init__(self, in_channels: int = 4, num_classes: int = 5, features: Sequence[int] = (8, 16, 32, 64),
+                 skip: str = "sum", norm: Optional[str] = None, deep_supervision: int = 3,
+                 residual_first: bool = True, fused: bool = True, backend: Optional[str] = None):
+        super().__init__()
+        features = tuple(int(f) for f in features)
+        if len(features) < 2:
+            raise ValueError(f"features needs at least 2 levels; got {features}")
+        if skip not in SKIPS:
+            raise ValueError(f"skip must be one of {SKIPS}; got {skip!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
+        if in_channels < 1 or num_classes < 1:
+            raise ValueError(f"in_channels and num_classes must be >= 1; got {in_channels}, {num_classes}")
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, features=features, skip=skip, norm=norm,
+                           deep_supervision=deep_supervision, residual_first=residual_first, fused=fused)
+        self.in_channels, self.num_classes, self.features, self.skip = in_channels, num_classes, features, skip
+        fuse = fused and norm is None  # a norm between conv and PReLU breaks the fusion
+
+        def conv(cin, cout, k=3, stride=1, act=True, res_first=False):
+            if fuse:
+                return ConvPReLU3d(cin, cout, k, stride, prelu="channel" if act else None,
+                                   residual_first=res_first, backend=backend)
+            return PlainConvBlock(cin, cout, k, stride, act, res_first, norm if act else None)
+
+        up = UpConvPReLU3d if fused else PlainUpBlock
+        levels = len(features)
+        self.enc_first = nn.ModuleList(
+            [conv(in_channels if l == 0 else features[l - 1], features[l], stride=1 if l == 0 else 2)
+             for l in range(levels)])
+        self.enc_second = nn.ModuleList(
+            [conv(f, f, res_first=residual_first) for f in features])
+        self.reduce = nn.ModuleList([conv(features[l + 1], features[l], k=1, act=False) for l in range(levels - 1)])
+        self.up = nn.ModuleList([up(features[l], features[l]) for l in range(levels - 1)])
+        merged = [2 * f if skip == "concat" else f for f in features[:-1]]
+        self.dec = nn.ModuleList([conv(merged[l], features[l]) for l in range(levels - 1)])
+        self.ds_levels = list(range(min(deep_supervision, levels - 1) - 1, -1, -1))  # coarse to fine, e.g. [2, 1, 0]
+        self.seg = nn.ModuleDict({str(l): conv(features[l], num_classes, k=1, act=False) for l in self.ds_levels})
+        self.merge = DeepSupervisionMerge()
+
+    @property
+    def multiple(self) -> int:
+        """Spatial extents are padded to a multiple of this (one halving per level below the first)."""
+        return 2 ** (len(self.features) - 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (N, {self.in_channels}, D, H, W); got {tuple(x.shape)}")
+        extent = x.shape[2:]
+        pad = [(-s) % self.multiple for s in extent]
+        if any(pad):  # odd extents: pad at the far end, crop the logits back
+            x = F.pad(x, [p for s in reversed(pad) for p in (0, s)])
+        skips = []
+        for first, second in zip(self.enc_first, self.enc_second):
+            y = first(x)
+            x = second(y, y)
+            skips.append(x)
+        maps = {}
+        for l in range(len(self.features) - 2, -1, -1):
+            r = self.reduce[l](x)
+            if self.skip == "sum":
+                u = self.up[l](r, skips[l])
+            else:
+                u = torch.cat([self.up[l](r), skips[l]], 1)
+            x = self.dec[l](u)
+            if str(l) in self.seg:
+                maps[l] = self.seg[str(l)](x)
+        logits = self.merge([maps[l] for l in self.ds_levels])
+        if any(pad):
+            logits = logits[(..., *[slice(0, s) for s in extent])]
+        return logits
+
+    def summary(self, input_size: Sequence[int] = (1, 4, 128, 160, 144), dtype: torch.dtype = torch.float32) -> str:
+        """Layers with output shapes and parameters, the activation bytes each writes, and the bytes saved for
+        backward in training, for an input of `input_size` (computed on the meta device: no memory used)."""
+        import copy
+
+        model = copy.deepcopy(self).to(device="meta", dtype=dtype).train()
+        rows, saved = [], {}
+
+        def record(name):
+            def hook(module, args, out):
+                params = sum(p.numel() for p in module.parameters(recurse=False))
+                rows.append((name, type(module).__name__, tuple(out.shape), params, out.numel() * out.element_size()))
+            return hook
+
+        leaves = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, (ConvPReLU3d, UpConvPReLU3d, nn.Conv3d, nn.ConvTranspose3d, nn.PReLU))]
+        handles = [m.register_forward_hook(record(n)) for n, m in leaves]
+
+        def pack(t):  # each tensor object once: on the meta device there are no addresses to tell storages apart
+            saved[id(t)] = (t, t.numel() * t.element_size())
+            return t
+
+        x = torch.randn(*input_size, device="meta", dtype=dtype, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        for h in handles:
+            h.remove()
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        saved_bytes = sum(b for _, b in saved.values()) - param_bytes
+        lines = [f"Seg3DNet {self.config}", f"input {tuple(input_size)} {dtype}",
+                 f"{'layer':<24}{'type':<16}{'output shape':<30}{'params':>10}{'output MiB':>12}"]
+        for name, kind, shape, params, nbytes in rows:
+            lines.append(f"{name:<24}{kind:<16}{str(shape):<30}{params:>10}{nbytes / 2**20:>12.1f}")
+        total = sum(p.numel() for p in self.parameters())
+        lines.append(f"parameters: {total:,}; activations written: {sum(r[4] for r in rows) / 2**20:,.1f} MiB; "
+                     f"saved for backward (approx., parameters excluded): {max(saved_bytes, 0) / 2**20:,.1f} MiB")
+        return "\n".join(lines)

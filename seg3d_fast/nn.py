@@ -1,0 +1,132 @@
+"""Drop-in modules over the fused ops (thin: parameters and init here, all computation in ops.py)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+
+PRELU_MODES = ("channel", "shared", None)
+
+
+class ConvPReLU3d(nn.Module):
+    """Conv3d (kernel 1 or 3, stride 1 or 2, padding k//2) + bias + PReLU + optional residual sum, fused.
+
+    forward(x, residual=None) = prelu(conv(x), alpha) + residual  (residual summed before the PReLU when
+    residual_first). prelu: "channel" (one alpha per output channel), "shared" (one alpha), None (no activation).
+    Parameters: weight (C_out, C_in, k, k, k), bias (C_out,), alpha; initialised like nn.Conv3d and nn.PReLU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True,
+                 prelu: Optional[str] = "channel", residual_first: bool = False, alpha_init: float = 0.25,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        if kernel_size not in ops.KERNEL_SIZES:
+            raise ValueError(f"kernel_size must be 1 or 3; got {kernel_size}")
+        if stride not in ops.STRIDES:
+            raise ValueError(f"stride must be 1 or 2; got {stride}")
+        if prelu not in PRELU_MODES:
+            raise ValueError(f"prelu must be one of {PRELU_MODES}; got {prelu!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = kernel_size, stride
+        self.residual_first, self.backend = residual_first, backend
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *(kernel_size,) * 3, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        n_alpha = {"channel": out_channels, "shared": 1, None: 0}[prelu]
+        self.alpha = nn.Parameter(torch.full((n_alpha,), alpha_init, **factory)) if n_alpha else None
+        self.reset_parameters(alpha_init)
+
+    def reset_parameters(self, alpha_init: float = 0.25):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv3d's init
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.weight[0].numel())
+            nn.init.uniform_(self.bias, -bound, bound)
+        if self.alpha is not None:
+            nn.init.constant_(self.alpha, alpha_init)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None, residual_first: bool = False):
+        """A fused module carrying the weights of `conv` (and `prelu`); see convert.fusable_conv for what fits."""
+        from .convert import conv_unsupported_reasons  # one list of rules for what can be fused
+
+        reasons = conv_unsupported_reasons(conv, prelu)
+        if reasons:
+            raise ValueError("cannot fuse: " + "; ".join(reasons))
+        w = conv.weight
+        mode = None if prelu is None else ("shared" if prelu.weight.numel() == 1 else "channel")
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.bias is not None,
+                    mode, residual_first, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(w)
+            if conv.bias is not None:
+                fused.bias.copy_(conv.bias)
+            if prelu is not None:
+                fused.alpha.copy_(prelu.weight.reshape(-1))
+        fused.train(conv.training)
+        return fused
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        return ops.conv3d_prelu(x, self.weight, self.bias, self.alpha, residual, stride=self.stride,
+                                residual_first=self.residual_first, backend=self.backend)
+
+    def extra_repr(self):
+        prelu = None if self.alpha is None else ("shared" if self.alpha.numel() == 1 else "channel")
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"bias={self.bias is not None}, prelu={prelu!r}, residual_first={self.residual_first}")
+
+
+class UpConvPReLU3d(nn.Module):
+    """Transposed conv (kernel 2, stride 2) + PReLU + optional skip sum; saves only its coarse input."""
+
+    def __init__(self, in_channels: int, out_channels: int, alpha_init: float = 0.25, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.weight = nn.Parameter(torch.empty(in_channels, out_channels, 2, 2, 2, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        self.alpha = nn.Parameter(torch.full((out_channels,), alpha_init, **factory))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.weight[0].numel())  # nn.ConvTranspose3d's fan-in: weight.size(1) * 8
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
+        return ops.upconv_prelu_add(x, self.weight, self.bias, self.alpha, skip)
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=2, stride=2"
+
+
+class JaccardLoss(nn.Module):
+    """Fused Jaccard (Tanimoto) loss; forward(logits, target). See ops.jaccard_loss for the arguments."""
+
+    def __init__(self, squared: bool = True, activation: str = "softmax", smooth: float = 1e-5,
+                 class_weights: Optional[Sequence[float]] = None, include_background: bool = True,
+                 per_sample: bool = False, ignore_index: Optional[int] = None, reduction: str = "mean",
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.kwargs = dict(squared=squared, activation=activation, smooth=smooth,
+                           include_background=include_background, per_sample=per_sample,
+                           ignore_index=ignore_index, reduction=reduction, backend=backend)
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return ops.jaccard_loss(logits, target, class_weights=self.class_weights, **self.kwargs)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class DeepSupervisionMerge(nn.Module):
+    """Sum of segmentation maps from coarse to fine: each map is upsampled x2 (trilinear) and added to the next."""
+
+    def forward(self, maps: Sequence[Tensor]) -> Tensor:
+        merged = maps[0]
+        for fine in maps[1:]:
+            merged = F.interpolate(merged, size=fine.shape[2:], mode="trilinear", align_corners=False) + fine
+        return merged

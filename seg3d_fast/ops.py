@@ -1,0 +1,391 @@
+"""The public fused ops: argument checks, backend choice, torch.library custom ops (fake kernels + autograd).
+
+conv3d_prelu(x, weight, bias, alpha, residual) = prelu(conv3d(x, weight, bias, stride, padding=k//2), alpha) + residual
+  (residual_first=True: the residual is summed before the activation).
+  Saved for backward: x and the op's own output (or the PReLU output, when a residual is added after it); the
+  pre-activation is recovered from it (z = y / alpha where y <= 0, valid for alpha > 0; for any alpha <= 0 the backward
+  recomputes z instead). The next layer keeps that output anyway, so a conv block costs one activation, not two.
+jaccard_loss(logits, target): softmax/sigmoid and the per-(sample, class) sums in one pass; backward recomputes the
+  probabilities from the logits: neither probabilities nor a one-hot target are ever stored.
+upconv_prelu_add(x, weight, bias, alpha, skip): transposed conv (kernel 2, stride 2) + PReLU + skip sum that saves only
+  its (coarse) input and recomputes the cheap transposed conv in backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_SIZES = (1, 3)
+STRIDES = (1, 2)
+ACTIVATIONS = ("softmax", "sigmoid")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+def _memory_format(x: Tensor):
+    """channels_last_3d when x is laid out that way (and is not also plain contiguous), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def conv_output_shape(x_shape, weight_shape, stride: int) -> tuple[int, ...]:
+    k = weight_shape[-1]
+    n, _, *spatial = x_shape
+    return (n, weight_shape[0], *[(s + 2 * (k // 2) - k) // stride + 1 for s in spatial])
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _autocast_dtype(device: torch.device):
+    """The autocast dtype in force for this device type, or None (custom ops are not autocast-aware by themselves)."""
+    kind = device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def _cast(dtype, *tensors):
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def _check_same(name: str, t: Optional[Tensor], x: Tensor):
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share one device")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all tensors must share one dtype")
+
+
+def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
+    if not isinstance(x, Tensor) or x.dim() != 5:
+        raise ValueError(f"x must be a 5-D tensor (N, C_in, D, H, W); got "
+                         f"{_describe(x) if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    if not isinstance(weight, Tensor) or weight.dim() != 5:
+        raise ValueError("weight must be a 5-D tensor (C_out, C_in, k, k, k)")
+    k = weight.shape[-1]
+    if tuple(weight.shape[2:]) != (k, k, k) or k not in KERNEL_SIZES:
+        raise ValueError(f"weight must have a cubic kernel of size 1 or 3; got kernel {tuple(weight.shape[2:])}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"channel mismatch: x has {x.shape[1]} channels but weight expects C_in={weight.shape[1]} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if stride not in STRIDES:
+        raise ValueError(f"stride must be 1 or 2; got {stride!r}")
+    if not isinstance(residual_first, bool):
+        raise TypeError(f"residual_first must be a bool; got {residual_first!r}")
+    for name, t in (("weight", weight), ("bias", bias), ("alpha", alpha), ("residual", residual)):
+        _check_same(name, t, x)
+    c_out = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},) for C_out={c_out}; got {tuple(bias.shape)}")
+    if alpha is not None and (alpha.dim() != 1 or alpha.numel() not in (1, c_out)):
+        raise ValueError(f"alpha must have shape (1,) or ({c_out},) (C_out={c_out}); got {tuple(alpha.shape)}")
+    out_shape = conv_output_shape(x.shape, weight.shape, stride)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
+    if any(s <= 0 for s in out_shape):
+        raise ValueError(f"x spatial extent {tuple(x.shape[2:])} gives an empty output")
+
+
+def _conv_dispatch_key(x, weight, stride):
+    return f"{str(x.dtype).removeprefix('torch.')}-k{weight.shape[-1]}-s{stride}-ci{weight.shape[1]}-co{weight.shape[0]}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# conv3d + bias + PReLU + residual
+@torch.library.custom_op("seg3d_fast::conv3d_prelu", mutates_args=())
+def _conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
+                  residual: Optional[Tensor], stride: int, residual_first: bool, save_act: bool,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    out, act = backends.load(backend).conv3d_prelu_forward(
+        x, weight, bias, alpha, residual, stride, residual_first, save_act)
+    return out, (act if save_act else out.new_empty(0))
+
+
+@_conv3d_prelu.register_fake
+def _(x, weight, bias, alpha, residual, stride, residual_first, save_act, backend):
+    shape = conv_output_shape(x.shape, weight.shape, stride)
+    fmt = _memory_format(x)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    act = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt) if save_act else x.new_empty(0)
+    return out, act
+
+
+@torch.library.custom_op("seg3d_fast::conv3d_prelu_backward", mutates_args=())
+def _conv3d_prelu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           alpha: Optional[Tensor], residual: Optional[Tensor], saved: Optional[Tensor],
+                           stride: int, residual_first: bool, output_mask: list[bool],
+                           backend: str) -> list[Tensor]:
+    module = backends.load(backend)
+    if alpha is None:
+        kind, saved = "none", None
+    elif bool((alpha > 0).all()):
+        kind = "act"
+    else:  # z is not recoverable from the PReLU output: recompute it (exact, costs one extra forward conv)
+        kind = "preact"
+        saved, _ = module.conv3d_prelu_forward(x, weight, bias, None, residual if residual_first else None,
+                                               stride, residual_first, False)
+    grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, saved, kind, stride, tuple(output_mask))
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_conv3d_prelu_backward.register_fake
+def _(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first, output_mask, backend):
+    like = (x, weight, bias, alpha, grad_out)
+    out = []
+    for need, t in zip(output_mask, like):
+        if need and t is not None:
+            out.append(torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_memory_format(t))
+                       if t.dim() == 5 else torch.empty_like(t))
+        else:
+            out.append(x.new_empty(0))
+    return out
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, alpha, residual, stride, residual_first, save_act, backend = inputs
+    out, act = output
+    saved = None if alpha is None else (act if save_act else out)
+    # The residual is needed only to recompute z when some alpha <= 0 and it was summed before the activation.
+    kept_residual = residual if (residual_first and alpha is not None) else None
+    ctx.save_for_backward(x, weight, bias, alpha, kept_residual, saved)
+    ctx.stride, ctx.residual_first, ctx.backend = stride, residual_first, backend
+
+
+def _conv_backward(ctx, grad_out, _grad_act):
+    x, weight, bias, alpha, residual, saved = ctx.saved_tensors
+    need_x, need_w, need_b, need_alpha, need_res = ctx.needs_input_grad[:5]
+    need_b = need_b and bias is not None
+    need_alpha = need_alpha and alpha is not None
+    need_dz = need_res and ctx.residual_first and alpha is not None
+    mask = [need_x, need_w, need_b, need_alpha, need_dz]
+    grads = _conv3d_prelu_backward(grad_out, x, weight, bias, alpha, residual, saved, ctx.stride,
+                                   ctx.residual_first, mask, ctx.backend)
+    grad_x, grad_w, grad_b, grad_alpha, grad_z = [g if m else None for g, m in zip(grads, mask)]
+    grad_res = (grad_z if need_dz else grad_out) if need_res else None
+    return grad_x, grad_w, grad_b, grad_alpha, grad_res, None, None, None, None
+
+
+_conv3d_prelu.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
+                 residual: Optional[Tensor] = None, *, stride: int = 1, residual_first: bool = False,
+                 backend: Optional[str] = None) -> Tensor:
+    """prelu(conv3d(x, weight, bias, stride, padding=k//2), alpha) + residual, fused.
+
+    x (N, C_in, D, H, W); weight (C_out, C_in, k, k, k), k in {1, 3}; bias (C_out,) or None; alpha (1,) or (C_out,)
+    or None (no activation); residual the output's shape or None, summed after the activation, or before it when
+    residual_first. stride 1 or 2. fp16/bf16/fp32 (fp64 on the reference backend). The output keeps x's
+    channels_last_3d layout. backend: "reference" | "triton" | "cuda" | None (best that can run; env
+    SEG3D_FAST_BACKEND overrides None).
+    """
+    _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first)
+    dtype = _autocast_dtype(x.device)
+    if dtype is not None:
+        x, weight, bias, alpha, residual = _cast(dtype, x, weight, bias, alpha, residual)
+    args = (x, weight, bias, alpha, residual, stride, residual_first)
+    name = backends.select("conv3d_prelu", backend, x.device, _conv_dispatch_key(x, weight, stride), args)
+    save_act = alpha is not None and residual is not None and not residual_first
+    out, _ = _conv3d_prelu(x, weight, bias, alpha, residual, stride, residual_first, save_act, name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Jaccard (Tanimoto) loss
+@torch.library.custom_op("seg3d_fast::jaccard_sums", mutates_args=())
+def _jaccard_sums(logits: Tensor, target: Tensor, squared: bool, activation: str, ignore_index: Optional[int],
+                  backend: str) -> Tensor:
+    return backends.load(backend).jaccard_sums(logits, target, squared, activation, ignore_index)
+
+
+@_jaccard_sums.register_fake
+def _(logits, target, squared, activation, ignore_index, backend):
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty((logits.shape[0], logits.shape[1], 3), dtype=dtype)
+
+
+@torch.library.custom_op("seg3d_fast::jaccard_sums_backward", mutates_args=())
+def _jaccard_sums_backward(grad_sums: Tensor, logits: Tensor, target: Tensor, squared: bool, activation: str,
+                           ignore_index: Optional[int], backend: str) -> Tensor:
+    return backends.load(backend).jaccard_sums_backward(grad_sums.contiguous(), logits, target, squared,
+                                                        activation, ignore_index)
+
+
+@_jaccard_sums_backward.register_fake
+def _(grad_sums, logits, target, squared, activation, ignore_index, backend):
+    return torch.empty_like(logits)
+
+
+def _jaccard_setup_context(ctx, inputs, output):
+    logits, target, squared, activation, ignore_index, backend = inputs
+    ctx.save_for_backward(logits, target)
+    ctx.args = (squared, activation, ignore_index, backend)
+
+
+def _jaccard_backward(ctx, grad_sums):
+    logits, target = ctx.saved_tensors
+    grad = _jaccard_sums_backward(grad_sums, logits, target, *ctx.args) if ctx.needs_input_grad[0] else None
+    return grad, None, None, None, None, None
+
+
+_jaccard_sums.register_autograd(_jaccard_backward, setup_context=_jaccard_setup_context)
+
+
+def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction):
+    if not isinstance(logits, Tensor) or logits.dim() < 3 or logits.dim() > 5:
+        raise ValueError("logits must be a tensor (N, C, *spatial) with 1 to 3 spatial dims; got "
+                         + (_describe(logits) if isinstance(logits, Tensor) else type(logits).__name__))
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be a floating-point tensor; got dtype {logits.dtype}")
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a tensor; got {type(target).__name__}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    n, c = logits.shape[:2]
+    if activation == "softmax" and c < 2:
+        raise ValueError("logits has 1 channel: softmax over one class is constant; use activation='sigmoid'")
+    if target.dtype.is_floating_point:
+        if target.shape != logits.shape:
+            raise ValueError(f"target of class probabilities must have the logits' shape {tuple(logits.shape)}; "
+                             f"got {tuple(target.shape)}")
+        if ignore_index is not None:
+            raise ValueError("ignore_index applies to integer label maps only; target holds probabilities")
+    elif target.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise TypeError(f"target must be an integer label map or float probabilities; got dtype {target.dtype}")
+    else:
+        expected = (n, *logits.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(f"target label map must have shape (N, *spatial) = {expected} to match logits "
+                             f"{tuple(logits.shape)}; got {tuple(target.shape)}")
+        if not torch.compiler.is_compiling() and target.numel():
+            bad = (target < 0) | (target >= c)
+            if ignore_index is not None:
+                bad &= target != ignore_index
+            if bool(bad.any()):
+                lo, hi = int(target.min()), int(target.max())
+                raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
+                                 + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
+                                 + f"; found values in [{lo}, {hi}]")
+    if class_weights is not None:
+        if not isinstance(class_weights, Tensor):
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+        if class_weights.shape != (c,):
+            raise ValueError(f"class_weights must have one weight per class, shape ({c},); "
+                             f"got {tuple(class_weights.shape)}")
+    return class_weights
+
+
+def jaccard_from_sums(sums: Tensor, *, smooth: float = 1e-5, class_weights: Optional[Tensor] = None,
+                      include_background: bool = True, per_sample: bool = False, reduction: str = "mean") -> Tensor:
+    """Loss from the (N, C, 3) sums [sum p*t, sum p^2|p, sum t^2|t]: L = 1 - (I + s) / (P + T - I + s).
+
+    per_sample=False pools the sums over the batch (one ratio per class); True takes one ratio per (sample, class).
+    reduction "none" returns those ratios' losses, (C,) or (N, C); "mean" weights classes by class_weights.
+    """
+    if not per_sample:
+        sums = sums.sum(0, keepdim=True)
+    inter, p_sum, t_sum = sums.unbind(-1)
+    loss = 1 - (inter + smooth) / (p_sum + t_sum - inter + smooth)
+    weights = torch.ones(loss.shape[1], dtype=loss.dtype, device=loss.device) if class_weights is None else \
+        class_weights.to(device=loss.device, dtype=loss.dtype)
+    if not include_background:
+        loss, weights = loss[:, 1:], weights[1:]
+    if not per_sample:
+        loss = loss[0]
+    if reduction == "none":
+        return loss
+    weighted = loss * weights
+    if reduction == "sum":
+        return weighted.sum()
+    return weighted.sum(-1).div(weights.sum()).mean()
+
+
+def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activation: str = "softmax",
+                 smooth: float = 1e-5, class_weights: Optional[Tensor] = None, include_background: bool = True,
+                 per_sample: bool = False, ignore_index: Optional[int] = None, reduction: str = "mean",
+                 backend: Optional[str] = None) -> Tensor:
+    """Jaccard loss of softmax/sigmoid(logits) against an integer label map (N, *spatial) or class probabilities.
+
+    squared=True is the Tanimoto form of the paper's code, 1 - sum p t / (sum p^2 + sum t^2 - sum p t), per class;
+    squared=False the plain soft Jaccard (sum p, sum t). The target gets no gradient.
+    """
+    class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction)
+    while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
+        logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
+    args = (logits, target, activation, ignore_index)
+    key = f"{str(logits.dtype).removeprefix('torch.')}-C{logits.shape[1]}"
+    name = backends.select("jaccard", backend, logits.device, key, args)
+    sums = _jaccard_sums(logits, target, squared, activation, ignore_index, name)
+    return jaccard_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
+                             per_sample=per_sample, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transposed conv (kernel 2, stride 2) + PReLU + skip sum, recomputed in backward
+class _UpConvPReLUAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, alpha, skip):
+        out = F.prelu(F.conv_transpose3d(x, weight, bias, stride=2), alpha)
+        if skip is not None:
+            out += skip
+        ctx.save_for_backward(x, weight, bias, alpha)
+        ctx.has_skip = skip is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, alpha = ctx.saved_tensors
+        need_x, need_w, need_b, need_alpha, need_skip = ctx.needs_input_grad
+        z = F.conv_transpose3d(x, weight, bias, stride=2)
+        a = alpha.reshape(1, -1, 1, 1, 1)
+        negative = z <= 0
+        grad_z = torch.where(negative, grad_out * a, grad_out)
+        grad_alpha = None
+        if need_alpha:
+            per_channel = (grad_out * z).masked_fill_(~negative, 0).sum(dim=(0, 2, 3, 4))
+            grad_alpha = per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_z, x, weight, [weight.shape[1]] if (need_b and bias is not None) else None,
+            [2, 2, 2], [0, 0, 0], [1, 1, 1], True, [0, 0, 0], 1, [need_x, need_w, need_b and bias is not None])
+        return grad_x, grad_w, grad_b, grad_alpha, (grad_out if need_skip and ctx.has_skip else None)
+
+
+def upconv_prelu_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Tensor,
+                     skip: Optional[Tensor] = None) -> Tensor:
+    """prelu(conv_transpose3d(x, weight, bias, stride=2), alpha) + skip; weight (C_in, C_out, 2, 2, 2).
+
+    Saves only x (1/8 of the output's voxels) and recomputes the transposed conv in backward.
+    """
+    if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[2:]) != (2, 2, 2):
+        raise ValueError(f"x must be (N, C_in, D, H, W) and weight (C_in, C_out, 2, 2, 2); got x "
+                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"channel mismatch: x has {x.shape[1]} channels but weight expects {weight.shape[0]}")
+    for name, t in (("weight", weight), ("bias", bias), ("alpha", alpha), ("skip", skip)):
+        _check_same(name, t, x)
+    out_shape = (x.shape[0], weight.shape[1], *[2 * s for s in x.shape[2:]])
+    if skip is not None and tuple(skip.shape) != out_shape:
+        raise ValueError(f"skip must have the output's shape {out_shape}; got {tuple(skip.shape)}")
+    dtype = _autocast_dtype(x.device)
+    if dtype is not None:
+        x, weight, bias, alpha, skip = _cast(dtype, x, weight, bias, alpha, skip)
+    return _UpConvPReLUAdd.apply(x, weight, bias, alpha, skip)
