@@ -15,9 +15,11 @@ GPU time: CUDA events around each call, median over reps; inputs rotated among s
 in L2, so that each call reads from device memory. CPU time: pytest-benchmark's median wall time.
 """
 import math
+import os
 import statistics
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,10 +45,16 @@ def conv_eager(x, weight, bias, alpha, residual, stride, residual_first):
     return y + residual if residual is not None and not residual_first else y
 
 
-def _compiled(fn):
-    # A fresh compile per row: dynamo's per-function recompile limit would otherwise silently fall back to eager.
-    torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
+_compiled_for = {"key": None, "fn": None}
+
+
+def _compiled(fn, key):
+    """torch.compile(fn), compiled afresh for each new shape (the directions and rounds of one shape share it):
+    dynamo's per-function recompile limit would otherwise make later shapes fall back to eager silently."""
+    if _compiled_for["key"] != key:
+        torch._dynamo.reset()
+        _compiled_for.update(key=key, fn=torch.compile(fn, dynamic=False))
+    return _compiled_for["fn"]
 
 
 def conv_function(variant, case):
@@ -55,7 +63,7 @@ def conv_function(variant, case):
     if variant in BASELINES:
         return lambda *t: conv_eager(*t, s, rf)
     if variant == "compile":
-        fn = _compiled(conv_eager)
+        fn = _compiled(conv_eager, case)
         return lambda *t: fn(*t, s, rf)
     if variant in FUSED:
         import seg3d_fast as sf
@@ -70,14 +78,14 @@ def conv_function(variant, case):
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def jaccard_function(variant):
+def jaccard_function(variant, case):
     """callable(logits, labels) -> scalar loss."""
     from seg3d_fast.profile import plain_jaccard_loss
 
     if variant in BASELINES:
         return plain_jaccard_loss
     if variant == "compile":
-        return _compiled(plain_jaccard_loss)
+        return _compiled(plain_jaccard_loss, case)
     if variant in FUSED:
         import seg3d_fast as sf
         from seg3d_fast.backends import BackendUnsupported
@@ -164,7 +172,7 @@ def copies_for(make_inputs, device):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # timing and memory
-def gpu_median_ms(calls, budget_ms=40.0, min_reps=10, max_reps=500):
+def gpu_median_ms(calls, budget_ms, min_reps=10, max_reps=500):
     """Median of CUDA-event times over reps (each rep one call, inputs rotated)."""
     for c in calls:  # warm-up: JIT, autotuning, cuDNN algorithm choice
         c()
@@ -199,7 +207,7 @@ def peak_bytes(call, device):
     return peak
 
 
-def measure(benchmark, calls, device, rounds):
+def measure(benchmark, calls, device, rounds, budget_ms):
     """-> (ms, ms_host): device median (GPU) and pytest-benchmark's median of synchronized calls (host)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     state = {"i": 0}
@@ -209,8 +217,8 @@ def measure(benchmark, calls, device, rounds):
         state["i"] += 1
         sync()
 
-    ms = gpu_median_ms(calls) if device.type == "cuda" else None
-    benchmark.pedantic(synchronized_call, rounds=rounds, iterations=1, warmup_rounds=1)
+    ms = gpu_median_ms(calls, budget_ms) if device.type == "cuda" else None
+    benchmark.pedantic(synchronized_call, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 1 else 0)
     stats = getattr(benchmark, "stats", None)
     ms_host = stats.stats.median * 1e3 if stats is not None else None
     return (ms if ms is not None else ms_host), ms_host
@@ -218,13 +226,13 @@ def measure(benchmark, calls, device, rounds):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # records
-def record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize, layer_names=()):
+def record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize, layer_names, layout):
     from ceilings import floor_ms
 
     flops = case.flops(direction)
     nbytes = case.min_bytes(direction, itemsize)
     rec = {"op": op, "name": case.name, "shape": case.shape(), "layers": list(layer_names), "dtype": dtype_name,
-           "backend": variant, "layout": LAYOUT.get(variant, "ncdhw"), "direction": direction, "ms": ms,
+           "backend": variant, "layout": layout, "direction": direction, "ms": ms,
            "ms_host": ms_host, "peak_bytes": peak, "flops": flops, "bytes": nbytes, "tflops": None, "gbps": None,
            "floor_ms": None, "fraction_of_floor": None, "speedup_vs_cudnn": None}
     if ms:
@@ -251,3 +259,42 @@ def fill_speedups(records):
         base = best.get(row_key(r))
         r["speedup_vs_cudnn"] = base / r["ms"] if base and r["ms"] else None
     return records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one row, start to end
+def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceilings, results):
+    """Measure one (op, shape, dtype, direction, backend) row, attach its figures to the pytest-benchmark row and
+    append the record to the results file. Skips (with the reason) where the variant cannot run the input."""
+    if time.time() > float(os.environ.get("SEG3D_BENCH_DEADLINE", "inf")):
+        pytest.skip("time budget spent (SEG3D_BENCH_DEADLINE)")
+    dtype = DTYPES[dtype_name]
+    channels_last = op == "conv3d_prelu" and LAYOUT[variant] == "ndhwc"  # the loss: NCDHW logits for all
+    if op == "conv3d_prelu":
+        fn = conv_function(variant, case)
+        make = lambda: conv_inputs(case, dtype, device, channels_last)  # noqa: E731
+    else:
+        fn = jaccard_function(variant, case)
+        make = lambda: jaccard_inputs(case, dtype, device, channels_last)  # noqa: E731
+    benchmark.group = f"{op} {case.name} {dtype_name} {direction}"
+    try:
+        calls = direction_callables(fn, make, direction, copies_for(make, device))
+        peak = peak_bytes(calls[0], device)
+        rounds = 5 if device.type == "cuda" else (1 if variant == "triton" else 3)  # CPU triton: interpreter
+        budget_ms = float(os.environ.get("SEG3D_BENCH_REP_MS", "30"))
+        ms, ms_host = measure(benchmark, calls, device, rounds, budget_ms)
+    except Unsupported as e:
+        pytest.skip(f"{variant}: {e}")
+    except torch.cuda.OutOfMemoryError as e:
+        pytest.skip(f"{variant}: out of GPU memory ({e})")
+    finally:
+        calls = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rec = record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize,
+                 getattr(case, "layers", ()), "ndhwc" if channels_last else "ncdhw")
+    results.add(rec)
+    benchmark.extra_info.update({k: rec[k] for k in ("ms", "tflops", "gbps", "floor_ms", "fraction_of_floor",
+                                                     "peak_bytes", "speedup_vs_cudnn", "layout")})
+    return rec

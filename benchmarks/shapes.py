@@ -69,6 +69,11 @@ class ConvCase:
         return itemsize * {"forward": fwd, "backward": bwd, "both": fwd + bwd}[direction]
 
 
+# The one shape Triton's CPU interpreter runs in the CPU suite (odd extents, residual after the PReLU).
+INTERPRETER_CASE = ConvCase(n=1, c_in=2, c_out=3, spatial=(5, 6, 7), k=3, stride=1, residual=True,
+                            residual_first=False, prelu=True, layers=("interpreter",))
+
+
 @dataclass(frozen=True)
 class JaccardCase:
     n: int
@@ -165,7 +170,7 @@ def network_conv_cases(tiny):
 
 
 def representative(cases):
-    """A few layers that stand for the rest (measured in every dtype): the heaviest 3x3 stride-1 layer, the
+    """A few layers that stand for the rest (measured in every dtype): the heaviest plain 3x3 stride-1 layer, the
     heaviest stride-2 layer, the heaviest residual layer, the lightest full-resolution 3x3 layer (memory bound)
     and the heaviest 1x1 layer."""
     def heaviest(pool):
@@ -174,7 +179,7 @@ def representative(cases):
     k3 = [c for c in cases if c.k == 3]
     full = max((_prod(c.spatial) for c in k3), default=0)
     picks = [
-        heaviest([c for c in k3 if c.stride == 1]),
+        heaviest([c for c in k3 if c.stride == 1 and not c.residual]),
         heaviest([c for c in k3 if c.stride == 2]),
         heaviest([c for c in k3 if c.residual]),
         min((c for c in k3 if c.stride == 1 and _prod(c.spatial) == full), key=lambda c: c.flops("forward"),
@@ -197,3 +202,81 @@ def env_list(name, default):
     """Comma-separated env var, or the default list."""
     value = os.environ.get(name)
     return [v.strip() for v in value.split(",") if v.strip()] if value else list(default)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# which rows run (the env vars are described in conftest.py)
+def _on_gpu():
+    return torch.cuda.is_available()
+
+
+def _settings():
+    gpu = _on_gpu()
+    return {
+        "tiny": os.environ.get("SEG3D_BENCH_SIZE", "full" if gpu else "tiny") == "tiny",
+        "layers": os.environ.get("SEG3D_BENCH_LAYERS", "all" if gpu else "representative"),
+        "dtypes": env_list("SEG3D_BENCH_DTYPES", ["bf16"] if gpu else ["fp32"]),
+        "rep_dtypes": env_list("SEG3D_BENCH_REP_DTYPES", ["fp32", "fp16", "bf16"] if gpu else ["fp32"]),
+        "backends": env_list("SEG3D_BENCH_BACKENDS", ["eager", "eager_cl", "compile", "triton", "cuda"] if gpu
+                             else ["eager", "eager_cl", "reference", "triton"]),
+        "compile": os.environ.get("SEG3D_BENCH_COMPILE", "representative"),
+        "directions": env_list("SEG3D_BENCH_DIRECTIONS", DIRECTIONS),
+        "gpu": gpu,
+    }
+
+
+def all_rows():
+    """Every row in run order: the loss, the conv layers, then torch.compile (slow to start, least needed)."""
+    loss, loss_compiled = jaccard_rows()
+    conv, conv_compiled = conv_rows()
+    return loss + conv + conv_compiled + loss_compiled
+
+
+def conv_rows():
+    """-> (rows, torch.compile rows) of (case, dtype, direction, backend), in run order: the representative
+    layers in every dtype first, then the other layers, heaviest first (so that the figures that matter most
+    survive a time limit); baselines before the fused backends."""
+    s = _settings()
+    cases = network_conv_cases(s["tiny"])
+    reps = representative(cases)
+    others = [c for c in cases if c not in reps] if s["layers"] == "all" else []
+    others.sort(key=lambda c: -c.flops("forward"))  # heaviest first: they dominate the network's time
+    rows, compiled = [], []
+    for case in reps + others:
+        is_rep = case in reps
+        dtypes = list(dict.fromkeys(s["rep_dtypes"] + s["dtypes"])) if is_rep else s["dtypes"]
+        for dtype in dtypes:
+            for direction in s["directions"]:
+                for backend in s["backends"]:
+                    if backend == "compile":  # compiling takes seconds per shape and dtype: last, and few
+                        if s["compile"] == "all" or (is_rep and dtype == "bf16"):
+                            compiled.append((case, dtype, direction, backend))
+                        continue
+                    if backend == "triton" and not s["gpu"]:
+                        continue  # the interpreter is slow: INTERPRETER_CASE below exercises it
+                    rows.append((case, dtype, direction, backend))
+    if not s["gpu"] and "triton" in s["backends"]:
+        rows += [(INTERPRETER_CASE, s["dtypes"][0], direction, backend) for direction in s["directions"]
+                 for backend in ("eager", "triton")]
+    return rows, compiled
+
+
+def jaccard_rows():
+    """-> (rows, torch.compile rows) for the loss (NCDHW logits for every backend: no eager_cl)."""
+    s = _settings()
+    case = jaccard_case(s["tiny"])
+    rows, compiled = [], []
+    for dtype in s["rep_dtypes"]:
+        for direction in s["directions"]:
+            for backend in s["backends"]:
+                if backend == "compile":
+                    if dtype == "bf16" or s["compile"] == "all":
+                        compiled.append((case, dtype, direction, backend))
+                elif backend != "eager_cl":
+                    rows.append((case, dtype, direction, backend))
+    return rows, compiled
+
+
+def row_id(row):
+    case, dtype, direction, backend = row
+    return f"{case.name}-{dtype}-{direction}-{backend}"

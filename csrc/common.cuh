@@ -30,6 +30,7 @@ void use_device(int device);
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum LabelType : int { kInt64 = 0, kInt32 = 1, kUInt8 = 2, kProb = 3 };
 
+#if defined(__CUDACC__)  // device helpers (bindings.cpp, compiled by the host compiler, sees only the above)
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -53,5 +54,6 @@ __device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src, i
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+#endif  // __CUDACC__
 
 }  // namespace seg3d

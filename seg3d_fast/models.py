@@ -175,3 +175,14 @@ class Seg3DNet(nn.Module):
         lines.append(f"parameters: {total:,}; activations written: {sum(r[4] for r in rows) / 2**20:,.1f} MiB; "
                      f"saved for backward (approx., parameters excluded): {max(saved_bytes, 0) / 2**20:,.1f} MiB")
         return "\n".join(lines)
+
+
+def transfer_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Copy parameters between a fused and a plain Seg3DNet of one config (same parameter order and shapes)."""
+    src_params, dst_params = list(src.parameters()), list(dst.parameters())
+    if len(src_params) != len(dst_params) or any(a.shape != b.shape for a, b in zip(src_params, dst_params)):
+        raise ValueError("src and dst must be Seg3DNets of the same configuration (fused or plain)")
+    with torch.no_grad():
+        for a, b in zip(src_params, dst_params):
+            b.copy_(a)
+    return dst

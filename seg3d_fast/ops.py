@@ -55,7 +55,7 @@ def _autocast_dtype(device: torch.device):
 
 
 def _cast(dtype, *tensors):
-    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+    return tuple(t if not isinstance(t, Tensor) or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def _check_same(name: str, t: Optional[Tensor], x: Tensor):
@@ -101,6 +101,11 @@ def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
         raise ValueError(f"x spatial extent {tuple(x.shape[2:])} gives an empty output")
 
 
+def _check_backend(backend):
+    if backend is not None and backend not in backends.NAMES:
+        raise ValueError(f"backend must be one of {backends.NAMES} or None; got {backend!r}")
+
+
 def _conv_dispatch_key(x, weight, stride):
     return f"{str(x.dtype).removeprefix('torch.')}-k{weight.shape[-1]}-s{stride}-ci{weight.shape[1]}-co{weight.shape[0]}"
 
@@ -111,8 +116,9 @@ def _conv_dispatch_key(x, weight, stride):
 def _conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                   residual: Optional[Tensor], stride: int, residual_first: bool, save_act: bool,
                   backend: str) -> tuple[Tensor, Tensor]:
-    out, act = backends.load(backend).conv3d_prelu_forward(
-        x, weight, bias, alpha, residual, stride, residual_first, save_act)
+    args = (x, weight, bias, alpha, residual, stride, residual_first)
+    name = backends.select("conv3d_prelu", backend or None, x.device, _conv_dispatch_key(x, weight, stride), args)
+    out, act = backends.load(name).conv3d_prelu_forward(*args, save_act)
     return out, (act if save_act else out.new_empty(0))
 
 
@@ -130,7 +136,9 @@ def _conv3d_prelu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Op
                            alpha: Optional[Tensor], residual: Optional[Tensor], saved: Optional[Tensor],
                            stride: int, residual_first: bool, output_mask: list[bool],
                            backend: str) -> list[Tensor]:
-    module = backends.load(backend)
+    args = (x, weight, bias, alpha, residual, stride, residual_first)
+    name = backends.select("conv3d_prelu", backend or None, x.device, _conv_dispatch_key(x, weight, stride), args)
+    module = backends.load(name)
     if alpha is None:
         kind, saved = "none", None
     elif bool((alpha > 0).all()):
@@ -194,23 +202,31 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
     channels_last_3d layout. backend: "reference" | "triton" | "cuda" | None (best that can run; env
     SEG3D_FAST_BACKEND overrides None).
     """
-    _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first)
-    dtype = _autocast_dtype(x.device)
+    # Autocast first (custom ops are not autocast-aware): the fp32 parameters meet a bf16/fp16 activation.
+    dtype = _autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if dtype is not None:
         x, weight, bias, alpha, residual = _cast(dtype, x, weight, bias, alpha, residual)
-    args = (x, weight, bias, alpha, residual, stride, residual_first)
-    name = backends.select("conv3d_prelu", backend, x.device, _conv_dispatch_key(x, weight, stride), args)
+    _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first)
+    _check_backend(backend)
     save_act = alpha is not None and residual is not None and not residual_first
-    out, _ = _conv3d_prelu(x, weight, bias, alpha, residual, stride, residual_first, save_act, name)
+    # The backend is chosen inside the op, at run time: torch.compile traces only the op, not the dispatcher.
+    out, _ = _conv3d_prelu(x, weight, bias, alpha, residual, stride, residual_first, save_act, backend or "")
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Jaccard (Tanimoto) loss
+def _jaccard_backend(logits, target, activation, ignore_index, backend):
+    key = f"{str(logits.dtype).removeprefix('torch.')}-C{logits.shape[1]}"
+    args = (logits, target, activation, ignore_index)
+    return backends.load(backends.select("jaccard", backend or None, logits.device, key, args))
+
+
 @torch.library.custom_op("seg3d_fast::jaccard_sums", mutates_args=())
 def _jaccard_sums(logits: Tensor, target: Tensor, squared: bool, activation: str, ignore_index: Optional[int],
                   backend: str) -> Tensor:
-    return backends.load(backend).jaccard_sums(logits, target, squared, activation, ignore_index)
+    return _jaccard_backend(logits, target, activation, ignore_index, backend).jaccard_sums(
+        logits, target, squared, activation, ignore_index)
 
 
 @_jaccard_sums.register_fake
@@ -222,8 +238,8 @@ def _(logits, target, squared, activation, ignore_index, backend):
 @torch.library.custom_op("seg3d_fast::jaccard_sums_backward", mutates_args=())
 def _jaccard_sums_backward(grad_sums: Tensor, logits: Tensor, target: Tensor, squared: bool, activation: str,
                            ignore_index: Optional[int], backend: str) -> Tensor:
-    return backends.load(backend).jaccard_sums_backward(grad_sums.contiguous(), logits, target, squared,
-                                                        activation, ignore_index)
+    return _jaccard_backend(logits, target, activation, ignore_index, backend).jaccard_sums_backward(
+        grad_sums.contiguous(), logits, target, squared, activation, ignore_index)
 
 
 @_jaccard_sums_backward.register_fake
@@ -329,12 +345,10 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     squared=False the plain soft Jaccard (sum p, sum t). The target gets no gradient.
     """
     class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction)
+    _check_backend(backend)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
-    args = (logits, target, activation, ignore_index)
-    key = f"{str(logits.dtype).removeprefix('torch.')}-C{logits.shape[1]}"
-    name = backends.select("jaccard", backend, logits.device, key, args)
-    sums = _jaccard_sums(logits, target, squared, activation, ignore_index, name)
+    sums = _jaccard_sums(logits, target, squared, activation, ignore_index, backend or "")
     return jaccard_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
                              per_sample=per_sample, reduction=reduction)
 
@@ -380,12 +394,12 @@ def upconv_prelu_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: T
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"channel mismatch: x has {x.shape[1]} channels but weight expects {weight.shape[0]}")
+    dtype = _autocast_dtype(x.device)
+    if dtype is not None:
+        x, weight, bias, alpha, skip = _cast(dtype, x, weight, bias, alpha, skip)
     for name, t in (("weight", weight), ("bias", bias), ("alpha", alpha), ("skip", skip)):
         _check_same(name, t, x)
     out_shape = (x.shape[0], weight.shape[1], *[2 * s for s in x.shape[2:]])
     if skip is not None and tuple(skip.shape) != out_shape:
         raise ValueError(f"skip must have the output's shape {out_shape}; got {tuple(skip.shape)}")
-    dtype = _autocast_dtype(x.device)
-    if dtype is not None:
-        x, weight, bias, alpha, skip = _cast(dtype, x, weight, bias, alpha, skip)
     return _UpConvPReLUAdd.apply(x, weight, bias, alpha, skip)

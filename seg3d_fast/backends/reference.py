@@ -54,16 +54,17 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     if saved_kind == "none":
         dz = grad_out
     else:
-        a = _alpha_view(alpha, saved)
+        # PReLU backward in fp32 (fp64 for fp64): one rounding, at the cast of dz, like a fused kernel's registers.
+        work = torch.float64 if saved.dtype == torch.float64 else torch.float32
+        a = _alpha_view(alpha, saved).to(work)
+        z = saved.to(work)
         if saved_kind == "act":  # z = y where y > 0, else y / alpha (alpha > 0 guaranteed by the caller)
-            z = torch.where(saved > 0, saved, saved / a)
-        else:
-            z = saved
+            z = torch.where(z > 0, z, z / a)
+        g = grad_out.to(work)
         negative = z <= 0
-        dz = torch.where(negative, grad_out * a, grad_out)
+        dz = torch.where(negative, g * a, g).to(grad_out.dtype)
         if need_alpha:
-            g = (grad_out * z).masked_fill_(~negative, 0).float()
-            per_channel = g.sum(dim=[0, *range(2, g.dim())])
+            per_channel = (g * z).masked_fill_(~negative, 0).sum(dim=[0, *range(2, z.dim())])
             grad_alpha = (per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)).to(alpha.dtype)
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         dz, x, weight, [weight.shape[0]] if need_b else None,

@@ -23,10 +23,22 @@ def autotune_configs(gpu_configs, default, interpreter):
 
 
 def dot_precision(dtype):
-    """tl.dot input precision: TF32 for fp32 only where torch allows it for matmuls, else exact fp32."""
+    """DOT_PREC for `dot`: TF32 for fp32 only where torch allows it for matmuls, else exact fp32.
+    "upcast": the interpreter (Triton 3.9) multiplies bf16 tiles wrongly, so it gets them as fp32."""
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b on the tensor cores (fp32 accumulation)."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,9 +47,10 @@ def _sm_count(index):
 
 
 def parallel_slots(device):
-    """Programs worth launching to fill the device (4 per SM; 2 under the interpreter)."""
+    """Programs worth launching to fill the device (4 per SM; 4 under the interpreter, so that tests
+    exercise split reductions)."""
     if device.type != "cuda":
-        return 2
+        return 4
     return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, dot_precision, interpreting, next_pow2, parallel_slots, row_coords, strided_offset
+from ._common import autotune_configs, dot, dot_precision, interpreting, next_pow2, parallel_slots, row_coords, strided_offset
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DZ_NONE, _DZ_ACT, _DZ_PREACT = 0, 1, 2
@@ -60,12 +60,15 @@ def _load_gathered(src_ptr, saved_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc
         pw = rc + dw
         ok_row = row_ok & (pd >= 0) & (pd < Ds) & (ph >= 0) & (ph < Hs) & (pw >= 0) & (pw < Ws)
         delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * C_SRC
-        off = (row_base + delta)[:, None] + ch[None, :]
+        # alignment hints (C_SRC and k0 are multiples of 16): lets the compiler vectorise and pipeline the loads
+        row = tl.multiple_of(row_base + delta, 16)
+        ch = tl.max_contiguous(tl.multiple_of(ch, BLOCK_K), BLOCK_K)
+        off = row[:, None] + ch[None, :]
         ok = ok_row[:, None] & (ch < C_SRC)[None, :]
     a = tl.load(src_ptr + off, mask=ok, other=0.0)
     if DZ_KIND != 0:
         # z > 0 <=> saved > 0 for both kinds ("act": y = prelu(z) with alpha > 0 keeps the sign)
-        s = tl.load(saved_ptr + off, mask=ok, other=0.0)
+        s = tl.load(saved_ptr + off, mask=ok, other=0.0).to(tl.float32)  # (the interpreter compares bf16 as ints)
         if DZ_ALPHA_PER_CH:
             al = tl.load(alpha_ptr + ch).to(tl.float32)[None, :]
         else:
@@ -111,7 +114,7 @@ def _conv_kernel(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, w_ptr, bias_ptr, al
                            K_TOTAL, C_SRC, Ds, Hs, Ws, FLAT_K, BLOCK_K, DZ_KIND, DZ_ALPHA_PER_CH)
         # the weight matrix is zero-padded to (K_PAD, N_PAD): no masks
         b = tl.load(w_ptr + (k0 + rk)[:, None] * N_PAD + co[None, :])
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        acc = dot(a, b, acc, DOT_PREC)
 
     # epilogue on the accumulator: the pre-activation never reaches memory
     co_ok = co < C_OUT
@@ -170,8 +173,9 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
             al = tl.load(alpha_ptr).to(tl.float32)
     kt0 = pid_kt * BLOCK_KT
     acc = tl.zeros((BLOCK_KT, BLOCK_CO), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    acc_a = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    # per-lane accumulators, reduced once at the end: cheaper and more accurate than a sum per step
+    acc_b = tl.zeros((BLOCK_V, BLOCK_CO), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK_V, BLOCK_CO), dtype=tl.float32)
     v_start = split * VOX_PER_SPLIT
     for i in range(0, VOX_PER_SPLIT, BLOCK_V):
         m = v_start + i + tl.arange(0, BLOCK_V)
@@ -188,11 +192,11 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
                     z = tl.where(neg, s / al, s)
                 else:
                     z = s
-                acc_a += tl.sum(tl.where(neg, g * z, 0.0), axis=0)
+                acc_a += tl.where(neg, g * z, 0.0)
         else:
             dz = g
         if REDUCE_BIAS:
-            acc_b += tl.sum(dz, axis=0)
+            acc_b += dz
         if WRITE_DZ:
             tl.store(dz_ptr + g_off, dz.to(dz_ptr.dtype.element_ty), mask=mask & first[None, :])
         if COMPUTE_W:
@@ -203,14 +207,14 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
             row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_IN
             xt = _load_gathered(x_ptr, x_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, kt0,
                                 K_TOTAL, C_IN, Ds, Hs, Ws, FLAT_K, BLOCK_KT, 0, False)
-            acc = tl.dot(tl.trans(xt), dz.to(x_ptr.dtype.element_ty), acc, input_precision=DOT_PREC)
+            acc = dot(tl.trans(xt), dz.to(x_ptr.dtype.element_ty), acc, DOT_PREC)
     if COMPUTE_W:
         kt = kt0 + tl.arange(0, BLOCK_KT)
         tl.store(dw_part_ptr + split * KT_PAD * CO_PAD + kt[:, None] * CO_PAD + co[None, :], acc)
     if REDUCE_BIAS:
-        tl.store(db_part_ptr + split * CO_PAD + co, acc_b, mask=first)
+        tl.store(db_part_ptr + split * CO_PAD + co, tl.sum(acc_b, axis=0), mask=first)
     if REDUCE_ALPHA:
-        tl.store(da_part_ptr + split * CO_PAD + co, acc_a, mask=first)
+        tl.store(da_part_ptr + split * CO_PAD + co, tl.sum(acc_a, axis=0), mask=first)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,6 +403,8 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
 
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
     want_x, want_w, want_b, want_a, want_dz = (bool(v) for v in output_mask)
+    if saved_kind not in _DZ_KINDS:
+        raise ValueError(f"saved_kind must be one of {sorted(_DZ_KINDS)}, got {saved_kind!r}")
     dz_kind = _DZ_KINDS[saved_kind]
     if dz_kind == _DZ_NONE:
         want_a = False  # no activation: no alpha gradient
@@ -406,14 +412,15 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     s = _channels_last(saved) if dz_kind != _DZ_NONE else None
     a = alpha.reshape(-1) if (alpha is not None and dz_kind != _DZ_NONE) else None
     grad_x = _dgrad(g, s, dz_kind, a, weight, x, stride) if want_x else None
+    write_dz = want_dz and dz_kind != _DZ_NONE  # with no activation dz is grad_out itself
     grad_w = grad_b = grad_a = dz = None
-    if want_w or want_b or want_a or want_dz:
+    if want_w or want_b or want_a or write_dz:
         grad_w, grad_b, grad_a, dz = _wgrad_and_reductions(g, s, dz_kind, a, x, weight, stride,
-                                                          want_w, want_b, want_a, want_dz)
+                                                          want_w, want_b, want_a, write_dz)
     if grad_b is not None:
         grad_b = grad_b.to(x.dtype)
     if grad_a is not None:
         grad_a = (grad_a if alpha.numel() > 1 else grad_a.sum().reshape(1)).to(alpha.dtype).reshape(alpha.shape)
-    if want_dz and dz is None:
-        dz = g
+    if want_dz and not write_dz:
+        dz = grad_out
     return grad_x, grad_w, grad_b, grad_a, dz

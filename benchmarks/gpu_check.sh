@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The one GPU check: build, GPU tests, ceilings, benchmarks against cuDNN, full-volume profile, summary last.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine (H100/H200, no network, no nibabel needed)
+#   bash benchmarks/gpu_check.sh --dry-run  # anywhere: the same plumbing on the CPU at tiny sizes, no install
+#
+# Every stage has a hard time limit (total well under 8 minutes); a stage that fails or runs out of time is
+# reported in the summary and the later stages still run. Results go to $OUT if set, else
+# benchmarks/results/gpu_check_<time>/: gpu_check.log, bench.json, bench.png, profile.json, profile.png,
+# report.md, ceilings.json (at most 8 files: the device tool returns no more).
+# Knobs: PYTHON (default python3), GPU_CHECK_TESTS (test files), the SEG3D_BENCH_* variables of
+# benchmarks/conftest.py, and the stage limits below (seconds).
+set -u -o pipefail
+
+T_BUILD=${T_BUILD:-170}
+T_TESTS=${T_TESTS:-75}
+T_CEILINGS=${T_CEILINGS:-30}
+T_BENCH=${T_BENCH:-120}        # rows still pending this many seconds - 15 after the stage starts are skipped
+T_PROFILE=${T_PROFILE:-70}
+T_REPORT=${T_REPORT:-20}
+
+DRY_RUN=0
+[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if [[ $DRY_RUN -eq 0 ]] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA GPU visible to torch (nvidia-smi: $(nvidia-smi -L 2>&1 | head -1))."
+  echo "gpu_check: run it on the GPU machine, or use --dry-run to check the plumbing on the CPU."
+  exit 2
+fi
+RES=${OUT:-$ROOT/benchmarks/results/gpu_check_$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$RES"
+LOG=$RES/gpu_check.log
+exec > >(tee -a "$LOG") 2>&1
+START=$(date +%s)
+declare -a STATUS=()
+
+stage() {  # stage NAME LIMIT_S CMD...: run with a hard limit, record ok / FAILED rc / TIMED OUT
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo; echo "=== $name (limit ${limit}s) ==="
+  timeout -k 10 "$limit" "$@"
+  local rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  local what="ok"
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then what="TIMED OUT"; elif [[ $rc -ne 0 ]]; then what="FAILED (rc $rc)"; fi
+  STATUS+=("$(printf '%-10s %-16s %4ss' "$name" "$what" "$took")")
+  return $rc
+}
+
+echo "=== environment ==="
+$PY - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+EOF
+
+if [[ $DRY_RUN -eq 0 ]]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
+  # --- build: the editable install compiles the CUDA extension ------------------------------------------------
+  stage build "$T_BUILD" $PY -m pip install --no-deps --no-build-isolation --no-index -e . -q
+  $PY -c "import seg3d_fast.backends as b; print('backends:', b.available())" || true
+  # --- GPU tests (importorskip keeps tests needing nibabel out) -------------------------------------------------
+  TESTS=${GPU_CHECK_TESTS:-"tests/test_build.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py tests/test_profile.py"}
+  EXISTING=$(for f in $TESTS; do [[ -e $f ]] && echo "$f"; done)
+  stage tests "$T_TESTS" $PY -m pytest $EXISTING -m "not slow" -x -q -p no:cacheprovider
+  PROFILE_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 16 --max-edge 512 --time-limit $((T_PROFILE - 25)))
+else
+  echo "(dry run: no install; the package is used from the checkout)"
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  export SEG3D_BENCH_BACKENDS=${SEG3D_BENCH_BACKENDS:-eager,eager_cl,reference}
+  stage tests "$T_TESTS" $PY -m pytest tests/test_profile.py -q -p no:cacheprovider -k "by_hand or plain_jaccard"
+  PROFILE_ARGS=(--input-size 16 16 16 --features 2 4 6 8 --steps 2 --warmup 1 --memory-budget 1 --max-edge 128)
+fi
+
+# --- ceilings: bf16 matmul 8192^3 and copy bandwidth of this card, used for every fraction below ---------------
+stage ceilings "$T_CEILINGS" $PY benchmarks/ceilings.py --out "$RES/ceilings.json"
+
+# --- benchmarks against cuDNN ----------------------------------------------------------------------------------
+export SEG3D_CEILINGS_JSON=$RES/ceilings.json SEG3D_BENCH_OUT=$RES/bench.json
+export SEG3D_BENCH_DEADLINE=$(( $(date +%s) + T_BENCH - 15 ))
+stage bench "$T_BENCH" $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+  --benchmark-columns=median,min,rounds --benchmark-sort=name
+
+# --- full-volume training profile --------------------------------------------------------------------------------
+stage profile "$T_PROFILE" $PY -m seg3d_fast.profile "${PROFILE_ARGS[@]}" --out "$RES/profile.json" \
+  --chart "$RES/profile.png"
+
+# --- report: markdown + chart, then the summary last -----------------------------------------------------------
+FILES=$(for f in bench.json profile.json; do [[ -s $RES/$f ]] && echo "$RES/$f"; done)
+if [[ -n "$FILES" ]]; then
+  stage report "$T_REPORT" $PY benchmarks/report.py $FILES --markdown "$RES/report.md" --png "$RES/bench.png"
+fi
+echo
+echo "=================================== summary ==================================="
+if [[ -n "$FILES" ]]; then
+  DTYPE=bf16; [[ $DRY_RUN -eq 1 ]] && DTYPE=fp32
+  timeout 30 $PY benchmarks/report.py $FILES --summary --dtype $DTYPE --direction both
+fi
+echo
+echo "stages:"
+for s in "${STATUS[@]}"; do echo "  $s"; done
+echo "total $(( $(date +%s) - START ))s; results in $RES"

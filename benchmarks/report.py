@@ -1,0 +1,242 @@
+"""Results files -> markdown tables, a PNG chart, and the short summary gpu_check.sh prints last.
+
+    python benchmarks/report.py RESULTS.json [MORE.json ...] [--markdown OUT.md] [--png OUT.png] [--summary]
+
+Takes any of the three kinds of results file: "benchmarks" (pytest suite), "profile" and "cpu_memory"
+(seg3d_fast.profile). Markdown goes to stdout unless --markdown names a file; --summary prints only the short form.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ORDER = ("eager", "eager_cl", "compile", "reference", "triton", "cuda")
+FUSED = ("triton", "cuda", "reference")
+
+
+def load(path):
+    return json.loads(Path(path).read_text())
+
+
+def _rows(records):
+    """{(op, name, dtype, direction): {backend: record}} in first-seen order."""
+    rows = {}
+    for r in records:
+        rows.setdefault((r["op"], r["name"], r["dtype"], r["direction"]), {})[r["backend"]] = r
+    return rows
+
+
+def _backends(records):
+    present = {r["backend"] for r in records}
+    return [b for b in ORDER if b in present] + sorted(present - set(ORDER))
+
+
+def _fmt(v, spec, none="–"):
+    return none if v is None else format(v, spec)
+
+
+def _gmean(values):
+    values = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def environment_line(env, ceilings=None):
+    parts = [env.get("device"), f"driver {env.get('driver')}", f"torch {env.get('torch')}",
+             f"CUDA {env.get('cuda')}", f"cuDNN {env.get('cudnn')}", f"Triton {env.get('triton')}", env.get("date")]
+    line = ", ".join(str(p) for p in parts if p)
+    if ceilings:
+        line += (f". Measured ceilings: bf16 matmul {ceilings['bf16_tflops']:.0f} TFLOP/s, fp32 matmul "
+                 f"{ceilings['fp32_tflops']:.0f} TFLOP/s{' (TF32)' if ceilings.get('fp32_uses_tf32') else ''}, "
+                 f"copy {ceilings['copy_gbps']:.0f} GB/s (read + write)")
+    return line
+
+
+def benchmark_markdown(payload):
+    """One table per op: a row per (shape, dtype, direction), a column per backend with
+    `ms · speed-up vs cuDNN · fraction of floor`, and the peak memory of the best baseline and best fused backend."""
+    records = payload["records"]
+    backends = _backends(records)
+    out = [f"_{environment_line(payload['environment'], payload.get('ceilings'))}._", ""]
+    out.append("Cells: median ms · speed-up over the faster cuDNN layout · fraction of the floor "
+               "max(FLOPs / matmul rate, bytes / copy bandwidth). Peak: extra memory of one call, MiB.")
+    for op in dict.fromkeys(r["op"] for r in records):
+        out += ["", f"#### {op}", "",
+                "| shape | dtype | direction | " + " | ".join(backends) + " | peak MiB cuDNN → fused |",
+                "|---" * (4 + len(backends)) + "|"]
+        for (o, name, dtype, direction), by in _rows(records).items():
+            if o != op:
+                continue
+            cells = []
+            for b in backends:
+                r = by.get(b)
+                if r is None or r["ms"] is None:
+                    cells.append("–")
+                    continue
+                cell = f"{r['ms']:.3g}"
+                if b not in ("eager", "eager_cl") and r["speedup_vs_cudnn"]:
+                    cell += f" · {r['speedup_vs_cudnn']:.2f}×"
+                if r["fraction_of_floor"] is not None:
+                    cell += f" · {100 * r['fraction_of_floor']:.0f}%"
+                cells.append(cell)
+            base = [by[b] for b in ("eager", "eager_cl") if b in by and by[b]["ms"]]
+            fused = [by[b] for b in FUSED if b in by and by[b]["ms"]]
+            peak_base = min(base, key=lambda r: r["ms"])["peak_bytes"] if base else None
+            peak_fused = min(fused, key=lambda r: r["ms"])["peak_bytes"] if fused else None
+            peak = f"{_fmt(peak_base and peak_base / 2**20, '.0f')} → {_fmt(peak_fused and peak_fused / 2**20, '.0f')}"
+            out.append(f"| {name} | {dtype} | {direction} | " + " | ".join(cells) + f" | {peak} |")
+    out += ["", "#### Geometric-mean speed-up over cuDNN (all measured shapes)", ""]
+    out += _gmean_table(records)
+    return "\n".join(out)
+
+
+def _gmeans(records):
+    """{(op, dtype, direction): {backend: (geometric-mean speed-up over cuDNN, number of shapes)}}."""
+    groups = {}
+    for r in records:
+        if r["backend"] not in ("eager", "eager_cl") and r["speedup_vs_cudnn"]:
+            groups.setdefault((r["op"], r["dtype"], r["direction"]), {}).setdefault(r["backend"], []).append(
+                r["speedup_vs_cudnn"])
+    order = _backends(records)
+    return {k: {b: (_gmean(by[b]), len(by[b])) for b in order if b in by} for k, by in groups.items()}
+
+
+def _gmean_table(records):
+    backends = [b for b in _backends(records) if b not in ("eager", "eager_cl")]
+    lines = ["| op | dtype | direction | " + " | ".join(backends) + " |", "|---" * (3 + len(backends)) + "|"]
+    for (op, dtype, direction), by in _gmeans(records).items():
+        cells = [f"{by[b][0]:.2f}× (n={by[b][1]})" if b in by else "–" for b in backends]
+        lines.append(f"| {op} | {dtype} | {direction} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def profile_markdown(payload):
+    c = payload["config"]
+    shape = f"{c['batch']}x{c['in_channels']}x" + "x".join(map(str, c["input_size"]))
+    out = [f"_{environment_line(payload['environment'])}._", "",
+           f"Seg3DNet features {tuple(c['features'])}, input {shape}, {c['dtype']}, Adam; largest cube in "
+           f"{c['memory_budget']:g} GiB.", "",
+           "| variant | ms/step | steps/s | Mvoxels/s | speed-up | peak GiB | memory vs plain | largest cube |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in payload["results"]:
+        edge = r.get("max_cubic_edge")
+        out.append(f"| {r['variant']} | {r['step_ms']:.1f} | {r['steps_per_s']:.2f} | {r['voxels_per_s'] / 1e6:.1f} | "
+                   f"{_fmt(r.get('speedup_vs_plain'), '.2f')}× | {_fmt(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.2f')}"
+                   f" | {_fmt(r.get('memory_vs_plain'), '.2f')} | {f'{edge}³' if edge else '–'} |")
+    methods = {r.get("memory_method") for r in payload["results"]} | {r.get("max_cubic_method")
+                                                                      for r in payload["results"]}
+    out += ["", "Memory: " + "; ".join(sorted(m for m in methods if m)) + "."]
+    return "\n".join(out)
+
+
+def cpu_memory_markdown(payload):
+    r, c = payload["result"], payload["config"]
+    return "\n".join([
+        f"_{environment_line(payload['environment'])}._", "",
+        f"Seg3DNet {tuple(c['features'])} at {'x'.join(map(str, c['input']))}, fp32, CPU: fused (reference backend) "
+        "vs plain eager PyTorch.", "",
+        "| figure | fused | plain | ratio | target |", "|---|---|---|---|---|",
+        f"| saved for backward (MiB) | {r['saved_bytes_fused'] / 2**20:,.1f} | {r['saved_bytes_plain'] / 2**20:,.1f} | "
+        f"{r['saved_bytes_ratio']:.3f} | ≤ {r['saved_bytes_target']} |",
+        f"| training step (ms) | {r['step_ms_fused']:,.0f} | {r['step_ms_plain']:,.0f} | {r['step_time_ratio']:.3f} | "
+        f"≤ {r['step_time_target']} |"])
+
+
+def markdown(payload):
+    return {"benchmarks": benchmark_markdown, "profile": profile_markdown,
+            "cpu_memory": cpu_memory_markdown}[payload["kind"]](payload)
+
+
+def summary(payload, dtype="bf16", direction="both"):
+    """Short plain-text form: speed-ups per layer and backend (one dtype and direction), ceilings, geomeans."""
+    if payload["kind"] != "benchmarks":
+        return markdown(payload)
+    records = payload["records"]
+    c = payload.get("ceilings") or {}
+    lines = [environment_line(payload["environment"], c or None)]
+    chosen = [r for r in records if r["dtype"] == dtype and r["direction"] == direction]
+    backends = [b for b in _backends(chosen) if b not in ("eager", "eager_cl")]
+    lines.append(f"speed-up over cuDNN (best layout), {dtype} {direction}; [fraction of floor]")
+    lines.append(f"{'shape':<36}{'cuDNN ms':>10}" + "".join(f"{b:>18}" for b in backends))
+    for (op, name, _, _), by in _rows(chosen).items():
+        base = [by[b]["ms"] for b in ("eager", "eager_cl") if b in by and by[b]["ms"]]
+        cells = []
+        for b in backends:
+            r = by.get(b)
+            if r is None or not r["ms"] or not r["speedup_vs_cudnn"]:
+                cells.append(f"{'–':>18}")
+            else:
+                frac = r["fraction_of_floor"]
+                cells.append(f"{r['speedup_vs_cudnn']:>9.2f}× [{_fmt(frac and 100 * frac, '3.0f')}%]")
+        lines.append(f"{name[:35]:<36}{_fmt(min(base) if base else None, '10.3f'):>10}" + "".join(cells))
+    lines.append("geometric-mean speed-up over cuDNN, all measured shapes (n shapes):")
+    for (op, dtype, direction), by in _gmeans(records).items():
+        cells = "".join(f"{b:>10} {g:5.2f}× (n={n})" for b, (g, n) in by.items())
+        lines.append(f"  {op:<13}{dtype:<5}{direction:<9}{cells}")
+    return "\n".join(lines)
+
+
+def chart(payload, path, dtype="bf16", direction="both"):
+    """Horizontal bars: speed-up over cuDNN per shape for each non-baseline backend (one dtype and direction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if payload["kind"] != "benchmarks":
+        raise ValueError("the chart is drawn from a benchmarks results file (profile writes its own)")
+    chosen = [r for r in payload["records"] if r["dtype"] == dtype and r["direction"] == direction]
+    if not chosen:  # e.g. a CPU run in fp32: draw what there is
+        dtype = payload["records"][0]["dtype"]
+        chosen = [r for r in payload["records"] if r["dtype"] == dtype and r["direction"] == direction]
+    rows = _rows(chosen)
+    backends = [b for b in _backends(chosen) if b not in ("eager", "eager_cl")]
+    names = [name for (_, name, _, _) in rows]
+    height = 0.8 / max(len(backends), 1)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * len(names) * max(1, len(backends) / 2)))
+    for i, b in enumerate(backends):
+        ys = [j + i * height for j in range(len(names))]
+        xs = [(by.get(b) or {}).get("speedup_vs_cudnn") or 0 for by in rows.values()]
+        ax.barh(ys, xs, height=height, label=b)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(names))])
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over cuDNN (faster layout)")
+    env = payload["environment"]
+    ax.set_title(f"{env.get('device')}, {dtype}, {direction} (torch {env.get('torch')}, cuDNN {env.get('cudnn')})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--markdown", default=None, help="write the markdown here (default: stdout)")
+    parser.add_argument("--png", default=None, help="chart of the (first) benchmarks file")
+    parser.add_argument("--summary", action="store_true", help="print the short summary only")
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--direction", default="both")
+    args = parser.parse_args(argv)
+    payloads = [load(f) for f in args.files]
+    if args.summary:
+        print("\n\n".join(summary(p, args.dtype, args.direction) for p in payloads))
+    else:
+        text = "\n\n".join(markdown(p) for p in payloads) + "\n"
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        else:
+            sys.stdout.write(text)
+    if args.png:
+        bench = next((p for p in payloads if p["kind"] == "benchmarks"), None)
+        if bench is not None:
+            chart(bench, args.png, args.dtype, args.direction)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The suite's own arithmetic and bookkeeping (plain tests: `pytest benchmarks` runs them; --benchmark-only skips
+them): minimal FLOPs and bytes, floors, speed-ups, layer enumeration, the report."""
+import json
+
+import pytest
+import torch
+
+import harness
+import report
+import shapes
+from ceilings import floor_ms
+
+
+def test_conv_case_cost_by_hand():
+    # 2 x 3 -> 4 channels, 3x3x3, stride 2 over 5x6x7: output 3x3x4 = 36 voxels per sample, M = 72, K = 81
+    c = shapes.ConvCase(n=2, c_in=3, c_out=4, spatial=(5, 6, 7), k=3, stride=2, residual=True, residual_first=False,
+                        prelu=True)
+    assert c.out_spatial == (3, 3, 4)
+    assert c.flops("forward") == 2 * 72 * 4 * 81
+    assert c.flops("both") == 3 * c.flops("forward")
+    x, y, w = 2 * 3 * 210, 2 * 4 * 36, 4 * 81
+    assert c.min_bytes("forward", 2) == 2 * (x + w + y + y)
+    assert c.min_bytes("backward", 4) == 4 * (y + x + y + x + 2 * w)
+    assert c.name == "c3-4_k3s2_5x6x7_res"
+
+
+def test_floor_takes_the_larger_bound():
+    ceilings = {"bf16_tflops": 800.0, "fp32_tflops": 400.0, "copy_gbps": 3000.0}
+    assert floor_ms(8e12, 1, ceilings, torch.bfloat16) == pytest.approx(10.0)  # compute bound: 8 TFLOP / 800 T
+    assert floor_ms(8e12, 1, ceilings, torch.float32) == pytest.approx(20.0)
+    assert floor_ms(1, 3e9, ceilings, torch.float16) == pytest.approx(1.0)  # memory bound: 3 GB / 3 TB/s
+
+
+def test_speedup_against_the_faster_layout():
+    def rec(backend, ms, dtype="bf16"):
+        return {"op": "conv3d_prelu", "name": "a", "dtype": dtype, "direction": "both", "backend": backend, "ms": ms}
+
+    records = [rec("eager", 4.0), rec("eager_cl", 2.0), rec("triton", 1.0), rec("cuda", 0.5, "fp16")]
+    harness.fill_speedups(records)
+    assert [r["speedup_vs_cudnn"] for r in records] == [0.5, 1.0, 2.0, None]  # fp16 has no baseline row
+
+
+def test_network_shapes_deduplicated_with_every_layer_name():
+    cases = shapes.network_conv_cases(tiny=True)
+    assert len(cases) == len(set(cases))
+    names = [n for c in cases for n in c.layers]
+    assert len(names) == len(set(names))
+    # the base network's two full-resolution 3x3 convs at (2 -> 2) channels differ only by the residual
+    full = [c for c in cases if c.spatial == (16, 24, 24) and c.k == 3 and c.stride == 1 and c.c_in == c.c_out]
+    assert {c.residual for c in full} == {True, False}
+    reps = shapes.representative(cases)
+    assert reps and all(r in cases for r in reps) and len(set(reps)) == len(reps)
+
+
+def test_inputs_layout_and_grad():
+    c = shapes.INTERPRETER_CASE
+    x, w, b, alpha, res = harness.conv_inputs(c, torch.float32, torch.device("cpu"), channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last_3d) and res.shape == (1, 3, 5, 6, 7)
+    assert all(t.requires_grad for t in (x, w, b, alpha, res))
+    out = harness.conv_eager(x, w, b, alpha, res, c.stride, c.residual_first)
+    calls = harness.direction_callables(lambda *t: harness.conv_eager(*t, 1, False),
+                                        lambda: harness.conv_inputs(c, torch.float32, torch.device("cpu"), False),
+                                        "backward", copies=2)
+    grads = calls[1]()
+    assert len(calls) == 2 and len(grads) == 5 and out.shape == res.shape
+
+
+def test_report_from_a_results_file(tmp_path):
+    case = shapes.INTERPRETER_CASE
+    ceilings = {"bf16_tflops": 1.0, "fp32_tflops": 1.0, "copy_gbps": 10.0, "fp32_uses_tf32": False}
+    records = [harness.record("conv3d_prelu", case, "fp32", b, "both", ms, ms, 1 << 20, ceilings, 4, case.layers,
+                              harness.LAYOUT[b]) for b, ms in (("eager", 2.0), ("eager_cl", 3.0), ("triton", 1.0))]
+    payload = {"kind": "benchmarks", "environment": {"device": "test card", "torch": "x"}, "ceilings": ceilings,
+               "records": harness.fill_speedups(records)}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(payload))
+    md_path, png = tmp_path / "r.md", tmp_path / "r.png"
+    assert report.main([str(path), "--markdown", str(md_path), "--png", str(png), "--dtype", "fp32"]) == 0
+    md = md_path.read_text()
+    assert "| c2-3_k3s1_5x6x7_res | fp32 | both |" in md and "2.00×" in md
+    assert png.stat().st_size > 0
+    assert "2.00×" in report.summary(payload, "fp32", "both")

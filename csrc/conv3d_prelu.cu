@@ -1,0 +1,543 @@
+// conv3d + bias + PReLU + residual: forward, input gradient (dgrad), weight gradient (wgrad), PReLU backward.
+//
+// All three convolution passes are implicit GEMMs over channels-last (N, D, H, W, C) tensors, computed by
+// 128-thread blocks on tensor cores (nvcuda::wmma: fp16/bf16 m16n16k16, tf32 m16n16k8) or, for exact fp32,
+// with FFMA on the same shared-memory tiles. Operand tiles stream through a 3-stage cp.async pipeline;
+// padding, stride and tile edges are index arithmetic with zero-filled copies. Accumulation is fp32.
+//   forward / dgrad ("gather conv"): M = output voxels, N = output channels, K = taps x input channels.
+//   wgrad: M = C_out, N = taps x C_in, K = voxels, split over voxel ranges into fp32 partials that a second
+//          kernel sums in a fixed order (deterministic, no atomics).
+#include <mma.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace seg3d {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kThreads = 128;  // 4 warps per block
+constexpr int kBK = 32;        // GEMM K per pipeline stage
+constexpr int kStages = 3;
+
+// Shared-memory geometry of one block. A is stored [m][k] (A_KM false) or [k][m]; B is [n][k] (B_KN false) or
+// [k][n]. Rows are padded by 16 bytes (fewer bank conflicts; keeps every row 16-byte aligned for cp.async and
+// every 16-row/16-column fragment 32-byte aligned for wmma). The fp32 epilogue tile C reuses the same memory.
+template <class T, int BM, int BN, bool A_KM, bool B_KN>
+struct SmemLayout {
+  static constexpr int kPad = 16 / sizeof(T);
+  static constexpr int LDA = A_KM ? BM + kPad : kBK + kPad;
+  static constexpr int LDB = B_KN ? BN + kPad : kBK + kPad;
+  static constexpr int A_ELEMS = (A_KM ? kBK : BM) * LDA;  // one stage
+  static constexpr int B_ELEMS = (B_KN ? kBK : BN) * LDB;
+  static constexpr int LDC = BN + 4;
+  static constexpr size_t PIPE_BYTES = size_t(kStages) * (A_ELEMS + B_ELEMS) * sizeof(T);
+  static constexpr size_t C_BYTES = size_t(BM) * LDC * sizeof(float);
+  static constexpr size_t BYTES = PIPE_BYTES > C_BYTES ? PIPE_BYTES : C_BYTES;
+  static_assert((A_ELEMS * sizeof(T)) % 128 == 0 && (B_ELEMS * sizeof(T)) % 128 == 0, "stage alignment");
+  __device__ static T* a_stage(T* smem, int s) { return smem + s * A_ELEMS; }
+  __device__ static T* b_stage(T* smem, int s) { return smem + kStages * A_ELEMS + s * B_ELEMS; }
+};
+
+// Tensor-core block tile: 4 warps as WARPS_M x (4 / WARPS_M), each warp FM x FN fragments of 16x16.
+template <class T, class FragT, int KS, int BM, int BN, int WARPS_M, bool A_KM, bool B_KN>
+struct WmmaTile {
+  using L = SmemLayout<T, BM, BN, A_KM, B_KN>;
+  static constexpr int WARPS_N = 4 / WARPS_M;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  static constexpr int FM = WM / 16, FN = WN / 16;
+  static_assert(WARPS_M * WARPS_N == 4 && FM >= 1 && FN >= 1 && WM % 16 == 0 && WN % 16 == 0, "warp tiling");
+  using ALayout = typename std::conditional<A_KM, wmma::col_major, wmma::row_major>::type;
+  using BLayout = typename std::conditional<B_KN, wmma::row_major, wmma::col_major>::type;
+  static constexpr bool kTF32 = std::is_same<FragT, wmma::precision::tf32>::value;
+
+  wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[FM][FN];
+
+  __device__ void init() {
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+
+  __device__ void step(const T* sA, const T* sB) {
+    const int warp = threadIdx.x / 32;
+    const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += KS) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KS, FragT, ALayout> a[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, KS, FragT, BLayout> b[FN];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        const int m = wm * WM + i * 16;
+        wmma::load_matrix_sync(a[i], A_KM ? sA + ks * L::LDA + m : sA + m * L::LDA + ks, L::LDA);
+        if constexpr (kTF32) {
+#pragma unroll
+          for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = wmma::__float_to_tf32(a[i].x[e]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        const int n = wn * WN + j * 16;
+        wmma::load_matrix_sync(b[j], B_KN ? sB + ks * L::LDB + n : sB + n * L::LDB + ks, L::LDB);
+        if constexpr (kTF32) {
+#pragma unroll
+          for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+
+  __device__ void store(float* sC) {
+    const int warp = threadIdx.x / 32;
+    const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j)
+        wmma::store_matrix_sync(sC + (wm * WM + i * 16) * L::LDC + wn * WN + j * 16, acc[i][j], L::LDC,
+                                wmma::mem_row_major);
+  }
+};
+
+// Exact fp32 block tile (FFMA): threads as 16 x 8, each owning rows ty + 16 i and columns tx + 8 j.
+template <int BM, int BN, bool A_KM, bool B_KN>
+struct FmaTile {
+  using L = SmemLayout<float, BM, BN, A_KM, B_KN>;
+  static constexpr int TM = BM / 16, TN = BN / 8;
+  float acc[TM][TN];
+
+  __device__ void init() {
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+  }
+
+  __device__ void step(const float* sA, const float* sB) {
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+#pragma unroll 4
+    for (int k = 0; k < kBK; ++k) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = A_KM ? sA[k * L::LDA + ty + 16 * i] : sA[(ty + 16 * i) * L::LDA + k];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) b[j] = B_KN ? sB[k * L::LDB + tx + 8 * j] : sB[(tx + 8 * j) * L::LDB + k];
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+  }
+
+  __device__ void store(float* sC) {
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) sC[(ty + 16 * i) * L::LDC + tx + 8 * j] = acc[i][j];
+  }
+};
+
+template <class T, bool TF32> struct WmmaType { using type = T; static constexpr int KS = 16; };
+template <> struct WmmaType<float, true> { using type = wmma::precision::tf32; static constexpr int KS = 8; };
+
+template <class T, bool TF32, int BM, int BN, int WARPS_M, bool A_KM, bool B_KN>
+using BlockTile = typename std::conditional<
+    std::is_same<T, float>::value && !TF32, FmaTile<BM, BN, A_KM, B_KN>,
+    WmmaTile<T, typename WmmaType<T, TF32>::type, WmmaType<T, TF32>::KS, BM, BN, WARPS_M, A_KM, B_KN>>::type;
+
+// The multi-stage main loop shared by both kernels: load_stage(stage, kt) issues the cp.async copies of K tile kt.
+template <class Tile, class Layout, class T, class LoadStage>
+__device__ __forceinline__ void gemm_mainloop(Tile& tile, T* smem, int k_tiles, LoadStage load_stage) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();  // always commit (possibly empty) so the group count stays in step with kt
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // tile kt has landed (this thread's copies) ...
+    __syncthreads();               // ... everyone's, and everyone is done with the stage about to be refilled
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(next % kStages, next);
+    cp_async_commit();
+    const int s = kt % kStages;
+    tile.step(Layout::a_stage(smem, s), Layout::b_stage(smem, s));
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline memory is reused for the C tile next
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward and dgrad: gather conv with the fused epilogue.
+template <class T, bool TF32, int BM, int BN, int WARPS_M>
+__global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const ConvArgs a) {
+  using L = SmemLayout<T, BM, BN, false, false>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  __shared__ int row_n[BM], row_d[BM], row_h[BM], row_w[BM];
+  __shared__ long long row_out[BM];
+  __shared__ int toff[3][3];
+
+  const int tid = threadIdx.x;
+  const T* __restrict__ in = reinterpret_cast<const T*>(a.in);
+  const T* __restrict__ w = reinterpret_cast<const T*>(a.weight);
+  const int M = a.N * a.QD * a.QH * a.QW;  // < 2^31 (checked by the caller)
+  const int K = a.ntap_d * a.ntap_h * a.ntap_w * a.C;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      toff[0][i] = a.toff_d[i];
+      toff[1][i] = a.toff_h[i];
+      toff[2][i] = a.toff_w[i];
+    }
+  }
+  // Per output row: input origin and output element offset (64-bit: tensors may pass 2^31 elements).
+  for (int r = tid; r < BM; r += kThreads) {
+    const int m = m0 + r;
+    if (m < M) {
+      int t = m;
+      const int qw = t % a.QW; t /= a.QW;
+      const int qh = t % a.QH; t /= a.QH;
+      const int qd = t % a.QD;
+      const int n = t / a.QD;
+      row_n[r] = n;
+      row_d[r] = qd * a.in_stride;
+      row_h[r] = qh * a.in_stride;
+      row_w[r] = qw * a.in_stride;
+      const int od = qd * a.out_stride + a.out_off_d, oh = qh * a.out_stride + a.out_off_h,
+                ow = qw * a.out_stride + a.out_off_w;
+      row_out[r] = (((static_cast<long long>(n) * a.OD + od) * a.OH + oh) * a.OW + ow) * a.Cout;
+    } else {
+      row_n[r] = -1;
+      row_out[r] = -1;
+    }
+  }
+  __syncthreads();
+
+  const int vec = a.vec, vbytes = a.vec * int(sizeof(T)), chunks_per_row = kBK / a.vec;
+  auto load_stage = [&](int stage, int kt) {
+    const int k0 = kt * kBK;
+    T* sA = L::a_stage(smem, stage);
+    for (int i = tid; i < BM * chunks_per_row; i += kThreads) {
+      const int r = i / chunks_per_row, kk = (i - r * chunks_per_row) * vec, k = k0 + kk;
+      const int n = row_n[r];
+      const T* src = in;
+      bool valid = false;
+      if (n >= 0 && k < K) {
+        const int tap = k / a.C, c = k - tap * a.C;  // a copy never straddles taps: C % vec == 0
+        const int tw = tap % a.ntap_w, tdh = tap / a.ntap_w, th = tdh % a.ntap_h, td = tdh / a.ntap_h;
+        const int id = row_d[r] + toff[0][td], ih = row_h[r] + toff[1][th], iw = row_w[r] + toff[2][tw];
+        if (unsigned(id) < unsigned(a.ID) && unsigned(ih) < unsigned(a.IH) && unsigned(iw) < unsigned(a.IW)) {
+          valid = true;
+          src = in + (((static_cast<long long>(n) * a.ID + id) * a.IH + ih) * a.IW + iw) * a.C + c;
+        }
+      }
+      cp_async(sA + r * L::LDA + kk, src, vbytes, valid);
+    }
+    T* sB = L::b_stage(smem, stage);
+    for (int i = tid; i < BN * chunks_per_row; i += kThreads) {
+      const int r = i / chunks_per_row, kk = (i - r * chunks_per_row) * vec, k = k0 + kk, co = n0 + r;
+      const bool valid = co < a.Cout && k < K;
+      cp_async(sB + r * L::LDB + kk, valid ? w + static_cast<long long>(co) * K + k : w, vbytes, valid);
+    }
+  };
+
+  BlockTile<T, TF32, BM, BN, WARPS_M, false, false> tile;
+  tile.init();
+  gemm_mainloop<decltype(tile), L>(tile, smem, (K + kBK - 1) / kBK, load_stage);
+  float* sC = reinterpret_cast<float*>(smem_raw);
+  tile.store(sC);
+  __syncthreads();
+
+  // Epilogue on the fp32 accumulator: bias, residual (before), PReLU, act, residual (after), one store.
+  const T* bias = reinterpret_cast<const T*>(a.bias);
+  const T* alpha = reinterpret_cast<const T*>(a.alpha);
+  const T* residual = reinterpret_cast<const T*>(a.residual);
+  T* out = reinterpret_cast<T*>(a.out);
+  T* act = reinterpret_cast<T*>(a.act);
+  for (int i = tid; i < BM * BN; i += kThreads) {
+    const int r = i / BN, c = i % BN, co = n0 + c;
+    const long long ro = row_out[r];
+    if (ro < 0 || co >= a.Cout) continue;
+    const long long o = ro + co;
+    float v = sC[r * L::LDC + c];
+    if (bias) v += to_float(bias[co]);
+    if (residual && a.residual_first) v += to_float(residual[o]);
+    if (a.alpha_mode) {
+      const float al = to_float(alpha[a.alpha_mode == 2 ? co : 0]);
+      v = v > 0.0f ? v : v * al;
+    }
+    if (act) act[o] = from_float<T>(v);
+    if (residual && !a.residual_first) v += to_float(residual[o]);
+    out[o] = from_float<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Weight gradient, one voxel range (blockIdx.z) per block into fp32 partials.
+template <class T, bool TF32, int BM, int BN, int WARPS_M>
+__global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs a) {
+  using L = SmemLayout<T, BM, BN, true, true>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+
+  const int tid = threadIdx.x;
+  const T* __restrict__ dz = reinterpret_cast<const T*>(a.dz);
+  const T* __restrict__ in = reinterpret_cast<const T*>(a.in);
+  const int ks = a.ksize, pad = a.ksize / 2;
+  const int Kw = ks * ks * ks * a.C;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM, split = blockIdx.z;
+  const int voxels = a.N * a.OD * a.OH * a.OW;  // < 2^31 (checked by the caller)
+  const int v_begin = split * a.voxels_per_split;
+  const int v_end = min(voxels, v_begin + a.voxels_per_split);
+  const int k_tiles = v_end > v_begin ? (v_end - v_begin + kBK - 1) / kBK : 0;
+
+  auto load_stage = [&](int stage, int kt) {
+    const int v0 = v_begin + kt * kBK;
+    T* sA = L::a_stage(smem, stage);  // [voxel][c_out]
+    const int cpr_a = BM / a.vec_dz;
+    for (int i = tid; i < kBK * cpr_a; i += kThreads) {
+      const int kv = i / cpr_a, mm = (i - kv * cpr_a) * a.vec_dz, v = v0 + kv, co = m0 + mm;
+      const bool valid = v < v_end && co < a.Cout;
+      cp_async(sA + kv * L::LDA + mm, valid ? dz + static_cast<long long>(v) * a.Cout + co : dz,
+               a.vec_dz * int(sizeof(T)), valid);
+    }
+    T* sB = L::b_stage(smem, stage);  // [voxel][tap, c_in]
+    const int cpr_b = BN / a.vec_in;
+    for (int i = tid; i < kBK * cpr_b; i += kThreads) {
+      const int kv = i / cpr_b, nn = (i - kv * cpr_b) * a.vec_in, v = v0 + kv, nk = n0 + nn;
+      const T* src = in;
+      bool valid = false;
+      if (v < v_end && nk < Kw) {
+        const int tap = nk / a.C, c = nk - tap * a.C;
+        const int tw = tap % ks, tdh = tap / ks, th = tdh % ks, td = tdh / ks;
+        int t = v;
+        const int ow = t % a.OW; t /= a.OW;
+        const int oh = t % a.OH; t /= a.OH;
+        const int od = t % a.OD;
+        const int n = t / a.OD;
+        const int id = od * a.stride + td - pad, ih = oh * a.stride + th - pad, iw = ow * a.stride + tw - pad;
+        if (unsigned(id) < unsigned(a.ID) && unsigned(ih) < unsigned(a.IH) && unsigned(iw) < unsigned(a.IW)) {
+          valid = true;
+          src = in + (((static_cast<long long>(n) * a.ID + id) * a.IH + ih) * a.IW + iw) * a.C + c;
+        }
+      }
+      cp_async(sB + kv * L::LDB + nn, src, a.vec_in * int(sizeof(T)), valid);
+    }
+  };
+
+  BlockTile<T, TF32, BM, BN, WARPS_M, true, true> tile;
+  tile.init();
+  gemm_mainloop<decltype(tile), L>(tile, smem, k_tiles, load_stage);
+  float* sC = reinterpret_cast<float*>(smem_raw);
+  tile.store(sC);
+  __syncthreads();
+
+  float* partial = reinterpret_cast<float*>(a.partial);
+  for (int i = tid; i < BM * BN; i += kThreads) {
+    const int r = i / BN, c = i % BN, co = m0 + r, nk = n0 + c;
+    if (co < a.Cout && nk < Kw) partial[(static_cast<long long>(split) * a.Cout + co) * Kw + nk] = sC[r * L::LDC + c];
+  }
+}
+
+// Sums the per-split partials in split order and casts: gw (Cout, taps, C_in) in the weight dtype.
+template <class T>
+__global__ void wgrad_reduce_kernel(const float* __restrict__ partial, T* __restrict__ gw, long long count, int splits) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    float s = 0.0f;
+    for (int sp = 0; sp < splits; ++sp) s += partial[sp * count + i];
+    gw[i] = from_float<T>(s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// PReLU backward + per-channel sums. Block: 256 threads = (256 / tile_c) rows x tile_c channels;
+// grid: (row blocks, channel tiles). Partials (row_blocks, C) fp32, reduced by channel_sums_kernel.
+constexpr int kPreluThreads = 256;
+
+template <class T>
+__global__ void __launch_bounds__(kPreluThreads)
+prelu_backward_kernel(const T* __restrict__ g, const T* __restrict__ saved, const T* __restrict__ alpha,
+                      T* __restrict__ dz, float* __restrict__ part_bias, float* __restrict__ part_alpha,
+                      long long rows, int C, int tile_c, int saved_kind, int alpha_mode, long long rows_per_block) {
+  __shared__ float sb[kPreluThreads], sa[kPreluThreads];
+  const int tid = threadIdx.x;
+  const int c = blockIdx.y * tile_c + tid % tile_c, row_step = kPreluThreads / tile_c;
+  const long long r_begin = blockIdx.x * rows_per_block;
+  const long long r_end = min(rows, r_begin + rows_per_block);
+  float sum_dz = 0.0f, sum_alpha = 0.0f;
+  if (c < C) {
+    const float al = alpha_mode == 2 ? to_float(alpha[c]) : alpha_mode == 1 ? to_float(alpha[0]) : 1.0f;
+    for (long long r = r_begin + tid / tile_c; r < r_end; r += row_step) {
+      const long long idx = r * C + c;
+      const float gv = to_float(g[idx]);
+      float d = gv;
+      if (saved_kind != 0) {
+        const float s = to_float(saved[idx]);
+        const float z = (saved_kind == 1 && s <= 0.0f) ? s / al : s;
+        if (z <= 0.0f) {
+          d = gv * al;
+          sum_alpha += gv * z;
+        }
+        if (dz) dz[idx] = from_float<T>(d);
+      }
+      sum_dz += d;
+    }
+  }
+  sb[tid] = sum_dz;
+  sa[tid] = sum_alpha;
+  __syncthreads();
+  if (tid < tile_c && c < C) {
+    float b = 0.0f, s = 0.0f;
+    for (int j = 0; j < row_step; ++j) {
+      b += sb[tid + j * tile_c];
+      s += sa[tid + j * tile_c];
+    }
+    part_bias[blockIdx.x * static_cast<long long>(C) + c] = b;
+    part_alpha[blockIdx.x * static_cast<long long>(C) + c] = s;
+  }
+}
+
+// One block: out[c] = sum over rows of part[row, c] (fixed order); sum_channels: out[0] = sum over c as well.
+template <class T>
+__global__ void channel_sums_kernel(float* __restrict__ part, int rows, int C, T* __restrict__ out, int sum_channels) {
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    float s = 0.0f;
+    for (int r = 0; r < rows; ++r) s += part[static_cast<long long>(r) * C + c];
+    if (sum_channels) part[c] = s;  // row 0, column c: read only by this thread above
+    else out[c] = from_float<T>(s);
+  }
+  if (sum_channels) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float s = 0.0f;
+      for (int c = 0; c < C; ++c) s += part[c];
+      out[0] = from_float<T>(s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host side.
+template <class Kernel>
+void set_smem(Kernel kernel, size_t bytes) {
+  SEG3D_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <class T, bool TF32, int BM, int BN, int WARPS_M>
+void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
+  const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
+  if (M == 0 || a.Cout == 0) return;
+  auto kernel = conv_gemm_kernel<T, TF32, BM, BN, WARPS_M>;
+  const size_t smem = SmemLayout<T, BM, BN, false, false>::BYTES;
+  set_smem(kernel, smem);
+  dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((a.Cout + BN - 1) / BN));
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  SEG3D_CHECK_LAUNCH("conv_gemm_kernel");
+}
+
+// Narrow output channel counts (the network has 8 and 16) get narrow, tall tiles instead of wasted columns.
+template <class T, bool TF32>
+void launch_conv(const ConvArgs& a, cudaStream_t stream) {
+  if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4>(a, stream);
+  else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4>(a, stream);
+  else launch_conv_tile<T, TF32, 64, 64, 2>(a, stream);
+}
+
+template <class T, bool TF32, int BM, int BN, int WARPS_M>
+void launch_wgrad_tile(const WgradArgs& a, cudaStream_t stream) {
+  const int Kw = a.ksize * a.ksize * a.ksize * a.C;
+  auto kernel = wgrad_kernel<T, TF32, BM, BN, WARPS_M>;
+  const size_t smem = SmemLayout<T, BM, BN, true, true>::BYTES;
+  set_smem(kernel, smem);
+  dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  SEG3D_CHECK_LAUNCH("wgrad_kernel");
+  const long long count = static_cast<long long>(a.Cout) * Kw;
+  const int blocks = static_cast<int>(std::min<long long>((count + 255) / 256, 4096));
+  wgrad_reduce_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float*>(a.partial),
+                                                     reinterpret_cast<T*>(a.grad_weight), count, a.splits);
+  SEG3D_CHECK_LAUNCH("wgrad_reduce_kernel");
+}
+
+template <class T, bool TF32>
+void launch_wgrad(const WgradArgs& a, cudaStream_t stream) {
+  if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1>(a, stream);
+  else launch_wgrad_tile<T, TF32, 64, 64, 2>(a, stream);
+}
+
+template <class T>
+void launch_prelu_backward(uint64_t g, uint64_t saved, uint64_t alpha, uint64_t dz, uint64_t grad_bias,
+                           uint64_t grad_alpha, uint64_t partial, long long rows, int C, int saved_kind,
+                           int alpha_mode, int row_blocks, cudaStream_t stream) {
+  const int tile_c = C >= 32 ? 32 : C > 8 ? 16 : 8;
+  const long long rows_per_block = (rows + row_blocks - 1) / row_blocks;
+  float* part_bias = reinterpret_cast<float*>(partial);
+  float* part_alpha = part_bias + static_cast<long long>(row_blocks) * C;
+  dim3 grid(row_blocks, (C + tile_c - 1) / tile_c);
+  prelu_backward_kernel<T><<<grid, kPreluThreads, 0, stream>>>(
+      reinterpret_cast<const T*>(g), reinterpret_cast<const T*>(saved), reinterpret_cast<const T*>(alpha),
+      reinterpret_cast<T*>(dz), part_bias, part_alpha, rows, C, tile_c, saved_kind, alpha_mode, rows_per_block);
+  SEG3D_CHECK_LAUNCH("prelu_backward_kernel");
+  if (grad_bias) {
+    channel_sums_kernel<T><<<1, 256, 0, stream>>>(part_bias, row_blocks, C, reinterpret_cast<T*>(grad_bias), 0);
+    SEG3D_CHECK_LAUNCH("channel_sums_kernel");
+  }
+  if (grad_alpha) {
+    channel_sums_kernel<T><<<1, 256, 0, stream>>>(part_alpha, row_blocks, C, reinterpret_cast<T*>(grad_alpha),
+                                                  alpha_mode == 1);
+    SEG3D_CHECK_LAUNCH("channel_sums_kernel");
+  }
+}
+
+}  // namespace
+
+void conv_gemm(const ConvArgs& a, int dtype, bool tf32, int device, uint64_t stream) {
+  use_device(device);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32: tf32 ? launch_conv<float, true>(a, s) : launch_conv<float, false>(a, s); break;
+    case kFloat16: launch_conv<__half, false>(a, s); break;
+    case kBFloat16: launch_conv<__nv_bfloat16, false>(a, s); break;
+    default: throw std::invalid_argument("seg3d_fast._cuda.conv_gemm: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+void conv_wgrad(const WgradArgs& a, int dtype, bool tf32, int device, uint64_t stream) {
+  use_device(device);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32: tf32 ? launch_wgrad<float, true>(a, s) : launch_wgrad<float, false>(a, s); break;
+    case kFloat16: launch_wgrad<__half, false>(a, s); break;
+    case kBFloat16: launch_wgrad<__nv_bfloat16, false>(a, s); break;
+    default: throw std::invalid_argument("seg3d_fast._cuda.conv_wgrad: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+void prelu_backward(uint64_t grad_out, uint64_t saved, uint64_t alpha, uint64_t dz, uint64_t grad_bias,
+                    uint64_t grad_alpha, uint64_t partial, int64_t rows, int C, int saved_kind, int alpha_mode,
+                    int row_blocks, int dtype, int device, uint64_t stream) {
+  use_device(device);
+  if (rows == 0 || C == 0) return;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32: launch_prelu_backward<float>(grad_out, saved, alpha, dz, grad_bias, grad_alpha, partial, rows, C, saved_kind, alpha_mode, row_blocks, s); break;
+    case kFloat16: launch_prelu_backward<__half>(grad_out, saved, alpha, dz, grad_bias, grad_alpha, partial, rows, C, saved_kind, alpha_mode, row_blocks, s); break;
+    case kBFloat16: launch_prelu_backward<__nv_bfloat16>(grad_out, saved, alpha, dz, grad_bias, grad_alpha, partial, rows, C, saved_kind, alpha_mode, row_blocks, s); break;
+    default: throw std::invalid_argument("seg3d_fast._cuda.prelu_backward: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+}  // namespace seg3d

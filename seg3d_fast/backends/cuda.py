@@ -1,0 +1,318 @@
+"""CUDA C++ backend: the compiled extension `seg3d_fast._cuda` (kernels in csrc/, contract in API.md).
+
+The extension never sees a torch tensor: this module makes the layouts the kernels need (channels-last,
+16-byte aligned), allocates outputs and scratch with torch (so the caching allocator and torch's stream are
+used), and passes device pointers, sizes, dtype codes and the current stream. Every result is deterministic
+(split reductions summed in a fixed order; no atomics), so `backends.deterministic()` needs nothing extra.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import math
+from functools import lru_cache
+
+import torch
+
+try:
+    _cuda = importlib.import_module("seg3d_fast._cuda")
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as e:  # built without nvcc, or a broken build
+    _cuda = None
+    _IMPORT_ERROR = e
+
+NAME = "cuda"
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+LABEL_CODES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
+PROBABILITY_TARGET = 3
+MAX_CLASSES = 32         # kMaxClasses in csrc/launchers.h
+SAVED_KINDS = {"none": 0, "act": 1, "preact": 2}
+MAX_VOXELS = 2**31 - 1   # voxel (row) indices are 32-bit; element offsets are 64-bit
+WGRAD_BLOCKS = 256       # wgrad splits aim at about this many blocks (fixed, so results do not depend on the card)
+PRELU_ROW_BLOCKS = 512   # row blocks of the PReLU-backward reduction (fixed, for the same reason)
+
+
+def unavailable_reason() -> str | None:
+    if _cuda is None:
+        if isinstance(_IMPORT_ERROR, ModuleNotFoundError) and _IMPORT_ERROR.name == "seg3d_fast._cuda":
+            return "extension not built (no nvcc at install time)"
+        return f"extension seg3d_fast._cuda failed to import: {type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _device_reasons(t: torch.Tensor, name: str) -> list[str]:
+    if t.device.type != "cuda":
+        return [f"{name} is on {t.device}, the cuda backend needs CUDA tensors"]
+    if _capability(t.device.index) < (8, 0):
+        return [f"{name} is on a GPU of compute capability {_capability(t.device.index)}, needs >= 8.0 (sm_80)"]
+    return []
+
+
+def _copy_bytes(channels: int, dtype: torch.dtype) -> int:
+    """Largest cp.async copy (16, 8 or 4 bytes) that a channel row of this length splits into; 0 if none."""
+    row = channels * dtype.itemsize
+    return next((b for b in (16, 8, 4) if row % b == 0), 0)
+
+
+def _channels_reason(what: str, channels: int, dtype: torch.dtype) -> list[str]:
+    if _copy_bytes(channels, dtype):
+        return []
+    return [f"{what}={channels} must be a multiple of {4 // dtype.itemsize} for {dtype} "
+            f"(the kernels copy channel rows in 4/8/16-byte pieces)"]
+
+
+def _ndhwc(t: torch.Tensor) -> torch.Tensor:
+    """Channels-last (N, D, H, W, C memory) and 16-byte aligned, copying only when needed."""
+    t = t.contiguous(memory_format=torch.channels_last_3d)
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _out_format(x: torch.Tensor):
+    cl = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return torch.channels_last_3d if cl else torch.contiguous_format
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _launch_context(t: torch.Tensor) -> tuple[int, int]:
+    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _conv_out_size(size: int, k: int, stride: int) -> int:
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
+# ---- conv3d + bias + PReLU + residual ------------------------------------------------------------------------
+
+def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first) -> list[str]:
+    reasons = _device_reasons(x, "x")
+    if x.dtype not in DTYPE_CODES:
+        reasons.append(f"dtype {x.dtype} not in {tuple(DTYPE_CODES)}")
+        return reasons
+    k = weight.shape[-1]
+    if weight.dim() != 5 or k not in (1, 3) or tuple(weight.shape[2:]) != (k, k, k):
+        reasons.append(f"weight shape {tuple(weight.shape)}: kernel must be 1x1x1 or 3x3x3")
+    if stride not in (1, 2):
+        reasons.append(f"stride {stride} not in (1, 2)")
+    reasons += _channels_reason("C_in", x.shape[1], x.dtype)
+    reasons += _channels_reason("C_out", weight.shape[0], x.dtype)
+    if x.numel() == 0:
+        reasons.append("x has no elements")
+    n, _, d, h, w = x.shape
+    if n * d * h * w > MAX_VOXELS:
+        reasons.append(f"{n * d * h * w} voxels > {MAX_VOXELS} (32-bit voxel indices)")
+    return reasons
+
+
+def _conv_args(inp, weight, out, channels, grid, out_size, in_stride, out_stride, out_offset, taps):
+    """ConvArgs for the gather conv (csrc/launchers.h). taps: per dim a list of input offsets (weight tap order)."""
+    a = _cuda.ConvArgs()
+    a.input, a.weight, a.out = _ptr(inp), _ptr(weight), _ptr(out)
+    a.N, a.C = inp.shape[0], channels
+    a.ID, a.IH, a.IW = inp.shape[2:]
+    a.QD, a.QH, a.QW = grid
+    a.OD, a.OH, a.OW = out_size
+    a.Cout = out.shape[1]
+    a.in_stride, a.out_stride = in_stride, out_stride
+    a.out_off_d, a.out_off_h, a.out_off_w = out_offset
+    a.ntap_d, a.ntap_h, a.ntap_w = (len(t) for t in taps)
+    a.toff_d, a.toff_h, a.toff_w = ((list(t) + [0, 0, 0])[:3] for t in taps)
+    a.vec = _copy_bytes(channels, inp.dtype) // inp.dtype.itemsize
+    return a
+
+
+def _tf32(dtype) -> bool:
+    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+def _run_conv(args, like: torch.Tensor):
+    device, stream = _launch_context(like)
+    _cuda.conv_gemm(args, DTYPE_CODES[like.dtype], _tf32(like.dtype), device, stream)
+
+
+def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act):
+    fmt = _out_format(x)
+    n, _, d, h, w = x.shape
+    c_out, k = weight.shape[0], weight.shape[-1]
+    out_size = tuple(_conv_out_size(s, k, stride) for s in (d, h, w))
+    xc = _ndhwc(x)
+    wk = _dense(weight.permute(0, 2, 3, 4, 1))  # (C_out, kd, kh, kw, C_in): GEMM B, K = tap * C_in + ci
+    empty = lambda: torch.empty((n, c_out, *out_size), dtype=x.dtype, device=x.device,
+                                memory_format=torch.channels_last_3d)
+    out = empty()
+    act = empty() if save_act else None
+    offsets = [d_ - k // 2 for d_ in range(k)]
+    a = _conv_args(xc, wk, out, x.shape[1], out_size, out_size, stride, 1, (0, 0, 0), (offsets,) * 3)
+    a.bias = _ptr(None if bias is None else _dense(bias))
+    a.alpha = _ptr(None if alpha is None else _dense(alpha))
+    a.alpha_mode = 0 if alpha is None else (1 if alpha.numel() == 1 else 2)
+    a.residual = _ptr(None if residual is None else _ndhwc(residual))
+    a.residual_first = int(bool(residual_first))
+    a.act = _ptr(act)
+    _run_conv(a, x)
+    if fmt is torch.contiguous_format:
+        out = out.contiguous()
+        act = None if act is None else act.contiguous()
+    return out, act
+
+
+def _dgrad_phase_taps(k: int, parity: int) -> list[tuple[int, int]]:
+    """Stride-2 dgrad, one dim: the (weight index, grad_out offset) pairs reaching inputs of this parity.
+    Input i = 2 o + d - k // 2; for i = 2 j + parity the taps with d = i - 2 o + k // 2 in range."""
+    if k == 1:
+        return [(0, 0)] if parity == 0 else []
+    return [(1, 0)] if parity == 0 else [(0, 1), (2, 0)]
+
+
+def _grad_input(dz, weight, x_shape, stride, like):
+    n, c_in, d, h, w = x_shape
+    k = weight.shape[-1]
+    gx = torch.empty(x_shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d)
+    c_out = weight.shape[0]
+    if stride == 1:  # a stride-1 conv of dz with the flipped, transposed weight
+        wd = _dense(weight.flip(2, 3, 4).permute(1, 2, 3, 4, 0))  # (C_in, kd, kh, kw, C_out)
+        offsets = [d_ - k // 2 for d_ in range(k)]
+        _run_conv(_conv_args(dz, wd, gx, c_out, (d, h, w), (d, h, w), 1, 1, (0, 0, 0), (offsets,) * 3), like)
+        return gx
+    # stride 2: one gather conv per parity phase of the input, each with only the taps that reach it
+    for phase in itertools.product((0, 1), repeat=3):
+        grid = tuple((s - p + 1) // 2 for s, p in zip((d, h, w), phase))
+        if 0 in grid:
+            continue
+        taps = [_dgrad_phase_taps(k, p) for p in phase]
+        idx = [torch.tensor([t[0] for t in tp], dtype=torch.long, device=weight.device) for tp in taps]
+        wsel = weight.index_select(2, idx[0]).index_select(3, idx[1]).index_select(4, idx[2])
+        wp = _dense(wsel.permute(1, 2, 3, 4, 0))  # (C_in, nd, nh, nw, C_out); empty when a dim has no taps
+        a = _conv_args(dz, wp, gx, c_out, grid, (d, h, w), 1, 2, phase, [[t[1] for t in tp] for tp in taps])
+        _run_conv(a, like)  # no taps: K = 0, the phase is written with zeros
+    return gx
+
+
+def _grad_weight(dz, xc, weight, stride, like):
+    c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+    n, _, od, oh, ow = dz.shape
+    voxels = n * od * oh * ow
+    kw = k ** 3 * c_in
+    bm, bn = (16, 128) if c_out <= 16 else (64, 64)  # the kernel's tile (csrc/conv3d_prelu.cu, launch_wgrad)
+    tiles = math.ceil(kw / bn) * math.ceil(c_out / bm)
+    splits = max(1, min(math.ceil(WGRAD_BLOCKS / tiles), math.ceil(voxels / 32), 65535))
+    per_split = math.ceil(math.ceil(voxels / splits) / 32) * 32
+    splits = math.ceil(voxels / per_split)
+    partial = torch.empty(splits * c_out * kw, dtype=torch.float32, device=like.device)
+    gw = torch.empty((c_out, k, k, k, c_in), dtype=like.dtype, device=like.device)
+    a = _cuda.WgradArgs()
+    a.dz, a.input, a.partial, a.grad_weight = _ptr(dz), _ptr(xc), _ptr(partial), _ptr(gw)
+    a.N, a.C = n, c_in
+    a.ID, a.IH, a.IW = xc.shape[2:]
+    a.OD, a.OH, a.OW, a.Cout = od, oh, ow, c_out
+    a.stride, a.ksize = stride, k
+    a.splits, a.voxels_per_split = splits, per_split
+    a.vec_dz = _copy_bytes(c_out, like.dtype) // like.dtype.itemsize
+    a.vec_in = _copy_bytes(c_in, like.dtype) // like.dtype.itemsize
+    device, stream = _launch_context(like)
+    _cuda.conv_wgrad(a, DTYPE_CODES[like.dtype], _tf32(like.dtype), device, stream)
+    return gw.permute(0, 4, 1, 2, 3).contiguous()
+
+
+def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
+    need_x, need_w, need_b, need_alpha, need_dz = output_mask
+    kind = SAVED_KINDS[saved_kind]
+    g = _ndhwc(grad_out)
+    n, c_out, od, oh, ow = g.shape
+    rows = n * od * oh * ow
+    dz, grad_b, grad_alpha = g, None, None
+    if kind != 0 or need_b:
+        # one pass over grad_out (and the saved tensor): dz, grad_bias and grad_alpha, reduced in a fixed order
+        write_dz = kind != 0 and (need_x or need_w or need_dz)
+        dz_buf = torch.empty_like(g) if write_dz else None
+        grad_b = torch.empty(c_out, dtype=g.dtype, device=g.device) if need_b else None
+        if need_alpha and kind != 0:
+            grad_alpha = torch.empty(alpha.shape, dtype=alpha.dtype, device=g.device)
+        row_blocks = max(1, min(math.ceil(rows / 256), PRELU_ROW_BLOCKS))
+        partial = torch.empty(2 * row_blocks * c_out, dtype=torch.float32, device=g.device)
+        s = None if kind == 0 else _ndhwc(saved)
+        al = None if alpha is None else _dense(alpha)
+        alpha_mode = 0 if alpha is None else (1 if alpha.numel() == 1 else 2)
+        device, stream = _launch_context(g)
+        _cuda.prelu_backward(_ptr(g), _ptr(s), _ptr(al), _ptr(dz_buf), _ptr(grad_b), _ptr(grad_alpha),
+                             _ptr(partial), rows, c_out, kind, alpha_mode, row_blocks, DTYPE_CODES[g.dtype],
+                             device, stream)
+        if dz_buf is not None:
+            dz = dz_buf
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = _grad_input(dz, weight, tuple(x.shape), stride, x)
+        if _out_format(x) is torch.contiguous_format:
+            grad_x = grad_x.contiguous()
+    if need_w:
+        grad_w = _grad_weight(dz, _ndhwc(x), weight, stride, x)
+    grad_dz = None
+    if need_dz:
+        grad_dz = dz if _out_format(grad_out) is torch.channels_last_3d else dz.contiguous()
+    return grad_x, grad_w, grad_b, grad_alpha, grad_dz
+
+
+# ---- Jaccard (Tanimoto) loss sums ----------------------------------------------------------------------------
+
+def jaccard_unsupported(logits, target, activation, ignore_index) -> list[str]:
+    reasons = _device_reasons(logits, "logits")
+    if logits.dtype not in DTYPE_CODES:
+        reasons.append(f"logits dtype {logits.dtype} not in {tuple(DTYPE_CODES)}")
+    if activation not in ("softmax", "sigmoid"):
+        reasons.append(f"activation {activation!r} not in ('softmax', 'sigmoid')")
+    if logits.dim() < 2 or not 1 <= logits.shape[1] <= MAX_CLASSES:
+        reasons.append(f"class count {logits.shape[1] if logits.dim() > 1 else None} not in [1, {MAX_CLASSES}]")
+    if target.device != logits.device:
+        reasons.append(f"target is on {target.device}, logits on {logits.device}")
+    if target.dtype.is_complex or target.dtype == torch.bool:
+        reasons.append(f"target dtype {target.dtype} is neither an integer label map nor float probabilities")
+    return reasons
+
+
+def _jaccard_inputs(logits, target):
+    lg = logits.contiguous()
+    n, c = lg.shape[:2]
+    s = lg[0, 0].numel() if n else 0
+    if target.dtype.is_floating_point:
+        t, label_type = target.to(lg.dtype).contiguous(), PROBABILITY_TARGET
+    else:
+        t = target if target.dtype in LABEL_CODES else target.long()
+        t, label_type = t.contiguous(), LABEL_CODES[t.dtype]
+    return lg, t, n, c, s, label_type
+
+
+def jaccard_sums(logits, target, squared, activation, ignore_index):
+    lg, t, n, c, s, label_type = _jaccard_inputs(logits, target)
+    blocks = _cuda.jaccard_blocks(s)
+    partial = torch.empty(max(1, n * blocks * c * 3), dtype=torch.float32, device=lg.device)
+    sums = torch.empty((n, c, 3), dtype=torch.float32, device=lg.device)
+    device, stream = _launch_context(lg)
+    _cuda.jaccard_sums(_ptr(lg), _ptr(t), _ptr(partial), _ptr(sums), n, c, s, label_type, bool(squared),
+                       activation == "sigmoid", ignore_index is not None, int(ignore_index or 0),
+                       DTYPE_CODES[lg.dtype], device, stream)
+    return sums
+
+
+def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore_index):
+    lg, t, n, c, s, label_type = _jaccard_inputs(logits, target)
+    g = grad_sums.to(torch.float32).contiguous()
+    grad = torch.empty_like(lg, memory_format=torch.contiguous_format)
+    device, stream = _launch_context(lg)
+    _cuda.jaccard_backward(_ptr(g), _ptr(lg), _ptr(t), _ptr(grad), n, c, s, label_type, bool(squared),
+                           activation == "sigmoid", ignore_index is not None, int(ignore_index or 0),
+                           DTYPE_CODES[lg.dtype], device, stream)
+    return grad

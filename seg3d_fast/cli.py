@@ -1,0 +1,167 @@
+"""The `seg3d-fast` command: demo | train | predict | evaluate | info | profile.
+
+Bad input (missing, truncated or non-NIfTI files, mismatched grids, labels out of range, empty images) ends
+with one line `seg3d-fast: error: FILE: problem` on stderr and exit status 2, no traceback.
+"""
+import argparse
+import sys
+
+
+def _demo(args):
+    from .demo import run_demo
+
+    metrics = run_demo(args.out, epochs=args.epochs, quick=args.quick, device=args.device, seed=args.seed)
+    return 0 if metrics["mean_dice"] == metrics["mean_dice"] else 1  # NaN would mean nothing was evaluated
+
+
+def _train(args):
+    from . import train
+
+    if args.amp == "fp16" and not args.device.startswith("cuda") and not _cuda():
+        raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
+    return train.main(args)
+
+
+def _predict(args):
+    from . import predict
+
+    return predict.main(args)
+
+
+def _evaluate(args):
+    from .metrics import evaluate_folders, write_evaluation
+
+    result = evaluate_folders(args.pred_dir, args.label_dir, regions=args.regions)
+    out = args.out or args.pred_dir
+    write_evaluation(result, out)
+    mean = result["mean"]
+    print(f"{'target':<12}" + "".join(f"{m:>13}" for m in ("dice", "jaccard", "sensitivity", "ppv")))
+    for target, values in mean.items():
+        print(f"{target:<12}" + "".join(f"{values[m]:>13.4f}" for m in ("dice", "jaccard", "sensitivity", "ppv")))
+    print(f"mean Dice over classes {result['classes']}: {result['mean_dice']:.4f} "
+          f"({len(result['per_case'])} case(s)); wrote {out}/evaluation.csv and evaluation.json")
+    return 0
+
+
+def _info(args):
+    import platform
+
+    import torch
+
+    from . import __version__, backends
+
+    lines = [f"seg3d_fast {__version__}", f"python {platform.python_version()} ({sys.executable})",
+             f"torch {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except Exception as e:  # noqa: BLE001 - report any import failure
+        lines.append(f"triton not importable ({type(e).__name__}: {e})")
+    lines.append(f"CUDA (torch build) {torch.version.cuda}")
+    lines.append(f"cuDNN {torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"device cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB, "
+                         f"compute capability {p.major}.{p.minor}")
+    else:
+        lines.append(f"devices: CPU only ({torch.get_num_threads()} threads)")
+    lines.append("backends:")
+    for name, reason in backends.available().items():
+        lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    print("\n".join(lines))
+    return 0
+
+
+def _profile_arguments(p):
+    try:
+        from . import profile
+    except ImportError as e:
+        p.set_defaults(profile_error=f"seg3d_fast.profile is not available ({e})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        return
+    profile.add_arguments(p)
+
+
+def _profile(args):
+    if getattr(args, "profile_error", None):
+        raise UsageError(args.profile_error)
+    from . import profile
+
+    return profile.main(args)
+
+
+class UsageError(Exception):
+    """A bad combination of command-line options (reported like a data error)."""
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_parser(argv=None):
+    parser = argparse.ArgumentParser(prog="seg3d-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train on the bundled brain MRI, predict a held-out slab, print Dice")
+    p.add_argument("--out", default="seg3d_demo", help="output folder (default ./seg3d_demo)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (checks the pipeline only)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+    from . import predict, train  # argument definitions live beside the code that uses them
+
+    p = sub.add_parser("train", help="train Seg3DNet on a dataset (BRATS, MSD/nnU-Net, CSV)")
+    train.add_arguments(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("predict", help="predict label maps with a trained run")
+    predict.add_arguments(p)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, Jaccard, sensitivity, PPV of predicted label maps")
+    p.add_argument("pred_dir")
+    p.add_argument("label_dir", help="folder with the ground-truth label maps (name.nii.gz, name_seg, labelsTr/)")
+    p.add_argument("--out", default=None, help="where to write evaluation.csv/.json (default: PRED_DIR)")
+    p.add_argument("--regions", choices=("auto", "brats", "brats2023", "none"), default="auto",
+                   help="BRATS region scores (auto: when labels are within 0..4 and 4 occurs)")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("info", help="versions, devices and which kernel backends can run here")
+    p.set_defaults(func=_info)
+
+    # Only build the profile parser when asked for: seg3d_fast.profile may import heavier things.
+    argv = sys.argv[1:] if argv is None else argv
+    if "profile" in argv[:1]:
+        p = sub.add_parser("profile", help="time and memory of Seg3DNet and the fused ops")
+        _profile_arguments(p)
+        p.set_defaults(func=_profile)
+    else:
+        sub.add_parser("profile", help="time and memory of Seg3DNet and the fused ops (see profile --help)")
+    return parser
+
+
+def main(argv=None):
+    from .backends import BackendUnsupported
+    from .data.nifti import Seg3DFastDataError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (Seg3DFastDataError, UsageError, BackendUnsupported) as e:
+        print(f"seg3d-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("seg3d-fast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Prediction: whole volumes or a Gaussian-blended sliding window, one fold model or an ensemble of folds
+(probabilities averaged), outputs mapped back onto each input's exact grid (affine and header kept).
+
+Output per case in --out: <case>.nii.gz (label map) and, with --save-probabilities,
+<case>_probabilities.nii.gz (float32, classes along the 4th axis).
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.datasets import Case, discover, load_case
+from .data.nifti import Seg3DFastDataError, float_image_like, label_image_like, save_nifti
+from .data.preprocess import PreprocessConfig, logits_to_crop_probabilities, preprocess, restore_probabilities
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- the network on one preprocessed volume ------------------------------------------------------------------
+def gaussian_importance(roi, sigma_scale=0.125):
+    """Weights for blending windows: a Gaussian centred on the window (sigma = roi / 8), at least 1e-3 of its peak."""
+    axes = [torch.exp(-0.5 * ((torch.arange(n, dtype=torch.float32) - (n - 1) / 2) / (n * sigma_scale)) ** 2)
+            for n in roi]
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return (w / w.max()).clamp_min(1e-3)
+
+
+def window_starts(size, roi, overlap):
+    """Window start offsets along one axis: the first at 0, the last at size - roi, evenly spaced between."""
+    if size <= roi:
+        return [0]
+    step = max(1, int(roi * (1 - overlap)))
+    n = math.ceil((size - roi) / step) + 1
+    return sorted({int(round(i * (size - roi) / (n - 1))) for i in range(n)})
+
+
+def predict_logits(model, x, device, roi=None, overlap=0.5, amp_dtype=None):
+    """x (C, d, h, w) float32 -> logits (num_classes, d, h, w) float32 on the CPU.
+    roi None: the whole volume in one pass; else windows of size roi blended with Gaussian weights."""
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
+    with torch.no_grad(), autocast:
+        if roi is None:
+            return model(x[None].to(device))[0].float().cpu()
+        roi = tuple(int(r) for r in roi)
+        shape = tuple(x.shape[1:])
+        pad = [max(0, r - s) for r, s in zip(roi, shape)]
+        if any(pad):  # volumes smaller than the window: pad with background, crop back at the end
+            x = F.pad(x, [p for q in reversed(pad) for p in (0, q)])
+        padded = tuple(x.shape[1:])
+        weight = gaussian_importance(roi)
+        out, norm = None, torch.zeros(padded)
+        for a in window_starts(padded[0], roi[0], overlap):
+            for b in window_starts(padded[1], roi[1], overlap):
+                for c in window_starts(padded[2], roi[2], overlap):
+                    sl = (slice(a, a + roi[0]), slice(b, b + roi[1]), slice(c, c + roi[2]))
+                    logits = model(x[(slice(None), *sl)][None].to(device))[0].float().cpu()
+                    if out is None:
+                        out = torch.zeros((logits.shape[0], *padded))
+                    out[(slice(None), *sl)] += logits * weight
+                    norm[sl] += weight
+        out /= norm
+        return out[(slice(None), *[slice(0, s) for s in shape])].contiguous()
+
+
+# ---- runs ----------------------------------------------------------------------------------------------------
+def resolve_run(path):
+    """(run folder, fold folder or None) for a run folder or one of its fold_k folders."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path, None
+    if (path / "checkpoint.pt").is_file() and (path.parent / "config.json").is_file():
+        return path.parent, path
+    raise Seg3DFastDataError(f"{path}: not a training run (no config.json; train one with `seg3d-fast train`)")
+
+
+def load_models(run_path, device, ensemble=False, fold=None, backend=None):
+    """-> (run config dict, [models]) from a run: one fold (default fold 0, or the lowest present), or every
+    fold with a checkpoint when ensemble=True."""
+    from .models import Seg3DNet
+
+    run_dir, fold_dir = resolve_run(run_path)
+    config = json.loads((run_dir / "config.json").read_text())
+    if fold_dir is not None:
+        fold_dirs = [fold_dir]
+    else:
+        present = sorted((p for p in run_dir.glob("fold_*") if (p / "checkpoint.pt").is_file()),
+                         key=lambda p: int(p.name.split("_")[1]))
+        if not present:
+            raise Seg3DFastDataError(f"{run_dir}: no fold_k/checkpoint.pt in this run")
+        if ensemble:
+            fold_dirs = present
+        elif fold is not None:
+            fold_dirs = [run_dir / f"fold_{fold}"]
+            if not (fold_dirs[0] / "checkpoint.pt").is_file():
+                raise Seg3DFastDataError(f"{fold_dirs[0]}: no checkpoint for fold {fold}")
+        else:
+            fold_dirs = present[:1]
+    model_cfg = {k: v for k, v in config["model"].items()}
+    model_cfg["features"] = tuple(model_cfg["features"])
+    models = []
+    for d in fold_dirs:
+        try:
+            state = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: cannot read the checkpoint ({e})") from None
+        model = Seg3DNet(**model_cfg, backend=backend)
+        model.load_state_dict(state["model"])
+        models.append(model.to(device).eval())
+    return config, models
+
+
+def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None):
+    """-> (reference image, probabilities float32 (num_classes, X, Y, Z) on the input's grid)."""
+    ref, image, _ = load_case(Case(case.name, case.images, None), expect_channels=config["model"]["in_channels"])
+    x, _, geometry = preprocess(ref, image, None, PreprocessConfig.from_dict(config["preprocess"]),
+                                name=str(case.images[0]))
+    probs = None
+    for model in models:  # ensemble: mean of the fold models' probabilities
+        p = logits_to_crop_probabilities(predict_logits(model, x, device, roi, overlap, amp_dtype), geometry)
+        probs = p if probs is None else probs + p
+    return ref, restore_probabilities(probs / len(models), geometry)
+
+
+def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None, roi=None, overlap=0.5,
+            save_probabilities=False, amp="none", backend=None, progress=True):
+    """Predict every case under `inputs` (a NIfTI file, a folder of them, a dataset folder or a CSV manifest).
+    Returns the written label-map paths."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    config, models = load_models(run_path, device, ensemble, fold, backend)
+    cases = discover(inputs).cases
+    written = []
+    for i, case in enumerate(cases):
+        ref, probs = predict_case(models, config, case, device, roi, overlap, AMP_DTYPES[amp])
+        labels = probs.argmax(0)
+        path = Path(out_dir) / f"{case.name}.nii.gz"
+        save_nifti(label_image_like(labels, ref), path)
+        if save_probabilities:
+            save_nifti(float_image_like(np.moveaxis(probs, 0, -1), ref), Path(out_dir) / f"{case.name}_probabilities.nii.gz")
+        written.append(path)
+        if progress:
+            print(f"[{i + 1}/{len(cases)}] {case.name} -> {path}", flush=True)
+    return written
+
+
+def add_arguments(p):
+    p.add_argument("run", help="training run folder (or one fold_k folder)")
+    p.add_argument("inputs", help="a NIfTI image, a folder of images / cases, a dataset folder or a CSV manifest")
+    p.add_argument("--out", required=True, help="output folder for label maps")
+    p.add_argument("--ensemble", action="store_true", help="average the probabilities of every fold model")
+    p.add_argument("--fold", type=int, default=None, help="use this fold's model (default: the first fold)")
+    p.add_argument("--sliding-window", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                   help="predict in Gaussian-blended windows of this size (default: the whole volume at once)")
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=("reference", "triton", "cuda"), default=None)
+
+
+def main(args):
+    predict(args.run, args.inputs, args.out, args.device, args.ensemble, args.fold, args.sliding_window,
+            args.overlap, args.save_probabilities, args.amp, args.backend)
+    return 0

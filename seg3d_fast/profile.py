@@ -1,0 +1,468 @@
+"""seg3d-fast profile: full-volume training throughput and memory of Seg3DNet, fused backends beside plain PyTorch.
+
+For each variant ("plain": the same network from nn.Conv3d / nn.PReLU / sums, the baseline; "plain_cl": that in
+channels_last_3d; "reference" / "triton" / "cuda": the fused network forced onto that backend) it measures:
+  steps/s and voxels/s of full training steps (forward, Jaccard loss, backward, Adam) at --input-size and --batch,
+    in --dtype (fp16/bf16: autocast, fp32 master weights);
+  peak memory: on a GPU torch.cuda.max_memory_allocated over the timed steps (model, optimizer state, activations,
+    workspaces: what the card must hold); on the CPU an estimate = bytes saved for backward in one forward
+    (saved_tensor_bytes, parameters excluded) + 4x the parameter bytes (weights, gradients, Adam's two moments);
+  the largest cubic volume (edge a multiple of 16) that trains in --memory-budget GiB: on a GPU a binary search
+    running one real step per probe under torch.cuda.set_per_process_memory_fraction; on the CPU the estimate
+    above, measured at edges 16 and 32 and extended linearly in voxels (activations scale with the volume).
+--trace DIR writes a torch.profiler Chrome trace and an op table per variant. Results: JSON and a PNG chart.
+
+--saved-bytes is the CPU memory/time check: Seg3DNet at --input-size in fp32 on the CPU, fused (reference backend)
+against plain eager: saved-for-backward bytes ratio (target <= 0.55) and training-step time ratio (target <= 1.15).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANTS = ("plain", "plain_cl", "reference", "triton", "cuda")
+SAVED_BYTES_TARGET = 0.55
+STEP_TIME_TARGET = 1.15
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measurements usable on their own
+def saved_tensor_bytes(model, x, include_parameters: bool = False) -> int:
+    """Bytes autograd saves for backward during one forward of `model` on `x`.
+
+    Counted with torch.autograd.graph.saved_tensors_hooks; each storage once (keyed by its untyped storage's
+    data_ptr: views of one buffer and tensors saved by several ops count once, at the storage's full size, which is
+    what stays allocated). Parameter storages are left out unless include_parameters (they are held anyway);
+    autocast's low-precision weight copies are activations of the step and count.
+    """
+    skip = set() if include_parameters else {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in skip:
+            storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)  # kept alive until counted: saved storages cannot be freed and their addresses reused
+    total = sum(storages.values())
+    del out
+    return total
+
+
+def plain_jaccard_loss(logits, labels, smooth: float = 1e-5):
+    """The Jaccard (Tanimoto) loss in plain PyTorch, as the baseline network trains with it: softmax, one-hot target
+    and their products all stored by autograd. Same value as seg3d_fast.jaccard_loss(logits, labels) (defaults:
+    squared, softmax, sums pooled over the batch, mean over classes)."""
+    p = logits.float().softmax(1)
+    t = F.one_hot(labels.long(), logits.shape[1]).movedim(-1, 1).to(p.dtype)
+    dims = (0, *range(2, p.dim()))
+    inter = (p * t).sum(dims)
+    union = (p * p).sum(dims) + (t * t).sum(dims) - inter
+    return (1 - (inter + smooth) / (union + smooth)).mean()
+
+
+def environment() -> dict:
+    """Card, driver, library versions and date: stored with every results file."""
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+           "platform": platform.platform(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "cpu_threads": torch.get_num_threads(), "device": "cpu", "driver": None, "triton": None,
+           "gpu_memory_bytes": None, "allow_tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
+                                                    "matmul": torch.backends.cuda.matmul.allow_tf32}}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - no triton is a fact to record, not an error
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=props.name, gpu_memory_bytes=props.total_memory, sm_count=props.multi_processor_count,
+                   capability=f"{props.major}.{props.minor}", l2_bytes=getattr(props, "L2_cache_size", None))
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:  # the checkout measured, where there is one
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           timeout=10, cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        env["git_commit"] = None
+    try:
+        from . import backends
+
+        env["backends"] = backends.available()
+    except Exception as e:  # noqa: BLE001
+        env["backends"] = f"unavailable: {e}"
+    return env
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the training step of one variant
+class Variant:
+    """Seg3DNet, its loss and Adam for one variant, on one device, at one input size."""
+
+    def __init__(self, name, args, device):
+        from .models import Seg3DNet
+
+        self.name, self.device = name, device
+        self.amp = DTYPES[args.dtype]
+        self.channels_last = name in ("plain_cl", "triton", "cuda")
+        torch.manual_seed(0)
+        fused = not name.startswith("plain")
+        self.model = Seg3DNet(in_channels=args.in_channels, num_classes=args.classes, features=args.features,
+                              fused=fused, backend=name if fused else None).to(device).train()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        if fused:
+            from .ops import jaccard_loss
+
+            self.loss = lambda logits, labels: jaccard_loss(logits, labels, backend=name)
+        else:
+            self.loss = plain_jaccard_loss
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=5e-5)
+        self.in_channels, self.classes = args.in_channels, args.classes
+
+    def inputs(self, batch, spatial):
+        x = torch.randn(batch, self.in_channels, *spatial, device=self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        labels = torch.randint(0, self.classes, (batch, *spatial), device=self.device)
+        return x, labels
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def step(self, x, labels):
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            logits = self.model(x)
+        loss = self.loss(logits, labels)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def saved_bytes(self, x):
+        with self.autocast():
+            return saved_tensor_bytes(self.model, x)
+
+    def param_bytes(self):
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def release(self):
+        self.opt.zero_grad(set_to_none=True)
+        self.opt.state.clear()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_steps(variant, x, labels, warmup, steps):
+    """Per-step wall times in ms (synchronized), after `warmup` untimed steps (JIT, autotuning, cuDNN choice)."""
+    for _ in range(warmup):
+        variant.step(x, labels)
+    times = []
+    for _ in range(steps):
+        _sync(variant.device)
+        t0 = time.perf_counter()
+        variant.step(x, labels)
+        _sync(variant.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def estimate_bytes(variant, batch, spatial):
+    """CPU memory estimate of a training step: saved-for-backward bytes + 4x the parameter bytes."""
+    x, _ = variant.inputs(batch, spatial)
+    return variant.saved_bytes(x) + 4 * variant.param_bytes()
+
+
+def fits_on_gpu(variant, batch, edge, budget_bytes):
+    """Does one training step at edge^3 run within budget_bytes? (-> (fits, peak bytes or None))"""
+    device = variant.device
+    variant.release()
+    _free(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        x, labels = variant.inputs(batch, (edge,) * 3)
+        variant.step(x, labels)
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return peak <= budget_bytes, peak
+    except torch.cuda.OutOfMemoryError:
+        return False, None
+    finally:
+        x = labels = None
+        variant.release()
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        _free(device)
+
+
+def largest_cube(variant, batch, budget_bytes, max_edge):
+    """Largest edge (a multiple of 16, <= max_edge) whose cubic volume trains in budget_bytes. -> dict."""
+    device = variant.device
+    if device.type == "cuda":
+        lo, hi, best_peak = 0, max_edge // 16, None  # in units of 16; lo fits (0 = nothing), hi + 1 does not
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            ok, peak = fits_on_gpu(variant, batch, 16 * mid, budget_bytes)
+            if ok:
+                lo, best_peak = mid, peak
+            else:
+                hi = mid - 1
+        return {"max_cubic_edge": 16 * lo or None, "max_cubic_bytes": best_peak,
+                "max_cubic_method": "binary search, one training step per probe, torch.cuda.max_memory_allocated"}
+    small, large = (estimate_bytes(variant, batch, (e,) * 3) for e in (16, 32))
+    slope = (large - small) / (32**3 - 16**3)  # bytes per voxel of the volume (batch included)
+    fixed = small - slope * 16**3
+    estimate = lambda e: fixed + slope * e**3  # noqa: E731
+    fitting = [e for e in range(16, max_edge + 1, 16) if estimate(e) <= budget_bytes * (1 + 1e-9)]  # 1e-9: rounding
+    edge = max(fitting, default=0)
+    return {"max_cubic_edge": edge or None, "max_cubic_bytes": estimate(edge) if edge else None,
+            "max_cubic_method": "estimate: saved-for-backward bytes + 4x parameters at edges 16 and 32, "
+                                "extended linearly in voxels (CPU; no allocator peak)"}
+
+
+def trace(variant, x, labels, out_dir, steps=3):
+    """torch.profiler over `steps` training steps: Chrome trace + op table under out_dir."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if variant.device.type == "cuda" else [])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            variant.step(x, labels)
+        _sync(variant.device)
+    prof.export_chrome_trace(str(out_dir / f"trace_{variant.name}.json"))
+    sort = "cuda_time_total" if variant.device.type == "cuda" else "cpu_time_total"
+    (out_dir / f"ops_{variant.name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-size", type=int, nargs=3, default=[128, 160, 144], metavar=("D", "H", "W"),
+                        help="volume per sample (default: the paper's BRATS crop 128 160 144)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16/bf16: autocast (AMP)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="default: plain and plain_cl, plus every fused backend that can run here "
+                             "(on the CPU: plain and reference)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--memory-budget", type=float, default=16.0, metavar="GIB",
+                        help="budget for the largest-cubic-volume search (GiB; 0 skips the search)")
+    parser.add_argument("--max-edge", type=int, default=512, help="largest edge the search tries")
+    parser.add_argument("--time-limit", type=float, default=0, metavar="S",
+                        help="skip the remaining volume searches once this many seconds have passed (0: no limit)")
+    parser.add_argument("--trace", default=None, metavar="DIR", help="write torch.profiler traces here")
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/profile_<date>.json; "
+                                                    "--saved-bytes: benchmarks/results/cpu_memory_<date>.json)")
+    parser.add_argument("--chart", default=None, help="PNG chart (default: the JSON path with .png)")
+    parser.add_argument("--saved-bytes", action="store_true",
+                        help="CPU check instead: saved-for-backward bytes and step time, fused / plain, fp32")
+
+
+def _default_variants(device):
+    if device.type != "cuda":
+        return ["plain", "reference"]
+    from . import backends
+
+    fused = [b for b in ("triton", "cuda") if backends.available()[b] is None]
+    return ["plain", "plain_cl"] + (fused or ["reference"])
+
+
+def _out_path(args, stem):
+    if args.out:
+        return Path(args.out)
+    return Path("benchmarks/results") / f"{stem}_{datetime.date.today().isoformat()}.json"
+
+
+def run_profile(args):
+    """Throughput of every variant first, then the largest-volume searches (slower; cut by --time-limit), writing the
+    JSON after each figure so that a run stopped from outside keeps what it measured."""
+    t_start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = args.variants or _default_variants(device)
+    spatial = tuple(args.input_size)
+    voxels = args.batch * math.prod(spatial)
+    budget = int(args.memory_budget * 2**30)
+    config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    config.update(device=str(device), memory_budget_bytes=budget)
+    payload = {"kind": "profile", "environment": environment(), "config": config, "results": []}
+    path = _out_path(args, "profile")
+    variants = {}
+    for name in names:
+        variant = variants[name] = Variant(name, args, device)
+        x, labels = variant.inputs(args.batch, spatial)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_steps(variant, x, labels, args.warmup, args.steps)
+        step_ms = statistics.median(times)
+        row = {"variant": name, "step_ms": step_ms, "steps_per_s": 1e3 / step_ms,
+               "voxels_per_s": voxels * 1e3 / step_ms, "step_ms_all": times}
+        if device.type == "cuda":
+            row.update(peak_bytes=torch.cuda.max_memory_allocated(device),
+                       memory_method="torch.cuda.max_memory_allocated over the timed steps")
+        else:
+            row.update(peak_bytes=variant.saved_bytes(x) + 4 * variant.param_bytes(),
+                       memory_method="estimate: saved-for-backward bytes + 4x parameters")
+        if args.trace:
+            trace(variant, x, labels, args.trace)
+        del x, labels
+        variant.release()
+        _free(device)
+        payload["results"].append(row)
+        _compare(payload["results"])
+        _write(path, payload)
+        _print_row(row)
+    for row in (payload["results"] if budget > 0 else []):
+        if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+            row["max_cubic_method"] = f"skipped: --time-limit {args.time_limit:g} s spent"
+            continue
+        row.update(largest_cube(variants[row["variant"]], args.batch, budget, args.max_edge))
+        _write(path, payload)
+        print(f"{row['variant']:<10} largest cube in {args.memory_budget:g} GiB: edge {row['max_cubic_edge']}",
+              flush=True)
+    _write(path, payload)
+    chart = Path(args.chart) if args.chart else path.with_suffix(".png")
+    _chart(payload, chart)
+    print(f"wrote {path} and {chart}")
+    return payload
+
+
+def _compare(results):
+    """speed-up and memory of each variant against the plain network (its faster layout for speed)."""
+    plain = [r for r in results if r["variant"].startswith("plain")]
+    if not plain:
+        return
+    best_ms = min(r["step_ms"] for r in plain)
+    for r in results:
+        r["speedup_vs_plain"] = best_ms / r["step_ms"]
+        r["memory_vs_plain"] = r["peak_bytes"] / plain[0]["peak_bytes"] if plain[0]["peak_bytes"] else None
+
+
+def _print_row(r):
+    peak = r["peak_bytes"] / 2**30 if r["peak_bytes"] else float("nan")
+    edge = r.get("max_cubic_edge")
+    print(f"{r['variant']:<10} {r['step_ms']:9.1f} ms/step {r['steps_per_s']:8.2f} steps/s "
+          f"{r['voxels_per_s'] / 1e6:9.2f} Mvox/s  peak {peak:6.2f} GiB"
+          + (f"  largest cube {edge}^3" if edge else ""), flush=True)
+
+
+def run_saved_bytes(args):
+    """Fused (reference backend) vs plain Seg3DNet on the CPU in fp32: saved bytes and training-step time."""
+    device = torch.device("cpu")
+    args.dtype = "fp32"
+    spatial = tuple(args.input_size)
+    variants = {name: Variant(name, args, device) for name in ("plain", "reference")}
+    x, labels = variants["plain"].inputs(args.batch, spatial)
+    saved = {name: v.saved_bytes(x) for name, v in variants.items()}
+    gc.collect()
+    times = {name: [] for name in variants}
+    for name, v in variants.items():
+        for _ in range(args.warmup):
+            v.step(x, labels)
+    for _ in range(args.steps):  # interleaved, so that drifts of the machine hit both alike
+        for name, v in variants.items():
+            t0 = time.perf_counter()
+            v.step(x, labels)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "saved_bytes_plain": saved["plain"], "saved_bytes_fused": saved["reference"],
+        "saved_bytes_ratio": saved["reference"] / saved["plain"], "saved_bytes_target": SAVED_BYTES_TARGET,
+        "step_ms_plain": ms["plain"], "step_ms_fused": ms["reference"], "step_ms_all": times,
+        "step_time_ratio": ms["reference"] / ms["plain"], "step_time_target": STEP_TIME_TARGET,
+    }
+    result["meets_targets"] = (result["saved_bytes_ratio"] <= SAVED_BYTES_TARGET
+                               and result["step_time_ratio"] <= STEP_TIME_TARGET)
+    config = {"input": [args.batch, args.in_channels, *spatial], "features": args.features, "dtype": "fp32",
+              "device": "cpu", "fused_backend": "reference", "steps": args.steps, "warmup": args.warmup}
+    payload = {"kind": "cpu_memory", "environment": environment(), "config": config, "result": result}
+    path = _out_path(args, "cpu_memory")
+    _write(path, payload)
+    print(f"saved for backward: fused {saved['reference'] / 2**20:,.1f} MiB / plain {saved['plain'] / 2**20:,.1f} MiB"
+          f" = {result['saved_bytes_ratio']:.3f} (target <= {SAVED_BYTES_TARGET})")
+    print(f"training step (CPU, fp32): fused {ms['reference']:,.0f} ms / plain {ms['plain']:,.0f} ms"
+          f" = {result['step_time_ratio']:.3f} (target <= {STEP_TIME_TARGET})")
+    print(f"wrote {path}")
+    return payload
+
+
+def _write(path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _chart(payload, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["results"]
+    names = [r["variant"] for r in rows]
+    panels = [("voxels/s (millions)", [r["voxels_per_s"] / 1e6 for r in rows]),
+              ("peak memory (GiB)", [(r["peak_bytes"] or 0) / 2**30 for r in rows])]
+    if any(r.get("max_cubic_edge") for r in rows):
+        panels.append((f"largest cube in {payload['config']['memory_budget']:g} GiB (edge)",
+                       [r.get("max_cubic_edge") or 0 for r in rows]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (title, values) in zip(axes, panels):
+        ax.bar(names, values, color=["#888888" if n.startswith("plain") else "#3070b0" for n in names])
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    c = payload["config"]
+    fig.suptitle(f"Seg3DNet training, {payload['environment']['device']}, input {c['batch']}x{c['in_channels']}x"
+                 f"{'x'.join(map(str, c['input_size']))}, {c['dtype']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    if args.saved_bytes:
+        run_saved_bytes(args)
+    else:
+        run_profile(args)
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m seg3d_fast.profile", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    raise SystemExit(main(p.parse_args()))

@@ -1,0 +1,476 @@
+"""Training: Seg3DNet + Jaccard loss + Adam on full volumes or random crops, k-fold splits, exact resume, DDP.
+
+A run folder holds config.json (model, preprocessing, classes: what prediction needs), splits.json (k-fold case
+names) and one folder per fold: checkpoint.pt (written atomically every epoch), metrics.csv / metrics.json
+(one row per epoch) and curves.png.
+
+Reproducibility: the model is initialised from the seed; the sample order of epoch e comes from a
+DistributedSampler seeded with (seed, e), and every crop/augmentation from numpy's generator seeded with
+(seed, e, sample index). So training 2 epochs equals training 1 and resuming for 1, and every rank of a
+multi-process run draws its own samples without any shared random state.
+
+Multi-GPU: `torchrun --nproc_per_node=N -m seg3d_fast train ...` (NCCL on GPUs, gloo on CPU); only rank 0 writes.
+"""
+import argparse
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data.datasets import discover, load_case
+from .data.nifti import Seg3DFastDataError, write_atomic, write_text_atomic
+from .data.preprocess import PreprocessConfig, preprocess
+from .metrics import dice_per_class
+from .predict import predict_logits
+
+CONFIG_FILE, SPLITS_FILE, CHECKPOINT_FILE = "config.json", "splits.json", "checkpoint.pt"
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    fold: int = 0
+    folds: int = 1                      # 1: train on every case, no validation
+    epochs: int = 50
+    samples_per_epoch: int | None = None  # default: the number of training cases
+    batch_size: int = 1
+    crop: tuple | None = None           # (D, H, W) random crops; None: whole (preprocessed) volumes
+    fg_prob: float = 0.33               # share of crops centred on a random foreground voxel
+    lr: float = 1e-3
+    lr_schedule: str = "poly"           # "poly": lr * (1 - epoch / epochs) ** 0.9, or "constant"
+    weight_decay: float = 0.0
+    amp: str = "none"                   # "none" | "bf16" | "fp16" (fp16 only on CUDA, with a grad scaler)
+    downsample: float = 1.0
+    clip: tuple | None = None
+    features: tuple = (8, 16, 32, 64)
+    skip: str = "sum"
+    norm: str | None = None
+    num_classes: int | None = None      # default: dataset.json, else the largest label + 1
+    augment: bool = True                # random flips of every axis and in-plane 90-degree rotations
+    val_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    backend: str | None = None
+    workers: int = 0
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes saved with the run (e.g. the demo's split)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+class PreparedCase:
+    """One preprocessed case in memory: x (C, d, h, w) float32, y (d, h, w) int64, foreground voxel sample."""
+
+    def __init__(self, name, x, y):
+        self.name, self.x, self.y = name, x.numpy(), y.numpy()
+        fg = np.argwhere(self.y > 0)
+        if len(fg) > 10000:  # a fixed sample is enough to centre crops on foreground
+            fg = fg[np.random.default_rng(0).choice(len(fg), 10000, replace=False)]
+        self.foreground = fg
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Item i of epoch e: case i % n, cropped and augmented with numpy's generator seeded by (seed, e, i)."""
+
+    def __init__(self, cases, length, crop, fg_prob, augment, seed):
+        self.cases, self.length, self.crop = cases, length, crop
+        self.fg_prob, self.augment, self.seed, self.epoch = fg_prob, augment, seed, 0
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        case = self.cases[i % len(self.cases)]
+        x, y = case.x, case.y
+        if self.crop is not None:
+            x, y = random_crop(x, y, self.crop, rng, case.foreground if rng.random() < self.fg_prob else None)
+        if self.augment:
+            x, y = augment(x, y, rng)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def random_crop(x, y, size, rng, foreground=None):
+    """A crop of `size` (padded with background where the volume is smaller), centred on a random foreground
+    voxel when `foreground` (array of voxel indices) is given and not empty."""
+    shape = y.shape
+    pad = [max(0, s - n) for s, n in zip(size, shape)]
+    if any(pad):
+        x = np.pad(x, [(0, 0)] + [(p // 2, p - p // 2) for p in pad])
+        y = np.pad(y, [(p // 2, p - p // 2) for p in pad])
+        shape = y.shape
+        if foreground is not None:
+            foreground = foreground + np.array([p // 2 for p in pad])
+    if foreground is not None and len(foreground):
+        centre = foreground[rng.integers(len(foreground))]
+        start = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, shape)]
+    else:
+        start = [int(rng.integers(0, n - s + 1)) for s, n in zip(size, shape)]
+    sl = tuple(slice(a, a + s) for a, s in zip(start, size))
+    return x[(slice(None), *sl)], y[sl]
+
+
+def augment(x, y, rng):
+    """Flip each axis with probability 1/2; rotate by a multiple of 90 degrees in the axial (x, y) plane
+    (by 0 or 180 degrees when that plane is not square, so crop shapes stay fixed)."""
+    for axis in range(3):
+        if rng.random() < 0.5:
+            x, y = np.flip(x, axis + 1), np.flip(y, axis)
+    k = int(rng.integers(4)) if y.shape[0] == y.shape[1] else 2 * int(rng.integers(2))
+    if k:
+        x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k, axes=(0, 1))
+    return x, y
+
+
+def pad_collate(batch):
+    """Stack samples, padding smaller volumes with zeros / background to the largest extent in the batch."""
+    shape = [max(s) for s in zip(*(y.shape for _, y in batch))]
+    xs, ys = [], []
+    for x, y in batch:
+        pad = [p for s, n in zip(reversed(shape), reversed(y.shape)) for p in (0, s - n)]
+        xs.append(torch.nn.functional.pad(x, pad))
+        ys.append(torch.nn.functional.pad(y, pad))
+    return torch.stack(xs), torch.stack(ys)
+
+
+def make_splits(names, folds, seed):
+    """k folds of case names: shuffled with the seed, dealt round-robin. [{'train': [...], 'val': [...]}]."""
+    if folds == 1:
+        return [{"train": sorted(names), "val": []}]
+    if folds > len(names):
+        raise Seg3DFastDataError(f"cannot make {folds} folds from {len(names)} case(s)")
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    return [{"train": sorted(n for i, n in enumerate(order) if i % folds != k),
+             "val": sorted(n for i, n in enumerate(order) if i % folds == k)} for k in range(folds)]
+
+
+def prepare(cfg, dataset, names, num_classes):
+    """Load and preprocess cases -> (list of PreparedCase, largest label seen before any downsampling)."""
+    pre = PreprocessConfig(cfg.downsample, cfg.clip)
+    by_name = {c.name: c for c in dataset.cases}
+    out, top = [], 0
+    for name in names:
+        ref, image, label = load_case(by_name[name], num_classes)
+        top = max(top, int(label.max()))
+        x, y, _ = preprocess(ref, image, label, pre, name=str(by_name[name].images[0]))
+        out.append(PreparedCase(name, x, y))
+    return out, top
+
+
+# ---- distributed ---------------------------------------------------------------------------------------------
+def dist_setup(device_arg):
+    """(rank, world_size, device). Initialises the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_arg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Seg3DFastDataError(f"--device {device_arg}: CUDA is not available here")
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+# ---- checkpoints and logs ------------------------------------------------------------------------------------
+def run_config(cfg, model, dataset, num_classes):
+    """What prediction needs to rebuild the model and the preprocessing."""
+    model_cfg = {k: v for k, v in model.config.items()}
+    model_cfg["features"] = list(model_cfg["features"])
+    return {
+        "format": 1,
+        "model": model_cfg,
+        "preprocess": PreprocessConfig(cfg.downsample, cfg.clip).to_dict(),
+        "num_classes": num_classes,
+        "channel_names": list(dataset.channel_names),
+        "layout": dataset.layout,
+        "data": str(cfg.data),
+        "folds": cfg.folds,
+        "crop": list(cfg.crop) if cfg.crop else None,
+        "amp": cfg.amp,
+        "extra": cfg.extra,
+    }
+
+
+def save_checkpoint(path, state):
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def rng_state():
+    """Global RNG states in types torch.load(weights_only=True) accepts (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                        has_gauss, cached), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_logs(fold_dir, history):
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    lines = [",".join(columns)]
+    for row in history:
+        lines.append(",".join("" if row.get(k) is None else f"{row[k]:.6g}" if isinstance(row[k], float)
+                              else str(row[k]) for k in columns))
+    write_text_atomic(fold_dir / "metrics.csv", "\n".join(lines) + "\n")
+    write_text_atomic(fold_dir / "metrics.json", json.dumps(history, indent=1) + "\n")
+    plot_curves(fold_dir / "curves.png", history)
+
+
+def plot_curves(path, history):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(epochs, [r["train_loss"] for r in history], label="train")
+    b.plot(epochs, [r["train_dice"] for r in history], label="train")
+    val = [r for r in history if r.get("val_dice") is not None]
+    if val:
+        b.plot([r["epoch"] for r in val], [r["val_dice"] for r in val], "o-", label="validation")
+    a.set(xlabel="epoch", ylabel="Jaccard loss", title="loss")
+    b.set(xlabel="epoch", ylabel="mean foreground Dice", title="Dice", ylim=(0, 1))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+
+
+# ---- the loop ------------------------------------------------------------------------------------------------
+def train(cfg):
+    """Train fold `cfg.fold` into `cfg.out`; returns the trained model (unwrapped)."""
+    from . import models, nn as sfnn
+
+    rank, world, device = dist_setup(cfg.device)
+    if not 0 <= cfg.fold < cfg.folds:
+        raise Seg3DFastDataError(f"--fold {cfg.fold} outside 0..{cfg.folds - 1}")
+    if cfg.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {cfg.amp!r}")
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
+    out = Path(cfg.out)
+    fold_dir = out / f"fold_{cfg.fold}"
+    ckpt_path = fold_dir / CHECKPOINT_FILE
+    checkpoint = None
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise Seg3DFastDataError(f"{ckpt_path}: no checkpoint to resume from")
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+
+    dataset = discover(cfg.data, require_labels=True)
+    num_classes = cfg.num_classes or dataset.num_classes  # else: the largest label + 1, found while loading
+    names = [c.name for c in dataset.cases]
+    splits_path = out / SPLITS_FILE
+    splits = None
+    if splits_path.is_file():  # later folds (and resumed runs) reuse the saved split
+        saved = json.loads(splits_path.read_text())
+        if saved.get("folds") == cfg.folds and sorted(saved.get("cases", [])) == sorted(names):
+            splits = saved["splits"]
+    if splits is None:
+        splits = make_splits(names, cfg.folds, cfg.seed)
+    split = splits[cfg.fold]
+    train_cases, top_train = prepare(cfg, dataset, split["train"], num_classes)
+    val_cases, top_val = prepare(cfg, dataset, split["val"], num_classes)
+    num_classes = num_classes or max(2, top_train + 1, top_val + 1)
+    in_channels = train_cases[0].x.shape[0]
+
+    torch.manual_seed(cfg.seed)
+    model = models.Seg3DNet(in_channels, num_classes, tuple(cfg.features), skip=cfg.skip, norm=cfg.norm,
+                            backend=cfg.backend).to(device)
+    config = run_config(cfg, model, dataset, num_classes)
+    if rank == 0:
+        _check_or_write_config(out / CONFIG_FILE, config)
+        write_text_atomic(splits_path, json.dumps({"folds": cfg.folds, "seed": cfg.seed, "cases": sorted(names),
+                                                   "splits": splits}, indent=1) + "\n")
+    loss_fn = sfnn.JaccardLoss(squared=True, backend=cfg.backend)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    history, start_epoch = [], 0
+    if checkpoint is not None:
+        if checkpoint["config"]["model"] != config["model"] or checkpoint["config"]["preprocess"] != config["preprocess"]:
+            raise Seg3DFastDataError(f"{ckpt_path}: checkpoint was trained with a different model or preprocessing")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        history, start_epoch = checkpoint["history"], checkpoint["epoch"]
+        set_rng_state(checkpoint["rng"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    length = cfg.samples_per_epoch or len(train_cases)
+    data = CropDataset(train_cases, length, tuple(cfg.crop) if cfg.crop else None, cfg.fg_prob, cfg.augment, cfg.seed)
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                         collate_fn=pad_collate, pin_memory=device.type == "cuda")
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = cfg.lr * ((1 - epoch / cfg.epochs) ** 0.9 if cfg.lr_schedule == "poly" else 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        data.epoch = epoch
+        sampler.set_epoch(epoch)
+        net.train()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss sum, dice sum, batches, voxels
+        t0 = time.perf_counter()
+        bar = _progress(loader, cfg.progress and rank == 0, f"epoch {epoch + 1}/{cfg.epochs}")
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                logits = net(x)
+                loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                dice = float(np.mean(dice_per_class(logits.argmax(1), y, num_classes)[1:]))
+            sums += torch.tensor([loss.item(), dice, 1.0, y.numel()], dtype=torch.float64)
+            if hasattr(bar, "set_postfix"):
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", dice=f"{sums[1] / sums[2]:.3f}",
+                                vox_s=f"{sums[3] * world / elapsed:.3g}")
+        if world > 1:
+            dist.all_reduce(sums)
+        elapsed = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": float(sums[0] / sums[2]),
+               "train_dice": float(sums[1] / sums[2]), "voxels_per_s": float(sums[3] / elapsed),
+               "seconds": elapsed, "val_dice": None}
+        if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs) and rank == 0:
+            row["val_dice"] = validate(model, val_cases, num_classes, device, amp_dtype, cfg.crop)
+        history.append(row)
+        if rank == 0:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scaler": scaler.state_dict() if scaler else None, "epoch": epoch + 1,
+                                        "history": history, "rng": rng_state(), "config": config,
+                                        "train_config": _jsonable(asdict(cfg))})
+            write_logs(fold_dir, history)
+            if cfg.progress:
+                val = f", validation Dice {row['val_dice']:.4f}" if row["val_dice"] is not None else ""
+                print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, Dice {row['train_dice']:.4f}{val}, "
+                      f"{row['voxels_per_s']:.3g} voxels/s", flush=True)
+        _barrier(world)
+    return model
+
+
+def validate(model, cases, num_classes, device, amp_dtype, crop):
+    """Mean foreground Dice over validation cases, predicted whole (sliding window of the crop size if any)."""
+    model.eval()
+    dices = []
+    with torch.no_grad():
+        for case in cases:
+            logits = predict_logits(model, torch.from_numpy(case.x), device, roi=crop, amp_dtype=amp_dtype)
+            dices.append(np.mean(dice_per_class(logits.argmax(0), case.y, num_classes)[1:]))
+    model.train()
+    return float(np.mean(dices))
+
+
+def _check_or_write_config(path, config):
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ("model", "preprocess", "num_classes"):
+            if old.get(key) != config[key]:
+                raise Seg3DFastDataError(f"{path}: this run was made with a different {key} "
+                                         f"({old.get(key)} vs {config[key]}); use a new --out folder")
+    write_text_atomic(path, json.dumps(config, indent=1) + "\n")
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=str))
+
+
+def _progress(iterable, enabled, desc):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+def add_arguments(p):
+    p.add_argument("data", help="dataset: BRATS folder, MSD/nnU-Net folder with dataset.json, or CSV manifest")
+    p.add_argument("--out", required=True, help="run folder (config, splits, fold_k/checkpoint.pt, logs)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--folds", type=int, default=1, help="k of k-fold cross-validation (1: train on all cases)")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--samples-per-epoch", type=int, default=None, help="default: number of training cases")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+                   help="random crop size (default: whole volumes)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly")
+    p.add_argument("--downsample", type=float, default=1.0, help="shrink inputs by this factor ('compressed' input)")
+    p.add_argument("--clip", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="intensity window before z-scoring, e.g. -1000 1000 for CT")
+    p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--skip", choices=("sum", "concat"), default="sum")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--val-every", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--backend", choices=("reference", "triton", "cuda"), default=None,
+                   help="force a kernel backend (default: the dispatcher's choice)")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--resume", action="store_true", help="continue from fold_k/checkpoint.pt")
+    p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar or epoch lines")
+
+
+def config_from_args(args):
+    return TrainConfig(data=args.data, out=args.out, fold=args.fold, folds=args.folds, epochs=args.epochs,
+                       samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
+                       crop=tuple(args.crop) if args.crop else None, lr=args.lr, lr_schedule=args.lr_schedule,
+                       downsample=args.downsample, clip=tuple(args.clip) if args.clip else None,
+                       features=tuple(args.features), skip=args.skip, num_classes=args.num_classes, amp=args.amp,
+                       augment=args.augment, val_every=args.val_every, seed=args.seed, device=args.device,
+                       backend=args.backend, workers=args.workers, resume=args.resume, progress=args.progress)
+
+
+def main(args):
+    train(config_from_args(args))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

@@ -1,0 +1,17 @@
+import os
+import zlib
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Fresh random inputs per test, reproducible per test name.
+    torch.manual_seed(zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").encode()))
+    yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (runs on the GPU machine via benchmarks/gpu_check.sh)")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")

@@ -1,0 +1,134 @@
+"""The seg3d-fast command: bad input gives one line naming the file, exit status 2, no traceback, nothing written;
+the demo (quick mode), predict, evaluate and info work end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from seg3d_fast.cli import main
+from data_helpers import TCGA_T1, brain_block, load, save
+
+QUICK_TRAIN = ["--epochs", "1", "--features", "4", "8", "--crop", "16", "16", "16", "--quiet"]
+
+
+def _manifest(folder, image, label):
+    (folder / "m.csv").write_text(f"image,label\n{image},{label}\n")
+    return str(folder / "m.csv")
+
+
+def _bad_case(tmp_path, problem):
+    """-> (manifest, the file the error must name, words the message must contain, extra CLI args)."""
+    image, label = brain_block(tmp_path / "d")
+    img, lab = load(label)
+    extra = []
+    if problem == "missing":
+        bad, words = tmp_path / "d" / "gone.nii.gz", "file not found"
+        return _manifest(tmp_path, image, bad), bad, words, extra
+    if problem == "truncated":
+        bad, words = tmp_path / "d" / "cut.nii.gz", "truncated"
+        raw = label.read_bytes()
+        bad.write_bytes(raw[: len(raw) // 2])
+        return _manifest(tmp_path, image, bad), bad, words, extra
+    if problem == "not_nifti":
+        bad, words = tmp_path / "d" / "text.nii", "not a readable NIfTI"
+        bad.write_text("hello\n" * 100)
+        return _manifest(tmp_path, bad, label), bad, words, extra
+    if problem == "grid":
+        bad, words = tmp_path / "d" / "small.nii.gz", "grid mismatch"
+        save(lab[:, :, :-2], img.affine, bad)
+        return _manifest(tmp_path, image, bad), bad, words, extra
+    if problem == "label_range":
+        return _manifest(tmp_path, image, label), label, "label 3 outside the class range 0..2", ["--num-classes", "3"]
+    if problem == "empty":
+        bad, words = tmp_path / "d" / "zeros.nii.gz", "empty foreground"
+        save(np.zeros(lab.shape, np.float32), img.affine, bad)
+        return _manifest(tmp_path, bad, label), bad, words, extra
+    raise AssertionError(problem)
+
+
+def _assert_one_line_error(capsys, rc, path, words):
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("seg3d-fast: error: ") and str(path) in lines[0] and words in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated", "not_nifti", "grid", "label_range", "empty"])
+def test_train_bad_input(tmp_path, capsys, problem):
+    manifest, path, words, extra = _bad_case(tmp_path, problem)
+    rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, *extra])
+    _assert_one_line_error(capsys, rc, path, words)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_predict_and_evaluate_bad_input(tmp_path, capsys):
+    raw = TCGA_T1.read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    run = tmp_path / "run"
+    run.mkdir()
+    rc = main(["predict", str(run), str(tmp_path / "cut.nii.gz"), "--out", str(tmp_path / "o")])
+    _assert_one_line_error(capsys, rc, run, "not a training run")
+    (tmp_path / "pred").mkdir()
+    img, t1 = load(TCGA_T1)
+    save((t1 > 500).astype(np.uint8), img.affine, tmp_path / "pred" / "a.nii.gz")
+    rc = main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels")])
+    _assert_one_line_error(capsys, rc, tmp_path / "pred" / "a.nii.gz", "no ground-truth label file")
+    assert not (tmp_path / "o").exists() and not list((tmp_path / "pred").glob("evaluation*"))
+
+
+def test_error_exit_status_in_a_real_process(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([sys.executable, "-m", "seg3d_fast", "predict", str(tmp_path), str(tmp_path / "x.nii.gz"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and str(tmp_path) in p.stderr
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch " in out and "reference" in out and "available" in out and "cuDNN" in out
+
+
+def test_evaluate_cli(tmp_path, capsys):
+    img, t1 = load(TCGA_T1)
+    truth = (t1 > 600).astype(np.uint8) + (t1 > 900)
+    pred = truth.copy()
+    pred[:4] = 0
+    (tmp_path / "p").mkdir()
+    (tmp_path / "t").mkdir()
+    save(pred, img.affine, tmp_path / "p" / "c.nii.gz")
+    save(truth, img.affine, tmp_path / "t" / "c.nii.gz")
+    assert main(["evaluate", str(tmp_path / "p"), str(tmp_path / "t"), "--out", str(tmp_path / "e")]) == 0
+    result = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert result["classes"] == [1, 2] and result["regions"] is None
+    for c in (1, 2):
+        t, q = truth == c, pred == c
+        assert result["mean"][f"class_{c}"]["dice"] == pytest.approx(2 * (t & q).sum() / (t.sum() + q.sum()))
+    assert "mean Dice" in capsys.readouterr().out
+
+
+def test_demo_quick_then_predict_with_its_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out Dice" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["dice"]) == {"CSF", "GM", "WM"}
+    assert metrics["mean_dice"] == pytest.approx(np.mean(list(metrics["dice"].values())))
+    for name in ("overlay.png", "config.json", "splits.json", "fold_0/checkpoint.pt", "fold_0/metrics.csv",
+                 "fold_0/curves.png", "prediction/heldout_image.nii.gz"):
+        assert (out / name).is_file(), name
+    assert (out / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+    heldout = nib.load(str(out / "data" / "heldout_image.nii.gz"))
+    pred = nib.load(str(out / "prediction" / "heldout_image.nii.gz"))
+    assert pred.shape == heldout.shape and np.allclose(pred.affine, heldout.affine)
+    # the demo's run is reusable by `predict`
+    assert main(["predict", str(out), str(out / "data" / "heldout_image.nii.gz"), "--out", str(tmp_path / "p"),
+                 "--sliding-window", "16", "16", "16"]) == 0
+    assert (tmp_path / "p" / "heldout_image.nii.gz").is_file()

@@ -1,0 +1,284 @@
+"""The CUDA C++ backend (seg3d_fast/backends/cuda.py + csrc/) against the float64 references in helpers.py.
+
+Runs on a CUDA GPU only (the GPU machine); skipped here with "needs a CUDA GPU". Calls the backend contract
+(API.md) directly, so the ops layer is not involved.
+"""
+import pytest
+import torch
+
+from helpers import assert_close, jaccard_sums_plain, randn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    from seg3d_fast.backends import cuda
+
+    assert cuda.unavailable_reason() is None, cuda.unavailable_reason()  # on a GPU machine it must be built
+    return cuda
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """Exact fp32 unless a test turns TF32 on (the backend follows cudnn.allow_tf32, like cuDNN)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _alpha(kind, c_out, dtype, negative=False):
+    if kind is None:
+        return None
+    n = 1 if kind == "scalar" else c_out
+    a = torch.rand(n, dtype=torch.float64) * 0.3 + 0.05
+    if negative:
+        a[0] = -0.2
+    return a.to("cuda", dtype)
+
+
+def _conv_case(dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, shape=(2, 5, 6, 7), layout="contiguous",
+               negative_alpha=False):
+    n, d, h, w = shape
+    x = randn(n, c_in, d, h, w, dtype=dtype, device="cuda", channels_last=layout == "channels_last",
+              noncontig=layout == "noncontig")
+    weight = (randn(c_out, c_in, k, k, k, dtype=torch.float64) / (c_in * k ** 3) ** 0.5).to("cuda", dtype)
+    bias = randn(c_out, dtype=dtype, device="cuda")
+    alpha = _alpha(alpha_kind, c_out, dtype, negative_alpha)
+    out_size = [(s + 2 * (k // 2) - k) // stride + 1 for s in (d, h, w)]
+    residual = None if residual_mode is None else randn(n, c_out, *out_size, dtype=dtype, device="cuda")
+    return x, weight, bias, alpha, residual, residual_mode == "first"
+
+
+def _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_out):
+    """float64 and same-dtype plain PyTorch: output, preact z, and gradients (x, w, b, alpha, dz)."""
+    results = []
+    for dt in (torch.float64, x.dtype):
+        leaves = [t.detach().to(dt).requires_grad_() if t is not None else None
+                  for t in (x, weight, bias, alpha, residual)]
+        xx, ww, bb, aa, rr = leaves
+        z = torch.nn.functional.conv3d(xx, ww, bb, stride=stride, padding=weight.shape[-1] // 2)
+        if rr is not None and residual_first:
+            z = z + rr
+        z.retain_grad()
+        out = z if aa is None else torch.nn.functional.prelu(z, aa)
+        if rr is not None and not residual_first:
+            out = out + rr
+        # (helpers.conv3d_prelu_plain spelled out, to get the pre-activation and its gradient)
+        out.backward(grad_out.to(dt))
+        results.append((out.detach(), z.detach(), xx.grad, ww.grad, bb.grad, None if aa is None else aa.grad,
+                        z.grad))
+    return results
+
+
+def _check_conv(be, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, layout="contiguous",
+                negative_alpha=False, shape=(2, 5, 6, 7)):
+    x, weight, bias, alpha, residual, residual_first = _conv_case(
+        dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, shape, layout, negative_alpha)
+    assert be.conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first) == []
+    save_act = alpha is not None and residual is not None and not residual_first
+    out, act = be.conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act)
+    grad_out = randn(*out.shape, dtype=dtype, device="cuda")
+    ref64, ref = _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_out)
+    what = f"{dtype} cin{c_in} cout{c_out} k{k} s{stride} alpha={alpha_kind} res={residual_mode} {layout}"
+    assert out.dtype == dtype and out.shape == ref64[0].shape
+    cl = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format), what
+    assert_close(out, ref64[0], ref[0], dtype, what + " out")
+    if save_act:
+        act64 = torch.nn.functional.prelu(ref64[1], alpha.double())
+        assert_close(act, act64, torch.nn.functional.prelu(ref[1], alpha), dtype, what + " act")
+    else:
+        assert act is None
+
+    if alpha is None:
+        saved, kind = None, "none"
+    elif negative_alpha:
+        saved, kind = ref[1].to(dtype), "preact"  # the ops layer recomputes z when some alpha <= 0
+    else:
+        saved, kind = (act if save_act else out), "act"
+    mask = (True, True, True, alpha is not None, True)
+    grads = be.conv3d_prelu_backward(grad_out, x, weight, alpha, saved, kind, stride, mask)
+    for name, got, g64, gdt in zip(("grad_x", "grad_w", "grad_b", "grad_alpha", "grad_preact"), grads,
+                                   ref64[2:], ref[2:]):
+        if g64 is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype and got.shape == g64.shape, (name, got.shape, g64.shape)
+        assert_close(got, g64, gdt, dtype, f"{what} {name}")
+    assert grads[0].is_contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (1, 1), (1, 2)])
+@pytest.mark.parametrize("alpha_kind", ["channel", "scalar", None])
+@pytest.mark.parametrize("residual_mode", [None, "after", "first"])
+def test_conv3d_prelu_forward_backward(cuda_backend, dtype, k, stride, alpha_kind, residual_mode):
+    _check_conv(cuda_backend, dtype, 4, 8, k, stride, alpha_kind, residual_mode)
+
+
+# Channel counts that hit every tile shape (C_out <= 16, <= 32, > 32; wgrad C_out <= 16 or not) and every copy
+# width (4, 8 and 16 bytes), with odd extents.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c_in,c_out", [(2, 6), (8, 24), (16, 40), (12, 70)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3d_prelu_channels(cuda_backend, dtype, c_in, c_out, stride):
+    _check_conv(cuda_backend, dtype, c_in, c_out, 3, stride, "channel", "after", shape=(3, 7, 5, 9))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3d_prelu_layouts(cuda_backend, dtype, layout, stride):
+    _check_conv(cuda_backend, dtype, 4, 16, 3, stride, "channel", "first", layout=layout)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("alpha_kind", ["channel", "scalar"])
+def test_conv3d_prelu_negative_alpha_preact(cuda_backend, stride, alpha_kind):
+    _check_conv(cuda_backend, torch.float32, 8, 16, 3, stride, alpha_kind, "after", negative_alpha=True)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3d_prelu_tf32(cuda_backend, stride):
+    torch.backends.cudnn.allow_tf32 = True  # both the backend and the plain-PyTorch error estimate use TF32
+    _check_conv(cuda_backend, torch.float32, 16, 32, 3, stride, "channel", "after", shape=(2, 9, 8, 7))
+
+
+def test_conv3d_prelu_larger_tiles(cuda_backend):
+    """Many M tiles, several K tiles and wgrad splits; exercises the pipeline beyond one stage."""
+    _check_conv(cuda_backend, torch.float16, 32, 64, 3, 1, "channel", "after", shape=(2, 16, 17, 18))
+    _check_conv(cuda_backend, torch.bfloat16, 32, 64, 3, 2, "scalar", "first", shape=(2, 16, 17, 18))
+
+
+def test_conv3d_prelu_deterministic(cuda_backend):
+    x, weight, bias, alpha, residual, _ = _conv_case(torch.float16, 16, 32, 3, 1, "channel", "after",
+                                                     shape=(2, 12, 13, 14))
+    runs = []
+    for _ in range(2):
+        out, act = cuda_backend.conv3d_prelu_forward(x, weight, bias, alpha, residual, 1, False, True)
+        g = torch.ones_like(out) * 0.5 + out * 0.25  # the same fresh values both runs
+        grads = cuda_backend.conv3d_prelu_backward(g, x, weight, alpha, act, "act", 1, (True,) * 5)
+        runs.append((out, act, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_conv3d_prelu_unsupported_reasons(cuda_backend):
+    x = torch.randn(1, 3, 4, 4, 4, device="cuda", dtype=torch.float16)
+    w = torch.randn(8, 3, 3, 3, 3, device="cuda", dtype=torch.float16)
+    reasons = cuda_backend.conv3d_prelu_unsupported(x, w, None, None, None, 1, False)
+    assert any("C_in=3" in r for r in reasons), reasons
+    x32 = torch.randn(1, 4, 4, 4, 4, device="cuda")
+    reasons = cuda_backend.conv3d_prelu_unsupported(x32, torch.randn(8, 4, 5, 5, 5, device="cuda"), None, None,
+                                                    None, 1, False)
+    assert any("kernel" in r for r in reasons), reasons
+
+
+def test_conv3d_prelu_beyond_2_31_elements(cuda_backend):
+    """x and out have more than 2^31 elements: the last planes (highest offsets) must be right."""
+    c, size = 8, 648  # 8 * 648^3 = 2.18e9 elements
+    free = torch.cuda.mem_get_info()[0]
+    if free < 24 * 2**30:
+        pytest.skip(f"needs 24 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.empty(1, size, size, size, c, dtype=torch.float16, device="cuda").normal_().permute(0, 4, 1, 2, 3)
+    assert x.numel() > 2**31 and x.is_contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(c, c, 1, 1, 1, device="cuda", dtype=torch.float16) / c ** 0.5
+    alpha = torch.full((c,), 0.2, device="cuda", dtype=torch.float16)
+    out, _ = cuda_backend.conv3d_prelu_forward(x, weight, None, alpha, None, 1, False, False)
+    tail = slice(size - 2, size)
+    x_tail = x[:, :, tail].double()
+    ref64 = torch.nn.functional.prelu(torch.nn.functional.conv3d(x_tail, weight.double()), alpha.double())
+    ref = torch.nn.functional.prelu(torch.nn.functional.conv3d(x[:, :, tail], weight), alpha)
+    assert_close(out[:, :, tail], ref64, ref, torch.float16, "out beyond 2^31")
+    g = out  # any fresh values; dgrad of a 1x1x1 conv maps each plane to itself
+    grads = cuda_backend.conv3d_prelu_backward(g, x, weight, alpha, out, "act", 1, (True, False, False, False, False))
+    del out
+    g_tail = g[:, :, tail].double()
+    dz64 = torch.where(g_tail > 0, g_tail, g_tail * 0.2)  # here saved == grad_out, so z > 0 iff g > 0
+    gx64 = torch.nn.functional.conv_transpose3d(dz64, weight.double())
+    gx_plain = torch.nn.functional.conv_transpose3d(torch.where(g[:, :, tail] > 0, g[:, :, tail],
+                                                                g[:, :, tail] * alpha.view(1, -1, 1, 1, 1)), weight)
+    assert_close(grads[0][:, :, tail], gx64, gx_plain, torch.float16, "grad_x beyond 2^31")
+
+
+# ---- Jaccard sums ---------------------------------------------------------------------------------------------
+
+def _jaccard_case(dtype, n, c, spatial, target_kind, ignore_index):
+    logits = randn(n, c, *spatial, dtype=dtype, device="cuda") * 2
+    if target_kind == "probabilities":
+        target = torch.rand(n, c, *spatial, device="cuda", dtype=torch.float64).softmax(1).to(dtype)
+    else:
+        labels = torch.randint(0, c, (n, *spatial), device="cuda")
+        if ignore_index is not None:
+            labels[torch.rand(labels.shape, device="cuda") < 0.2] = ignore_index
+        target = labels.to({"int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}[target_kind])
+    return logits, target
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("target_kind,ignore_index,c", [("int64", None, 5), ("int32", 255, 5), ("uint8", 255, 3),
+                                                        ("int64", -1, 20), ("probabilities", None, 4)])
+def test_jaccard_sums_forward_backward(cuda_backend, dtype, activation, squared, target_kind, ignore_index, c):
+    logits, target = _jaccard_case(dtype, 2, c, (5, 6, 7), target_kind, ignore_index)
+    ignore = None if target_kind == "probabilities" else ignore_index
+    assert cuda_backend.jaccard_unsupported(logits, target, activation, ignore) == []
+    sums = cuda_backend.jaccard_sums(logits, target, squared, activation, ignore)
+    assert sums.dtype == torch.float32 and sums.shape == (2, c, 3)
+    what = f"{dtype} {activation} squared={squared} {target_kind} ignore={ignore}"
+    t64 = target.double() if target.dtype.is_floating_point else target
+    ref64 = jaccard_sums_plain(logits.double(), t64, squared, activation, ignore)
+    assert_close(sums, ref64, jaccard_sums_plain(logits, target, squared, activation, ignore), dtype, what)
+
+    grad_sums = torch.randn(2, c, 3, device="cuda")
+    grad = cuda_backend.jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    refs = []
+    for dt in (torch.float64, dtype):
+        lg = logits.detach().to(dt).requires_grad_()
+        tt = target.to(dt) if target.dtype.is_floating_point else target
+        jaccard_sums_plain(lg, tt, squared, activation, ignore).backward(grad_sums.to(dt))
+        refs.append(lg.grad)
+    assert_close(grad, refs[0], refs[1], dtype, what + " grad")
+
+
+def test_jaccard_noncontiguous_and_deterministic(cuda_backend):
+    logits = randn(3, 5, 6, 7, 9, dtype=torch.float16, device="cuda", noncontig=True)
+    target = torch.randint(0, 5, (3, 6, 7, 9), device="cuda")
+    a = cuda_backend.jaccard_sums(logits, target, True, "softmax", None)
+    b = cuda_backend.jaccard_sums(logits, target, True, "softmax", None)
+    assert torch.equal(a, b)
+    ref64 = jaccard_sums_plain(logits.double(), target, True, "softmax")
+    assert_close(a, ref64, jaccard_sums_plain(logits, target, True, "softmax"), torch.float16, "noncontig")
+    g = torch.randn(3, 5, 3, device="cuda")
+    assert torch.equal(cuda_backend.jaccard_sums_backward(g, logits, target, True, "softmax", None),
+                       cuda_backend.jaccard_sums_backward(g, logits, target, True, "softmax", None))
+
+
+def test_jaccard_beyond_2_31_elements(cuda_backend):
+    n, c, s = 1, 4, 560 * 2**20  # 2.35e9 logits
+    free = torch.cuda.mem_get_info()[0]
+    if free < 24 * 2**30:
+        pytest.skip(f"needs 24 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    logits = torch.randn(n, c, s, device="cuda", dtype=torch.float16)
+    target = torch.randint(0, c, (n, s), device="cuda", dtype=torch.uint8)
+    assert logits.numel() > 2**31
+    sums = cuda_backend.jaccard_sums(logits, target, True, "softmax", None)
+    ref = torch.zeros(n, c, 3, dtype=torch.float64, device="cuda")
+    for part in range(0, s, 2**26):  # plain PyTorch in chunks, accumulated in float64
+        sl = slice(part, part + 2**26)
+        ref += jaccard_sums_plain(logits[:, :, sl].double(), target[:, sl], True, "softmax")
+    assert torch.allclose(sums.double(), ref, rtol=1e-3), (sums, ref)
+    grad = cuda_backend.jaccard_sums_backward(torch.ones(n, c, 3, device="cuda"), logits, target, True, "softmax",
+                                              None)
+    tail = slice(s - 4096, s)
+    lg = logits[:, :, tail].double().requires_grad_()
+    # only the per-voxel formula matters at the tail: with grad_sums of ones it does not depend on other voxels
+    jaccard_sums_plain(lg, target[:, tail], True, "softmax").backward(torch.ones(n, c, 3, dtype=torch.float64,
+                                                                                 device="cuda"))
+    assert_close(grad[:, :, tail], lg.grad, None, torch.float16, "jaccard grad beyond 2^31")

@@ -1,0 +1,263 @@
+"""NIfTI io, dataset layouts and preprocessing on real volumes (tests/fixtures, the bundled sample)."""
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from seg3d_fast.data import PreprocessConfig, Seg3DFastDataError, discover, load_case, load_nifti, preprocess
+from seg3d_fast.data.nifti import label_image_like, save_nifti
+from seg3d_fast.data.preprocess import downsample_labels, logits_to_crop_probabilities, restore_probabilities
+from data_helpers import CT, CT_LABELS, TCGA_T1, TCGA_TUMOUR, brain_block, brats_case, load, permuted, save
+
+
+# ---- io ------------------------------------------------------------------------------------------------------
+def test_load_nifti_reads_real_volume():
+    img, data = load_nifti(TCGA_T1)
+    assert data.shape == (48, 64, 10) and data.dtype == np.int16
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated_gz", "truncated_nii", "not_nifti", "folder"])
+def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
+    raw = TCGA_T1.read_bytes()
+    if problem == "missing":
+        path, expect = tmp_path / "nope.nii.gz", "file not found"
+    elif problem == "truncated_gz":
+        path, expect = tmp_path / "cut.nii.gz", "truncated"
+        path.write_bytes(raw[: len(raw) // 2])
+    elif problem == "truncated_nii":
+        path, expect = tmp_path / "cut.nii", "truncated"
+        img = nib.load(str(TCGA_T1))
+        nib.save(img, str(tmp_path / "full.nii"))
+        full = (tmp_path / "full.nii").read_bytes()
+        path.write_bytes(full[: len(full) // 2])
+    elif problem == "not_nifti":
+        path, expect = tmp_path / "notes.nii.gz", "not a readable NIfTI"
+        path.write_text("this is a text file, not an image\n")
+    else:
+        path, expect = tmp_path, "not a file"
+    with pytest.raises(Seg3DFastDataError) as e:
+        load_nifti(path)
+    assert str(path) in str(e.value) and expect in str(e.value)
+
+
+def test_label_image_keeps_grid_and_header(tmp_path):
+    img, _ = load(TCGA_T1)
+    labels = np.random.default_rng(0).integers(0, 3, img.shape)
+    save_nifti(label_image_like(labels, img), tmp_path / "lab.nii.gz")
+    back = nib.load(str(tmp_path / "lab.nii.gz"))
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), labels)
+    np.testing.assert_array_equal(back.affine, img.affine)
+    np.testing.assert_array_equal(back.header.get_zooms(), img.header.get_zooms())
+    assert back.header["sform_code"] == img.header["sform_code"]
+    assert back.header["qform_code"] == img.header["qform_code"]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+# ---- layouts -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("naming", ["old", "new"])
+def test_brats_layout(tmp_path, naming):
+    for i in range(2):
+        brats_case(tmp_path, f"BraTS_{i:03d}", naming)
+    ds = discover(tmp_path, require_labels=True)
+    assert ds.layout == "brats" and [c.name for c in ds.cases] == ["BraTS_000", "BraTS_001"]
+    expected = ["t1", "t1ce", "t2", "flair"] if naming == "old" else ["t1n", "t1c", "t2w", "t2f"]
+    assert ds.channel_names == expected
+    assert [p.name.split("_" if naming == "old" else "-")[-1] for p in ds.cases[0].images] == \
+        [f"{m}.nii.gz" for m in expected]
+    ref, image, label = load_case(ds.cases[0])
+    assert image.shape == (4, 48, 64, 10) and set(np.unique(label)) == {0, 1, 2, 4}
+    _, t1 = load(TCGA_T1)
+    np.testing.assert_allclose(image[2], t1 * 1.6 + 40, rtol=1e-6)  # channel order follows the modality order
+
+
+def test_brats_missing_modality(tmp_path):
+    folder = brats_case(tmp_path, "BraTS_000")
+    (folder / "BraTS_000_flair.nii.gz").unlink()
+    with pytest.raises(Seg3DFastDataError, match="missing modality file.*flair"):
+        discover(tmp_path)
+
+
+def test_nnunet_layout_multichannel(tmp_path):
+    img, t1 = load(TCGA_T1)
+    _, tumour = load(TCGA_TUMOUR)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for case in ("brain_001", "brain_002"):
+        save(t1, img.affine, tmp_path / "imagesTr" / f"{case}_0000.nii.gz")
+        save(t1 * 2, img.affine, tmp_path / "imagesTr" / f"{case}_0001.nii.gz")
+        save(tumour, img.affine, tmp_path / "labelsTr" / f"{case}.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "T1", "1": "T1x2"}, "labels": {"background": 0, "tumour": 1},
+         "numTraining": 2, "file_ending": ".nii.gz"}))
+    ds = discover(tmp_path, require_labels=True)
+    assert ds.layout == "nnunet" and ds.num_classes == 2 and ds.channel_names == ["T1", "T1x2"]
+    _, image, label = load_case(ds.cases[1], ds.num_classes)
+    np.testing.assert_array_equal(image[1], 2 * image[0])
+    np.testing.assert_array_equal(label, tumour)
+
+
+def test_msd_layout_4d_images(tmp_path):
+    img, t1 = load(TCGA_T1)
+    _, tumour = load(TCGA_TUMOUR)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    save(np.stack([t1, t1 + 5], -1).astype(np.int16), img.affine, tmp_path / "imagesTr" / "BRATS_001.nii.gz")
+    save(tumour, img.affine, tmp_path / "labelsTr" / "BRATS_001.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"modality": {"0": "FLAIR", "1": "T1w"}, "labels": {"0": "background", "1": "tumour"},
+         "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}]}))
+    ds = discover(tmp_path)
+    assert ds.layout == "msd" and ds.num_classes == 2 and ds.channel_names == ["FLAIR", "T1w"]
+    _, image, label = load_case(ds.cases[0], ds.num_classes)
+    assert image.shape == (2, 48, 64, 10)
+    np.testing.assert_array_equal(image[1] - image[0], 5)
+
+
+def test_csv_manifest_relative_paths(tmp_path):
+    image, label = brain_block(tmp_path / "vols")
+    (tmp_path / "m.csv").write_text(f"name,image,label\na,vols/{image.name},vols/{label.name}\nb,{image},\n")
+    ds = discover(tmp_path / "m.csv")
+    assert ds.layout == "csv" and [c.name for c in ds.cases] == ["a", "b"]
+    assert ds.cases[0].label == tmp_path / "vols" / label.name and ds.cases[1].label is None
+    assert ds.cases[0].images == ds.cases[1].images == [image]
+    with pytest.raises(Seg3DFastDataError, match="m.csv: no label file for case.* b"):
+        discover(tmp_path / "m.csv", require_labels=True)
+    (tmp_path / "m.csv").write_text(f"image,label\nvols/{image.name},\n{image},\n")
+    with pytest.raises(Seg3DFastDataError, match="m.csv: duplicate case names brain_image"):
+        discover(tmp_path / "m.csv")
+
+
+def test_grid_mismatch_between_modalities_and_label(tmp_path):
+    img, t1 = load(TCGA_T1)
+    _, tumour = load(TCGA_TUMOUR)
+    shifted = img.affine.copy()
+    shifted[0, 3] += 2.0  # 2 mm off
+    save(t1, img.affine, tmp_path / "a_0000.nii.gz")
+    save(t1[:, :, :-1], img.affine, tmp_path / "a_0001.nii.gz")
+    with pytest.raises(Seg3DFastDataError, match=r"a_0001.nii.gz: grid mismatch, shape \(48, 64, 9\)"):
+        load_case(discover(tmp_path).cases[0])
+    save(t1, img.affine, tmp_path / "a_0001.nii.gz")
+    save(tumour, shifted, tmp_path / "lab.nii.gz")
+    case = discover(tmp_path).cases[0]
+    case.label = tmp_path / "lab.nii.gz"
+    with pytest.raises(Seg3DFastDataError, match="lab.nii.gz: grid mismatch, affine"):
+        load_case(case)
+
+
+def test_label_range_checks(tmp_path):
+    img, _ = load(CT_LABELS)
+    case = discover(CT).cases[0]
+    case.label = CT_LABELS
+    with pytest.raises(Seg3DFastDataError, match=r"ct_abdomen_crop_labels.nii.gz: label 89 outside the class range 0..4"):
+        load_case(case, num_classes=5)
+    _, lab = load(CT_LABELS)
+    save(lab.astype(np.float32) + 0.5, img.affine, tmp_path / "frac.nii.gz")
+    case.label = tmp_path / "frac.nii.gz"
+    with pytest.raises(Seg3DFastDataError, match="non-integer"):
+        load_case(case)
+    save(lab.astype(np.int16) - 1, img.affine, tmp_path / "neg.nii.gz")
+    case.label = tmp_path / "neg.nii.gz"
+    with pytest.raises(Seg3DFastDataError, match="label -1 outside the class range"):
+        load_case(case)
+
+
+# ---- preprocessing -------------------------------------------------------------------------------------------
+def _skull_stripped(tmp_path):
+    """The LAS TCGA crop with a zero border (like a skull-stripped scan), so the foreground crop is non-trivial."""
+    img, t1 = load(TCGA_T1)
+    t1 = t1.copy()
+    t1[:5], t1[-3:], t1[:, :7], t1[:, :, 0] = 0, 0, 0, 0  # whole slabs: the foreground box is what remains
+    return save(t1, img.affine, tmp_path / "t1.nii.gz", img.header)
+
+
+def test_preprocess_canonical_crop_zscore(tmp_path):
+    path = _skull_stripped(tmp_path)
+    ref, image, label = load_case(discover(path).cases[0])
+    x, _, geom = preprocess(ref, image, None)
+    canonical = np.asanyarray(nib.as_closest_canonical(nib.load(str(path))).dataobj).astype(np.float32)
+    nz = np.argwhere(canonical != 0)
+    box = tuple(slice(a, b + 1) for a, b in zip(nz.min(0), nz.max(0)))
+    expected = canonical[box]
+    fg = expected != 0
+    expected = np.where(fg, (expected - expected[fg].mean()) / expected[fg].std(), 0)
+    np.testing.assert_allclose(x[0].numpy(), expected, atol=1e-5)
+    assert geom.bbox == tuple((s.start, s.stop) for s in box) and geom.shape == (48, 64, 10)
+
+
+def test_preprocess_ct_clip_and_downsample():
+    ref, image, label = load_case(discover(CT).cases[0])
+    _, lab = load(CT_LABELS)
+    x, y, geom = preprocess(ref, image, lab.astype(np.int64), PreprocessConfig(downsample=2, clip=(-200, 300)))
+    assert tuple(x.shape) == (1, 24, 20, 6) and tuple(y.shape) == (24, 20, 6)
+    clipped = np.clip(image[0], -200, 300)
+    fg = image[0] != 0
+    z = (clipped - clipped[fg].mean()) / clipped[fg].std()
+    assert x.max().item() <= z.max() + 1e-5 and x.min().item() >= z.min() - 1e-5
+    assert set(torch.unique(y).tolist()) <= set(np.unique(lab).tolist())
+    # majority label of each 2x2x2 block
+    block = lab[:2, :2, :2].ravel()
+    assert y[0, 0, 0].item() == np.bincount(block).argmax()
+
+
+def test_downsample_labels_majority():
+    lab = torch.zeros(4, 4, 4, dtype=torch.int64)
+    lab[:2, :2, :2] = 3
+    lab[0, 0, 0] = 1
+    lab[2:, 2:, 2:] = 2
+    out = downsample_labels(lab, (2, 2, 2))
+    assert out[0, 0, 0] == 3 and out[1, 1, 1] == 2 and out[1, 0, 0] == 0
+
+
+def test_empty_foreground(tmp_path):
+    img, t1 = load(TCGA_T1)
+    path = save(np.zeros_like(t1), img.affine, tmp_path / "blank.nii.gz")
+    ref, image, _ = load_case(discover(path).cases[0])
+    with pytest.raises(Seg3DFastDataError, match="blank.nii.gz: empty foreground"):
+        preprocess(ref, image, None, name=str(path))
+
+
+@pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.parametrize("permute", [False, True])
+def test_inverse_restores_input_grid(tmp_path, downsample, permute):
+    """A perfect 'network' (one-hot of the preprocessed label) mapped back lands on the original label map:
+    exactly without downsampling, nearly (same place, Dice > 0.85) with it; on the LAS real volume and on the
+    same volume stored with permuted axes. The label is the real tumour mask plus an ellipsoid large enough
+    to survive 2x downsampling of the 6.5 mm slices."""
+    t1_path = _skull_stripped(tmp_path)
+    img, t1 = load(t1_path)
+    _, tumour = load(TCGA_TUMOUR)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in t1.shape], indexing="ij"), -1)
+    ellipsoid = (((grid - (14, 40, 5)) / (8, 12, 3.5)) ** 2).sum(-1) <= 1
+    lab = np.where(ellipsoid, 2, tumour).astype(np.uint8)
+    expected = np.where(t1 != 0, lab, 0)  # labels outside the foreground box are background in the output
+    lab_path = save(lab, img.affine, tmp_path / "lab.nii.gz")
+    exp_path = save(expected, img.affine, tmp_path / "expected.nii.gz")
+    if permute:
+        t1_path, lab_path = permuted(t1_path, tmp_path / "p_t1.nii.gz"), permuted(lab_path, tmp_path / "p_lab.nii.gz")
+        exp_path = permuted(exp_path, tmp_path / "p_exp.nii.gz")
+    img = nib.load(str(t1_path))
+    assert nib.aff2axcodes(img.affine) != ("R", "A", "S")
+    ref, image, _ = load_case(discover(t1_path).cases[0])
+    _, label = load(lab_path)
+    _, expected = load(exp_path)
+    x, y, geom = preprocess(ref, image, label.astype(np.int64), PreprocessConfig(downsample=downsample))
+    logits = 10.0 * torch.nn.functional.one_hot(y, 3).permute(3, 0, 1, 2).float()
+    probs = restore_probabilities(logits_to_crop_probabilities(logits, geom), geom)
+    assert probs.shape == (3, *img.shape)
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+    pred = probs.argmax(0)
+    if downsample == 1:
+        np.testing.assert_array_equal(pred, expected)
+    else:
+        p, t = pred == 2, expected == 2
+        assert 2 * np.sum(p & t) / (p.sum() + t.sum()) > 0.85  # 9 slices -> 4 and back: lossy in z
+        np.testing.assert_allclose(np.argwhere(p).mean(0), np.argwhere(t).mean(0), atol=0.5)
+    out = tmp_path / "pred.nii.gz"
+    save_nifti(label_image_like(pred, img), out)
+    back = nib.load(str(out))
+    assert back.shape == img.shape
+    np.testing.assert_array_equal(back.affine, img.affine)
+    np.testing.assert_array_equal(back.header.get_zooms(), img.header.get_zooms())

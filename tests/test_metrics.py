@@ -1,0 +1,86 @@
+"""Dice / Jaccard / sensitivity / PPV, BRATS regions and folder evaluation, against counts done by hand."""
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from seg3d_fast.data import Seg3DFastDataError
+from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_folders, looks_like_brats, scores,
+                                write_evaluation)
+from data_helpers import TCGA_TUMOUR, brats_case, load, save
+
+
+def test_scores_from_counts():
+    s = scores(tp=6, fp=2, fn=4)
+    assert s["dice"] == pytest.approx(12 / 18)
+    assert s["jaccard"] == pytest.approx(6 / 12)
+    assert s["sensitivity"] == pytest.approx(6 / 10)
+    assert s["ppv"] == pytest.approx(6 / 8)
+    empty = scores(0, 0, 0)
+    assert empty["dice"] == 1.0 and empty["jaccard"] == 1.0
+    assert math.isnan(empty["sensitivity"]) and math.isnan(empty["ppv"])
+    assert scores(0, 3, 0)["dice"] == 0.0 and math.isnan(scores(0, 3, 0)["sensitivity"])
+
+
+def test_per_class_on_real_mask():
+    _, tumour = load(TCGA_TUMOUR)
+    truth = tumour.astype(np.int64)
+    pred = np.roll(truth, 2, axis=0)  # the real mask shifted by 2 voxels
+    tp = np.sum((pred == 1) & (truth == 1))
+    expected = 2 * tp / (np.sum(pred == 1) + np.sum(truth == 1))
+    d = dice_per_class(pred, truth, 2)
+    assert d[1] == pytest.approx(expected) and 0 < d[1] < 1
+    out = evaluate_case(pred, truth, classes=[1])
+    assert out["class_1"]["jaccard"] == pytest.approx(expected / (2 - expected))
+
+
+def test_brats_regions():
+    truth = np.array([0, 1, 2, 4, 4, 2, 0, 1])
+    pred = np.array([0, 1, 2, 2, 4, 0, 1, 4])
+    out = evaluate_case(pred, truth, classes=[1, 2, 4], regions="brats")
+    # whole {1,2,4}: truth 1,2,3,4,5,7; pred 1,2,3,4,6,7 -> tp 5
+    assert out["whole"]["dice"] == pytest.approx(10 / 12)
+    # core {1,3,4}: truth 1,3,4,7; pred 1,4,6,7 -> tp 3
+    assert out["core"]["dice"] == pytest.approx(6 / 8)
+    # enhancing {4}: truth 3,4; pred 4,7 -> tp 1
+    assert out["enhancing"]["sensitivity"] == pytest.approx(0.5) and out["enhancing"]["ppv"] == pytest.approx(0.5)
+    assert looks_like_brats({0, 1, 2, 4}) == "brats" and looks_like_brats({0, 1, 2}) is None
+    assert looks_like_brats({0, 4, 7}) is None
+
+
+def test_evaluate_folders_brats(tmp_path):
+    brats_case(tmp_path / "labels", "case_a")
+    img, seg = load(tmp_path / "labels" / "case_a" / "case_a_seg.nii.gz")
+    pred = seg.copy()
+    pred[pred == 1] = 4  # necrosis predicted as enhancing: whole stays perfect, core too, enhancing does not
+    (tmp_path / "pred").mkdir()
+    save(pred, img.affine, tmp_path / "pred" / "case_a.nii.gz")
+    save(np.zeros(seg.shape + (3,), np.float32), img.affine, tmp_path / "pred" / "case_a_probabilities.nii.gz")
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    assert result["regions"] == "brats" and result["classes"] == [1, 2, 4]
+    m = result["mean"]
+    assert m["whole"]["dice"] == 1.0 and m["core"]["dice"] == 1.0 and m["class_2"]["dice"] == 1.0
+    n1, n4 = np.sum(seg == 1), np.sum(seg == 4)
+    assert m["enhancing"]["ppv"] == pytest.approx(n4 / (n1 + n4))
+    assert m["class_1"]["dice"] == 0.0 and math.isnan(m["class_1"]["ppv"])
+    write_evaluation(result, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert data["mean"]["class_1"]["ppv"] is None  # NaN written as null
+    rows = list(csv.DictReader(open(tmp_path / "out" / "evaluation.csv")))
+    assert {(r["case"], r["target"]) for r in rows} >= {("case_a", "whole"), ("mean", "enhancing")}
+
+
+def test_evaluate_folders_errors(tmp_path):
+    (tmp_path / "pred").mkdir()
+    with pytest.raises(Seg3DFastDataError, match="no NIfTI label maps"):
+        evaluate_folders(tmp_path / "pred", tmp_path)
+    img, tumour = load(TCGA_TUMOUR)
+    save(tumour, img.affine, tmp_path / "pred" / "x.nii.gz")
+    with pytest.raises(Seg3DFastDataError, match="x.nii.gz: no ground-truth label file for case x"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    (tmp_path / "labels").mkdir()
+    save(tumour[:, :, :-1], img.affine, tmp_path / "labels" / "x.nii.gz")
+    with pytest.raises(Seg3DFastDataError, match="x.nii.gz: grid mismatch"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "labels")

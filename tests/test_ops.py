@@ -1,0 +1,295 @@
+"""The public ops on the reference backend against plain PyTorch in float64: forward, every gradient, gradcheck,
+opcheck, layouts, and the errors for bad input."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seg3d_fast as sf
+from seg3d_fast import ops
+from helpers import FLOOR, assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn
+
+SHAPE = (2, 3, 5, 6, 7)  # N > 1, odd extents
+BACKWARD_OP_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def make_conv_args(dtype, k, stride, alpha_kind, residual_kind, layout, c_out=5, negative_alpha=False, shape=SHAPE):
+    x = randn(*shape, dtype=dtype, channels_last=layout == "channels_last", noncontig=layout == "noncontig")
+    w = randn(c_out, shape[1], k, k, k, dtype=dtype) * (1.0 / (shape[1] * k**3) ** 0.5)
+    b = randn(c_out, dtype=dtype)
+    n_alpha = {"none": 0, "shared": 1, "channel": c_out}[alpha_kind]
+    alpha = None
+    if n_alpha:
+        alpha = torch.rand(n_alpha, dtype=torch.float64) * 0.5 + 0.05
+        if negative_alpha:
+            alpha = alpha - 0.3
+        alpha = alpha.to(dtype)
+    out_shape = ops.conv_output_shape(x.shape, w.shape, stride)
+    r = None if residual_kind == "none" else randn(*out_shape, dtype=dtype,
+                                                   channels_last=layout == "channels_last")
+    return x, w, b, alpha, r, stride, residual_kind == "before"
+
+
+def run_with_grads(fn, args, grad_out):
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return out, [a.grad if isinstance(a, torch.Tensor) else None for a in leaves]
+
+
+def check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend="reference", negative_alpha=False):
+    x, w, b, alpha, r, stride, rf = make_conv_args(dtype, k, stride, alpha_kind, residual_kind, layout,
+                                                   negative_alpha=negative_alpha)
+    fused = lambda x, w, b, a, r: sf.conv3d_prelu(x, w, b, a, r, stride=stride, residual_first=rf, backend=backend)
+    plain = lambda x, w, b, a, r: conv3d_prelu_plain(x, w, b, a, r, stride, rf)
+    args = [x, w, b, alpha, r]
+    args64 = [None if a is None else a.double() for a in args]
+    out64 = plain(*args64)
+    # Mean-one upstream gradient: the shared-alpha gradient sums ~1e3 terms, and with a zero-mean g that sum
+    # cancels to noise, making every dtype's relative error ill-conditioned.
+    g = torch.randn_like(out64) + 1
+    ref_out, ref_grads = run_with_grads(plain, args64, g)
+    torch_out, torch_grads = run_with_grads(plain, args, g)
+    out, grads = run_with_grads(fused, args, g)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert_close(out, ref_out, torch_out, dtype, "out")
+    for name, got, want, tg in zip(("x", "weight", "bias", "alpha", "residual"), grads, ref_grads, torch_grads):
+        if want is None:
+            continue
+        assert got is not None and got.dtype == dtype, f"grad {name} missing or wrong dtype"
+        assert_close(got, want, tg, dtype, f"grad {name}")
+
+
+CASES = list(itertools.product((1, 3), (1, 2), ("none", "shared", "channel"), ("none", "after", "before")))
+
+
+@pytest.mark.parametrize("k,stride,alpha_kind,residual_kind", CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+def test_conv3d_prelu_fp32(k, stride, alpha_kind, residual_kind, layout):
+    check_conv(torch.float32, k, stride, alpha_kind, residual_kind, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,stride,alpha_kind,residual_kind", [(3, 2, "channel", "after"), (3, 1, "shared", "before"),
+                                                               (1, 2, "none", "after"), (3, 1, "channel", "none")])
+def test_conv3d_prelu_half(dtype, k, stride, alpha_kind, residual_kind):
+    check_conv(dtype, k, stride, alpha_kind, residual_kind, "channels_last")
+
+
+@pytest.mark.parametrize("residual_kind", ["none", "after", "before"])
+def test_conv3d_prelu_nonpositive_alpha_recomputes(residual_kind):
+    # alpha <= 0 makes the pre-activation unrecoverable from the output: backward must recompute it.
+    check_conv(torch.float32, 3, 2, "channel", residual_kind, "contiguous", negative_alpha=True)
+
+
+@pytest.mark.parametrize("stride,residual_first,alpha_kind", [(1, False, "channel"), (2, True, "shared"),
+                                                              (2, False, "none"), (1, True, "negative")])
+def test_conv3d_prelu_gradcheck(stride, residual_first, alpha_kind):
+    x, w, b, alpha, r, _, _ = make_conv_args(torch.float64, 3, stride, "none" if alpha_kind == "none" else "channel",
+                                             "before", "contiguous", c_out=3,
+                                             negative_alpha=alpha_kind == "negative", shape=(2, 2, 3, 4, 5))
+    if alpha_kind == "shared":
+        alpha = alpha[:1]
+    inputs = [t.requires_grad_() for t in (x, w, b, r)] + ([alpha.requires_grad_()] if alpha is not None else [])
+    fn = lambda x, w, b, r, *a: sf.conv3d_prelu(x, w, b, a[0] if a else None, r, stride=stride,
+                                                residual_first=residual_first)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_conv3d_prelu_saves_output_not_preactivation():
+    """Backward keeps x and the output only (plus parameters): no pre-activation tensor."""
+    x, w, b, alpha, _, _, _ = make_conv_args(torch.float32, 3, 1, "channel", "none", "contiguous")
+    w.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = sf.conv3d_prelu(x, w, b, alpha)
+    params = {p.untyped_storage().data_ptr() for p in (w, b, alpha)}
+    big = {t.untyped_storage().data_ptr() for t in saved} - params
+    assert big == {x.untyped_storage().data_ptr(), out.untyped_storage().data_ptr()}
+
+
+def test_opcheck_conv3d_prelu():
+    for residual_first, alpha_n in ((False, 5), (True, 1)):
+        x, w, b, alpha, r, _, _ = make_conv_args(torch.float32, 3, 2, "channel", "after", "contiguous")
+        alpha = alpha[:alpha_n]
+        args = [t.requires_grad_() for t in (x, w, b, alpha, r)]
+        torch.library.opcheck(ops._conv3d_prelu, (*args, 2, residual_first, not residual_first, "reference"))
+    g = torch.randn(2, 5, 3, 3, 4)
+    # The backward op has no autograd of its own (no double backward), so not the aot_dispatch utils.
+    torch.library.opcheck(ops._conv3d_prelu_backward,
+                          (g, x, w, b, alpha, None, g.clone(), 2, False, [True, True, True, True, False],
+                           "reference"), test_utils=BACKWARD_OP_CHECKS)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Jaccard loss
+def jaccard_plain(logits, target, squared=True, activation="softmax", smooth=1e-5, class_weights=None,
+                  include_background=True, per_sample=False, ignore_index=None, reduction="mean"):
+    """The loss from the plain sums (one-hot and probabilities materialised), independently of ops.jaccard_from_sums."""
+    sums = jaccard_sums_plain(logits, target, squared, activation, ignore_index)
+    if not per_sample:
+        sums = sums.sum(0, keepdim=True)
+    i, p, t = sums.unbind(-1)
+    loss = 1 - (i + smooth) / (p + t - i + smooth)
+    w = torch.ones(loss.shape[1], dtype=loss.dtype) if class_weights is None else class_weights.to(loss.dtype)
+    if not include_background:
+        loss, w = loss[:, 1:], w[1:]
+    if reduction == "none":
+        return loss if per_sample else loss[0]
+    if reduction == "sum":
+        return (loss * w).sum()
+    return ((loss * w).sum(1) / w.sum()).mean()
+
+
+def make_target(kind, shape, c, ignore_index=None):
+    n, _, *spatial = shape
+    if kind == "labels":
+        t = torch.randint(0, c, (n, *spatial))
+        if ignore_index is not None:
+            t[torch.rand(t.shape) < 0.2] = ignore_index
+        return t
+    return torch.rand(shape, dtype=torch.float64).softmax(1)
+
+
+JACCARD_CASES = [
+    dict(),
+    dict(squared=False),
+    dict(activation="sigmoid"),
+    dict(per_sample=True, reduction="none"),
+    dict(include_background=False, class_weights=torch.tensor([0.5, 1.0, 2.0, 1.0])),
+    dict(ignore_index=255),
+    dict(reduction="sum", smooth=1.0),
+]
+
+
+@pytest.mark.parametrize("kwargs,target_kind",
+                         [(k, t) for k in JACCARD_CASES for t in ("labels", "probs")
+                          if not (t == "probs" and "ignore_index" in k)],  # label maps only (see test_jaccard_errors)
+                         ids=lambda v: v if isinstance(v, str) else ",".join(v) or "default")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_jaccard_loss(kwargs, target_kind, dtype):
+    shape = (2, 4, 5, 6, 7)
+    logits = randn(*shape, dtype=dtype, channels_last=True) * 2
+    target = make_target(target_kind, shape, 4, kwargs.get("ignore_index"))
+    tgt = target if target_kind == "labels" else target.to(dtype)
+    l64 = logits.double().requires_grad_()
+    ref = jaccard_plain(l64, target, **kwargs)
+    g = torch.rand_like(ref)
+    ref_g, = torch.autograd.grad(ref, l64, g)
+    lt = logits.clone().requires_grad_()
+    torch_loss = jaccard_plain(lt, tgt, **kwargs)
+    torch_g, = torch.autograd.grad(torch_loss, lt, g.to(torch_loss.dtype))
+    lf = logits.clone().requires_grad_()
+    loss = sf.jaccard_loss(lf, tgt, **kwargs)
+    got_g, = torch.autograd.grad(loss, lf, g.to(loss.dtype))
+    assert got_g.dtype == dtype
+    assert_close(loss, ref, torch_loss, dtype, "loss")
+    assert_close(got_g, ref_g, torch_g, dtype, "grad logits")
+
+
+def test_jaccard_gradcheck_and_2d():
+    logits = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # 2-D images work too
+    labels = torch.randint(0, 3, (2, 4, 5))
+    assert torch.autograd.gradcheck(lambda l: sf.jaccard_loss(l, labels, per_sample=True, reduction="none"),
+                                    (logits,), fast_mode=True)
+    probs = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda l: sf.jaccard_loss(l, probs, activation="sigmoid", squared=False),
+                                    (logits,), fast_mode=True)
+
+
+def test_jaccard_perfect_prediction_is_zero_and_wrong_is_one():
+    labels = torch.randint(0, 3, (1, 6, 6, 6))
+    onehot = F.one_hot(labels, 3).movedim(-1, 1).float()
+    assert sf.jaccard_loss(onehot * 40 - 20, labels).item() < 1e-4
+    assert sf.jaccard_loss(onehot * -40, labels).item() > 0.99
+
+
+def test_opcheck_jaccard():
+    logits = torch.randn(2, 4, 3, 4, 5, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 3, 4, 5))
+    torch.library.opcheck(ops._jaccard_sums, (logits, labels, True, "softmax", None, "reference"))
+    torch.library.opcheck(ops._jaccard_sums, (logits, torch.rand(2, 4, 3, 4, 5), False, "sigmoid", None, "reference"))
+    torch.library.opcheck(ops._jaccard_sums_backward,
+                          (torch.randn(2, 4, 3), logits.detach(), labels, True, "softmax", 2, "reference"),
+                          test_utils=BACKWARD_OP_CHECKS)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# transposed conv + PReLU + skip
+def test_upconv_prelu_add_matches_plain_and_gradcheck():
+    x = torch.randn(2, 3, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(4, dtype=torch.float64).requires_grad_()
+    skip = torch.randn(2, 4, 6, 8, 10, dtype=torch.float64, requires_grad=True)
+    got = sf.upconv_prelu_add(x, w, b, a, skip)
+    want = F.prelu(F.conv_transpose3d(x, w, b, stride=2), a) + skip
+    torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(sf.upconv_prelu_add, (x, w, b, a, skip), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x, w, b, a: sf.upconv_prelu_add(x, w, b, a[:1]), (x, w, b, a),
+                                    fast_mode=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bad input: clear errors naming the argument
+def test_conv_errors():
+    x, w, b, alpha, r, _, _ = make_conv_args(torch.float32, 3, 1, "channel", "after", "contiguous")
+    with pytest.raises(ValueError, match="x must be a 5-D"):
+        sf.conv3d_prelu(x[0], w)
+    with pytest.raises(ValueError, match="channel mismatch"):
+        sf.conv3d_prelu(x, w[:, :2])
+    with pytest.raises(ValueError, match="kernel"):
+        sf.conv3d_prelu(x, torch.randn(5, 3, 5, 5, 5))
+    with pytest.raises(ValueError, match="stride"):
+        sf.conv3d_prelu(x, w, stride=3)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        sf.conv3d_prelu(x, w, b.double())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        sf.conv3d_prelu(x, w, b[:2])
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        sf.conv3d_prelu(x, w, b, alpha[:2])
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        sf.conv3d_prelu(x, w, b, alpha, r[:, :, :2])
+    with pytest.raises(ValueError, match="residual is on meta"):
+        sf.conv3d_prelu(x, w, b, alpha, r.to("meta"))
+    with pytest.raises(TypeError, match="x must be float16"):
+        sf.conv3d_prelu(x.long(), w)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sf.conv3d_prelu(x, w, backend="cudnn")
+
+
+def test_explicit_backend_that_cannot_run_lists_reasons():
+    x, w, *_ = make_conv_args(torch.float32, 3, 1, "none", "none", "contiguous")
+    reason = sf.backends.available()["cuda"]
+    if reason is None:
+        pytest.skip("a CUDA backend is usable here; this checks the CPU-only error")
+    with pytest.raises(sf.backends.BackendUnsupported, match="backend 'cuda' cannot run conv3d_prelu"):
+        sf.conv3d_prelu(x, w, backend="cuda")
+
+
+def test_jaccard_errors():
+    logits = torch.randn(2, 3, 4, 5, 6)
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 2\]"):
+        sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), 3))
+    with pytest.raises(ValueError, match=r"target labels must lie"):
+        sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), -1))
+    assert sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), -1), ignore_index=-1).isfinite()
+    with pytest.raises(ValueError, match="target label map must have shape"):
+        sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="probabilities must have the logits' shape"):
+        sf.jaccard_loss(logits, torch.rand(2, 2, 4, 5, 6))
+    with pytest.raises(ValueError, match="ignore_index applies to integer label maps"):
+        sf.jaccard_loss(logits, torch.rand(2, 3, 4, 5, 6), ignore_index=0)
+    with pytest.raises(TypeError, match="logits must be a floating-point"):
+        sf.jaccard_loss(logits.long(), torch.zeros(2, 4, 5, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="softmax over one class"):
+        sf.jaccard_loss(logits[:, :1], torch.zeros(2, 4, 5, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="class_weights must have one weight per class"):
+        sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="target is on meta"):
+        sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), activation="relu")

@@ -1,0 +1,107 @@
+"""Prediction: sliding-window blending, fold ensembles, outputs on the input's exact grid (non-canonical real volume)."""
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from seg3d_fast.data import Seg3DFastDataError
+from seg3d_fast.predict import gaussian_importance, load_models, predict, predict_case, predict_logits, window_starts
+from seg3d_fast.train import TrainConfig, train
+from seg3d_fast.data.datasets import Case
+from data_helpers import TCGA_T1, brain_block, load, permuted
+
+TINY = dict(features=(4, 8), crop=(16, 16, 16), samples_per_epoch=2, lr=3e-3, progress=False)
+
+
+def test_window_starts_cover_the_axis():
+    for size, roi in ((40, 16), (17, 16), (16, 16), (9, 16), (100, 33)):
+        starts = window_starts(size, roi, 0.5)
+        assert starts[0] == 0 and starts[-1] == max(0, size - roi)
+        covered = np.zeros(max(size, roi), bool)
+        for s in starts:
+            covered[s:s + roi] = True
+        assert covered[:size].all()
+        assert all(b - a <= roi // 2 for a, b in zip(starts, starts[1:]))  # 50% overlap at least
+
+
+def test_gaussian_importance():
+    w = gaussian_importance((8, 9, 10))
+    assert w.shape == (8, 9, 10) and w.max() == pytest.approx(1.0) and w.min() >= 1e-3
+    assert w[4, 4, 5] > w[0, 0, 0]
+    torch.testing.assert_close(w, w.flip(0).flip(1).flip(2))
+
+
+def test_sliding_window_equals_whole_volume_for_a_pointwise_model():
+    """Blending is a weighted mean of overlapping windows: for a voxel-wise network it must reproduce the
+    whole-volume pass exactly, whatever the window size (including windows larger than the volume)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 1), torch.nn.PReLU(), torch.nn.Conv3d(8, 3, 1))
+    x = torch.randn(2, 19, 23, 11)
+    whole = predict_logits(model, x, torch.device("cpu"))
+    for roi in ((8, 8, 8), (16, 12, 5), (32, 32, 16)):
+        windowed = predict_logits(model, x, torch.device("cpu"), roi=roi)
+        torch.testing.assert_close(windowed, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_fold_run(tmp_path_factory):
+    """A 2-fold run on two blocks of the brain sample (tiny model, 1 epoch each)."""
+    root = tmp_path_factory.mktemp("run2")
+    rows = ["name,image,label"]
+    for i in range(2):
+        block = (slice(22 + 6 * i, 42 + 6 * i), slice(30, 50), slice(28, 44))
+        image, label = brain_block(root / "data", f"case{i}", block)
+        rows.append(f"case{i},{image.name},{label.name}")
+    (root / "data" / "train.csv").write_text("\n".join(rows) + "\n")
+    for fold in range(2):
+        train(TrainConfig(data=str(root / "data" / "train.csv"), out=str(root / "run"), epochs=1, folds=2,
+                          fold=fold, **TINY))
+    return root
+
+
+def test_ensemble_averages_fold_probabilities(two_fold_run):
+    run = two_fold_run / "run"
+    case = Case("case0", [two_fold_run / "data" / "case0_image.nii.gz"])
+    device = torch.device("cpu")
+    config, both = load_models(run, device, ensemble=True)
+    assert len(both) == 2
+    _, p_both = predict_case(both, config, case, device)
+    _, p0 = predict_case(load_models(run, device, fold=0)[1], config, case, device)
+    _, p1 = predict_case(load_models(run / "fold_1", device)[1], config, case, device)
+    np.testing.assert_allclose(p_both, (p0 + p1) / 2, atol=1e-6)
+    assert not np.allclose(p0, p1, atol=1e-3)  # the folds really differ
+    np.testing.assert_allclose(p_both.sum(0), 1, atol=1e-5)
+
+
+def test_predict_writes_on_input_grid(two_fold_run, tmp_path):
+    """A real LAS volume stored with permuted axes: label map and probabilities come back on its exact grid."""
+    (tmp_path / "in").mkdir()  # the run expects one channel: the TCGA T1 crop, axes permuted
+    src = permuted(TCGA_T1, tmp_path / "in" / "tcga.nii.gz")
+    img = nib.load(str(src))
+    assert nib.aff2axcodes(img.affine) not in (("R", "A", "S"), ("L", "A", "S"))
+    written = predict(two_fold_run / "run", tmp_path / "in", tmp_path / "out", ensemble=True,
+                      roi=(16, 16, 16), save_probabilities=True, progress=False)
+    assert written == [tmp_path / "out" / "tcga.nii.gz"]
+    out = nib.load(str(written[0]))
+    assert out.shape == img.shape and out.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(out.affine, img.affine)
+    np.testing.assert_array_equal(out.header.get_zooms(), img.header.get_zooms())
+    assert out.header["sform_code"] == img.header["sform_code"]
+    probs = nib.load(str(tmp_path / "out" / "tcga_probabilities.nii.gz"))
+    assert probs.shape == (*img.shape, 4)
+    p = probs.get_fdata()
+    np.testing.assert_allclose(p.sum(-1), 1, atol=1e-4)
+    np.testing.assert_array_equal(p.argmax(-1), np.asanyarray(out.dataobj))
+
+
+def test_predict_errors(two_fold_run, tmp_path):
+    with pytest.raises(Seg3DFastDataError, match="not a training run"):
+        predict(tmp_path, TCGA_T1, tmp_path / "o", progress=False)
+    with pytest.raises(Seg3DFastDataError, match="no checkpoint for fold 7"):
+        load_models(two_fold_run / "run", torch.device("cpu"), fold=7)
+    img, t1 = load(TCGA_T1)
+    two = nib.Nifti1Image(np.stack([t1, t1], -1), img.affine)
+    nib.save(two, str(tmp_path / "two.nii.gz"))
+    with pytest.raises(Seg3DFastDataError, match="two.nii.gz: case two has 2 channel\\(s\\), the model expects 1"):
+        predict(two_fold_run / "run", tmp_path / "two.nii.gz", tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

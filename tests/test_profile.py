@@ -1,0 +1,117 @@
+"""seg3d_fast.profile: saved-for-backward byte counting, the plain loss baseline, and the profile command on a tiny CPU
+case (the GPU paths run in benchmarks/gpu_check.sh)."""
+import argparse
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from seg3d_fast import jaccard_loss, profile
+from seg3d_fast.models import Seg3DNet
+from tests.helpers import assert_close
+
+TINY_FEATURES = [2, 4, 6, 8]
+
+
+class ScaleExpSin(nn.Module):
+    """x * w -> exp -> sin of a slice: what autograd saves is known by hand (see the test)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x):
+        z = (x * self.w).exp()
+        return z[:, :2].sin()
+
+
+def test_saved_tensor_bytes_by_hand():
+    m = ScaleExpSin((3, 5))
+    x = torch.randn(3, 5)  # float32: 60 bytes per (3, 5) tensor
+    # mul saves x (for w's gradient; w itself is a parameter, left out); exp saves its result z; sin saves a view
+    # of z, whose storage is z's and counts once.
+    assert profile.saved_tensor_bytes(m, x) == 60 + 60
+    x.requires_grad_(True)  # now mul also saves w, a parameter storage: counted only when asked for
+    assert profile.saved_tensor_bytes(m, x) == 60 + 60
+    assert profile.saved_tensor_bytes(m, x, include_parameters=True) == 60 + 60 + 60
+    m.double()
+    assert profile.saved_tensor_bytes(m, x.double()) == 120 + 120
+
+
+def test_saved_tensor_bytes_fused_network_saves_less():
+    # Fused blocks keep one activation each, plain ones two (conv output and PReLU output): about half.
+    # Measured: 0.586 for these tiny features (0.530 for the paper's 8/16/32/64); the bound leaves room.
+    x = torch.randn(2, 4, 8, 16, 24)
+    fused = profile.saved_tensor_bytes(Seg3DNet(features=TINY_FEATURES, fused=True), x)
+    plain = profile.saved_tensor_bytes(Seg3DNet(features=TINY_FEATURES, fused=False), x)
+    assert 0 < fused < 0.65 * plain, (fused, plain)
+
+
+def test_plain_jaccard_loss_is_the_fused_loss():
+    logits = torch.randn(2, 5, 3, 6, 7)
+    labels = torch.randint(0, 5, (2, 3, 6, 7))
+    expected = jaccard_loss(logits.double(), labels, backend="reference")
+    assert_close(profile.plain_jaccard_loss(logits, labels), expected, None, torch.float32, "plain jaccard")
+
+
+def _args(tmp_path, *extra):
+    parser = argparse.ArgumentParser()
+    profile.add_arguments(parser)
+    return parser.parse_args(["--input-size", "8", "16", "12", "--features", *map(str, TINY_FEATURES), "--steps", "2",
+                              "--warmup", "1", "--max-edge", "96", "--out", str(tmp_path / "p.json"), "--device", "cpu",
+                              *extra])
+
+
+def test_profile_main_tiny_cpu(tmp_path):
+    args = _args(tmp_path, "--batch", "2", "--memory-budget", "0.25", "--trace", str(tmp_path / "trace"))
+    assert profile.main(args) == 0
+    payload = json.loads((tmp_path / "p.json").read_text())
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert {"torch", "device", "date"} <= payload["environment"].keys()
+    rows = {r["variant"]: r for r in payload["results"]}
+    assert set(rows) == {"plain", "reference"}
+    for name, r in rows.items():
+        assert r["steps_per_s"] > 0 and len(r["step_ms_all"]) == 2
+        assert r["voxels_per_s"] == pytest.approx(r["steps_per_s"] * 2 * 8 * 16 * 12)
+        assert r["peak_bytes"] > 0 and "estimate" in r["memory_method"]
+        edge = r["max_cubic_edge"]
+        assert edge is not None and edge % 16 == 0 and 16 <= edge <= 96
+        assert (tmp_path / "trace" / f"trace_{name}.json").stat().st_size > 0
+    assert rows["reference"]["memory_vs_plain"] < 1  # fewer saved bytes, same parameters
+    assert rows["reference"]["max_cubic_edge"] >= rows["plain"]["max_cubic_edge"]
+
+
+def test_largest_cube_estimate_is_exact_where_it_can_be(tmp_path):
+    # CPU estimate = saved bytes + 4x parameters, linear in voxels: a budget of exactly the estimate at edge 48
+    # must give 48, and one byte less must give 32.
+    args = _args(tmp_path)
+    variant = profile.Variant("reference", args, torch.device("cpu"))
+    at_48 = profile.estimate_bytes(variant, 1, (48, 48, 48))
+    assert profile.largest_cube(variant, 1, at_48, 96)["max_cubic_edge"] == 48
+    assert profile.largest_cube(variant, 1, at_48 - 1, 96)["max_cubic_edge"] == 32
+
+
+def test_saved_bytes_mode_tiny(tmp_path):
+    assert profile.main(_args(tmp_path, "--saved-bytes")) == 0
+    payload = json.loads((tmp_path / "p.json").read_text())
+    r = payload["result"]
+    assert payload["config"]["input"] == [1, 4, 8, 16, 12]
+    assert 0 < r["saved_bytes_fused"] < r["saved_bytes_plain"]
+    assert r["saved_bytes_ratio"] == pytest.approx(r["saved_bytes_fused"] / r["saved_bytes_plain"])
+    assert r["step_ms_fused"] > 0 and r["step_ms_plain"] > 0
+    assert r["meets_targets"] == (r["saved_bytes_ratio"] <= 0.55 and r["step_time_ratio"] <= 1.15)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_profile_main_tiny_gpu(tmp_path):
+    from seg3d_fast import backends
+
+    args = _args(tmp_path, "--device", "cuda", "--dtype", "bf16", "--memory-budget", "0.5", "--max-edge", "64")
+    assert profile.main(args) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "p.json").read_text())["results"]}
+    fused = [b for b in ("triton", "cuda") if backends.available()[b] is None] or ["reference"]
+    assert set(rows) == {"plain", "plain_cl", *fused}
+    for r in rows.values():
+        assert r["peak_bytes"] > 0 and "max_memory_allocated" in r["memory_method"]
+        assert r["max_cubic_edge"] in (16, 32, 48, 64) and r["max_cubic_bytes"] <= 0.5 * 2**30

@@ -1,0 +1,100 @@
+"""Training on small blocks of the real brain sample: outputs, exact resume, k-fold splits, AMP, augmentation."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from seg3d_fast.data import Seg3DFastDataError
+from seg3d_fast.train import TrainConfig, augment, make_splits, random_crop, train
+from data_helpers import brain_csv
+
+TINY = dict(features=(4, 8), crop=(16, 16, 16), samples_per_epoch=2, lr=3e-3, progress=False)
+
+
+def test_outputs_and_kfold(tmp_path):
+    manifest = brain_csv(tmp_path / "data", n_cases=3)
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(manifest), out=str(run), epochs=2, folds=3, fold=1, **TINY))
+    config = json.loads((run / "config.json").read_text())
+    assert config["num_classes"] == 4 and config["model"]["in_channels"] == 1
+    assert config["model"]["features"] == [4, 8]
+    splits = json.loads((run / "splits.json").read_text())
+    vals = [s["val"] for s in splits["splits"]]
+    assert sorted(sum(vals, [])) == ["case0", "case1", "case2"] and all(len(v) == 1 for v in vals)
+    for s in splits["splits"]:
+        assert not set(s["train"]) & set(s["val"])
+    fold = run / "fold_1"
+    rows = list(csv.DictReader(open(fold / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(0 <= float(r["val_dice"]) <= 1 and np.isfinite(float(r["train_loss"])) for r in rows)
+    assert json.loads((fold / "metrics.json").read_text())[1]["epoch"] == 2
+    assert (fold / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(fold / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "rng", "history", "config"}
+    assert not [p for p in fold.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # a second fold reuses the saved split
+    train(TrainConfig(data=str(manifest), out=str(run), epochs=1, folds=3, fold=0, **TINY))
+    assert json.loads((run / "splits.json").read_text())["splits"] == splits["splits"]
+
+
+def test_resume_is_exact(tmp_path):
+    manifest = brain_csv(tmp_path / "data", n_cases=2)
+    straight = train(TrainConfig(data=str(manifest), out=str(tmp_path / "a"), epochs=2, **TINY))
+    train(TrainConfig(data=str(manifest), out=str(tmp_path / "b"), epochs=1, **TINY))
+    resumed = train(TrainConfig(data=str(manifest), out=str(tmp_path / "b"), epochs=2, resume=True, **TINY))
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    ha = torch.load(tmp_path / "a" / "fold_0" / "checkpoint.pt", weights_only=True)["history"]
+    hb = torch.load(tmp_path / "b" / "fold_0" / "checkpoint.pt", weights_only=True)["history"]
+    assert [r["train_loss"] for r in ha] == pytest.approx([r["train_loss"] for r in hb], abs=1e-6)
+    # and training changed the weights at all
+    fresh = train(TrainConfig(data=str(manifest), out=str(tmp_path / "c"), epochs=0, **TINY))
+    assert any((fresh.state_dict()[k] - a[k]).abs().max() > 1e-4 for k in a)
+
+
+def test_resume_without_checkpoint(tmp_path):
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    with pytest.raises(Seg3DFastDataError, match="no checkpoint to resume from"):
+        train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=1, resume=True, **TINY))
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=1, amp="bf16", **TINY))
+    row = json.loads((tmp_path / "r" / "fold_0" / "metrics.json").read_text())[0]
+    assert np.isfinite(row["train_loss"]) and 0 < row["train_loss"] <= 1
+
+
+def test_splits():
+    names = [f"c{i}" for i in range(7)]
+    splits = make_splits(names, 5, seed=3)
+    assert sorted(sum((s["val"] for s in splits), [])) == sorted(names)
+    assert make_splits(names, 5, seed=3) == splits
+    assert make_splits(names, 1, seed=0) == [{"train": sorted(names), "val": []}]
+    with pytest.raises(Seg3DFastDataError, match="cannot make 5 folds from 3"):
+        make_splits(names[:3], 5, 0)
+
+
+def test_augment_and_crop_keep_image_and_label_aligned():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, (12, 12, 9))
+    x = np.stack([y.astype(np.float32), -y.astype(np.float32)])
+    seen = set()
+    for seed in range(12):
+        r = np.random.default_rng(seed)
+        xa, ya = augment(*random_crop(x, y, (10, 10, 9), r), r)
+        assert ya.shape == (10, 10, 9)
+        np.testing.assert_array_equal(xa[0], ya)
+        np.testing.assert_array_equal(xa[1], -ya)
+        seen.add(ya.tobytes())
+    assert len(seen) > 6  # crops and augmentations actually vary
+    fg = np.argwhere(y == 3)
+    for seed in range(5):
+        _, yc = random_crop(x, y, (4, 4, 4), np.random.default_rng(seed), fg)
+        assert (yc == 3).any()
+    xp, yp = random_crop(x[:, :5], y[:5], (8, 8, 8), np.random.default_rng(0))  # smaller than the crop: padded
+    assert xp.shape == (2, 8, 8, 8) and yp.shape == (8, 8, 8)

@@ -1,0 +1,390 @@
+"""The Triton backend called directly (not through ops.py), against the float64 references of tests/helpers.py.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET must be set before triton
+is imported (it decides at kernel-definition time), hence the lines at the very top of this module.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from seg3d_fast.backends import triton as tb  # noqa: E402
+from seg3d_fast.backends.triton._common import row_coords, strided_offset  # noqa: E402
+from tests.helpers import assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conv3d + bias + PReLU + residual
+# ---------------------------------------------------------------------------------------------------------
+def make_conv_case(dtype, k, stride, alpha_kind="channel", residual=None, layout="contiguous", c_in=3, c_out=5,
+                   size=(2, 5, 6, 7), seed=0, negative_alpha=False, device=DEVICE):
+    """Random inputs in float64 (leaves for autograd). alpha_kind: 'channel' | 'shared' | None;
+    residual: None | 'first' | 'after'; layout of x / residual / grad_out: 'contiguous' | 'channels_last' |
+    'noncontig'."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d, h, w = size
+    out_size = [(s - 1) // stride + 1 for s in (d, h, w)]
+    kw = dict(dtype=torch.float64, generator=gen)
+    case = dict(dtype=dtype, k=k, stride=stride, layout=layout, device=device)
+    case["x"] = randn(n, c_in, d, h, w, **kw)
+    case["weight"] = randn(c_out, c_in, k, k, k, **kw) / (c_in * k ** 3) ** 0.5
+    case["bias"] = randn(c_out, **kw)
+    if alpha_kind is None:
+        case["alpha"] = None
+    else:
+        alpha = torch.rand(c_out if alpha_kind == "channel" else 1, generator=gen, dtype=torch.float64) * 0.5 + 0.05
+        if negative_alpha:
+            alpha[0] = -0.3
+        case["alpha"] = alpha
+    case["residual"] = randn(n, c_out, *out_size, **kw) if residual else None
+    case["residual_first"] = residual == "first"
+    case["grad_out"] = randn(n, c_out, *out_size, **kw)
+    return case
+
+
+def in_layout(t, layout, dtype, device=DEVICE):
+    """t (float64) cast to dtype and put in the requested memory layout."""
+    if t is None:
+        return None
+    t = t.to(device=device, dtype=dtype)
+    if layout == "channels_last" and t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "noncontig" and t.dim() == 5:
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=dtype, device=device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def reference_conv(case, dtype):
+    """Forward and every gradient of the plain formula (autograd), in dtype. Returns a dict."""
+    dev = case["device"]
+    leaf = lambda t: None if t is None else t.detach().to(device=dev, dtype=dtype).clone().requires_grad_()
+    x, w, b, alpha, res = (leaf(case[name]) for name in ("x", "weight", "bias", "alpha", "residual"))
+    z = F.conv3d(x, w, b, stride=case["stride"], padding=case["k"] // 2)
+    if res is not None and case["residual_first"]:
+        z = z + res
+    z.retain_grad()
+    y = z if alpha is None else F.prelu(z, alpha)
+    out = y + res if (res is not None and not case["residual_first"]) else y
+    out.backward(case["grad_out"].to(device=dev, dtype=dtype))
+    return dict(out=out.detach(), act=y.detach(), z=z.detach(), grad_x=x.grad, grad_weight=w.grad, grad_bias=b.grad,
+                grad_alpha=None if alpha is None else alpha.grad, grad_preact=z.grad)
+
+
+def check_forward(case, save_act):
+    dtype, layout = case["dtype"], case["layout"]
+    x = in_layout(case["x"], layout, dtype)
+    args = [case[name].to(device=case["device"], dtype=dtype) if case[name] is not None else None
+            for name in ("weight", "bias", "alpha")]
+    out, act = tb.conv3d_prelu_forward(x, *args, in_layout(case["residual"], layout, dtype), case["stride"],
+                                       case["residual_first"], save_act)
+    ref64, ref = reference_conv(case, torch.float64), reference_conv(case, dtype)
+    assert out.dtype == dtype and out.shape == ref64["out"].shape
+    want_cl = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last_3d if want_cl else torch.contiguous_format)
+    assert_close(out, ref64["out"], ref["out"], dtype, "out")
+    if save_act:
+        assert_close(act, ref64["act"], ref["act"], dtype, "act")
+    else:
+        assert act is None
+
+
+# (dtype, kernel, stride, alpha_kind, residual, layout, c_in, c_out): each dtype with each (kernel, stride);
+# each alpha kind, residual mode and layout; channel counts for both K blockings (flat taps x channels for
+# C_in not a multiple of 16, one tap per K block otherwise) and C_out above one column block.
+FORWARD_CASES = [
+    (F32, 3, 1, "channel", "after", "contiguous", 3, 5),
+    (F32, 3, 2, "shared", "first", "channels_last", 3, 5),
+    (F32, 1, 1, None, None, "noncontig", 3, 5),
+    (F32, 1, 2, "channel", "first", "contiguous", 3, 5),
+    (F16, 3, 1, "shared", None, "noncontig", 3, 5),
+    (F16, 3, 2, "channel", "after", "contiguous", 3, 5),
+    (F16, 1, 1, "channel", "first", "channels_last", 3, 5),
+    (F16, 1, 2, None, "after", "noncontig", 3, 5),
+    (BF16, 3, 1, None, "first", "channels_last", 3, 5),
+    (BF16, 3, 2, "channel", None, "noncontig", 3, 5),
+    (BF16, 1, 1, "shared", "after", "contiguous", 3, 5),
+    (BF16, 1, 2, "channel", "after", "channels_last", 3, 5),
+    (F32, 3, 2, "channel", "after", "channels_last", 16, 20),
+    (BF16, 3, 1, "channel", "first", "contiguous", 32, 5),
+    (F16, 3, 2, "shared", None, "contiguous", 20, 17),
+]
+
+
+@pytest.mark.parametrize("dtype,k,stride,alpha_kind,residual,layout,c_in,c_out", FORWARD_CASES)
+def test_conv_forward(dtype, k, stride, alpha_kind, residual, layout, c_in, c_out):
+    case = make_conv_case(dtype, k, stride, alpha_kind, residual, layout, c_in, c_out)
+    check_forward(case, save_act=residual == "after" and alpha_kind is not None)
+
+
+def run_backward(case, saved_kind, output_mask=(True,) * 5):
+    dtype, layout, dev = case["dtype"], case["layout"], case["device"]
+    ref = reference_conv(case, torch.float64)
+    saved = {"act": ref["act"], "preact": ref["z"], "none": None}[saved_kind]
+    cast = lambda t: None if t is None else t.to(device=dev, dtype=dtype)
+    return tb.conv3d_prelu_backward(in_layout(case["grad_out"], layout, dtype), in_layout(case["x"], layout, dtype),
+                                    cast(case["weight"]), cast(case["alpha"]), in_layout(saved, layout, dtype),
+                                    saved_kind, case["stride"], output_mask)
+
+
+def check_backward(case, saved_kind, output_mask=(True,) * 5):
+    dtype = case["dtype"]
+    grads = run_backward(case, saved_kind, output_mask)
+    ref64, ref = reference_conv(case, torch.float64), reference_conv(case, dtype)
+    names = ("grad_x", "grad_weight", "grad_bias", "grad_alpha", "grad_preact")
+    inputs = (case["x"], case["weight"], case["bias"], case["alpha"], case["grad_out"])
+    for name, got, wanted, inp in zip(names, grads, output_mask, inputs):
+        if not wanted or (name == "grad_alpha" and case["alpha"] is None):
+            assert got is None, f"{name} returned without being asked for"
+            continue
+        assert got.dtype == dtype and got.shape == inp.shape, (name, got.dtype, got.shape)
+        assert_close(got, ref64[name], ref[name], dtype, name)
+    return grads
+
+
+# (saved_kind, dtype, kernel, stride, alpha_kind, layout, c_in, c_out): every saved kind in every dtype, every
+# (kernel, stride), each alpha kind and layout, both K blockings in dgrad (source channels = C_out) and wgrad.
+BACKWARD_CASES = [
+    ("act", F32, 3, 1, "channel", "contiguous", 3, 5),
+    ("act", F16, 3, 2, "shared", "channels_last", 3, 5),
+    ("act", BF16, 1, 2, "channel", "noncontig", 3, 5),
+    ("preact", F32, 3, 2, "channel", "noncontig", 3, 5),
+    ("preact", F16, 1, 1, "channel", "contiguous", 3, 5),
+    ("preact", BF16, 3, 1, "shared", "channels_last", 3, 5),
+    ("none", F32, 1, 2, None, "channels_last", 3, 5),
+    ("none", F16, 3, 1, None, "noncontig", 3, 5),
+    ("none", BF16, 3, 2, None, "contiguous", 3, 5),
+    ("act", F32, 1, 1, "shared", "contiguous", 3, 5),
+    ("act", BF16, 3, 2, "channel", "channels_last", 16, 16),
+    ("preact", F32, 3, 1, "channel", "contiguous", 20, 17),
+]
+
+
+@pytest.mark.parametrize("saved_kind,dtype,k,stride,alpha_kind,layout,c_in,c_out", BACKWARD_CASES)
+def test_conv_backward(saved_kind, dtype, k, stride, alpha_kind, layout, c_in, c_out):
+    case = make_conv_case(dtype, k, stride, alpha_kind, None, layout, c_in, c_out,
+                          negative_alpha=saved_kind == "preact")
+    check_backward(case, saved_kind)
+
+
+@pytest.mark.parametrize("output_mask", [(True, False, False, False, False), (False, False, True, True, False),
+                                         (False, False, False, False, True), (False, True, False, True, True)])
+def test_conv_backward_output_subsets(output_mask):
+    """Only the asked-for gradients come back (the bias/alpha/dz-only pass skips the weight GEMM)."""
+    check_backward(make_conv_case(F32, 3, 2, "channel", None, "contiguous", seed=3), "act", output_mask)
+
+
+def test_conv_backward_no_activation_grad_preact_is_grad_out():
+    case = make_conv_case(F32, 1, 1, None)
+    grads = check_backward(case, "none")
+    assert torch.equal(grads[4].double().cpu(), case["grad_out"].float().double())
+
+
+def test_conv_forward_batch_and_single_voxel_extents():
+    """N = 3 and extents of 1 and 2 (every tap of a 3x3x3 kernel but one falls into the padding)."""
+    check_forward(make_conv_case(F32, 3, 2, "channel", "after", size=(3, 1, 2, 3), seed=5), save_act=True)
+    check_backward(make_conv_case(F32, 3, 2, "channel", None, size=(3, 1, 2, 3), seed=6), "act")
+
+
+def test_conv_wgrad_deterministic():
+    """Split reduction over voxels with a fixed-order second stage: bitwise repeatable."""
+    case = make_conv_case(F32, 3, 1, "channel", None, "contiguous", size=(2, 5, 6, 9), seed=7)
+    first = run_backward(case, "act")
+    second = run_backward(case, "act")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_conv_unsupported_reasons(monkeypatch):
+    x, w = torch.randn(1, 4, 3, 3, 3), torch.randn(8, 4, 3, 3, 3)
+    assert tb.conv3d_prelu_unsupported(x.to(DEVICE), w.to(DEVICE), None, None, None, 1, False) == []
+    reasons = lambda *a: " | ".join(tb.conv3d_prelu_unsupported(*a))
+    assert "kernel size" in reasons(x, torch.randn(8, 4, 5, 5, 5), None, None, None, 1, False)
+    assert "groups" in reasons(x, torch.randn(8, 2, 3, 3, 3), None, None, None, 1, False)
+    assert "dtype" in reasons(x.double(), w.double(), None, None, None, 1, False)
+    assert "stride" in reasons(x, w, None, None, None, 3, False)
+    assert "residual" in reasons(x, w, None, None, torch.randn(1, 8, 2, 2, 2), 1, False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "needs CUDA tensors" in reasons(x.cpu(), w.cpu(), None, None, None, 1, False)
+
+
+def test_unavailable_reason(monkeypatch):
+    assert tb.NAME == "triton"
+    assert tb.unavailable_reason() is None  # this module runs only where triton imports and can run
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "no CUDA device" in tb.unavailable_reason()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 64-bit index arithmetic
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _index_probe_kernel(m_ptr, out_ptr, E1, E2, E3, s_n, s_1, s_2, s_3, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    n, a, b, c = row_coords(tl.load(m_ptr + i), E1, E2, E3)
+    off = strided_offset(n, a, b, c, s_n, s_1, s_2, s_3)
+    tl.store(out_ptr + i * 5, n)
+    tl.store(out_ptr + i * 5 + 1, a)
+    tl.store(out_ptr + i * 5 + 2, b)
+    tl.store(out_ptr + i * 5 + 3, c)
+    tl.store(out_ptr + i * 5 + 4, off)
+
+
+def test_row_indexing_is_exact_past_2_31():
+    """The row -> (n, d, h, w) split and the strided offsets the kernels use, on a virtual channels-last
+    (40, 64, 256, 512, 520) tensor: 2.7e9 rows and 1.7e11 elements, far beyond int32."""
+    n, c, d, h, w = 40, 64, 256, 512, 520
+    strides = (d * h * w * c, h * w * c, w * c, c)  # channels-last: n, d, h, w
+    rows = n * d * h * w
+    picks = [0, 1, w - 1, w, h * w + 3, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 12345, 2 ** 32 + 7, rows - 2, rows - 1,
+             rows // 3, (rows * 5) // 7, 123456789, 3 * 2 ** 30 + 17, rows - w]
+    m = torch.tensor(picks, dtype=torch.int64, device=DEVICE)
+    out = torch.empty(len(picks) * 5, dtype=torch.int64, device=DEVICE)
+    _index_probe_kernel[(1,)](m, out, d, h, w, *strides, BLOCK=len(picks))
+    got = out.view(-1, 5).cpu().tolist()
+    for row, (gn, ga, gb, gc, goff) in zip(picks, got):
+        en, rest = divmod(row, d * h * w)
+        ea, rest = divmod(rest, h * w)
+        eb, ec = divmod(rest, w)
+        assert (gn, ga, gb, gc) == (en, ea, eb, ec), row
+        assert goff == en * strides[0] + ea * strides[1] + eb * strides[2] + ec * strides[3], row
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jaccard sums
+# ---------------------------------------------------------------------------------------------------------
+def make_target(kind, n, c, size, gen, ignore_index):
+    if kind == "probs":
+        return torch.randn(n, c, *size, dtype=torch.float64, generator=gen).softmax(1)
+    labels = torch.randint(0, c, (n, *size), generator=gen)
+    if ignore_index is not None:
+        labels[torch.rand(labels.shape, generator=gen) < 0.2] = ignore_index
+    return labels.to({"int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}[kind])
+
+
+# (dtype, activation, squared, target kind, ignore_index, layout, classes)
+JACCARD_CASES = [
+    (F32, "softmax", True, "int64", 255, "contiguous", 5),
+    (F32, "sigmoid", False, "int32", None, "channels_last", 5),
+    (F16, "softmax", False, "uint8", 7, "noncontig", 5),
+    (F16, "sigmoid", True, "probs", None, "contiguous", 5),
+    (BF16, "softmax", True, "probs", None, "channels_last", 5),
+    (BF16, "sigmoid", True, "int64", -100, "contiguous", 5),
+    (F32, "softmax", True, "int64", None, "noncontig", 37),
+    (F32, "softmax", False, "int64", 0, "contiguous", 64),
+    (F32, "softmax", True, "int64", None, "contiguous", 1),
+]
+
+
+@pytest.mark.parametrize("dtype,activation,squared,target_kind,ignore_index,layout,classes", JACCARD_CASES)
+def test_jaccard_sums_and_backward(dtype, activation, squared, target_kind, ignore_index, layout, classes):
+    gen = torch.Generator().manual_seed(11)
+    n, size = 2, (3, 5, 7)
+    logits64 = randn(n, classes, *size, dtype=torch.float64, generator=gen) * 3
+    target = make_target(target_kind, n, classes, size, gen, ignore_index).to(DEVICE)
+    target_in = in_layout(target, layout, dtype) if target.dtype.is_floating_point else target
+    grad_sums = torch.randn(n, classes, 3, dtype=torch.float64, generator=gen)
+    logits = in_layout(logits64, layout, dtype)
+
+    sums = tb.jaccard_sums(logits, target_in, squared, activation, ignore_index)
+    assert sums.dtype == torch.float32 and sums.shape == (n, classes, 3)
+    grad = tb.jaccard_sums_backward(grad_sums.float().to(DEVICE), logits, target_in, squared, activation,
+                                    ignore_index)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+
+    results = {}
+    for dt in (torch.float64, dtype):
+        lg = logits64.to(device=DEVICE, dtype=dt).clone().requires_grad_()
+        tg = target.to(dt) if target.dtype.is_floating_point else target
+        s = jaccard_sums_plain(lg, tg, squared, activation, ignore_index)
+        (s * grad_sums.to(device=DEVICE, dtype=dt)).sum().backward()
+        results[dt] = (s.detach(), lg.grad)
+    assert_close(sums, results[torch.float64][0], results[dtype][0], dtype, "sums")
+    assert_close(grad, results[torch.float64][1], results[dtype][1], dtype, "grad_logits")
+    if ignore_index is not None:
+        assert (grad.movedim(1, -1)[target == ignore_index] == 0).all()
+
+
+def test_jaccard_unsupported_reasons(monkeypatch):
+    logits, labels = torch.randn(1, 65, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.int64)
+    reasons = lambda *a: " | ".join(tb.jaccard_unsupported(*a))
+    assert "65 classes" in reasons(logits, labels, "softmax", None)
+    assert "dtype" in reasons(logits[:, :5].double(), labels, "softmax", None)
+    assert "activation" in reasons(logits[:, :5], labels, "relu", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "needs CUDA tensors" in reasons(logits[:, :5].cpu(), labels.cpu(), "softmax", None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: real sizes and > 2^31 elements
+# ---------------------------------------------------------------------------------------------------------
+@requires_gpu
+@pytest.mark.parametrize("stride,c_in,c_out,saved_kind,layout", [(2, 32, 64, "act", "channels_last"),
+                                                                 (1, 32, 32, "preact", "contiguous"),
+                                                                 (1, 4, 8, "act", "channels_last")])
+def test_gpu_conv_real_size(stride, c_in, c_out, saved_kind, layout):
+    residual = "after" if saved_kind == "act" else "first"
+    case = make_conv_case(BF16, 3, stride, "channel", residual, layout, c_in, c_out, size=(1, 64, 80, 72),
+                          negative_alpha=saved_kind == "preact", device="cuda")
+    check_forward(case, save_act=residual == "after")
+    check_backward(case, saved_kind)
+
+
+@requires_gpu
+def test_gpu_conv_past_2_31_elements():
+    """x and out of 2.2e9 elements each (bf16): forward and grad_x, checked on the first and last planes."""
+    torch.cuda.empty_cache()
+    n, c, d, h, w = 1, 8, 1024, 512, 520
+    assert n * c * d * h * w > 2 ** 31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, h, w, c, device="cuda", dtype=BF16, generator=gen).permute(0, 4, 1, 2, 3)
+    weight = torch.randn(c, c, 3, 3, 3, device="cuda", dtype=BF16, generator=gen) / 15
+    bias = torch.randn(c, device="cuda", dtype=BF16, generator=gen)
+    alpha = torch.rand(c, device="cuda", dtype=BF16, generator=gen) * 0.5 + 0.05
+    out, _ = tb.conv3d_prelu_forward(x, weight, bias, alpha, None, 1, False, False)
+    p64 = lambda t: t.double()
+    for sl, keep in ((slice(0, 4), slice(0, 2)), (slice(d - 4, d), slice(2, 4))):
+        ref = conv3d_prelu_plain(p64(x[:, :, sl]), p64(weight), p64(bias), p64(alpha), None, 1, False)[:, :, keep]
+        got = out[:, :, sl][:, :, keep]
+        assert_close(got, ref, conv3d_prelu_plain(x[:, :, sl], weight, bias, alpha, None, 1, False)[:, :, keep],
+                     BF16, "out")
+    grad_out = torch.randn(out.shape, device="cuda", dtype=BF16, generator=gen)
+    grad_x = tb.conv3d_prelu_backward(grad_out, x, weight, alpha, out, "act", 1,
+                                      (True, False, False, False, False))[0]
+    del out
+    # the last two input planes get their gradient from the last three output planes only
+    y, g = p64(conv3d_prelu_plain(x[:, :, -4:], weight, bias, alpha, None, 1, False)[:, :, -3:]), p64(grad_out[:, :, -3:])
+    dz = torch.where(y > 0, g, g * p64(alpha).view(1, -1, 1, 1, 1))
+    ref = F.conv_transpose3d(dz, p64(weight), padding=1)[:, :, 1:]
+    assert_close(grad_x[:, :, -2:], ref, None, BF16, "grad_x")
+
+
+@requires_gpu
+def test_gpu_jaccard_past_2_31_elements():
+    torch.cuda.empty_cache()
+    n, c, d, h, w = 1, 2, 1024, 1024, 1025
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(n, c, d, h, w, device="cuda", dtype=BF16, generator=gen)
+    labels = torch.randint(0, c, (n, d, h, w), device="cuda", dtype=torch.uint8, generator=gen)
+    sums = tb.jaccard_sums(logits, labels, True, "softmax", None)
+    ref = sum(jaccard_sums_plain(logits[:, :, i:i + 128].double(), labels[:, i:i + 128], True, "softmax")
+              for i in range(0, d, 128))
+    assert_close(sums, ref, None, BF16, "sums")
+    grad = tb.jaccard_sums_backward(torch.ones(n, c, 3, device="cuda"), logits, labels, True, "softmax", None)
+    lg = logits[:, :, -2:].double().requires_grad_()
+    (jaccard_sums_plain(lg, labels[:, -2:], True, "softmax")).sum().backward()
+    assert_close(grad[:, :, -2:], lg.grad, None, BF16, "grad_logits")
