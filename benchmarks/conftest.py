@@ -35,10 +35,6 @@ if not torch.cuda.is_available():
 
 import harness  # noqa: E402
 
-# fp32 rows: TF32 tensor cores in every backend, as cuDNN's convs use by default (the Triton backend follows the
-# matmul flag, the CUDA one the cuDNN flag; see backends/API.md). Both flags are stored with the results.
-torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
-
 
 class Results:
     """Every record of the session, rewritten to one JSON file after each row (a killed run keeps its rows)."""
@@ -47,7 +43,9 @@ class Results:
         from seg3d_fast.profile import environment
 
         self.path = Path(path)
-        self.payload = {"kind": "benchmarks", "environment": environment(), "ceilings": ceilings, "records": []}
+        self.payload = {"kind": "benchmarks", "environment": environment(), "ceilings": ceilings,
+                        "fp32_uses_tf32": torch.cuda.is_available() and torch.backends.cudnn.allow_tf32,
+                        "records": []}
         self.written = 0.0
 
     def add(self, record):

@@ -7,7 +7,8 @@
 # Every stage has a hard time limit (total well under 8 minutes); a stage that fails or runs out of time is
 # reported in the summary and the later stages still run. Results go to $OUT if set, else
 # benchmarks/results/gpu_check_<time>/: gpu_check.log, bench.json, bench.png, profile.json, profile.png,
-# report.md, ceilings.json (at most 8 files: the device tool returns no more).
+# report.md, ceilings.json, dispatch_table.json (measured backend order per op and shape, to merge into
+# seg3d_fast/backends/dispatch_table.json). At most 8 files: the device tool returns no more.
 # Knobs: PYTHON (default python3), GPU_CHECK_TESTS (test files), the SEG3D_BENCH_* variables of
 # benchmarks/conftest.py, and the stage limits below (seconds).
 set -u -o pipefail
@@ -68,7 +69,8 @@ if [[ $DRY_RUN -eq 0 ]]; then
   stage build "$T_BUILD" $PY -m pip install --no-deps --no-build-isolation --no-index -e . -q
   $PY -c "import seg3d_fast.backends as b; print('backends:', b.available())" || true
   # --- GPU tests (importorskip keeps tests needing nibabel out) -------------------------------------------------
-  TESTS=${GPU_CHECK_TESTS:-"tests/test_build.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py tests/test_profile.py"}
+  DEFAULT_TESTS="tests/test_build.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py"
+  TESTS=${GPU_CHECK_TESTS:-"$DEFAULT_TESTS tests/test_profile.py"}
   EXISTING=$(for f in $TESTS; do [[ -e $f ]] && echo "$f"; done)
   stage tests "$T_TESTS" $PY -m pytest $EXISTING -m "not slow" -x -q -p no:cacheprovider
   PROFILE_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 16 --max-edge 512 --time-limit $((T_PROFILE - 25)))
@@ -96,7 +98,8 @@ stage profile "$T_PROFILE" $PY -m seg3d_fast.profile "${PROFILE_ARGS[@]}" --out 
 # --- report: markdown + chart, then the summary last -----------------------------------------------------------
 FILES=$(for f in bench.json profile.json; do [[ -s $RES/$f ]] && echo "$RES/$f"; done)
 if [[ -n "$FILES" ]]; then
-  stage report "$T_REPORT" $PY benchmarks/report.py $FILES --markdown "$RES/report.md" --png "$RES/bench.png"
+  stage report "$T_REPORT" $PY benchmarks/report.py $FILES --markdown "$RES/report.md" --png "$RES/bench.png" \
+    --dispatch-table "$RES/dispatch_table.json"
 fi
 echo
 echo "=================================== summary ==================================="

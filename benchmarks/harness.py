@@ -277,6 +277,10 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
         fn = jaccard_function(variant, case)
         make = lambda: jaccard_inputs(case, dtype, device, channels_last)  # noqa: E731
     benchmark.group = f"{op} {case.name} {dtype_name} {direction}"
+    # fp32 rows: TF32 tensor cores in every backend, as cuDNN's convs use by default (the Triton backend follows
+    # the matmul flag, the CUDA one the cuDNN flag: backends/API.md); restored after the row.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
     try:
         calls = direction_callables(fn, make, direction, copies_for(make, device))
         peak = peak_bytes(calls[0], device)
@@ -289,6 +293,7 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
         pytest.skip(f"{variant}: out of GPU memory ({e})")
     finally:
         calls = None
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         if device.type == "cuda":
             torch.cuda.empty_cache()
     itemsize = torch.empty((), dtype=dtype).element_size()

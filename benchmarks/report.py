@@ -1,6 +1,7 @@
 """Results files -> markdown tables, a PNG chart, and the short summary gpu_check.sh prints last.
 
     python benchmarks/report.py RESULTS.json [MORE.json ...] [--markdown OUT.md] [--png OUT.png] [--summary]
+                                [--dispatch-table seg3d_fast/backends/dispatch_table.json]
 
 Takes any of the three kinds of results file: "benchmarks" (pytest suite), "profile" and "cpu_memory"
 (seg3d_fast.profile). Markdown goes to stdout unless --markdown names a file; --summary prints only the short form.
@@ -83,7 +84,7 @@ def benchmark_markdown(payload):
             fused = [by[b] for b in FUSED if b in by and by[b]["ms"]]
             peak_base = min(base, key=lambda r: r["ms"])["peak_bytes"] if base else None
             peak_fused = min(fused, key=lambda r: r["ms"])["peak_bytes"] if fused else None
-            peak = f"{_fmt(peak_base and peak_base / 2**20, '.0f')} → {_fmt(peak_fused and peak_fused / 2**20, '.0f')}"
+            peak = " → ".join(_fmt(p and p / 2**20, ".0f") for p in (peak_base, peak_fused))
             out.append(f"| {name} | {dtype} | {direction} | " + " | ".join(cells) + f" | {peak} |")
     out += ["", "#### Geometric-mean speed-up over cuDNN (all measured shapes)", ""]
     out += _gmean_table(records)
@@ -120,9 +121,10 @@ def profile_markdown(payload):
            "|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
         edge = r.get("max_cubic_edge")
+        peak = _fmt(r["peak_bytes"] and r["peak_bytes"] / 2**30, ".2f")
         out.append(f"| {r['variant']} | {r['step_ms']:.1f} | {r['steps_per_s']:.2f} | {r['voxels_per_s'] / 1e6:.1f} | "
-                   f"{_fmt(r.get('speedup_vs_plain'), '.2f')}× | {_fmt(r['peak_bytes'] and r['peak_bytes'] / 2**30, '.2f')}"
-                   f" | {_fmt(r.get('memory_vs_plain'), '.2f')} | {f'{edge}³' if edge else '–'} |")
+                   f"{_fmt(r.get('speedup_vs_plain'), '.2f')}× | {peak} | {_fmt(r.get('memory_vs_plain'), '.2f')} | "
+                   f"{f'{edge}³' if edge else '–'} |")
     methods = {r.get("memory_method") for r in payload["results"]} | {r.get("max_cubic_method")
                                                                       for r in payload["results"]}
     out += ["", "Memory: " + "; ".join(sorted(m for m in methods if m)) + "."]
@@ -138,8 +140,8 @@ def cpu_memory_markdown(payload):
         "| figure | fused | plain | ratio | target |", "|---|---|---|---|---|",
         f"| saved for backward (MiB) | {r['saved_bytes_fused'] / 2**20:,.1f} | {r['saved_bytes_plain'] / 2**20:,.1f} | "
         f"{r['saved_bytes_ratio']:.3f} | ≤ {r['saved_bytes_target']} |",
-        f"| training step (ms) | {r['step_ms_fused']:,.0f} | {r['step_ms_plain']:,.0f} | {r['step_time_ratio']:.3f} | "
-        f"≤ {r['step_time_target']} |"])
+        f"| training step, fastest of the steps (ms) | {r['step_ms_fused']:,.0f} | {r['step_ms_plain']:,.0f} | "
+        f"{r['step_time_ratio']:.3f} | ≤ {r['step_time_target']} |"])
 
 
 def markdown(payload):
@@ -213,12 +215,53 @@ def chart(payload, path, dtype="bf16", direction="both"):
     plt.close(fig)
 
 
+DISPATCH_OPS = {"conv3d_prelu": "conv3d_prelu", "jaccard_loss": "jaccard"}
+TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def dispatch_table(payload, direction="both"):
+    """{card: {op: {key: backends fastest first}}} in the format of seg3d_fast/backends/dispatch_table.json, from the
+    training (forward + backward) rows. Keys as ops.py builds them; rows sharing a key add their times. The
+    reference backend is timed as the faster eager baseline (the same cuDNN calls)."""
+    totals = {}
+    for (op, _, dtype, d), by in _rows(payload["records"]).items():
+        if d != direction or op not in DISPATCH_OPS:
+            continue
+        shape = next(iter(by.values()))["shape"]
+        dt = TORCH_DTYPE_NAMES[dtype]
+        key = (f"{dt}-k{shape['k']}-s{shape['stride']}-ci{shape['C_in']}-co{shape['C_out']}"
+               if op == "conv3d_prelu" else f"{dt}-C{shape['C']}")
+        times = {"reference": min((by[b]["ms"] for b in ("eager", "eager_cl") if b in by and by[b]["ms"]),
+                                  default=None)}
+        times.update({b: by[b]["ms"] for b in ("triton", "cuda") if b in by})
+        slot = totals.setdefault((DISPATCH_OPS[op], key), {})
+        for b, ms in times.items():
+            if ms is not None:
+                slot[b] = slot.get(b, 0.0) + ms
+    table = {}
+    for (op, key), times in totals.items():
+        if len(times) > 1:
+            table.setdefault(op, {})[key] = sorted(times, key=times.get)
+    return {payload["environment"]["device"]: table}
+
+
+def write_dispatch_table(payload, path):
+    """Merge this card's table into the file at `path` (other cards' entries stay)."""
+    path = Path(path)
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(dispatch_table(payload))
+    path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
     parser.add_argument("--markdown", default=None, help="write the markdown here (default: stdout)")
     parser.add_argument("--png", default=None, help="chart of the (first) benchmarks file")
     parser.add_argument("--summary", action="store_true", help="print the short summary only")
+    parser.add_argument("--dispatch-table", default=None, metavar="JSON",
+                        help="merge the measured backend order per op and shape into this dispatch table "
+                             "(format of seg3d_fast/backends/dispatch_table.json)")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--direction", default="both")
     args = parser.parse_args(argv)
@@ -231,10 +274,11 @@ def main(argv=None):
             Path(args.markdown).write_text(text)
         else:
             sys.stdout.write(text)
-    if args.png:
-        bench = next((p for p in payloads if p["kind"] == "benchmarks"), None)
-        if bench is not None:
-            chart(bench, args.png, args.dtype, args.direction)
+    bench = next((p for p in payloads if p["kind"] == "benchmarks"), None)
+    if args.png and bench is not None:
+        chart(bench, args.png, args.dtype, args.direction)
+    if args.dispatch_table and bench is not None:
+        write_dispatch_table(bench, args.dispatch_table)
     return 0
 
 

@@ -106,8 +106,12 @@ def _check_backend(backend):
         raise ValueError(f"backend must be one of {backends.NAMES} or None; got {backend!r}")
 
 
-def _conv_dispatch_key(x, weight, stride):
-    return f"{str(x.dtype).removeprefix('torch.')}-k{weight.shape[-1]}-s{stride}-ci{weight.shape[1]}-co{weight.shape[0]}"
+def _conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend: str) -> str:
+    """The backend for this conv: `backend` when given ("" = choose), else per dtype/kernel/stride/channels."""
+    args = (x, weight, bias, alpha, residual, stride, residual_first)
+    key = f"{str(x.dtype).removeprefix('torch.')}-k{weight.shape[-1]}-s{stride}-ci{weight.shape[1]}-co{weight.shape[0]}"
+    bench = backends.Bench("conv3d_prelu", args, lambda m: m.conv3d_prelu_forward(*args, False))
+    return backends.select("conv3d_prelu", backend or None, x.device, key, args, bench)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,9 +120,9 @@ def _conv_dispatch_key(x, weight, stride):
 def _conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
                   residual: Optional[Tensor], stride: int, residual_first: bool, save_act: bool,
                   backend: str) -> tuple[Tensor, Tensor]:
-    args = (x, weight, bias, alpha, residual, stride, residual_first)
-    name = backends.select("conv3d_prelu", backend or None, x.device, _conv_dispatch_key(x, weight, stride), args)
-    out, act = backends.load(name).conv3d_prelu_forward(*args, save_act)
+    name = _conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend)
+    out, act = backends.load(name).conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first,
+                                                        save_act)
     return out, (act if save_act else out.new_empty(0))
 
 
@@ -136,9 +140,7 @@ def _conv3d_prelu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Op
                            alpha: Optional[Tensor], residual: Optional[Tensor], saved: Optional[Tensor],
                            stride: int, residual_first: bool, output_mask: list[bool],
                            backend: str) -> list[Tensor]:
-    args = (x, weight, bias, alpha, residual, stride, residual_first)
-    name = backends.select("conv3d_prelu", backend or None, x.device, _conv_dispatch_key(x, weight, stride), args)
-    module = backends.load(name)
+    module = backends.load(_conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend))
     if alpha is None:
         kind, saved = "none", None
     elif bool((alpha > 0).all()):
@@ -219,7 +221,8 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
 def _jaccard_backend(logits, target, activation, ignore_index, backend):
     key = f"{str(logits.dtype).removeprefix('torch.')}-C{logits.shape[1]}"
     args = (logits, target, activation, ignore_index)
-    return backends.load(backends.select("jaccard", backend or None, logits.device, key, args))
+    bench = backends.Bench("jaccard", args, lambda m: m.jaccard_sums(logits, target, True, activation, ignore_index))
+    return backends.load(backends.select("jaccard", backend or None, logits.device, key, args, bench))
 
 
 @torch.library.custom_op("seg3d_fast::jaccard_sums", mutates_args=())

@@ -4,6 +4,11 @@ import zlib
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The flag must be set before triton is
+# imported (kernels are fixed as interpreted or compiled when defined), hence here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

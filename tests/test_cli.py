@@ -132,3 +132,26 @@ def test_demo_quick_then_predict_with_its_run(tmp_path, capsys):
     assert main(["predict", str(out), str(out / "data" / "heldout_image.nii.gz"), "--out", str(tmp_path / "p"),
                  "--sliding-window", "16", "16", "16"]) == 0
     assert (tmp_path / "p" / "heldout_image.nii.gz").is_file()
+
+
+def test_brats_pipeline_train_predict_evaluate(tmp_path, capsys):
+    """4-channel BRATS layout end to end through the CLI: train (downsampled input), predict the case folders
+    back on their grids, evaluate with the BRATS regions."""
+    from data_helpers import brats_case
+
+    for i in range(2):
+        brats_case(tmp_path / "brats", f"BraTS_{i:03d}")
+    run, pred = tmp_path / "run", tmp_path / "pred"
+    assert main(["train", str(tmp_path / "brats"), "--out", str(run), "--downsample", "2", "--epochs", "1",
+                 "--features", "4", "8", "--quiet"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["in_channels"] == 4 and config["num_classes"] == 5 and config["layout"] == "brats"
+    assert config["preprocess"]["downsample"] == 2
+    assert main(["predict", str(run), str(tmp_path / "brats"), "--out", str(pred)]) == 0
+    seg = nib.load(str(tmp_path / "brats" / "BraTS_000" / "BraTS_000_seg.nii.gz"))
+    out = nib.load(str(pred / "BraTS_000.nii.gz"))
+    assert out.shape == seg.shape and np.array_equal(out.affine, seg.affine)
+    assert main(["evaluate", str(pred), str(tmp_path / "brats"), "--regions", "brats"]) == 0
+    result = json.loads((pred / "evaluation.json").read_text())
+    assert set(result["per_case"]) == {"BraTS_000", "BraTS_001"}
+    assert {"whole", "core", "enhancing"} <= set(result["mean"])

@@ -14,19 +14,21 @@ SHAPE = (2, 3, 5, 6, 7)  # N > 1, odd extents
 BACKWARD_OP_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
-def make_conv_args(dtype, k, stride, alpha_kind, residual_kind, layout, c_out=5, negative_alpha=False, shape=SHAPE):
-    x = randn(*shape, dtype=dtype, channels_last=layout == "channels_last", noncontig=layout == "noncontig")
-    w = randn(c_out, shape[1], k, k, k, dtype=dtype) * (1.0 / (shape[1] * k**3) ** 0.5)
-    b = randn(c_out, dtype=dtype)
+def make_conv_args(dtype, k, stride, alpha_kind, residual_kind, layout, c_out=5, negative_alpha=False, shape=SHAPE,
+                   device="cpu"):
+    x = randn(*shape, dtype=dtype, channels_last=layout == "channels_last", noncontig=layout == "noncontig",
+              device=device)
+    w = randn(c_out, shape[1], k, k, k, dtype=dtype, device=device) * (1.0 / (shape[1] * k**3) ** 0.5)
+    b = randn(c_out, dtype=dtype, device=device)
     n_alpha = {"none": 0, "shared": 1, "channel": c_out}[alpha_kind]
     alpha = None
     if n_alpha:
         alpha = torch.rand(n_alpha, dtype=torch.float64) * 0.5 + 0.05
         if negative_alpha:
             alpha = alpha - 0.3
-        alpha = alpha.to(dtype)
+        alpha = alpha.to(device=device, dtype=dtype)
     out_shape = ops.conv_output_shape(x.shape, w.shape, stride)
-    r = None if residual_kind == "none" else randn(*out_shape, dtype=dtype,
+    r = None if residual_kind == "none" else randn(*out_shape, dtype=dtype, device=device,
                                                    channels_last=layout == "channels_last")
     return x, w, b, alpha, r, stride, residual_kind == "before"
 
@@ -38,20 +40,21 @@ def run_with_grads(fn, args, grad_out):
     return out, [a.grad if isinstance(a, torch.Tensor) else None for a in leaves]
 
 
-def check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend="reference", negative_alpha=False):
+def check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend="reference", negative_alpha=False,
+               device="cpu"):
     x, w, b, alpha, r, stride, rf = make_conv_args(dtype, k, stride, alpha_kind, residual_kind, layout,
-                                                   negative_alpha=negative_alpha)
+                                                   negative_alpha=negative_alpha, device=device)
     fused = lambda x, w, b, a, r: sf.conv3d_prelu(x, w, b, a, r, stride=stride, residual_first=rf, backend=backend)
     plain = lambda x, w, b, a, r: conv3d_prelu_plain(x, w, b, a, r, stride, rf)
     args = [x, w, b, alpha, r]
-    args64 = [None if a is None else a.double() for a in args]
+    args64 = [None if a is None else a.double().cpu() for a in args]
     out64 = plain(*args64)
     # Mean-one upstream gradient: the shared-alpha gradient sums ~1e3 terms, and with a zero-mean g that sum
     # cancels to noise, making every dtype's relative error ill-conditioned.
     g = torch.randn_like(out64) + 1
     ref_out, ref_grads = run_with_grads(plain, args64, g)
-    torch_out, torch_grads = run_with_grads(plain, args, g)
-    out, grads = run_with_grads(fused, args, g)
+    torch_out, torch_grads = run_with_grads(plain, args, g.to(x.device))
+    out, grads = run_with_grads(fused, args, g.to(x.device))
     assert out.dtype == dtype and out.shape == ref_out.shape
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last_3d)
@@ -83,6 +86,38 @@ def test_conv3d_prelu_half(dtype, k, stride, alpha_kind, residual_kind):
 def test_conv3d_prelu_nonpositive_alpha_recomputes(residual_kind):
     # alpha <= 0 makes the pre-activation unrecoverable from the output: backward must recompute it.
     check_conv(torch.float32, 3, 2, "channel", residual_kind, "contiguous", negative_alpha=True)
+
+
+COMPILED_BACKENDS = ["triton", "cuda"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def skip_unless_usable(backend):
+    reason = sf.backends.available()[backend]
+    if reason is not None:
+        pytest.skip(f"backend {backend} cannot run here ({reason}); it runs on the GPU machine")
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype,k,stride,alpha_kind,residual_kind,layout,negative", [
+    (torch.float32, 3, 2, "channel", "after", "channels_last", False),
+    (torch.float32, 1, 1, "shared", "before", "noncontig", False),
+    (torch.bfloat16, 3, 1, "channel", "before", "contiguous", True),
+    (torch.float16, 3, 2, "none", "none", "channels_last", False),
+])
+def test_compiled_backends_through_ops(backend, dtype, k, stride, alpha_kind, residual_kind, layout, negative):
+    """The Triton (interpreter on CPU) and CUDA backends through the public op: dispatch, autograd, layouts."""
+    skip_unless_usable(backend)
+    check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend=backend, negative_alpha=negative,
+               device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("kwargs,target_kind", [(dict(), "labels"), (dict(ignore_index=255, per_sample=True), "labels"),
+                                                (dict(activation="sigmoid", squared=False), "probs")])
+def test_compiled_backends_jaccard_through_ops(backend, kwargs, target_kind):
+    skip_unless_usable(backend)
+    check_jaccard(kwargs, target_kind, torch.float32, backend=backend, device=DEVICE)
 
 
 @pytest.mark.parametrize("stride,residual_first,alpha_kind", [(1, False, "channel"), (2, True, "shared"),
@@ -171,6 +206,10 @@ JACCARD_CASES = [
                          ids=lambda v: v if isinstance(v, str) else ",".join(v) or "default")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_jaccard_loss(kwargs, target_kind, dtype):
+    check_jaccard(kwargs, target_kind, dtype)
+
+
+def check_jaccard(kwargs, target_kind, dtype, backend="reference", device="cpu"):
     shape = (2, 4, 5, 6, 7)
     logits = randn(*shape, dtype=dtype, channels_last=True) * 2
     target = make_target(target_kind, shape, 4, kwargs.get("ignore_index"))
@@ -182,9 +221,9 @@ def test_jaccard_loss(kwargs, target_kind, dtype):
     lt = logits.clone().requires_grad_()
     torch_loss = jaccard_plain(lt, tgt, **kwargs)
     torch_g, = torch.autograd.grad(torch_loss, lt, g.to(torch_loss.dtype))
-    lf = logits.clone().requires_grad_()
-    loss = sf.jaccard_loss(lf, tgt, **kwargs)
-    got_g, = torch.autograd.grad(loss, lf, g.to(loss.dtype))
+    lf = logits.to(device).requires_grad_()
+    loss = sf.jaccard_loss(lf, tgt.to(device), backend=backend, **kwargs)
+    got_g, = torch.autograd.grad(loss, lf, g.to(device=device, dtype=loss.dtype))
     assert got_g.dtype == dtype
     assert_close(loss, ref, torch_loss, dtype, "loss")
     assert_close(got_g, ref_g, torch_g, dtype, "grad logits")
@@ -293,3 +332,40 @@ def test_jaccard_errors():
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="activation must be one of"):
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), activation="relu")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dispatch
+def test_env_backend_forces_choice(monkeypatch):
+    skip_unless_usable("triton")
+    x, w, b, alpha, *_ = make_conv_args(torch.float32, 3, 1, "channel", "none", "contiguous", device=DEVICE)
+    calls = []
+    triton_module = sf.backends.load("triton")
+    real = triton_module.conv3d_prelu_forward
+    monkeypatch.setattr(triton_module, "conv3d_prelu_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("SEG3D_FAST_BACKEND", "triton")
+    sf.conv3d_prelu(x, w, b, alpha)
+    assert calls == [1]
+
+
+def test_available_reports_reasons():
+    available = sf.backends.available()
+    assert set(available) == {"reference", "triton", "cuda"} and available["reference"] is None
+    assert all(v is None or (isinstance(v, str) and v) for v in available.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_measured_dispatch_is_cached_on_disk(tmp_path, monkeypatch):
+    from seg3d_fast import backends
+
+    monkeypatch.setattr(backends, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(backends, "_measured_cache", {})
+    monkeypatch.setattr(backends, "_table_cache", {})
+    x, w, b, alpha, *_ = make_conv_args(torch.bfloat16, 3, 1, "channel", "none", "channels_last", device="cuda")
+    sf.conv3d_prelu(x, w, b, alpha)
+    files = list(tmp_path.glob("dispatch-*.json"))
+    assert len(files) == 1
+    import json
+    entry = json.loads(files[0].read_text())
+    order = entry["conv3d_prelu/bfloat16-k3-s1-ci3-co5"]
+    assert "reference" in order and set(order) <= {"reference", "triton", "cuda"}

@@ -63,20 +63,30 @@ def unsupported_reasons(name: str, op: str, *args) -> list[str]:
     return list(getattr(load(name), f"{op}_unsupported")(*args))
 
 
-def _preference(op: str, device, key: str) -> tuple[str, ...]:
-    """Backends to try, best first. On the CPU only the reference (Triton's interpreter is for tests, never
-    chosen automatically). On a GPU: the committed table of measured winners for this card, else the default."""
+def _preference(op: str, device, key: str, bench) -> tuple[str, ...]:
+    """Backends to try, best first. On the CPU only the reference (Triton's interpreter is for tests, never chosen
+    automatically). On a GPU: the committed table of measured winners for this card and key; else measured once here
+    (each capable backend timed on the real input) and cached on disk; else the default order."""
     if device.type != "cuda":
         return ("reference",)
-    table = _dispatch_table()
     import torch
 
     card = torch.cuda.get_device_name(device)
-    order = table.get(card, {}).get(op, {}).get(key)
-    return tuple(order) if order else DEFAULT_GPU_ORDER
+    order = _dispatch_table().get(card, {}).get(op, {}).get(key)
+    if order:
+        return tuple(order)
+    cache = _measured(card)
+    cache_key = f"{op}/{key}"
+    if cache_key not in cache and bench is not None and os.environ.get(ENV_MEASURE, "1") == "1":
+        cache[cache_key] = _measure(op, bench, device)
+        _save_measured(card)
+    return tuple(cache.get(cache_key) or DEFAULT_GPU_ORDER)
 
 
 _table_cache: dict | None = None
+_measured_cache: dict[str, dict] = {}
+ENV_MEASURE = "SEG3D_FAST_MEASURE_DISPATCH"  # "0": never time backends at run time (use table or default order)
+CACHE_DIR = Path(os.environ.get("SEG3D_FAST_CACHE", Path.home() / ".cache" / "seg3d_fast"))
 
 
 def _dispatch_table() -> dict:
@@ -86,7 +96,71 @@ def _dispatch_table() -> dict:
     return _table_cache
 
 
-def select(op: str, backend: str | None, device, key: str, args: tuple) -> str:
+def _cache_file(card: str) -> Path:
+    return CACHE_DIR / ("dispatch-" + "".join(c if c.isalnum() else "_" for c in card) + ".json")
+
+
+def _measured(card: str) -> dict:
+    if card not in _measured_cache:
+        try:
+            _measured_cache[card] = json.loads(_cache_file(card).read_text())
+        except (OSError, ValueError):
+            _measured_cache[card] = {}
+    return _measured_cache[card]
+
+
+def _save_measured(card: str):
+    path = _cache_file(card)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_measured_cache[card], indent=1, sort_keys=True))
+        os.replace(tmp, path)  # atomic: concurrent processes never read a half-written cache
+    except OSError:
+        pass  # a read-only home only costs re-measuring in the next process
+
+
+def _measure(op: str, bench, device) -> list[str]:
+    """Backends that can run this input, fastest first (forward time: median of 3 after a warm-up/tuning call)."""
+    import torch
+
+    times = {}
+    for name in DEFAULT_GPU_ORDER:
+        if unavailable_reason(name) is not None:
+            continue
+        try:
+            module = load(name)
+            if not bench.supported(module):
+                continue
+            bench.run(module)  # warm-up (and Triton autotuning)
+            runs = []
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                bench.run(module)
+                end.record()
+                end.synchronize()
+                runs.append(start.elapsed_time(end))
+            times[name] = sorted(runs)[1]
+        except Exception:  # noqa: BLE001 - a backend that fails here is simply not chosen
+            continue
+    return sorted(times, key=times.get)
+
+
+class Bench:
+    """How to time one backend on the input at hand: `supported(module)` and `run(module)`."""
+
+    def __init__(self, op: str, args: tuple, run):
+        self.op, self.args, self._run = op, args, run
+
+    def supported(self, module) -> bool:
+        return not getattr(module, f"{self.op}_unsupported")(*self.args)
+
+    def run(self, module):
+        return self._run(module)
+
+
+def select(op: str, backend: str | None, device, key: str, args: tuple, bench: Bench | None = None) -> str:
     """Name of the backend that runs `op` on `args`. `backend` (or env SEG3D_FAST_BACKEND) forces a choice."""
     requested = backend or os.environ.get(ENV_BACKEND) or None
     if requested is not None:
@@ -95,9 +169,11 @@ def select(op: str, backend: str | None, device, key: str, args: tuple) -> str:
             raise BackendUnsupported(f"backend {requested!r} cannot run {op} on this input: " + "; ".join(reasons))
         return requested
     tried = {}
-    for name in _preference(op, device, key):
+    for name in _preference(op, device, key, bench):
         reasons = unsupported_reasons(name, op, *args)
         if not reasons:
             return name
         tried[name] = reasons
+    if "reference" not in tried and not unsupported_reasons("reference", op, *args):
+        return "reference"
     raise BackendUnsupported(f"no backend can run {op} on this input: {tried}")

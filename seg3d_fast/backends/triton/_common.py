@@ -12,6 +12,30 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _patch_interpreter_index():
+    """Triton <= 3.6's interpreter turns runtime scalars (1-element arrays) into loop bounds with int(array), which
+    NumPy >= 2.4 rejects ("only 0-dimensional arrays can be converted"); later Triton squeezes first. Apply that fix
+    to the old interpreter (a no-op on fixed versions and off the interpreter)."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_seg3d_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patched._seg3d_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreting():
+    _patch_interpreter_index()
+
+
 def autotune_configs(gpu_configs, default, interpreter):
     """Configs for triton.autotune: the full list on a GPU, one default when SEG3D_FAST_AUTOTUNE=0,
     one small config under the interpreter. Read once, when the kernel module is imported."""

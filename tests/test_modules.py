@@ -1,0 +1,229 @@
+"""Modules, convert(), Seg3DNet and torch.compile, on the CPU against plain PyTorch."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import seg3d_fast as sf
+from seg3d_fast.models import Seg3DNet, transfer_weights
+
+
+def grads_of(model, x, seed=0):
+    torch.manual_seed(seed)
+    out = model(x)
+    g = torch.randn_like(out)
+    x_grad, = torch.autograd.grad(out, x, g, retain_graph=True)
+    out.backward(g)
+    return out.detach(), x_grad, [p.grad.clone() for p in model.parameters()]
+
+
+def assert_same_model_function(a, b, x, atol=1e-5, rtol=1e-4):
+    out_a, gx_a, gp_a = grads_of(a, x.clone().requires_grad_())
+    out_b, gx_b, gp_b = grads_of(b, x.clone().requires_grad_())
+    torch.testing.assert_close(out_b, out_a, atol=atol, rtol=rtol)
+    torch.testing.assert_close(gx_b, gx_a, atol=atol, rtol=rtol)
+    assert len(gp_a) == len(gp_b)
+    for ga, gb in zip(sorted(gp_a, key=lambda t: (t.numel(), t.sum().item())),
+                      sorted(gp_b, key=lambda t: (t.numel(), t.sum().item()))):
+        torch.testing.assert_close(gb, ga, atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def test_conv_prelu_module_matches_torch_modules_and_from_modules():
+    conv, prelu = nn.Conv3d(3, 6, 3, stride=2, padding=1), nn.PReLU(6)
+    with torch.no_grad():
+        prelu.weight.uniform_(0.05, 0.5)
+    fused = sf.nn.ConvPReLU3d.from_modules(conv, prelu)
+    x = torch.randn(2, 3, 7, 6, 5)
+    torch.testing.assert_close(fused(x), prelu(conv(x)))
+    r = torch.randn(2, 6, 4, 3, 3)
+    torch.testing.assert_close(fused(x, r), prelu(conv(x)) + r)
+    with pytest.raises(ValueError, match="kernel"):
+        sf.nn.ConvPReLU3d.from_modules(nn.Conv3d(3, 6, 5, padding=2))
+
+
+def test_modules_state_dict_pickle_device_dtype():
+    m = sf.nn.ConvPReLU3d(4, 8, 3, stride=2, prelu="shared")
+    m2 = sf.nn.ConvPReLU3d(4, 8, 3, stride=2, prelu="shared")
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(1, 4, 5, 5, 5)
+    torch.testing.assert_close(m2(x), m(x))
+    m3 = pickle.loads(pickle.dumps(m))
+    torch.testing.assert_close(m3(x), m(x))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), m(x))
+    md = copy.deepcopy(m).to(torch.float64)
+    assert md.weight.dtype == torch.float64 and md(x.double()).dtype == torch.float64
+    mb = copy.deepcopy(m).to(dtype=torch.bfloat16)
+    assert mb(x.bfloat16()).dtype == torch.bfloat16
+    assert "prelu='shared'" in repr(m)
+    crit = sf.nn.JaccardLoss(class_weights=[1.0, 2.0, 1.0])
+    crit2 = pickle.loads(pickle.dumps(crit))
+    logits, labels = torch.randn(1, 3, 4, 4, 4), torch.randint(0, 3, (1, 4, 4, 4))
+    torch.testing.assert_close(crit2(logits, labels), crit(logits, labels))
+    assert "class_weights" in crit.state_dict()
+
+
+def test_autocast_runs_fused_conv_in_bf16():
+    m = sf.nn.ConvPReLU3d(2, 4)
+    x = torch.randn(1, 2, 5, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32
+
+
+def test_deep_supervision_merge():
+    coarse, mid, fine = torch.randn(1, 2, 2, 3, 2), torch.randn(1, 2, 4, 6, 4), torch.randn(1, 2, 8, 12, 8)
+    got = sf.nn.DeepSupervisionMerge()([coarse, mid, fine])
+    up = lambda t, like: F.interpolate(t, size=like.shape[2:], mode="trilinear", align_corners=False)
+    torch.testing.assert_close(got, up(up(coarse, mid) + mid, fine) + fine)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class NestedNet(nn.Module):
+    """Nested Sequentials, a lone conv, an unsupported conv, a residual in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.PReLU(4),
+                                  nn.Sequential(nn.Conv3d(4, 4, 3, stride=2, padding=1), nn.PReLU()))
+        self.body = nn.ModuleDict({"a": nn.Conv3d(4, 4, 1), "wide": nn.Conv3d(4, 4, 5, padding=2)})
+        self.head = nn.Sequential(nn.Conv3d(4, 3, 3, padding="same"), nn.Dropout(0.0), nn.PReLU(3))
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = self.body["a"](y) + y
+        return self.head(self.body["wide"](y))
+
+
+def randomize_prelus(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.PReLU):
+                m.weight.uniform_(0.05, 0.5)
+    return model
+
+
+def test_convert_nested_model():
+    torch.manual_seed(0)
+    original = randomize_prelus(NestedNet())
+    converted, report = sf.convert(copy.deepcopy(original))
+    swapped = dict(report.swapped)
+    left = dict(report.left)
+    assert swapped["stem.0"] == "Conv3d + PReLU -> ConvPReLU3d"
+    assert swapped["stem.2.0"] == "Conv3d + PReLU -> ConvPReLU3d"
+    assert swapped["body.a"] == "Conv3d -> ConvPReLU3d(prelu=None)"
+    assert "head.0" in swapped  # padding='same' counts; the PReLU after a Dropout(0) is not adjacent: conv alone
+    assert "kernel" in left["body.wide"]
+    assert isinstance(converted.stem[1], nn.Identity)
+    assert "swapped" in str(report)
+    assert_same_model_function(original, converted, torch.randn(2, 2, 7, 6, 9))
+
+
+def test_convert_monai_networks():
+    monai_nets = pytest.importorskip("monai.networks.nets", reason="monai is installed by .ci/run for this test")
+    torch.manual_seed(0)
+    original = monai_nets.UNet(spatial_dims=3, in_channels=2, out_channels=3, channels=(4, 8, 16), strides=(2, 2),
+                               num_res_units=1, act="PRELU", norm=None)
+    original = randomize_prelus(original)
+    converted, report = sf.convert(copy.deepcopy(original))
+    fused_pairs = [p for p, what in report.swapped if "PReLU" in what]
+    assert len(fused_pairs) >= 4, str(report)
+    assert any("ConvTranspose3d" in why for _, why in report.left)
+    assert_same_model_function(original, converted, torch.randn(2, 2, 16, 16, 16))
+
+
+def test_convert_then_equal_plain_seg3dnet():
+    torch.manual_seed(0)
+    plain = randomize_prelus(Seg3DNet(2, 3, (4, 8, 16), fused=False))
+    converted, report = sf.convert(copy.deepcopy(plain))
+    assert len(report.swapped) == 3 + 3 + 2 + 2 + 2  # every Conv3d: encoder 2x3, reduce, decoder, seg 2 each
+    assert all("ConvTranspose3d" in why for _, why in report.left)
+    assert_same_model_function(plain, converted, torch.randn(2, 2, 9, 10, 11))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("skip", ["sum", "concat"])
+@pytest.mark.parametrize("levels", [2, 4])
+def test_seg3dnet_fused_equals_plain(skip, levels):
+    feats = (4, 6, 8, 10)[:levels]
+    fused = Seg3DNet(3, 4, feats, skip=skip)
+    plain = transfer_weights(fused, Seg3DNet(3, 4, feats, skip=skip, fused=False))
+    randomize_prelus(plain)
+    transfer_weights(plain, fused)
+    x = torch.randn(2, 3, 9, 13, 10)  # odd extents: padded and cropped back
+    assert fused(x).shape == (2, 4, 9, 13, 10)
+    assert_same_model_function(plain, fused, x)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_seg3dnet_with_norm(norm):
+    net = Seg3DNet(1, 2, (4, 8), norm=norm)
+    out = net(torch.randn(2, 1, 8, 8, 8))
+    assert out.shape == (2, 2, 8, 8, 8)
+    out.sum().backward()
+
+
+def test_seg3dnet_deep_supervision_levels_and_summary():
+    net = Seg3DNet()
+    assert net.ds_levels == [2, 1, 0] and sorted(net.seg.keys()) == ["0", "1", "2"]
+    assert Seg3DNet(features=(4, 8), deep_supervision=3).ds_levels == [0]
+    text = net.summary((1, 4, 128, 160, 144))
+    assert "enc_first.0" in text and "saved for backward" in text and "parameters:" in text
+    with pytest.raises(ValueError, match="x must have shape"):
+        net(torch.randn(1, 3, 8, 8, 8))
+    with pytest.raises(ValueError, match="skip must be one of"):
+        Seg3DNet(skip="add")
+
+
+def test_saved_bytes_fused_about_half_of_plain():
+    """The memory claim at a small size (the benchmark measures it at 1x4x128x160x144)."""
+    def saved_bytes(model, x):
+        seen = {}
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sum(seen.values())
+
+    fused = Seg3DNet(4, 5)
+    plain = transfer_weights(fused, Seg3DNet(4, 5, fused=False))
+    x = torch.randn(1, 4, 32, 40, 36, requires_grad=True)
+    ratio = saved_bytes(fused, x) / saved_bytes(plain, x)
+    assert ratio <= 0.55, ratio
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_trains():
+    torch.manual_seed(0)
+    model = Seg3DNet(2, 3, (4, 8, 16))
+    reference = transfer_weights(model, Seg3DNet(2, 3, (4, 8, 16)))
+    compiled = torch.compile(model, fullgraph=True)
+    crit = sf.nn.JaccardLoss()
+    x, labels = torch.randn(2, 2, 9, 10, 11), torch.randint(0, 3, (2, 9, 10, 11))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    ref_opt = torch.optim.Adam(reference.parameters(), 1e-2)
+    losses = []
+    for _ in range(3):
+        for m, o in ((compiled, opt), (reference, ref_opt)):
+            loss = crit(m(x), labels)
+            o.zero_grad()
+            loss.backward()
+            o.step()
+            losses.append(loss.item())
+    compiled_losses, eager_losses = losses[0::2], losses[1::2]
+    assert len(set(compiled_losses)) == 3  # the weights moved
+    torch.testing.assert_close(torch.tensor(compiled_losses), torch.tensor(eager_losses), atol=1e-4, rtol=1e-4)
