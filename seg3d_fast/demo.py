@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from .data import sample_paths
-from .data.nifti import label_image_like, load_nifti, save_nifti, write_atomic, write_text_atomic
+from .data.nifti import load_nifti, save_nifti, write_atomic, write_text_atomic
 from .metrics import evaluate_case, to_json_text
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
 HELDOUT = (0.40, 0.65)  # the held-out slab: this fraction range of the axial (z) extent
-DEFAULTS = dict(epochs=40, samples_per_epoch=8, lr=3e-3, crop=None, features=(8, 16, 32, 64))
-QUICK = dict(epochs=1, samples_per_epoch=2, lr=3e-3, crop=None, features=(4, 8))
+# Tuned on 2 CPU cores: 800 random 48x48x24 crops (the slabs are 28 and 25 slices thick), Adam 3e-3 with poly decay.
+DEFAULTS = dict(epochs=100, samples_per_epoch=8, lr=3e-3, crop=(48, 48, 24), features=(8, 16, 32, 64))
+QUICK = dict(epochs=1, samples_per_epoch=2, lr=3e-3, crop=(48, 48, 24), features=(4, 8))
 
 
 def split_sample(data_dir):

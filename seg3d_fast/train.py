@@ -11,7 +11,6 @@ multi-process run draws its own samples without any shared random state.
 
 Multi-GPU: `torchrun --nproc_per_node=N -m seg3d_fast train ...` (NCCL on GPUs, gloo on CPU); only rank 0 writes.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -55,7 +54,7 @@ class TrainConfig:
     skip: str = "sum"
     norm: str | None = None
     num_classes: int | None = None      # default: dataset.json, else the largest label + 1
-    augment: bool = True                # random flips of every axis and in-plane 90-degree rotations
+    augment: bool = True                # random flips, in-plane 90-degree rotations, contrast/brightness
     val_every: int = 1
     seed: int = 0
     device: str = "auto"
@@ -96,6 +95,7 @@ class CropDataset(torch.utils.data.Dataset):
             x, y = random_crop(x, y, self.crop, rng, case.foreground if rng.random() < self.fg_prob else None)
         if self.augment:
             x, y = augment(x, y, rng)
+            x = augment_intensity(x, rng)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 
@@ -129,6 +129,15 @@ def augment(x, y, rng):
     if k:
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k, axes=(0, 1))
     return x, y
+
+
+def augment_intensity(x, rng, scale=0.1, shift=0.1):
+    """Per-channel random contrast and brightness on the z-scored image (x * U(1 +- scale) + U(+- shift)):
+    robustness to the per-image normalisation of differently composed volumes."""
+    c = x.shape[0]
+    a = rng.uniform(1 - scale, 1 + scale, c).astype(np.float32)[:, None, None, None]
+    b = rng.uniform(-shift, shift, c).astype(np.float32)[:, None, None, None]
+    return x * a + b
 
 
 def pad_collate(batch):

@@ -99,7 +99,7 @@ def test_saved_bytes_mode_tiny(tmp_path):
     assert payload["config"]["input"] == [1, 4, 8, 16, 12]
     assert 0 < r["saved_bytes_fused"] < r["saved_bytes_plain"]
     assert r["saved_bytes_ratio"] == pytest.approx(r["saved_bytes_fused"] / r["saved_bytes_plain"])
-    assert r["step_ms_fused"] > 0 and r["step_ms_plain"] > 0
+    assert r["step_cpu_ms_fused"] > 0 and r["step_cpu_ms_plain"] > 0 and r["wall_ratio_median"] > 0
     assert r["meets_targets"] == (r["saved_bytes_ratio"] <= 0.55 and r["step_time_ratio"] <= 1.15)
 
 
@@ -107,11 +107,11 @@ def test_saved_bytes_mode_tiny(tmp_path):
 def test_profile_main_tiny_gpu(tmp_path):
     from seg3d_fast import backends
 
-    args = _args(tmp_path, "--device", "cuda", "--dtype", "bf16", "--memory-budget", "0.5", "--max-edge", "64")
+    args = _args(tmp_path, "--device", "cuda", "--dtype", "bf16", "--memory-budget", "0.5", "--max-edge", "32")
     assert profile.main(args) == 0
     rows = {r["variant"]: r for r in json.loads((tmp_path / "p.json").read_text())["results"]}
     fused = [b for b in ("triton", "cuda") if backends.available()[b] is None] or ["reference"]
     assert set(rows) == {"plain", "plain_cl", *fused}
     for r in rows.values():
         assert r["peak_bytes"] > 0 and "max_memory_allocated" in r["memory_method"]
-        assert r["max_cubic_edge"] in (16, 32, 48, 64) and r["max_cubic_bytes"] <= 0.5 * 2**30
+        assert r["max_cubic_edge"] in (16, 32) and r["max_cubic_bytes"] <= 0.5 * 2**30

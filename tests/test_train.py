@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seg3d_fast.data import Seg3DFastDataError
-from seg3d_fast.train import TrainConfig, augment, make_splits, random_crop, train
+from seg3d_fast.train import TrainConfig, augment, augment_intensity, make_splits, random_crop, train
 from data_helpers import brain_csv
 
 TINY = dict(features=(4, 8), crop=(16, 16, 16), samples_per_epoch=2, lr=3e-3, progress=False)
@@ -98,3 +98,13 @@ def test_augment_and_crop_keep_image_and_label_aligned():
         assert (yc == 3).any()
     xp, yp = random_crop(x[:, :5], y[:5], (8, 8, 8), np.random.default_rng(0))  # smaller than the crop: padded
     assert xp.shape == (2, 8, 8, 8) and yp.shape == (8, 8, 8)
+
+
+def test_intensity_augmentation_is_per_channel_affine():
+    x = np.random.default_rng(1).normal(size=(2, 5, 6, 7)).astype(np.float32)
+    out = augment_intensity(x, np.random.default_rng(2))
+    for c in range(2):
+        a, b = np.polyfit(x[c].ravel(), out[c].ravel(), 1)
+        assert 0.9 <= a <= 1.1 and -0.1 <= b <= 0.1
+        np.testing.assert_allclose(out[c], a * x[c] + b, atol=1e-5)
+    assert not np.allclose(out, x)

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from seg3d_fast.backends import triton as tb  # noqa: E402
-from seg3d_fast.backends.triton._common import row_coords, strided_offset  # noqa: E402
+from seg3d_fast.backends.triton._common import block_row_coords, strided_offset  # noqa: E402
 from tests.helpers import assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,35 +233,42 @@ def test_unavailable_reason(monkeypatch):
 # 64-bit index arithmetic
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _index_probe_kernel(m_ptr, out_ptr, E1, E2, E3, s_n, s_1, s_2, s_3, BLOCK: tl.constexpr):
-    i = tl.arange(0, BLOCK)
-    n, a, b, c = row_coords(tl.load(m_ptr + i), E1, E2, E3)
+def _index_probe_kernel(start_ptr, out_ptr, E1, E2, E3, s_n, s_1, s_2, s_3, BLOCK: tl.constexpr):
+    """Program p writes (n, i1, i2, i3, offset) of the BLOCK rows from start_ptr[p] on, as the kernels split them."""
+    p = tl.program_id(0)
+    n, a, b, c = block_row_coords(tl.load(start_ptr + p), E1, E2, E3, BLOCK)
     off = strided_offset(n, a, b, c, s_n, s_1, s_2, s_3)
-    tl.store(out_ptr + i * 5, n)
-    tl.store(out_ptr + i * 5 + 1, a)
-    tl.store(out_ptr + i * 5 + 2, b)
-    tl.store(out_ptr + i * 5 + 3, c)
-    tl.store(out_ptr + i * 5 + 4, off)
+    base = out_ptr + (p * BLOCK + tl.arange(0, BLOCK)) * 5
+    tl.store(base, n)
+    tl.store(base + 1, a.to(tl.int64))
+    tl.store(base + 2, b.to(tl.int64))
+    tl.store(base + 3, c.to(tl.int64))
+    tl.store(base + 4, off)
 
 
-def test_row_indexing_is_exact_past_2_31():
-    """The row -> (n, d, h, w) split and the strided offsets the kernels use, on a virtual channels-last
-    (40, 64, 256, 512, 520) tensor: 2.7e9 rows and 1.7e11 elements, far beyond int32."""
-    n, c, d, h, w = 40, 64, 256, 512, 520
+@pytest.mark.parametrize("shape", [(40, 64, 256, 512, 520), (9, 8, 3, 2, 3)])
+def test_block_row_coords_exact_past_2_31(shape):
+    """The row -> (n, d, h, w) split and the strided offsets the kernels use. (40, 64, 256, 512, 520) is a virtual
+    channels-last tensor of 2.7e9 rows and 1.7e11 elements, far beyond int32; (9, 8, 3, 2, 3) has extents below
+    the block, so one block carries across many rows, planes and samples."""
+    n, c, d, h, w = shape
     strides = (d * h * w * c, h * w * c, w * c, c)  # channels-last: n, d, h, w
     rows = n * d * h * w
-    picks = [0, 1, w - 1, w, h * w + 3, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 12345, 2 ** 32 + 7, rows - 2, rows - 1,
-             rows // 3, (rows * 5) // 7, 123456789, 3 * 2 ** 30 + 17, rows - w]
-    m = torch.tensor(picks, dtype=torch.int64, device=DEVICE)
-    out = torch.empty(len(picks) * 5, dtype=torch.int64, device=DEVICE)
-    _index_probe_kernel[(1,)](m, out, d, h, w, *strides, BLOCK=len(picks))
-    got = out.view(-1, 5).cpu().tolist()
-    for row, (gn, ga, gb, gc, goff) in zip(picks, got):
-        en, rest = divmod(row, d * h * w)
-        ea, rest = divmod(rest, h * w)
-        eb, ec = divmod(rest, w)
-        assert (gn, ga, gb, gc) == (en, ea, eb, ec), row
-        assert goff == en * strides[0] + ea * strides[1] + eb * strides[2] + ec * strides[3], row
+    block = 32
+    picks = [0, 1, w - 1, w, h * w + 3, 2 ** 31 - 1, 2 ** 31 - 5, 2 ** 31 + 12345, 2 ** 32 + 7, rows - block,
+             rows // 3, (rows * 5) // 7, 123456789, 3 * 2 ** 30 + 17, rows - w - 3]
+    picks = [p for p in picks if 0 <= p <= rows - block]
+    starts = torch.tensor(picks, dtype=torch.int64, device=DEVICE)
+    out = torch.empty(len(picks) * block * 5, dtype=torch.int64, device=DEVICE)
+    _index_probe_kernel[(len(picks),)](starts, out, d, h, w, *strides, BLOCK=block)
+    got = out.view(len(picks), block, 5).cpu().tolist()
+    for start, block_got in zip(picks, got):
+        for row, (gn, ga, gb, gc, goff) in zip(range(start, start + block), block_got):
+            en, rest = divmod(row, d * h * w)
+            ea, rest = divmod(rest, h * w)
+            eb, ec = divmod(rest, w)
+            assert (gn, ga, gb, gc) == (en, ea, eb, ec), row
+            assert goff == en * strides[0] + ea * strides[1] + eb * strides[2] + ec * strides[3], row
 
 
 # ---------------------------------------------------------------------------------------------------------

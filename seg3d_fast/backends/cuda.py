@@ -26,8 +26,9 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LABEL_CODES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
 PROBABILITY_TARGET = 3
 MAX_CLASSES = 32         # kMaxClasses in csrc/launchers.h
+MAX_GRID_Y = 65535       # CUDA gridDim.y limit (the Jaccard kernels put the sample index there)
 SAVED_KINDS = {"none": 0, "act": 1, "preact": 2}
-MAX_VOXELS = 2**31 - 1   # voxel (row) indices are 32-bit; element offsets are 64-bit
+MAX_VOXELS = 2**31 - 2**16  # voxel (row) indices are 32-bit (with room for a tile past the end); offsets 64-bit
 WGRAD_BLOCKS = 256       # wgrad splits aim at about this many blocks (fixed, so results do not depend on the card)
 PRELU_ROW_BLOCKS = 512   # row blocks of the PReLU-backward reduction (fixed, for the same reason)
 
@@ -156,11 +157,14 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     out = empty()
     act = empty() if save_act else None
     offsets = [d_ - k // 2 for d_ in range(k)]
+    # named locals: a copy made here must outlive the launch (a freed temporary's memory could be handed to the
+    # next copy before the kernel reads it, and the kernel would see the wrong tensor)
+    bias_c = None if bias is None else _dense(bias)
+    alpha_c = None if alpha is None else _dense(alpha)
+    residual_c = None if residual is None else _ndhwc(residual)
     a = _conv_args(xc, wk, out, x.shape[1], out_size, out_size, stride, 1, (0, 0, 0), (offsets,) * 3)
-    a.bias = _ptr(None if bias is None else _dense(bias))
-    a.alpha = _ptr(None if alpha is None else _dense(alpha))
+    a.bias, a.alpha, a.residual = _ptr(bias_c), _ptr(alpha_c), _ptr(residual_c)
     a.alpha_mode = 0 if alpha is None else (1 if alpha.numel() == 1 else 2)
-    a.residual = _ptr(None if residual is None else _ndhwc(residual))
     a.residual_first = int(bool(residual_first))
     a.act = _ptr(act)
     _run_conv(a, x)
@@ -278,6 +282,8 @@ def jaccard_unsupported(logits, target, activation, ignore_index) -> list[str]:
         reasons.append(f"class count {logits.shape[1] if logits.dim() > 1 else None} not in [1, {MAX_CLASSES}]")
     if target.device != logits.device:
         reasons.append(f"target is on {target.device}, logits on {logits.device}")
+    if logits.dim() >= 1 and logits.shape[0] > MAX_GRID_Y:
+        reasons.append(f"batch size {logits.shape[0]} > {MAX_GRID_Y} (one CUDA grid row per sample)")
     if target.dtype.is_complex or target.dtype == torch.bool:
         reasons.append(f"target dtype {target.dtype} is neither an integer label map nor float probabilities")
     return reasons

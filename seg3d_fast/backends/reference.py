@@ -55,16 +55,17 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
         dz = grad_out
     else:
         # PReLU backward in fp32 (fp64 for fp64): one rounding, at the cast of dz, like a fused kernel's registers.
+        # From the PReLU output y (alpha > 0): z <= 0 exactly where y <= 0, and z = y / alpha there.
         work = torch.float64 if saved.dtype == torch.float64 else torch.float32
         a = _alpha_view(alpha, saved).to(work)
-        z = saved.to(work)
-        if saved_kind == "act":  # z = y where y > 0, else y / alpha (alpha > 0 guaranteed by the caller)
-            z = torch.where(z > 0, z, z / a)
+        y = saved.to(work)
         g = grad_out.to(work)
-        negative = z <= 0
+        negative = y <= 0
         dz = torch.where(negative, g * a, g).to(grad_out.dtype)
         if need_alpha:
-            per_channel = (g * z).masked_fill_(~negative, 0).sum(dim=[0, *range(2, z.dim())])
+            per_channel = (g * y).masked_fill_(~negative, 0).sum(dim=[0, *range(2, y.dim())])
+            if saved_kind == "act":  # sum of g * z over z <= 0, with z = y / alpha
+                per_channel = per_channel / alpha.to(work)
             grad_alpha = (per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)).to(alpha.dtype)
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         dz, x, weight, [weight.shape[0]] if need_b else None,

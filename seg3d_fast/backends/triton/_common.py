@@ -83,16 +83,28 @@ def next_pow2(n, lo, hi):
 
 
 @triton.jit
-def row_coords(m, E1, E2, E3):
-    """Split flat row indices m (int64) of an (N, E1, E2, E3) grid into (n, i1, i2, i3), all int64.
-    Rows of big volumes pass 2^31, so the division chain runs in 64 bits."""
-    m = m.to(tl.int64)
-    i3 = m % E3
-    t = m // E3
-    i2 = t % E2
-    t = t // E2
-    i1 = t % E1
-    n = t // E1
+def block_row_coords(start, E1, E2, E3, BLOCK: tl.constexpr):
+    """(n, i1, i2, i3) of the rows start .. start + BLOCK - 1 of an (N, E1, E2, E3) grid, flattened row-major;
+    n is int64, the others int32. Rows of big volumes pass 2^31, but only the scalar start is split in 64 bits:
+    per row the split is 32-bit, carried from the start's coordinates (64-bit division per element costs
+    hundreds of instructions and registers on the GPU)."""
+    start = start.to(tl.int64)
+    t = start // E3
+    c0 = (start - t * E3).to(tl.int32)
+    t2 = t // E2
+    b0 = (t - t2 * E2).to(tl.int32)
+    n0 = t2 // E1
+    a0 = (t2 - n0 * E1).to(tl.int32)
+    j = tl.arange(0, BLOCK) + c0  # each carry below is < BLOCK + extent: no int32 overflow
+    q = j // E3
+    i3 = j - q * E3
+    j = q + b0
+    q = j // E2
+    i2 = j - q * E2
+    j = q + a0
+    q = j // E1
+    i1 = j - q * E1
+    n = n0 + q.to(tl.int64)
     return n, i1, i2, i3
 
 

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, dot, dot_precision, interpreting, next_pow2, parallel_slots, row_coords, strided_offset
+from ._common import (autotune_configs, block_row_coords, dot, dot_precision, interpreting, next_pow2, parallel_slots,
+                      strided_offset)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DZ_NONE, _DZ_ACT, _DZ_PREACT = 0, 1, 2
@@ -78,14 +79,28 @@ def _load_gathered(src_ptr, saved_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc
     return a
 
 
+# Tile configs for sm_90 (checked by compiling every kernel variant ahead of time with Triton 3.6 and 3.9).
+# num_stages is not a choice: the gathered loads get at most a double buffer (3 and 4 compile to the same kernel).
+# Tiles that give a thread too many elements use all 255 registers and spill: the prune functions drop them for
+# each launch; the defaults (64 rows, 8 warps) pass for every launch (column blocks are at most 64).
+_TILES = ((64, 4), (64, 8), (128, 4), (128, 8), (256, 8))
+_MAX_BLOCK_N = 64  # C_out columns per program: 128 spills in the epilogue
+
+
 def _conv_configs():
-    gpu = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-           for bm in (64, 128) for w in (4, 8) for s in (3, 4)]
-    return autotune_configs(gpu, triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3),
+    gpu = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=3) for bm, w in _TILES]
+    return autotune_configs(gpu, triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=3),
                             triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=_conv_configs(), key=["M", "C_SRC", "C_OUT", "K_TOTAL", "STEP"])
+def _prune_conv(configs, named_args, **kwargs):
+    """At most 48 elements of the A tile and the accumulator per thread."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= 48 * 32 * c.num_warps]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_conv_configs(), key=["M", "C_SRC", "C_OUT", "K_TOTAL", "STEP"],
+                 prune_configs_by={"early_config_prune": _prune_conv})
 @triton.jit
 def _conv_kernel(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr, act_ptr,
                  M, E1, E2, E3, Ds, Hs, Ws, C_SRC, K_TOTAL, C_OUT, N_PAD,
@@ -96,14 +111,13 @@ def _conv_kernel(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, w_ptr, bias_ptr, al
     """out[row, co] = epilogue(sum_k A[row, k] * W[k, co]); rows are an (N, E1, E2, E3) grid whose voxel
     (n, a, b, c) reads source voxel (a, b, c) * STEP + taps[t]. ACT_KIND 0 none / 1 shared / 2 per-channel
     alpha; RES_MODE 0 none / 1 before the activation / 2 after it (SAVE_ACT: also store the PReLU output)."""
-    pid_m = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(0).to(tl.int64) * BLOCK_M
     pid_n = tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = m < M
-    n, i1, i2, i3 = row_coords(m, E1, E2, E3)
-    ra = (i1 * STEP).to(tl.int32)
-    rb = (i2 * STEP).to(tl.int32)
-    rc = (i3 * STEP).to(tl.int32)
+    row_ok = start + tl.arange(0, BLOCK_M) < M
+    n, i1, i2, i3 = block_row_coords(start, E1, E2, E3, BLOCK_M)
+    ra = i1 * STEP
+    rb = i2 * STEP
+    rc = i3 * STEP
     row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_SRC
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -140,16 +154,23 @@ def _conv_kernel(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, w_ptr, bias_ptr, al
 
 
 def _wgrad_configs():
-    gpu = [triton.Config({"BLOCK_V": bv}, num_warps=w, num_stages=s)
-           for bv in (64, 128) for w in (4, 8) for s in (3, 4)]
-    return autotune_configs(gpu, triton.Config({"BLOCK_V": 64}, num_warps=4, num_stages=3),
+    gpu = [triton.Config({"BLOCK_V": bv}, num_warps=w, num_stages=3) for bv, w in _TILES]
+    return autotune_configs(gpu, triton.Config({"BLOCK_V": 64}, num_warps=8, num_stages=3),
                             triton.Config({"BLOCK_V": 64}, num_warps=4, num_stages=1))
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    """Under 64 elements per thread of the x tile and the three (voxel x C_out) tiles (dz, bias and alpha sums)."""
+    per_voxel = kwargs["BLOCK_KT"] + 2 * kwargs["BLOCK_CO"]
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] * per_voxel < 64 * 32 * c.num_warps]
+    return kept or configs[:1]
 
 
 _VOX_GRAIN = 256  # voxels per split are a multiple of this (so of every BLOCK_V)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["M", "C_IN", "C_OUT", "K_TOTAL", "STEP", "COMPUTE_W"])
+@triton.autotune(configs=_wgrad_configs(), key=["M", "C_IN", "C_OUT", "K_TOTAL", "STEP", "COMPUTE_W"],
+                 prune_configs_by={"early_config_prune": _prune_wgrad})
 @triton.jit
 def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_part_ptr, da_part_ptr, dz_ptr,
                   M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
@@ -200,10 +221,10 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
         if WRITE_DZ:
             tl.store(dz_ptr + g_off, dz.to(dz_ptr.dtype.element_ty), mask=mask & first[None, :])
         if COMPUTE_W:
-            n, i1, i2, i3 = row_coords(m, E1, E2, E3)
-            ra = (i1 * STEP).to(tl.int32)
-            rb = (i2 * STEP).to(tl.int32)
-            rc = (i3 * STEP).to(tl.int32)
+            n, i1, i2, i3 = block_row_coords(v_start + i, E1, E2, E3, BLOCK_V)
+            ra = i1 * STEP
+            rb = i2 * STEP
+            rc = i3 * STEP
             row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_IN
             xt = _load_gathered(x_ptr, x_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, kt0,
                                 K_TOTAL, C_IN, Ds, Hs, Ws, FLAT_K, BLOCK_KT, 0, False)
@@ -259,7 +280,7 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, saved=None, d
         return
     k_total, c_out = weight_mat.shape
     flat_k, block_k = _k_blocking(c_src, k_total)
-    block_n = next_pow2(c_out, 16, 128)
+    block_n = next_pow2(c_out, 16, _MAX_BLOCK_N)
     grid_n = triton.cdiv(c_out, block_n)
     w = _pad2d(weight_mat, triton.cdiv(k_total, block_k) * block_k, grid_n * block_n)
     res = residual if residual is not None else out
@@ -366,7 +387,7 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
     m_rows = n * do * ho * wo
     k_total = k * k * k * c_in
     flat_k, block_kt = _k_blocking(c_in, k_total)
-    block_co = next_pow2(c_out, 16, 128)
+    block_co = next_pow2(c_out, 16, _MAX_BLOCK_N)
     kt_tiles = triton.cdiv(k_total, block_kt) if want_w else 1
     co_tiles = triton.cdiv(c_out, block_co)
     kt_pad, co_pad = kt_tiles * block_kt, co_tiles * block_co
