@@ -221,13 +221,14 @@ DISPATCH_OPS = {"conv3d_prelu": "conv3d_prelu", "jaccard_loss": "jaccard"}
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def dispatch_table(payload, direction="both"):
-    """{card: {op: {key: backends fastest first}}} in the format of seg3d_fast/backends/dispatch_table.json, from the
-    training (forward + backward) rows. Keys as ops.py builds them; rows sharing a key add their times. The
+def dispatch_table(payload):
+    """{card: {op: {key: backends fastest first}}} in the format of seg3d_fast/backends/dispatch_table.json: op
+    "conv3d_prelu" / "jaccard" from the forward rows, "<op>_backward" from the backward rows (the dispatcher may run
+    the two directions on different backends). Keys as ops.py builds them; rows sharing a key add their times. The
     reference backend is timed as the faster eager baseline (the same cuDNN calls)."""
     totals = {}
     for (op, _, dtype, d), by in _rows(payload["records"]).items():
-        if d != direction or op not in DISPATCH_OPS:
+        if d not in ("forward", "backward") or op not in DISPATCH_OPS:
             continue
         shape = next(iter(by.values()))["shape"]
         dt = TORCH_DTYPE_NAMES[dtype]
@@ -236,7 +237,7 @@ def dispatch_table(payload, direction="both"):
         times = {"reference": min((by[b]["ms"] for b in ("eager", "eager_cl") if b in by and by[b]["ms"]),
                                   default=None)}
         times.update({b: by[b]["ms"] for b in ("triton", "cuda") if b in by})
-        slot = totals.setdefault((DISPATCH_OPS[op], key), {})
+        slot = totals.setdefault((DISPATCH_OPS[op] + ("" if d == "forward" else "_backward"), key), {})
         for b, ms in times.items():
             if ms is not None:
                 slot[b] = slot.get(b, 0.0) + ms

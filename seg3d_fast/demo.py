@@ -5,6 +5,7 @@ The sample (seg3d_fast/data/sample, see its README) is a 2 mm skull-stripped T1 
 below and above it are the two training cases. The trained run lands in --out, so `seg3d-fast predict OUT ...`
 reuses it.
 """
+import json
 import time
 from pathlib import Path
 
@@ -42,6 +43,14 @@ def split_sample(data_dir):
     return paths, (lo, hi)
 
 
+def _forget_previous_demo(out):
+    """A demo run already in `out` (possibly with other settings) is replaced, never resumed or mixed."""
+    config = out / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("extra", {}).get("demo"):
+        for name in ("config.json", "splits.json", "fold_0/checkpoint.pt"):
+            (out / name).unlink(missing_ok=True)
+
+
 def overlay_png(path, image, truth, pred, title):
     """Three axial slices of the held-out slab: T1, ground truth over T1, prediction over T1."""
     import matplotlib
@@ -77,6 +86,7 @@ def run_demo(out="seg3d_demo", epochs=None, quick=False, device="auto", seed=0, 
     settings = dict(QUICK if quick else DEFAULTS)
     if epochs is not None:
         settings["epochs"] = epochs
+    _forget_previous_demo(out)
     paths, (lo, hi) = split_sample(out / "data")
     if progress:
         print(f"demo: bundled 2 mm T1 brain MRI, axial slices {lo}..{hi - 1} held out, training on the rest "

@@ -106,12 +106,13 @@ def _check_backend(backend):
         raise ValueError(f"backend must be one of {backends.NAMES} or None; got {backend!r}")
 
 
-def _conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend: str) -> str:
-    """The backend for this conv: `backend` when given ("" = choose), else per dtype/kernel/stride/channels."""
+def _conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend: str,
+                  direction: str = "forward") -> str:
+    """The backend for this conv: `backend` when given ("" = choose), else per direction/dtype/kernel/stride/channels."""
     args = (x, weight, bias, alpha, residual, stride, residual_first)
     key = f"{str(x.dtype).removeprefix('torch.')}-k{weight.shape[-1]}-s{stride}-ci{weight.shape[1]}-co{weight.shape[0]}"
     bench = backends.Bench("conv3d_prelu", args, lambda m: m.conv3d_prelu_forward(*args, False))
-    return backends.select("conv3d_prelu", backend or None, x.device, key, args, bench)
+    return backends.select("conv3d_prelu", backend or None, x.device, key, args, bench, direction)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,7 +141,8 @@ def _conv3d_prelu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Op
                            alpha: Optional[Tensor], residual: Optional[Tensor], saved: Optional[Tensor],
                            stride: int, residual_first: bool, output_mask: list[bool],
                            backend: str) -> list[Tensor]:
-    module = backends.load(_conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend))
+    module = backends.load(_conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend,
+                                         "backward"))
     if alpha is None:
         kind, saved = "none", None
     elif bool((alpha > 0).all()):
@@ -218,11 +220,11 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Jaccard (Tanimoto) loss
-def _jaccard_backend(logits, target, activation, ignore_index, backend):
+def _jaccard_backend(logits, target, activation, ignore_index, backend, direction="forward"):
     key = f"{str(logits.dtype).removeprefix('torch.')}-C{logits.shape[1]}"
     args = (logits, target, activation, ignore_index)
     bench = backends.Bench("jaccard", args, lambda m: m.jaccard_sums(logits, target, True, activation, ignore_index))
-    return backends.load(backends.select("jaccard", backend or None, logits.device, key, args, bench))
+    return backends.load(backends.select("jaccard", backend or None, logits.device, key, args, bench, direction))
 
 
 @torch.library.custom_op("seg3d_fast::jaccard_sums", mutates_args=())
@@ -241,7 +243,7 @@ def _(logits, target, squared, activation, ignore_index, backend):
 @torch.library.custom_op("seg3d_fast::jaccard_sums_backward", mutates_args=())
 def _jaccard_sums_backward(grad_sums: Tensor, logits: Tensor, target: Tensor, squared: bool, activation: str,
                            ignore_index: Optional[int], backend: str) -> Tensor:
-    return _jaccard_backend(logits, target, activation, ignore_index, backend).jaccard_sums_backward(
+    return _jaccard_backend(logits, target, activation, ignore_index, backend, "backward").jaccard_sums_backward(
         grad_sums.contiguous(), logits, target, squared, activation, ignore_index)
 
 

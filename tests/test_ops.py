@@ -41,9 +41,10 @@ def run_with_grads(fn, args, grad_out):
 
 
 def check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend="reference", negative_alpha=False,
-               device="cpu"):
+               device="cpu", shape=SHAPE, c_out=5):
     x, w, b, alpha, r, stride, rf = make_conv_args(dtype, k, stride, alpha_kind, residual_kind, layout,
-                                                   negative_alpha=negative_alpha, device=device)
+                                                   negative_alpha=negative_alpha, device=device, shape=shape,
+                                                   c_out=c_out)
     fused = lambda x, w, b, a, r: sf.conv3d_prelu(x, w, b, a, r, stride=stride, residual_first=rf, backend=backend)
     plain = lambda x, w, b, a, r: conv3d_prelu_plain(x, w, b, a, r, stride, rf)
     args = [x, w, b, alpha, r]
@@ -105,11 +106,17 @@ def skip_unless_usable(backend):
     (torch.bfloat16, 3, 1, "channel", "before", "contiguous", True),
     (torch.float16, 3, 2, "none", "none", "channels_last", False),
 ])
-def test_compiled_backends_through_ops(backend, dtype, k, stride, alpha_kind, residual_kind, layout, negative):
+def test_compiled_backends_through_ops(backend, dtype, k, stride, alpha_kind, residual_kind, layout, negative,
+                                      monkeypatch):
     """The Triton (interpreter on CPU) and CUDA backends through the public op: dispatch, autograd, layouts."""
     skip_unless_usable(backend)
+    # Exact fp32 on both sides (TF32 is a separate, looser contract: tests/test_cuda_backend.py).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # The cuda kernels copy channel rows in 4-byte pieces: even channel counts (odd ones dispatch elsewhere).
+    shape, c_out = ((2, 4, 5, 6, 7), 6) if backend == "cuda" else (SHAPE, 5)
     check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend=backend, negative_alpha=negative,
-               device=DEVICE)
+               device=DEVICE, shape=shape, c_out=c_out)
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)

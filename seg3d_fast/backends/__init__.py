@@ -63,16 +63,19 @@ def unsupported_reasons(name: str, op: str, *args) -> list[str]:
     return list(getattr(load(name), f"{op}_unsupported")(*args))
 
 
-def _preference(op: str, device, key: str, bench) -> tuple[str, ...]:
+def _preference(op: str, device, key: str, bench, direction: str) -> tuple[str, ...]:
     """Backends to try, best first. On the CPU only the reference (Triton's interpreter is for tests, never chosen
-    automatically). On a GPU: the committed table of measured winners for this card and key; else measured once here
-    (each capable backend timed on the real input) and cached on disk; else the default order."""
+    automatically). On a GPU: the committed table of measured winners for this card, op, direction and key (the
+    forward and the backward of one op may run on different backends: they share the saved-tensor contract); else
+    the forward measured once here (each capable backend timed on the real input) and cached on disk; else the
+    default order."""
     if device.type != "cuda":
         return ("reference",)
     import torch
 
     card = torch.cuda.get_device_name(device)
-    order = _dispatch_table().get(card, {}).get(op, {}).get(key)
+    table = _dispatch_table().get(card, {})
+    order = table.get(op if direction == "forward" else f"{op}_backward", {}).get(key) or table.get(op, {}).get(key)
     if order:
         return tuple(order)
     cache = _measured(card)
@@ -160,7 +163,8 @@ class Bench:
         return self._run(module)
 
 
-def select(op: str, backend: str | None, device, key: str, args: tuple, bench: Bench | None = None) -> str:
+def select(op: str, backend: str | None, device, key: str, args: tuple, bench: Bench | None = None,
+           direction: str = "forward") -> str:
     """Name of the backend that runs `op` on `args`. `backend` (or env SEG3D_FAST_BACKEND) forces a choice."""
     requested = backend or os.environ.get(ENV_BACKEND) or None
     if requested is not None:
@@ -169,7 +173,7 @@ def select(op: str, backend: str | None, device, key: str, args: tuple, bench: B
             raise BackendUnsupported(f"backend {requested!r} cannot run {op} on this input: " + "; ".join(reasons))
         return requested
     tried = {}
-    for name in _preference(op, device, key, bench):
+    for name in _preference(op, device, key, bench, direction):
         reasons = unsupported_reasons(name, op, *args)
         if not reasons:
             return name
