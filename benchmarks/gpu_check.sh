@@ -95,6 +95,12 @@ export SEG3D_BENCH_DEADLINE=$(( $(date +%s) + T_BENCH - 15 ))
 stage bench "$T_BENCH" $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
   --benchmark-columns=median,min,rounds --benchmark-sort=name
 
+# --- the measured backend order, used by the profile's "fused" network (each layer on its fastest backend) ----------
+if [[ -s $RES/bench.json ]]; then
+  timeout 30 $PY benchmarks/report.py "$RES/bench.json" --dispatch-table "$RES/dispatch_table.json" --markdown /dev/null \
+    && export SEG3D_FAST_DISPATCH_TABLE=$RES/dispatch_table.json
+fi
+
 # --- full-volume training profile --------------------------------------------------------------------------------
 stage profile "$T_PROFILE" $PY -m seg3d_fast.profile "${PROFILE_ARGS[@]}" --out "$RES/profile.json" \
   --chart "$RES/profile.png"
@@ -102,8 +108,7 @@ stage profile "$T_PROFILE" $PY -m seg3d_fast.profile "${PROFILE_ARGS[@]}" --out 
 # --- report: markdown + chart, then the summary last -----------------------------------------------------------
 FILES=$(for f in bench.json profile.json; do [[ -s $RES/$f ]] && echo "$RES/$f"; done)
 if [[ -n "$FILES" ]]; then
-  stage report "$T_REPORT" $PY benchmarks/report.py $FILES --markdown "$RES/report.md" --png "$RES/bench.png" \
-    --dispatch-table "$RES/dispatch_table.json"
+  stage report "$T_REPORT" $PY benchmarks/report.py $FILES --markdown "$RES/report.md" --png "$RES/bench.png"
 fi
 echo
 echo "=================================== summary ==================================="

@@ -298,14 +298,16 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
             raise ValueError(f"target label map must have shape (N, *spatial) = {expected} to match logits "
                              f"{tuple(logits.shape)}; got {tuple(target.shape)}")
         if not torch.compiler.is_compiling() and target.numel():
-            bad = (target < 0) | (target >= c)
-            if ignore_index is not None:
-                bad &= target != ignore_index
-            if bool(bad.any()):
-                lo, hi = int(target.min()), int(target.max())
-                raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
-                                 + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
-                                 + f"; found values in [{lo}, {hi}]")
+            # One reduction and one sync in the common case; the masked check only when something is out of range.
+            lo, hi = (int(v) for v in torch.aminmax(target))
+            if lo < 0 or hi >= c:
+                bad = (target < 0) | (target >= c)
+                if ignore_index is not None:
+                    bad &= target != ignore_index
+                if bool(bad.any()):
+                    raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
+                                     + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
+                                     + f"; found values in [{lo}, {hi}]")
     if class_weights is not None:
         if not isinstance(class_weights, Tensor):
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32)

@@ -173,8 +173,15 @@ BACKWARD_CASES = [
 ]
 
 
+@pytest.fixture(params=["v2", "v1"])
+def backward_version(request, monkeypatch):
+    """Both backward paths (SEG3D_FAST_TRITON_BWD): v2 (dz stored once, plain GEMMs) and the v1 fallback."""
+    monkeypatch.setenv("SEG3D_FAST_TRITON_BWD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("saved_kind,dtype,k,stride,alpha_kind,layout,c_in,c_out", BACKWARD_CASES)
-def test_conv_backward(saved_kind, dtype, k, stride, alpha_kind, layout, c_in, c_out):
+def test_conv_backward(saved_kind, dtype, k, stride, alpha_kind, layout, c_in, c_out, backward_version):
     case = make_conv_case(dtype, k, stride, alpha_kind, None, layout, c_in, c_out,
                           negative_alpha=saved_kind == "preact")
     check_backward(case, saved_kind)
@@ -182,7 +189,7 @@ def test_conv_backward(saved_kind, dtype, k, stride, alpha_kind, layout, c_in, c
 
 @pytest.mark.parametrize("output_mask", [(True, False, False, False, False), (False, False, True, True, False),
                                          (False, False, False, False, True), (False, True, False, True, True)])
-def test_conv_backward_output_subsets(output_mask):
+def test_conv_backward_output_subsets(output_mask, backward_version):
     """Only the asked-for gradients come back (the bias/alpha/dz-only pass skips the weight GEMM)."""
     check_backward(make_conv_case(F32, 3, 2, "channel", None, "contiguous", seed=3), "act", output_mask)
 
@@ -193,13 +200,27 @@ def test_conv_backward_no_activation_grad_preact_is_grad_out():
     assert torch.equal(grads[4].double().cpu(), case["grad_out"].float().double())
 
 
+def test_conv_backward_version_env_checked(monkeypatch):
+    monkeypatch.setenv("SEG3D_FAST_TRITON_BWD", "v3")
+    with pytest.raises(ValueError, match="SEG3D_FAST_TRITON_BWD"):
+        run_backward(make_conv_case(F32, 1, 1, "channel"), "act")
+
+
+def test_conv_wgrad_gemm_many_splits_and_tiles():
+    """The v2 weight GEMM with several voxel splits, (tap, C_in) tiles of several taps that end inside a tap
+    (C_in = 48: 1296 rows, 11 tiles of 128) and two C_out tiles, stride 2 over odd extents (420 output voxels:
+    2 splits of 256 under the interpreter)."""
+    case = make_conv_case(BF16, 3, 2, "channel", None, "channels_last", 48, 70, size=(2, 11, 9, 13), seed=11)
+    check_backward(case, "act", (False, True, False, False, False))
+
+
 def test_conv_forward_batch_and_single_voxel_extents():
     """N = 3 and extents of 1 and 2 (every tap of a 3x3x3 kernel but one falls into the padding)."""
     check_forward(make_conv_case(F32, 3, 2, "channel", "after", size=(3, 1, 2, 3), seed=5), save_act=True)
     check_backward(make_conv_case(F32, 3, 2, "channel", None, size=(3, 1, 2, 3), seed=6), "act")
 
 
-def test_conv_wgrad_deterministic():
+def test_conv_wgrad_deterministic(backward_version):
     """Split reduction over voxels with a fixed-order second stage: bitwise repeatable."""
     case = make_conv_case(F32, 3, 1, "channel", None, "contiguous", size=(2, 5, 6, 9), seed=7)
     first = run_backward(case, "act")

@@ -16,7 +16,9 @@ NAMES = ("reference", "triton", "cuda")
 ENV_BACKEND = "SEG3D_FAST_BACKEND"
 # Preference on a GPU when the dispatch table has no entry for the card/op: compiled kernels first, cuDNN last.
 DEFAULT_GPU_ORDER = ("cuda", "triton", "reference")
-DISPATCH_TABLE = Path(__file__).with_name("dispatch_table.json")
+# Measured backend order per card, op, direction and shape (written by benchmarks/gpu_check.sh via report.py);
+# env SEG3D_FAST_DISPATCH_TABLE points at another file.
+DISPATCH_TABLE = Path(os.environ.get("SEG3D_FAST_DISPATCH_TABLE", Path(__file__).with_name("dispatch_table.json")))
 
 _modules: dict[str, object] = {}
 _import_errors: dict[str, str] = {}

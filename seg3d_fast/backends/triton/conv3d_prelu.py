@@ -10,6 +10,8 @@ All three are implicit GEMMs over channels-last (NDHWC) tensors:
 dz = grad_out * (z > 0 ? 1 : alpha) is formed in the loads of grad_out from the saved tensor; it is never stored
 unless grad_preact is asked for.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -167,6 +169,11 @@ def _prune_wgrad(configs, named_args, **kwargs):
 
 
 _VOX_GRAIN = 256  # voxels per split are a multiple of this (so of every BLOCK_V)
+_WGRAD_BLOCK_KT = 128  # (tap, C_in) rows of a wgrad GEMM tile: several taps per program for C_in < 128
+# voxels per wgrad GEMM program at least (partials to sum stay small); the interpreter's tiny test volumes
+# still get several splits
+_WGRAD_MIN_VOX = _VOX_GRAIN if interpreting() else 4096
+_WGRAD_PROGRAMS_PER_SLOT = 4  # wgrad GEMM programs per parallel slot: equal programs, so a short last wave
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["M", "C_IN", "C_OUT", "K_TOTAL", "STEP", "COMPUTE_W"],
@@ -210,7 +217,7 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
             dz = tl.where(neg, g * al, g)
             if REDUCE_ALPHA:
                 if DZ_KIND == 1:
-                    z = tl.where(neg, s / al, s)
+                    z = tl.where(neg, tl.math.div_rn(s, al), s)  # '/' is approximate on the GPU
                 else:
                     z = s
                 acc_a += tl.where(neg, g * z, 0.0)
@@ -238,6 +245,86 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
         tl.store(da_part_ptr + split * CO_PAD + co, tl.sum(acc_a, axis=0), mask=first)
 
 
+@triton.jit
+def _tap_bits(ra, rb, rc, row_ok, Ds, Hs, Ws, KSIZE: tl.constexpr):
+    """Per row, a bit mask of the taps whose source voxel lies inside the volume (bit t = tap t of the
+    (kd, kh, kw) row-major table of _forward_taps): ~10 operations per row instead of ~15 per tile element."""
+    if KSIZE == 1:
+        bits = tl.where(row_ok, 1, 0)
+    else:
+        bits = tl.where(row_ok, 0x7FFFFFF, 0)
+        bits = tl.where(ra >= 1, bits, bits & 0x7FFFE00)  # kd = 0 (offset -1) needs ra - 1 >= 0
+        bits = tl.where(ra + 1 < Ds, bits, bits & 0x003FFFF)  # kd = 2
+        bits = tl.where(rb >= 1, bits, bits & 0x7E3F1F8)  # kh = 0
+        bits = tl.where(rb + 1 < Hs, bits, bits & 0x0FC7E3F)  # kh = 2
+        bits = tl.where(rc >= 1, bits, bits & 0x6DB6DB6)  # kw = 0
+        bits = tl.where(rc + 1 < Ws, bits, bits & 0x36DB6DB)  # kw = 2
+    return bits
+
+
+def _wgrad_gemm_configs():
+    gpu = [triton.Config({"BLOCK_V": bv}, num_warps=w, num_stages=3) for bv, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+    return autotune_configs(gpu, triton.Config({"BLOCK_V": 64}, num_warps=8, num_stages=3),
+                            triton.Config({"BLOCK_V": 32}, num_warps=4, num_stages=1))
+
+
+def _prune_wgrad_gemm(configs, named_args, **kwargs):
+    """At most 64 fp32 registers' worth per thread of the x tile, the dz tile and the accumulator."""
+    kt, co = kwargs["BLOCK_KT"], kwargs["BLOCK_CO"]
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] * (kt // 2 + co) + kt * co <= 64 * 32 * c.num_warps]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_wgrad_gemm_configs(), key=["M", "C_IN", "C_OUT", "K_TOTAL", "STEP"],
+                 prune_configs_by={"early_config_prune": _prune_wgrad_gemm})
+@triton.jit
+def _wgrad_gemm_kernel(x_ptr, dz_ptr, dw_part_ptr,
+                       M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
+                       STEP: tl.constexpr, KSIZE: tl.constexpr, VEC16: tl.constexpr, DOT_PREC: tl.constexpr,
+                       BLOCK_V: tl.constexpr, BLOCK_KT: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """Split-K GEMM dW^T[(tap, ci), co] = sum over voxels of x_shifted[v, (tap, ci)] * dz[v, co], from a dz that
+    is already stored (channels-last, input dtype). Program (split, kt-tile, co-tile) owns a BLOCK_KT x BLOCK_CO
+    tile (several taps: big tensor-core tiles, dz read K_TOTAL / BLOCK_KT times instead of once per tap) and
+    writes its fp32 partial sum over the split's voxels; the host sums the partials in a fixed order.
+    Column k = tap * C_IN + ci; its offset and tap are fixed for the program, so per element only
+    (row base + column offset) and one bit test of the row's tap mask remain."""
+    split = tl.program_id(0).to(tl.int64)
+    kt = tl.program_id(1) * BLOCK_KT + tl.arange(0, BLOCK_KT)
+    co = tl.program_id(2) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < C_OUT
+    tap = kt // C_IN
+    ci = kt - tap * C_IN
+    if KSIZE == 1:
+        delta = ci.to(tl.int64)
+    else:
+        dd = tap // 9 - 1
+        dh = (tap // 3) % 3 - 1
+        dw = tap % 3 - 1
+        delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * C_IN + ci
+    tap = tl.where(kt < K_TOTAL, tap, 31)  # bit 31 is never set: padding columns read 0
+    if VEC16:  # C_IN % 16 == 0: runs of 16 columns are contiguous and share one tap (vector loads)
+        delta = tl.max_contiguous(tl.multiple_of(delta, 16), 16)
+        tap = tl.max_constancy(tap, 16)
+    acc = tl.zeros((BLOCK_KT, BLOCK_CO), dtype=tl.float32)
+    v_start = split * VOX_PER_SPLIT
+    for i in range(0, VOX_PER_SPLIT, BLOCK_V):
+        m = v_start + i + tl.arange(0, BLOCK_V)
+        row_ok = m < M
+        n, i1, i2, i3 = block_row_coords(v_start + i, E1, E2, E3, BLOCK_V)
+        ra = i1 * STEP
+        rb = i2 * STEP
+        rc = i3 * STEP
+        row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_IN
+        if VEC16:
+            row_base = tl.multiple_of(row_base, 16)
+        bits = _tap_bits(ra, rb, rc, row_ok, Ds, Hs, Ws, KSIZE)
+        ok = ((bits[:, None] >> tap[None, :]) & 1) != 0
+        xt = tl.load(x_ptr + (row_base[:, None] + delta[None, :]), mask=ok, other=0.0)
+        dz = tl.load(dz_ptr + (m[:, None] * C_OUT + co[None, :]), mask=row_ok[:, None] & co_ok[None, :], other=0.0)
+        acc = dot(tl.trans(xt), dz, acc, DOT_PREC)
+    tl.store(dw_part_ptr + split * KT_PAD * CO_PAD + kt[:, None] * CO_PAD + co[None, :], acc)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------------
@@ -260,8 +347,16 @@ def _k_blocking(c_src, k_total):
     return True, 16 if k_total <= 16 else 32
 
 
+_TAP_TABLES = {}
+
+
 def _tap_table(deltas, device):
-    return torch.tensor(deltas, dtype=torch.int32, device=device).reshape(-1, 3)
+    """Device tensor of tap offsets, made once per (taps, device): building it per call is a host-to-device copy
+    from pageable memory, which waits for the GPU to drain and leaves it idle while the host launches again."""
+    key = (tuple(tuple(t) for t in deltas), str(device))
+    if key not in _TAP_TABLES:
+        _TAP_TABLES[key] = torch.tensor(deltas, dtype=torch.int32, device=device).reshape(-1, 3)
+    return _TAP_TABLES[key]
 
 
 def _pad2d(w, rows, cols):
@@ -372,8 +467,8 @@ def _dgrad(dz_src, saved, dz_kind, alpha, weight, x, stride):
         out_view = grad_x[:, :, q[0]::stride, q[1]::stride, q[2]::stride]
         if out_view.numel() == 0:
             continue
-        kd, kh, kw = ([t[i][0] for t in taps] for i in range(3))
-        weight_mat = w_perm[kd, kh, kw].reshape(len(taps) * c_out, c_in)
+        # basic indexing + stack: indexing with Python lists would copy an index tensor to the device (a sync)
+        weight_mat = torch.stack([w_perm[a[0], b[0], c[0]] for a, b, c in taps]).reshape(len(taps) * c_out, c_in)
         deltas = _tap_table([(t[0][1], t[1][1], t[2][1]) for t in taps], x.device)
         _launch_conv(dz_src, weight_mat, deltas, out_view, (n,) + tuple(out_view.shape[2:]), c_out, 1,
                      saved=saved, dz_kind=dz_kind, dz_alpha=alpha)
@@ -422,6 +517,72 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
     return grad_w, grad_b, grad_a, dz
 
 
+def _wgrad_gemm(dz, x, weight, stride):
+    """grad_weight from a stored dz (channels-last) with _wgrad_gemm_kernel: fp32 partials per voxel split,
+    summed in a fixed order (deterministic)."""
+    n, c_in, d, h, w = x.shape
+    c_out, k = weight.shape[0], weight.shape[-1]
+    do, ho, wo = dz.shape[2:]
+    m_rows = n * do * ho * wo
+    k_total = k * k * k * c_in
+    block_kt = next_pow2(k_total, 16, _WGRAD_BLOCK_KT)
+    block_co = next_pow2(c_out, 16, _MAX_BLOCK_N)
+    kt_tiles, co_tiles = triton.cdiv(k_total, block_kt), triton.cdiv(c_out, block_co)
+    # many equal programs (small tail wave) but at least _WGRAD_MIN_VOX voxels each (few partials to sum)
+    splits = max(1, min(triton.cdiv(_WGRAD_PROGRAMS_PER_SLOT * parallel_slots(x.device), kt_tiles * co_tiles),
+                        triton.cdiv(m_rows, _WGRAD_MIN_VOX)))
+    vox_per_split = triton.cdiv(triton.cdiv(m_rows, splits), _VOX_GRAIN) * _VOX_GRAIN
+    splits = max(1, triton.cdiv(m_rows, vox_per_split))
+    kt_pad, co_pad = kt_tiles * block_kt, co_tiles * block_co
+    dw_part = torch.empty((splits, kt_pad, co_pad), dtype=torch.float32, device=x.device)
+    _wgrad_gemm_kernel[(splits, kt_tiles, co_tiles)](
+        _channels_last(x), dz, dw_part,
+        m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
+        STEP=stride, KSIZE=k, VEC16=c_in % 16 == 0, DOT_PREC=dot_precision(x.dtype),
+        BLOCK_KT=block_kt, BLOCK_CO=block_co,
+    )
+    dw = dw_part.sum(0)[:k_total, :c_out].reshape(k, k, k, c_in, c_out)
+    return dw.permute(4, 3, 0, 1, 2).to(weight.dtype).contiguous()
+
+
+def _backward_v2(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_a, want_dz):
+    """dz written once (with the bias / alpha sums) by the elementwise pass of _wgrad_kernel; then dgrad is a
+    plain implicit GEMM on dz and wgrad the split-K GEMM of _wgrad_gemm_kernel. The v1 path instead re-forms dz
+    from grad_out and saved for every tap in both GEMMs (27 loads of two tensors plus the PReLU backward per
+    element), and its wgrad ran one tap per program with 32-wide tiles."""
+    need_dz = dz_kind != _DZ_NONE and (want_x or want_w or want_dz)
+    grad_b = grad_a = None
+    dz = g
+    if need_dz or want_b or want_a:
+        _, grad_b, grad_a, dz_written = _wgrad_and_reductions(g, s, dz_kind, a, x, weight, stride,
+                                                              False, want_b, want_a, need_dz)
+        if need_dz:
+            dz = dz_written
+    grad_x = _dgrad(dz, None, _DZ_NONE, None, weight, x, stride) if want_x else None
+    grad_w = _wgrad_gemm(dz, x, weight, stride) if want_w else None
+    return grad_x, grad_w, grad_b, grad_a, dz
+
+
+def _backward_v1(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_a, want_dz):
+    """The previous path: dz re-formed from grad_out and saved in the loads of both GEMMs (one tap per wgrad
+    program); dz stored only when asked for."""
+    grad_x = _dgrad(g, s, dz_kind, a, weight, x, stride) if want_x else None
+    write_dz = want_dz and dz_kind != _DZ_NONE
+    grad_w = grad_b = grad_a = dz = None
+    if want_w or want_b or want_a or write_dz:
+        grad_w, grad_b, grad_a, dz = _wgrad_and_reductions(g, s, dz_kind, a, x, weight, stride,
+                                                          want_w, want_b, want_a, write_dz)
+    return grad_x, grad_w, grad_b, grad_a, dz
+
+
+def backward_version():
+    """SEG3D_FAST_TRITON_BWD=v1 selects the previous backward (dz re-formed in every GEMM load); default v2."""
+    version = os.environ.get("SEG3D_FAST_TRITON_BWD", "v2")
+    if version not in ("v1", "v2"):
+        raise ValueError(f"SEG3D_FAST_TRITON_BWD must be 'v1' or 'v2', got {version!r}")
+    return version
+
+
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
     want_x, want_w, want_b, want_a, want_dz = (bool(v) for v in output_mask)
     if saved_kind not in _DZ_KINDS:
@@ -432,16 +593,15 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     g = _channels_last(grad_out)
     s = _channels_last(saved) if dz_kind != _DZ_NONE else None
     a = alpha.reshape(-1) if (alpha is not None and dz_kind != _DZ_NONE) else None
-    grad_x = _dgrad(g, s, dz_kind, a, weight, x, stride) if want_x else None
-    write_dz = want_dz and dz_kind != _DZ_NONE  # with no activation dz is grad_out itself
-    grad_w = grad_b = grad_a = dz = None
-    if want_w or want_b or want_a or write_dz:
-        grad_w, grad_b, grad_a, dz = _wgrad_and_reductions(g, s, dz_kind, a, x, weight, stride,
-                                                          want_w, want_b, want_a, write_dz)
+    backward = _backward_v2 if backward_version() == "v2" else _backward_v1
+    grad_x, grad_w, grad_b, grad_a, dz = backward(g, s, dz_kind, a, x, weight, stride,
+                                                  want_x, want_w, want_b, want_a, want_dz)
     if grad_b is not None:
         grad_b = grad_b.to(x.dtype)
     if grad_a is not None:
         grad_a = (grad_a if alpha.numel() > 1 else grad_a.sum().reshape(1)).to(alpha.dtype).reshape(alpha.shape)
-    if want_dz and not write_dz:
-        dz = grad_out
+    if not want_dz:
+        dz = None
+    elif dz_kind == _DZ_NONE:
+        dz = grad_out  # with no activation dz is grad_out itself
     return grad_x, grad_w, grad_b, grad_a, dz
