@@ -9,7 +9,7 @@ from torch import nn
 
 from seg3d_fast import jaccard_loss, profile
 from seg3d_fast.models import Seg3DNet
-from tests.helpers import assert_close
+from helpers import assert_close
 
 TINY_FEATURES = [2, 4, 6, 8]
 

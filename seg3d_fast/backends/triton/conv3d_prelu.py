@@ -269,9 +269,13 @@ def _wgrad_gemm_configs():
 
 
 def _prune_wgrad_gemm(configs, named_args, **kwargs):
-    """At most 64 fp32 registers' worth per thread of the x tile, the dz tile and the accumulator."""
+    """At most 64 fp32 registers' worth per thread of the x tile, the dz tile and the accumulator; fp32 x tiles
+    of 128 x 128 exceed the shared memory of sm_90 with the 3-stage pipeline."""
     kt, co = kwargs["BLOCK_KT"], kwargs["BLOCK_CO"]
-    kept = [c for c in configs if c.kwargs["BLOCK_V"] * (kt // 2 + co) + kt * co <= 64 * 32 * c.num_warps]
+    x = named_args.get("x_ptr")
+    wide = x is not None and x.element_size() == 4
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] * (kt // 2 + co) + kt * co <= 64 * 32 * c.num_warps
+            and not (wide and c.kwargs["BLOCK_V"] * kt > 8192)]
     return kept or configs[:1]
 
 
@@ -559,7 +563,13 @@ def _backward_v2(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, wa
         if need_dz:
             dz = dz_written
     grad_x = _dgrad(dz, None, _DZ_NONE, None, weight, x, stride) if want_x else None
-    grad_w = _wgrad_gemm(dz, x, weight, stride) if want_w else None
+    grad_w = None
+    if want_w and dot_precision(x.dtype) == "ieee":
+        # exact fp32 has no tensor cores: Triton's FMA dot holds whole operand tiles in registers and the big
+        # tiles of _wgrad_gemm_kernel spill (ptxas, sm_90); the one-tap kernel runs on the stored dz instead
+        grad_w = _wgrad_and_reductions(dz, None, _DZ_NONE, None, x, weight, stride, True, False, False, False)[0]
+    elif want_w:
+        grad_w = _wgrad_gemm(dz, x, weight, stride)
     return grad_x, grad_w, grad_b, grad_a, dz
 
 
