@@ -144,7 +144,7 @@ class Seg3DNet(nn.Module):
         import copy
 
         model = copy.deepcopy(self).to(device="meta", dtype=dtype).train()
-        rows, saved = [], {}
+        rows = []
 
         def record(name):
             def hook(module, args, out):
@@ -156,24 +156,17 @@ class Seg3DNet(nn.Module):
                   if isinstance(m, (ConvPReLU3d, UpConvPReLU3d, nn.Conv3d, nn.ConvTranspose3d, nn.PReLU))]
         handles = [m.register_forward_hook(record(n)) for n, m in leaves]
 
-        def pack(t):  # each tensor object once: on the meta device there are no addresses to tell storages apart
-            saved[id(t)] = (t, t.numel() * t.element_size())
-            return t
-
         x = torch.randn(*input_size, device="meta", dtype=dtype, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
+        saved_bytes = saved_tensor_bytes(model, x)
         for h in handles:
             h.remove()
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        saved_bytes = sum(b for _, b in saved.values()) - param_bytes
         lines = [f"Seg3DNet {self.config}", f"input {tuple(input_size)} {dtype}",
                  f"{'layer':<24}{'type':<16}{'output shape':<30}{'params':>10}{'output MiB':>12}"]
         for name, kind, shape, params, nbytes in rows:
             lines.append(f"{name:<24}{kind:<16}{str(shape):<30}{params:>10}{nbytes / 2**20:>12.1f}")
         total = sum(p.numel() for p in self.parameters())
         lines.append(f"parameters: {total:,}; activations written: {sum(r[4] for r in rows) / 2**20:,.1f} MiB; "
-                     f"saved for backward (approx., parameters excluded): {max(saved_bytes, 0) / 2**20:,.1f} MiB")
+                     f"saved for backward (parameters excluded): {saved_bytes / 2**20:,.1f} MiB")
         return "\n".join(lines)
 
 
@@ -186,3 +179,33 @@ def transfer_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
         for a, b in zip(src_params, dst_params):
             b.copy_(a)
     return dst
+
+
+def saved_tensor_bytes(model: nn.Module, x: Tensor, include_parameters: bool = False) -> int:
+    """Bytes autograd saves for backward during one forward of `model` on `x`.
+
+    Counted with torch.autograd.graph.saved_tensors_hooks, each storage once (keyed by its data_ptr: views of one
+    buffer and tensors saved by several ops count once, at the storage's full size, which is what stays allocated).
+    On the meta device, which has no addresses, each tensor object counts once. Parameters are left out unless
+    include_parameters (they are held anyway); autocast's low-precision weight copies are activations and count.
+    """
+    params = list(model.parameters())
+    skip = set() if include_parameters else {p.untyped_storage().data_ptr() for p in params}
+    sizes, kept = {}, []
+
+    def pack(t):
+        if t.device.type == "meta":
+            if include_parameters or not any(t is p for p in params):
+                kept.append(t)  # alive until counted, so its id stays unique
+                sizes[id(t)] = t.numel() * t.element_size()
+            return t
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)  # alive until counted: saved storages cannot be freed and their addresses reused
+    total = sum(sizes.values())
+    del out, kept
+    return total

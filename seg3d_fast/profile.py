@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .models import saved_tensor_bytes  # noqa: F401 - part of this module's API: the memory figure
+
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # "fused": every layer on the best backend that can run it; "reference"/"triton"/"cuda": every layer forced onto one
 # backend (an error when a layer cannot run there, e.g. the cuda kernels need even channel counts in fp16/bf16).
@@ -42,31 +44,6 @@ STEP_TIME_TARGET = 1.15
 
 # ---------------------------------------------------------------------------------------------------------------------
 # measurements usable on their own
-def saved_tensor_bytes(model, x, include_parameters: bool = False) -> int:
-    """Bytes autograd saves for backward during one forward of `model` on `x`.
-
-    Counted with torch.autograd.graph.saved_tensors_hooks; each storage once (keyed by its untyped storage's
-    data_ptr: views of one buffer and tensors saved by several ops count once, at the storage's full size, which is
-    what stays allocated). Parameter storages are left out unless include_parameters (they are held anyway);
-    autocast's low-precision weight copies are activations of the step and count.
-    """
-    skip = set() if include_parameters else {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr and ptr not in skip:
-            storages[ptr] = max(storages.get(ptr, 0), storage.nbytes())
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)  # kept alive until counted: saved storages cannot be freed and their addresses reused
-    total = sum(storages.values())
-    del out
-    return total
-
-
 def plain_jaccard_loss(logits, labels, smooth: float = 1e-5):
     """The Jaccard (Tanimoto) loss in plain PyTorch, as the baseline network trains with it: softmax, one-hot target
     and their products all stored by autograd. Same value as seg3d_fast.jaccard_loss(logits, labels) (defaults:
