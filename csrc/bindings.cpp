@@ -75,7 +75,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("ntap_w", &ConvArgs::ntap_w)
       .def_readwrite("alpha_mode", &ConvArgs::alpha_mode)
       .def_readwrite("residual_first", &ConvArgs::residual_first)
-      .def_readwrite("vec", &ConvArgs::vec);
+      .def_readwrite("vec", &ConvArgs::vec)
+      .def_readwrite("kernels", &ConvArgs::kernels);
   def_offsets(conv, "toff_d", &ConvArgs::toff_d);
   def_offsets(conv, "toff_h", &ConvArgs::toff_h);
   def_offsets(conv, "toff_w", &ConvArgs::toff_w);
@@ -100,7 +101,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def_readwrite("splits", &WgradArgs::splits)
       .def_readwrite("voxels_per_split", &WgradArgs::voxels_per_split)
       .def_readwrite("vec_dz", &WgradArgs::vec_dz)
-      .def_readwrite("vec_in", &WgradArgs::vec_in);
+      .def_readwrite("vec_in", &WgradArgs::vec_in)
+      .def_readwrite("kernels", &WgradArgs::kernels);
 
   m.def("device_count", &device_count, "Number of CUDA GPUs; raises RuntimeError with the CUDA error when none");
   m.def("conv_gemm", &conv_gemm, py::arg("args"), py::arg("dtype"), py::arg("tf32"), py::arg("device"),

@@ -357,7 +357,8 @@ __global__ void wgrad_reduce_kernel(const float* __restrict__ partial, T* __rest
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     float s = 0.0f;
-    for (int sp = 0; sp < splits; ++sp) s += partial[sp * count + i];
+#pragma unroll 8
+    for (int sp = 0; sp < splits; ++sp) s += partial[sp * count + i];  // in split order; loads run ahead
     gw[i] = from_float<T>(s);
   }
 }
@@ -429,6 +430,272 @@ __global__ void channel_sums_kernel(float* __restrict__ part, int rows, int C, T
   }
 }
 
+// =========================================================================================================
+// v2 kernels (the default; SEG3D_FAST_CUDA_KERNELS=v1 selects the kernels above). Same GEMMs, tiles and
+// pipeline, for channel counts that split into 16-byte pieces (C_in and C_out multiples of 16 / sizeof(T)).
+// The v1 loaders spent ~10 runtime integer divisions per 16-byte copy (voxel and tap decode), an order of
+// magnitude more issue slots than the MMAs they feed. Here every thread copies a fixed 16-byte column of every
+// K tile: the conv loader looks the tap up in a shared table and walks (tap, channel) incrementally; the wgrad
+// loader fixes each thread's (tap, channel) column and walks its voxels incrementally. Epilogues read the fp32
+// tile and write 16 bytes per thread.
+template <class T> constexpr int kVec16 = 16 / int(sizeof(T));  // elements per 16-byte copy
+
+__device__ __forceinline__ int pick3(const int (&v)[3], int i) { return i == 0 ? v[0] : i == 1 ? v[1] : v[2]; }
+
+// 16-byte vector of T <-> floats.
+template <class T> __device__ __forceinline__ void load16(const T* p, float* v) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int i = 0; i < kVec16<T>; ++i) v[i] = to_float(e[i]);
+}
+template <class T> __device__ __forceinline__ void store16(T* p, const float* v) {
+  uint4 u;
+  T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int i = 0; i < kVec16<T>; ++i) e[i] = from_float<T>(v[i]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+template <class T, bool TF32, int BM, int BN, int WARPS_M>
+__global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a) {
+  using L = SmemLayout<T, BM, BN, false, false>;
+  constexpr int EV = kVec16<T>;
+  constexpr int CPR = kBK / EV;              // 16-byte copies per tile row
+  constexpr int ROW_STEP = kThreads / CPR;   // rows between one thread's copies
+  static_assert(BM % ROW_STEP == 0 && BN % EV == 0, "v2 tile");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  __shared__ int row_d[BM], row_h[BM], row_w[BM];   // input origin of each output row
+  __shared__ long long row_base[BM], row_out[BM];   // element offsets of that origin and of the output row
+  __shared__ int tap_d[27], tap_h[27], tap_w[27];
+  __shared__ long long tap_off[27];                 // element offset of each tap from the origin
+
+  const int tid = threadIdx.x;
+  const T* __restrict__ in = reinterpret_cast<const T*>(a.in);
+  const T* __restrict__ w = reinterpret_cast<const T*>(a.weight);
+  const int M = a.N * a.QD * a.QH * a.QW;  // < 2^31 (checked by the caller)
+  const int ntaps = a.ntap_d * a.ntap_h * a.ntap_w, K = ntaps * a.C;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+
+  for (int t = tid; t < ntaps; t += kThreads) {
+    const int tw = t % a.ntap_w, tdh = t / a.ntap_w, th = tdh % a.ntap_h, td = tdh / a.ntap_h;
+    const int dd = pick3(a.toff_d, td), dh = pick3(a.toff_h, th), dw = pick3(a.toff_w, tw);
+    tap_d[t] = dd;
+    tap_h[t] = dh;
+    tap_w[t] = dw;
+    tap_off[t] = ((static_cast<long long>(dd) * a.IH + dh) * a.IW + dw) * a.C;
+  }
+  for (int r = tid; r < BM; r += kThreads) {
+    const int m = m0 + r;
+    if (m < M) {
+      int t = m;
+      const int qw = t % a.QW; t /= a.QW;
+      const int qh = t % a.QH; t /= a.QH;
+      const int qd = t % a.QD;
+      const int n = t / a.QD;
+      const int d = qd * a.in_stride, h = qh * a.in_stride, wv = qw * a.in_stride;
+      row_d[r] = d;
+      row_h[r] = h;
+      row_w[r] = wv;
+      row_base[r] = (((static_cast<long long>(n) * a.ID + d) * a.IH + h) * a.IW + wv) * a.C;
+      const int od = qd * a.out_stride + a.out_off_d, oh = qh * a.out_stride + a.out_off_h,
+                ow = qw * a.out_stride + a.out_off_w;
+      row_out[r] = (((static_cast<long long>(n) * a.OD + od) * a.OH + oh) * a.OW + ow) * a.Cout;
+    } else {
+      row_d[r] = -(1 << 28);  // fails the bounds check for every tap
+      row_h[r] = row_w[r] = 0;
+      row_base[r] = 0;
+      row_out[r] = -1;
+    }
+  }
+  __syncthreads();
+
+  // This thread copies column kk of every K tile, rows r0 + j * ROW_STEP of A and r0 + j * ROW_STEP of B.
+  // (tap, c) = divmod(kt * kBK + kk, C), advanced one K tile per call: load_stage is called for kt = 0, 1, 2, ...
+  const int kk = (tid % CPR) * EV, r0 = tid / CPR;
+  int tap = kk / a.C, c = kk - tap * a.C;
+  auto load_stage = [&](int stage, int kt) {
+    const int k = kt * kBK + kk;
+    const bool k_valid = k < K;  // C % EV == 0: a copy never straddles taps or the end of K
+    int dd = 0, dh = 0, dw = 0;
+    long long koff = 0;
+    if (k_valid) {
+      dd = tap_d[tap];
+      dh = tap_h[tap];
+      dw = tap_w[tap];
+      koff = tap_off[tap] + c;
+    }
+    T* sA = L::a_stage(smem, stage);
+#pragma unroll
+    for (int j = 0; j < BM / ROW_STEP; ++j) {
+      const int r = r0 + j * ROW_STEP;
+      const bool valid = k_valid && unsigned(row_d[r] + dd) < unsigned(a.ID) &&
+                         unsigned(row_h[r] + dh) < unsigned(a.IH) && unsigned(row_w[r] + dw) < unsigned(a.IW);
+      cp_async(sA + r * L::LDA + kk, valid ? in + row_base[r] + koff : in, 16, valid);
+    }
+    T* sB = L::b_stage(smem, stage);
+#pragma unroll
+    for (int i = tid; i < BN * CPR; i += kThreads) {  // kThreads % CPR == 0: column kk again
+      const int r = i / CPR, co = n0 + r;
+      const bool valid = k_valid && co < a.Cout;
+      cp_async(sB + r * L::LDB + kk, valid ? w + static_cast<long long>(co) * K + k : w, 16, valid);
+    }
+    c += kBK;
+    while (c >= a.C) {
+      c -= a.C;
+      ++tap;
+    }
+  };
+
+  BlockTile<T, TF32, BM, BN, WARPS_M, false, false> tile;
+  tile.init();
+  gemm_mainloop<decltype(tile), L>(tile, smem, (K + kBK - 1) / kBK, load_stage);
+  float* sC = reinterpret_cast<float*>(smem_raw);
+  tile.store(sC);
+  __syncthreads();
+
+  // Epilogue, EV channels (16 bytes) per thread: bias, residual (before), PReLU, act, residual (after).
+  const T* bias = reinterpret_cast<const T*>(a.bias);
+  const T* alpha = reinterpret_cast<const T*>(a.alpha);
+  const T* residual = reinterpret_cast<const T*>(a.residual);
+  T* out = reinterpret_cast<T*>(a.out);
+  T* act = reinterpret_cast<T*>(a.act);
+  constexpr int PIECES = BN / EV;
+  const float alpha0 = a.alpha_mode == 1 ? to_float(alpha[0]) : 0.0f;
+  for (int i = tid; i < BM * PIECES; i += kThreads) {
+    const int r = i / PIECES, cc = (i % PIECES) * EV, co = n0 + cc;
+    const long long ro = row_out[r];
+    if (ro < 0 || co >= a.Cout) continue;  // Cout % EV == 0: a piece is wholly in or out
+    const long long o = ro + co;
+    float v[EV], t[EV];
+#pragma unroll
+    for (int e = 0; e < EV; e += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(sC + r * L::LDC + cc + e);
+      v[e] = f.x, v[e + 1] = f.y, v[e + 2] = f.z, v[e + 3] = f.w;
+    }
+    if (bias) {
+      load16(bias + co, t);
+#pragma unroll
+      for (int e = 0; e < EV; ++e) v[e] += t[e];
+    }
+    if (residual && a.residual_first) {
+      load16(residual + o, t);
+#pragma unroll
+      for (int e = 0; e < EV; ++e) v[e] += t[e];
+    }
+    if (a.alpha_mode) {
+      if (a.alpha_mode == 2) load16(alpha + co, t);
+#pragma unroll
+      for (int e = 0; e < EV; ++e) {
+        const float al = a.alpha_mode == 2 ? t[e] : alpha0;
+        v[e] = v[e] > 0.0f ? v[e] : v[e] * al;
+      }
+    }
+    if (act) store16(act + o, v);
+    if (residual && !a.residual_first) {
+      load16(residual + o, t);
+#pragma unroll
+      for (int e = 0; e < EV; ++e) v[e] += t[e];
+    }
+    store16(out + o, v);
+  }
+}
+
+// Weight gradient v2: each thread's B column (tap, channel) is fixed for the whole block; its voxels
+// (v_begin + kt * kBK + kv0 + j * STEP_B) are tracked as (n, od, oh, ow) and advanced kBK voxels per K tile.
+template <class T, bool TF32, int BM, int BN, int WARPS_M>
+__global__ void __launch_bounds__(kThreads) wgrad_v2_kernel(const WgradArgs a) {
+  using L = SmemLayout<T, BM, BN, true, true>;
+  constexpr int EV = kVec16<T>;
+  constexpr int CPR_A = BM / EV, CPR_B = BN / EV;  // 16-byte copies per voxel row of the dz / input tile
+  constexpr int STEP_B = kThreads / CPR_B;         // voxel rows between one thread's input copies
+  constexpr int JB = kBK / STEP_B;                 // input copies per thread per K tile
+  static_assert(kThreads % CPR_B == 0 && kBK % STEP_B == 0 && BM % EV == 0, "v2 wgrad tile");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+
+  const int tid = threadIdx.x;
+  const T* __restrict__ dz = reinterpret_cast<const T*>(a.dz);
+  const T* __restrict__ in = reinterpret_cast<const T*>(a.in);
+  const int ks = a.ksize, pad = a.ksize / 2;
+  const int Kw = ks * ks * ks * a.C;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * BM, split = blockIdx.z;
+  const int voxels = a.N * a.OD * a.OH * a.OW;  // < 2^31 (checked by the caller)
+  const int v_begin = split * a.voxels_per_split;
+  const int v_end = min(voxels, v_begin + a.voxels_per_split);
+  const int k_tiles = v_end > v_begin ? (v_end - v_begin + kBK - 1) / kBK : 0;
+
+  const int nn = (tid % CPR_B) * EV, nk = n0 + nn, kv0 = tid / CPR_B;
+  const bool col_valid = nk < Kw;  // C % EV == 0: a copy never straddles taps
+  int td = 0, th = 0, tw = 0, cin = 0;
+  if (col_valid) {
+    const int tap = nk / a.C;
+    cin = nk - tap * a.C;
+    tw = tap % ks;
+    th = (tap / ks) % ks;
+    td = tap / (ks * ks);
+  }
+  const int dd = td - pad, dh = th - pad, dw = tw - pad;
+  int vn[JB], vd[JB], vh[JB], vw[JB];
+#pragma unroll
+  for (int j = 0; j < JB; ++j) {
+    int t = v_begin + kv0 + j * STEP_B;
+    vw[j] = t % a.OW; t /= a.OW;
+    vh[j] = t % a.OH; t /= a.OH;
+    vd[j] = t % a.OD;
+    vn[j] = t / a.OD;
+  }
+
+  auto load_stage = [&](int stage, int kt) {  // called for kt = 0, 1, 2, ... (the voxel walk relies on it)
+    const int v0 = v_begin + kt * kBK;
+    T* sA = L::a_stage(smem, stage);  // [voxel][c_out]
+#pragma unroll
+    for (int i = tid; i < kBK * CPR_A; i += kThreads) {
+      const int kv = i / CPR_A, mm = (i % CPR_A) * EV, v = v0 + kv, co = m0 + mm;
+      const bool valid = v < v_end && co < a.Cout;
+      cp_async(sA + kv * L::LDA + mm, valid ? dz + static_cast<long long>(v) * a.Cout + co : dz, 16, valid);
+    }
+    T* sB = L::b_stage(smem, stage);  // [voxel][tap, c_in]
+#pragma unroll
+    for (int j = 0; j < JB; ++j) {
+      const int kv = kv0 + j * STEP_B;
+      const int id = vd[j] * a.stride + dd, ih = vh[j] * a.stride + dh, iw = vw[j] * a.stride + dw;
+      const bool valid = col_valid && v0 + kv < v_end && unsigned(id) < unsigned(a.ID) &&
+                         unsigned(ih) < unsigned(a.IH) && unsigned(iw) < unsigned(a.IW);
+      const T* src = in + (((static_cast<long long>(vn[j]) * a.ID + id) * a.IH + ih) * a.IW + iw) * a.C + cin;
+      cp_async(sB + kv * L::LDB + nn, valid ? src : in, 16, valid);
+      vw[j] += kBK;
+      while (vw[j] >= a.OW) {
+        vw[j] -= a.OW;
+        if (++vh[j] == a.OH) {
+          vh[j] = 0;
+          if (++vd[j] == a.OD) {
+            vd[j] = 0;
+            ++vn[j];
+          }
+        }
+      }
+    }
+  };
+
+  BlockTile<T, TF32, BM, BN, WARPS_M, true, true> tile;
+  tile.init();
+  gemm_mainloop<decltype(tile), L>(tile, smem, k_tiles, load_stage);
+  float* sC = reinterpret_cast<float*>(smem_raw);
+  tile.store(sC);
+  __syncthreads();
+
+  // 4 fp32 per store (Kw % 4 == 0 and BN % 4 == 0: a piece is wholly in or out).
+  float* partial = reinterpret_cast<float*>(a.partial);
+  for (int i = tid; i < BM * (BN / 4); i += kThreads) {
+    const int r = i / (BN / 4), c4 = (i % (BN / 4)) * 4, co = m0 + r, col = n0 + c4;
+    if (co < a.Cout && col < Kw)
+      *reinterpret_cast<float4*>(partial + (static_cast<long long>(split) * a.Cout + co) * Kw + col) =
+          *reinterpret_cast<const float4*>(sC + r * L::LDC + c4);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 template <class Kernel>
@@ -449,11 +716,45 @@ void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
 }
 
 // Narrow output channel counts (the network has 8 and 16) get narrow, tall tiles instead of wasted columns.
+template <class T, bool TF32, int BM, int BN, int WARPS_M>
+void launch_conv_v2_tile(const ConvArgs& a, cudaStream_t stream) {
+  const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
+  if (M == 0 || a.Cout == 0) return;
+  auto kernel = conv_gemm_v2_kernel<T, TF32, BM, BN, WARPS_M>;
+  const size_t smem = SmemLayout<T, BM, BN, false, false>::BYTES;
+  set_smem(kernel, smem);
+  dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((a.Cout + BN - 1) / BN));
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  SEG3D_CHECK_LAUNCH("conv_gemm_v2_kernel");
+}
+
+// v2 needs 16-byte channel pieces on both sides (and at most 27 taps, always true for k <= 3).
+template <class T>
+bool use_conv_v2(const ConvArgs& a) {
+  return a.kernels >= 2 && a.vec == kVec16<T> && a.Cout % kVec16<T> == 0 &&
+         a.ntap_d * a.ntap_h * a.ntap_w <= 27;
+}
+
 template <class T, bool TF32>
 void launch_conv(const ConvArgs& a, cudaStream_t stream) {
+  if (use_conv_v2<T>(a)) {
+    if (a.Cout <= 16) launch_conv_v2_tile<T, TF32, 128, 16, 4>(a, stream);
+    else if (a.Cout <= 32) launch_conv_v2_tile<T, TF32, 128, 32, 4>(a, stream);
+    else launch_conv_v2_tile<T, TF32, 64, 64, 2>(a, stream);
+    return;
+  }
   if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4>(a, stream);
   else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4>(a, stream);
   else launch_conv_tile<T, TF32, 64, 64, 2>(a, stream);
+}
+
+template <class T>
+void launch_wgrad_reduce(const WgradArgs& a, int Kw, cudaStream_t stream) {
+  const long long count = static_cast<long long>(a.Cout) * Kw;
+  const int blocks = static_cast<int>(std::min<long long>((count + 255) / 256, 4096));
+  wgrad_reduce_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float*>(a.partial),
+                                                     reinterpret_cast<T*>(a.grad_weight), count, a.splits);
+  SEG3D_CHECK_LAUNCH("wgrad_reduce_kernel");
 }
 
 template <class T, bool TF32, int BM, int BN, int WARPS_M>
@@ -465,15 +766,30 @@ void launch_wgrad_tile(const WgradArgs& a, cudaStream_t stream) {
   dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);
   kernel<<<grid, kThreads, smem, stream>>>(a);
   SEG3D_CHECK_LAUNCH("wgrad_kernel");
-  const long long count = static_cast<long long>(a.Cout) * Kw;
-  const int blocks = static_cast<int>(std::min<long long>((count + 255) / 256, 4096));
-  wgrad_reduce_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float*>(a.partial),
-                                                     reinterpret_cast<T*>(a.grad_weight), count, a.splits);
-  SEG3D_CHECK_LAUNCH("wgrad_reduce_kernel");
+  launch_wgrad_reduce<T>(a, Kw, stream);
 }
 
+template <class T, bool TF32, int BM, int BN, int WARPS_M>
+void launch_wgrad_v2_tile(const WgradArgs& a, cudaStream_t stream) {
+  const int Kw = a.ksize * a.ksize * a.ksize * a.C;
+  auto kernel = wgrad_v2_kernel<T, TF32, BM, BN, WARPS_M>;
+  const size_t smem = SmemLayout<T, BM, BN, true, true>::BYTES;
+  set_smem(kernel, smem);
+  dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);
+  kernel<<<grid, kThreads, smem, stream>>>(a);
+  SEG3D_CHECK_LAUNCH("wgrad_v2_kernel");
+  launch_wgrad_reduce<T>(a, Kw, stream);
+}
+
+// Tiles: M = C_out (one M tile up to 64), N = taps x C_in. Mirrored by _grad_weight in backends/cuda.py.
 template <class T, bool TF32>
 void launch_wgrad(const WgradArgs& a, cudaStream_t stream) {
+  if (a.kernels >= 2 && a.vec_dz == kVec16<T> && a.vec_in == kVec16<T>) {
+    if (a.Cout <= 16) launch_wgrad_v2_tile<T, TF32, 16, 128, 1>(a, stream);
+    else if (a.Cout <= 32) launch_wgrad_v2_tile<T, TF32, 32, 128, 1>(a, stream);
+    else launch_wgrad_v2_tile<T, TF32, 64, 64, 2>(a, stream);
+    return;
+  }
   if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1>(a, stream);
   else launch_wgrad_tile<T, TF32, 64, 64, 2>(a, stream);
 }

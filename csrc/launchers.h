@@ -23,6 +23,7 @@ struct ConvArgs {
   int alpha_mode = 0;                             // 0 no activation, 1 one alpha, 2 one per channel
   int residual_first = 0;                         // residual summed before the activation
   int vec = 0;                                    // elements per cp.async copy (4, 8 or 16 bytes; divides C)
+  int kernels = 2;                                // 2: v2 kernels where the channels allow (16-byte pieces), 1: v1
 };
 void conv_gemm(const ConvArgs& a, int dtype, bool tf32, int device, uint64_t stream);
 
@@ -35,6 +36,7 @@ struct WgradArgs {
   int stride = 1, ksize = 3;
   int splits = 1, voxels_per_split = 0;           // voxels_per_split is a multiple of 32
   int vec_dz = 0, vec_in = 0;                     // elements per cp.async copy of dz (divides Cout) and in (C)
+  int kernels = 2;                                // as ConvArgs::kernels
 };
 void conv_wgrad(const WgradArgs& a, int dtype, bool tf32, int device, uint64_t stream);
 

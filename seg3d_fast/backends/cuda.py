@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -29,7 +30,9 @@ MAX_CLASSES = 32         # kMaxClasses in csrc/launchers.h
 MAX_GRID_Y = 65535       # CUDA gridDim.y limit (the Jaccard kernels put the sample index there)
 SAVED_KINDS = {"none": 0, "act": 1, "preact": 2}
 MAX_VOXELS = 2**31 - 2**16  # voxel (row) indices are 32-bit (with room for a tile past the end); offsets 64-bit
-WGRAD_BLOCKS = 256       # wgrad splits aim at about this many blocks (fixed, so results do not depend on the card)
+WGRAD_BLOCKS = {1: 256, 2: 1024}  # wgrad splits aim at about this many blocks per kernel version (fixed, so
+                                  # results do not depend on the card; v2 blocks are cheaper, more of them hide latency)
+KERNELS_ENV = "SEG3D_FAST_CUDA_KERNELS"  # "v1": the first kernels (fallback); unset or "v2": the faster ones
 PRELU_ROW_BLOCKS = 512   # row blocks of the PReLU-backward reduction (fixed, for the same reason)
 
 
@@ -89,6 +92,16 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def kernels_version() -> int:
+    """Kernel generation from env SEG3D_FAST_CUDA_KERNELS (read at every call): 2 by default, 1 for "v1".
+    v2 runs where the channel counts split into 16-byte pieces (C_in and C_out multiples of 16 / itemsize);
+    other shapes use the v1 kernels either way."""
+    value = os.environ.get(KERNELS_ENV, "") or "v2"
+    if value not in ("v1", "v2"):
+        raise ValueError(f"{KERNELS_ENV} must be 'v1' or 'v2' (or unset), got {value!r}")
+    return int(value[1])
+
+
 def _launch_context(t: torch.Tensor) -> tuple[int, int]:
     return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
@@ -133,6 +146,7 @@ def _conv_args(inp, weight, out, channels, grid, out_size, in_stride, out_stride
     a.ntap_d, a.ntap_h, a.ntap_w = (len(t) for t in taps)
     a.toff_d, a.toff_h, a.toff_w = ((list(t) + [0, 0, 0])[:3] for t in taps)
     a.vec = _copy_bytes(channels, inp.dtype) // inp.dtype.itemsize
+    a.kernels = kernels_version()
     return a
 
 
@@ -211,9 +225,15 @@ def _grad_weight(dz, xc, weight, stride, like):
     n, _, od, oh, ow = dz.shape
     voxels = n * od * oh * ow
     kw = k ** 3 * c_in
-    bm, bn = (16, 128) if c_out <= 16 else (64, 64)  # the kernel's tile (csrc/conv3d_prelu.cu, launch_wgrad)
+    version = kernels_version()
+    v2 = version == 2 and _copy_bytes(c_out, like.dtype) == 16 and _copy_bytes(c_in, like.dtype) == 16
+    # the kernel's tile (csrc/conv3d_prelu.cu, launch_wgrad)
+    if c_out <= 16:
+        bm, bn = 16, 128
+    else:
+        bm, bn = (32, 128) if v2 and c_out <= 32 else (64, 64)
     tiles = math.ceil(kw / bn) * math.ceil(c_out / bm)
-    splits = max(1, min(math.ceil(WGRAD_BLOCKS / tiles), math.ceil(voxels / 32), 65535))
+    splits = max(1, min(math.ceil(WGRAD_BLOCKS[version] / tiles), math.ceil(voxels / 32), 65535))
     per_split = math.ceil(math.ceil(voxels / splits) / 32) * 32
     splits = math.ceil(voxels / per_split)
     partial = torch.empty(splits * c_out * kw, dtype=torch.float32, device=like.device)
@@ -227,6 +247,7 @@ def _grad_weight(dz, xc, weight, stride, like):
     a.splits, a.voxels_per_split = splits, per_split
     a.vec_dz = _copy_bytes(c_out, like.dtype) // like.dtype.itemsize
     a.vec_in = _copy_bytes(c_in, like.dtype) // like.dtype.itemsize
+    a.kernels = version
     device, stream = _launch_context(like)
     _cuda.conv_wgrad(a, DTYPE_CODES[like.dtype], _tf32(like.dtype), device, stream)
     return gw.permute(0, 4, 1, 2, 3).contiguous()
