@@ -252,3 +252,23 @@ def test_host_jaccard_wiring(emulated):
     g = torch.randn(2, 5, 3)
     grad = cuda.jaccard_sums_backward(g, logits, target, True, "softmax", None)
     assert grad.shape == logits.shape and grad.dtype == logits.dtype
+
+
+def test_kernels_env_selects_generation(emulated, monkeypatch):
+    """SEG3D_FAST_CUDA_KERNELS picks the kernel generation passed to every launch; a bad value is a clear error."""
+    cuda, emulator = emulated
+    seen = []
+    conv_gemm, conv_wgrad = emulator.conv_gemm, emulator.conv_wgrad
+    emulator.conv_gemm = lambda a, *rest: (seen.append(a.kernels), conv_gemm(a, *rest))
+    emulator.conv_wgrad = lambda a, *rest: (seen.append(a.kernels), conv_wgrad(a, *rest))
+    x, weight = randn(2, 8, 5, 6, 7), randn(16, 8, 3, 3, 3)
+    for value, expected in (("v1", 1), ("v2", 2), ("", 2)):
+        monkeypatch.setenv(cuda.KERNELS_ENV, value)
+        seen.clear()
+        out, _ = cuda.conv3d_prelu_forward(x, weight, None, None, None, 2, False, False)
+        mask = (True, True, False, False, False)
+        cuda.conv3d_prelu_backward(randn(*out.shape), x, weight, None, None, "none", 2, mask)
+        assert seen and set(seen) == {expected}, (value, seen)
+    monkeypatch.setenv(cuda.KERNELS_ENV, "v3")
+    with pytest.raises(ValueError, match="SEG3D_FAST_CUDA_KERNELS must be 'v1' or 'v2'"):
+        cuda.conv3d_prelu_forward(x, weight, None, None, None, 1, False, False)

@@ -13,12 +13,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def cuda_backend():
+@pytest.fixture(scope="module", params=["v2", "v1"])
+def cuda_backend(request):
+    """The backend with each kernel generation (SEG3D_FAST_CUDA_KERNELS): v2 (default) and the v1 fallback."""
     from seg3d_fast.backends import cuda
 
     assert cuda.unavailable_reason() is None, cuda.unavailable_reason()  # on a GPU machine it must be built
-    return cuda
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(cuda.KERNELS_ENV, request.param)
+        assert cuda.kernels_version() == int(request.param[1])
+        yield cuda
 
 
 @pytest.fixture(autouse=True)
