@@ -290,6 +290,8 @@ def run_profile(args):
     JSON after each figure so that a run stopped from outside keeps what it measured."""
     t_start = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # the memory-cap API wants an indexed device
+        device = torch.device("cuda", torch.cuda.current_device())
     names = args.variants or _default_variants(device)
     spatial = tuple(args.input_size)
     voxels = args.batch * math.prod(spatial)

@@ -20,3 +20,12 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (runs on the GPU machine via benchmarks/gpu_check.sh)")
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
+
+
+@pytest.fixture
+def exact_fp32():
+    """TF32 off for cuDNN and matmul during a test (restored after): exact fp32 on both sides of a comparison."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

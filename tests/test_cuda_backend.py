@@ -26,12 +26,8 @@ def cuda_backend(request):
 
 
 @pytest.fixture(autouse=True)
-def exact_fp32():
+def _exact(exact_fp32):
     """Exact fp32 unless a test turns TF32 on (the backend follows cudnn.allow_tf32, like cuDNN)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _alpha(kind, c_out, dtype, negative=False):

@@ -107,12 +107,10 @@ def skip_unless_usable(backend):
     (torch.float16, 3, 2, "none", "none", "channels_last", False),
 ])
 def test_compiled_backends_through_ops(backend, dtype, k, stride, alpha_kind, residual_kind, layout, negative,
-                                      monkeypatch):
-    """The Triton (interpreter on CPU) and CUDA backends through the public op: dispatch, autograd, layouts."""
+                                      exact_fp32):
+    """The Triton (interpreter on CPU) and CUDA backends through the public op: dispatch, autograd, layouts.
+    Exact fp32 on both sides (TF32 is a separate, looser contract: tests/test_cuda_backend.py)."""
     skip_unless_usable(backend)
-    # Exact fp32 on both sides (TF32 is a separate, looser contract: tests/test_cuda_backend.py).
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     # The cuda kernels copy channel rows in 4-byte pieces: even channel counts (odd ones dispatch elsewhere).
     shape, c_out = ((2, 4, 5, 6, 7), 6) if backend == "cuda" else (SHAPE, 5)
     check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend=backend, negative_alpha=negative,
