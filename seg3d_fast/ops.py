@@ -12,6 +12,7 @@ upconv_prelu_add(x, weight, bias, alpha, skip): transposed conv (kernel 2, strid
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -106,25 +107,44 @@ def _check_backend(backend):
         raise ValueError(f"backend must be one of {backends.NAMES} or None; got {backend!r}")
 
 
+# Backend choice per call signature: the dispatcher's answer depends only on the backend asked for, the environment
+# override, the direction and the tensors' device, dtype and shapes, so it is computed once per such signature.
+_backend_cache: dict = {}
+
+
+def _shape(t):
+    return None if t is None else tuple(t.shape)
+
+
 def _conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend: str,
                   direction: str = "forward") -> str:
     """The backend for this conv: `backend` when given ("" = choose), else per direction/dtype/kernel/stride/channels."""
-    args = (x, weight, bias, alpha, residual, stride, residual_first)
-    key = f"{str(x.dtype).removeprefix('torch.')}-k{weight.shape[-1]}-s{stride}-ci{weight.shape[1]}-co{weight.shape[0]}"
-    bench = backends.Bench("conv3d_prelu", args, lambda m: m.conv3d_prelu_forward(*args, False))
-    return backends.select("conv3d_prelu", backend or None, x.device, key, args, bench, direction)
+    signature = ("conv3d_prelu", direction, backend, os.environ.get(backends.ENV_BACKEND), x.device, x.dtype,
+                 _shape(x), _shape(weight), _shape(bias), _shape(alpha), _shape(residual), stride, residual_first)
+    name = _backend_cache.get(signature)
+    if name is None:
+        args = (x, weight, bias, alpha, residual, stride, residual_first)
+        key = f"{str(x.dtype).removeprefix('torch.')}-k{weight.shape[-1]}-s{stride}-ci{weight.shape[1]}-co{weight.shape[0]}"
+        bench = backends.Bench("conv3d_prelu", args, lambda m: m.conv3d_prelu_forward(*args, False))
+        name = _backend_cache[signature] = backends.select("conv3d_prelu", backend or None, x.device, key, args,
+                                                           bench, direction)
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # conv3d + bias + PReLU + residual
-@torch.library.custom_op("seg3d_fast::conv3d_prelu", mutates_args=())
-def _conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
-                  residual: Optional[Tensor], stride: int, residual_first: bool, save_act: bool,
-                  backend: str) -> tuple[Tensor, Tensor]:
+def _conv_forward_impl(x, weight, bias, alpha, residual, stride, residual_first, save_act, backend):
     name = _conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend)
     out, act = backends.load(name).conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first,
                                                         save_act)
     return out, (act if save_act else out.new_empty(0))
+
+
+@torch.library.custom_op("seg3d_fast::conv3d_prelu", mutates_args=())
+def _conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor],
+                  residual: Optional[Tensor], stride: int, residual_first: bool, save_act: bool,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    return _conv_forward_impl(x, weight, bias, alpha, residual, stride, residual_first, save_act, backend)
 
 
 @_conv3d_prelu.register_fake
@@ -136,16 +156,31 @@ def _(x, weight, bias, alpha, residual, stride, residual_first, save_act, backen
     return out, act
 
 
-@torch.library.custom_op("seg3d_fast::conv3d_prelu_backward", mutates_args=())
-def _conv3d_prelu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                           alpha: Optional[Tensor], residual: Optional[Tensor], saved: Optional[Tensor],
-                           stride: int, residual_first: bool, output_mask: list[bool],
-                           backend: str) -> list[Tensor]:
+def _alpha_positive_later(alpha):
+    """Whether every alpha > 0, as a function for the backward to call. On a GPU the answer is copied to pinned host
+    memory asynchronously during the forward, so the backward reads it without draining the launch queue (a plain
+    `bool(tensor)` there would stall the CPU at every layer)."""
+    positive = (alpha > 0).all()
+    if positive.device.type != "cuda":
+        return lambda: bool(positive)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(positive, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read():
+        copied.synchronize()  # long done by the time backward runs
+        return bool(host)
+    return read
+
+
+def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first, output_mask,
+                        backend, alpha_positive=None):
     module = backends.load(_conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend,
                                          "backward"))
     if alpha is None:
         kind, saved = "none", None
-    elif bool((alpha > 0).all()):
+    elif alpha_positive() if alpha_positive is not None else bool((alpha > 0).all()):
         kind = "act"
     else:  # z is not recoverable from the PReLU output: recompute it (exact, costs one extra forward conv)
         kind = "preact"
@@ -153,6 +188,15 @@ def _conv3d_prelu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Op
                                                stride, residual_first, False)
     grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, saved, kind, stride, tuple(output_mask))
     return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@torch.library.custom_op("seg3d_fast::conv3d_prelu_backward", mutates_args=())
+def _conv3d_prelu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           alpha: Optional[Tensor], residual: Optional[Tensor], saved: Optional[Tensor],
+                           stride: int, residual_first: bool, output_mask: list[bool],
+                           backend: str) -> list[Tensor]:
+    return _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first,
+                               output_mask, backend)
 
 
 @_conv3d_prelu_backward.register_fake
@@ -178,21 +222,43 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.stride, ctx.residual_first, ctx.backend = stride, residual_first, backend
 
 
-def _conv_backward(ctx, grad_out, _grad_act):
+def _conv_grads(ctx, grad_out, backward_fn):
+    """Gradients of the 9 op inputs; backward_fn is the backward custom op (traced by torch.compile) or its
+    implementation (eager)."""
     x, weight, bias, alpha, residual, saved = ctx.saved_tensors
     need_x, need_w, need_b, need_alpha, need_res = ctx.needs_input_grad[:5]
     need_b = need_b and bias is not None
     need_alpha = need_alpha and alpha is not None
     need_dz = need_res and ctx.residual_first and alpha is not None
     mask = [need_x, need_w, need_b, need_alpha, need_dz]
-    grads = _conv3d_prelu_backward(grad_out, x, weight, bias, alpha, residual, saved, ctx.stride,
-                                   ctx.residual_first, mask, ctx.backend)
+    grads = backward_fn(grad_out, x, weight, bias, alpha, residual, saved, ctx.stride, ctx.residual_first, mask,
+                        ctx.backend)
     grad_x, grad_w, grad_b, grad_alpha, grad_z = [g if m else None for g, m in zip(grads, mask)]
     grad_res = (grad_z if need_dz else grad_out) if need_res else None
     return grad_x, grad_w, grad_b, grad_alpha, grad_res, None, None, None, None
 
 
-_conv3d_prelu.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_conv3d_prelu.register_autograd(lambda ctx, grad_out, _grad_act: _conv_grads(ctx, grad_out, _conv3d_prelu_backward),
+                                setup_context=_conv_setup_context)
+
+
+class _Conv3dPReLUEager(torch.autograd.Function):
+    """The eager path: the custom op's implementation and autograd without torch.library's per-call wrapping
+    (tens of microseconds a call, which small layers feel). torch.compile traces the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _conv_forward_impl(*inputs)
+        _conv_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        alpha = inputs[3]
+        ctx.alpha_positive = None if alpha is None else _alpha_positive_later(alpha)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_act):
+        return _conv_grads(ctx, grad_out,
+                           lambda *args: _conv_backward_impl(*args, alpha_positive=ctx.alpha_positive))
 
 
 def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
@@ -214,24 +280,41 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
     _check_backend(backend)
     save_act = alpha is not None and residual is not None and not residual_first
     # The backend is chosen inside the op, at run time: torch.compile traces only the op, not the dispatcher.
-    out, _ = _conv3d_prelu(x, weight, bias, alpha, residual, stride, residual_first, save_act, backend or "")
+    op = _conv3d_prelu if torch.compiler.is_compiling() else _Conv3dPReLUEager.apply
+    out, _ = op(x, weight, bias, alpha, residual, stride, residual_first, save_act, backend or "")
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Jaccard (Tanimoto) loss
 def _jaccard_backend(logits, target, activation, ignore_index, backend, direction="forward"):
-    key = f"{str(logits.dtype).removeprefix('torch.')}-C{logits.shape[1]}"
-    args = (logits, target, activation, ignore_index)
-    bench = backends.Bench("jaccard", args, lambda m: m.jaccard_sums(logits, target, True, activation, ignore_index))
-    return backends.load(backends.select("jaccard", backend or None, logits.device, key, args, bench, direction))
+    signature = ("jaccard", direction, backend, os.environ.get(backends.ENV_BACKEND), logits.device, logits.dtype,
+                 _shape(logits), target.dtype, _shape(target), activation, ignore_index)
+    name = _backend_cache.get(signature)
+    if name is None:
+        key = f"{str(logits.dtype).removeprefix('torch.')}-C{logits.shape[1]}"
+        args = (logits, target, activation, ignore_index)
+        bench = backends.Bench("jaccard", args,
+                               lambda m: m.jaccard_sums(logits, target, True, activation, ignore_index))
+        name = _backend_cache[signature] = backends.select("jaccard", backend or None, logits.device, key, args,
+                                                           bench, direction)
+    return backends.load(name)
+
+
+def _jaccard_sums_impl(logits, target, squared, activation, ignore_index, backend):
+    return _jaccard_backend(logits, target, activation, ignore_index, backend).jaccard_sums(
+        logits, target, squared, activation, ignore_index)
+
+
+def _jaccard_sums_backward_impl(grad_sums, logits, target, squared, activation, ignore_index, backend):
+    return _jaccard_backend(logits, target, activation, ignore_index, backend, "backward").jaccard_sums_backward(
+        grad_sums.contiguous(), logits, target, squared, activation, ignore_index)
 
 
 @torch.library.custom_op("seg3d_fast::jaccard_sums", mutates_args=())
 def _jaccard_sums(logits: Tensor, target: Tensor, squared: bool, activation: str, ignore_index: Optional[int],
                   backend: str) -> Tensor:
-    return _jaccard_backend(logits, target, activation, ignore_index, backend).jaccard_sums(
-        logits, target, squared, activation, ignore_index)
+    return _jaccard_sums_impl(logits, target, squared, activation, ignore_index, backend)
 
 
 @_jaccard_sums.register_fake
@@ -243,8 +326,7 @@ def _(logits, target, squared, activation, ignore_index, backend):
 @torch.library.custom_op("seg3d_fast::jaccard_sums_backward", mutates_args=())
 def _jaccard_sums_backward(grad_sums: Tensor, logits: Tensor, target: Tensor, squared: bool, activation: str,
                            ignore_index: Optional[int], backend: str) -> Tensor:
-    return _jaccard_backend(logits, target, activation, ignore_index, backend, "backward").jaccard_sums_backward(
-        grad_sums.contiguous(), logits, target, squared, activation, ignore_index)
+    return _jaccard_sums_backward_impl(grad_sums, logits, target, squared, activation, ignore_index, backend)
 
 
 @_jaccard_sums_backward.register_fake
@@ -258,13 +340,28 @@ def _jaccard_setup_context(ctx, inputs, output):
     ctx.args = (squared, activation, ignore_index, backend)
 
 
-def _jaccard_backward(ctx, grad_sums):
+def _jaccard_grads(ctx, grad_sums, backward_fn):
     logits, target = ctx.saved_tensors
-    grad = _jaccard_sums_backward(grad_sums, logits, target, *ctx.args) if ctx.needs_input_grad[0] else None
+    grad = backward_fn(grad_sums, logits, target, *ctx.args) if ctx.needs_input_grad[0] else None
     return grad, None, None, None, None, None
 
 
-_jaccard_sums.register_autograd(_jaccard_backward, setup_context=_jaccard_setup_context)
+_jaccard_sums.register_autograd(lambda ctx, grad_sums: _jaccard_grads(ctx, grad_sums, _jaccard_sums_backward),
+                                setup_context=_jaccard_setup_context)
+
+
+class _JaccardSumsEager(torch.autograd.Function):
+    """The eager path of jaccard_sums (see _Conv3dPReLUEager)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        sums = _jaccard_sums_impl(*inputs)
+        _jaccard_setup_context(ctx, inputs, sums)
+        return sums
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        return _jaccard_grads(ctx, grad_sums, _jaccard_sums_backward_impl)
 
 
 def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction):
@@ -355,7 +452,8 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     _check_backend(backend)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
-    sums = _jaccard_sums(logits, target, squared, activation, ignore_index, backend or "")
+    op = _jaccard_sums if torch.compiler.is_compiling() else _JaccardSumsEager.apply
+    sums = op(logits, target, squared, activation, ignore_index, backend or "")
     return jaccard_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
                              per_sample=per_sample, reduction=reduction)
 

@@ -366,6 +366,7 @@ def test_measured_dispatch_is_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(backends, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(backends, "_measured_cache", {})
     monkeypatch.setattr(backends, "_table_cache", {})
+    monkeypatch.setattr(ops, "_backend_cache", {})
     x, w, b, alpha, *_ = make_conv_args(torch.bfloat16, 3, 1, "channel", "none", "channels_last", device="cuda")
     sf.conv3d_prelu(x, w, b, alpha)
     files = list(tmp_path.glob("dispatch-*.json"))
