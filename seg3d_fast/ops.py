@@ -251,8 +251,8 @@ class _Conv3dPReLUEager(torch.autograd.Function):
         output = _conv_forward_impl(*inputs)
         _conv_setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
-        alpha = inputs[3]
-        ctx.alpha_positive = None if alpha is None else _alpha_positive_later(alpha)
+        alpha = inputs[3]  # (inference needs no backward, so no check)
+        ctx.alpha_positive = _alpha_positive_later(alpha) if alpha is not None and any(ctx.needs_input_grad) else None
         return output
 
     @staticmethod
