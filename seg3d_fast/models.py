@@ -207,5 +207,6 @@ def saved_tensor_bytes(model: nn.Module, x: Tensor, include_parameters: bool = F
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x)  # alive until counted: saved storages cannot be freed and their addresses reused
     total = sum(sizes.values())
-    del out, kept
+    del out
+    kept.clear()
     return total

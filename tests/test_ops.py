@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import seg3d_fast as sf
 from seg3d_fast import ops
-from helpers import FLOOR, assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn
+from helpers import assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn
 
 SHAPE = (2, 3, 5, 6, 7)  # N > 1, odd extents
 BACKWARD_OP_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")

@@ -456,7 +456,6 @@ def _dgrad(dz_src, saved, dz_kind, alpha, weight, x, stride):
     n, c_in, d, h, w = x.shape
     c_out, k = weight.shape[0], weight.shape[-1]
     p = k // 2
-    out_dims = dz_src.shape[2:]
     w_perm = weight.permute(2, 3, 4, 0, 1)  # (kd, kh, kw, C_out, C_in)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
     if stride == 2 and k == 1:
