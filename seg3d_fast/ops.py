@@ -156,22 +156,27 @@ def _(x, weight, bias, alpha, residual, stride, residual_first, save_act, backen
     return out, act
 
 
-def _alpha_positive_later(alpha):
-    """Whether every alpha > 0, as a function for the backward to call. On a GPU the answer is copied to pinned host
-    memory asynchronously during the forward, so the backward reads it without draining the launch queue (a plain
-    `bool(tensor)` there would stall the CPU at every layer)."""
-    positive = (alpha > 0).all()
-    if positive.device.type != "cuda":
-        return lambda: bool(positive)
-    host = torch.empty((), dtype=torch.bool, pin_memory=True)
-    host.copy_(positive, non_blocking=True)
+def _read_later(values: Tensor):
+    """A function returning `values` on the CPU, to be called later. On a GPU they are copied to pinned host memory
+    asynchronously now, so that the reader (a backward) does not drain the launch queue the way `bool(tensor)` or
+    `.item()` there would (the copy is long done by then)."""
+    if values.device.type != "cuda":
+        return lambda: values
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
 
     def read():
-        copied.synchronize()  # long done by the time backward runs
-        return bool(host)
+        copied.synchronize()
+        return host
     return read
+
+
+def _alpha_positive_later(alpha):
+    """Whether every alpha > 0, as a function for the backward to call (see _read_later)."""
+    read = _read_later((alpha > 0).all())
+    return lambda: bool(read())
 
 
 def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first, output_mask,
@@ -354,14 +359,17 @@ class _JaccardSumsEager(torch.autograd.Function):
     """The eager path of jaccard_sums (see _Conv3dPReLUEager)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(ctx, *inputs_and_label_check):
+        *inputs, ctx.label_check = inputs_and_label_check
         sums = _jaccard_sums_impl(*inputs)
         _jaccard_setup_context(ctx, inputs, sums)
         return sums
 
     @staticmethod
     def backward(ctx, grad_sums):
-        return _jaccard_grads(ctx, grad_sums, _jaccard_sums_backward_impl)
+        if ctx.label_check is not None:
+            ctx.label_check()
+        return *_jaccard_grads(ctx, grad_sums, _jaccard_sums_backward_impl), None
 
 
 def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction):
@@ -394,17 +402,6 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
         if tuple(target.shape) != expected:
             raise ValueError(f"target label map must have shape (N, *spatial) = {expected} to match logits "
                              f"{tuple(logits.shape)}; got {tuple(target.shape)}")
-        if not torch.compiler.is_compiling() and target.numel():
-            # One reduction and one sync in the common case; the masked check only when something is out of range.
-            lo, hi = (int(v) for v in torch.aminmax(target))
-            if lo < 0 or hi >= c:
-                bad = (target < 0) | (target >= c)
-                if ignore_index is not None:
-                    bad &= target != ignore_index
-                if bool(bad.any()):
-                    raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
-                                     + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
-                                     + f"; found values in [{lo}, {hi}]")
     if class_weights is not None:
         if not isinstance(class_weights, Tensor):
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
@@ -412,6 +409,35 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
             raise ValueError(f"class_weights must have one weight per class, shape ({c},); "
                              f"got {tuple(class_weights.shape)}")
     return class_weights
+
+
+def _label_range_check(logits, target, ignore_index):
+    """Checks that the labels lie in [0, C) (ignore_index voxels aside). In training on a GPU the (min, max) is
+    copied asynchronously and the returned function checks it in backward, before any gradient exists: a check here
+    would stall the CPU until the whole forward pass has run. Elsewhere it checks now and returns None.
+    (Out-of-range labels are memory-safe in every backend: they match no class.)"""
+    if target.dtype.is_floating_point or target.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    c = logits.shape[1]
+    counted = target if ignore_index is None else torch.where(target == ignore_index, 0, target)
+    label_range = torch.stack(torch.aminmax(counted))
+
+    def check(lo_hi):
+        lo, hi = lo_hi.tolist()
+        if lo < 0 or hi >= c:
+            raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
+                             + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
+                             + f"; found values in [{lo}, {hi}]")
+
+    if _defer_label_check(logits):
+        read = _read_later(label_range)
+        return lambda: check(read())
+    check(label_range)
+    return None
+
+
+def _defer_label_check(logits) -> bool:
+    return logits.device.type == "cuda" and logits.requires_grad and torch.is_grad_enabled()
 
 
 def jaccard_from_sums(sums: Tensor, *, smooth: float = 1e-5, class_weights: Optional[Tensor] = None,
@@ -447,13 +473,18 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
 
     squared=True is the Tanimoto form of the paper's code, 1 - sum p t / (sum p^2 + sum t^2 - sum p t), per class;
     squared=False the plain soft Jaccard (sum p, sum t). The target gets no gradient.
+    Labels outside [0, C) (other than ignore_index) raise ValueError; when training on a GPU that error comes from
+    backward, so that the forward never waits for the GPU.
     """
     class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction)
     _check_backend(backend)
+    label_check = _label_range_check(logits, target, ignore_index)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
-    op = _jaccard_sums if torch.compiler.is_compiling() else _JaccardSumsEager.apply
-    sums = op(logits, target, squared, activation, ignore_index, backend or "")
+    if torch.compiler.is_compiling():
+        sums = _jaccard_sums(logits, target, squared, activation, ignore_index, backend or "")
+    else:
+        sums = _JaccardSumsEager.apply(logits, target, squared, activation, ignore_index, backend or "", label_check)
     return jaccard_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
                              per_sample=per_sample, reduction=reduction)
 

@@ -1,28 +1,50 @@
 """The CUDA C++ backend (seg3d_fast/backends/cuda.py + csrc/) against the float64 references in helpers.py.
 
-Runs on a CUDA GPU only (the GPU machine); skipped here with "needs a CUDA GPU". Calls the backend contract
-(API.md) directly, so the ops layer is not involved.
+Each test runs three ways: on a CUDA GPU with each kernel generation ("v2", the default, and the "v1" fallback;
+skipped here with "needs a CUDA GPU"), and "emulated": the backend's Python layer on CPU tensors against a model of the
+extension's contract (cuda_emulator.py), which checks the layouts, argument structs, dgrad phases and scratch sizes
+on any machine. Calls the backend contract (API.md) directly, so the ops layer is not involved.
 """
 import pytest
 import torch
 
+import cuda_emulator
 from helpers import assert_close, jaccard_sums_plain, randn
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.fixture(scope="module", params=["v2", "v1"])
+class _Backend:
+    """The backend module plus the device its tests put tensors on."""
+
+    def __init__(self, module, device):
+        self.module, self.device, self.emulated = module, device, device == "cpu"
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+@pytest.fixture(scope="module", params=[pytest.param("v2", marks=needs_gpu), pytest.param("v1", marks=needs_gpu),
+                                        "emulated"])
 def cuda_backend(request):
-    """The backend with each kernel generation (SEG3D_FAST_CUDA_KERNELS): v2 (default) and the v1 fallback."""
+    """The backend with each kernel generation (SEG3D_FAST_CUDA_KERNELS) on the GPU, or emulated on the CPU."""
     from seg3d_fast.backends import cuda
 
+    if request.param == "emulated":
+        with cuda_emulator.emulated() as module:
+            yield _Backend(module, "cpu")
+        return
     assert cuda.unavailable_reason() is None, cuda.unavailable_reason()  # on a GPU machine it must be built
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(cuda.KERNELS_ENV, request.param)
         assert cuda.kernels_version() == int(request.param[1])
-        yield cuda
+        yield _Backend(cuda, "cuda")
+
+
+def gpu_only(be, why):
+    if be.emulated:
+        pytest.skip(f"{why}: a property of the kernels, tested on the GPU (needs a CUDA GPU)")
 
 
 @pytest.fixture(autouse=True)
@@ -30,26 +52,26 @@ def _exact(exact_fp32):
     """Exact fp32 unless a test turns TF32 on (the backend follows cudnn.allow_tf32, like cuDNN)."""
 
 
-def _alpha(kind, c_out, dtype, negative=False):
+def _alpha(kind, c_out, dtype, device, negative=False):
     if kind is None:
         return None
     n = 1 if kind == "scalar" else c_out
     a = torch.rand(n, dtype=torch.float64) * 0.3 + 0.05
     if negative:
         a[0] = -0.2
-    return a.to("cuda", dtype)
+    return a.to(device, dtype)
 
 
-def _conv_case(dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, shape=(2, 5, 6, 7), layout="contiguous",
-               negative_alpha=False):
+def _conv_case(device, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, shape=(2, 5, 6, 7),
+               layout="contiguous", negative_alpha=False):
     n, d, h, w = shape
-    x = randn(n, c_in, d, h, w, dtype=dtype, device="cuda", channels_last=layout == "channels_last",
+    x = randn(n, c_in, d, h, w, dtype=dtype, device=device, channels_last=layout == "channels_last",
               noncontig=layout == "noncontig")
-    weight = (randn(c_out, c_in, k, k, k, dtype=torch.float64) / (c_in * k ** 3) ** 0.5).to("cuda", dtype)
-    bias = randn(c_out, dtype=dtype, device="cuda")
-    alpha = _alpha(alpha_kind, c_out, dtype, negative_alpha)
+    weight = (randn(c_out, c_in, k, k, k, dtype=torch.float64) / (c_in * k ** 3) ** 0.5).to(device, dtype)
+    bias = randn(c_out, dtype=dtype, device=device)
+    alpha = _alpha(alpha_kind, c_out, dtype, device, negative_alpha)
     out_size = [(s + 2 * (k // 2) - k) // stride + 1 for s in (d, h, w)]
-    residual = None if residual_mode is None else randn(n, c_out, *out_size, dtype=dtype, device="cuda")
+    residual = None if residual_mode is None else randn(n, c_out, *out_size, dtype=dtype, device=device)
     return x, weight, bias, alpha, residual, residual_mode == "first"
 
 
@@ -77,11 +99,11 @@ def _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_ou
 def _check_conv(be, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, layout="contiguous",
                 negative_alpha=False, shape=(2, 5, 6, 7)):
     x, weight, bias, alpha, residual, residual_first = _conv_case(
-        dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, shape, layout, negative_alpha)
+        be.device, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, shape, layout, negative_alpha)
     assert be.conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first) == []
     save_act = alpha is not None and residual is not None and not residual_first
     out, act = be.conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act)
-    grad_out = randn(*out.shape, dtype=dtype, device="cuda")
+    grad_out = randn(*out.shape, dtype=dtype, device=be.device)
     ref64, ref = _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_out)
     what = f"{dtype} cin{c_in} cout{c_out} k{k} s{stride} alpha={alpha_kind} res={residual_mode} {layout}"
     assert out.dtype == dtype and out.shape == ref64[0].shape
@@ -155,7 +177,8 @@ def test_conv3d_prelu_larger_tiles(cuda_backend):
 
 
 def test_conv3d_prelu_deterministic(cuda_backend):
-    x, weight, bias, alpha, residual, _ = _conv_case(torch.float16, 16, 32, 3, 1, "channel", "after",
+    gpu_only(cuda_backend, "bitwise-reproducible reductions")
+    x, weight, bias, alpha, residual, _ = _conv_case("cuda", torch.float16, 16, 32, 3, 1, "channel", "after",
                                                      shape=(2, 12, 13, 14))
     runs = []
     for _ in range(2):
@@ -168,18 +191,20 @@ def test_conv3d_prelu_deterministic(cuda_backend):
 
 
 def test_conv3d_prelu_unsupported_reasons(cuda_backend):
-    x = torch.randn(1, 3, 4, 4, 4, device="cuda", dtype=torch.float16)
-    w = torch.randn(8, 3, 3, 3, 3, device="cuda", dtype=torch.float16)
+    dev = cuda_backend.device
+    x = torch.randn(1, 3, 4, 4, 4, device=dev, dtype=torch.float16)
+    w = torch.randn(8, 3, 3, 3, 3, device=dev, dtype=torch.float16)
     reasons = cuda_backend.conv3d_prelu_unsupported(x, w, None, None, None, 1, False)
     assert any("C_in=3" in r for r in reasons), reasons
-    x32 = torch.randn(1, 4, 4, 4, 4, device="cuda")
-    reasons = cuda_backend.conv3d_prelu_unsupported(x32, torch.randn(8, 4, 5, 5, 5, device="cuda"), None, None,
+    x32 = torch.randn(1, 4, 4, 4, 4, device=dev)
+    reasons = cuda_backend.conv3d_prelu_unsupported(x32, torch.randn(8, 4, 5, 5, 5, device=dev), None, None,
                                                     None, 1, False)
     assert any("kernel" in r for r in reasons), reasons
 
 
 def test_conv3d_prelu_beyond_2_31_elements(cuda_backend):
     """x and out have more than 2^31 elements: the last planes (highest offsets) must be right."""
+    gpu_only(cuda_backend, "64-bit offsets")
     c, size = 8, 648  # 8 * 648^3 = 2.18e9 elements
     free = torch.cuda.mem_get_info()[0]
     if free < 24 * 2**30:
@@ -207,14 +232,14 @@ def test_conv3d_prelu_beyond_2_31_elements(cuda_backend):
 
 # ---- Jaccard sums ---------------------------------------------------------------------------------------------
 
-def _jaccard_case(dtype, n, c, spatial, target_kind, ignore_index):
-    logits = randn(n, c, *spatial, dtype=dtype, device="cuda") * 2
+def _jaccard_case(device, dtype, n, c, spatial, target_kind, ignore_index):
+    logits = randn(n, c, *spatial, dtype=dtype, device=device) * 2
     if target_kind == "probabilities":
-        target = torch.rand(n, c, *spatial, device="cuda", dtype=torch.float64).softmax(1).to(dtype)
+        target = torch.rand(n, c, *spatial, device=device, dtype=torch.float64).softmax(1).to(dtype)
     else:
-        labels = torch.randint(0, c, (n, *spatial), device="cuda")
+        labels = torch.randint(0, c, (n, *spatial), device=device)
         if ignore_index is not None:
-            labels[torch.rand(labels.shape, device="cuda") < 0.2] = ignore_index
+            labels[torch.rand(labels.shape, device=device) < 0.2] = ignore_index
         target = labels.to({"int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8}[target_kind])
     return logits, target
 
@@ -225,7 +250,7 @@ def _jaccard_case(dtype, n, c, spatial, target_kind, ignore_index):
 @pytest.mark.parametrize("target_kind,ignore_index,c", [("int64", None, 5), ("int32", 255, 5), ("uint8", 255, 3),
                                                         ("int64", -1, 20), ("probabilities", None, 4)])
 def test_jaccard_sums_forward_backward(cuda_backend, dtype, activation, squared, target_kind, ignore_index, c):
-    logits, target = _jaccard_case(dtype, 2, c, (5, 6, 7), target_kind, ignore_index)
+    logits, target = _jaccard_case(cuda_backend.device, dtype, 2, c, (5, 6, 7), target_kind, ignore_index)
     ignore = None if target_kind == "probabilities" else ignore_index
     assert cuda_backend.jaccard_unsupported(logits, target, activation, ignore) == []
     sums = cuda_backend.jaccard_sums(logits, target, squared, activation, ignore)
@@ -235,7 +260,7 @@ def test_jaccard_sums_forward_backward(cuda_backend, dtype, activation, squared,
     ref64 = jaccard_sums_plain(logits.double(), t64, squared, activation, ignore)
     assert_close(sums, ref64, jaccard_sums_plain(logits, target, squared, activation, ignore), dtype, what)
 
-    grad_sums = torch.randn(2, c, 3, device="cuda")
+    grad_sums = torch.randn(2, c, 3, device=cuda_backend.device)
     grad = cuda_backend.jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore)
     assert grad.dtype == dtype and grad.shape == logits.shape
     refs = []
@@ -248,19 +273,21 @@ def test_jaccard_sums_forward_backward(cuda_backend, dtype, activation, squared,
 
 
 def test_jaccard_noncontiguous_and_deterministic(cuda_backend):
-    logits = randn(3, 5, 6, 7, 9, dtype=torch.float16, device="cuda", noncontig=True)
-    target = torch.randint(0, 5, (3, 6, 7, 9), device="cuda")
+    dev = cuda_backend.device
+    logits = randn(3, 5, 6, 7, 9, dtype=torch.float16, device=dev, noncontig=True)
+    target = torch.randint(0, 5, (3, 6, 7, 9), device=dev)
     a = cuda_backend.jaccard_sums(logits, target, True, "softmax", None)
     b = cuda_backend.jaccard_sums(logits, target, True, "softmax", None)
     assert torch.equal(a, b)
     ref64 = jaccard_sums_plain(logits.double(), target, True, "softmax")
     assert_close(a, ref64, jaccard_sums_plain(logits, target, True, "softmax"), torch.float16, "noncontig")
-    g = torch.randn(3, 5, 3, device="cuda")
+    g = torch.randn(3, 5, 3, device=dev)
     assert torch.equal(cuda_backend.jaccard_sums_backward(g, logits, target, True, "softmax", None),
                        cuda_backend.jaccard_sums_backward(g, logits, target, True, "softmax", None))
 
 
 def test_jaccard_beyond_2_31_elements(cuda_backend):
+    gpu_only(cuda_backend, "64-bit offsets")
     n, c, s = 1, 4, 560 * 2**20  # 2.35e9 logits
     free = torch.cuda.mem_get_info()[0]
     if free < 24 * 2**30:

@@ -314,6 +314,47 @@ def test_explicit_backend_that_cannot_run_lists_reasons():
         sf.conv3d_prelu(x, w, backend="cuda")
 
 
+def test_jaccard_label_check_deferred_to_backward(monkeypatch):
+    """The training path on a GPU (forced here on the CPU): the forward does not wait for the label range check;
+    backward raises before producing any gradient. ignore_index voxels are left out of the range."""
+    monkeypatch.setattr(ops, "_defer_label_check", lambda logits: True)
+    logits = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
+    loss = sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), 3))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\] for 3 classes; found values in \[3, 3\]"):
+        loss.backward()
+    assert logits.grad is None
+    labels = torch.randint(0, 3, (2, 4, 5, 6))
+    labels[0, 0] = 255
+    sf.jaccard_loss(logits, labels, ignore_index=255).backward()
+    assert logits.grad is not None and logits.grad.isfinite().all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_training_step_never_synchronizes(backend):
+    """A fused conv + Jaccard loss forward and backward issues no host-device synchronization (after the first call,
+    which tunes and caches): the host keeps queueing work while the GPU runs. Bad labels still raise, in backward."""
+    skip_unless_usable(backend)
+    x, w, b, alpha, res, _ = make_conv_args(torch.bfloat16, 3, 2, "channel", "after", "channels_last", c_out=8,
+                                            shape=(2, 4, 5, 6, 7), device="cuda")
+    x.requires_grad_(True)
+    labels = torch.randint(0, 8, (x.shape[0], *[(s + 1) // 2 for s in x.shape[2:]]), device="cuda")
+
+    def step(target):
+        out = sf.conv3d_prelu(x, w, b, alpha, res, stride=2, backend=backend)
+        sf.jaccard_loss(out, target, backend=backend).backward()
+
+    step(labels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match="target labels must lie"):
+        step(labels + 8)
+
+
 def test_jaccard_errors():
     logits = torch.randn(2, 3, 4, 5, 6)
     with pytest.raises(ValueError, match=r"target labels must lie in \[0, 2\]"):

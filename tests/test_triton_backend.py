@@ -175,15 +175,8 @@ BACKWARD_CASES = [
 ]
 
 
-@pytest.fixture(params=["v2", "v1"])
-def backward_version(request, monkeypatch):
-    """Both backward paths (SEG3D_FAST_TRITON_BWD): v2 (dz stored once, plain GEMMs) and the v1 fallback."""
-    monkeypatch.setenv("SEG3D_FAST_TRITON_BWD", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("saved_kind,dtype,k,stride,alpha_kind,layout,c_in,c_out", BACKWARD_CASES)
-def test_conv_backward(saved_kind, dtype, k, stride, alpha_kind, layout, c_in, c_out, backward_version):
+def test_conv_backward(saved_kind, dtype, k, stride, alpha_kind, layout, c_in, c_out):
     case = make_conv_case(dtype, k, stride, alpha_kind, None, layout, c_in, c_out,
                           negative_alpha=saved_kind == "preact")
     check_backward(case, saved_kind)
@@ -191,7 +184,7 @@ def test_conv_backward(saved_kind, dtype, k, stride, alpha_kind, layout, c_in, c
 
 @pytest.mark.parametrize("output_mask", [(True, False, False, False, False), (False, False, True, True, False),
                                          (False, False, False, False, True), (False, True, False, True, True)])
-def test_conv_backward_output_subsets(output_mask, backward_version):
+def test_conv_backward_output_subsets(output_mask):
     """Only the asked-for gradients come back (the bias/alpha/dz-only pass skips the weight GEMM)."""
     check_backward(make_conv_case(F32, 3, 2, "channel", None, "contiguous", seed=3), "act", output_mask)
 
@@ -200,12 +193,6 @@ def test_conv_backward_no_activation_grad_preact_is_grad_out():
     case = make_conv_case(F32, 1, 1, None)
     grads = check_backward(case, "none")
     assert torch.equal(grads[4].double().cpu(), case["grad_out"].float().double())
-
-
-def test_conv_backward_version_env_checked(monkeypatch):
-    monkeypatch.setenv("SEG3D_FAST_TRITON_BWD", "v3")
-    with pytest.raises(ValueError, match="SEG3D_FAST_TRITON_BWD"):
-        run_backward(make_conv_case(F32, 1, 1, "channel"), "act")
 
 
 def test_conv_wgrad_gemm_many_splits_and_tiles():
@@ -222,7 +209,7 @@ def test_conv_forward_batch_and_single_voxel_extents():
     check_backward(make_conv_case(F32, 3, 2, "channel", None, size=(3, 1, 2, 3), seed=6), "act")
 
 
-def test_conv_wgrad_deterministic(backward_version):
+def test_conv_wgrad_deterministic():
     """Split reduction over voxels with a fixed-order second stage: bitwise repeatable."""
     case = make_conv_case(F32, 3, 1, "channel", None, "contiguous", size=(2, 5, 6, 9), seed=7)
     first = run_backward(case, "act")

@@ -188,35 +188,29 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     return out, act
 
 
-def _dgrad_phase_taps(k: int, parity: int) -> list[tuple[int, int]]:
-    """Stride-2 dgrad, one dim: the (weight index, grad_out offset) pairs reaching inputs of this parity.
-    Input i = 2 o + d - k // 2; for i = 2 j + parity the taps with d = i - 2 o + k // 2 in range."""
-    if k == 1:
-        return [(0, 0)] if parity == 0 else []
-    return [(1, 0)] if parity == 0 else [(0, 1), (2, 0)]
+def _dgrad_taps(k: int, stride: int, parity: int) -> tuple[slice, list[int]]:
+    """dgrad, one dim: the weight indices that reach inputs of this parity (a slice, so that selecting them is a view
+    rather than an index tensor copied to the device) and their grad_out offsets. Input i = stride * o + d - k // 2;
+    for i = stride * j + parity the taps d with (parity + k // 2 - d) divisible by the stride, at
+    o = j + (parity + k // 2 - d) / stride. Stride 1: every tap, offsets k // 2 - d (the flipped kernel)."""
+    first = (parity + k // 2) % stride
+    return slice(first, k, stride), [(parity + k // 2 - d) // stride for d in range(first, k, stride)]
 
 
 def _grad_input(dz, weight, x_shape, stride, like):
+    """grad_x = conv_transpose(dz, weight) as gather convs over dz: stride 1 one conv with every tap; stride 2 one
+    conv per parity phase of the input with only the taps that reach it (no work on the zero taps)."""
     n, c_in, d, h, w = x_shape
-    k = weight.shape[-1]
+    k, c_out = weight.shape[-1], weight.shape[0]
     gx = torch.empty(x_shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d)
-    c_out = weight.shape[0]
-    if stride == 1:  # a stride-1 conv of dz with the flipped, transposed weight
-        wd = _dense(weight.flip(2, 3, 4).permute(1, 2, 3, 4, 0))  # (C_in, kd, kh, kw, C_out)
-        offsets = [d_ - k // 2 for d_ in range(k)]
-        _run_conv(_conv_args(dz, wd, gx, c_out, (d, h, w), (d, h, w), 1, 1, (0, 0, 0), (offsets,) * 3), like)
-        return gx
-    # stride 2: one gather conv per parity phase of the input, each with only the taps that reach it
-    for phase in itertools.product((0, 1), repeat=3):
-        grid = tuple((s - p + 1) // 2 for s, p in zip((d, h, w), phase))
+    for phase in itertools.product(range(stride), repeat=3):
+        grid = tuple((s - p + stride - 1) // stride for s, p in zip((d, h, w), phase))
         if 0 in grid:
             continue
-        taps = [_dgrad_phase_taps(k, p) for p in phase]
-        idx = [torch.tensor([t[0] for t in tp], dtype=torch.long, device=weight.device) for tp in taps]
-        wsel = weight.index_select(2, idx[0]).index_select(3, idx[1]).index_select(4, idx[2])
-        wp = _dense(wsel.permute(1, 2, 3, 4, 0))  # (C_in, nd, nh, nw, C_out); empty when a dim has no taps
-        a = _conv_args(dz, wp, gx, c_out, grid, (d, h, w), 1, 2, phase, [[t[1] for t in tp] for tp in taps])
-        _run_conv(a, like)  # no taps: K = 0, the phase is written with zeros
+        slices, offsets = zip(*(_dgrad_taps(k, stride, p) for p in phase))
+        wp = _dense(weight[(slice(None), slice(None)) + slices].permute(1, 2, 3, 4, 0))  # (C_in, nd, nh, nw, C_out)
+        a = _conv_args(dz, wp, gx, c_out, grid, (d, h, w), 1, stride, phase, offsets)
+        _run_conv(a, like)  # no taps (k = 1, odd phase): K = 0, the phase is written with zeros
     return gx
 
 

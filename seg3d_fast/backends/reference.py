@@ -89,11 +89,11 @@ def _probs_and_targets(logits, target, activation, ignore_index):
     p = z.softmax(1) if activation == "softmax" else z.sigmoid()
     if target.dtype.is_floating_point:
         return p, target.reshape(n, c, -1).to(work), None
-    lab = target.reshape(n, 1, -1).long()
+    lab = target.reshape(n, 1, -1)
     valid = None if ignore_index is None else lab != ignore_index
-    if valid is not None:
-        lab = lab.masked_fill(~valid, 0)
-    t = torch.zeros_like(p).scatter_(1, lab, 1.0)
+    # one-hot by comparison, not scatter: a label outside [0, C) matches no class instead of indexing out of bounds
+    # (ops.jaccard_loss may report such labels only in backward; a scatter on a GPU would kill the CUDA context)
+    t = (lab == torch.arange(c, device=lab.device).view(1, c, 1)).to(work)
     if valid is not None:
         t *= valid
     return p, t, valid

@@ -78,8 +78,23 @@ def parallel_slots(device):
     return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / triton.next_power_of_2 are constexpr functions whose
+# wrappers cost microseconds per call, and the launch path calls them a dozen times.
+def cdiv(a, b):
+    return -(-a // b)
+
+
 def next_pow2(n, lo, hi):
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
+
+
+def device_table(rows, dtype, device):
+    """A small constant table as a device tensor without a blocking copy: torch.tensor(..., device=cuda) copies
+    from pageable memory and waits for the stream to drain; a pinned source copies asynchronously."""
+    host = torch.tensor(rows, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @triton.jit

@@ -2,22 +2,26 @@
 
 All three are implicit GEMMs over channels-last (NDHWC) tensors:
   forward: rows = output voxels, columns = C_out, reduction = taps x C_in (padding = masked loads);
-  dgrad  : the same kernel run on dz with the flipped, transposed weights; for stride 2 it runs once per
-           output-parity class (8 of them) with only the taps that hit that class (no work on zero taps);
+  dgrad  : the same kernel run on dz with the flipped, transposed weights; for stride 2 each input-parity class
+           (8 of them, one launch: the class is the grid's third axis) gets only the taps that reach it (no work on
+           zero taps);
   wgrad  : dW^T (taps*C_in, C_out) = sum over voxels of x_shifted^T @ dz, split over voxels into fp32
            partial buffers, then one fixed-order sum (no atomics: deterministic always); the bias and alpha
            gradients (and dz itself, when asked) come out of the same pass.
-dz = grad_out * (z > 0 ? 1 : alpha) is formed in the loads of grad_out from the saved tensor; it is never stored
-unless grad_preact is asked for.
+dz = grad_out * (z > 0 ? 1 : alpha) is written once, by the pass that also reduces the bias and alpha gradients;
+both GEMMs then read it.
+Host side: a handful of torch ops and three launches per backward; the tap and phase tables are made once per shape
+(small layers run at the host's pace on a GPU: benchmarks/host_overhead.py measures it).
 """
-import os
+import functools
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotune_configs, block_row_coords, dot, dot_precision, interpreting, next_pow2, parallel_slots,
-                      strided_offset)
+from ._common import (autotune_configs, block_row_coords, cdiv, device_table, dot, dot_precision, interpreting,
+                      next_pow2, parallel_slots, strided_offset)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DZ_NONE, _DZ_ACT, _DZ_PREACT = 0, 1, 2
@@ -28,15 +32,12 @@ _DZ_KINDS = {"none": _DZ_NONE, "act": _DZ_ACT, "preact": _DZ_PREACT}
 # Kernels
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_gathered(src_ptr, saved_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0,
-                   K_TOTAL, C_SRC, Ds, Hs, Ws,
-                   FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DZ_KIND: tl.constexpr, DZ_ALPHA_PER_CH: tl.constexpr):
+def _load_gathered(src_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0, K_TOTAL, C_SRC, Ds, Hs, Ws,
+                   FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """(rows, BLOCK_K) tile of the implicit im2col matrix: column k = (tap, c) reads source voxel
-    (ra, rb, rc) + taps[tap] channel c; out-of-volume taps read 0 (the padding).
+    (ra, rb, rc) + taps[tap] channel c; out-of-volume taps read 0 (the padding), as do columns k >= K_TOTAL.
     FLAT_K: every column finds its own tap (small C_SRC: no tensor-core work lost to channel padding);
-    else the whole block shares one tap (C_SRC is a multiple of BLOCK_K) and only rows need masks.
-    DZ_KIND != 0: the source is grad_out and the tile returned is dz = g * (saved > 0 ? 1 : alpha[c])."""
+    else the whole block shares one tap (C_SRC is a multiple of BLOCK_K) and only rows need masks."""
     if FLAT_K:
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K_TOTAL
@@ -68,17 +69,7 @@ def _load_gathered(src_ptr, saved_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc
         ch = tl.max_contiguous(tl.multiple_of(ch, BLOCK_K), BLOCK_K)
         off = row[:, None] + ch[None, :]
         ok = ok_row[:, None] & (ch < C_SRC)[None, :]
-    a = tl.load(src_ptr + off, mask=ok, other=0.0)
-    if DZ_KIND != 0:
-        # z > 0 <=> saved > 0 for both kinds ("act": y = prelu(z) with alpha > 0 keeps the sign)
-        s = tl.load(saved_ptr + off, mask=ok, other=0.0).to(tl.float32)  # (the interpreter compares bf16 as ints)
-        if DZ_ALPHA_PER_CH:
-            al = tl.load(alpha_ptr + ch).to(tl.float32)[None, :]
-        else:
-            al = tl.load(alpha_ptr).to(tl.float32)
-        g = a.to(tl.float32)
-        a = tl.where(s > 0, g, g * al).to(src_ptr.dtype.element_ty)
-    return a
+    return tl.load(src_ptr + off, mask=ok, other=0.0)
 
 
 # Tile configs for sm_90 (checked by compiling every kernel variant ahead of time with Triton 3.6 and 3.9).
@@ -104,36 +95,60 @@ def _prune_conv(configs, named_args, **kwargs):
 @triton.autotune(configs=_conv_configs(), key=["M", "C_SRC", "C_OUT", "K_TOTAL", "STEP"],
                  prune_configs_by={"early_config_prune": _prune_conv})
 @triton.jit
-def _conv_kernel(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr, act_ptr,
-                 M, E1, E2, E3, Ds, Hs, Ws, C_SRC, K_TOTAL, C_OUT, N_PAD,
+def _conv_kernel(src_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr, act_ptr, phase_ptr,
+                 M, E1, E2, E3, Ds, Hs, Ws, C_SRC, K_TOTAL, C_OUT,
                  o_sn, o_sc, o_s1, o_s2, o_s3, r_sn, r_sc, r_s1, r_s2, r_s3,
-                 STEP: tl.constexpr, FLAT_K: tl.constexpr, DZ_KIND: tl.constexpr, DZ_ALPHA_PER_CH: tl.constexpr,
+                 STEP: tl.constexpr, FLAT_K: tl.constexpr, PHASES: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ACT_KIND: tl.constexpr, RES_MODE: tl.constexpr, SAVE_ACT: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[row, co] = epilogue(sum_k A[row, k] * W[k, co]); rows are an (N, E1, E2, E3) grid whose voxel
-    (n, a, b, c) reads source voxel (a, b, c) * STEP + taps[t]. ACT_KIND 0 none / 1 shared / 2 per-channel
-    alpha; RES_MODE 0 none / 1 before the activation / 2 after it (SAVE_ACT: also store the PReLU output)."""
+    (n, a, b, c) reads source voxel (a, b, c) * STEP + taps[t]; W is (K_TOTAL, C_OUT) row-major.
+    ACT_KIND 0 none / 1 shared / 2 per-channel alpha; RES_MODE 0 none / 1 before the activation / 2 after it
+    (SAVE_ACT: also store the PReLU output).
+    PHASES (stride-2 dgrad): program_id(2) is an input-parity class; row p of the int64 table at phase_ptr holds
+    its (rows, E1, E2, E3, first weight row, K, first tap, output offset), overriding the scalar arguments (which
+    then describe the largest class, for the grid and the autotuning key)."""
+    if PHASES:
+        phase = phase_ptr + tl.program_id(2) * 8
+        m_rows = tl.load(phase)
+        e1 = tl.load(phase + 1).to(tl.int32)
+        e2 = tl.load(phase + 2).to(tl.int32)
+        e3 = tl.load(phase + 3).to(tl.int32)
+        w_base = w_ptr + tl.load(phase + 4) * C_OUT
+        k_total = tl.load(phase + 5).to(tl.int32)
+        taps = taps_ptr + tl.load(phase + 6) * 3
+        out_base = out_ptr + tl.load(phase + 7)
+    else:
+        m_rows = M
+        e1 = E1
+        e2 = E2
+        e3 = E3
+        w_base = w_ptr
+        k_total = K_TOTAL
+        taps = taps_ptr
+        out_base = out_ptr
     start = tl.program_id(0).to(tl.int64) * BLOCK_M
     pid_n = tl.program_id(1)
-    row_ok = start + tl.arange(0, BLOCK_M) < M
-    n, i1, i2, i3 = block_row_coords(start, E1, E2, E3, BLOCK_M)
+    row_ok = start + tl.arange(0, BLOCK_M) < m_rows
+    n, i1, i2, i3 = block_row_coords(start, e1, e2, e3, BLOCK_M)
     ra = i1 * STEP
     rb = i2 * STEP
     rc = i3 * STEP
     row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_SRC
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < C_OUT
     rk = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        a = _load_gathered(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0,
-                           K_TOTAL, C_SRC, Ds, Hs, Ws, FLAT_K, BLOCK_K, DZ_KIND, DZ_ALPHA_PER_CH)
-        # the weight matrix is zero-padded to (K_PAD, N_PAD): no masks
-        b = tl.load(w_ptr + (k0 + rk)[:, None] * N_PAD + co[None, :])
+    for k0 in range(0, k_total, BLOCK_K):
+        a = _load_gathered(src_ptr, taps, row_base, ra, rb, rc, row_ok, k0, k_total, C_SRC, Ds, Hs, Ws,
+                           FLAT_K, BLOCK_K)
+        kk = k0 + rk
+        b = tl.load(w_base + kk[:, None] * C_OUT + co[None, :], mask=(kk < k_total)[:, None] & co_ok[None, :],
+                    other=0.0)
         acc = dot(a, b, acc, DOT_PREC)
 
     # epilogue on the accumulator: the pre-activation never reaches memory
-    co_ok = co < C_OUT
     mask = row_ok[:, None] & co_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
@@ -152,7 +167,7 @@ def _conv_kernel(src_ptr, saved_ptr, dz_alpha_ptr, taps_ptr, w_ptr, bias_ptr, al
         tl.store(act_ptr + o_off, acc.to(act_ptr.dtype.element_ty), mask=mask)
     if RES_MODE == 2:
         acc += res
-    tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_base + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _wgrad_configs():
@@ -233,8 +248,8 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
             rb = i2 * STEP
             rc = i3 * STEP
             row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_IN
-            xt = _load_gathered(x_ptr, x_ptr, alpha_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, kt0,
-                                K_TOTAL, C_IN, Ds, Hs, Ws, FLAT_K, BLOCK_KT, 0, False)
+            xt = _load_gathered(x_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, kt0, K_TOTAL, C_IN, Ds, Hs, Ws,
+                                FLAT_K, BLOCK_KT)
             acc = dot(tl.trans(xt), dz.to(x_ptr.dtype.element_ty), acc, DOT_PREC)
     if COMPUTE_W:
         kt = kt0 + tl.arange(0, BLOCK_KT)
@@ -351,50 +366,38 @@ def _k_blocking(c_src, k_total):
     return True, 16 if k_total <= 16 else 32
 
 
-_TAP_TABLES = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _tap_table(deltas, device):
-    """Device tensor of tap offsets, made once per (taps, device): building it per call is a host-to-device copy
-    from pageable memory, which waits for the GPU to drain and leaves it idle while the host launches again."""
-    key = (tuple(tuple(t) for t in deltas), str(device))
-    if key not in _TAP_TABLES:
-        _TAP_TABLES[key] = torch.tensor(deltas, dtype=torch.int32, device=device).reshape(-1, 3)
-    return _TAP_TABLES[key]
+    """Device tensor (T, 3) of tap offsets, made once per (taps, device)."""
+    return device_table(deltas, torch.int32, device).reshape(-1, 3)
 
 
-def _pad2d(w, rows, cols):
-    out = torch.zeros(rows, cols, dtype=w.dtype, device=w.device)
-    out[: w.shape[0], : w.shape[1]] = w
-    return out
-
-
-def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, saved=None, dz_kind=_DZ_NONE, dz_alpha=None,
-                 bias=None, alpha=None, residual=None, residual_first=False, act=None):
-    """src: channels-last contiguous (N, C_src, Ds, Hs, Ws); weight_mat: (T * C_src, C_out);
-    out: (N, C_out, E1, E2, E3) view with any strides; rows: (N, E1, E2, E3)."""
+def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, alpha=None, residual=None,
+                 residual_first=False, act=None, phases=None):
+    """src: channels-last contiguous (N, C_src, Ds, Hs, Ws); weight_mat: (K, C_out) contiguous;
+    out: (N, C_out, E1, E2, E3) view with any strides; rows: (N, E1, E2, E3); phases: (table, count) for the
+    stride-2 dgrad, (table, classes, largest K) of _phase_table (out and rows then describe the largest class,
+    the one at offset 0)."""
     n, e1, e2, e3 = rows
     m_rows = n * e1 * e2 * e3
     if m_rows == 0:
         return
     k_total, c_out = weight_mat.shape
+    phase_table, phase_count = out, 1
+    if phases is not None:
+        phase_table, phase_count, k_total = phases  # the scalar K: the largest class's
     flat_k, block_k = _k_blocking(c_src, k_total)
     block_n = next_pow2(c_out, 16, _MAX_BLOCK_N)
-    grid_n = triton.cdiv(c_out, block_n)
-    w = _pad2d(weight_mat, triton.cdiv(k_total, block_k) * block_k, grid_n * block_n)
+    grid_n = cdiv(c_out, block_n)
     res = residual if residual is not None else out
-    dummy = out
-    grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]), grid_n)
+    grid = lambda meta: (cdiv(m_rows, meta["BLOCK_M"]), grid_n, phase_count)  # noqa: E731
     _conv_kernel[grid](
-        src, saved if saved is not None else src, dz_alpha if dz_alpha is not None else dummy, taps, w,
-        bias if bias is not None else dummy, alpha if alpha is not None else dummy, res, out,
-        act if act is not None else out,
-        m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out, grid_n * block_n,
+        src, taps, weight_mat, bias if bias is not None else out, alpha if alpha is not None else out, res, out,
+        act if act is not None else out, phase_table,
+        m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), out.stride(4),
         res.stride(0), res.stride(1), res.stride(2), res.stride(3), res.stride(4),
-        STEP=step, FLAT_K=flat_k, DZ_KIND=dz_kind,
-        DZ_ALPHA_PER_CH=dz_alpha is not None and dz_alpha.numel() > 1,
-        HAS_BIAS=bias is not None,
+        STEP=step, FLAT_K=flat_k, PHASES=phases is not None, HAS_BIAS=bias is not None,
         ACT_KIND=0 if alpha is None else (2 if alpha.numel() > 1 else 1),
         RES_MODE=0 if residual is None else (1 if residual_first else 2),
         SAVE_ACT=act is not None, DOT_PREC=dot_precision(src.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
@@ -403,7 +406,7 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, saved=None, d
 
 def _forward_taps(k, device):
     p = k // 2
-    return _tap_table([(kd - p, kh - p, kw - p) for kd in range(k) for kh in range(k) for kw in range(k)], device)
+    return _tap_table(tuple((kd - p, kh - p, kw - p) for kd in range(k) for kh in range(k) for kw in range(k)), device)
 
 
 def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first):
@@ -444,37 +447,65 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     fmt = _out_memory_format(x)
     out = torch.empty((n, c_out, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     act = torch.empty_like(out) if save_act else None
-    weight_mat = weight.permute(2, 3, 4, 1, 0).reshape(k * k * k * c_in, c_out)
+    weight_mat = weight.permute(2, 3, 4, 1, 0).reshape(k * k * k * c_in, c_out).contiguous()  # rows (tap, C_in)
     _launch_conv(_channels_last(x), weight_mat, _forward_taps(k, x.device), out, (n, do, ho, wo), c_in, stride,
                  bias=bias, alpha=alpha.reshape(-1) if alpha is not None else None, residual=residual,
                  residual_first=residual_first, act=act)
     return out, act
 
 
-def _dgrad(dz_src, saved, dz_kind, alpha, weight, x, stride):
-    """grad_x = conv_transpose(dz, weight), dz formed in the loads of grad_out (dz_src) and saved."""
-    n, c_in, d, h, w = x.shape
-    c_out, k = weight.shape[0], weight.shape[-1]
+@functools.lru_cache(maxsize=None)
+def _dgrad_plan(k, stride, device):
+    """The taps of grad_x = conv_transpose(dz, weight) as gather convs over dz. Input voxel i = stride * o - p + kk,
+    i.e. o = (i + p - kk) / stride. Stride 1: one class, every tap. Stride 2: the voxels i = 2 j + q of parity
+    class q get only the taps kk with (q + p - kk) even, at o = j + (q + p - kk) / 2 (no work on zero taps).
+    -> (classes [(q, tap count)], weight tap order (kd * k + kh) * k + kw per tap, (T, 3) grad_out offsets), the
+    taps listed class after class."""
     p = k // 2
-    w_perm = weight.permute(2, 3, 4, 0, 1)  # (kd, kh, kw, C_out, C_in)
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
-    if stride == 2 and k == 1:
-        grad_x.zero_()  # odd positions get no tap at all
-    # input voxel i = stride * o - p + kk  <=>  o = (i + p - kk) / stride. Stride 1: one class, every tap.
-    # Stride 2: i = 2 j + q gets only the taps kk with (q + p - kk) even, at o = j + (q + p - kk) / 2.
-    for q in ([(0, 0, 0)] if stride == 1 else [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]):
+    classes, order, deltas = [], [], []
+    for q in itertools.product(range(stride), repeat=3):
         per_dim = [[(kk, (qq + p - kk) // stride) for kk in range(k) if (qq + p - kk) % stride == 0] for qq in q]
-        if any(len(t) == 0 for t in per_dim):
+        if any(not taps for taps in per_dim):
             continue  # no tap reaches this class (k = 1, stride 2): its gradient is 0
-        taps = [(a, b, c) for a in per_dim[0] for b in per_dim[1] for c in per_dim[2]]
-        out_view = grad_x[:, :, q[0]::stride, q[1]::stride, q[2]::stride]
-        if out_view.numel() == 0:
-            continue
-        # basic indexing + stack: indexing with Python lists would copy an index tensor to the device (a sync)
-        weight_mat = torch.stack([w_perm[a[0], b[0], c[0]] for a, b, c in taps]).reshape(len(taps) * c_out, c_in)
-        deltas = _tap_table([(t[0][1], t[1][1], t[2][1]) for t in taps], x.device)
-        _launch_conv(dz_src, weight_mat, deltas, out_view, (n,) + tuple(out_view.shape[2:]), c_out, 1,
-                     saved=saved, dz_kind=dz_kind, dz_alpha=alpha)
+        taps = list(itertools.product(*per_dim))
+        classes.append((q, len(taps)))
+        order += [(a[0] * k + b[0]) * k + c[0] for a, b, c in taps]
+        deltas += [(a[1], b[1], c[1]) for a, b, c in taps]
+    return tuple(classes), device_table(order, torch.int64, device), _tap_table(tuple(deltas), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _phase_table(k, c_out, x_shape, grad_x_strides, device):
+    """Rows (voxels, E1, E2, E3, first weight row, K, first tap, output offset) of the stride-2 dgrad's classes
+    (the PHASES mode of _conv_kernel), made once per shape -> (table, classes, largest K)."""
+    n, _, d, h, w = x_shape
+    rows, k_begin, tap_begin = [], 0, 0
+    for q, n_taps in _dgrad_plan(k, 2, device)[0]:
+        e1, e2, e3 = ((size - qq + 1) // 2 for size, qq in zip((d, h, w), q))
+        offset = q[0] * grad_x_strides[2] + q[1] * grad_x_strides[3] + q[2] * grad_x_strides[4]
+        # an empty class (extent 1, odd parity) keeps extents of 1 for the kernel's row split; 0 rows mask it all
+        rows.append((n * e1 * e2 * e3, max(e1, 1), max(e2, 1), max(e3, 1), k_begin, n_taps * c_out, tap_begin,
+                     offset))
+        k_begin += n_taps * c_out
+        tap_begin += n_taps
+    return device_table(rows, torch.int64, device), len(rows), max(r[5] for r in rows)
+
+
+def _dgrad(dz, weight, x, stride):
+    """grad_x = conv_transpose(dz, weight): one launch (stride 2: the parity classes on the grid's third axis)."""
+    n, c_in = x.shape[:2]
+    c_out, k = weight.shape[0], weight.shape[-1]
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
+    classes, order, taps = _dgrad_plan(k, stride, x.device)
+    # rows (tap, C_out) in the plan's tap order, columns C_in: the flipped, transposed kernel in one gather
+    weight_mat = weight.permute(2, 3, 4, 0, 1).reshape(k ** 3, c_out, c_in).index_select(0, order).view(-1, c_in)
+    out = grad_x[:, :, ::stride, ::stride, ::stride]  # class (0, 0, 0), the largest
+    phases = None
+    if len(classes) > 1:
+        phases = _phase_table(k, c_out, tuple(x.shape), grad_x.stride(), x.device)
+    elif stride == 2:
+        grad_x.zero_()  # k = 1: the odd positions get no tap at all
+    _launch_conv(dz, weight_mat, taps, out, (n,) + tuple(out.shape[2:]), c_out, 1, phases=phases)
     return grad_x
 
 
@@ -486,12 +517,12 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
     k_total = k * k * k * c_in
     flat_k, block_kt = _k_blocking(c_in, k_total)
     block_co = next_pow2(c_out, 16, _MAX_BLOCK_N)
-    kt_tiles = triton.cdiv(k_total, block_kt) if want_w else 1
-    co_tiles = triton.cdiv(c_out, block_co)
+    kt_tiles = cdiv(k_total, block_kt) if want_w else 1
+    co_tiles = cdiv(c_out, block_co)
     kt_pad, co_pad = kt_tiles * block_kt, co_tiles * block_co
-    splits = max(1, min(triton.cdiv(m_rows, _VOX_GRAIN), triton.cdiv(parallel_slots(x.device), kt_tiles * co_tiles)))
-    vox_per_split = triton.cdiv(triton.cdiv(m_rows, splits), _VOX_GRAIN) * _VOX_GRAIN
-    splits = max(1, triton.cdiv(m_rows, vox_per_split))
+    splits = max(1, min(cdiv(m_rows, _VOX_GRAIN), cdiv(parallel_slots(x.device), kt_tiles * co_tiles)))
+    vox_per_split = cdiv(cdiv(m_rows, splits), _VOX_GRAIN) * _VOX_GRAIN
+    splits = max(1, cdiv(m_rows, vox_per_split))
     f32 = dict(dtype=torch.float32, device=x.device)
     dw_part = torch.empty((splits, kt_pad, co_pad), **f32) if want_w else None
     db_part = torch.empty((splits, co_pad), **f32) if want_b else None
@@ -511,8 +542,7 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
     # second stage: fixed-order sums over the splits (deterministic)
     grad_w = grad_b = grad_a = None
     if want_w:
-        dw = dw_part.sum(0)[:k_total, :c_out].reshape(k, k, k, c_in, c_out)
-        grad_w = dw.permute(4, 3, 0, 1, 2).to(weight.dtype).contiguous()
+        grad_w = _sum_weight_partials(dw_part, weight)
     if want_b:
         grad_b = db_part.sum(0)[:c_out]
     if want_a:
@@ -530,12 +560,12 @@ def _wgrad_gemm(dz, x, weight, stride):
     k_total = k * k * k * c_in
     block_kt = next_pow2(k_total, 16, _WGRAD_BLOCK_KT)
     block_co = next_pow2(c_out, 16, _MAX_BLOCK_N)
-    kt_tiles, co_tiles = triton.cdiv(k_total, block_kt), triton.cdiv(c_out, block_co)
+    kt_tiles, co_tiles = cdiv(k_total, block_kt), cdiv(c_out, block_co)
     # many equal programs (small tail wave) but at least _WGRAD_MIN_VOX voxels each (few partials to sum)
-    splits = max(1, min(triton.cdiv(_WGRAD_PROGRAMS_PER_SLOT * parallel_slots(x.device), kt_tiles * co_tiles),
-                        triton.cdiv(m_rows, _WGRAD_MIN_VOX)))
-    vox_per_split = triton.cdiv(triton.cdiv(m_rows, splits), _VOX_GRAIN) * _VOX_GRAIN
-    splits = max(1, triton.cdiv(m_rows, vox_per_split))
+    splits = max(1, min(cdiv(_WGRAD_PROGRAMS_PER_SLOT * parallel_slots(x.device), kt_tiles * co_tiles),
+                        cdiv(m_rows, _WGRAD_MIN_VOX)))
+    vox_per_split = cdiv(cdiv(m_rows, splits), _VOX_GRAIN) * _VOX_GRAIN
+    splits = max(1, cdiv(m_rows, vox_per_split))
     kt_pad, co_pad = kt_tiles * block_kt, co_tiles * block_co
     dw_part = torch.empty((splits, kt_pad, co_pad), dtype=torch.float32, device=x.device)
     _wgrad_gemm_kernel[(splits, kt_tiles, co_tiles)](
@@ -544,15 +574,21 @@ def _wgrad_gemm(dz, x, weight, stride):
         STEP=stride, KSIZE=k, VEC16=c_in % 16 == 0, DOT_PREC=dot_precision(x.dtype),
         BLOCK_KT=block_kt, BLOCK_CO=block_co,
     )
-    dw = dw_part.sum(0)[:k_total, :c_out].reshape(k, k, k, c_in, c_out)
-    return dw.permute(4, 3, 0, 1, 2).to(weight.dtype).contiguous()
+    return _sum_weight_partials(dw_part, weight)
 
 
-def _backward_v2(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_a, want_dz):
+def _sum_weight_partials(dw_part, weight):
+    """grad_weight from the (splits, (tap, C_in) padded, C_out padded) fp32 partials: a fixed-order sum over the
+    splits (deterministic), then one copy into weight's layout and dtype."""
+    c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+    dw = dw_part.sum(0)[:k ** 3 * c_in, :c_out].reshape(k, k, k, c_in, c_out).permute(4, 3, 0, 1, 2)
+    return dw.to(weight.dtype, memory_format=torch.contiguous_format)
+
+
+def _backward(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_a, want_dz):
     """dz written once (with the bias / alpha sums) by the elementwise pass of _wgrad_kernel; then dgrad is a
-    plain implicit GEMM on dz and wgrad the split-K GEMM of _wgrad_gemm_kernel. The v1 path instead re-forms dz
-    from grad_out and saved for every tap in both GEMMs (27 loads of two tensors plus the PReLU backward per
-    element), and its wgrad ran one tap per program with 32-wide tiles."""
+    plain implicit GEMM on dz and wgrad the split-K GEMM of _wgrad_gemm_kernel. (Forming dz in the loads of both
+    GEMMs instead costs 27 loads of two tensors plus the PReLU backward per element: measured slower.)"""
     need_dz = dz_kind != _DZ_NONE and (want_x or want_w or want_dz)
     grad_b = grad_a = None
     dz = g
@@ -561,7 +597,7 @@ def _backward_v2(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, wa
                                                               False, want_b, want_a, need_dz)
         if need_dz:
             dz = dz_written
-    grad_x = _dgrad(dz, None, _DZ_NONE, None, weight, x, stride) if want_x else None
+    grad_x = _dgrad(dz, weight, x, stride) if want_x else None
     grad_w = None
     if want_w and dot_precision(x.dtype) == "ieee":
         # exact fp32 has no tensor cores: Triton's FMA dot holds whole operand tiles in registers and the big
@@ -570,26 +606,6 @@ def _backward_v2(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, wa
     elif want_w:
         grad_w = _wgrad_gemm(dz, x, weight, stride)
     return grad_x, grad_w, grad_b, grad_a, dz
-
-
-def _backward_v1(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_a, want_dz):
-    """The previous path: dz re-formed from grad_out and saved in the loads of both GEMMs (one tap per wgrad
-    program); dz stored only when asked for."""
-    grad_x = _dgrad(g, s, dz_kind, a, weight, x, stride) if want_x else None
-    write_dz = want_dz and dz_kind != _DZ_NONE
-    grad_w = grad_b = grad_a = dz = None
-    if want_w or want_b or want_a or write_dz:
-        grad_w, grad_b, grad_a, dz = _wgrad_and_reductions(g, s, dz_kind, a, x, weight, stride,
-                                                          want_w, want_b, want_a, write_dz)
-    return grad_x, grad_w, grad_b, grad_a, dz
-
-
-def backward_version():
-    """SEG3D_FAST_TRITON_BWD=v1 selects the previous backward (dz re-formed in every GEMM load); default v2."""
-    version = os.environ.get("SEG3D_FAST_TRITON_BWD", "v2")
-    if version not in ("v1", "v2"):
-        raise ValueError(f"SEG3D_FAST_TRITON_BWD must be 'v1' or 'v2', got {version!r}")
-    return version
 
 
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
@@ -602,9 +618,8 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     g = _channels_last(grad_out)
     s = _channels_last(saved) if dz_kind != _DZ_NONE else None
     a = alpha.reshape(-1) if (alpha is not None and dz_kind != _DZ_NONE) else None
-    backward = _backward_v2 if backward_version() == "v2" else _backward_v1
-    grad_x, grad_w, grad_b, grad_a, dz = backward(g, s, dz_kind, a, x, weight, stride,
-                                                  want_x, want_w, want_b, want_a, want_dz)
+    grad_x, grad_w, grad_b, grad_a, dz = _backward(g, s, dz_kind, a, x, weight, stride,
+                                                   want_x, want_w, want_b, want_a, want_dz)
     if grad_b is not None:
         grad_b = grad_b.to(x.dtype)
     if grad_a is not None:

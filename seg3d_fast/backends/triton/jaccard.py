@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2
+from ._common import cdiv, interpreting, next_pow2
 
 MAX_CLASSES = 64  # all classes of a voxel are held in registers at once (BLOCK_C x BLOCK_S tile)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,7 +118,7 @@ def _prepare(logits, target, ignore_index):
                0 if ignore_index is None else int(ignore_index))
     meta = dict(TARGET_IS_LABEL=is_label, HAS_IGNORE=is_label and ignore_index is not None,
                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
-    return logits, target, spatial, max(1, triton.cdiv(spatial, block_s)), strides, meta
+    return logits, target, spatial, max(1, cdiv(spatial, block_s)), strides, meta
 
 
 def jaccard_unsupported(logits, target, activation, ignore_index):

@@ -1,0 +1,197 @@
+"""Host-side cost of the fused ops: the Python and torch work around the kernels, with every kernel launch replaced
+by a call that only counts it. Runs on the CPU (no GPU needed).
+
+Why: on a GPU a layer whose kernels take less time than the host needs to issue them runs at the host's pace (the
+benchmarks' small layers, the network's deep levels). This measures that floor and the number of launches per call,
+for the triton and cuda backends' Python layers, so that changes to it can be judged without a GPU. Not counted: the
+launch cost inside Triton's launcher or the CUDA driver (tens of microseconds per launch on the GPU machine), which
+the launch count stands for.
+
+    python benchmarks/host_overhead.py [--reps 200] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+import types
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend then accepts CPU tensors (kernels are stubbed)
+
+import torch  # noqa: E402
+
+import seg3d_fast as sf  # noqa: E402
+from seg3d_fast import backends  # noqa: E402
+
+# (name, C_in, C_out, k, stride, spatial, alpha, residual, residual_first): small volumes, so that the CPU work of
+# the torch ops around the kernels stays small next to the Python; the host cost does not depend on the volume.
+CASES = (
+    ("c32-32_k3s1_res", 32, 32, 3, 1, (6, 7, 5), True, True, False),
+    ("c32-32_k3s1_res1st", 32, 32, 3, 1, (6, 7, 5), True, True, True),
+    ("c32-64_k3s2", 32, 64, 3, 2, (7, 6, 5), True, False, False),
+    ("c64-32_k1s1_noact", 64, 32, 1, 1, (6, 7, 5), False, False, False),
+)
+
+
+class LaunchCounter:
+    """Stand-in for kernels: `kernel[grid](...)` (Triton) and `ext.fn(...)` (CUDA extension) only count."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def triton_kernel(self):
+        counter = self
+
+        class _Kernel:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    counter.launches += 1
+                return launch
+        return _Kernel()
+
+    def function(self):
+        def launch(*args, **kwargs):
+            self.launches += 1
+        return launch
+
+
+@contextlib.contextmanager
+def stubbed_triton(counter: LaunchCounter):
+    from seg3d_fast.backends.triton import conv3d_prelu as conv_mod, jaccard as jac_mod
+
+    saved = {}
+    for mod in (conv_mod, jac_mod):
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if name.startswith("_") and name.endswith("_kernel") and hasattr(obj, "__getitem__"):
+                saved[(mod, name)] = obj
+                setattr(mod, name, counter.triton_kernel())
+    try:
+        yield
+    finally:
+        for (mod, name), obj in saved.items():
+            setattr(mod, name, obj)
+
+
+@contextlib.contextmanager
+def stubbed_cuda(counter: LaunchCounter):
+    """The cuda backend's Python layer on CPU tensors: the real argument structs where the extension is built, every
+    launch a counter, no device checks."""
+    from seg3d_fast.backends import cuda as cuda_mod
+
+    real = cuda_mod._cuda
+    fake = types.SimpleNamespace(
+        ConvArgs=real.ConvArgs if real else types.SimpleNamespace,
+        WgradArgs=real.WgradArgs if real else types.SimpleNamespace,
+        jaccard_blocks=lambda s: max(1, min(1024, -(-s // 4096))),
+        **{fn: counter.function() for fn in ("conv_gemm", "conv_wgrad", "prelu_backward", "jaccard_sums",
+                                             "jaccard_backward")})
+    patches = {"_cuda": fake, "_device_reasons": lambda t, name: [], "_launch_context": lambda t: (0, 0),
+               "unavailable_reason": lambda: None}
+    saved = {name: getattr(cuda_mod, name) for name in patches}
+    for name, value in patches.items():
+        setattr(cuda_mod, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(cuda_mod, name, value)
+
+
+def conv_inputs(case, dtype, gen):
+    _, c_in, c_out, k, stride, spatial, has_alpha, has_res, _ = case
+    x = torch.randn((2, c_in, *spatial), generator=gen).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    w = (torch.randn((c_out, c_in, k, k, k), generator=gen) * 0.1).to(dtype)
+    b = torch.randn(c_out, generator=gen).to(dtype)
+    a = torch.full((c_out,), 0.25, dtype=dtype) if has_alpha else None
+    out_spatial = tuple((s - 1) // stride + 1 for s in spatial)
+    r = torch.randn((2, c_out, *out_spatial), generator=gen).to(dtype).contiguous(
+        memory_format=torch.channels_last_3d) if has_res else None
+    leaves = [t.requires_grad_(True) for t in (x, w, b, a, r) if t is not None]
+    return (x, w, b, a, r), leaves
+
+
+def _median_us(fn, reps):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def measure_conv(backend, case, dtype, reps, counter):
+    gen = torch.Generator().manual_seed(0)
+    (x, w, b, a, r), leaves = conv_inputs(case, dtype, gen)
+    stride, rf = case[4], case[8]
+    fwd = lambda: sf.conv3d_prelu(x, w, b, a, r, stride=stride, residual_first=rf, backend=backend)  # noqa: E731
+    out = fwd()
+    grad = torch.randn_like(out)
+    bwd = lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)  # noqa: E731
+    row = {"op": "conv3d_prelu", "case": case[0], "backend": backend, "dtype": str(dtype).removeprefix("torch.")}
+    for direction, fn in (("forward", fwd), ("backward", bwd)):
+        counter.launches = 0
+        fn()
+        row[f"{direction}_launches"] = counter.launches
+        row[f"{direction}_us"] = _median_us(fn, reps)
+    return row
+
+
+def measure_jaccard(backend, dtype, reps, counter):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn((2, 5, 6, 7, 5), generator=gen).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 5, (2, 6, 7, 5), generator=gen)
+    fwd = lambda: sf.jaccard_loss(logits, labels, backend=backend)  # noqa: E731
+    loss = fwd()
+    bwd = lambda: torch.autograd.grad(loss, [logits], retain_graph=True)  # noqa: E731
+    row = {"op": "jaccard_loss", "case": "c5", "backend": backend, "dtype": str(dtype).removeprefix("torch.")}
+    for direction, fn in (("forward", fwd), ("backward", bwd)):
+        counter.launches = 0
+        fn()
+        row[f"{direction}_launches"] = counter.launches
+        row[f"{direction}_us"] = _median_us(fn, reps)
+    return row
+
+
+def run(reps=200, dtype=torch.bfloat16):
+    torch.set_num_threads(1)
+    counter = LaunchCounter()
+    rows = []
+    for backend, stub in (("triton", stubbed_triton), ("cuda", stubbed_cuda)):
+        with stub(counter):
+            for case in CASES:
+                rows.append(measure_conv(backend, case, dtype, reps, counter))
+            rows.append(measure_jaccard(backend, dtype, reps, counter))
+    backends_ok = {name: backends.unavailable_reason(name) for name in ("triton", "cuda")}
+    return {"kind": "host_overhead", "python": sys.version.split()[0], "torch": torch.__version__,
+            "backends": backends_ok, "reps": reps, "rows": rows}
+
+
+def table(result) -> str:
+    lines = ["| op | case | backend | forward µs (launches) | backward µs (launches) |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['op']} | {r['case']} | {r['backend']} | {r['forward_us']:.0f} ({r['forward_launches']}) "
+                     f"| {r['backward_us']:.0f} ({r['backward_launches']}) |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args(argv)
+    result = run(args.reps)
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
