@@ -18,14 +18,12 @@ import os
 import statistics
 import sys
 import time
-import types
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the triton backend then accepts CPU tensors (kernels are stubbed)
+import torch
 
-import torch  # noqa: E402
-
-import seg3d_fast as sf  # noqa: E402
-from seg3d_fast import backends  # noqa: E402
+import seg3d_fast as sf
+from seg3d_fast import backends
 
 # (name, C_in, C_out, k, stride, spatial, alpha, residual, residual_first): small volumes, so that the CPU work of
 # the torch ops around the kernels stays small next to the Python; the host cost does not depend on the volume.
@@ -61,8 +59,12 @@ class LaunchCounter:
 
 @contextlib.contextmanager
 def stubbed_triton(counter: LaunchCounter):
+    """The triton backend's Python layer on CPU tensors (TRITON_INTERPRET=1 while it runs) with every launch a
+    counter."""
     from seg3d_fast.backends.triton import conv3d_prelu as conv_mod, jaccard as jac_mod
 
+    interpret = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the backend then takes CPU tensors
     saved = {}
     for mod in (conv_mod, jac_mod):
         for name in dir(mod):
@@ -75,31 +77,21 @@ def stubbed_triton(counter: LaunchCounter):
     finally:
         for (mod, name), obj in saved.items():
             setattr(mod, name, obj)
+        if interpret is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
 
 
-@contextlib.contextmanager
 def stubbed_cuda(counter: LaunchCounter):
-    """The cuda backend's Python layer on CPU tensors: the real argument structs where the extension is built, every
-    launch a counter, no device checks."""
-    from seg3d_fast.backends import cuda as cuda_mod
+    """The cuda backend's Python layer on CPU tensors (tests/cuda_emulator.py) with every launch a counter."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import cuda_emulator
 
-    real = cuda_mod._cuda
-    fake = types.SimpleNamespace(
-        ConvArgs=real.ConvArgs if real else types.SimpleNamespace,
-        WgradArgs=real.WgradArgs if real else types.SimpleNamespace,
-        jaccard_blocks=lambda s: max(1, min(1024, -(-s // 4096))),
-        **{fn: counter.function() for fn in ("conv_gemm", "conv_wgrad", "prelu_backward", "jaccard_sums",
-                                             "jaccard_backward")})
-    patches = {"_cuda": fake, "_device_reasons": lambda t, name: [], "_launch_context": lambda t: (0, 0),
-               "unavailable_reason": lambda: None}
-    saved = {name: getattr(cuda_mod, name) for name in patches}
-    for name, value in patches.items():
-        setattr(cuda_mod, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(cuda_mod, name, value)
+    extension = cuda_emulator.model_extension()
+    for name in ("conv_gemm", "conv_wgrad", "prelu_backward", "jaccard_sums", "jaccard_backward"):
+        setattr(extension, name, counter.function())
+    return cuda_emulator.emulated(extension)
 
 
 def conv_inputs(case, dtype, gen):
@@ -160,7 +152,6 @@ def measure_jaccard(backend, dtype, reps, counter):
 
 
 def run(reps=200, dtype=torch.bfloat16):
-    torch.set_num_threads(1)
     counter = LaunchCounter()
     rows = []
     for backend, stub in (("triton", stubbed_triton), ("cuda", stubbed_cuda)):
@@ -186,6 +177,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the tiny tensors' CPU work stays on one core, as the host's launch work does
     result = run(args.reps)
     print(table(result))
     if args.json:

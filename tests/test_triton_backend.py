@@ -405,3 +405,32 @@ def test_gpu_jaccard_past_2_31_elements():
     lg = logits[:, :, -2:].double().requires_grad_()
     (jaccard_sums_plain(lg, labels[:, -2:], True, "softmax")).sum().backward()
     assert_close(grad[:, :, -2:], lg.grad, None, BF16, "grad_logits")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every kernel variant compiles for the GPU (sm_90) with the installed Triton, without a GPU
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spills():
+    """benchmarks/aot_check.py: each kernel variant in each dtype, with the config used when tuning is off, compiles
+    for sm_90 through ptxas, fits the shared memory and spills no registers (in a fresh process: the kernels here
+    are defined for the interpreter)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "aot_check.py")], capture_output=True, text=True,
+                         env=env, timeout=600)
+    lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert lines and lines[-1].get("summary"), run.stdout[-2000:] + run.stderr[-2000:]
+    summary = lines[-1]
+    assert run.returncode == 0 and not summary["failed"], summary
+    assert not summary["spilling"], summary
+    rows = {r["kernel"]: r for r in lines[:-1]}
+    # the tensor cores are used wherever the dtype allows (exact fp32 has none)
+    assert all(r["wgmma"] > 0 for name, r in rows.items() if name.startswith(("conv/", "wgrad_gemm/"))
+               and not name.endswith("fp32ieee")), rows

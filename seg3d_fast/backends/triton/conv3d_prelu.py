@@ -87,8 +87,10 @@ def _conv_configs():
 
 
 def _prune_conv(configs, named_args, **kwargs):
-    """At most 48 elements of the A tile and the accumulator per thread."""
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= 48 * 32 * c.num_warps]
+    """At most 48 elements of the A tile and the accumulator per thread; the stride-2 dgrad with flat K (per-class
+    K and taps loaded at run time) at most 16 rows per warp (more spills: benchmarks/aot_check.py, sm_90)."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= 48 * 32 * c.num_warps
+            and not (kwargs.get("PHASES") and kwargs.get("FLAT_K") and c.kwargs["BLOCK_M"] > 16 * c.num_warps)]
     return kept or configs[:1]
 
 

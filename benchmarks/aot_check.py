@@ -1,0 +1,167 @@
+"""Compile every Triton kernel variant of seg3d_fast for sm_90 ahead of time (no GPU needed) and report, per tile
+config: compiles?, tensor-core instructions in the PTX (wgmma / mma.sync), shared memory, registers and spills
+(ptxas -v). One JSON line per kernel variant and config; a summary line last.
+
+Why: a session without a GPU can still check that a kernel change compiles for the GPU with the Triton in use
+(run it under each Triton version the project supports), keeps its tensor-core path and does not start spilling.
+
+    python benchmarks/aot_check.py [--all-configs] [--only SUBSTRING]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be defined for the GPU, not the interpreter
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from seg3d_fast.backends.triton import conv3d_prelu as conv, jaccard  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 232448  # H100 / H200: largest dynamic shared memory of one block (227 KiB)
+# integer arguments that Triton's launcher marks divisible by 16 in the cases that matter (it specializes on it)
+DIV16 = {"C_SRC", "C_IN", "K_TOTAL", "KT_PAD", "CO_PAD", "VOX_PER_SPLIT"}
+
+CONV_POINTERS = ("src_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "res_ptr", "out_ptr", "act_ptr")
+# (variant, constexprs) of _conv_kernel: small-C forward (flat K), strided forward with the residual after the
+# activation, 64-channel forward, and the stride-2 dgrad's one-launch parity classes (flat and per-tap K)
+CONV = [
+    ("fwd_flat", dict(STEP=1, FLAT_K=True, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0, SAVE_ACT=False,
+                      BLOCK_N=16, BLOCK_K=32)),
+    ("fwd_c32_s2_res", dict(STEP=2, FLAT_K=False, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=2,
+                            SAVE_ACT=True, BLOCK_N=64, BLOCK_K=32)),
+    ("fwd_c64", dict(STEP=1, FLAT_K=False, PHASES=False, HAS_BIAS=True, ACT_KIND=1, RES_MODE=1, SAVE_ACT=False,
+                     BLOCK_N=64, BLOCK_K=64)),
+    ("dgrad_phases", dict(STEP=1, FLAT_K=False, PHASES=True, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
+                          SAVE_ACT=False, BLOCK_N=32, BLOCK_K=64)),
+    ("dgrad_phases_flat", dict(STEP=1, FLAT_K=True, PHASES=True, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
+                               SAVE_ACT=False, BLOCK_N=16, BLOCK_K=32)),
+    ("dgrad_flat", dict(STEP=1, FLAT_K=True, PHASES=False, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
+                        SAVE_ACT=False, BLOCK_N=16, BLOCK_K=32)),
+]
+WGRAD_POINTERS = ("x_ptr", "g_ptr", "saved_ptr", "alpha_ptr", "dz_ptr")
+# _wgrad_kernel: the PReLU-backward pass (dz, bias and alpha sums) and the exact-fp32 weight GEMM
+WGRAD = [
+    ("prelu_pass", dict(STEP=1, FLAT_K=False, DZ_KIND=1, ALPHA_PER_CH=True, COMPUTE_W=False, REDUCE_BIAS=True,
+                        REDUCE_ALPHA=True, WRITE_DZ=True, BLOCK_KT=64, BLOCK_CO=64)),
+    ("weight_fma", dict(STEP=2, FLAT_K=True, DZ_KIND=0, ALPHA_PER_CH=False, COMPUTE_W=True, REDUCE_BIAS=False,
+                        REDUCE_ALPHA=False, WRITE_DZ=False, BLOCK_KT=32, BLOCK_CO=16)),
+]
+WGRAD_GEMM = [
+    ("c8_k3", dict(STEP=1, KSIZE=3, VEC16=False, BLOCK_KT=128, BLOCK_CO=16)),
+    ("c64_k3_s2", dict(STEP=2, KSIZE=3, VEC16=True, BLOCK_KT=128, BLOCK_CO=64)),
+]
+# dtype label -> (pointer type, DOT_PREC); fp32 "ieee" only where the backend uses it
+DTYPES = [("bf16", "*bf16", "tf32"), ("fp16", "*fp16", "tf32"), ("fp32tf32", "*fp32", "tf32"),
+          ("fp32ieee", "*fp32", "ieee")]
+
+
+def build(kernel, types, constexprs, cfg):
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    names = fn.arg_names
+    ce = dict(constexprs, **cfg.kwargs)
+    sig = {n: ("constexpr" if n in ce else types.get(n, "i32")) for n in names}
+    div = [i for i, n in enumerate(names) if n not in ce and (sig[n].startswith("*") or n in DIV16)]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in ce.items()},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in div})
+    return triton.compile(src, target=TARGET, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def ptxas_usage(ptx):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path if hasattr(get_ptxas(90), "path") else get_ptxas(90)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([ptxas, "--gpu-name=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                             text=True)
+    finally:
+        os.unlink(f.name)
+    log = out.stdout + out.stderr
+    found = [re.search(p, log) for p in (r"Used (\d+) registers", r"(\d+) bytes spill stores",
+                                         r"(\d+) bytes spill loads")]
+    if not found[0]:
+        raise RuntimeError(log[-500:])
+    return [int(m.group(1)) if m else None for m in found]
+
+
+def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, only):
+    configs = list(kernel.configs) if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=4)]
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is not None:
+        configs = prune(configs, {}, **constexprs)
+    if not all_configs:  # the config used when tuning is off (SEG3D_FAST_AUTOTUNE=0): 64 rows, 8 warps
+        configs = [c for c in configs if c.num_warps == 8 and 64 in c.kwargs.values()][:1] or configs[:1]
+    rows = []
+    for cfg in configs:
+        tag = f"{kernel_name}/{variant}/{dtype}"
+        if only and only not in tag:
+            continue
+        row = dict(kernel=tag, cfg=str(cfg.kwargs), warps=cfg.num_warps, stages=cfg.num_stages)
+        t0 = time.time()
+        try:
+            compiled = build(kernel, types, constexprs, cfg)
+            ptx = compiled.asm["ptx"]
+            row.update(ok=True, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
+                       mma=len(re.findall(r"\bmma\.sync", ptx)), smem=compiled.metadata.shared)
+            row["regs"], row["spill_st"], row["spill_ld"] = ptxas_usage(ptx)
+            row["smem_ok"] = row["smem"] <= SMEM_LIMIT
+        except Exception as e:  # noqa: BLE001 - report every failure, keep going
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        row["compile_s"] = round(time.time() - t0, 1)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--all-configs", action="store_true", help="every autotune config (default: the first)")
+    parser.add_argument("--only", default="", help="only variants whose tag contains this")
+    args = parser.parse_args(argv)
+    rows = []
+    for dname, pointer, prec in DTYPES:
+        for name, ce in CONV:
+            types = {p: pointer for p in CONV_POINTERS}
+            types.update(taps_ptr="*i32", phase_ptr="*i64", o_sn="i64")
+            rows += check("conv", name, dname, conv._conv_kernel, types, dict(ce, DOT_PREC=prec), args.all_configs,
+                          args.only)
+        for name, ce in WGRAD:
+            types = {p: pointer for p in WGRAD_POINTERS}
+            types.update({p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}, taps_ptr="*i32")
+            rows += check("wgrad", name, dname, conv._wgrad_kernel, types, dict(ce, DOT_PREC=prec), args.all_configs,
+                          args.only)
+        if prec == "ieee":
+            continue  # exact fp32 weight gradients take _wgrad_kernel (the GEMM kernel's tiles spill without MMA)
+        for name, ce in WGRAD_GEMM:
+            types = {"x_ptr": pointer, "dz_ptr": pointer, "dw_part_ptr": "*fp32"}
+            rows += check("wgrad_gemm", name, dname, conv._wgrad_gemm_kernel, types, dict(ce, DOT_PREC=prec),
+                          args.all_configs, args.only)
+    for label, softmax, target in ((True, True, "*u8"), (True, False, "*i64"), (False, True, "*fp32")):
+        for block_c in (8, 64):
+            types = {"logit_ptr": "*bf16", "tgt_ptr": target, "part_ptr": "*fp32", "gsum_ptr": "*fp32",
+                     "grad_ptr": "*bf16"}
+            ce = dict(TARGET_IS_LABEL=label, SOFTMAX=softmax, SQUARED=True, HAS_IGNORE=label, BLOCK_C=block_c,
+                      BLOCK_S=max(16, jaccard._TILE // block_c))
+            variant = f"{'label' if label else 'probs'}_{'softmax' if softmax else 'sigmoid'}_C{block_c}"
+            rows += check("jaccard_sums", variant, "bf16", jaccard._jaccard_sums_kernel, types, ce, False, args.only)
+            rows += check("jaccard_bwd", variant, "bf16", jaccard._jaccard_backward_kernel, types, ce, False,
+                          args.only)
+    failed = [r["kernel"] for r in rows if not r["ok"] or not r["smem_ok"]]
+    spills = [r["kernel"] for r in rows if r.get("spill_st")]
+    print(json.dumps(dict(summary=True, triton=triton.__version__, compiled=len(rows) - len(failed), failed=failed,
+                          spilling=spills)))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
