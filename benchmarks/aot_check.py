@@ -34,17 +34,17 @@ CONV_POINTERS = ("src_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "res_ptr", "out_pt
 # (variant, constexprs) of _conv_kernel: small-C forward (flat K), strided forward with the residual after the
 # activation, 64-channel forward, and the stride-2 dgrad's one-launch parity classes (flat and per-tap K)
 CONV = [
-    ("fwd_flat", dict(STEP=1, FLAT_K=True, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0, SAVE_ACT=False,
+    ("fwd_flat", dict(STEP=1, FLAT_K=True, EVEN_N=False, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0, SAVE_ACT=False,
                       BLOCK_N=16, BLOCK_K=32)),
-    ("fwd_c32_s2_res", dict(STEP=2, FLAT_K=False, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=2,
+    ("fwd_c32_s2_res", dict(STEP=2, FLAT_K=False, EVEN_N=True, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=2,
                             SAVE_ACT=True, BLOCK_N=64, BLOCK_K=32)),
-    ("fwd_c64", dict(STEP=1, FLAT_K=False, PHASES=False, HAS_BIAS=True, ACT_KIND=1, RES_MODE=1, SAVE_ACT=False,
+    ("fwd_c64", dict(STEP=1, FLAT_K=False, EVEN_N=True, PHASES=False, HAS_BIAS=True, ACT_KIND=1, RES_MODE=1, SAVE_ACT=False,
                      BLOCK_N=64, BLOCK_K=64)),
-    ("dgrad_phases", dict(STEP=1, FLAT_K=False, PHASES=True, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
+    ("dgrad_phases", dict(STEP=1, FLAT_K=False, EVEN_N=True, PHASES=True, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
                           SAVE_ACT=False, BLOCK_N=32, BLOCK_K=64)),
-    ("dgrad_phases_flat", dict(STEP=1, FLAT_K=True, PHASES=True, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
+    ("dgrad_phases_flat", dict(STEP=1, FLAT_K=True, EVEN_N=False, PHASES=True, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
                                SAVE_ACT=False, BLOCK_N=16, BLOCK_K=32)),
-    ("dgrad_flat", dict(STEP=1, FLAT_K=True, PHASES=False, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
+    ("dgrad_flat", dict(STEP=1, FLAT_K=True, EVEN_N=False, PHASES=False, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
                         SAVE_ACT=False, BLOCK_N=16, BLOCK_K=32)),
 ]
 WGRAD_POINTERS = ("x_ptr", "g_ptr", "saved_ptr", "alpha_ptr", "dz_ptr")

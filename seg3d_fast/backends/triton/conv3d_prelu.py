@@ -100,7 +100,7 @@ def _prune_conv(configs, named_args, **kwargs):
 def _conv_kernel(src_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr, act_ptr, phase_ptr,
                  M, E1, E2, E3, Ds, Hs, Ws, C_SRC, K_TOTAL, C_OUT,
                  o_sn, o_sc, o_s1, o_s2, o_s3, r_sn, r_sc, r_s1, r_s2, r_s3,
-                 STEP: tl.constexpr, FLAT_K: tl.constexpr, PHASES: tl.constexpr,
+                 STEP: tl.constexpr, FLAT_K: tl.constexpr, EVEN_N: tl.constexpr, PHASES: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ACT_KIND: tl.constexpr, RES_MODE: tl.constexpr, SAVE_ACT: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[row, co] = epilogue(sum_k A[row, k] * W[k, co]); rows are an (N, E1, E2, E3) grid whose voxel
@@ -146,8 +146,11 @@ def _conv_kernel(src_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr
         a = _load_gathered(src_ptr, taps, row_base, ra, rb, rc, row_ok, k0, k_total, C_SRC, Ds, Hs, Ws,
                            FLAT_K, BLOCK_K)
         kk = k0 + rk
-        b = tl.load(w_base + kk[:, None] * C_OUT + co[None, :], mask=(kk < k_total)[:, None] & co_ok[None, :],
-                    other=0.0)
+        if FLAT_K or not EVEN_N:
+            b = tl.load(w_base + kk[:, None] * C_OUT + co[None, :], mask=(kk < k_total)[:, None] & co_ok[None, :],
+                        other=0.0)
+        else:  # K is a multiple of BLOCK_K (per-tap blocks) and C_OUT of BLOCK_N: no masks (~6% of the loop body)
+            b = tl.load(w_base + kk[:, None] * C_OUT + co[None, :])
         acc = dot(a, b, acc, DOT_PREC)
 
     # epilogue on the accumulator: the pre-activation never reaches memory
@@ -399,7 +402,7 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
         m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), out.stride(4),
         res.stride(0), res.stride(1), res.stride(2), res.stride(3), res.stride(4),
-        STEP=step, FLAT_K=flat_k, PHASES=phases is not None, HAS_BIAS=bias is not None,
+        STEP=step, FLAT_K=flat_k, EVEN_N=c_out % block_n == 0, PHASES=phases is not None, HAS_BIAS=bias is not None,
         ACT_KIND=0 if alpha is None else (2 if alpha.numel() > 1 else 1),
         RES_MODE=0 if residual is None else (1 if residual_first else 2),
         SAVE_ACT=act is not None, DOT_PREC=dot_precision(src.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
