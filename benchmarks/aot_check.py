@@ -94,11 +94,24 @@ def ptxas_usage(ptx):
     return [int(m.group(1)) if m else None for m in found]
 
 
-def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, only):
-    configs = list(kernel.configs) if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=4)]
+class _Sized:
+    """Stands for a tensor argument in a prune function: only its element size."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def element_size(self):
+        return self.size
+
+
+def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, only, num_warps=4):
+    """num_warps: the launch's, for a kernel without autotuning."""
+    configs = list(kernel.configs) if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=num_warps)]
     prune = getattr(kernel, "early_config_prune", None)
-    if prune is not None:
-        configs = prune(configs, {}, **constexprs)
+    if prune is not None:  # the tensor arguments it may look at, as their element sizes
+        sizes = {name: _Sized(4 if t in ("*fp32", "*i32") else 8 if t in ("*i64",) else 2)
+                 for name, t in types.items() if t.startswith("*")}
+        configs = prune(configs, sizes, **constexprs)
     if not all_configs:  # the config used when tuning is off (SEG3D_FAST_AUTOTUNE=0): 64 rows, 8 warps
         configs = [c for c in configs if c.num_warps == 8 and 64 in c.kwargs.values()][:1] or configs[:1]
     rows = []
@@ -153,9 +166,9 @@ def main(argv=None):
             ce = dict(TARGET_IS_LABEL=label, SOFTMAX=softmax, SQUARED=True, HAS_IGNORE=label, BLOCK_C=block_c,
                       BLOCK_S=max(16, jaccard._TILE // block_c))
             variant = f"{'label' if label else 'probs'}_{'softmax' if softmax else 'sigmoid'}_C{block_c}"
-            rows += check("jaccard_sums", variant, "bf16", jaccard._jaccard_sums_kernel, types, ce, False, args.only)
-            rows += check("jaccard_bwd", variant, "bf16", jaccard._jaccard_backward_kernel, types, ce, False,
-                          args.only)
+            for name, kernel in (("jaccard_sums", jaccard._jaccard_sums_kernel),
+                                 ("jaccard_bwd", jaccard._jaccard_backward_kernel)):
+                rows += check(name, variant, "bf16", kernel, types, ce, False, args.only, jaccard.NUM_WARPS)
     failed = [r["kernel"] for r in rows if not r["ok"] or not r["smem_ok"]]
     spills = [r["kernel"] for r in rows if r.get("spill_st")]
     print(json.dumps(dict(summary=True, triton=triton.__version__, compiled=len(rows) - len(failed), failed=failed,

@@ -87,11 +87,25 @@ def _conv_configs():
 
 
 def _prune_conv(configs, named_args, **kwargs):
-    """At most 48 elements of the A tile and the accumulator per thread; the stride-2 dgrad with flat K (per-class
-    K and taps loaded at run time) at most 16 rows per warp (more spills: benchmarks/aot_check.py, sm_90)."""
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= 48 * 32 * c.num_warps
-            and not (kwargs.get("PHASES") and kwargs.get("FLAT_K") and c.kwargs["BLOCK_M"] > 16 * c.num_warps)]
-    return kept or configs[:1]
+    """Configs that do not spill registers on sm_90 (benchmarks/aot_check.py --all-configs). Flat K: the gathered
+    A tile passes through registers, so at most 48 elements of it and the accumulator per thread (and, for the
+    stride-2 dgrad, whose per-class K and taps are loaded at run time, at most 16 rows per warp; 32 elements with
+    the residual summed after the activation); likewise exact fp32, whose FMA dot holds its operands in registers. Per-tap K on the tensor cores: A is copied straight to
+    shared memory, so only the fp32 accumulator counts: at most 32 elements per thread (which admits 128 x 64
+    tiles: about 30% fewer issued instructions per tensor-core operation than 64 x 64), 16 with fp32 inputs or
+    with the residual summed after the activation (the epilogue then holds two more tiles)."""
+    src = named_args.get("src_ptr")
+    wide = src is not None and src.element_size() == 4
+
+    def fits(c):
+        rows, threads = c.kwargs["BLOCK_M"], 32 * c.num_warps
+        if kwargs.get("FLAT_K") or kwargs.get("DOT_PREC") == "ieee":
+            per_thread = 32 if kwargs.get("RES_MODE") == 2 else 48
+            return (rows * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= per_thread * threads
+                    and not (kwargs.get("PHASES") and rows > 16 * c.num_warps))
+        per_thread = 16 if wide or kwargs.get("RES_MODE") == 2 else 32
+        return rows * kwargs["BLOCK_N"] <= per_thread * threads
+    return [c for c in configs if fits(c)] or configs[:1]
 
 
 @triton.autotune(configs=_conv_configs(), key=["M", "C_SRC", "C_OUT", "K_TOTAL", "STEP"],
@@ -182,9 +196,11 @@ def _wgrad_configs():
 
 
 def _prune_wgrad(configs, named_args, **kwargs):
-    """Under 64 elements per thread of the x tile and the three (voxel x C_out) tiles (dz, bias and alpha sums)."""
+    """Under 64 elements per thread of the x tile and the three (voxel x C_out) tiles (dz, bias and alpha sums);
+    at most 64 voxels per step for the exact-fp32 weight GEMM (its FMA dot spills beyond: aot_check.py)."""
     per_voxel = kwargs["BLOCK_KT"] + 2 * kwargs["BLOCK_CO"]
-    kept = [c for c in configs if c.kwargs["BLOCK_V"] * per_voxel < 64 * 32 * c.num_warps]
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] * per_voxel < 64 * 32 * c.num_warps
+            and not (kwargs.get("COMPUTE_W") and c.kwargs["BLOCK_V"] > 64)]
     return kept or configs[:1]
 
 
