@@ -28,24 +28,21 @@ from seg3d_fast.backends.triton import conv3d_prelu as conv, jaccard  # noqa: E4
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # H100 / H200: largest dynamic shared memory of one block (227 KiB)
 # integer arguments that Triton's launcher marks divisible by 16 in the cases that matter (it specializes on it)
-DIV16 = {"C_SRC", "C_IN", "K_TOTAL", "KT_PAD", "CO_PAD", "VOX_PER_SPLIT"}
+DIV16 = {"C_SRC", "C_IN", "C_OUT", "K_TOTAL", "KT_PAD", "CO_PAD", "VOX_PER_SPLIT"}
 
 CONV_POINTERS = ("src_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "res_ptr", "out_ptr", "act_ptr")
+_FWD = dict(STEP=1, FLAT_K=False, EVEN_N=True, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0,
+            SAVE_ACT=False, BLOCK_N=64, BLOCK_K=64)
+_DGRAD = dict(_FWD, HAS_BIAS=False, ACT_KIND=0, BLOCK_N=32)
 # (variant, constexprs) of _conv_kernel: small-C forward (flat K), strided forward with the residual after the
-# activation, 64-channel forward, and the stride-2 dgrad's one-launch parity classes (flat and per-tap K)
+# activation, 64-channel forward, plain and one-launch stride-2 dgrads (flat and per-tap K)
 CONV = [
-    ("fwd_flat", dict(STEP=1, FLAT_K=True, EVEN_N=False, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0, SAVE_ACT=False,
-                      BLOCK_N=16, BLOCK_K=32)),
-    ("fwd_c32_s2_res", dict(STEP=2, FLAT_K=False, EVEN_N=True, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=2,
-                            SAVE_ACT=True, BLOCK_N=64, BLOCK_K=32)),
-    ("fwd_c64", dict(STEP=1, FLAT_K=False, EVEN_N=True, PHASES=False, HAS_BIAS=True, ACT_KIND=1, RES_MODE=1, SAVE_ACT=False,
-                     BLOCK_N=64, BLOCK_K=64)),
-    ("dgrad_phases", dict(STEP=1, FLAT_K=False, EVEN_N=True, PHASES=True, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
-                          SAVE_ACT=False, BLOCK_N=32, BLOCK_K=64)),
-    ("dgrad_phases_flat", dict(STEP=1, FLAT_K=True, EVEN_N=False, PHASES=True, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
-                               SAVE_ACT=False, BLOCK_N=16, BLOCK_K=32)),
-    ("dgrad_flat", dict(STEP=1, FLAT_K=True, EVEN_N=False, PHASES=False, HAS_BIAS=False, ACT_KIND=0, RES_MODE=0,
-                        SAVE_ACT=False, BLOCK_N=16, BLOCK_K=32)),
+    ("fwd_flat", dict(_FWD, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
+    ("fwd_c32_s2_res", dict(_FWD, STEP=2, RES_MODE=2, SAVE_ACT=True, BLOCK_K=32)),
+    ("fwd_c64", dict(_FWD, ACT_KIND=1, RES_MODE=1)),
+    ("dgrad_phases", dict(_DGRAD, PHASES=True)),
+    ("dgrad_phases_flat", dict(_DGRAD, PHASES=True, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
+    ("dgrad_flat", dict(_DGRAD, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
 ]
 WGRAD_POINTERS = ("x_ptr", "g_ptr", "saved_ptr", "alpha_ptr", "dz_ptr")
 # _wgrad_kernel: the PReLU-backward pass (dz, bias and alpha sums) and the exact-fp32 weight GEMM

@@ -87,24 +87,25 @@ def _conv_configs():
 
 
 def _prune_conv(configs, named_args, **kwargs):
-    """Configs that do not spill registers on sm_90 (benchmarks/aot_check.py --all-configs). Flat K: the gathered
-    A tile passes through registers, so at most 48 elements of it and the accumulator per thread (and, for the
-    stride-2 dgrad, whose per-class K and taps are loaded at run time, at most 16 rows per warp; 32 elements with
-    the residual summed after the activation); likewise exact fp32, whose FMA dot holds its operands in registers. Per-tap K on the tensor cores: A is copied straight to
-    shared memory, so only the fp32 accumulator counts: at most 32 elements per thread (which admits 128 x 64
-    tiles: about 30% fewer issued instructions per tensor-core operation than 64 x 64), 16 with fp32 inputs or
-    with the residual summed after the activation (the epilogue then holds two more tiles)."""
+    """Configs that do not spill registers on sm_90 with Triton 3.6 and 3.9 (benchmarks/aot_check.py --all-configs).
+    Flat K and exact fp32 (whose FMA dot holds its operands in registers): the A tile passes through registers, so
+    at most 48 elements of it and the accumulator per thread (32 with the residual summed after the activation),
+    and at most 16 rows per warp for the stride-2 dgrad (per-class K and taps loaded at run time) and for exact fp32,
+    8 for both. Per-tap K on the tensor cores: A is copied straight to shared memory, so only the fp32 accumulator
+    counts: at most 32 elements per thread (admitting 128 x 64 tiles, with about 30% fewer issued instructions per
+    tensor-core operation than 64 x 64), 16 with fp32 inputs or with the residual summed after the activation."""
     src = named_args.get("src_ptr")
     wide = src is not None and src.element_size() == 4
+    exact, flat, phases = kwargs.get("DOT_PREC") == "ieee", kwargs.get("FLAT_K"), kwargs.get("PHASES")
+    after = kwargs.get("RES_MODE") == 2
 
     def fits(c):
         rows, threads = c.kwargs["BLOCK_M"], 32 * c.num_warps
-        if kwargs.get("FLAT_K") or kwargs.get("DOT_PREC") == "ieee":
-            per_thread = 32 if kwargs.get("RES_MODE") == 2 else 48
-            return (rows * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= per_thread * threads
-                    and not (kwargs.get("PHASES") and rows > 16 * c.num_warps))
-        per_thread = 16 if wide or kwargs.get("RES_MODE") == 2 else 32
-        return rows * kwargs["BLOCK_N"] <= per_thread * threads
+        if flat or exact:
+            rows_per_warp = 8 if (exact and phases) else 16 if (exact or phases) else rows
+            return (rows * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= (32 if after else 48) * threads
+                    and rows <= rows_per_warp * c.num_warps)
+        return rows * kwargs["BLOCK_N"] <= (16 if wide or after else 32) * threads
     return [c for c in configs if fits(c)] or configs[:1]
 
 
