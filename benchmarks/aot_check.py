@@ -40,6 +40,10 @@ CONV = [
     ("fwd_flat", dict(_FWD, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
     ("fwd_c32_s2_res", dict(_FWD, STEP=2, RES_MODE=2, SAVE_ACT=True, BLOCK_K=32)),
     ("fwd_c64", dict(_FWD, ACT_KIND=1, RES_MODE=1)),
+    ("fwd_c128", dict(_FWD, BLOCK_N=128)),
+    ("fwd_c128_res1st", dict(_FWD, BLOCK_N=128, RES_MODE=1)),
+    ("fwd_c128_s2", dict(_FWD, STEP=2, BLOCK_N=128)),
+    ("dgrad_c128", dict(_DGRAD, BLOCK_N=128)),
     ("dgrad_phases", dict(_DGRAD, PHASES=True)),
     ("dgrad_phases_flat", dict(_DGRAD, PHASES=True, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
     ("dgrad_flat", dict(_DGRAD, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
@@ -141,6 +145,8 @@ def main(argv=None):
     rows = []
     for dname, pointer, prec in DTYPES:
         for name, ce in CONV:
+            if ce["BLOCK_N"] > 64 and pointer == "*fp32":
+                continue  # 128-column tiles only for 2-byte inputs (conv3d_prelu._launch_conv)
             types = {p: pointer for p in CONV_POINTERS}
             types.update(taps_ptr="*i32", phase_ptr="*i64", o_sn="i64")
             rows += check("conv", name, dname, conv._conv_kernel, types, dict(ce, DOT_PREC=prec), args.all_configs,

@@ -123,6 +123,10 @@ FORWARD_CASES = [
     (F32, 3, 2, "channel", "after", "channels_last", 16, 20),
     (BF16, 3, 1, "channel", "first", "contiguous", 32, 5),
     (F16, 3, 2, "shared", None, "contiguous", 20, 17),
+    # 128-column tiles (fp16/bf16, one tap per K block, no residual after the activation): C_out 144 = a full tile
+    # and a masked one; 128 = one unmasked tile
+    (BF16, 3, 1, "channel", "first", "channels_last", 16, 144),
+    (F16, 3, 2, "shared", None, "contiguous", 32, 128),
 ]
 
 
@@ -172,6 +176,7 @@ BACKWARD_CASES = [
     ("act", F32, 1, 1, "shared", "contiguous", 3, 5),
     ("act", BF16, 3, 2, "channel", "channels_last", 16, 16),
     ("preact", F32, 3, 1, "channel", "contiguous", 20, 17),
+    ("act", BF16, 3, 2, "channel", "contiguous", 144, 16),  # dgrad on 128-column tiles (C_in = 144)
 ]
 
 

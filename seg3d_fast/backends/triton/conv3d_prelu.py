@@ -77,7 +77,9 @@ def _load_gathered(src_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0, K_TOTAL,
 # Tiles that give a thread too many elements use all 255 registers and spill: the prune functions drop them for
 # each launch; the defaults (64 rows, 8 warps) pass for every launch (column blocks are at most 64).
 _TILES = ((64, 4), (64, 8), (128, 4), (128, 8), (256, 8))
-_MAX_BLOCK_N = 64  # C_out columns per program: 128 spills in the epilogue
+_MAX_BLOCK_N = 64  # C_out columns per program (wgrad tiles; flat-K and exact-fp32 convs: more spills)
+_MAX_BLOCK_N_TAP = 128  # per-tap conv, fp16/bf16, no residual after the activation: 64 x 128 tiles on 8 warps
+                        # do not spill, and each gathered A tile feeds 128 output channels (half the gathers)
 
 
 def _conv_configs():
@@ -92,8 +94,9 @@ def _prune_conv(configs, named_args, **kwargs):
     at most 48 elements of it and the accumulator per thread (32 with the residual summed after the activation),
     and at most 16 rows per warp for the stride-2 dgrad (per-class K and taps loaded at run time) and for exact fp32,
     8 for both. Per-tap K on the tensor cores: A is copied straight to shared memory, so only the fp32 accumulator
-    counts: at most 32 elements per thread (admitting 128 x 64 tiles, with about 30% fewer issued instructions per
-    tensor-core operation than 64 x 64), 16 with fp32 inputs or with the residual summed after the activation."""
+    counts: at most 32 elements per thread (admitting 128 x 64 and 64 x 128 tiles, which issue 30-45% fewer
+    instructions per tensor-core operation than 64 x 64), 16 with fp32 inputs or with the residual summed after
+    the activation. When nothing fits: the config with the fewest rows per warp."""
     src = named_args.get("src_ptr")
     wide = src is not None and src.element_size() == 4
     exact, flat, phases = kwargs.get("DOT_PREC") == "ieee", kwargs.get("FLAT_K"), kwargs.get("PHASES")
@@ -106,7 +109,7 @@ def _prune_conv(configs, named_args, **kwargs):
             return (rows * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= (32 if after else 48) * threads
                     and rows <= rows_per_warp * c.num_warps)
         return rows * kwargs["BLOCK_N"] <= (16 if wide or after else 32) * threads
-    return [c for c in configs if fits(c)] or configs[:1]
+    return [c for c in configs if fits(c)] or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] / c.num_warps)]
 
 
 @triton.autotune(configs=_conv_configs(), key=["M", "C_SRC", "C_OUT", "K_TOTAL", "STEP"],
@@ -409,7 +412,8 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
     if phases is not None:
         phase_table, phase_count, k_total = phases  # the scalar K: the largest class's
     flat_k, block_k = _k_blocking(c_src, k_total)
-    block_n = next_pow2(c_out, 16, _MAX_BLOCK_N)
+    wide_tiles = not flat_k and src.element_size() == 2 and not (residual is not None and not residual_first)
+    block_n = next_pow2(c_out, 16, _MAX_BLOCK_N_TAP if wide_tiles else _MAX_BLOCK_N)
     grid_n = cdiv(c_out, block_n)
     res = residual if residual is not None else out
     grid = lambda meta: (cdiv(m_rows, meta["BLOCK_M"]), grid_n, phase_count)  # noqa: E731
