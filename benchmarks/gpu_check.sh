@@ -20,6 +20,7 @@ T_BENCH=${T_BENCH:-110}        # rows still pending this many seconds - 15 after
 T_PROFILE=${T_PROFILE:-80}
 T_REPORT=${T_REPORT:-15}
 T_DEMO=${T_DEMO:-50}
+T_HOST=${T_HOST:-30}
 
 DRY_RUN=0
 [[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
@@ -87,6 +88,9 @@ else
   stage tests "$T_TESTS" $PY -m pytest tests/test_profile.py -q -p no:cacheprovider -k "by_hand or plain_jaccard"
   PROFILE_ARGS=(--input-size 16 16 16 --features 2 4 6 8 --steps 2 --warmup 1 --memory-budget 1 --max-edge 128)
 fi
+
+# --- host-side cost of each fused call on this machine's CPU (kernels stubbed; a table in the log) ---------------
+stage host "$T_HOST" $PY benchmarks/host_overhead.py --reps 100
 
 # --- ceilings: bf16 matmul 8192^3 and copy bandwidth of this card, used for every fraction below ---------------
 stage ceilings "$T_CEILINGS" $PY benchmarks/ceilings.py --out "$RES/ceilings.json"
