@@ -100,7 +100,27 @@ def test_saved_bytes_mode_tiny(tmp_path):
     assert 0 < r["saved_bytes_fused"] < r["saved_bytes_plain"]
     assert r["saved_bytes_ratio"] == pytest.approx(r["saved_bytes_fused"] / r["saved_bytes_plain"])
     assert r["step_cpu_ms_fused"] > 0 and r["step_cpu_ms_plain"] > 0 and r["wall_ratio_median"] > 0
+    assert 0 < r["peak_bytes_fused"] < r["peak_bytes_plain"]
+    assert r["peak_bytes_fused"] >= r["saved_bytes_fused"]  # the saved activations are alive at the peak
     assert r["meets_targets"] == (r["saved_bytes_ratio"] <= 0.55 and r["step_time_ratio"] <= 1.15)
+
+
+def test_peak_live_bytes_counts_storages_once_and_frees_them():
+    from seg3d_fast.models import peak_live_bytes
+
+    x = torch.randn(1000, requires_grad=True)
+
+    def step():
+        y = x.exp()  # 4000 bytes, saved by exp (its own result)
+        v = y[10:]  # a view: no new storage
+        z = (v * 2).sum()  # 3960 bytes, freed after the sum; z: 4 bytes
+        del v
+        z.backward()  # grad of x: 4000 bytes, plus the backward's temporaries
+        return z
+
+    peak = peak_live_bytes(step)
+    assert 4000 + 3960 + 4 <= peak < 4 * 4000
+    assert peak_live_bytes(lambda: torch.ones(10)) == 40
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

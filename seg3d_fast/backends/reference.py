@@ -54,19 +54,19 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     if saved_kind == "none":
         dz = grad_out
     else:
-        # PReLU backward in fp32 (fp64 for fp64): one rounding, at the cast of dz, like a fused kernel's registers.
-        # From the PReLU output y (alpha > 0): z <= 0 exactly where y <= 0, and z = y / alpha there.
-        work = torch.float64 if saved.dtype == torch.float64 else torch.float32
-        a = _alpha_view(alpha, saved).to(work)
-        y = saved.to(work)
-        g = grad_out.to(work)
-        negative = y <= 0
-        dz = torch.where(negative, g * a, g).to(grad_out.dtype)
+        # From the PReLU output y (alpha > 0): z <= 0 exactly where y <= 0, and z = y / alpha there. In the
+        # activation's dtype: a fp16/bf16 product is computed in fp32 and rounded once, as a fused kernel's
+        # registers would, so no fp32 copies of the activations are made (they would be 4x an activation's bytes).
+        negative = saved <= 0
+        dz = torch.where(negative, grad_out * _alpha_view(alpha, saved), grad_out)
         if need_alpha:
-            per_channel = (g * y).masked_fill_(~negative, 0).sum(dim=[0, *range(2, y.dim())])
+            work = torch.float64 if saved.dtype == torch.float64 else torch.float32
+            per_channel = torch.where(negative, grad_out, 0).mul_(saved).sum(dim=[0, *range(2, saved.dim())],
+                                                                            dtype=work)
             if saved_kind == "act":  # sum of g * z over z <= 0, with z = y / alpha
                 per_channel = per_channel / alpha.to(work)
             grad_alpha = (per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)).to(alpha.dtype)
+        del negative  # not held through the convolution's backward, where this op's memory peaks
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         dz, x, weight, [weight.shape[0]] if need_b else None,
         [stride] * 3, [weight.shape[-1] // 2] * 3, [1, 1, 1], False, [0, 0, 0], 1,
@@ -81,42 +81,71 @@ def jaccard_unsupported(logits, target, activation, ignore_index):
     return [] if logits.dtype in DTYPES else [f"logits dtype {logits.dtype} not in {DTYPES}"]
 
 
-def _probs_and_targets(logits, target, activation, ignore_index):
-    """p (fp32 or fp64), t and a validity mask, all (N, C, S)."""
+def _probabilities(logits, activation):
+    """Softmax / sigmoid probabilities (N, C, S) in fp32 (fp64 for fp64 logits)."""
     n, c = logits.shape[:2]
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.reshape(n, c, -1).to(work)
-    p = z.softmax(1) if activation == "softmax" else z.sigmoid()
-    if target.dtype.is_floating_point:
-        return p, target.reshape(n, c, -1).to(work), None
-    lab = target.reshape(n, 1, -1)
-    valid = None if ignore_index is None else lab != ignore_index
-    # one-hot by comparison, not scatter: a label outside [0, C) matches no class instead of indexing out of bounds
-    # (ops.jaccard_loss may report such labels only in backward; a scatter on a GPU would kill the CUDA context)
-    t = (lab == torch.arange(c, device=lab.device).view(1, c, 1)).to(work)
-    if valid is not None:
-        t *= valid
-    return p, t, valid
+    return z.softmax(1) if activation == "softmax" else z.sigmoid()
+
+
+def _class_masks(target, c, ignore_index):
+    """Per class k, the (N, 1, S) mask of the voxels labelled k that count. One class at a time, so no (N, C, S)
+    one-hot is ever made; a label outside [0, C) matches no class (ops.jaccard_loss may report such labels only in
+    backward, and a scatter on a GPU would kill the CUDA context instead)."""
+    lab = target.reshape(target.shape[0], 1, -1)
+    counted = None if ignore_index is None else lab != ignore_index
+    for k in range(c):
+        yield k, (lab == k) if counted is None else (lab == k) & counted
+
+
+def _counted(target, ignore_index):
+    return None if ignore_index is None else (target.reshape(target.shape[0], 1, -1) != ignore_index)
 
 
 def jaccard_sums(logits, target, squared, activation, ignore_index):
-    p, t, valid = _probs_and_targets(logits, target, activation, ignore_index)
-    if valid is not None:
-        p = p * valid
-    pt = (p * t).sum(-1)
-    ps = (p * p).sum(-1) if squared else p.sum(-1)
-    ts = (t * t).sum(-1) if squared else t.sum(-1)
-    return torch.stack([pt, ps, ts], -1)  # float32 (float64 for float64 logits, for gradcheck)
+    """(N, C, 3) [sum p t, sum p^2 | p, sum t^2 | t] in fp32 (fp64 for fp64 logits, for gradcheck). Temporaries:
+    the probabilities and (N, 1, S) masks, not the (N, C, S) one-hot and products of the plain formula."""
+    p = _probabilities(logits, activation)
+    n, c = p.shape[:2]
+    if target.dtype.is_floating_point:
+        t = target.reshape(n, c, -1).to(p.dtype)
+        inter, t_sum = torch.einsum("ncs,ncs->nc", p, t), (torch.einsum("ncs,ncs->nc", t, t) if squared else t.sum(-1))
+    else:
+        counted = _counted(target, ignore_index)
+        if counted is not None:
+            p.mul_(counted)
+        inter, t_sum = torch.empty((n, c), dtype=p.dtype, device=p.device), torch.empty_like(p[:, :, 0])
+        for k, mask in _class_masks(target, c, ignore_index):
+            inter[:, k] = torch.where(mask, p[:, k:k + 1], 0).sum((1, 2))
+            t_sum[:, k] = mask.sum((1, 2))  # t is 0 or 1: sum t^2 = sum t
+    p_sum = torch.einsum("ncs,ncs->nc", p, p) if squared else p.sum(-1)
+    return torch.stack([inter, p_sum, t_sum], -1)
 
 
 def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore_index):
-    p, t, valid = _probs_and_targets(logits, target, activation, ignore_index)
+    """d loss / d logits from d loss / d sums, with the probabilities recomputed; three (N, C, S) fp32 buffers at
+    most (probabilities, their gradient, the result's cast)."""
+    p = _probabilities(logits, activation)
+    n, c = p.shape[:2]
     g = grad_sums.to(p.dtype)
-    dp = g[..., 0:1] * t + g[..., 1:2] * (2 * p if squared else 1)
-    if activation == "softmax":
-        dz = p * (dp - (p * dp).sum(1, keepdim=True))
+    g_pt, g_pp = g[..., 0].unsqueeze(-1), g[..., 1].unsqueeze(-1)
+    dp = p * (2 * g_pp) if squared else g_pp.expand_as(p).clone()  # d/dp of the p sums
+    if target.dtype.is_floating_point:
+        dp.addcmul_(target.reshape(n, c, -1).to(p.dtype), g_pt)
+        counted = None
     else:
-        dz = dp * p * (1 - p)
-    if valid is not None:
-        dz *= valid
+        counted = _counted(target, ignore_index)
+        for k, mask in _class_masks(target, c, ignore_index):
+            dp[:, k:k + 1].add_(mask * g_pt[:, k:k + 1])  # d/dp of sum p t: g_pt where the voxel is labelled k
+    if activation == "softmax":  # dz = p * (dp - sum_c p dp), without a (N, C, S) product
+        dot = torch.zeros_like(p[:, :1])
+        for k in range(c):
+            dot.addcmul_(p[:, k:k + 1], dp[:, k:k + 1])
+        dz = dp.sub_(dot).mul_(p)
+    else:  # dz = dp * p * (1 - p)
+        dz = dp.mul_(p)
+        dz.addcmul_(dz, p, value=-1)
+    if counted is not None:
+        dz.mul_(counted)
     return dz.reshape(logits.shape).to(logits.dtype)
