@@ -369,7 +369,9 @@ def _print_row(r):
 
 
 def run_saved_bytes(args):
-    """Fused (reference backend) vs plain Seg3DNet on the CPU in fp32: saved bytes and training-step time.
+    """Fused (reference backend) vs plain Seg3DNet on the CPU in fp32: saved bytes, the peak bytes of a forward +
+    backward (also under bf16 autocast, as the GPU profile runs; allocations tracked op by op: what the step adds
+    to the memory in use before it, so inputs, parameters and optimizer state are left out) and training-step time.
 
     Steps alternate between the two networks (drifts of the machine hit both alike). The time ratio is that of the
     median process CPU times: on a shared machine other load inflates wall-clock times (threads wait for each
@@ -385,6 +387,12 @@ def run_saved_bytes(args):
     for v in variants.values():
         v.step(x, labels)  # the optimizer's state exists before the peak is measured
     peak = {name: v.peak_bytes(x, labels) for name, v in variants.items()}
+    peak_bf16 = {}
+    for name in variants:
+        v = Variant(name, argparse.Namespace(**dict(vars(args), dtype="bf16")), device)
+        v.step(x, labels)
+        peak_bf16[name] = v.peak_bytes(x, labels)
+        del v
     gc.collect()
     wall = {name: [] for name in variants}
     cpu = {name: [] for name in variants}
@@ -403,6 +411,8 @@ def run_saved_bytes(args):
         "saved_bytes_ratio": saved["reference"] / saved["plain"], "saved_bytes_target": SAVED_BYTES_TARGET,
         "peak_bytes_plain": peak["plain"], "peak_bytes_fused": peak["reference"],
         "peak_bytes_ratio": peak["reference"] / peak["plain"],
+        "peak_bytes_plain_bf16": peak_bf16["plain"], "peak_bytes_fused_bf16": peak_bf16["reference"],
+        "peak_bytes_ratio_bf16": peak_bf16["reference"] / peak_bf16["plain"],
         "step_cpu_ms_plain": cpu_ms["plain"], "step_cpu_ms_fused": cpu_ms["reference"],
         "step_time_ratio": cpu_ms["reference"] / cpu_ms["plain"], "step_time_target": STEP_TIME_TARGET,
         "wall_ratio_fastest": min(wall["reference"]) / min(wall["plain"]),
@@ -420,7 +430,9 @@ def run_saved_bytes(args):
     print(f"saved for backward: fused {saved['reference'] / 2**20:,.1f} MiB / plain {saved['plain'] / 2**20:,.1f} MiB"
           f" = {result['saved_bytes_ratio']:.3f} (target <= {SAVED_BYTES_TARGET})")
     print(f"peak of a forward + backward (allocations tracked op by op): fused {peak['reference'] / 2**20:,.1f} MiB / "
-          f"plain {peak['plain'] / 2**20:,.1f} MiB = {result['peak_bytes_ratio']:.3f}")
+          f"plain {peak['plain'] / 2**20:,.1f} MiB = {result['peak_bytes_ratio']:.3f}; under bf16 autocast: fused "
+          f"{peak_bf16['reference'] / 2**20:,.1f} MiB / plain {peak_bf16['plain'] / 2**20:,.1f} MiB = "
+          f"{result['peak_bytes_ratio_bf16']:.3f}")
     print(f"training step (CPU, fp32, median CPU time of {args.steps}): fused {cpu_ms['reference']:,.0f} ms / plain "
           f"{cpu_ms['plain']:,.0f} ms = {result['step_time_ratio']:.3f} (target <= {STEP_TIME_TARGET}); wall-clock "
           f"ratio {result['wall_ratio_median']:.3f} (medians), {result['wall_ratio_fastest']:.3f} (fastest steps)")
