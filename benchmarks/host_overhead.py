@@ -126,13 +126,7 @@ def measure_conv(backend, case, dtype, reps, counter):
     out = fwd()
     grad = torch.randn_like(out)
     bwd = lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True)  # noqa: E731
-    row = {"op": "conv3d_prelu", "case": case[0], "backend": backend, "dtype": str(dtype).removeprefix("torch.")}
-    for direction, fn in (("forward", fwd), ("backward", bwd)):
-        counter.launches = 0
-        fn()
-        row[f"{direction}_launches"] = counter.launches
-        row[f"{direction}_us"] = _median_us(fn, reps)
-    return row
+    return _row("conv3d_prelu", case[0], backend, dtype, fwd, bwd, reps, counter)
 
 
 def measure_jaccard(backend, dtype, reps, counter):
@@ -142,7 +136,12 @@ def measure_jaccard(backend, dtype, reps, counter):
     fwd = lambda: sf.jaccard_loss(logits, labels, backend=backend)  # noqa: E731
     loss = fwd()
     bwd = lambda: torch.autograd.grad(loss, [logits], retain_graph=True)  # noqa: E731
-    row = {"op": "jaccard_loss", "case": "c5", "backend": backend, "dtype": str(dtype).removeprefix("torch.")}
+    return _row("jaccard_loss", "c5", backend, dtype, fwd, bwd, reps, counter)
+
+
+def _row(op, case, backend, dtype, fwd, bwd, reps, counter):
+    """Launches and median host µs of the forward and of the backward."""
+    row = {"op": op, "case": case, "backend": backend, "dtype": str(dtype).removeprefix("torch.")}
     for direction, fn in (("forward", fwd), ("backward", bwd)):
         counter.launches = 0
         fn()
