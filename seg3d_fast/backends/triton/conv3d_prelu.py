@@ -72,7 +72,9 @@ def _load_gathered(src_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0, K_TOTAL,
     return tl.load(src_ptr + off, mask=ok, other=0.0)
 
 
-# Tile configs for sm_90 (checked by compiling every kernel variant ahead of time with Triton 3.6 and 3.9).
+# Tile configs for sm_90 (checked by compiling every kernel variant ahead of time with Triton 3.6 and 3.9). The
+# autotuners keep their choices on disk (cache_results, in Triton's cache: TRITON_CACHE_DIR), so a shape is timed
+# once per machine and Triton version, not once per process.
 # num_stages is not a choice: the gathered loads get at most a double buffer (3 and 4 compile to the same kernel).
 # Tiles that give a thread too many elements use all 255 registers and spill: the prune functions drop them for
 # each launch; the defaults (64 rows, 8 warps) pass for every launch (column blocks are at most 64).
@@ -113,7 +115,7 @@ def _prune_conv(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_conv_configs(), key=["M", "C_SRC", "C_OUT", "K_TOTAL", "STEP"],
-                 prune_configs_by={"early_config_prune": _prune_conv})
+                 prune_configs_by={"early_config_prune": _prune_conv}, cache_results=True)
 @triton.jit
 def _conv_kernel(src_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr, act_ptr, phase_ptr,
                  M, E1, E2, E3, Ds, Hs, Ws, C_SRC, K_TOTAL, C_OUT,
@@ -217,7 +219,7 @@ _WGRAD_PROGRAMS_PER_SLOT = 4  # wgrad GEMM programs per parallel slot: equal pro
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["M", "C_IN", "C_OUT", "K_TOTAL", "STEP", "COMPUTE_W"],
-                 prune_configs_by={"early_config_prune": _prune_wgrad})
+                 prune_configs_by={"early_config_prune": _prune_wgrad}, cache_results=True)
 @triton.jit
 def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_part_ptr, da_part_ptr, dz_ptr,
                   M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
@@ -320,7 +322,7 @@ def _prune_wgrad_gemm(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_wgrad_gemm_configs(), key=["M", "C_IN", "C_OUT", "K_TOTAL", "STEP"],
-                 prune_configs_by={"early_config_prune": _prune_wgrad_gemm})
+                 prune_configs_by={"early_config_prune": _prune_wgrad_gemm}, cache_results=True)
 @triton.jit
 def _wgrad_gemm_kernel(x_ptr, dz_ptr, dw_part_ptr,
                        M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
