@@ -402,9 +402,8 @@ def _tap_table(deltas, device):
 def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, alpha=None, residual=None,
                  residual_first=False, act=None, phases=None):
     """src: channels-last contiguous (N, C_src, Ds, Hs, Ws); weight_mat: (K, C_out) contiguous;
-    out: (N, C_out, E1, E2, E3) view with any strides; rows: (N, E1, E2, E3); phases: (table, count) for the
-    stride-2 dgrad, (table, classes, largest K) of _phase_table (out and rows then describe the largest class,
-    the one at offset 0)."""
+    out: (N, C_out, E1, E2, E3) view with any strides; rows: (N, E1, E2, E3); phases: for the stride-2 dgrad,
+    _phase_table's (table, classes, largest K) (out and rows then describe the largest class, at offset 0)."""
     n, e1, e2, e3 = rows
     m_rows = n * e1 * e2 * e3
     if m_rows == 0:
@@ -414,8 +413,8 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
     if phases is not None:
         phase_table, phase_count, k_total = phases  # the scalar K: the largest class's
     flat_k, block_k = _k_blocking(c_src, k_total)
-    wide_tiles = not flat_k and src.element_size() == 2 and not (residual is not None and not residual_first)
-    block_n = next_pow2(c_out, 16, _MAX_BLOCK_N_TAP if wide_tiles else _MAX_BLOCK_N)
+    columns_128 = not flat_k and src.element_size() == 2 and not (residual is not None and not residual_first)
+    block_n = next_pow2(c_out, 16, _MAX_BLOCK_N_TAP if columns_128 else _MAX_BLOCK_N)
     grid_n = cdiv(c_out, block_n)
     res = residual if residual is not None else out
     grid = lambda meta: (cdiv(m_rows, meta["BLOCK_M"]), grid_n, phase_count)  # noqa: E731
