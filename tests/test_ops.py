@@ -234,6 +234,16 @@ def check_jaccard(kwargs, target_kind, dtype, backend="reference", device="cpu")
     assert_close(got_g, ref_g, torch_g, dtype, "grad logits")
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(per_sample=True, reduction="none"),
+                                    dict(include_background=False, class_weights=torch.tensor([0.5, 1.0, 2.0]))])
+def test_jaccard_from_sums_gradcheck(kwargs):
+    """The loss's gradient with respect to every sum (its backward is written out, not autograd's)."""
+    sums = (torch.rand(2, 3, 3, dtype=torch.float64) * 10).requires_grad_()
+    weights = kwargs.get("class_weights")
+    kwargs = dict(kwargs, class_weights=None if weights is None else weights.double())
+    assert torch.autograd.gradcheck(lambda s: ops.jaccard_from_sums(s, **kwargs), (sums,))
+
+
 def test_jaccard_gradcheck_and_2d():
     logits = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # 2-D images work too
     labels = torch.randint(0, 3, (2, 4, 5))
@@ -416,3 +426,17 @@ def test_measured_dispatch_is_cached_on_disk(tmp_path, monkeypatch):
     entry = json.loads(files[0].read_text())
     order = entry["conv3d_prelu/bfloat16-k3-s1-ci3-co5"]
     assert "reference" in order and set(order) <= {"reference", "triton", "cuda"}
+
+
+def test_jaccard_loss_under_torch_compile_fullgraph():
+    """The loss traces without graph breaks (custom op for the sums, autograd.Function for the loss terms) and
+    matches eager mode in value and gradient."""
+    logits = torch.randn(2, 3, 5, 6, 7, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 5, 6, 7))
+    compiled = torch.compile(lambda l, t: sf.jaccard_loss(l, t, per_sample=True), fullgraph=True)
+    loss = compiled(logits, labels)
+    grad, = torch.autograd.grad(loss, logits)
+    eager = sf.jaccard_loss(logits, labels, per_sample=True)
+    eager_grad, = torch.autograd.grad(eager, logits)
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grad, eager_grad)
