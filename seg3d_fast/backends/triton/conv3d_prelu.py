@@ -431,6 +431,7 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _forward_taps(k, device):
     p = k // 2
     return _tap_table(tuple((kd - p, kh - p, kw - p) for kd in range(k) for kh in range(k) for kw in range(k)), device)
