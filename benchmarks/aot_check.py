@@ -187,7 +187,12 @@ def main(argv=None):
                 rows += check(name, variant, "bf16", kernel, types, ce, False, args.only, jaccard.NUM_WARPS)
     failed = [r["kernel"] for r in rows if not r["ok"] or not r["smem_ok"]]
     spills = [r["kernel"] for r in rows if r.get("spill_st")]
-    print(json.dumps(dict(summary=True, triton=triton.__version__, compiled=len(rows) - len(failed), failed=failed,
+    import datetime
+
+    import torch
+
+    print(json.dumps(dict(summary=True, triton=triton.__version__, torch=torch.__version__, target="sm_90",
+                          date=datetime.date.today().isoformat(), compiled=len(rows) - len(failed), failed=failed,
                           spilling=spills)))
     return 1 if failed else 0
 
