@@ -9,6 +9,7 @@ Why: a session without a GPU can still check that a kernel change compiles for t
     python benchmarks/aot_check.py [--all-configs] [--only SUBSTRING]
 """
 import argparse
+import datetime
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be defined for the GPU, not the interpreter
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -187,10 +189,6 @@ def main(argv=None):
                 rows += check(name, variant, "bf16", kernel, types, ce, False, args.only, jaccard.NUM_WARPS)
     failed = [r["kernel"] for r in rows if not r["ok"] or not r["smem_ok"]]
     spills = [r["kernel"] for r in rows if r.get("spill_st")]
-    import datetime
-
-    import torch
-
     print(json.dumps(dict(summary=True, triton=triton.__version__, torch=torch.__version__, target="sm_90",
                           date=datetime.date.today().isoformat(), compiled=len(rows) - len(failed), failed=failed,
                           spilling=spills)))
