@@ -703,29 +703,18 @@ void set_smem(Kernel kernel, size_t bytes) {
   SEG3D_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-template <class T, bool TF32, int BM, int BN, int WARPS_M>
+// Narrow output channel counts (the network has 8 and 16) get narrow, tall tiles instead of wasted columns.
+// V2: the second kernel generation (16-byte channel pieces); the launch is otherwise the same.
+template <class T, bool TF32, int BM, int BN, int WARPS_M, bool V2>
 void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
   const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
   if (M == 0 || a.Cout == 0) return;
-  auto kernel = conv_gemm_kernel<T, TF32, BM, BN, WARPS_M>;
+  auto kernel = V2 ? conv_gemm_v2_kernel<T, TF32, BM, BN, WARPS_M> : conv_gemm_kernel<T, TF32, BM, BN, WARPS_M>;
   const size_t smem = SmemLayout<T, BM, BN, false, false>::BYTES;
   set_smem(kernel, smem);
   dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((a.Cout + BN - 1) / BN));
   kernel<<<grid, kThreads, smem, stream>>>(a);
-  SEG3D_CHECK_LAUNCH("conv_gemm_kernel");
-}
-
-// Narrow output channel counts (the network has 8 and 16) get narrow, tall tiles instead of wasted columns.
-template <class T, bool TF32, int BM, int BN, int WARPS_M>
-void launch_conv_v2_tile(const ConvArgs& a, cudaStream_t stream) {
-  const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
-  if (M == 0 || a.Cout == 0) return;
-  auto kernel = conv_gemm_v2_kernel<T, TF32, BM, BN, WARPS_M>;
-  const size_t smem = SmemLayout<T, BM, BN, false, false>::BYTES;
-  set_smem(kernel, smem);
-  dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((a.Cout + BN - 1) / BN));
-  kernel<<<grid, kThreads, smem, stream>>>(a);
-  SEG3D_CHECK_LAUNCH("conv_gemm_v2_kernel");
+  check_cuda(cudaGetLastError(), V2 ? "launch of conv_gemm_v2_kernel" : "launch of conv_gemm_kernel");
 }
 
 // v2 needs 16-byte channel pieces on both sides (and at most 27 taps, always true for k <= 3).
@@ -735,17 +724,17 @@ bool use_conv_v2(const ConvArgs& a) {
          a.ntap_d * a.ntap_h * a.ntap_w <= 27;
 }
 
+template <class T, bool TF32, bool V2>
+void launch_conv_tiles(const ConvArgs& a, cudaStream_t stream) {
+  if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4, V2>(a, stream);
+  else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4, V2>(a, stream);
+  else launch_conv_tile<T, TF32, 64, 64, 2, V2>(a, stream);
+}
+
 template <class T, bool TF32>
 void launch_conv(const ConvArgs& a, cudaStream_t stream) {
-  if (use_conv_v2<T>(a)) {
-    if (a.Cout <= 16) launch_conv_v2_tile<T, TF32, 128, 16, 4>(a, stream);
-    else if (a.Cout <= 32) launch_conv_v2_tile<T, TF32, 128, 32, 4>(a, stream);
-    else launch_conv_v2_tile<T, TF32, 64, 64, 2>(a, stream);
-    return;
-  }
-  if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4>(a, stream);
-  else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4>(a, stream);
-  else launch_conv_tile<T, TF32, 64, 64, 2>(a, stream);
+  if (use_conv_v2<T>(a)) launch_conv_tiles<T, TF32, true>(a, stream);
+  else launch_conv_tiles<T, TF32, false>(a, stream);
 }
 
 template <class T>
@@ -757,27 +746,15 @@ void launch_wgrad_reduce(const WgradArgs& a, int Kw, cudaStream_t stream) {
   SEG3D_CHECK_LAUNCH("wgrad_reduce_kernel");
 }
 
-template <class T, bool TF32, int BM, int BN, int WARPS_M>
+template <class T, bool TF32, int BM, int BN, int WARPS_M, bool V2>
 void launch_wgrad_tile(const WgradArgs& a, cudaStream_t stream) {
   const int Kw = a.ksize * a.ksize * a.ksize * a.C;
-  auto kernel = wgrad_kernel<T, TF32, BM, BN, WARPS_M>;
+  auto kernel = V2 ? wgrad_v2_kernel<T, TF32, BM, BN, WARPS_M> : wgrad_kernel<T, TF32, BM, BN, WARPS_M>;
   const size_t smem = SmemLayout<T, BM, BN, true, true>::BYTES;
   set_smem(kernel, smem);
   dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);
   kernel<<<grid, kThreads, smem, stream>>>(a);
-  SEG3D_CHECK_LAUNCH("wgrad_kernel");
-  launch_wgrad_reduce<T>(a, Kw, stream);
-}
-
-template <class T, bool TF32, int BM, int BN, int WARPS_M>
-void launch_wgrad_v2_tile(const WgradArgs& a, cudaStream_t stream) {
-  const int Kw = a.ksize * a.ksize * a.ksize * a.C;
-  auto kernel = wgrad_v2_kernel<T, TF32, BM, BN, WARPS_M>;
-  const size_t smem = SmemLayout<T, BM, BN, true, true>::BYTES;
-  set_smem(kernel, smem);
-  dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);
-  kernel<<<grid, kThreads, smem, stream>>>(a);
-  SEG3D_CHECK_LAUNCH("wgrad_v2_kernel");
+  check_cuda(cudaGetLastError(), V2 ? "launch of wgrad_v2_kernel" : "launch of wgrad_kernel");
   launch_wgrad_reduce<T>(a, Kw, stream);
 }
 
@@ -785,13 +762,13 @@ void launch_wgrad_v2_tile(const WgradArgs& a, cudaStream_t stream) {
 template <class T, bool TF32>
 void launch_wgrad(const WgradArgs& a, cudaStream_t stream) {
   if (a.kernels >= 2 && a.vec_dz == kVec16<T> && a.vec_in == kVec16<T>) {
-    if (a.Cout <= 16) launch_wgrad_v2_tile<T, TF32, 16, 128, 1>(a, stream);
-    else if (a.Cout <= 32) launch_wgrad_v2_tile<T, TF32, 32, 128, 1>(a, stream);
-    else launch_wgrad_v2_tile<T, TF32, 64, 64, 2>(a, stream);
+    if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1, true>(a, stream);
+    else if (a.Cout <= 32) launch_wgrad_tile<T, TF32, 32, 128, 1, true>(a, stream);
+    else launch_wgrad_tile<T, TF32, 64, 64, 2, true>(a, stream);
     return;
   }
-  if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1>(a, stream);
-  else launch_wgrad_tile<T, TF32, 64, 64, 2>(a, stream);
+  if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1, false>(a, stream);
+  else launch_wgrad_tile<T, TF32, 64, 64, 2, false>(a, stream);
 }
 
 template <class T>
