@@ -1,7 +1,7 @@
 """Compile every Triton kernel variant of seg3d_fast for sm_90 ahead of time (no GPU needed) and report, per tile
-config: compiles?, tensor-core instructions in the PTX (wgmma / mma.sync), instructions per iteration of the main
-loop, shared memory, registers and spills (ptxas -v). One JSON line per kernel variant and config; a summary line
-last.
+config: compiles?, tensor-core instructions in the PTX (wgmma / mma.sync), bulk tensor copies (TMA), instructions
+per iteration of the main loop, shared memory, registers and spills (ptxas -v). One JSON line per kernel variant and
+config; a summary line last.
 
 Why: a session without a GPU can still check that a kernel change compiles for the GPU with the Triton in use
 (run it under each Triton version the project supports), keeps its tensor-core path and does not start spilling.
@@ -50,6 +50,20 @@ CONV = [
     ("dgrad_phases", dict(_DGRAD, PHASES=True)),
     ("dgrad_phases_flat", dict(_DGRAD, PHASES=True, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
     ("dgrad_flat", dict(_DGRAD, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
+]
+# _conv_tma_kernel: (variant, constexprs, box shape); descriptors' block shapes follow from the constexprs
+_TMA = dict(KSIZE=3, TAP_SIGN=1, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0, SAVE_ACT=False, BLOCK_N=64,
+            BLOCK_K=64)
+TMA = [
+    ("fwd_c64_box4x4x8", dict(_TMA, RES_MODE=1, BD=4, BH=4, BW=8)),
+    ("fwd_c128_box2x4x8", dict(_TMA, BLOCK_N=128, BD=2, BH=4, BW=8)),
+    ("fwd_c128_box4x4x8", dict(_TMA, BLOCK_N=128, BD=4, BH=4, BW=8)),
+    ("fwd_c32_res_after_box1x8x16", dict(_TMA, BLOCK_N=32, BLOCK_K=32, RES_MODE=2, SAVE_ACT=True, BD=1, BH=8, BW=16)),
+    ("dgrad_c16_box2x4x16", dict(_TMA, TAP_SIGN=-1, HAS_BIAS=False, ACT_KIND=0, BLOCK_N=16, BLOCK_K=16,
+                                 BD=2, BH=4, BW=16)),
+    ("fwd_k1_box2x4x8", dict(_TMA, KSIZE=1, ACT_KIND=0, BD=2, BH=4, BW=8)),
+    ("dgrad_phases_c64_box2x4x8", dict(_TMA, TAP_SIGN=0, PHASES=True, HAS_BIAS=False, ACT_KIND=0,
+                                       BD=2, BH=4, BW=8)),
 ]
 WGRAD_POINTERS = ("x_ptr", "g_ptr", "saved_ptr", "alpha_ptr", "dz_ptr")
 # _wgrad_kernel: the PReLU-backward pass (dz, bias and alpha sums) and the exact-fp32 weight GEMM
@@ -140,7 +154,8 @@ def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, o
             compiled = build(kernel, types, constexprs, cfg)
             ptx = compiled.asm["ptx"]
             row.update(ok=True, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
-                       mma=len(re.findall(r"\bmma\.sync", ptx)), smem=compiled.metadata.shared,
+                       mma=len(re.findall(r"\bmma\.sync", ptx)), tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+                       smem=compiled.metadata.shared,
                        loop_instr=loop_instructions(ptx))
             row["regs"], row["spill_st"], row["spill_ld"] = ptxas_usage(ptx)
             row["smem_ok"] = row["smem"] <= SMEM_LIMIT
@@ -166,6 +181,21 @@ def main(argv=None):
             types.update(taps_ptr="*i32", phase_ptr="*i64", o_sn="i64")
             rows += check("conv", name, dname, conv._conv_kernel, types, dict(ce, DOT_PREC=prec), args.all_configs,
                           args.only)
+        for name, ce in TMA:
+            if prec == "ieee":
+                continue  # exact fp32 takes _conv_kernel (tma_unsupported)
+            scalar = pointer[1:]
+            block_k = min(ce["BLOCK_K"], 32 if scalar == "fp32" else 64)
+            if scalar == "fp32" and ce["BLOCK_N"] > 64:
+                continue
+            ce = dict(ce, BLOCK_K=block_k)
+            types = {p: pointer for p in CONV_POINTERS[3:]}
+            types.update(bias_ptr=pointer, out_ptr=pointer,
+                         src_desc=f"tensordesc<{scalar}[1,{ce['BD']},{ce['BH']},{ce['BW']},{block_k}]>",
+                         w_desc=f"tensordesc<{scalar}[{block_k},{ce['BLOCK_N']}]>",
+                         phase_ptr="*i64", o_sn="i64", r_sn="i64")
+            rows += check("conv_tma", name, dname, conv._conv_tma_kernel, types, dict(ce, DOT_PREC=prec),
+                          args.all_configs, args.only)
         for name, ce in WGRAD:
             types = {p: pointer for p in WGRAD_POINTERS}
             types.update({p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}, taps_ptr="*i32")

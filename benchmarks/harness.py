@@ -8,12 +8,15 @@ Variants ("backend" in the results):
   compile    torch.compile of the eager function (Inductor: cuDNN conv + a generated pointwise epilogue).
   reference  seg3d_fast's reference backend (cuDNN conv, the fused op's memory contract); opt-in.
   triton     seg3d_fast's Triton kernels, channels_last_3d inputs (the layout the implicit GEMM reads).
+  triton_tma the same with the opt-in TMA conv kernel switched on (SEG3D_FAST_TRITON_TMA=1 around every timed
+             call; it runs stride-1 convs and stride-2 dgrads), side by side with the gathered-load kernel.
   cuda       seg3d_fast's CUDA C++ kernels, channels_last_3d inputs.
 Directions: forward (training forward: inputs require grad, the graph is built), backward (autograd.grad of a
 retained graph), both (forward + backward).
 GPU time: CUDA events around each call, median over reps; inputs rotated among several copies when one set fits
 in L2, so that each call reads from device memory. CPU time: pytest-benchmark's median wall time.
 """
+import contextlib
 import math
 import os
 import statistics
@@ -26,7 +29,24 @@ import torch.nn.functional as F
 BASELINES = ("eager", "eager_cl")
 FUSED = ("reference", "triton", "cuda")
 LAYOUT = {"eager": "ncdhw", "eager_cl": "ndhwc", "compile": "ncdhw", "reference": "ncdhw", "triton": "ndhwc",
-          "cuda": "ndhwc"}
+          "triton_tma": "ndhwc", "cuda": "ndhwc"}
+VARIANT_ENV = {"triton_tma": {"SEG3D_FAST_TRITON_TMA": "1"}}  # set around every call of the variant
+
+
+@contextlib.contextmanager
+def variant_env(variant):
+    """The variant's environment (VARIANT_ENV) for the duration of a call; the previous values afterwards."""
+    changes = VARIANT_ENV.get(variant, {})
+    saved = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -65,13 +85,15 @@ def conv_function(variant, case):
     if variant == "compile":
         fn = _compiled(conv_eager, case)
         return lambda *t: fn(*t, s, rf)
-    if variant in FUSED:
+    if variant in FUSED or variant in VARIANT_ENV:
         import seg3d_fast as sf
         from seg3d_fast.backends import BackendUnsupported
 
+        backend = variant.split("_")[0]
+
         def fused(*t):
             try:
-                return sf.conv3d_prelu(*t, stride=s, residual_first=rf, backend=variant)
+                return sf.conv3d_prelu(*t, stride=s, residual_first=rf, backend=backend)
             except BackendUnsupported as e:
                 raise Unsupported(str(e)) from e
         return fused
@@ -86,6 +108,8 @@ def jaccard_function(variant, case):
         return plain_jaccard_loss
     if variant == "compile":
         return _compiled(plain_jaccard_loss, case)
+    if variant in VARIANT_ENV:
+        raise Unsupported(f"{variant} is a conv variant")
     if variant in FUSED:
         import seg3d_fast as sf
         from seg3d_fast.backends import BackendUnsupported
@@ -156,6 +180,11 @@ def direction_callables(fn, make_inputs, direction, copies):
             calls.append(lambda inputs=inputs, grad=grad, leaves=leaves:
                          torch.autograd.grad(fn(*inputs), leaves, grad))
     return calls
+
+
+def _with_env(variant, call):
+    with variant_env(variant):
+        return call()
 
 
 def copies_for(make_inputs, device):
@@ -282,9 +311,12 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
     try:
-        calls = direction_callables(fn, make, direction, copies_for(make, device))
+        with variant_env(variant):  # the graph of a backward row is built here
+            calls = direction_callables(fn, make, direction, copies_for(make, device))
+        if variant in VARIANT_ENV:
+            calls = [lambda call=call: _with_env(variant, call) for call in calls]
         peak = peak_bytes(calls[0], device)
-        rounds = 5 if device.type == "cuda" else (1 if variant == "triton" else 3)  # CPU triton: interpreter
+        rounds = 5 if device.type == "cuda" else (1 if variant.startswith("triton") else 3)  # CPU: interpreter
         budget_ms = float(os.environ.get("SEG3D_BENCH_REP_MS", "30"))
         ms, ms_host = measure(benchmark, calls, device, rounds, budget_ms)
     except Unsupported as e:

@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-ORDER = ("eager", "eager_cl", "compile", "reference", "triton", "cuda")
+ORDER = ("eager", "eager_cl", "compile", "reference", "triton", "triton_tma", "cuda")
 FUSED = ("triton", "cuda", "reference")
 
 

@@ -69,9 +69,12 @@ class ConvCase:
         return itemsize * {"forward": fwd, "backward": bwd, "both": fwd + bwd}[direction]
 
 
-# The one shape Triton's CPU interpreter runs in the CPU suite (odd extents, residual after the PReLU).
+# The shapes Triton's CPU interpreter runs in the CPU suite: odd extents, residual after the PReLU (gathered-load
+# kernel); 16 channels, residual first (triton_tma runs it on the TMA kernel).
 INTERPRETER_CASE = ConvCase(n=1, c_in=2, c_out=3, spatial=(5, 6, 7), k=3, stride=1, residual=True,
                             residual_first=False, prelu=True, layers=("interpreter",))
+INTERPRETER_TMA_CASE = ConvCase(n=1, c_in=16, c_out=16, spatial=(3, 4, 5), k=3, stride=1, residual=True,
+                                residual_first=True, prelu=True, layers=("interpreter_tma",))
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,8 @@ def _settings():
         "layers": os.environ.get("SEG3D_BENCH_LAYERS", "all" if gpu else "representative"),
         "dtypes": env_list("SEG3D_BENCH_DTYPES", ["bf16"] if gpu else ["fp32"]),
         "rep_dtypes": env_list("SEG3D_BENCH_REP_DTYPES", ["fp32", "fp16", "bf16"] if gpu else ["fp32"]),
-        "backends": env_list("SEG3D_BENCH_BACKENDS", ["eager", "eager_cl", "compile", "triton", "cuda"] if gpu
+        "backends": env_list("SEG3D_BENCH_BACKENDS",
+                             ["eager", "eager_cl", "compile", "triton", "triton_tma", "cuda"] if gpu
                              else ["eager", "eager_cl", "reference", "triton"]),
         "compile": os.environ.get("SEG3D_BENCH_COMPILE", "representative"),
         "directions": env_list("SEG3D_BENCH_DIRECTIONS", DIRECTIONS),
@@ -252,12 +256,17 @@ def conv_rows():
                         if s["compile"] == "all" or (is_rep and dtype == "bf16"):
                             compiled.append((case, dtype, direction, backend))
                         continue
-                    if backend == "triton" and not s["gpu"]:
+                    if backend.startswith("triton") and not s["gpu"]:
                         continue  # the interpreter is slow: INTERPRETER_CASE below exercises it
+                    if backend == "triton_tma" and (dtype != "bf16" or not is_rep
+                                                       or (case.stride != 1 and direction == "forward")):
+                        continue  # A/B of the TMA kernel (stride-1 convs, stride-2 dgrad): representative, bf16
                     rows.append((case, dtype, direction, backend))
     if not s["gpu"] and "triton" in s["backends"]:
         rows += [(INTERPRETER_CASE, s["dtypes"][0], direction, backend) for direction in s["directions"]
                  for backend in ("eager", "triton")]
+        rows += [(INTERPRETER_TMA_CASE, s["dtypes"][0], direction, backend) for direction in s["directions"]
+                 for backend in ("eager", "triton", "triton_tma")]
     return rows, compiled
 
 
@@ -272,7 +281,7 @@ def jaccard_rows():
                 if backend == "compile":
                     if dtype == "bf16" or s["compile"] == "all":
                         compiled.append((case, dtype, direction, backend))
-                elif backend != "eager_cl":
+                elif backend not in ("eager_cl", "triton_tma"):
                     rows.append((case, dtype, direction, backend))
     return rows, compiled
 

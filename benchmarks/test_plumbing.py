@@ -1,6 +1,7 @@
 """The suite's own arithmetic and bookkeeping (plain tests: `pytest benchmarks` runs them; --benchmark-only skips
 them): minimal FLOPs and bytes, floors, speed-ups, layer enumeration, the report."""
 import json
+import os
 
 import pytest
 import torch
@@ -94,3 +95,32 @@ def test_host_overhead_launch_counts():
         assert r["forward_us"] > 0 and r["backward_us"] > 0
         expected = 1 if op == "jaccard_loss" else (10 if backend == "cuda" and "s2" in case else 3)
         assert r["backward_launches"] == expected, (backend, case, r["backward_launches"])
+
+
+def test_triton_tma_variant_switches_the_tma_kernel_on(monkeypatch):
+    """triton_tma runs the Triton backend with SEG3D_FAST_TRITON_TMA=1 around each call (fp32 with TF32 on, as the
+    suite runs fp32 rows), and the environment is restored after it; triton itself takes the gathered loads."""
+    from seg3d_fast.backends.triton import conv3d_prelu as conv_mod
+
+    tma_runs = []
+    launch = conv_mod._launch_conv_tma
+
+    def recorded(*args, **kwargs):
+        tma_runs.append(launch(*args, **kwargs))
+        return tma_runs[-1]
+    monkeypatch.setattr(conv_mod, "_launch_conv_tma", recorded)
+    monkeypatch.delenv("SEG3D_FAST_TRITON_TMA", raising=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    case = shapes.INTERPRETER_TMA_CASE
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        for variant, expected in (("triton", [False]), ("triton_tma", [True])):
+            tma_runs.clear()
+            fn = harness.conv_function(variant, case)
+            with harness.variant_env(variant):
+                fn(*harness.conv_inputs(case, torch.float32, device, True))
+            assert tma_runs == expected, variant
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert "SEG3D_FAST_TRITON_TMA" not in os.environ

@@ -3,6 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET must be set before triton
 is imported (it decides at kernel-definition time), hence the lines at the very top of this module.
 """
+import math
 import os
 
 import torch
@@ -17,6 +18,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from seg3d_fast.backends import triton as tb  # noqa: E402
+from seg3d_fast.backends.triton import conv3d_prelu as conv_mod  # noqa: E402
 from seg3d_fast.backends.triton._common import block_row_coords, strided_offset  # noqa: E402
 from tests.helpers import assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn  # noqa: E402
 
@@ -245,6 +247,105 @@ def test_unavailable_reason(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the TMA conv kernel (stride-1 convs with 16-byte channel rows): on sm_90+ GPUs and under the interpreter
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """The opt-in TMA kernel switched on; counts the convs it ran (_launch_conv_tma returns False where it cannot)."""
+    count = {"tma": 0}
+    launch = conv_mod._launch_conv_tma
+
+    def counted(*args, **kwargs):
+        ran = launch(*args, **kwargs)
+        count["tma"] += ran
+        return ran
+    monkeypatch.setattr(conv_mod, "_launch_conv_tma", counted)
+    monkeypatch.setenv("SEG3D_FAST_TRITON_TMA", "1")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows: TF32 (exact fp32 takes the FMA kernel)
+    yield count
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+# (dtype, k, alpha_kind, residual, layout, c_in, c_out, size): odd extents that no box shape tiles (partial boxes on
+# every face), N > 1, both kernel sizes, every epilogue, K blocks of 16, 32 and 64 channels (c_in 48: three per
+# tap), C_out of one partial and of several column blocks
+TMA_CASES = [
+    (BF16, 3, "channel", "after", "channels_last", 16, 24, (2, 5, 7, 9)),
+    (BF16, 3, "shared", "first", "contiguous", 48, 8, (2, 3, 9, 17)),
+    (F16, 3, None, None, "noncontig", 32, 40, (1, 6, 5, 11)),
+    (F16, 1, "channel", "first", "channels_last", 64, 16, (2, 4, 3, 10)),
+    (F32, 3, "channel", None, "contiguous", 16, 12, (2, 7, 3, 5)),
+    (BF16, 3, "channel", None, "channels_last", 16, 136, (1, 3, 4, 9)),
+]
+
+
+@pytest.mark.parametrize("dtype,k,alpha_kind,residual,layout,c_in,c_out,size", TMA_CASES)
+def test_conv_tma_forward_and_dgrad(tma_launches, dtype, k, alpha_kind, residual, layout, c_in, c_out, size):
+    """Forward and every gradient through the TMA kernel (the dgrad where C_out rows are 16-byte multiples too)
+    against the float64 reference; the same conv with the TMA kernel switched off gives the same forward."""
+    case = make_conv_case(dtype, k, 1, alpha_kind, residual, layout, c_in, c_out, size=size, seed=c_in + c_out)
+    check_forward(case, save_act=residual == "after" and alpha_kind is not None)
+    assert tma_launches["tma"] == 1
+    check_backward(case, "act" if alpha_kind is not None else "none")
+    assert tma_launches["tma"] == 1 + (c_out % 16 == 0)  # the dgrad's source channels are C_out
+
+
+@pytest.mark.parametrize("dtype,size,c_in,c_out", [(BF16, (2, 5, 7, 9), 8, 32), (F32, (1, 1, 2, 3), 24, 16),
+                                                    (F16, (2, 6, 3, 4), 16, 48)])
+def test_conv_tma_stride2_dgrad(tma_launches, dtype, size, c_in, c_out):
+    """The stride-2 dgrad's parity classes on the TMA kernel (each class's taps computed in the kernel), odd and
+    unit extents (classes without rows); every gradient against the float64 reference."""
+    case = make_conv_case(dtype, 3, 2, "channel", None, "channels_last", c_in, c_out, size=size, seed=c_out)
+    check_backward(case, "act")
+    assert tma_launches["tma"] == 1  # the dgrad (the weight gradient has its own kernel)
+
+
+def test_conv_tma_matches_gather_kernel(tma_launches, monkeypatch):
+    """The TMA kernel and the gathered-load kernel give the same forward (to bf16 rounding)."""
+    case = make_conv_case(BF16, 3, 1, "channel", "first", "channels_last", 32, 16, size=(2, 5, 6, 7), seed=9)
+    x = in_layout(case["x"], "channels_last", BF16)
+    args = [case[name].to(device=DEVICE, dtype=BF16) for name in ("weight", "bias", "alpha")]
+    res = in_layout(case["residual"], "channels_last", BF16)
+    tma, _ = tb.conv3d_prelu_forward(x, *args, res, 1, True, False)
+    monkeypatch.delenv("SEG3D_FAST_TRITON_TMA")
+    gather, _ = tb.conv3d_prelu_forward(x, *args, res, 1, True, False)
+    assert tma_launches["tma"] == 1
+    torch.testing.assert_close(tma.float(), gather.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_conv_tma_unsupported_reasons(monkeypatch):
+    """Each reason the TMA kernel gives way to the gathered-load kernel."""
+    monkeypatch.delenv("SEG3D_FAST_TRITON_TMA", raising=False)
+    x = torch.randn(1, 16, 3, 4, 5, device=DEVICE, dtype=BF16).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(27 * 16, 32, device=DEVICE, dtype=BF16)
+    assert "opt-in" in " | ".join(conv_mod.tma_unsupported(x, w, 1))
+    monkeypatch.setenv("SEG3D_FAST_TRITON_TMA", "1")
+    assert conv_mod.tma_unsupported(x, w, 1) == [] or torch.cuda.get_device_capability()[0] < 9
+    reasons = lambda *a: " | ".join(conv_mod.tma_unsupported(*a))
+    assert "16 bytes" in reasons(x, w[:, :12], 1)
+    assert "16 bytes" in reasons(x[:, :12], w, 1)
+    shifted = torch.empty(w.numel() + 4, device=DEVICE, dtype=BF16)[4:].view(w.shape)  # 8 bytes past alignment
+    assert "aligned" in reasons(x, shifted, 1)
+    assert "batch" in reasons(x, w, 70000)
+    if not torch.backends.cuda.matmul.allow_tf32:
+        assert "FMA" in reasons(x.float(), w.float(), 1)  # exact fp32
+
+
+@pytest.mark.parametrize("extents,block_m", [((5, 7, 9), 128), ((16, 20, 18), 128), ((128, 160, 144), 128),
+                                             ((3, 3, 3), 64), ((1, 1, 200), 64)])
+def test_tma_box_covers_with_least_waste(extents, block_m):
+    """The chosen box has block_m voxels, rows of at least 8 voxels, and no other such box covers the volume with
+    fewer voxels."""
+    bd, bh, bw = conv_mod._tma_box(*extents, block_m)
+    assert bd * bh * bw == block_m and bw >= 8
+    cover = lambda b: math.prod(-(-e // s) * s for e, s in zip(extents, b))
+    every = [(block_m // (h * w), h, w) for w in (8, 16, 32, 64) for h in (1, 2, 4, 8, 16)
+             if block_m % (h * w) == 0 and block_m // (h * w) <= 16]
+    assert cover((bd, bh, bw)) == min(cover(b) for b in every)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 64-bit index arithmetic
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
@@ -367,10 +468,30 @@ def test_gpu_conv_real_size(stride, c_in, c_out, saved_kind, layout):
 
 
 @requires_gpu
-def test_gpu_conv_past_2_31_elements():
-    """x and out of 2.2e9 elements each (bf16): forward and grad_x, checked on the first and last planes."""
+@pytest.mark.parametrize("stride,c_in,c_out,saved_kind", [(1, 64, 64, "act"), (2, 32, 64, "act"),
+                                                          (1, 16, 32, "preact")])
+def test_gpu_conv_tma_real_size(tma_launches, stride, c_in, c_out, saved_kind):
+    """The opt-in TMA kernel at a real size on an sm_90+ GPU: forward (stride 1) and dgrad (stride 1 and the
+    stride-2 parity classes), every output and gradient against the float64 reference."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel needs compute capability 9.0+")
+    residual = "after" if saved_kind == "act" else "first"
+    case = make_conv_case(BF16, 3, stride, "channel", residual, "channels_last", c_in, c_out, size=(1, 64, 80, 72),
+                          negative_alpha=saved_kind == "preact", device="cuda")
+    check_forward(case, save_act=residual == "after")
+    check_backward(case, saved_kind)
+    assert tma_launches["tma"] == (2 if stride == 1 else 1)
+
+
+@requires_gpu
+@pytest.mark.parametrize("c,w,tma", [(8, 520, False), (16, 264, True)])
+def test_gpu_conv_past_2_31_elements(monkeypatch, c, w, tma):
+    """x and out of 2.2e9 elements each (bf16): forward and grad_x, checked on the first and last planes; with 16
+    channels on the TMA kernel where it runs (coordinates per dimension, 64-bit offsets in the epilogue)."""
+    if tma:
+        monkeypatch.setenv("SEG3D_FAST_TRITON_TMA", "1")
     torch.cuda.empty_cache()
-    n, c, d, h, w = 1, 8, 1024, 512, 520
+    n, d, h = 1, 1024, 512
     assert n * c * d * h * w > 2 ** 31
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, d, h, w, c, device="cuda", dtype=BF16, generator=gen).permute(0, 4, 1, 2, 3)
@@ -437,5 +558,8 @@ def test_kernels_compile_for_sm90_without_spills():
     assert not summary["spilling"], summary
     rows = {r["kernel"]: r for r in lines[:-1]}
     # the tensor cores are used wherever the dtype allows (exact fp32 has none)
-    assert all(r["wgmma"] > 0 for name, r in rows.items() if name.startswith(("conv/", "wgrad_gemm/"))
+    assert all(r["wgmma"] > 0 for name, r in rows.items() if name.startswith(("conv/", "conv_tma/", "wgrad_gemm/"))
                and not name.endswith("fp32ieee")), rows
+    # the TMA kernel's loads are bulk tensor copies, pipelined: the prologue issues two stages' copies ahead of the
+    # loop's own two (an unpipelined loop, e.g. with loads of its tap offsets inside it, has 4 in all)
+    assert all(r["tma"] >= 6 for name, r in rows.items() if name.startswith("conv_tma/")), rows

@@ -10,15 +10,24 @@ All three are implicit GEMMs over channels-last (NDHWC) tensors:
            gradients (and dz itself, when asked) come out of the same pass.
 dz = grad_out * (z > 0 ? 1 : alpha) is written once, by the pass that also reduces the bias and alpha gradients;
 both GEMMs then read it.
+TMA (opt-in, SEG3D_FAST_TRITON_TMA=1, sm_90+): stride-1 convs and the stride-2 dgrad's classes whose channel rows
+are 16-byte multiples run _conv_tma_kernel instead, which loads each K step's source box and weight rows with bulk
+tensor copies (the volume's padding is the copies' zero fill) rather than gathering them element by element.
 Host side: a handful of torch ops and three launches per backward; the tap and phase tables are made once per shape
 (small layers run at the host's pace on a GPU: benchmarks/host_overhead.py measures it).
 """
 import functools
 import itertools
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (Triton 3.4+)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from ._common import (autotune_configs, block_row_coords, cdiv, device_table, dot, dot_precision, interpreting,
                       next_pow2, parallel_slots, strided_offset)
@@ -70,6 +79,33 @@ def _load_gathered(src_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0, K_TOTAL,
         off = row[:, None] + ch[None, :]
         ok = ok_row[:, None] & (ch < C_SRC)[None, :]
     return tl.load(src_ptr + off, mask=ok, other=0.0)
+
+
+@triton.jit
+def _epilogue(acc, n, i1, i2, i3, row_ok, co, co_ok, bias_ptr, alpha_ptr, res_ptr, out_base, act_ptr,
+              o_sn, o_sc, o_s1, o_s2, o_s3, r_sn, r_sc, r_s1, r_s2, r_s3,
+              HAS_BIAS: tl.constexpr, ACT_KIND: tl.constexpr, RES_MODE: tl.constexpr, SAVE_ACT: tl.constexpr):
+    """bias, residual, PReLU and the down-cast on the fp32 accumulator of output rows (n, i1, i2, i3) x columns
+    co, then one store: the pre-activation never reaches memory."""
+    mask = row_ok[:, None] & co_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    if RES_MODE != 0:
+        r_off = strided_offset(n, i1, i2, i3, r_sn, r_s1, r_s2, r_s3)[:, None] + co[None, :].to(tl.int64) * r_sc
+        res = tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        if RES_MODE == 1:
+            acc += res
+    if ACT_KIND == 1:
+        acc = tl.where(acc > 0, acc, acc * tl.load(alpha_ptr).to(tl.float32))
+    if ACT_KIND == 2:
+        al = tl.load(alpha_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
+        acc = tl.where(acc > 0, acc, acc * al[None, :])
+    o_off = strided_offset(n, i1, i2, i3, o_sn, o_s1, o_s2, o_s3)[:, None] + co[None, :].to(tl.int64) * o_sc
+    if SAVE_ACT:
+        tl.store(act_ptr + o_off, acc.to(act_ptr.dtype.element_ty), mask=mask)
+    if RES_MODE == 2:
+        acc += res
+    tl.store(out_base + o_off, acc.to(out_base.dtype.element_ty), mask=mask)
 
 
 # Tile configs for sm_90 (checked by compiling every kernel variant ahead of time with Triton 3.6 and 3.9). The
@@ -173,26 +209,103 @@ def _conv_kernel(src_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr
             b = tl.load(w_base + kk[:, None] * C_OUT + co[None, :])
         acc = dot(a, b, acc, DOT_PREC)
 
-    # epilogue on the accumulator: the pre-activation never reaches memory
-    mask = row_ok[:, None] & co_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if RES_MODE != 0:
-        r_off = strided_offset(n, i1, i2, i3, r_sn, r_s1, r_s2, r_s3)[:, None] + co[None, :].to(tl.int64) * r_sc
-        res = tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
-        if RES_MODE == 1:
-            acc += res
-    if ACT_KIND == 1:
-        acc = tl.where(acc > 0, acc, acc * tl.load(alpha_ptr).to(tl.float32))
-    if ACT_KIND == 2:
-        al = tl.load(alpha_ptr + co, mask=co_ok, other=1.0).to(tl.float32)
-        acc = tl.where(acc > 0, acc, acc * al[None, :])
-    o_off = strided_offset(n, i1, i2, i3, o_sn, o_s1, o_s2, o_s3)[:, None] + co[None, :].to(tl.int64) * o_sc
-    if SAVE_ACT:
-        tl.store(act_ptr + o_off, acc.to(act_ptr.dtype.element_ty), mask=mask)
-    if RES_MODE == 2:
-        acc += res
-    tl.store(out_base + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _epilogue(acc, n, i1, i2, i3, row_ok, co, co_ok, bias_ptr, alpha_ptr, res_ptr, out_base, act_ptr,
+              o_sn, o_sc, o_s1, o_s2, o_s3, r_sn, r_sc, r_s1, r_s2, r_s3, HAS_BIAS, ACT_KIND, RES_MODE, SAVE_ACT)
+
+
+def _tma_configs():
+    gpu = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (3, 4)]
+    return autotune_configs(gpu, triton.Config({}, num_warps=8, num_stages=3),
+                            triton.Config({}, num_warps=4, num_stages=1))
+
+
+def _prune_tma(configs, named_args, **kwargs):
+    """The A tile passes through registers on its way to the tensor cores (the 5-D box is reshaped to rows), so it
+    counts with the fp32 accumulator: at most 96 elements of the two per thread (aot_check.py: no spills)."""
+    rows = kwargs["BD"] * kwargs["BH"] * kwargs["BW"]
+    per_block = rows * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"] // 2)
+    return [c for c in configs if per_block <= 96 * 32 * c.num_warps] or configs[-1:]
+
+
+@triton.autotune(configs=_tma_configs(), key=["E1", "E2", "E3", "C_SRC", "C_OUT", "K_TOTAL"],
+                 prune_configs_by={"early_config_prune": _prune_tma}, cache_results=True)
+@triton.jit
+def _conv_tma_kernel(src_desc, w_desc, bias_ptr, alpha_ptr, res_ptr, out_ptr, act_ptr, phase_ptr,
+                     E1, E2, E3, C_SRC, K_TOTAL, C_OUT, GRID_N,
+                     o_sn, o_sc, o_s1, o_s2, o_s3, r_sn, r_sc, r_s1, r_s2, r_s3,
+                     KSIZE: tl.constexpr, TAP_SIGN: tl.constexpr, PHASES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ACT_KIND: tl.constexpr, RES_MODE: tl.constexpr, SAVE_ACT: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """_conv_kernel's stride-1 reads with tensor-memory-accelerator (TMA) loads (sm_90+): a program owns a
+    BD x BH x BW box of output voxels of sample program_id(1); per K step one bulk copy brings the box of source
+    voxels shifted by the step's tap (src_desc: (N, Ds, Hs, Ws, C_SRC), zero outside the volume: the padding
+    costs nothing) and one the weight rows (w_desc: (K_TOTAL, C_OUT)). No per-element address arithmetic or
+    masks in the loop: the gathered loads of _conv_kernel cost ~3x more instructions per tensor-core operation.
+    Taps in (kd, kh, kw) row-major order, offsets TAP_SIGN * (k - KSIZE // 2) (-1: the flipped kernel of dgrad).
+    PHASES (stride-2 dgrad, k = 3): program_id(2) is an input-parity class q (row-major over (qd, qh, qw)), whose
+    extents, first weight row, K and output offset come from row q of the phase table (as in _conv_kernel); the
+    scalar arguments describe the largest class.
+    program_id(0) = box * GRID_N + column block: the column blocks of a box run together and share its loads."""
+    if PHASES:
+        phase = phase_ptr + tl.program_id(2) * 8
+        e1 = tl.load(phase + 1).to(tl.int32)
+        e2 = tl.load(phase + 2).to(tl.int32)
+        e3 = tl.load(phase + 3).to(tl.int32)
+        w_row = tl.load(phase + 4).to(tl.int32)
+        k_total = tl.load(phase + 5).to(tl.int32)
+        out_base = out_ptr + tl.load(phase + 7)
+        qd = tl.program_id(2) // 4
+        qh = (tl.program_id(2) // 2) % 2
+        qw = tl.program_id(2) % 2
+    else:
+        e1 = E1
+        e2 = E2
+        e3 = E3
+        w_row = 0
+        k_total = K_TOTAL
+        out_base = out_ptr
+    BLOCK_M: tl.constexpr = BD * BH * BW
+    boxes3 = tl.cdiv(e3, BW)
+    boxes2 = tl.cdiv(e2, BH)
+    pid = tl.program_id(0)
+    box = pid // GRID_N
+    live = box < tl.cdiv(e1, BD) * boxes2 * boxes3  # PHASES: the smaller classes need fewer boxes
+    if PHASES:
+        live = live & (tl.load(phase) > 0)  # an empty class (extents stored as 1) has no rows at all
+    if live:
+        co0 = (pid - box * GRID_N) * BLOCK_N
+        n = tl.program_id(1)
+        t = box // boxes3
+        d0 = (t // boxes2) * BD
+        h0 = (t - (t // boxes2) * boxes2) * BH
+        w0 = (box - t * boxes3) * BW
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_total, BLOCK_K):
+            tap = k0 // C_SRC
+            c0 = k0 - tap * C_SRC
+            if PHASES:  # the class's taps (_dgrad_plan, k = 3): per dim 1 tap (offset 0) for parity 0, else 2
+                # (offsets 1, 0); computed, not read from the table: loads in the loop would stop its pipelining
+                iw = tap % (1 + qw)
+                ih = (tap // (1 + qw)) % (1 + qh)
+                dd = qd * (1 - tap // ((1 + qw) * (1 + qh)))
+                dh = qh * (1 - ih)
+                dw = qw * (1 - iw)
+            else:
+                dd = (tap // (KSIZE * KSIZE) - KSIZE // 2) * TAP_SIGN
+                dh = ((tap // KSIZE) % KSIZE - KSIZE // 2) * TAP_SIGN
+                dw = (tap % KSIZE - KSIZE // 2) * TAP_SIGN
+            a = src_desc.load([n, d0 + dd, h0 + dh, w0 + dw, c0]).reshape(BLOCK_M, BLOCK_K)
+            b = w_desc.load([w_row + k0, co0])
+            acc = dot(a, b, acc, DOT_PREC)
+        r = tl.arange(0, BLOCK_M)
+        i1 = d0 + r // (BH * BW)
+        i2 = h0 + (r // BW) % BH
+        i3 = w0 + r % BW
+        row_ok = (i1 < e1) & (i2 < e2) & (i3 < e3)
+        co = co0 + tl.arange(0, BLOCK_N)
+        _epilogue(acc, n, i1, i2, i3, row_ok, co, co < C_OUT, bias_ptr, alpha_ptr, res_ptr, out_base, act_ptr,
+                  o_sn, o_sc, o_s1, o_s2, o_s3, r_sn, r_sc, r_s1, r_s2, r_s3, HAS_BIAS, ACT_KIND, RES_MODE, SAVE_ACT)
 
 
 def _wgrad_configs():
@@ -400,10 +513,12 @@ def _tap_table(deltas, device):
 
 
 def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, alpha=None, residual=None,
-                 residual_first=False, act=None, phases=None):
+                 residual_first=False, act=None, phases=None, kernel_taps=None):
     """src: channels-last contiguous (N, C_src, Ds, Hs, Ws); weight_mat: (K, C_out) contiguous;
     out: (N, C_out, E1, E2, E3) view with any strides; rows: (N, E1, E2, E3); phases: for the stride-2 dgrad,
-    _phase_table's (table, classes, largest K) (out and rows then describe the largest class, at offset 0)."""
+    _phase_table's (table, classes, largest K) (out and rows then describe the largest class, at offset 0);
+    kernel_taps: (k, sign) when the taps are the k^3 kernel's in row-major order, times sign (the TMA kernel
+    computes them instead of reading the table, as it does the stride-2 dgrad's per class)."""
     n, e1, e2, e3 = rows
     m_rows = n * e1 * e2 * e3
     if m_rows == 0:
@@ -413,22 +528,95 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
     if phases is not None:
         phase_table, phase_count, k_total = phases  # the scalar K: the largest class's
     flat_k, block_k = _k_blocking(c_src, k_total)
+    epilogue = dict(HAS_BIAS=bias is not None, ACT_KIND=0 if alpha is None else (2 if alpha.numel() > 1 else 1),
+                    RES_MODE=0 if residual is None else (1 if residual_first else 2), SAVE_ACT=act is not None,
+                    DOT_PREC=dot_precision(src.dtype))
+    res = residual if residual is not None else out
+    pointers = (bias if bias is not None else out, alpha if alpha is not None else out, res, out,
+                act if act is not None else out)
+    strides = out.stride() + res.stride()
+    if ((kernel_taps is not None or phases is not None) and step == 1 and not flat_k
+            and _launch_conv_tma(src, weight_mat, rows, c_src, k_total, kernel_taps or (3, 0), phases, pointers,
+                                 strides, epilogue)):
+        return
     columns_128 = not flat_k and src.element_size() == 2 and not (residual is not None and not residual_first)
     block_n = next_pow2(c_out, 16, _MAX_BLOCK_N_TAP if columns_128 else _MAX_BLOCK_N)
     grid_n = cdiv(c_out, block_n)
-    res = residual if residual is not None else out
     grid = lambda meta: (cdiv(m_rows, meta["BLOCK_M"]), grid_n, phase_count)  # noqa: E731
     _conv_kernel[grid](
-        src, taps, weight_mat, bias if bias is not None else out, alpha if alpha is not None else out, res, out,
-        act if act is not None else out, phase_table,
-        m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out,
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3), out.stride(4),
-        res.stride(0), res.stride(1), res.stride(2), res.stride(3), res.stride(4),
-        STEP=step, FLAT_K=flat_k, EVEN_N=c_out % block_n == 0, PHASES=phases is not None, HAS_BIAS=bias is not None,
-        ACT_KIND=0 if alpha is None else (2 if alpha.numel() > 1 else 1),
-        RES_MODE=0 if residual is None else (1 if residual_first else 2),
-        SAVE_ACT=act is not None, DOT_PREC=dot_precision(src.dtype), BLOCK_N=block_n, BLOCK_K=block_k,
+        src, taps, weight_mat, *pointers, phase_table,
+        m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out, *strides,
+        STEP=step, FLAT_K=flat_k, EVEN_N=c_out % block_n == 0, PHASES=phases is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k, **epilogue,
     )
+
+
+def tma_unsupported(src, weight_mat, n):
+    """Why _conv_tma_kernel cannot run this conv (empty: it can). Bulk tensor copies need sm_90+, 16-byte aligned
+    bases and 16-byte multiples as row strides; exact fp32 multiplies on the FMA units (no TMA benefit)."""
+    reasons = []
+    if os.environ.get("SEG3D_FAST_TRITON_TMA", "0") != "1":
+        reasons.append("the TMA kernel is opt-in (SEG3D_FAST_TRITON_TMA=1) until it has been measured on a GPU")
+    if TensorDescriptor is None:
+        reasons.append(f"Triton {triton.__version__} has no host-side tensor descriptors")
+    if src.device.type == "cuda" and torch.cuda.get_device_capability(src.device) < (9, 0):
+        reasons.append("tensor memory accelerator needs compute capability 9.0 or newer")
+    if dot_precision(src.dtype) == "ieee":
+        reasons.append("exact fp32 (TF32 disabled) runs on the FMA units")
+    size = src.element_size()
+    if (src.shape[1] * size) % 16 or (weight_mat.shape[1] * size) % 16:
+        reasons.append("channel rows must be multiples of 16 bytes")
+    if src.data_ptr() % 16 or weight_mat.data_ptr() % 16:
+        reasons.append("tensors must start 16-byte aligned")
+    if n > 65535:
+        reasons.append("batch above 65535 (the grid's second axis)")
+    return reasons
+
+
+def _tma_box(e1, e2, e3, block_m):
+    """(BD, BH, BW) output box of block_m voxels that wastes the fewest rows at the volume's edges (ties: the
+    widest rows, the longest contiguous copies)."""
+    best = None
+    for bw in (8, 16, 32, 64):
+        for bh in (1, 2, 4, 8, 16):
+            bd = block_m // (bw * bh)
+            if bd < 1 or bd * bh * bw != block_m or bd > 16:
+                continue
+            covered = cdiv(e1, bd) * bd * cdiv(e2, bh) * bh * cdiv(e3, bw) * bw
+            key = (covered, -bw, -bh)
+            if best is None or key < best[0]:
+                best = (key, (bd, bh, bw))
+    return best[1]
+
+
+@functools.lru_cache(maxsize=1024)
+def _tma_plan(n, e1, e2, e3, c_src, k_total, c_out, size, classes, slots):
+    """-> (BLOCK_K, BLOCK_N, GRID_N, box (BD, BH, BW), grid) of _conv_tma_kernel, made once per shape."""
+    block_k = min(_k_blocking(c_src, k_total)[1], 128 // size)  # rows of at most 128 bytes: one swizzle span
+    block_n = next_pow2(c_out, 16, 128 if size == 2 else 64)
+    grid_n = cdiv(c_out, block_n)
+    block_m = 128 if cdiv(n * e1 * e2 * e3, 128) * grid_n * classes >= slots else 64  # 64: more programs
+    bd, bh, bw = _tma_box(e1, e2, e3, block_m)
+    return block_k, block_n, grid_n, (bd, bh, bw), (cdiv(e1, bd) * cdiv(e2, bh) * cdiv(e3, bw) * grid_n, n, classes)
+
+
+def _launch_conv_tma(src, weight_mat, rows, c_src, k_total, kernel_taps, phases, pointers, strides, epilogue):
+    """_conv_tma_kernel where it can run (tma_unsupported); False where it cannot. The host picks the box shape
+    (it fixes the descriptors' block shapes), the autotuner warps and pipeline stages."""
+    n, e1, e2, e3 = rows
+    if tma_unsupported(src, weight_mat, n):
+        return False
+    c_out = weight_mat.shape[1]
+    phase_table, classes = (phases[0], phases[1]) if phases is not None else (pointers[3], 1)
+    block_k, block_n, grid_n, box, grid = _tma_plan(n, e1, e2, e3, c_src, k_total, c_out, src.element_size(),
+                                                    classes, parallel_slots(src.device))
+    src_desc = TensorDescriptor.from_tensor(src.permute(0, 2, 3, 4, 1), [1, *box, block_k])
+    w_desc = TensorDescriptor.from_tensor(weight_mat, [block_k, block_n])
+    ksize, sign = kernel_taps
+    _conv_tma_kernel[grid](src_desc, w_desc, *pointers, phase_table, e1, e2, e3, c_src, k_total, c_out, grid_n,
+                           *strides, KSIZE=ksize, TAP_SIGN=sign, PHASES=phases is not None, BD=box[0], BH=box[1],
+                           BW=box[2], BLOCK_N=block_n, BLOCK_K=block_k, **epilogue)
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -478,7 +666,7 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     weight_mat = weight.permute(2, 3, 4, 1, 0).reshape(k * k * k * c_in, c_out).contiguous()  # rows (tap, C_in)
     _launch_conv(_channels_last(x), weight_mat, _forward_taps(k, x.device), out, (n, do, ho, wo), c_in, stride,
                  bias=bias, alpha=alpha.reshape(-1) if alpha is not None else None, residual=residual,
-                 residual_first=residual_first, act=act)
+                 residual_first=residual_first, act=act, kernel_taps=(k, 1))
     return out, act
 
 
@@ -533,7 +721,8 @@ def _dgrad(dz, weight, x, stride):
         phases = _phase_table(k, c_out, tuple(x.shape), grad_x.stride(), x.device)
     elif stride == 2:
         grad_x.zero_()  # k = 1: the odd positions get no tap at all
-    _launch_conv(dz, weight_mat, taps, out, (n,) + tuple(out.shape[2:]), c_out, 1, phases=phases)
+    _launch_conv(dz, weight_mat, taps, out, (n,) + tuple(out.shape[2:]), c_out, 1, phases=phases,
+                 kernel_taps=(k, -1) if stride == 1 else None)
     return grad_x
 
 
