@@ -65,6 +65,13 @@ TMA = [
     ("dgrad_phases_c64_box2x4x8", dict(_TMA, TAP_SIGN=0, PHASES=True, HAS_BIAS=False, ACT_KIND=0,
                                        BD=2, BH=4, BW=8)),
 ]
+# _wgrad_tma_kernel: (variant, constexprs) for 16-, 32-, 64- and 128-channel layers
+WGRAD_TMA = [
+    ("c16_box2x4x16", dict(KSIZE=3, BD=2, BH=4, BW=16, BLOCK_K=16, BLOCK_N=16)),
+    ("c32_box4x4x8", dict(KSIZE=3, BD=4, BH=4, BW=8, BLOCK_K=32, BLOCK_N=32)),
+    ("c64_box4x4x8", dict(KSIZE=3, BD=4, BH=4, BW=8, BLOCK_K=64, BLOCK_N=64)),
+    ("c128_k1_box2x4x8", dict(KSIZE=1, BD=2, BH=4, BW=8, BLOCK_K=64, BLOCK_N=128)),
+]
 WGRAD_POINTERS = ("x_ptr", "g_ptr", "saved_ptr", "alpha_ptr", "dz_ptr")
 # _wgrad_kernel: the PReLU-backward pass (dz, bias and alpha sums) and the exact-fp32 weight GEMM
 WGRAD = [
@@ -94,14 +101,29 @@ def build(kernel, types, constexprs, cfg):
 
 
 def loop_instructions(ptx):
-    """PTX instructions per thread in the longest loop body (a basic block ending in a branch that holds the
-    main loop's loads): the per-iteration issue cost the README's tile comparisons quote."""
-    blocks = [b for b in re.split(r"\n(?=\$L__BB\d+_\d+:)", ptx) if "bra" in b]
-    # the tensor-core loop where there is one, else the loop over the loads
-    loops = [b for b in blocks if "mma" in b] or [b for b in blocks if "ld.global" in b or "cp.async" in b]
-    return max((len([line for line in b.splitlines()[1:]
-                     if line.strip() and not line.strip().startswith(("//", ".", "{", "}", "$"))]) for b in loops),
-               default=0)
+    """PTX instructions per thread in one iteration of the main loop: every block LLVM marks as the loop's header
+    or "in Loop: Header=..." (a loop whose loads are predicated or split spans several blocks, laid out on both
+    sides of its header), for the loop holding the tensor-core instructions (else the loads). Static counts: the
+    per-iteration issue cost the README's tile comparisons quote."""
+    loops, label, header, opening = {}, None, None, False
+    for line in ptx.splitlines():
+        text = line.strip()
+        if text.startswith("$L__BB") or text.startswith("// %bb."):  # a new block
+            label = re.match(r"\$L__(BB\d+_\d+):", text)
+            label, header, opening = label and label.group(1), None, True
+        if opening and "//" in text:  # the block's loop, from the comments on its first lines
+            if "Loop Header" in text:
+                header = label
+            found = re.search(r"in Loop: Header=(BB\d+_\d+)", text)
+            header = found.group(1) if found else header
+            continue
+        if text and not text.startswith(("//", ".", "{", "}", "$")):
+            opening = False
+            if header:
+                loops.setdefault(header, []).append(text)
+    main = [b for b in loops.values() if any("mma" in x for x in b)] or \
+        [b for b in loops.values() if any("ld.global" in x or "cp.async" in x for x in b)]
+    return max((len(b) for b in main), default=0)
 
 
 def ptxas_usage(ptx):
@@ -195,6 +217,16 @@ def main(argv=None):
                          w_desc=f"tensordesc<{scalar}[{block_k},{ce['BLOCK_N']}]>",
                          phase_ptr="*i64", o_sn="i64", r_sn="i64")
             rows += check("conv_tma", name, dname, conv._conv_tma_kernel, types, dict(ce, DOT_PREC=prec),
+                          args.all_configs, args.only)
+        for name, ce in WGRAD_TMA:
+            if prec == "ieee" or (pointer == "*fp32" and ce["BLOCK_N"] > 64):
+                continue
+            scalar = pointer[1:]
+            ce = dict(ce, BLOCK_K=min(ce["BLOCK_K"], 32 if scalar == "fp32" else 64))
+            box = f"1,{ce['BD']},{ce['BH']},{ce['BW']}"
+            types = {"x_desc": f"tensordesc<{scalar}[{box},{ce['BLOCK_K']}]>",
+                     "dz_desc": f"tensordesc<{scalar}[{box},{ce['BLOCK_N']}]>", "dw_part_ptr": "*fp32"}
+            rows += check("wgrad_tma", name, dname, conv._wgrad_tma_kernel, types, dict(ce, DOT_PREC=prec),
                           args.all_configs, args.only)
         for name, ce in WGRAD:
             types = {p: pointer for p in WGRAD_POINTERS}

@@ -7,7 +7,7 @@ Environment variables (comma lists):
   SEG3D_BENCH_LAYERS      all | representative (default: all on a GPU, representative on the CPU)
   SEG3D_BENCH_DTYPES      dtypes for every layer          (default GPU: bf16; CPU: fp32)
   SEG3D_BENCH_REP_DTYPES  dtypes for representative layers and the loss (default GPU: fp32,fp16,bf16; CPU: fp32)
-  SEG3D_BENCH_BACKENDS    eager,eager_cl,compile,reference,triton,cuda (default GPU: all but reference;
+  SEG3D_BENCH_BACKENDS    eager,eager_cl,compile,reference,triton,triton_tma,cuda (default GPU: all but reference;
                           CPU: eager,eager_cl,reference,triton)
   SEG3D_BENCH_COMPILE     representative | all (layers torch.compile runs on; default representative, bf16 only)
   SEG3D_BENCH_DIRECTIONS  forward,backward,both

@@ -14,7 +14,9 @@ Variants ("backend" in the results):
 Directions: forward (training forward: inputs require grad, the graph is built), backward (autograd.grad of a
 retained graph), both (forward + backward).
 GPU time: CUDA events around each call, median over reps; inputs rotated among several copies when one set fits
-in L2, so that each call reads from device memory. CPU time: pytest-benchmark's median wall time.
+in L2, so that each call reads from device memory. Also per row: the median of synchronized calls (ms_host) and the
+device time with the launch queue kept full (ms_queued: the kernels' own pace where the host is slower than them).
+CPU time: pytest-benchmark's median wall time.
 """
 import contextlib
 import math
@@ -221,6 +223,40 @@ def gpu_median_ms(calls, budget_ms, min_reps=10, max_reps=500):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+_SLEEP_CYCLES_PER_MS = []
+
+
+def _sleep_cycles_per_ms():
+    """Clock cycles of torch.cuda._sleep per millisecond on this card (measured once)."""
+    if not _SLEEP_CYCLES_PER_MS:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)  # warm-up
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        torch.cuda.synchronize()
+        _SLEEP_CYCLES_PER_MS.append(10_000_000 / max(start.elapsed_time(end), 1e-3))
+    return _SLEEP_CYCLES_PER_MS[0]
+
+
+def queued_median_ms(calls, ms_host, budget_ms=100.0, max_reps=30):
+    """Median device time of a call with the launch queue kept full: a sleep kernel holds the stream while the host
+    enqueues the calls, so each call's kernels start when the previous call's end rather than when the host gets to
+    them; CUDA events around each. Where it is well under gpu_median_ms, the row runs at the host's pace (a call's
+    host work takes longer than its kernels); the two agree where the kernels set the pace. A call that waits on the
+    GPU inside (e.g. reading a value the forward copied) drains the queue, and then measures as before."""
+    reps = int(max(3, min(max_reps, budget_ms / max(ms_host, 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(_sleep_cycles_per_ms() * (2 * reps * ms_host + 5)))  # outlasts the host's enqueueing
+    for i, (start, end) in enumerate(events):
+        start.record()
+        calls[i % len(calls)]()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
 def peak_bytes(call, device):
     """GPU memory one call needs above what was allocated before it (its outputs, saved tensors and workspaces
     included); None on the CPU."""
@@ -237,7 +273,8 @@ def peak_bytes(call, device):
 
 
 def measure(benchmark, calls, device, rounds, budget_ms):
-    """-> (ms, ms_host): device median (GPU) and pytest-benchmark's median of synchronized calls (host)."""
+    """-> (ms, ms_host, ms_queued): device median of back-to-back calls (GPU), pytest-benchmark's median of
+    synchronized calls (host), device median with the launch queue full (GPU; queued_median_ms)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     state = {"i": 0}
 
@@ -250,20 +287,22 @@ def measure(benchmark, calls, device, rounds, budget_ms):
     benchmark.pedantic(synchronized_call, rounds=rounds, iterations=1, warmup_rounds=1 if rounds > 1 else 0)
     stats = getattr(benchmark, "stats", None)
     ms_host = stats.stats.median * 1e3 if stats is not None else None
-    return (ms if ms is not None else ms_host), ms_host
+    ms_queued = queued_median_ms(calls, ms_host or ms) if device.type == "cuda" else None
+    return (ms if ms is not None else ms_host), ms_host, ms_queued
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # records
-def record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize, layer_names, layout):
+def record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize, layer_names, layout,
+           ms_queued=None):
     from ceilings import floor_ms
 
     flops = case.flops(direction)
     nbytes = case.min_bytes(direction, itemsize)
     rec = {"op": op, "name": case.name, "shape": case.shape(), "layers": list(layer_names), "dtype": dtype_name,
            "backend": variant, "layout": layout, "direction": direction, "ms": ms,
-           "ms_host": ms_host, "peak_bytes": peak, "flops": flops, "bytes": nbytes, "tflops": None, "gbps": None,
-           "floor_ms": None, "fraction_of_floor": None, "speedup_vs_cudnn": None}
+           "ms_host": ms_host, "ms_queued": ms_queued, "peak_bytes": peak, "flops": flops, "bytes": nbytes,
+           "tflops": None, "gbps": None, "floor_ms": None, "fraction_of_floor": None, "speedup_vs_cudnn": None}
     if ms:
         rec["tflops"] = flops / (ms * 1e-3) / 1e12
         rec["gbps"] = nbytes / (ms * 1e-3) / 1e9
@@ -318,7 +357,7 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
         peak = peak_bytes(calls[0], device)
         rounds = 5 if device.type == "cuda" else (1 if variant.startswith("triton") else 3)  # CPU: interpreter
         budget_ms = float(os.environ.get("SEG3D_BENCH_REP_MS", "30"))
-        ms, ms_host = measure(benchmark, calls, device, rounds, budget_ms)
+        ms, ms_host, ms_queued = measure(benchmark, calls, device, rounds, budget_ms)
     except Unsupported as e:
         pytest.skip(f"{variant}: {e}")
     except torch.cuda.OutOfMemoryError as e:
@@ -330,7 +369,7 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
             torch.cuda.empty_cache()
     itemsize = torch.empty((), dtype=dtype).element_size()
     rec = record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize,
-                 getattr(case, "layers", ()), "ndhwc" if channels_last else "ncdhw")
+                 getattr(case, "layers", ()), "ndhwc" if channels_last else "ncdhw", ms_queued)
     results.add(rec)
     benchmark.extra_info.update({k: rec[k] for k in ("ms", "tflops", "gbps", "floor_ms", "fraction_of_floor",
                                                      "peak_bytes", "speedup_vs_cudnn", "layout")})

@@ -150,14 +150,31 @@ def _row(op, case, backend, dtype, fwd, bwd, reps, counter):
     return row
 
 
+@contextlib.contextmanager
+def stubbed_triton_tma(counter: LaunchCounter):
+    """stubbed_triton with the opt-in TMA kernels on (their descriptors are made on the host as on the GPU)."""
+    tma = os.environ.get("SEG3D_FAST_TRITON_TMA")
+    os.environ["SEG3D_FAST_TRITON_TMA"] = "1"
+    try:
+        with stubbed_triton(counter):
+            yield
+    finally:
+        if tma is None:
+            del os.environ["SEG3D_FAST_TRITON_TMA"]
+        else:
+            os.environ["SEG3D_FAST_TRITON_TMA"] = tma
+
+
 def run(reps=200, dtype=torch.bfloat16):
     counter = LaunchCounter()
     rows = []
-    for backend, stub in (("triton", stubbed_triton), ("cuda", stubbed_cuda)):
+    for name, stub in (("triton", stubbed_triton), ("triton_tma", stubbed_triton_tma), ("cuda", stubbed_cuda)):
+        backend = name.split("_")[0]
         with stub(counter):
             for case in CASES:
-                rows.append(measure_conv(backend, case, dtype, reps, counter))
-            rows.append(measure_jaccard(backend, dtype, reps, counter))
+                rows.append(dict(measure_conv(backend, case, dtype, reps, counter), backend=name))
+            if name != "triton_tma":  # the loss has no TMA kernel
+                rows.append(measure_jaccard(backend, dtype, reps, counter))
     backends_ok = {name: backends.unavailable_reason(name) for name in ("triton", "cuda")}
     return {"kind": "host_overhead", "python": sys.version.split()[0], "torch": torch.__version__,
             "backends": backends_ok, "reps": reps, "rows": rows}

@@ -60,7 +60,9 @@ def benchmark_markdown(payload):
     backends = _backends(records)
     out = [f"_{environment_line(payload['environment'], payload.get('ceilings'))}._", ""]
     out.append("Cells: median ms · speed-up over the faster cuDNN layout · fraction of the floor "
-               "max(FLOPs / matmul rate, bytes / copy bandwidth). Peak: extra memory of one call, MiB.")
+               "max(FLOPs / matmul rate, bytes / copy bandwidth). (q …): the device time with the launch queue kept "
+               "full, where it is under 0.8× the median: that row runs at the host's pace. Peak: extra memory of one "
+               "call, MiB.")
     for op in dict.fromkeys(r["op"] for r in records):
         out += ["", f"#### {op}", "",
                 "| shape | dtype | direction | " + " | ".join(backends) + " | peak MiB cuDNN → fused |",
@@ -75,6 +77,8 @@ def benchmark_markdown(payload):
                     cells.append("–")
                     continue
                 cell = f"{r['ms']:.3g}"
+                if r.get("ms_queued") and r["ms_queued"] < 0.8 * r["ms"]:
+                    cell += f" (q {r['ms_queued']:.3g})"
                 if b not in ("eager", "eager_cl") and r["speedup_vs_cudnn"]:
                     cell += f" · {r['speedup_vs_cudnn']:.2f}×"
                 if r["fraction_of_floor"] is not None:

@@ -70,7 +70,8 @@ def test_report_from_a_results_file(tmp_path):
     case = shapes.INTERPRETER_CASE
     ceilings = {"bf16_tflops": 1.0, "fp32_tflops": 1.0, "copy_gbps": 10.0, "fp32_uses_tf32": False}
     records = [harness.record("conv3d_prelu", case, "fp32", b, "both", ms, ms, 1 << 20, ceilings, 4, case.layers,
-                              harness.LAYOUT[b]) for b, ms in (("eager", 2.0), ("eager_cl", 3.0), ("triton", 1.0))]
+                              harness.LAYOUT[b], queued)
+               for b, ms, queued in (("eager", 2.0, 1.9), ("eager_cl", 3.0, None), ("triton", 1.0, 0.5))]
     payload = {"kind": "benchmarks", "environment": {"device": "test card", "torch": "x"}, "ceilings": ceilings,
                "records": harness.fill_speedups(records)}
     path = tmp_path / "bench.json"
@@ -79,6 +80,7 @@ def test_report_from_a_results_file(tmp_path):
     assert report.main([str(path), "--markdown", str(md_path), "--png", str(png), "--dtype", "fp32"]) == 0
     md = md_path.read_text()
     assert "| c2-3_k3s1_5x6x7_res | fp32 | both |" in md and "2.00×" in md
+    assert "1 (q 0.5) · 2.00×" in md and "(q 1.9)" not in md  # the queue-full time where the host set the pace
     assert png.stat().st_size > 0
     assert "2.00×" in report.summary(payload, "fp32", "both")
 
@@ -89,7 +91,7 @@ def test_host_overhead_launch_counts():
     import host_overhead
 
     rows = {(r["backend"], r["op"], r["case"]): r for r in host_overhead.run(reps=2)["rows"]}
-    assert {b for b, _, _ in rows} == {"triton", "cuda"}
+    assert {b for b, _, _ in rows} == {"triton", "triton_tma", "cuda"}
     for (backend, op, case), r in rows.items():
         assert r["forward_launches"] == 1, (backend, case)
         assert r["forward_us"] > 0 and r["backward_us"] > 0

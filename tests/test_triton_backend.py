@@ -247,23 +247,30 @@ def test_unavailable_reason(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the TMA conv kernel (stride-1 convs with 16-byte channel rows): on sm_90+ GPUs and under the interpreter
+# the opt-in TMA kernels (stride-1 convs and weight gradients, stride-2 dgrads; 16-byte channel rows): on sm_90+
+# GPUs and under the interpreter
 # ---------------------------------------------------------------------------------------------------------
+class _CountedKernel:
+    """Stands for a Triton kernel: counts its launches, then launches it."""
+
+    def __init__(self, kernel, counts, name):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        self.counts[self.name] += 1
+        return self.kernel[grid]
+
+
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """The opt-in TMA kernel switched on; counts the convs it ran (_launch_conv_tma returns False where it cannot)."""
-    count = {"tma": 0}
-    launch = conv_mod._launch_conv_tma
-
-    def counted(*args, **kwargs):
-        ran = launch(*args, **kwargs)
-        count["tma"] += ran
-        return ran
-    monkeypatch.setattr(conv_mod, "_launch_conv_tma", counted)
+    """The opt-in TMA kernels switched on; counts their launches ("conv": forward / dgrad, "wgrad")."""
+    counts = {"conv": 0, "wgrad": 0}
+    monkeypatch.setattr(conv_mod, "_conv_tma_kernel", _CountedKernel(conv_mod._conv_tma_kernel, counts, "conv"))
+    monkeypatch.setattr(conv_mod, "_wgrad_tma_kernel", _CountedKernel(conv_mod._wgrad_tma_kernel, counts, "wgrad"))
     monkeypatch.setenv("SEG3D_FAST_TRITON_TMA", "1")
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 rows: TF32 (exact fp32 takes the FMA kernel)
-    yield count
+    yield counts
     torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
@@ -281,14 +288,14 @@ TMA_CASES = [
 
 
 @pytest.mark.parametrize("dtype,k,alpha_kind,residual,layout,c_in,c_out,size", TMA_CASES)
-def test_conv_tma_forward_and_dgrad(tma_launches, dtype, k, alpha_kind, residual, layout, c_in, c_out, size):
-    """Forward and every gradient through the TMA kernel (the dgrad where C_out rows are 16-byte multiples too)
-    against the float64 reference; the same conv with the TMA kernel switched off gives the same forward."""
+def test_conv_tma_forward_and_gradients(tma_launches, dtype, k, alpha_kind, residual, layout, c_in, c_out, size):
+    """Forward, dgrad (where C_out is a multiple of 16 too) and wgrad through the TMA kernels, every output and
+    gradient against the float64 reference."""
     case = make_conv_case(dtype, k, 1, alpha_kind, residual, layout, c_in, c_out, size=size, seed=c_in + c_out)
     check_forward(case, save_act=residual == "after" and alpha_kind is not None)
-    assert tma_launches["tma"] == 1
+    assert tma_launches == {"conv": 1, "wgrad": 0}
     check_backward(case, "act" if alpha_kind is not None else "none")
-    assert tma_launches["tma"] == 1 + (c_out % 16 == 0)  # the dgrad's source channels are C_out
+    assert tma_launches == {"conv": 1 + (c_out % 16 == 0), "wgrad": 1}  # the dgrad's source channels are C_out
 
 
 @pytest.mark.parametrize("dtype,size,c_in,c_out", [(BF16, (2, 5, 7, 9), 8, 32), (F32, (1, 1, 2, 3), 24, 16),
@@ -298,7 +305,17 @@ def test_conv_tma_stride2_dgrad(tma_launches, dtype, size, c_in, c_out):
     unit extents (classes without rows); every gradient against the float64 reference."""
     case = make_conv_case(dtype, 3, 2, "channel", None, "channels_last", c_in, c_out, size=size, seed=c_out)
     check_backward(case, "act")
-    assert tma_launches["tma"] == 1  # the dgrad (the weight gradient has its own kernel)
+    assert tma_launches == {"conv": 1, "wgrad": 0}  # the dgrad; the stride-2 weight gradient gathers
+
+
+def test_conv_tma_wgrad_many_splits(tma_launches, monkeypatch):
+    """The TMA weight gradient split over several voxel ranges (more parallel slots than the interpreter's
+    default), the fp32 partials summed in a fixed order: against the reference, and bitwise repeatable."""
+    monkeypatch.setattr(conv_mod, "parallel_slots", lambda device: 64)
+    case = make_conv_case(BF16, 3, 1, "channel", None, "channels_last", 16, 16, size=(2, 5, 7, 9), seed=13)
+    first = check_backward(case, "act", (False, True, False, False, False))[1]
+    second = run_backward(case, "act", (False, True, False, False, False))[1]
+    assert tma_launches["wgrad"] == 2 and torch.equal(first, second)
 
 
 def test_conv_tma_matches_gather_kernel(tma_launches, monkeypatch):
@@ -310,7 +327,7 @@ def test_conv_tma_matches_gather_kernel(tma_launches, monkeypatch):
     tma, _ = tb.conv3d_prelu_forward(x, *args, res, 1, True, False)
     monkeypatch.delenv("SEG3D_FAST_TRITON_TMA")
     gather, _ = tb.conv3d_prelu_forward(x, *args, res, 1, True, False)
-    assert tma_launches["tma"] == 1
+    assert tma_launches["conv"] == 1
     torch.testing.assert_close(tma.float(), gather.float(), rtol=1e-2, atol=1e-2)
 
 
@@ -471,8 +488,8 @@ def test_gpu_conv_real_size(stride, c_in, c_out, saved_kind, layout):
 @pytest.mark.parametrize("stride,c_in,c_out,saved_kind", [(1, 64, 64, "act"), (2, 32, 64, "act"),
                                                           (1, 16, 32, "preact")])
 def test_gpu_conv_tma_real_size(tma_launches, stride, c_in, c_out, saved_kind):
-    """The opt-in TMA kernel at a real size on an sm_90+ GPU: forward (stride 1) and dgrad (stride 1 and the
-    stride-2 parity classes), every output and gradient against the float64 reference."""
+    """The opt-in TMA kernels at a real size on an sm_90+ GPU: forward and wgrad (stride 1) and dgrad (stride 1 and
+    the stride-2 parity classes), every output and gradient against the float64 reference."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the TMA kernel needs compute capability 9.0+")
     residual = "after" if saved_kind == "act" else "first"
@@ -480,7 +497,7 @@ def test_gpu_conv_tma_real_size(tma_launches, stride, c_in, c_out, saved_kind):
                           negative_alpha=saved_kind == "preact", device="cuda")
     check_forward(case, save_act=residual == "after")
     check_backward(case, saved_kind)
-    assert tma_launches["tma"] == (2 if stride == 1 else 1)
+    assert tma_launches == ({"conv": 2, "wgrad": 1} if stride == 1 else {"conv": 1, "wgrad": 0})
 
 
 @requires_gpu
@@ -561,5 +578,7 @@ def test_kernels_compile_for_sm90_without_spills():
     assert all(r["wgmma"] > 0 for name, r in rows.items() if name.startswith(("conv/", "conv_tma/", "wgrad_gemm/"))
                and not name.endswith("fp32ieee")), rows
     # the TMA kernel's loads are bulk tensor copies, pipelined: the prologue issues two stages' copies ahead of the
-    # loop's own two (an unpipelined loop, e.g. with loads of its tap offsets inside it, has 4 in all)
-    assert all(r["tma"] >= 6 for name, r in rows.items() if name.startswith("conv_tma/")), rows
+    # loop's own two (an unpipelined loop, e.g. with loads of its tap offsets inside it, has 4 in all); the weight
+    # gradient's small-channel tiles (under 64 rows) take mma.sync rather than wgmma
+    assert all(r["tma"] >= 6 for name, r in rows.items() if name.startswith(("conv_tma/", "wgrad_tma/"))), rows
+    assert all(r["wgmma"] + r["mma"] > 0 for name, r in rows.items() if name.startswith("wgrad_tma/")), rows

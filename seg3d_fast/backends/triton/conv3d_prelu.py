@@ -18,6 +18,7 @@ Host side: a handful of torch ops and three launches per backward; the tap and p
 """
 import functools
 import itertools
+import math
 import os
 
 import torch
@@ -484,6 +485,56 @@ def _wgrad_gemm_kernel(x_ptr, dz_ptr, dw_part_ptr,
     tl.store(dw_part_ptr + split * KT_PAD * CO_PAD + kt[:, None] * CO_PAD + co[None, :], acc)
 
 
+def _prune_tma_wgrad(configs, named_args, **kwargs):
+    """The x box passes through registers (transposed for the tensor cores) beside the fp32 accumulator: at most
+    96 elements of the two per thread (aot_check.py: no spills)."""
+    rows = kwargs["BD"] * kwargs["BH"] * kwargs["BW"]
+    per_block = kwargs["BLOCK_K"] * (kwargs["BLOCK_N"] + rows // 2)
+    return [c for c in configs if per_block <= 96 * 32 * c.num_warps] or configs[-1:]
+
+
+@triton.autotune(configs=_tma_configs(), key=["E1", "E2", "E3", "C_IN", "C_OUT", "BOXES_PER_SPLIT"],
+                 prune_configs_by={"early_config_prune": _prune_tma_wgrad}, cache_results=True)
+@triton.jit
+def _wgrad_tma_kernel(x_desc, dz_desc, dw_part_ptr, E1, E2, E3, C_IN, C_OUT, TOTAL_BOXES, BOXES_PER_SPLIT, KT_PAD,
+                      CO_PAD, CO_TILES, KSIZE: tl.constexpr, DOT_PREC: tl.constexpr, BD: tl.constexpr,
+                      BH: tl.constexpr, BW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stride-1 weight gradient with TMA loads (sm_90+): program (kt tile * CO_TILES + co tile, split) sums
+    x_shifted^T @ dz over the split's BD x BH x BW output boxes for one tap and BLOCK_K input channels (x_desc:
+    (N, D, H, W, C_IN), the shifted box zero-filled outside the volume; dz_desc: (N, D, H, W, C_OUT), zero past its
+    edges, which also zeroes the overhanging rows' x) and writes its fp32 partial; the host sums the partials in a
+    fixed order (deterministic). The programs of one split run side by side and share its boxes in L2."""
+    BLOCK_M: tl.constexpr = BD * BH * BW
+    pid = tl.program_id(0)
+    kt_tile = pid // CO_TILES
+    co0 = (pid - kt_tile * CO_TILES) * BLOCK_N
+    split = tl.program_id(1)
+    k0 = kt_tile * BLOCK_K
+    tap = k0 // C_IN
+    c0 = k0 - tap * C_IN
+    dd = tap // (KSIZE * KSIZE) - KSIZE // 2
+    dh = (tap // KSIZE) % KSIZE - KSIZE // 2
+    dw = tap % KSIZE - KSIZE // 2
+    boxes3 = tl.cdiv(E3, BW)
+    boxes2 = tl.cdiv(E2, BH)
+    boxes1 = tl.cdiv(E1, BD)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    first = split * BOXES_PER_SPLIT
+    for b in range(first, tl.minimum(first + BOXES_PER_SPLIT, TOTAL_BOXES)):
+        t = b // boxes3
+        w0 = (b - t * boxes3) * BW
+        t2 = t // boxes2
+        h0 = (t - t2 * boxes2) * BH
+        n = t2 // boxes1
+        d0 = (t2 - n * boxes1) * BD
+        a = x_desc.load([n, d0 + dd, h0 + dh, w0 + dw, c0]).reshape(BLOCK_M, BLOCK_K)
+        g = dz_desc.load([n, d0, h0, w0, co0]).reshape(BLOCK_M, BLOCK_N)
+        acc = dot(tl.trans(a), g, acc, DOT_PREC)
+    kt = k0 + tl.arange(0, BLOCK_K)
+    co = co0 + tl.arange(0, BLOCK_N)
+    tl.store(dw_part_ptr + split.to(tl.int64) * KT_PAD * CO_PAD + kt[:, None] * CO_PAD + co[None, :], acc)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------------
@@ -794,6 +845,35 @@ def _wgrad_gemm(dz, x, weight, stride):
     return _sum_weight_partials(dw_part, weight)
 
 
+def _wgrad_tma(dz, x, weight):
+    """grad_weight of a stride-1 conv with _wgrad_tma_kernel, or None where it cannot run (tma_unsupported)."""
+    n, c_in = x.shape[:2]
+    c_out, k = weight.shape[0], weight.shape[-1]
+    xs = _channels_last(x)
+    if c_in % 16 or tma_unsupported(xs, dz, n):
+        return None
+    e1, e2, e3 = dz.shape[2:]
+    size = x.element_size()
+    block_k = min(_k_blocking(c_in, c_in)[1], 128 // size)
+    block_n = next_pow2(c_out, 16, 128 if size == 2 else 64)
+    kt_tiles, co_tiles = k ** 3 * c_in // block_k, cdiv(c_out, block_n)
+    box = _tma_box(e1, e2, e3, 128 if n * e1 * e2 * e3 >= 128 * 64 else 64)
+    total_boxes = n * cdiv(e1, box[0]) * cdiv(e2, box[1]) * cdiv(e3, box[2])
+    splits = max(1, min(cdiv(_WGRAD_PROGRAMS_PER_SLOT * parallel_slots(x.device), kt_tiles * co_tiles),
+                        cdiv(total_boxes * math.prod(box), _WGRAD_MIN_VOX)))
+    per_split = cdiv(total_boxes, splits)
+    splits = cdiv(total_boxes, per_split)
+    kt_pad, co_pad = kt_tiles * block_k, co_tiles * block_n
+    dw_part = torch.empty((splits, kt_pad, co_pad), dtype=torch.float32, device=x.device)
+    x_desc = TensorDescriptor.from_tensor(xs.permute(0, 2, 3, 4, 1), [1, *box, block_k])
+    dz_desc = TensorDescriptor.from_tensor(dz.permute(0, 2, 3, 4, 1), [1, *box, block_n])
+    _wgrad_tma_kernel[(kt_tiles * co_tiles, splits)](
+        x_desc, dz_desc, dw_part, e1, e2, e3, c_in, c_out, total_boxes, per_split, kt_pad, co_pad, co_tiles,
+        KSIZE=k, DOT_PREC=dot_precision(x.dtype), BD=box[0], BH=box[1], BW=box[2], BLOCK_K=block_k,
+        BLOCK_N=block_n)
+    return _sum_weight_partials(dw_part, weight)
+
+
 def _sum_weight_partials(dw_part, weight):
     """grad_weight from the (splits, (tap, C_in) padded, C_out padded) fp32 partials: a fixed-order sum over the
     splits (deterministic), then one copy into weight's layout and dtype."""
@@ -821,7 +901,9 @@ def _backward(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_
         # tiles of _wgrad_gemm_kernel spill (ptxas, sm_90); the one-tap kernel runs on the stored dz instead
         grad_w = _wgrad_and_reductions(dz, None, _DZ_NONE, None, x, weight, stride, True, False, False, False)[0]
     elif want_w:
-        grad_w = _wgrad_gemm(dz, x, weight, stride)
+        grad_w = _wgrad_tma(dz, x, weight) if stride == 1 else None
+        if grad_w is None:
+            grad_w = _wgrad_gemm(dz, x, weight, stride)
     return grad_x, grad_w, grad_b, grad_a, dz
 
 

@@ -145,10 +145,11 @@ def jaccard_unsupported(logits, target, activation, ignore_index):
 def jaccard_sums(logits, target, squared, activation, ignore_index):
     n, c = logits.shape[:2]
     logits, target, spatial, blocks, strides, meta = _prepare(logits, target, ignore_index)
-    partials = torch.zeros((n, blocks, c, 3), dtype=torch.float32, device=logits.device)
-    if partials.numel() and spatial:
-        _jaccard_sums_kernel[(blocks, n)](logits, target, partials, spatial, c, blocks, *strides,
-                                          SOFTMAX=activation == "softmax", SQUARED=bool(squared), **meta)
+    if n * c == 0 or spatial == 0:
+        return torch.zeros((n, c, 3), dtype=torch.float32, device=logits.device)
+    partials = torch.empty((n, blocks, c, 3), dtype=torch.float32, device=logits.device)  # every entry written
+    _jaccard_sums_kernel[(blocks, n)](logits, target, partials, spatial, c, blocks, *strides,
+                                      SOFTMAX=activation == "softmax", SQUARED=bool(squared), **meta)
     return partials.sum(1)  # fixed-order second stage: deterministic
 
 
