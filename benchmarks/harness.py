@@ -239,7 +239,7 @@ def _sleep_cycles_per_ms():
     return _SLEEP_CYCLES_PER_MS[0]
 
 
-def queued_median_ms(calls, ms_host, budget_ms=100.0, max_reps=30):
+def queued_median_ms(calls, ms_host, budget_ms=50.0, max_reps=20):
     """Median device time of a call with the launch queue kept full: a sleep kernel holds the stream while the host
     enqueues the calls, so each call's kernels start when the previous call's end rather than when the host gets to
     them; CUDA events around each. Where it is well under gpu_median_ms, the row runs at the host's pace (a call's

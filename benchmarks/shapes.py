@@ -230,44 +230,52 @@ def _settings():
 
 
 def all_rows():
-    """Every row in run order: the loss, the conv layers, then torch.compile (slow to start, least needed)."""
+    """Every row in run order, so that the figures that matter most survive a time limit: the loss, the
+    representative conv layers, torch.compile's forward of the heaviest one and of the loss (the Triton issue's
+    forward target; each takes seconds to compile), the other conv layers, then the rest of torch.compile."""
     loss, loss_compiled = jaccard_rows()
-    conv, conv_compiled = conv_rows()
-    return loss + conv + conv_compiled + loss_compiled
+    reps, others, conv_compiled = conv_rows()
+    early = [r for r in conv_compiled if r[2] == "forward"][:1] + [r for r in loss_compiled if r[2] == "forward"][:1]
+    return loss + reps + early + others + [r for r in conv_compiled + loss_compiled if r not in early]
 
 
 def conv_rows():
-    """-> (rows, torch.compile rows) of (case, dtype, direction, backend), in run order: the representative
-    layers in every dtype first, then the other layers, heaviest first (so that the figures that matter most
-    survive a time limit); baselines before the fused backends."""
+    """-> (representative layers' rows, other layers' rows, torch.compile rows) of (case, dtype, direction,
+    backend), each in run order: the representative layers in every dtype, the other layers heaviest first;
+    baselines before the fused backends."""
     s = _settings()
     cases = network_conv_cases(s["tiny"])
     reps = representative(cases)
     others = [c for c in cases if c not in reps] if s["layers"] == "all" else []
     others.sort(key=lambda c: -c.flops("forward"))  # heaviest first: they dominate the network's time
-    rows, compiled = [], []
-    for case in reps + others:
-        is_rep = case in reps
+    compiled = []
+
+    def layer_rows(case, is_rep):
+        rows = []
         dtypes = list(dict.fromkeys(s["rep_dtypes"] + s["dtypes"])) if is_rep else s["dtypes"]
         for dtype in dtypes:
             for direction in s["directions"]:
                 for backend in s["backends"]:
-                    if backend == "compile":  # compiling takes seconds per shape and dtype: last, and few
+                    if backend == "compile":  # compiling takes seconds per shape and dtype: few, and late
                         if s["compile"] == "all" or (is_rep and dtype == "bf16"):
                             compiled.append((case, dtype, direction, backend))
                         continue
                     if backend.startswith("triton") and not s["gpu"]:
                         continue  # the interpreter is slow: INTERPRETER_CASE below exercises it
                     if backend == "triton_tma" and (dtype != "bf16" or not is_rep
-                                                       or (case.stride != 1 and direction == "forward")):
+                                                     or (case.stride != 1 and direction == "forward")):
                         continue  # A/B of the TMA kernel (stride-1 convs, stride-2 dgrad): representative, bf16
                     rows.append((case, dtype, direction, backend))
+        return rows
+
+    rep_rows = [row for case in reps for row in layer_rows(case, True)]
+    other_rows = [row for case in others for row in layer_rows(case, False)]
     if not s["gpu"] and "triton" in s["backends"]:
-        rows += [(INTERPRETER_CASE, s["dtypes"][0], direction, backend) for direction in s["directions"]
-                 for backend in ("eager", "triton")]
-        rows += [(INTERPRETER_TMA_CASE, s["dtypes"][0], direction, backend) for direction in s["directions"]
-                 for backend in ("eager", "triton", "triton_tma")]
-    return rows, compiled
+        other_rows += [(INTERPRETER_CASE, s["dtypes"][0], direction, backend) for direction in s["directions"]
+                       for backend in ("eager", "triton")]
+        other_rows += [(INTERPRETER_TMA_CASE, s["dtypes"][0], direction, backend) for direction in s["directions"]
+                       for backend in ("eager", "triton", "triton_tma")]
+    return rep_rows, other_rows, compiled
 
 
 def jaccard_rows():
