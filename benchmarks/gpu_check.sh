@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh            # on the GPU machine (H100/H200, no network, no nibabel needed)
 #   bash benchmarks/gpu_check.sh --dry-run  # anywhere: the same plumbing on the CPU at tiny sizes, no install
 #
-# Every stage has a hard time limit (total well under 8 minutes); a stage that fails or runs out of time is
+# Every stage has a hard time limit (together 8 minutes at most); a stage that fails or runs out of time is
 # reported in the summary and the later stages still run. Results go to $OUT if set, else
 # benchmarks/results/gpu_check_<time>/: gpu_check.log, bench.json, bench.png, profile.json, profile.png,
 # report.md, ceilings.json, dispatch_table.json (measured backend order per op and shape, to merge into

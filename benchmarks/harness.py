@@ -213,8 +213,16 @@ def gpu_median_ms(calls, budget_ms, min_reps=10, max_reps=500):
         calls[i % len(calls)]()
     torch.cuda.synchronize()
     est = (time.perf_counter() - t0) / 3 * 1e3
-    reps = int(min(max_reps, max(min_reps, budget_ms / max(est, 1e-3))))
+    return _timed_median_ms(calls, int(min(max_reps, max(min_reps, budget_ms / max(est, 1e-3)))))
+
+
+def _timed_median_ms(calls, reps, hold_ms=0.0):
+    """Median of CUDA-event times of `reps` calls (inputs rotated); hold_ms: a sleep kernel first holds the stream
+    that long, so the calls are all enqueued before the first one runs."""
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    if hold_ms:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(_sleep_cycles_per_ms() * hold_ms))
     for i, (start, end) in enumerate(events):
         start.record()
         calls[i % len(calls)]()
@@ -246,15 +254,7 @@ def queued_median_ms(calls, ms_host, budget_ms=50.0, max_reps=20):
     host work takes longer than its kernels); the two agree where the kernels set the pace. A call that waits on the
     GPU inside (e.g. reading a value the forward copied) drains the queue, and then measures as before."""
     reps = int(max(3, min(max_reps, budget_ms / max(ms_host, 1e-3))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(_sleep_cycles_per_ms() * (2 * reps * ms_host + 5)))  # outlasts the host's enqueueing
-    for i, (start, end) in enumerate(events):
-        start.record()
-        calls[i % len(calls)]()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    return _timed_median_ms(calls, reps, hold_ms=2 * reps * ms_host + 5)  # outlasts the host's enqueueing
 
 
 def peak_bytes(call, device):
