@@ -242,13 +242,23 @@ def main(argv=None):
     for label, softmax, target in ((True, True, "*u8"), (True, False, "*i64"), (False, True, "*fp32")):
         for block_c in (8, 64):
             types = {"logit_ptr": "*bf16", "tgt_ptr": target, "part_ptr": "*fp32", "gsum_ptr": "*fp32",
-                     "grad_ptr": "*bf16"}
+                     "grad_ptr": "*bf16", "range_ptr": "*i64", "w_ptr": "*fp32", "gloss_ptr": "*fp32",
+                     "smooth": "fp32"}
             ce = dict(TARGET_IS_LABEL=label, SOFTMAX=softmax, SQUARED=True, HAS_IGNORE=label, BLOCK_C=block_c,
                       BLOCK_S=max(16, jaccard._TILE // block_c))
             variant = f"{'label' if label else 'probs'}_{'softmax' if softmax else 'sigmoid'}_C{block_c}"
-            for name, kernel in (("jaccard_sums", jaccard._jaccard_sums_kernel),
-                                 ("jaccard_bwd", jaccard._jaccard_backward_kernel)):
-                rows += check(name, variant, "bf16", kernel, types, ce, False, args.only, jaccard.NUM_WARPS)
+            # the sums with the label range of the fused loss; the backward from the loss (the fused loss's, which
+            # does more than the one from given dL/d(sums))
+            rows += check("jaccard_sums", variant, "bf16", jaccard._jaccard_sums_kernel, types,
+                          dict(ce, LABEL_RANGE=label), False, args.only, jaccard.NUM_WARPS)
+            rows += check("jaccard_bwd", variant, "bf16", jaccard._jaccard_backward_kernel, types,
+                          dict(ce, FROM_LOSS=True, PER_SAMPLE=False, MEAN=True), False, args.only, jaccard.NUM_WARPS)
+    for block_c in (8, 64):
+        types = {"part_ptr": "*fp32", "range_part_ptr": "*i64", "w_ptr": "*fp32", "sums_ptr": "*fp32",
+                 "loss_ptr": "*fp32", "range_ptr": "*i64", "smooth": "fp32"}
+        ce = dict(PER_SAMPLE=True, MEAN=True, LABEL_RANGE=True, BLOCK_B=jaccard._LOSS_BLOCK_B, BLOCK_C=block_c)
+        rows += check("jaccard_loss", f"C{block_c}", "fp32", jaccard._jaccard_loss_kernel, types, ce, False,
+                      args.only, 4)
     failed = [r["kernel"] for r in rows if not r["ok"] or not r["smem_ok"]]
     spills = [r["kernel"] for r in rows if r.get("spill_st")]
     print(json.dumps(dict(summary=True, triton=triton.__version__, torch=torch.__version__, target="sm_90",

@@ -12,6 +12,7 @@ upconv_prelu_add(x, weight, bias, alpha, skip): transposed conv (kernel 2, strid
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -411,16 +412,18 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
     return class_weights
 
 
-def _label_range_check(logits, target, ignore_index):
+def _label_range_check(logits, target, ignore_index, label_range=None):
     """Checks that the labels lie in [0, C) (ignore_index voxels aside). In training on a GPU the (min, max) is
     copied asynchronously and the returned function checks it in backward, before any gradient exists: a check here
     would stall the CPU until the whole forward pass has run. Elsewhere it checks now and returns None.
+    label_range: the (least, greatest) counted label where a kernel found it already (else computed here).
     (Out-of-range labels are memory-safe in every backend: they match no class.)"""
     if target.dtype.is_floating_point or target.numel() == 0 or torch.compiler.is_compiling():
         return None
     c = logits.shape[1]
-    counted = target if ignore_index is None else torch.where(target == ignore_index, 0, target)
-    label_range = torch.stack(torch.aminmax(counted))
+    if label_range is None:
+        counted = target if ignore_index is None else torch.where(target == ignore_index, 0, target)
+        label_range = torch.stack(torch.aminmax(counted))
 
     def check(lo_hi):
         lo, hi = lo_hi.tolist()
@@ -500,15 +503,65 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     """
     class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction)
     _check_backend(backend)
-    label_check = _label_range_check(logits, target, ignore_index)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
     if torch.compiler.is_compiling():
         sums = _jaccard_sums(logits, target, squared, activation, ignore_index, backend or "")
     else:
+        module = _jaccard_backend(logits, target, activation, ignore_index, backend or "")
+        if reduction != "none" and logits.numel() and hasattr(module, "jaccard_loss_reduced"):
+            weights = _loss_weights(class_weights, include_background, logits.shape[1], logits.device)
+            return _JaccardLossReduced.apply(logits, target, weights, module, squared, activation, ignore_index,
+                                             smooth, per_sample, reduction == "mean")
+        label_check = _label_range_check(logits, target, ignore_index)
         sums = _JaccardSumsEager.apply(logits, target, squared, activation, ignore_index, backend or "", label_check)
     return jaccard_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
                              per_sample=per_sample, reduction=reduction)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_weights(classes, include_background, device):
+    """The (C,) float32 class weights of the unweighted loss (0 for a left-out background), made once per device."""
+    return backends.device_table([0.0 if k == 0 and not include_background else 1.0 for k in range(classes)],
+                                 torch.float32, device)
+
+
+def _loss_weights(class_weights, include_background, classes, device):
+    """The per-class weights of backends' jaccard_loss_reduced (backends/API.md)."""
+    if class_weights is None:
+        return _unit_weights(classes, include_background, device)
+    weights = class_weights.to(device=device, dtype=torch.float32)
+    return weights if include_background else torch.cat([weights.new_zeros(1), weights[1:]])
+
+
+class _JaccardLossReduced(torch.autograd.Function):
+    """The loss on a backend that fuses it (jaccard_loss_reduced: two launches forward, one backward, the label
+    range found by its kernel): the sums path's dozen small ops each way cost more host time than its kernels take
+    on a GPU. Same loss and gradient as jaccard_from_sums of the sums; forward and backward both on the backend
+    chosen for the forward (the backward needs its own saved sums)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weights, module, squared, activation, ignore_index, smooth, per_sample, mean):
+        options = (squared, activation, ignore_index, smooth, per_sample, mean)
+        loss, sums, label_range = module.jaccard_loss_reduced(logits, target, squared, activation, ignore_index,
+                                                               smooth, weights, per_sample, mean)
+        ctx.label_check = None if label_range is None else _label_range_check(logits, target, ignore_index,
+                                                                              label_range)
+        ctx.save_for_backward(logits, target, sums, weights)
+        ctx.module, ctx.options = module, options
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.label_check is not None:
+            ctx.label_check()
+        logits, target, sums, weights = ctx.saved_tensors
+        squared, activation, ignore_index, smooth, per_sample, mean = ctx.options
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = ctx.module.jaccard_loss_reduced_backward(grad, sums, weights, logits, target, squared,
+                                                                   activation, ignore_index, smooth, per_sample, mean)
+        return (grad_logits,) + (None,) * 9
 
 
 # ---------------------------------------------------------------------------------------------------------------------

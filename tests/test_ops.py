@@ -118,8 +118,12 @@ def test_compiled_backends_through_ops(backend, dtype, k, stride, alpha_kind, re
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
-@pytest.mark.parametrize("kwargs,target_kind", [(dict(), "labels"), (dict(ignore_index=255, per_sample=True), "labels"),
-                                                (dict(activation="sigmoid", squared=False), "probs")])
+@pytest.mark.parametrize("kwargs,target_kind", [
+    (dict(), "labels"), (dict(ignore_index=255, per_sample=True), "labels"),
+    (dict(activation="sigmoid", squared=False), "probs"),
+    (dict(per_sample=True, reduction="none"), "labels"),  # the sums path (the reduced loss is fused on triton)
+    (dict(include_background=False, class_weights=torch.tensor([0.5, 1.0, 2.0, 1.0]), reduction="sum", smooth=1.0),
+     "labels")])
 def test_compiled_backends_jaccard_through_ops(backend, kwargs, target_kind):
     skip_unless_usable(backend)
     check_jaccard(kwargs, target_kind, torch.float32, backend=backend, device=DEVICE)

@@ -459,6 +459,58 @@ def test_jaccard_sums_and_backward(dtype, activation, squared, target_kind, igno
         assert (grad.movedim(1, -1)[target == ignore_index] == 0).all()
 
 
+@pytest.mark.parametrize("per_sample,mean,weighted,target_kind,ignore_index,classes", [
+    (False, True, False, "int64", None, 4), (True, True, True, "uint8", 7, 5), (False, False, True, "probs", None, 3),
+    (True, False, False, "int32", None, 2), (False, True, True, "int64", 3, 33)])
+def test_jaccard_loss_reduced(per_sample, mean, weighted, target_kind, ignore_index, classes):
+    """The fused loss (two launches) and its one-launch backward against the float64 formula of the plain sums; the
+    label range its kernel finds (counted labels only)."""
+    from seg3d_fast.ops import jaccard_from_sums
+
+    gen = torch.Generator().manual_seed(classes)
+    n, size, smooth = 3, (4, 5, 7), 0.5
+    logits64 = randn(n, classes, *size, dtype=torch.float64, generator=gen) * 3
+    target = make_target(target_kind, n, classes, size, gen, ignore_index).to(DEVICE)
+    weights = torch.rand(classes, dtype=torch.float64, generator=gen) + 0.5 if weighted else torch.ones(classes)
+    weights[0] = 0  # the background left out
+    logits = logits64.to(device=DEVICE, dtype=BF16)
+    loss, sums, label_range = tb.jaccard_loss_reduced(logits, target, True, "softmax", ignore_index, smooth,
+                                                      weights.float().to(DEVICE), per_sample, mean)
+    grad = tb.jaccard_loss_reduced_backward(torch.tensor(0.75, device=DEVICE), sums, weights.float().to(DEVICE),
+                                            logits, target, True, "softmax", ignore_index, smooth, per_sample, mean)
+    results = {}
+    for dt in (torch.float64, BF16):
+        lg = logits64.to(device=DEVICE, dtype=dt).clone().requires_grad_()
+        plain = jaccard_sums_plain(lg, target.to(dt) if target.dtype.is_floating_point else target, True, "softmax",
+                                   ignore_index).double()
+        ref = jaccard_from_sums(plain, smooth=smooth, class_weights=weights.to(plain), include_background=False,
+                                per_sample=per_sample, reduction="mean" if mean else "sum")
+        (ref * 0.75).backward()
+        results[dt] = (plain.detach(), ref.detach(), lg.grad)
+    assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == BF16
+    assert_close(sums, results[torch.float64][0], results[BF16][0], BF16, "sums")
+    assert_close(loss, results[torch.float64][1], results[BF16][1], BF16, "loss")
+    assert_close(grad, results[torch.float64][2], results[BF16][2], BF16, "grad_logits")
+    if target_kind == "probs":
+        assert label_range is None
+    else:
+        counted = target[target != ignore_index] if ignore_index is not None else target
+        assert label_range.tolist() == [counted.min().item(), counted.max().item()]
+
+
+def test_jaccard_loss_reduced_label_range_sees_bad_and_no_labels():
+    """Out-of-range labels show in the range (they match no class); a volume whose labels are all ignored has an
+    empty range, which no check rejects."""
+    logits = torch.randn(2, 3, 4, 5, 6, device=DEVICE)
+    labels = torch.randint(0, 3, (2, 4, 5, 6), device=DEVICE)
+    labels[1, 2, 3, 4], labels[0, 0, 0, 0] = 9, -2
+    w = torch.ones(3, device=DEVICE)
+    assert tb.jaccard_loss_reduced(logits, labels, True, "softmax", None, 1e-5, w, False, True)[2].tolist() == [-2, 9]
+    ignored = torch.full_like(labels, 255)
+    lo, hi = tb.jaccard_loss_reduced(logits, ignored, True, "softmax", 255, 1e-5, w, False, True)[2].tolist()
+    assert lo > 2 and hi < 0
+
+
 def test_jaccard_unsupported_reasons(monkeypatch):
     logits, labels = torch.randn(1, 65, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.int64)
     reasons = lambda *a: " | ".join(tb.jaccard_unsupported(*a))

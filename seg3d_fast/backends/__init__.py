@@ -35,6 +35,17 @@ def deterministic() -> bool:
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("SEG3D_FAST_DETERMINISTIC", "0") == "1"
 
 
+def device_table(rows, dtype, device):
+    """A small constant table as a device tensor without a blocking copy: torch.tensor(..., device=cuda) copies
+    from pageable memory and waits for the stream to drain; a pinned source copies asynchronously."""
+    import torch
+
+    host = torch.tensor(rows, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def load(name: str):
     """The backend module `name`, or None when it cannot be imported (reason in unavailable_reason)."""
     if name not in NAMES:

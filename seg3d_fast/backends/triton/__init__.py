@@ -24,7 +24,8 @@ def unavailable_reason():
 if _IMPORT_ERROR is None:
     from .conv3d_prelu import (conv3d_prelu_backward, conv3d_prelu_forward,  # noqa: F401
                                conv3d_prelu_unsupported)
-    from .jaccard import jaccard_sums, jaccard_sums_backward, jaccard_unsupported  # noqa: F401
+    from .jaccard import (jaccard_loss_reduced, jaccard_loss_reduced_backward, jaccard_sums,  # noqa: F401
+                          jaccard_sums_backward, jaccard_unsupported)
 else:
     def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first):
         return [_IMPORT_ERROR]

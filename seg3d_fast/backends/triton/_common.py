@@ -88,15 +88,6 @@ def next_pow2(n, lo, hi):
     return max(lo, min(hi, 1 << (max(int(n), 1) - 1).bit_length()))
 
 
-def device_table(rows, dtype, device):
-    """A small constant table as a device tensor without a blocking copy: torch.tensor(..., device=cuda) copies
-    from pageable memory and waits for the stream to drain; a pinned source copies asynchronously."""
-    host = torch.tensor(rows, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 @triton.jit
 def block_row_coords(start, E1, E2, E3, BLOCK: tl.constexpr):
     """(n, i1, i2, i3) of the rows start .. start + BLOCK - 1 of an (N, E1, E2, E3) grid, flattened row-major;

@@ -30,8 +30,9 @@ try:  # host-side TMA descriptors (Triton 3.4+)
 except ImportError:
     TensorDescriptor = None
 
-from ._common import (autotune_configs, block_row_coords, cdiv, device_table, dot, dot_precision, interpreting,
-                      next_pow2, parallel_slots, strided_offset)
+from .. import device_table
+from ._common import (autotune_configs, block_row_coords, cdiv, dot, dot_precision, interpreting, next_pow2,
+                      parallel_slots, strided_offset)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DZ_NONE, _DZ_ACT, _DZ_PREACT = 0, 1, 2

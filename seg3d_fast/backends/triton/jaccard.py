@@ -4,6 +4,9 @@ Forward: one pass over the logits; per voxel the class probabilities (softmax ov
 live in registers, and each program writes its per-(sample, class) partial sums of p*t, p^2|p, t^2|t; a
 fixed-order sum over the programs finishes the reduction (deterministic). Backward: one pass that recomputes p
 and writes only grad_logits. No probability or one-hot tensor is ever stored.
+The reduced loss (jaccard_loss_reduced, optional in backends/API.md): the sums kernel also writes each block's
+label range, a single-program kernel sums the partials into the sums, the label range and the loss, and the
+backward kernel derives dL/d(sums) from the sums itself: 2 launches forward, 1 backward, no small torch ops.
 """
 import torch
 import triton
@@ -15,13 +18,17 @@ MAX_CLASSES = 64  # all classes of a voxel are held in registers at once (BLOCK_
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 4096  # BLOCK_C * BLOCK_S elements per program
 NUM_WARPS = 8  # 16 tile elements per thread: with 4 warps the softmax backward spills on sm_90 (Triton 3.6)
+_NO_LABEL_MIN = tl.constexpr(2 ** 62)  # the label range of a block without counted labels: empty
+_NO_LABEL_MAX = tl.constexpr(-(2 ** 62))
+_LOSS_BLOCK_B = 32  # partial-sum rows per step of _jaccard_loss_kernel's single program
 
 
 @triton.jit
 def _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
                        TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, HAS_IGNORE: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
-    """(BLOCK_C, BLOCK_S) tiles p, t (fp32, zero outside valid voxels / classes) and the validity mask."""
+                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(BLOCK_C, BLOCK_S) tiles p, t (fp32, zero outside valid voxels / classes) and the validity mask; the labels
+    and which of them count (BLOCK_S,) (label maps; else zeros and the in-volume mask)."""
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     s_ok = s < S
@@ -33,6 +40,8 @@ def _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn, t
         valid = c_ok[:, None] & valid_s[None, :]
         t = tl.where(valid & (lab[None, :] == c[:, None]), 1.0, 0.0)
     else:
+        lab = tl.zeros((BLOCK_S,), dtype=tl.int64)
+        valid_s = s_ok
         valid = c_ok[:, None] & s_ok[None, :]
         t_off = n * t_sn + c[:, None].to(tl.int64) * t_sc + s[None, :] * t_ss
         t = tl.load(tgt_ptr + t_off, mask=valid, other=0.0).to(tl.float32)
@@ -45,19 +54,27 @@ def _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn, t
     else:
         p = 1.0 / (1.0 + tl.exp(-x))
     p = tl.where(valid, p, 0.0)
-    return p, t, valid, l_off
+    return p, t, valid, l_off, lab, valid_s
 
 
 @triton.jit
-def _jaccard_sums_kernel(logit_ptr, tgt_ptr, part_ptr, S, C, NUM_BLOCKS,
+def _jaccard_sums_kernel(logit_ptr, tgt_ptr, part_ptr, range_ptr, S, C, NUM_BLOCKS,
                          l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
                          TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr,
-                         HAS_IGNORE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                         HAS_IGNORE: tl.constexpr, LABEL_RANGE: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    """Program (block, n) writes its partial sums (C, 3) and, with LABEL_RANGE, the least and greatest of its
+    counted labels (the range check's, for free: the labels are loaded anyway)."""
     blk = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
     s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    p, t, valid, l_off = _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn, t_sc, t_ss,
-                                            ignore_index, TARGET_IS_LABEL, SOFTMAX, HAS_IGNORE, BLOCK_C)
+    p, t, valid, l_off, lab, counted = _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn,
+                                                          t_sc, t_ss, ignore_index, TARGET_IS_LABEL, SOFTMAX,
+                                                          HAS_IGNORE, BLOCK_C, BLOCK_S)
+    if LABEL_RANGE:
+        rng = range_ptr + (n * NUM_BLOCKS + blk) * 2
+        tl.store(rng, tl.min(tl.where(counted, lab, _NO_LABEL_MIN), axis=0))
+        tl.store(rng + 1, tl.max(tl.where(counted, lab, _NO_LABEL_MAX), axis=0))
     pt = tl.sum(p * t, axis=1)
     if SQUARED:
         pp = tl.sum(p * p, axis=1)
@@ -73,18 +90,28 @@ def _jaccard_sums_kernel(logit_ptr, tgt_ptr, part_ptr, S, C, NUM_BLOCKS,
 
 
 @triton.jit
-def _jaccard_backward_kernel(logit_ptr, tgt_ptr, gsum_ptr, grad_ptr, S, C,
+def _jaccard_backward_kernel(logit_ptr, tgt_ptr, gsum_ptr, grad_ptr, w_ptr, gloss_ptr, S, C, N, smooth,
                              l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
                              TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr,
-                             HAS_IGNORE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                             HAS_IGNORE: tl.constexpr, FROM_LOSS: tl.constexpr, PER_SAMPLE: tl.constexpr,
+                             MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """grad_logits of one (BLOCK_C, BLOCK_S) tile from dL/d(sums): read from gsum_ptr (N, C, 3), or, with
+    FROM_LOSS, derived here from the sums (gsum_ptr), the class weights and dL/d(loss) of _jaccard_loss_kernel's
+    loss (the loss's own backward fused in: no small ops between the two kernels)."""
     blk = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
     s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    p, t, valid, l_off = _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn, t_sc, t_ss,
-                                            ignore_index, TARGET_IS_LABEL, SOFTMAX, HAS_IGNORE, BLOCK_C)
+    p, t, valid, l_off, lab, counted = _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn,
+                                                          t_sc, t_ss, ignore_index, TARGET_IS_LABEL, SOFTMAX,
+                                                          HAS_IGNORE, BLOCK_C, BLOCK_S)
     c = tl.arange(0, BLOCK_C)
-    g_pt = tl.load(gsum_ptr + (n * C + c) * 3, mask=c < C, other=0.0)[:, None]
-    g_pp = tl.load(gsum_ptr + (n * C + c) * 3 + 1, mask=c < C, other=0.0)[:, None]
+    if FROM_LOSS:
+        g_pt, g_pp = _loss_sums_grad(gsum_ptr, w_ptr, gloss_ptr, n, N, C, smooth, PER_SAMPLE, MEAN, BLOCK_C)
+        g_pt = g_pt[:, None]
+        g_pp = g_pp[:, None]
+    else:
+        g_pt = tl.load(gsum_ptr + (n * C + c) * 3, mask=c < C, other=0.0)[:, None]
+        g_pp = tl.load(gsum_ptr + (n * C + c) * 3 + 1, mask=c < C, other=0.0)[:, None]
     if SQUARED:
         dp = g_pt * t + g_pp * 2.0 * p
     else:
@@ -96,6 +123,101 @@ def _jaccard_backward_kernel(logit_ptr, tgt_ptr, gsum_ptr, grad_ptr, S, C,
     dx = tl.where(valid, dx, 0.0)
     s_ok = s < S
     tl.store(grad_ptr + l_off, dx.to(grad_ptr.dtype.element_ty), mask=(c < C)[:, None] & s_ok[None, :])
+
+
+@triton.jit
+def _loss_terms(i, p, t, w, smooth):
+    """Per class: 1 - (I + s) / (P + T - I + s) times its weight (0 for padding classes, whose w is 0)."""
+    return tl.where(w != 0, w * (1.0 - (i + smooth) / (p + t - i + smooth)), 0.0)
+
+
+@triton.jit
+def _jaccard_loss_kernel(part_ptr, range_part_ptr, w_ptr, sums_ptr, loss_ptr, range_ptr, N, NUM_BLOCKS, C, smooth,
+                         PER_SAMPLE: tl.constexpr, MEAN: tl.constexpr, LABEL_RANGE: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One program: the partial sums (N, NUM_BLOCKS, C, 3) summed over the blocks in a fixed order into sums
+    (N, C, 3), the loss sum_rows sum_c w_c (1 - (I + s) / (P + T - I + s)) over one pooled row or one row per
+    sample (PER_SAMPLE), divided by R * sum_c w_c for MEAN (R rows), and with LABEL_RANGE the least and greatest
+    counted label of all blocks (range_ptr (2,))."""
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    w = tl.load(w_ptr + c, mask=c_ok, other=0.0)
+    pooled_i = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    pooled_p = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    pooled_t = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    lo = tl.full((BLOCK_B,), _NO_LABEL_MIN, dtype=tl.int64)
+    hi = tl.full((BLOCK_B,), _NO_LABEL_MAX, dtype=tl.int64)
+    for n in range(N):
+        acc_i = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        acc_p = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        acc_t = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+        for b0 in range(0, NUM_BLOCKS, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * C * 3 can pass 2^31
+            b_ok = b < NUM_BLOCKS
+            row = n * NUM_BLOCKS + b
+            off = (row[:, None] * C + c[None, :]) * 3
+            m = b_ok[:, None] & c_ok[None, :]
+            acc_i += tl.load(part_ptr + off, mask=m, other=0.0)
+            acc_p += tl.load(part_ptr + off + 1, mask=m, other=0.0)
+            acc_t += tl.load(part_ptr + off + 2, mask=m, other=0.0)
+            if LABEL_RANGE:
+                lo = tl.minimum(lo, tl.load(range_part_ptr + row * 2, mask=b_ok, other=_NO_LABEL_MIN))
+                hi = tl.maximum(hi, tl.load(range_part_ptr + row * 2 + 1, mask=b_ok, other=_NO_LABEL_MAX))
+        s_i = tl.sum(acc_i, axis=0)
+        s_p = tl.sum(acc_p, axis=0)
+        s_t = tl.sum(acc_t, axis=0)
+        out = sums_ptr + (n * C + c) * 3
+        tl.store(out, s_i, mask=c_ok)
+        tl.store(out + 1, s_p, mask=c_ok)
+        tl.store(out + 2, s_t, mask=c_ok)
+        if PER_SAMPLE:
+            total += _loss_terms(s_i, s_p, s_t, w, smooth)
+        else:
+            pooled_i += s_i
+            pooled_p += s_p
+            pooled_t += s_t
+    if not PER_SAMPLE:
+        total = _loss_terms(pooled_i, pooled_p, pooled_t, w, smooth)
+    loss = tl.sum(total, axis=0)
+    if MEAN:
+        loss = loss / (tl.sum(w, axis=0) * (N if PER_SAMPLE else 1))
+    tl.store(loss_ptr, loss)
+    if LABEL_RANGE:
+        tl.store(range_ptr, tl.min(lo, axis=0))
+        tl.store(range_ptr + 1, tl.max(hi, axis=0))
+
+
+@triton.jit
+def _loss_sums_grad(sums_ptr, w_ptr, gloss_ptr, n, N, C, smooth, PER_SAMPLE: tl.constexpr, MEAN: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """dL/d(sum p t) and dL/d(sum p^2 | p) per class of sample n for _jaccard_loss_kernel's loss: with
+    num = I + s, den = P + T - I + s and q = dL/dloss * coef_c / den^2: dL/dP = q num, dL/dI = -(q den + q num)."""
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    if PER_SAMPLE:
+        row = sums_ptr + (n * C + c) * 3
+        i = tl.load(row, mask=c_ok, other=0.0)
+        p = tl.load(row + 1, mask=c_ok, other=0.0)
+        t = tl.load(row + 2, mask=c_ok, other=0.0)
+    else:  # the loss pools the samples' sums: sum them (in the loss kernel's order)
+        i = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        p = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        t = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for m in range(N):
+            row = sums_ptr + (m * C + c) * 3
+            i += tl.load(row, mask=c_ok, other=0.0)
+            p += tl.load(row + 1, mask=c_ok, other=0.0)
+            t += tl.load(row + 2, mask=c_ok, other=0.0)
+    w = tl.load(w_ptr + c, mask=c_ok, other=0.0)
+    coef = w * tl.load(gloss_ptr).to(tl.float32)
+    if MEAN:
+        coef = coef / (tl.sum(w, axis=0) * (N if PER_SAMPLE else 1))
+    num = i + smooth
+    den = p + t - i + smooth
+    q = tl.where(w != 0, coef / (den * den), 0.0)
+    d_p = q * num
+    return -(q * den + d_p), d_p
 
 
 def _flat_spatial(t):
@@ -142,23 +264,63 @@ def jaccard_unsupported(logits, target, activation, ignore_index):
     return reasons
 
 
+def _launch_sums(logits, target, spatial, blocks, strides, meta, squared, activation, label_range):
+    """(N, blocks, C, 3) partial sums, and with label_range the (N * blocks, 2) label range partials."""
+    n, c = logits.shape[:2]
+    partials = torch.empty((n, blocks, c, 3), dtype=torch.float32, device=logits.device)  # every entry written
+    ranges = torch.empty((n * blocks, 2), dtype=torch.int64, device=logits.device) if label_range else partials
+    _jaccard_sums_kernel[(blocks, n)](logits, target, partials, ranges, spatial, c, blocks, *strides,
+                                      SOFTMAX=activation == "softmax", SQUARED=bool(squared), LABEL_RANGE=label_range,
+                                      **meta)
+    return partials, ranges
+
+
 def jaccard_sums(logits, target, squared, activation, ignore_index):
     n, c = logits.shape[:2]
     logits, target, spatial, blocks, strides, meta = _prepare(logits, target, ignore_index)
     if n * c == 0 or spatial == 0:
         return torch.zeros((n, c, 3), dtype=torch.float32, device=logits.device)
-    partials = torch.empty((n, blocks, c, 3), dtype=torch.float32, device=logits.device)  # every entry written
-    _jaccard_sums_kernel[(blocks, n)](logits, target, partials, spatial, c, blocks, *strides,
-                                      SOFTMAX=activation == "softmax", SQUARED=bool(squared), **meta)
+    partials, _ = _launch_sums(logits, target, spatial, blocks, strides, meta, squared, activation, False)
     return partials.sum(1)  # fixed-order second stage: deterministic
 
 
-def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore_index):
-    n, c = logits.shape[:2]
+def _launch_backward(grad_sums, logits, target, squared, activation, ignore_index, loss_args=None):
     logits, target, spatial, blocks, strides, meta = _prepare(logits, target, ignore_index)
-    grad_sums = grad_sums.to(device=logits.device, dtype=torch.float32).contiguous()
     grad = torch.empty_like(logits)  # same strides as the logits the kernel reads
     if grad.numel():
-        _jaccard_backward_kernel[(blocks, n)](logits, target, grad_sums, grad, spatial, c, *strides,
-                                              SOFTMAX=activation == "softmax", SQUARED=bool(squared), **meta)
+        weights, grad_loss, smooth, per_sample, mean = loss_args or (grad_sums, grad_sums, 0.0, False, False)
+        _jaccard_backward_kernel[(blocks, logits.shape[0])](
+            logits, target, grad_sums, grad, weights, grad_loss, spatial, logits.shape[1], logits.shape[0], smooth,
+            *strides, SOFTMAX=activation == "softmax", SQUARED=bool(squared), FROM_LOSS=loss_args is not None,
+            PER_SAMPLE=per_sample, MEAN=mean, **meta)
     return grad
+
+
+def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore_index):
+    grad_sums = grad_sums.to(device=logits.device, dtype=torch.float32).contiguous()
+    return _launch_backward(grad_sums, logits, target, squared, activation, ignore_index)
+
+
+def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smooth, weights, per_sample, mean):
+    """The whole loss in two launches (optional backend function, API.md): -> (loss, a float32 0-d tensor; sums
+    (N, C, 3) for the backward; the (2,) int64 least and greatest counted label, or None for class
+    probabilities). weights: float32 (C,) on the logits' device, 0 for a class left out. Non-empty inputs."""
+    n, c = logits.shape[:2]
+    logits, target, spatial, blocks, strides, meta = _prepare(logits, target, ignore_index)
+    label_range = meta["TARGET_IS_LABEL"]
+    partials, ranges = _launch_sums(logits, target, spatial, blocks, strides, meta, squared, activation, label_range)
+    sums = torch.empty((n, c, 3), dtype=torch.float32, device=logits.device)
+    loss = torch.empty((), dtype=torch.float32, device=logits.device)
+    labels = torch.empty(2, dtype=torch.int64, device=logits.device) if label_range else loss
+    _jaccard_loss_kernel[(1,)](partials, ranges, weights, sums, loss, labels, n, blocks, c, float(smooth),
+                               PER_SAMPLE=per_sample, MEAN=mean, LABEL_RANGE=label_range, BLOCK_B=_LOSS_BLOCK_B,
+                               BLOCK_C=meta["BLOCK_C"], num_warps=4)
+    return loss, sums, (labels if label_range else None)
+
+
+def jaccard_loss_reduced_backward(grad_loss, sums, weights, logits, target, squared, activation, ignore_index, smooth,
+                                  per_sample, mean):
+    """grad_logits of jaccard_loss_reduced's loss: one launch (the loss's backward is fused into it)."""
+    grad_loss = grad_loss.to(device=logits.device, dtype=torch.float32).reshape(1)
+    return _launch_backward(sums, logits, target, squared, activation, ignore_index,
+                            (weights, grad_loss, float(smooth), per_sample, mean))
