@@ -328,18 +328,20 @@ def test_explicit_backend_that_cannot_run_lists_reasons():
         sf.conv3d_prelu(x, w, backend="cuda")
 
 
-def test_jaccard_label_check_deferred_to_backward(monkeypatch):
+@pytest.mark.parametrize("backend", ["reference", "triton"])  # the sums path; the fused loss (its kernel's range)
+def test_jaccard_label_check_deferred_to_backward(monkeypatch, backend):
     """The training path on a GPU (forced here on the CPU): the forward does not wait for the label range check;
     backward raises before producing any gradient. ignore_index voxels are left out of the range."""
+    skip_unless_usable(backend)
     monkeypatch.setattr(ops, "_defer_label_check", lambda logits: True)
-    logits = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
-    loss = sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), 3))
+    logits = torch.randn(2, 3, 4, 5, 6, requires_grad=True, device=DEVICE)
+    loss = sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), 3, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match=r"must lie in \[0, 2\] for 3 classes; found values in \[3, 3\]"):
         loss.backward()
     assert logits.grad is None
-    labels = torch.randint(0, 3, (2, 4, 5, 6))
+    labels = torch.randint(0, 3, (2, 4, 5, 6), device=DEVICE)
     labels[0, 0] = 255
-    sf.jaccard_loss(logits, labels, ignore_index=255).backward()
+    sf.jaccard_loss(logits, labels, ignore_index=255, backend=backend).backward()
     assert logits.grad is not None and logits.grad.isfinite().all()
 
 
