@@ -412,11 +412,12 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
     return class_weights
 
 
-def _label_range_check(logits, target, ignore_index, label_range=None):
+def _label_range_check(logits, target, ignore_index, label_range=None, defer=None):
     """Checks that the labels lie in [0, C) (ignore_index voxels aside). In training on a GPU the (min, max) is
     copied asynchronously and the returned function checks it in backward, before any gradient exists: a check here
     would stall the CPU until the whole forward pass has run. Elsewhere it checks now and returns None.
-    label_range: the (least, greatest) counted label where a kernel found it already (else computed here).
+    label_range: the (least, greatest) counted label where a kernel found it already (else computed here);
+    defer: _defer_label_check's answer, where it was asked outside an autograd.Function (grad mode is off inside).
     (Out-of-range labels are memory-safe in every backend: they match no class.)"""
     if target.dtype.is_floating_point or target.numel() == 0 or torch.compiler.is_compiling():
         return None
@@ -432,7 +433,7 @@ def _label_range_check(logits, target, ignore_index, label_range=None):
                              + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
                              + f"; found values in [{lo}, {hi}]")
 
-    if _defer_label_check(logits):
+    if _defer_label_check(logits) if defer is None else defer:
         read = _read_later(label_range)
         return lambda: check(read())
     check(label_range)
@@ -512,7 +513,7 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
         if reduction != "none" and logits.numel() and hasattr(module, "jaccard_loss_reduced"):
             weights = _loss_weights(class_weights, include_background, logits.shape[1], logits.device)
             return _JaccardLossReduced.apply(logits, target, weights, module, squared, activation, ignore_index,
-                                             smooth, per_sample, reduction == "mean")
+                                             smooth, per_sample, reduction == "mean", _defer_label_check(logits))
         label_check = _label_range_check(logits, target, ignore_index)
         sums = _JaccardSumsEager.apply(logits, target, squared, activation, ignore_index, backend or "", label_check)
     return jaccard_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
@@ -541,12 +542,13 @@ class _JaccardLossReduced(torch.autograd.Function):
     chosen for the forward (the backward needs its own saved sums)."""
 
     @staticmethod
-    def forward(ctx, logits, target, weights, module, squared, activation, ignore_index, smooth, per_sample, mean):
+    def forward(ctx, logits, target, weights, module, squared, activation, ignore_index, smooth, per_sample, mean,
+                defer_label_check):
         options = (squared, activation, ignore_index, smooth, per_sample, mean)
         loss, sums, label_range = module.jaccard_loss_reduced(logits, target, squared, activation, ignore_index,
                                                                smooth, weights, per_sample, mean)
         ctx.label_check = None if label_range is None else _label_range_check(logits, target, ignore_index,
-                                                                              label_range)
+                                                                              label_range, defer_label_check)
         ctx.save_for_backward(logits, target, sums, weights)
         ctx.module, ctx.options = module, options
         return loss
@@ -561,7 +563,7 @@ class _JaccardLossReduced(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_logits = ctx.module.jaccard_loss_reduced_backward(grad, sums, weights, logits, target, squared,
                                                                    activation, ignore_index, smooth, per_sample, mean)
-        return (grad_logits,) + (None,) * 9
+        return (grad_logits,) + (None,) * 10
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -333,7 +333,8 @@ def test_jaccard_label_check_deferred_to_backward(monkeypatch, backend):
     """The training path on a GPU (forced here on the CPU): the forward does not wait for the label range check;
     backward raises before producing any gradient. ignore_index voxels are left out of the range."""
     skip_unless_usable(backend)
-    monkeypatch.setattr(ops, "_defer_label_check", lambda logits: True)
+    # the GPU rule without its device test (grad mode is off inside an autograd.Function: it must be asked outside)
+    monkeypatch.setattr(ops, "_defer_label_check", lambda logits: logits.requires_grad and torch.is_grad_enabled())
     logits = torch.randn(2, 3, 4, 5, 6, requires_grad=True, device=DEVICE)
     loss = sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), 3, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match=r"must lie in \[0, 2\] for 3 classes; found values in \[3, 3\]"):
