@@ -74,8 +74,8 @@ def stubbed_triton(counter: LaunchCounter):
                 saved[(mod, name)] = obj
                 setattr(mod, name, counter.triton_kernel())
     check = saved[(ops, "_label_range_check")] = ops._label_range_check
-    ops._label_range_check = lambda logits, target, ignore_index, label_range=None: check(
-        logits, target, ignore_index, None if label_range is None else label_range.zero_())
+    ops._label_range_check = lambda logits, target, ignore_index, label_range=None, defer=None: check(
+        logits, target, ignore_index, None if label_range is None else label_range.zero_(), defer)
     try:
         yield
     finally:
