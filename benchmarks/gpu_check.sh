@@ -81,7 +81,9 @@ if [[ $DRY_RUN -eq 0 ]]; then
   # GPU_CHECK_K: a -k filter; by default the v1 fallback kernels (verified on the GPU before v2) are left out.
   stage tests "$T_TESTS" env SEG3D_FAST_AUTOTUNE=0 $PY -m pytest $EXISTING -m "not slow" -q -p no:cacheprovider \
     --tb=short $XDIST -k "${GPU_CHECK_K:-not v1}"
-  PROFILE_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 16 --max-edge 512 --time-limit $((T_PROFILE - 25)))
+  # triton_tma last: the opt-in TMA kernels on every layer (its rows come after the others should it fail)
+  PROFILE_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 16 --max-edge 512 --time-limit $((T_PROFILE - 25))
+                --variants plain plain_cl fused triton_tma)
 else
   echo "(dry run: no install; the package is used from the checkout)"
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}

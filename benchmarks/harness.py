@@ -18,7 +18,6 @@ in L2, so that each call reads from device memory. Also per row: the median of s
 device time with the launch queue kept full (ms_queued: the kernels' own pace where the host is slower than them).
 CPU time: pytest-benchmark's median wall time.
 """
-import contextlib
 import math
 import os
 import statistics
@@ -35,20 +34,11 @@ LAYOUT = {"eager": "ncdhw", "eager_cl": "ndhwc", "compile": "ncdhw", "reference"
 VARIANT_ENV = {"triton_tma": {"SEG3D_FAST_TRITON_TMA": "1"}}  # set around every call of the variant
 
 
-@contextlib.contextmanager
 def variant_env(variant):
     """The variant's environment (VARIANT_ENV) for the duration of a call; the previous values afterwards."""
-    changes = VARIANT_ENV.get(variant, {})
-    saved = {k: os.environ.get(k) for k in changes}
-    os.environ.update(changes)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    from seg3d_fast.profile import env_vars
+
+    return env_vars(VARIANT_ENV.get(variant, {}))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -18,6 +18,7 @@ against plain eager: saved-for-backward bytes ratio (target <= 0.55) and trainin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -36,8 +37,10 @@ from .models import peak_live_bytes, saved_tensor_bytes
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # "fused": every layer on the best backend that can run it; "reference"/"triton"/"cuda": every layer forced onto one
-# backend (an error when a layer cannot run there, e.g. the cuda kernels need even channel counts in fp16/bf16).
-VARIANTS = ("plain", "plain_cl", "fused", "reference", "triton", "cuda")
+# backend (an error when a layer cannot run there, e.g. the cuda kernels need even channel counts in fp16/bf16);
+# "triton_tma": "triton" with its opt-in TMA kernels on (VARIANT_ENV).
+VARIANTS = ("plain", "plain_cl", "fused", "reference", "triton", "cuda", "triton_tma")
+VARIANT_ENV = {"triton_tma": {"SEG3D_FAST_TRITON_TMA": "1"}}
 SAVED_BYTES_TARGET = 0.55
 STEP_TIME_TARGET = 1.15
 
@@ -54,6 +57,21 @@ def plain_jaccard_loss(logits, labels, smooth: float = 1e-5):
     inter = (p * t).sum(dims)
     union = (p * p).sum(dims) + (t * t).sum(dims) - inter
     return (1 - (inter + smooth) / (union + smooth)).mean()
+
+
+@contextlib.contextmanager
+def env_vars(changes: dict):
+    """Environment variables set for the duration of a block, the previous values restored after it."""
+    saved = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def environment() -> dict:
@@ -106,7 +124,8 @@ class Variant:
         self.channels_last = name != "plain"
         torch.manual_seed(0)
         fused = not name.startswith("plain")
-        backend = None if name == "fused" else name  # "fused": each layer on the best backend that can run it
+        backend = None if name == "fused" else name.split("_")[0]  # "fused": each layer on the best that can run it
+        self.env = VARIANT_ENV.get(name, {})
         self.model = Seg3DNet(in_channels=args.in_channels, num_classes=args.classes, features=args.features,
                               fused=fused, backend=backend if fused else None).to(device).train()
         if self.channels_last:
@@ -137,10 +156,11 @@ class Variant:
         return loss
 
     def forward_backward(self, x, labels):
-        with self.autocast():
-            logits = self.model(x)
-        loss = self.loss(logits, labels)
-        loss.backward()
+        with env_vars(self.env):
+            with self.autocast():
+                logits = self.model(x)
+            loss = self.loss(logits, labels)
+            loss.backward()
         return loss.detach()
 
     def peak_bytes(self, x, labels):

@@ -132,3 +132,27 @@ def test_profile_main_tiny_gpu(tmp_path):
     for r in rows.values():
         assert r["peak_bytes"] > 0 and "max_memory_allocated" in r["memory_method"]
         assert r["max_cubic_edge"] in (16, 32) and r["max_cubic_bytes"] <= 0.5 * 2**30
+
+
+def test_triton_tma_variant_runs_with_its_environment(monkeypatch):
+    """The triton_tma variant runs the Triton backend with SEG3D_FAST_TRITON_TMA=1 around each training step, and
+    only then (the opt-in TMA kernels read it at launch)."""
+    import os
+
+    monkeypatch.delenv("SEG3D_FAST_TRITON_TMA", raising=False)
+    args = argparse.Namespace(dtype="fp32", in_channels=1, classes=2, features=[2, 4, 6, 8])
+    variant = profile.Variant("triton_tma", args, torch.device("cpu"))
+    backends = {m.backend for m in variant.model.modules() if hasattr(m, "backend")}
+    assert backends == {"triton"}
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(os.environ.get("SEG3D_FAST_TRITON_TMA"))
+            return x * self.scale
+
+        scale = nn.Parameter(torch.ones(()))
+
+    variant.model, variant.loss = Probe(), lambda logits, labels: logits.sum()
+    variant.forward_backward(torch.randn(1, 1, 2, 2, 2), None)
+    assert seen == ["1"] and "SEG3D_FAST_TRITON_TMA" not in os.environ
