@@ -51,7 +51,7 @@ CONV = [
     ("dgrad_phases_flat", dict(_DGRAD, PHASES=True, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
     ("dgrad_flat", dict(_DGRAD, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
 ]
-# _conv_tma_kernel: (variant, constexprs, box shape); descriptors' block shapes follow from the constexprs
+# _conv_tma_kernel: (variant, constexprs); the descriptors' block shapes follow from BD, BH, BW, BLOCK_K, BLOCK_N
 _TMA = dict(KSIZE=3, TAP_SIGN=1, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0, SAVE_ACT=False, BLOCK_N=64,
             BLOCK_K=64)
 TMA = [
