@@ -300,11 +300,20 @@ def _jaccard_backend(logits, target, activation, ignore_index, backend, directio
     if name is None:
         key = f"{str(logits.dtype).removeprefix('torch.')}-C{logits.shape[1]}"
         args = (logits, target, activation, ignore_index)
-        bench = backends.Bench("jaccard", args,
-                               lambda m: m.jaccard_sums(logits, target, True, activation, ignore_index))
+        bench = backends.Bench("jaccard", args, lambda m: _loss_forward(m, logits, target, activation, ignore_index))
         name = _backend_cache[signature] = backends.select("jaccard", backend or None, logits.device, key, args,
                                                            bench, direction)
     return backends.load(name)
+
+
+def _loss_forward(module, logits, target, activation, ignore_index):
+    """The default loss's forward on backend `module` as jaccard_loss runs it there (the fused loss where the
+    backend has one, else its sums and the formula): what the dispatcher times, host work included."""
+    if hasattr(module, "jaccard_loss_reduced"):
+        weights = _unit_weights(logits.shape[1], True, logits.device)
+        return module.jaccard_loss_reduced(logits, target, True, activation, ignore_index, 1e-5, weights, False,
+                                           True)[0]
+    return jaccard_from_sums(module.jaccard_sums(logits, target, True, activation, ignore_index))
 
 
 def _jaccard_sums_impl(logits, target, squared, activation, ignore_index, backend):

@@ -129,6 +129,21 @@ def test_compiled_backends_jaccard_through_ops(backend, kwargs, target_kind):
     check_jaccard(kwargs, target_kind, torch.float32, backend=backend, device=DEVICE)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dispatch_times_the_loss_as_jaccard_loss_runs_it(backend):
+    """What the dispatcher times for the loss on a backend (ops._loss_forward: the fused loss on the Triton backend,
+    the sums and the formula elsewhere) computes the default loss itself."""
+    skip_unless_usable(backend)
+    from seg3d_fast import backends
+
+    logits = randn(2, 4, 3, 5, 6).to(DEVICE)
+    labels = torch.randint(0, 4, (2, 3, 5, 6), device=DEVICE)
+    module = backends.load(backend)
+    assert hasattr(module, "jaccard_loss_reduced") == (backend == "triton")
+    timed = ops._loss_forward(module, logits, labels, "softmax", None)
+    torch.testing.assert_close(timed, sf.jaccard_loss(logits, labels, backend="reference"), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("stride,residual_first,alpha_kind", [(1, False, "channel"), (2, True, "shared"),
                                                               (2, False, "none"), (1, True, "negative")])
 def test_conv3d_prelu_gradcheck(stride, residual_first, alpha_kind):
