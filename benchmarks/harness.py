@@ -27,17 +27,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seg3d_fast.profile import VARIANT_ENV, env_vars, variant_backend
+
 BASELINES = ("eager", "eager_cl")
 FUSED = ("reference", "triton", "cuda")
 LAYOUT = {"eager": "ncdhw", "eager_cl": "ndhwc", "compile": "ncdhw", "reference": "ncdhw", "triton": "ndhwc",
           "triton_tma": "ndhwc", "cuda": "ndhwc"}
-VARIANT_ENV = {"triton_tma": {"SEG3D_FAST_TRITON_TMA": "1"}}  # set around every call of the variant
 
 
 def variant_env(variant):
-    """The variant's environment (VARIANT_ENV) for the duration of a call; the previous values afterwards."""
-    from seg3d_fast.profile import env_vars
-
+    """The variant's environment (VARIANT_ENV, set around every call of it) for the duration of a call."""
     return env_vars(VARIANT_ENV.get(variant, {}))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -81,7 +80,7 @@ def conv_function(variant, case):
         import seg3d_fast as sf
         from seg3d_fast.backends import BackendUnsupported
 
-        backend = variant.split("_")[0]
+        backend = variant_backend(variant)
 
         def fused(*t):
             try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 import seg3d_fast as sf
 from seg3d_fast import backends
+from seg3d_fast.profile import VARIANT_ENV, env_vars, variant_backend
 
 # (name, C_in, C_out, k, stride, spatial, alpha, residual, residual_first): small volumes, so that the CPU work of
 # the torch ops around the kernels stays small next to the Python; the host cost does not depend on the volume.
@@ -64,8 +64,6 @@ def stubbed_triton(counter: LaunchCounter):
     from seg3d_fast import ops
     from seg3d_fast.backends.triton import conv3d_prelu as conv_mod, jaccard as jac_mod
 
-    interpret = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # the backend then takes CPU tensors
     saved = {}
     for mod in (conv_mod, jac_mod):
         for name in dir(mod):
@@ -77,14 +75,11 @@ def stubbed_triton(counter: LaunchCounter):
     ops._label_range_check = lambda logits, target, ignore_index, label_range=None, defer=None: check(
         logits, target, ignore_index, None if label_range is None else label_range.zero_(), defer)
     try:
-        yield
+        with env_vars({"TRITON_INTERPRET": "1"}):  # the backend then takes CPU tensors
+            yield
     finally:
         for (mod, name), obj in saved.items():
             setattr(mod, name, obj)
-        if interpret is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = interpret
 
 
 def stubbed_cuda(counter: LaunchCounter):
@@ -157,23 +152,15 @@ def _row(op, case, backend, dtype, fwd, bwd, reps, counter):
 @contextlib.contextmanager
 def stubbed_triton_tma(counter: LaunchCounter):
     """stubbed_triton with the opt-in TMA kernels on (their descriptors are made on the host as on the GPU)."""
-    tma = os.environ.get("SEG3D_FAST_TRITON_TMA")
-    os.environ["SEG3D_FAST_TRITON_TMA"] = "1"
-    try:
-        with stubbed_triton(counter):
-            yield
-    finally:
-        if tma is None:
-            del os.environ["SEG3D_FAST_TRITON_TMA"]
-        else:
-            os.environ["SEG3D_FAST_TRITON_TMA"] = tma
+    with env_vars(VARIANT_ENV["triton_tma"]), stubbed_triton(counter):
+        yield
 
 
 def run(reps=200, dtype=torch.bfloat16):
     counter = LaunchCounter()
     rows = []
     for name, stub in (("triton", stubbed_triton), ("triton_tma", stubbed_triton_tma), ("cuda", stubbed_cuda)):
-        backend = name.split("_")[0]
+        backend = variant_backend(name)
         with stub(counter):
             for case in CASES:
                 rows.append(dict(measure_conv(backend, case, dtype, reps, counter), backend=name))

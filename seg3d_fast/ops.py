@@ -556,8 +556,7 @@ class _JaccardLossReduced(torch.autograd.Function):
         options = (squared, activation, ignore_index, smooth, per_sample, mean)
         loss, sums, label_range = module.jaccard_loss_reduced(logits, target, squared, activation, ignore_index,
                                                                smooth, weights, per_sample, mean)
-        ctx.label_check = None if label_range is None else _label_range_check(logits, target, ignore_index,
-                                                                              label_range, defer_label_check)
+        ctx.label_check = _label_range_check(logits, target, ignore_index, label_range, defer_label_check)
         ctx.save_for_backward(logits, target, sums, weights)
         ctx.module, ctx.options = module, options
         return loss

@@ -41,6 +41,12 @@ DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # "triton_tma": "triton" with its opt-in TMA kernels on (VARIANT_ENV).
 VARIANTS = ("plain", "plain_cl", "fused", "reference", "triton", "cuda", "triton_tma")
 VARIANT_ENV = {"triton_tma": {"SEG3D_FAST_TRITON_TMA": "1"}}
+
+
+def variant_backend(name: str):
+    """The backend a variant's fused ops run on: None (each op on its best backend) for "fused", else the name less
+    its VARIANT_ENV suffix ("triton_tma" -> "triton")."""
+    return None if name == "fused" else name.split("_")[0]
 SAVED_BYTES_TARGET = 0.55
 STEP_TIME_TARGET = 1.15
 
@@ -124,7 +130,7 @@ class Variant:
         self.channels_last = name != "plain"
         torch.manual_seed(0)
         fused = not name.startswith("plain")
-        backend = None if name == "fused" else name.split("_")[0]  # "fused": each layer on the best that can run it
+        backend = variant_backend(name)
         self.env = VARIANT_ENV.get(name, {})
         self.model = Seg3DNet(in_channels=args.in_channels, num_classes=args.classes, features=args.features,
                               fused=fused, backend=backend if fused else None).to(device).train()

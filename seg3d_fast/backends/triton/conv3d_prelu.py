@@ -603,9 +603,11 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
     )
 
 
-def tma_unsupported(src, weight_mat, n):
-    """Why _conv_tma_kernel cannot run this conv (empty: it can). Bulk tensor copies need sm_90+, 16-byte aligned
-    bases and 16-byte multiples as row strides; exact fp32 multiplies on the FMA units (no TMA benefit)."""
+def tma_unsupported(src, other, n):
+    """Why the TMA kernels cannot run this conv (empty: they can): src (N, C, D, H, W) channels-last, other the
+    second operand (the weight matrix (K, C_out), or dz for the weight gradient: its channels are dim 1 too), n the
+    batch. Bulk tensor copies need sm_90+, 16-byte aligned bases and 16-byte multiples as row strides; exact fp32
+    multiplies on the FMA units (no TMA benefit)."""
     reasons = []
     if os.environ.get("SEG3D_FAST_TRITON_TMA", "0") != "1":
         reasons.append("the TMA kernel is opt-in (SEG3D_FAST_TRITON_TMA=1) until it has been measured on a GPU")
@@ -616,15 +618,16 @@ def tma_unsupported(src, weight_mat, n):
     if dot_precision(src.dtype) == "ieee":
         reasons.append("exact fp32 (TF32 disabled) runs on the FMA units")
     size = src.element_size()
-    if (src.shape[1] * size) % 16 or (weight_mat.shape[1] * size) % 16:
+    if (src.shape[1] * size) % 16 or (other.shape[1] * size) % 16:
         reasons.append("channel rows must be multiples of 16 bytes")
-    if src.data_ptr() % 16 or weight_mat.data_ptr() % 16:
+    if src.data_ptr() % 16 or other.data_ptr() % 16:
         reasons.append("tensors must start 16-byte aligned")
     if n > 65535:
         reasons.append("batch above 65535 (the grid's second axis)")
     return reasons
 
 
+@functools.lru_cache(maxsize=1024)
 def _tma_box(e1, e2, e3, block_m):
     """(BD, BH, BW) output box of block_m voxels that wastes the fewest rows at the volume's edges (ties: the
     widest rows, the longest contiguous copies)."""
@@ -641,11 +644,21 @@ def _tma_box(e1, e2, e3, block_m):
     return best[1]
 
 
+def _tma_blocks(c_src, c_out, size):
+    """(BLOCK_K, BLOCK_N) of the TMA kernels: K blocks of one tap's channels in rows of at most 128 bytes (one
+    swizzle span), up to 128 output channels per program (64 for fp32)."""
+    return min(_k_blocking(c_src, c_src)[1], 128 // size), next_pow2(c_out, 16, 128 if size == 2 else 64)
+
+
+def _box_descriptor(t, box, channels):
+    """TMA descriptor of a channels-last (N, C, D, H, W) tensor seen as (N, D, H, W, C), blocks (1, *box, channels)."""
+    return TensorDescriptor.from_tensor(t.permute(0, 2, 3, 4, 1), [1, *box, channels])
+
+
 @functools.lru_cache(maxsize=1024)
-def _tma_plan(n, e1, e2, e3, c_src, k_total, c_out, size, classes, slots):
+def _tma_plan(n, e1, e2, e3, c_src, c_out, size, classes, slots):
     """-> (BLOCK_K, BLOCK_N, GRID_N, box (BD, BH, BW), grid) of _conv_tma_kernel, made once per shape."""
-    block_k = min(_k_blocking(c_src, k_total)[1], 128 // size)  # rows of at most 128 bytes: one swizzle span
-    block_n = next_pow2(c_out, 16, 128 if size == 2 else 64)
+    block_k, block_n = _tma_blocks(c_src, c_out, size)
     grid_n = cdiv(c_out, block_n)
     block_m = 128 if cdiv(n * e1 * e2 * e3, 128) * grid_n * classes >= slots else 64  # 64: more programs
     bd, bh, bw = _tma_box(e1, e2, e3, block_m)
@@ -660,9 +673,9 @@ def _launch_conv_tma(src, weight_mat, rows, c_src, k_total, kernel_taps, phases,
         return False
     c_out = weight_mat.shape[1]
     phase_table, classes = (phases[0], phases[1]) if phases is not None else (pointers[3], 1)
-    block_k, block_n, grid_n, box, grid = _tma_plan(n, e1, e2, e3, c_src, k_total, c_out, src.element_size(),
-                                                    classes, parallel_slots(src.device))
-    src_desc = TensorDescriptor.from_tensor(src.permute(0, 2, 3, 4, 1), [1, *box, block_k])
+    block_k, block_n, grid_n, box, grid = _tma_plan(n, e1, e2, e3, c_src, c_out, src.element_size(), classes,
+                                                    parallel_slots(src.device))
+    src_desc = _box_descriptor(src, box, block_k)
     w_desc = TensorDescriptor.from_tensor(weight_mat, [block_k, block_n])
     ksize, sign = kernel_taps
     _conv_tma_kernel[grid](src_desc, w_desc, *pointers, phase_table, e1, e2, e3, c_src, k_total, c_out, grid_n,
@@ -819,6 +832,15 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
     return grad_w, grad_b, grad_a, dz
 
 
+def _voxel_splits(units, voxels, tiles, device):
+    """(splits, units per split) of a split-K weight gradient over `units` (voxel grains or boxes) that hold
+    `voxels`: many equal programs (a short tail wave) but at least _WGRAD_MIN_VOX voxels each (few partials to
+    sum). `tiles`: the programs of one split."""
+    splits = max(1, min(cdiv(_WGRAD_PROGRAMS_PER_SLOT * parallel_slots(device), tiles), cdiv(voxels, _WGRAD_MIN_VOX)))
+    per_split = cdiv(units, splits)
+    return cdiv(units, per_split), per_split
+
+
 def _wgrad_gemm(dz, x, weight, stride):
     """grad_weight from a stored dz (channels-last) with _wgrad_gemm_kernel: fp32 partials per voxel split,
     summed in a fixed order (deterministic)."""
@@ -830,11 +852,8 @@ def _wgrad_gemm(dz, x, weight, stride):
     block_kt = next_pow2(k_total, 16, _WGRAD_BLOCK_KT)
     block_co = next_pow2(c_out, 16, _MAX_BLOCK_N)
     kt_tiles, co_tiles = cdiv(k_total, block_kt), cdiv(c_out, block_co)
-    # many equal programs (small tail wave) but at least _WGRAD_MIN_VOX voxels each (few partials to sum)
-    splits = max(1, min(cdiv(_WGRAD_PROGRAMS_PER_SLOT * parallel_slots(x.device), kt_tiles * co_tiles),
-                        cdiv(m_rows, _WGRAD_MIN_VOX)))
-    vox_per_split = cdiv(cdiv(m_rows, splits), _VOX_GRAIN) * _VOX_GRAIN
-    splits = max(1, cdiv(m_rows, vox_per_split))
+    splits, grains = _voxel_splits(cdiv(m_rows, _VOX_GRAIN), m_rows, kt_tiles * co_tiles, x.device)
+    vox_per_split = grains * _VOX_GRAIN
     kt_pad, co_pad = kt_tiles * block_kt, co_tiles * block_co
     dw_part = torch.empty((splits, kt_pad, co_pad), dtype=torch.float32, device=x.device)
     _wgrad_gemm_kernel[(splits, kt_tiles, co_tiles)](
@@ -854,20 +873,14 @@ def _wgrad_tma(dz, x, weight):
     if c_in % 16 or tma_unsupported(xs, dz, n):
         return None
     e1, e2, e3 = dz.shape[2:]
-    size = x.element_size()
-    block_k = min(_k_blocking(c_in, c_in)[1], 128 // size)
-    block_n = next_pow2(c_out, 16, 128 if size == 2 else 64)
+    block_k, block_n = _tma_blocks(c_in, c_out, x.element_size())
     kt_tiles, co_tiles = k ** 3 * c_in // block_k, cdiv(c_out, block_n)
     box = _tma_box(e1, e2, e3, 128 if n * e1 * e2 * e3 >= 128 * 64 else 64)
     total_boxes = n * cdiv(e1, box[0]) * cdiv(e2, box[1]) * cdiv(e3, box[2])
-    splits = max(1, min(cdiv(_WGRAD_PROGRAMS_PER_SLOT * parallel_slots(x.device), kt_tiles * co_tiles),
-                        cdiv(total_boxes * math.prod(box), _WGRAD_MIN_VOX)))
-    per_split = cdiv(total_boxes, splits)
-    splits = cdiv(total_boxes, per_split)
+    splits, per_split = _voxel_splits(total_boxes, total_boxes * math.prod(box), kt_tiles * co_tiles, x.device)
     kt_pad, co_pad = kt_tiles * block_k, co_tiles * block_n
     dw_part = torch.empty((splits, kt_pad, co_pad), dtype=torch.float32, device=x.device)
-    x_desc = TensorDescriptor.from_tensor(xs.permute(0, 2, 3, 4, 1), [1, *box, block_k])
-    dz_desc = TensorDescriptor.from_tensor(dz.permute(0, 2, 3, 4, 1), [1, *box, block_n])
+    x_desc, dz_desc = _box_descriptor(xs, box, block_k), _box_descriptor(dz, box, block_n)
     _wgrad_tma_kernel[(kt_tiles * co_tiles, splits)](
         x_desc, dz_desc, dw_part, e1, e2, e3, c_in, c_out, total_boxes, per_split, kt_pad, co_pad, co_tiles,
         KSIZE=k, DOT_PREC=dot_precision(x.dtype), BD=box[0], BH=box[1], BW=box[2], BLOCK_K=block_k,
