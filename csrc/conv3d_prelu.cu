@@ -181,7 +181,7 @@ __device__ __forceinline__ void gemm_mainloop(Tile& tile, T* smem, int k_tiles, 
 template <class T, bool TF32, int BM, int BN, int WARPS_M>
 __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const ConvArgs a) {
   using L = SmemLayout<T, BM, BN, false, false>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   __shared__ int row_n[BM], row_d[BM], row_h[BM], row_w[BM];
   __shared__ long long row_out[BM];
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const ConvArgs a) {
 template <class T, bool TF32, int BM, int BN, int WARPS_M>
 __global__ void __launch_bounds__(kThreads) wgrad_kernel(const WgradArgs a) {
   using L = SmemLayout<T, BM, BN, true, true>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
 
   const int tid = threadIdx.x;
@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
   constexpr int CPR = kBK / EV;              // 16-byte copies per tile row
   constexpr int ROW_STEP = kThreads / CPR;   // rows between one thread's copies
   static_assert(BM % ROW_STEP == 0 && BN % EV == 0, "v2 tile");
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   __shared__ int row_d[BM], row_h[BM], row_w[BM];   // input origin of each output row
   __shared__ long long row_base[BM], row_out[BM];   // element offsets of that origin and of the output row
@@ -612,7 +612,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_v2_kernel(const WgradArgs a) {
   constexpr int STEP_B = kThreads / CPR_B;         // voxel rows between one thread's input copies
   constexpr int JB = kBK / STEP_B;                 // input copies per thread per K tile
   static_assert(kThreads % CPR_B == 0 && kBK % STEP_B == 0 && BM % EV == 0, "v2 wgrad tile");
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
 
   const int tid = threadIdx.x;
@@ -713,7 +713,7 @@ void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
   const size_t smem = SmemLayout<T, BM, BN, false, false>::BYTES;
   set_smem(kernel, smem);
   dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((a.Cout + BN - 1) / BN));
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
   check_cuda(cudaGetLastError(), V2 ? "launch of conv_gemm_v2_kernel" : "launch of conv_gemm_kernel");
 }
 
@@ -741,7 +741,7 @@ template <class T>
 void launch_wgrad_reduce(const WgradArgs& a, int Kw, cudaStream_t stream) {
   const long long count = static_cast<long long>(a.Cout) * Kw;
   const int blocks = static_cast<int>(std::min<long long>((count + 255) / 256, 4096));
-  wgrad_reduce_kernel<T><<<blocks, 256, 0, stream>>>(reinterpret_cast<const float*>(a.partial),
+  SEG3D_LAUNCH(wgrad_reduce_kernel<T>, blocks, 256, 0, stream)(reinterpret_cast<const float*>(a.partial),
                                                      reinterpret_cast<T*>(a.grad_weight), count, a.splits);
   SEG3D_CHECK_LAUNCH("wgrad_reduce_kernel");
 }
@@ -753,7 +753,7 @@ void launch_wgrad_tile(const WgradArgs& a, cudaStream_t stream) {
   const size_t smem = SmemLayout<T, BM, BN, true, true>::BYTES;
   set_smem(kernel, smem);
   dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);
-  kernel<<<grid, kThreads, smem, stream>>>(a);
+  SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
   check_cuda(cudaGetLastError(), V2 ? "launch of wgrad_v2_kernel" : "launch of wgrad_kernel");
   launch_wgrad_reduce<T>(a, Kw, stream);
 }
@@ -780,16 +780,16 @@ void launch_prelu_backward(uint64_t g, uint64_t saved, uint64_t alpha, uint64_t 
   float* part_bias = reinterpret_cast<float*>(partial);
   float* part_alpha = part_bias + static_cast<long long>(row_blocks) * C;
   dim3 grid(row_blocks, (C + tile_c - 1) / tile_c);
-  prelu_backward_kernel<T><<<grid, kPreluThreads, 0, stream>>>(
+  SEG3D_LAUNCH(prelu_backward_kernel<T>, grid, kPreluThreads, 0, stream)(
       reinterpret_cast<const T*>(g), reinterpret_cast<const T*>(saved), reinterpret_cast<const T*>(alpha),
       reinterpret_cast<T*>(dz), part_bias, part_alpha, rows, C, tile_c, saved_kind, alpha_mode, rows_per_block);
   SEG3D_CHECK_LAUNCH("prelu_backward_kernel");
   if (grad_bias) {
-    channel_sums_kernel<T><<<1, 256, 0, stream>>>(part_bias, row_blocks, C, reinterpret_cast<T*>(grad_bias), 0);
+    SEG3D_LAUNCH(channel_sums_kernel<T>, 1, 256, 0, stream)(part_bias, row_blocks, C, reinterpret_cast<T*>(grad_bias), 0);
     SEG3D_CHECK_LAUNCH("channel_sums_kernel");
   }
   if (grad_alpha) {
-    channel_sums_kernel<T><<<1, 256, 0, stream>>>(part_alpha, row_blocks, C, reinterpret_cast<T*>(grad_alpha),
+    SEG3D_LAUNCH(channel_sums_kernel<T>, 1, 256, 0, stream)(part_alpha, row_blocks, C, reinterpret_cast<T*>(grad_alpha),
                                                   alpha_mode == 1);
     SEG3D_CHECK_LAUNCH("channel_sums_kernel");
   }

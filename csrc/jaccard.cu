@@ -164,12 +164,13 @@ template <class T, int MAXC>
 void launch_sums(uint64_t logits, uint64_t target, uint64_t partial, uint64_t sums, int N, int C, long long S,
                  int label_type, bool squared, bool sigmoid, bool has_ignore, long long ignore_index, cudaStream_t s) {
   const int blocks = jaccard_blocks(S);
-  jaccard_sums_kernel<T, MAXC><<<dim3(blocks, N), kThreads, 0, s>>>(
+  auto sums_kernel = jaccard_sums_kernel<T, MAXC>;
+  SEG3D_LAUNCH(sums_kernel, dim3(blocks, N), kThreads, 0, s)(
       reinterpret_cast<const T*>(logits), reinterpret_cast<const void*>(target), reinterpret_cast<float*>(partial),
       C, S, label_type, squared, sigmoid, has_ignore, ignore_index);
   SEG3D_CHECK_LAUNCH("jaccard_sums_kernel");
   const int outputs = N * C * 3;
-  jaccard_final_kernel<<<(outputs + 255) / 256, 256, 0, s>>>(reinterpret_cast<const float*>(partial),
+  SEG3D_LAUNCH(jaccard_final_kernel, (outputs + 255) / 256, 256, 0, s)(reinterpret_cast<const float*>(partial),
                                                               reinterpret_cast<float*>(sums), N, C, blocks);
   SEG3D_CHECK_LAUNCH("jaccard_final_kernel");
 }
@@ -179,7 +180,8 @@ void launch_backward(uint64_t grad_sums, uint64_t logits, uint64_t target, uint6
                      int label_type, bool squared, bool sigmoid, bool has_ignore, long long ignore_index,
                      cudaStream_t s) {
   const int blocks = static_cast<int>(std::min<long long>((S + kThreads - 1) / kThreads, 8192));
-  jaccard_backward_kernel<T, MAXC><<<dim3(blocks, N), kThreads, 0, s>>>(
+  auto backward_kernel = jaccard_backward_kernel<T, MAXC>;
+  SEG3D_LAUNCH(backward_kernel, dim3(blocks, N), kThreads, 0, s)(
       reinterpret_cast<const float*>(grad_sums), reinterpret_cast<const T*>(logits),
       reinterpret_cast<const void*>(target), reinterpret_cast<T*>(grad), C, S, label_type, squared, sigmoid,
       has_ignore, ignore_index);
