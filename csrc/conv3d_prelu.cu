@@ -1,14 +1,12 @@
 // conv3d + bias + PReLU + residual: forward, input gradient (dgrad), weight gradient (wgrad), PReLU backward.
 //
 // All three convolution passes are implicit GEMMs over channels-last (N, D, H, W, C) tensors, computed by
-// 128-thread blocks on tensor cores (nvcuda::wmma: fp16/bf16 m16n16k16, tf32 m16n16k8) or, for exact fp32,
-// with FFMA on the same shared-memory tiles. Operand tiles stream through a 3-stage cp.async pipeline;
+// 128-thread blocks on tensor cores (mma.sync with ldmatrix: fp16/bf16 m16n8k16, tf32 m16n8k8) or, for exact
+// fp32, with FFMA on the same shared-memory tiles. Operand tiles stream through a 4-stage cp.async pipeline;
 // padding, stride and tile edges are index arithmetic with zero-filled copies. Accumulation is fp32.
 //   forward / dgrad ("gather conv"): M = output voxels, N = output channels, K = taps x input channels.
 //   wgrad: M = C_out, N = taps x C_in, K = voxels, split over voxel ranges into fp32 partials that a second
 //          kernel sums in a fixed order (deterministic, no atomics).
-#include <mma.h>
-
 #include <algorithm>
 #include <type_traits>
 
@@ -18,15 +16,13 @@
 namespace seg3d {
 namespace {
 
-using namespace nvcuda;
-
 constexpr int kThreads = 128;  // 4 warps per block
 constexpr int kBK = 32;        // GEMM K per pipeline stage
-constexpr int kStages = 3;
+constexpr int kStages = 4;        // cp.async pipeline depth (a power of two: cheap stage indices)
 
 // Shared-memory geometry of one block. A is stored [m][k] (A_KM false) or [k][m]; B is [n][k] (B_KN false) or
 // [k][n]. Rows are padded by 16 bytes (fewer bank conflicts; keeps every row 16-byte aligned for cp.async and
-// every 16-row/16-column fragment 32-byte aligned for wmma). The fp32 epilogue tile C reuses the same memory.
+// every ldmatrix row address 16-byte aligned). The fp32 epilogue tile C reuses the same memory.
 template <class T, int BM, int BN, bool A_KM, bool B_KN>
 struct SmemLayout {
   static constexpr int kPad = 16 / sizeof(T);
@@ -34,7 +30,7 @@ struct SmemLayout {
   static constexpr int LDB = B_KN ? BN + kPad : kBK + kPad;
   static constexpr int A_ELEMS = (A_KM ? kBK : BM) * LDA;  // one stage
   static constexpr int B_ELEMS = (B_KN ? kBK : BN) * LDB;
-  static constexpr int LDC = BN + 4;
+  static constexpr int LDC = BN + 8;  // a half-warp's float2 stores (4 rows x 4 lanes) hit 32 banks
   static constexpr size_t PIPE_BYTES = size_t(kStages) * (A_ELEMS + B_ELEMS) * sizeof(T);
   static constexpr size_t C_BYTES = size_t(BM) * LDC * sizeof(float);
   static constexpr size_t BYTES = PIPE_BYTES > C_BYTES ? PIPE_BYTES : C_BYTES;
@@ -43,68 +39,95 @@ struct SmemLayout {
   __device__ static T* b_stage(T* smem, int s) { return smem + kStages * A_ELEMS + s * B_ELEMS; }
 };
 
-// Tensor-core block tile: 4 warps as WARPS_M x (4 / WARPS_M), each warp FM x FN fragments of 16x16.
-template <class T, class FragT, int KS, int BM, int BN, int WARPS_M, bool A_KM, bool B_KN>
-struct WmmaTile {
+// Tensor-core block tile on mma.sync: 4 warps as WARPS_M x (4 / WARPS_M), each warp a WM x WN tile of 16x8 MMA
+// tiles. fp16/bf16: operands from shared memory by ldmatrix (.trans for the k-major layouts), m16n8k16. fp32 with
+// TF32 allowed: 32-bit shared loads rounded to tf32, m16n8k8. (The WMMA API this replaces compiled to generic
+// 32-bit loads, 395 instructions per 32-deep K step of a 64x64 tile against 16 HMMA.)
+template <class T, int BM, int BN, int WARPS_M, bool A_KM, bool B_KN>
+struct MmaTile {
   using L = SmemLayout<T, BM, BN, A_KM, B_KN>;
   static constexpr int WARPS_N = 4 / WARPS_M;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
-  static constexpr int FM = WM / 16, FN = WN / 16;
-  static_assert(WARPS_M * WARPS_N == 4 && FM >= 1 && FN >= 1 && WM % 16 == 0 && WN % 16 == 0, "warp tiling");
-  using ALayout = typename std::conditional<A_KM, wmma::col_major, wmma::row_major>::type;
-  using BLayout = typename std::conditional<B_KN, wmma::row_major, wmma::col_major>::type;
-  static constexpr bool kTF32 = std::is_same<FragT, wmma::precision::tf32>::value;
+  static constexpr int FM = WM / 16, FN = WN / 8;
+  static constexpr bool kTF32 = std::is_same<T, float>::value;
+  static constexpr int KS = kTF32 ? 8 : 16;
+  static_assert(WARPS_M * WARPS_N == 4 && WM % 16 == 0 && WN % 16 == 0, "warp tiling");
 
-  wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[FM][FN];
+  float acc[FM][FN][4];
 
   __device__ void init() {
 #pragma unroll
     for (int i = 0; i < FM; ++i)
 #pragma unroll
-      for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+      for (int j = 0; j < FN; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   }
 
   __device__ void step(const T* sA, const T* sB) {
-    const int warp = threadIdx.x / 32;
-    const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += KS) {
-      wmma::fragment<wmma::matrix_a, 16, 16, KS, FragT, ALayout> a[FM];
-      wmma::fragment<wmma::matrix_b, 16, 16, KS, FragT, BLayout> b[FN];
+      uint32_t a[FM][4], b[FN][2];
+      if constexpr (!kTF32) {
+        // ldmatrix x4: lane gives row lane % 8 of matrix q = lane / 8. A's matrices are a0..a3 = (m 0-7, k 0-7),
+        // (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15); B's cover two 8-column tiles: (n 0-7, k 0-7),
+        // (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+        const int q = lane / 8, r = lane % 8;
 #pragma unroll
-      for (int i = 0; i < FM; ++i) {
-        const int m = wm * WM + i * 16;
-        wmma::load_matrix_sync(a[i], A_KM ? sA + ks * L::LDA + m : sA + m * L::LDA + ks, L::LDA);
-        if constexpr (kTF32) {
-#pragma unroll
-          for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = wmma::__float_to_tf32(a[i].x[e]);
+        for (int i = 0; i < FM; ++i) {
+          const int m = wm0 + i * 16;
+          ldmatrix_x4<A_KM>(a[i], A_KM ? sA + (ks + r + (q / 2) * 8) * L::LDA + m + (q % 2) * 8
+                                       : sA + (m + r + (q % 2) * 8) * L::LDA + ks + (q / 2) * 8);
         }
-      }
 #pragma unroll
-      for (int j = 0; j < FN; ++j) {
-        const int n = wn * WN + j * 16;
-        wmma::load_matrix_sync(b[j], B_KN ? sB + ks * L::LDB + n : sB + n * L::LDB + ks, L::LDB);
-        if constexpr (kTF32) {
-#pragma unroll
-          for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
+        for (int j = 0; j < FN; j += 2) {
+          const int n = wn0 + j * 8;
+          uint32_t v[4];
+          ldmatrix_x4<B_KN>(v, B_KN ? sB + (ks + r + (q % 2) * 8) * L::LDB + n + (q / 2) * 8
+                                    : sB + (n + r + (q / 2) * 8) * L::LDB + ks + (q % 2) * 8);
+          b[j][0] = v[0], b[j][1] = v[1], b[j + 1][0] = v[2], b[j + 1][1] = v[3];
         }
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+          for (int j = 0; j < FN; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
+      } else {
+        const int g = lane / 4, t = lane % 4;
+        auto at = [&](int m, int k) { return to_tf32(A_KM ? sA[k * L::LDA + m] : sA[m * L::LDA + k]); };
+        auto bt = [&](int k, int n) { return to_tf32(B_KN ? sB[k * L::LDB + n] : sB[n * L::LDB + k]); };
+#pragma unroll
+        for (int i = 0; i < FM; ++i) {
+          const int m = wm0 + i * 16 + g;
+          a[i][0] = at(m, ks + t), a[i][1] = at(m + 8, ks + t), a[i][2] = at(m, ks + t + 4);
+          a[i][3] = at(m + 8, ks + t + 4);
+        }
+#pragma unroll
+        for (int j = 0; j < FN; ++j) {
+          const int n = wn0 + j * 8 + g;
+          b[j][0] = bt(ks + t, n), b[j][1] = bt(ks + t + 4, n);
+        }
+#pragma unroll
+        for (int i = 0; i < FM; ++i)
+#pragma unroll
+          for (int j = 0; j < FN; ++j) mma_1688_tf32(acc[i][j], a[i], b[j]);
       }
-#pragma unroll
-      for (int i = 0; i < FM; ++i)
-#pragma unroll
-        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
     }
   }
 
+  // Accumulator element e of tile (i, j) is row g + 8 (e / 2), column 2t + e % 2.
   __device__ void store(float* sC) {
-    const int warp = threadIdx.x / 32;
-    const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
 #pragma unroll
     for (int i = 0; i < FM; ++i)
 #pragma unroll
-      for (int j = 0; j < FN; ++j)
-        wmma::store_matrix_sync(sC + (wm * WM + i * 16) * L::LDC + wn * WN + j * 16, acc[i][j], L::LDC,
-                                wmma::mem_row_major);
+      for (int j = 0; j < FN; ++j) {
+        float* c = sC + (wm0 + i * 16 + g) * L::LDC + wn0 + j * 8 + 2 * t;
+        *reinterpret_cast<float2*>(c) = make_float2(acc[i][j][0], acc[i][j][1]);
+        *reinterpret_cast<float2*>(c + 8 * L::LDC) = make_float2(acc[i][j][2], acc[i][j][3]);
+      }
   }
 };
 
@@ -147,13 +170,9 @@ struct FmaTile {
   }
 };
 
-template <class T, bool TF32> struct WmmaType { using type = T; static constexpr int KS = 16; };
-template <> struct WmmaType<float, true> { using type = wmma::precision::tf32; static constexpr int KS = 8; };
-
 template <class T, bool TF32, int BM, int BN, int WARPS_M, bool A_KM, bool B_KN>
-using BlockTile = typename std::conditional<
-    std::is_same<T, float>::value && !TF32, FmaTile<BM, BN, A_KM, B_KN>,
-    WmmaTile<T, typename WmmaType<T, TF32>::type, WmmaType<T, TF32>::KS, BM, BN, WARPS_M, A_KM, B_KN>>::type;
+using BlockTile = typename std::conditional<std::is_same<T, float>::value && !TF32, FmaTile<BM, BN, A_KM, B_KN>,
+                                            MmaTile<T, BM, BN, WARPS_M, A_KM, B_KN>>::type;
 
 // The multi-stage main loop shared by both kernels: load_stage(stage, kt) issues the cp.async copies of K tile kt.
 template <class Tile, class Layout, class T, class LoadStage>
@@ -463,13 +482,13 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
   constexpr int EV = kVec16<T>;
   constexpr int CPR = kBK / EV;              // 16-byte copies per tile row
   constexpr int ROW_STEP = kThreads / CPR;   // rows between one thread's copies
+  constexpr int JA = BM / ROW_STEP;          // A rows per thread
+  constexpr int JB = (BN + ROW_STEP - 1) / ROW_STEP;  // B rows per thread (the last maybe for some threads only)
   static_assert(BM % ROW_STEP == 0 && BN % EV == 0, "v2 tile");
   SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
-  __shared__ int row_d[BM], row_h[BM], row_w[BM];   // input origin of each output row
-  __shared__ long long row_base[BM], row_out[BM];   // element offsets of that origin and of the output row
-  __shared__ int tap_d[27], tap_h[27], tap_w[27];
-  __shared__ long long tap_off[27];                 // element offset of each tap from the origin
+  __shared__ long long row_out[BM];   // element offset of each output row (-1 past the end)
+  __shared__ long long tap_off[27];   // element offset of each tap from a row's input origin
 
   const int tid = threadIdx.x;
   const T* __restrict__ in = reinterpret_cast<const T*>(a.in);
@@ -480,14 +499,36 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
 
   for (int t = tid; t < ntaps; t += kThreads) {
     const int tw = t % a.ntap_w, tdh = t / a.ntap_w, th = tdh % a.ntap_h, td = tdh / a.ntap_h;
-    const int dd = pick3(a.toff_d, td), dh = pick3(a.toff_h, th), dw = pick3(a.toff_w, tw);
-    tap_d[t] = dd;
-    tap_h[t] = dh;
-    tap_w[t] = dw;
-    tap_off[t] = ((static_cast<long long>(dd) * a.IH + dh) * a.IW + dw) * a.C;
+    tap_off[t] = ((static_cast<long long>(pick3(a.toff_d, td)) * a.IH + pick3(a.toff_h, th)) * a.IW +
+                  pick3(a.toff_w, tw)) * a.C;
   }
   for (int r = tid; r < BM; r += kThreads) {
     const int m = m0 + r;
+    long long ro = -1;
+    if (m < M) {
+      int t = m;
+      const int qw = t % a.QW; t /= a.QW;
+      const int qh = t % a.QH; t /= a.QH;
+      const int qd = t % a.QD;
+      const int n = t / a.QD;
+      const int od = qd * a.out_stride + a.out_off_d, oh = qh * a.out_stride + a.out_off_h,
+                ow = qw * a.out_stride + a.out_off_w;
+      ro = (((static_cast<long long>(n) * a.OD + od) * a.OH + oh) * a.OW + ow) * a.Cout;
+    }
+    row_out[r] = ro;
+  }
+
+  // This thread copies column kk of every K tile: A rows r0 + j * ROW_STEP, B rows (output channels) likewise.
+  // Per A row it keeps the input origin's offset and a bit per tap that lands inside the volume (so the loop
+  // tests one bit instead of three coordinates); rows past the end have no bits.
+  const int kk = (tid % CPR) * EV, r0 = tid / CPR;
+  long long a_base[JA];
+  uint32_t a_taps[JA];
+#pragma unroll
+  for (int j = 0; j < JA; ++j) {
+    const int m = m0 + r0 + j * ROW_STEP;
+    a_base[j] = 0;
+    a_taps[j] = 0;
     if (m < M) {
       int t = m;
       const int qw = t % a.QW; t /= a.QW;
@@ -495,51 +536,51 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
       const int qd = t % a.QD;
       const int n = t / a.QD;
       const int d = qd * a.in_stride, h = qh * a.in_stride, wv = qw * a.in_stride;
-      row_d[r] = d;
-      row_h[r] = h;
-      row_w[r] = wv;
-      row_base[r] = (((static_cast<long long>(n) * a.ID + d) * a.IH + h) * a.IW + wv) * a.C;
-      const int od = qd * a.out_stride + a.out_off_d, oh = qh * a.out_stride + a.out_off_h,
-                ow = qw * a.out_stride + a.out_off_w;
-      row_out[r] = (((static_cast<long long>(n) * a.OD + od) * a.OH + oh) * a.OW + ow) * a.Cout;
-    } else {
-      row_d[r] = -(1 << 28);  // fails the bounds check for every tap
-      row_h[r] = row_w[r] = 0;
-      row_base[r] = 0;
-      row_out[r] = -1;
+      a_base[j] = (((static_cast<long long>(n) * a.ID + d) * a.IH + h) * a.IW + wv) * a.C;
+      uint32_t in_d = 0, in_h = 0, in_w = 0;  // bit i: tap offset i of that dim stays inside
+#pragma unroll
+      for (int i = 0; i < 3; ++i) {
+        in_d |= uint32_t(i < a.ntap_d && unsigned(d + a.toff_d[i]) < unsigned(a.ID)) << i;
+        in_h |= uint32_t(i < a.ntap_h && unsigned(h + a.toff_h[i]) < unsigned(a.IH)) << i;
+        in_w |= uint32_t(i < a.ntap_w && unsigned(wv + a.toff_w[i]) < unsigned(a.IW)) << i;
+      }
+      uint32_t hw = 0;
+#pragma unroll
+      for (int i = 0; i < 3; ++i)
+        if ((in_h >> i) & 1u) hw |= in_w << (i * a.ntap_w);
+#pragma unroll
+      for (int i = 0; i < 3; ++i)
+        if ((in_d >> i) & 1u) a_taps[j] |= hw << (i * a.ntap_h * a.ntap_w);
     }
+  }
+  const T* b_row[JB];
+  bool b_valid[JB];
+#pragma unroll
+  for (int j = 0; j < JB; ++j) {
+    const int co = n0 + r0 + j * ROW_STEP;
+    b_valid[j] = r0 + j * ROW_STEP < BN && co < a.Cout;
+    b_row[j] = w + (b_valid[j] ? static_cast<long long>(co) * K : 0);
   }
   __syncthreads();
 
-  // This thread copies column kk of every K tile, rows r0 + j * ROW_STEP of A and r0 + j * ROW_STEP of B.
   // (tap, c) = divmod(kt * kBK + kk, C), advanced one K tile per call: load_stage is called for kt = 0, 1, 2, ...
-  const int kk = (tid % CPR) * EV, r0 = tid / CPR;
   int tap = kk / a.C, c = kk - tap * a.C;
   auto load_stage = [&](int stage, int kt) {
     const int k = kt * kBK + kk;
     const bool k_valid = k < K;  // C % EV == 0: a copy never straddles taps or the end of K
-    int dd = 0, dh = 0, dw = 0;
-    long long koff = 0;
-    if (k_valid) {
-      dd = tap_d[tap];
-      dh = tap_h[tap];
-      dw = tap_w[tap];
-      koff = tap_off[tap] + c;
-    }
-    T* sA = L::a_stage(smem, stage);
+    const long long koff = k_valid ? tap_off[tap] + c : 0;
+    T* sA = L::a_stage(smem, stage) + r0 * L::LDA + kk;
 #pragma unroll
-    for (int j = 0; j < BM / ROW_STEP; ++j) {
-      const int r = r0 + j * ROW_STEP;
-      const bool valid = k_valid && unsigned(row_d[r] + dd) < unsigned(a.ID) &&
-                         unsigned(row_h[r] + dh) < unsigned(a.IH) && unsigned(row_w[r] + dw) < unsigned(a.IW);
-      cp_async(sA + r * L::LDA + kk, valid ? in + row_base[r] + koff : in, 16, valid);
+    for (int j = 0; j < JA; ++j) {
+      const bool valid = k_valid && ((a_taps[j] >> tap) & 1u);
+      cp_async(sA + j * ROW_STEP * L::LDA, valid ? in + a_base[j] + koff : in, 16, valid);
     }
-    T* sB = L::b_stage(smem, stage);
+    T* sB = L::b_stage(smem, stage) + r0 * L::LDB + kk;
 #pragma unroll
-    for (int i = tid; i < BN * CPR; i += kThreads) {  // kThreads % CPR == 0: column kk again
-      const int r = i / CPR, co = n0 + r;
-      const bool valid = k_valid && co < a.Cout;
-      cp_async(sB + r * L::LDB + kk, valid ? w + static_cast<long long>(co) * K + k : w, 16, valid);
+    for (int j = 0; j < JB; ++j) {
+      if (JB * ROW_STEP > BN && r0 + j * ROW_STEP >= BN) break;  // rows past the tile
+      const bool valid = k_valid && b_valid[j];
+      cp_async(sB + j * ROW_STEP * L::LDB, valid ? b_row[j] + k : w, 16, valid);
     }
     c += kBK;
     while (c >= a.C) {
@@ -602,16 +643,17 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
   }
 }
 
-// Weight gradient v2: each thread's B column (tap, channel) is fixed for the whole block; its voxels
-// (v_begin + kt * kBK + kv0 + j * STEP_B) are tracked as (n, od, oh, ow) and advanced kBK voxels per K tile.
+// Weight gradient v2: each thread owns one voxel row of every K tile (v_begin + kt * kBK + kv) and a fixed set of
+// B columns (tap, channel); it walks its voxel kBK voxels per K tile as (n, od, oh, ow), so the loop has no division.
 template <class T, bool TF32, int BM, int BN, int WARPS_M>
 __global__ void __launch_bounds__(kThreads) wgrad_v2_kernel(const WgradArgs a) {
   using L = SmemLayout<T, BM, BN, true, true>;
   constexpr int EV = kVec16<T>;
-  constexpr int CPR_A = BM / EV, CPR_B = BN / EV;  // 16-byte copies per voxel row of the dz / input tile
-  constexpr int STEP_B = kThreads / CPR_B;         // voxel rows between one thread's input copies
-  constexpr int JB = kBK / STEP_B;                 // input copies per thread per K tile
-  static_assert(kThreads % CPR_B == 0 && kBK % STEP_B == 0 && BM % EV == 0, "v2 wgrad tile");
+  constexpr int TPR = kThreads / kBK;             // threads per voxel row
+  constexpr int CPR_A = BM / EV;                  // 16-byte copies per voxel row of the dz tile
+  constexpr int CPT_A = (CPR_A + TPR - 1) / TPR;  // dz copies per thread per K tile (the last maybe for some only)
+  constexpr int CPT_B = BN / EV / TPR;            // input copies per thread per K tile
+  static_assert(kThreads % kBK == 0 && BM % EV == 0 && CPT_B * EV * TPR == BN, "v2 wgrad tile");
   SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
 
@@ -626,54 +668,60 @@ __global__ void __launch_bounds__(kThreads) wgrad_v2_kernel(const WgradArgs a) {
   const int v_end = min(voxels, v_begin + a.voxels_per_split);
   const int k_tiles = v_end > v_begin ? (v_end - v_begin + kBK - 1) / kBK : 0;
 
-  const int nn = (tid % CPR_B) * EV, nk = n0 + nn, kv0 = tid / CPR_B;
-  const bool col_valid = nk < Kw;  // C % EV == 0: a copy never straddles taps
-  int td = 0, th = 0, tw = 0, cin = 0;
-  if (col_valid) {
-    const int tap = nk / a.C;
-    cin = nk - tap * a.C;
-    tw = tap % ks;
-    th = (tap / ks) % ks;
-    td = tap / (ks * ks);
-  }
-  const int dd = td - pad, dh = th - pad, dw = tw - pad;
-  int vn[JB], vd[JB], vh[JB], vw[JB];
+  // Columns: this thread's copies cover elements (tid % TPR + TPR * i) * EV of the tile's row, i < CPT_B.
+  const int kv = tid / TPR, part = tid % TPR;
+  int col_d[CPT_B], col_h[CPT_B], col_w[CPT_B];  // the column's tap offset; col_d = 1 << 28 past Kw (never valid)
+  long long col_off[CPT_B];                      // its element offset from a voxel's input origin
 #pragma unroll
-  for (int j = 0; j < JB; ++j) {
-    int t = v_begin + kv0 + j * STEP_B;
-    vw[j] = t % a.OW; t /= a.OW;
-    vh[j] = t % a.OH; t /= a.OH;
-    vd[j] = t % a.OD;
-    vn[j] = t / a.OD;
+  for (int i = 0; i < CPT_B; ++i) {
+    const int nk = n0 + (part + TPR * i) * EV;  // C % EV == 0: a copy never straddles taps
+    col_d[i] = 1 << 28, col_h[i] = col_w[i] = 0, col_off[i] = 0;
+    if (nk < Kw) {
+      const int tap = nk / a.C, cin = nk - tap * a.C;
+      col_w[i] = tap % ks - pad;
+      col_h[i] = (tap / ks) % ks - pad;
+      col_d[i] = tap / (ks * ks) - pad;
+      col_off[i] = ((static_cast<long long>(col_d[i]) * a.IH + col_h[i]) * a.IW + col_w[i]) * a.C + cin;
+    }
+  }
+  int vn, vd, vh, vw;  // this thread's voxel of the next K tile
+  {
+    int t = v_begin + kv;
+    vw = t % a.OW; t /= a.OW;
+    vh = t % a.OH; t /= a.OH;
+    vd = t % a.OD;
+    vn = t / a.OD;
   }
 
   auto load_stage = [&](int stage, int kt) {  // called for kt = 0, 1, 2, ... (the voxel walk relies on it)
-    const int v0 = v_begin + kt * kBK;
-    T* sA = L::a_stage(smem, stage);  // [voxel][c_out]
+    const int v = v_begin + kt * kBK + kv;
+    const bool v_valid = v < v_end;
+    T* sA = L::a_stage(smem, stage) + kv * L::LDA;  // [voxel][c_out]
 #pragma unroll
-    for (int i = tid; i < kBK * CPR_A; i += kThreads) {
-      const int kv = i / CPR_A, mm = (i % CPR_A) * EV, v = v0 + kv, co = m0 + mm;
-      const bool valid = v < v_end && co < a.Cout;
-      cp_async(sA + kv * L::LDA + mm, valid ? dz + static_cast<long long>(v) * a.Cout + co : dz, 16, valid);
+    for (int i = 0; i < CPT_A; ++i) {
+      if (CPT_A * TPR > CPR_A && part + TPR * i >= CPR_A) break;  // past the tile's row
+      const int mm = (part + TPR * i) * EV, co = m0 + mm;
+      const bool valid = v_valid && co < a.Cout;
+      cp_async(sA + mm, valid ? dz + static_cast<long long>(v) * a.Cout + co : dz, 16, valid);
     }
-    T* sB = L::b_stage(smem, stage);  // [voxel][tap, c_in]
+    const int id = vd * a.stride, ih = vh * a.stride, iw = vw * a.stride;
+    const T* origin = in + (((static_cast<long long>(vn) * a.ID + id) * a.IH + ih) * a.IW + iw) * a.C;
+    T* sB = L::b_stage(smem, stage) + kv * L::LDB;  // [voxel][tap, c_in]
 #pragma unroll
-    for (int j = 0; j < JB; ++j) {
-      const int kv = kv0 + j * STEP_B;
-      const int id = vd[j] * a.stride + dd, ih = vh[j] * a.stride + dh, iw = vw[j] * a.stride + dw;
-      const bool valid = col_valid && v0 + kv < v_end && unsigned(id) < unsigned(a.ID) &&
-                         unsigned(ih) < unsigned(a.IH) && unsigned(iw) < unsigned(a.IW);
-      const T* src = in + (((static_cast<long long>(vn[j]) * a.ID + id) * a.IH + ih) * a.IW + iw) * a.C + cin;
-      cp_async(sB + kv * L::LDB + nn, valid ? src : in, 16, valid);
-      vw[j] += kBK;
-      while (vw[j] >= a.OW) {
-        vw[j] -= a.OW;
-        if (++vh[j] == a.OH) {
-          vh[j] = 0;
-          if (++vd[j] == a.OD) {
-            vd[j] = 0;
-            ++vn[j];
-          }
+    for (int i = 0; i < CPT_B; ++i) {
+      const bool valid = v_valid && unsigned(id + col_d[i]) < unsigned(a.ID) &&
+                         unsigned(ih + col_h[i]) < unsigned(a.IH) && unsigned(iw + col_w[i]) < unsigned(a.IW);
+      const T* src = origin + col_off[i];
+      cp_async(sB + (part + TPR * i) * EV, valid ? src : in, 16, valid);
+    }
+    vw += kBK;
+    while (vw >= a.OW) {
+      vw -= a.OW;
+      if (++vh == a.OH) {
+        vh = 0;
+        if (++vd == a.OD) {
+          vd = 0;
+          ++vn;
         }
       }
     }
@@ -709,7 +757,10 @@ template <class T, bool TF32, int BM, int BN, int WARPS_M, bool V2>
 void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
   const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
   if (M == 0 || a.Cout == 0) return;
-  auto kernel = V2 ? conv_gemm_v2_kernel<T, TF32, BM, BN, WARPS_M> : conv_gemm_kernel<T, TF32, BM, BN, WARPS_M>;
+  auto kernel = [] {  // only the generation in use is instantiated
+    if constexpr (V2) return conv_gemm_v2_kernel<T, TF32, BM, BN, WARPS_M>;
+    else return conv_gemm_kernel<T, TF32, BM, BN, WARPS_M>;
+  }();
   const size_t smem = SmemLayout<T, BM, BN, false, false>::BYTES;
   set_smem(kernel, smem);
   dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((a.Cout + BN - 1) / BN));
@@ -728,7 +779,9 @@ template <class T, bool TF32, bool V2>
 void launch_conv_tiles(const ConvArgs& a, cudaStream_t stream) {
   if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4, V2>(a, stream);
   else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4, V2>(a, stream);
-  else launch_conv_tile<T, TF32, 64, 64, 2, V2>(a, stream);
+  else if constexpr (std::is_same<T, float>::value) launch_conv_tile<T, TF32, 128, 64, 2, V2>(a, stream);
+  else if (a.Cout <= 64) launch_conv_tile<T, TF32, 128, 64, 2, V2>(a, stream);
+  else launch_conv_tile<T, TF32, 128, 128, 2, V2>(a, stream);  // each gathered input tile serves 128 channels
 }
 
 template <class T, bool TF32>
@@ -749,7 +802,10 @@ void launch_wgrad_reduce(const WgradArgs& a, int Kw, cudaStream_t stream) {
 template <class T, bool TF32, int BM, int BN, int WARPS_M, bool V2>
 void launch_wgrad_tile(const WgradArgs& a, cudaStream_t stream) {
   const int Kw = a.ksize * a.ksize * a.ksize * a.C;
-  auto kernel = V2 ? wgrad_v2_kernel<T, TF32, BM, BN, WARPS_M> : wgrad_kernel<T, TF32, BM, BN, WARPS_M>;
+  auto kernel = [] {
+    if constexpr (V2) return wgrad_v2_kernel<T, TF32, BM, BN, WARPS_M>;
+    else return wgrad_kernel<T, TF32, BM, BN, WARPS_M>;
+  }();
   const size_t smem = SmemLayout<T, BM, BN, true, true>::BYTES;
   set_smem(kernel, smem);
   dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);

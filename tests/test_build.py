@@ -104,3 +104,33 @@ def test_kernels_env_selects_generation(emulated, monkeypatch):
     monkeypatch.setenv(cuda.KERNELS_ENV, "v3")
     with pytest.raises(ValueError, match="SEG3D_FAST_CUDA_KERNELS must be 'v1' or 'v2'"):
         cuda.conv3d_prelu_forward(x, weight, None, None, None, 1, False, False)
+
+
+# ---- the kernels' machine code for Hopper, compiled here (benchmarks/sass_check.py) ------------------------------
+
+def test_kernels_machine_code_for_sm90():
+    """Every tensor-core main loop takes its operands from shared memory with ldmatrix (fp16/bf16) or 32-bit shared
+    loads (tf32), never through generic loads (WMMA's loads compiled to those); the second-generation kernels do not
+    spill; and their loop stays lean: at most 25 instructions per HMMA (the WMMA kernels took 25-74; the current
+    ones 4-23, results/sass_sm90_*.jsonl). Runs wherever nvcc is (CI builds the extension with it)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sass_check
+
+    if sass_check._tool("nvcc") is None or sass_check._tool("cuobjdump") is None:
+        pytest.skip("needs nvcc and cuobjdump (the CUDA toolkit; CI has it)")
+    records = sass_check.check(90, only="_kernel<")
+    loops = [r for r in records if "loop_instructions" in r]
+    v2 = [r for r in records if "_v2_kernel" in r["kernel"]]
+    assert len(v2) >= 20 and len(loops) >= 30, [r["kernel"] for r in records]
+    for r in loops:
+        assert r["generic_loads"] == 0, r
+        assert r["hmma"] > 0, r
+        if "fp32" not in r["kernel"]:
+            assert r["ldsm"] > 0, r
+    for r in v2:
+        assert r["spill_bytes"] == 0, r
+        if "loop_instructions" in r:
+            assert r["instructions_per_hmma"] <= 25, r
