@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <atomic>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -22,6 +23,17 @@ int device_count() {
 void use_device(int device) {
   device_count();  // a clear error when there is no GPU, before any other CUDA call
   SEG3D_CHECK(cudaSetDevice(device));
+}
+
+int multiprocessors(int device) {
+  static std::array<std::atomic<int>, 64> counts{};  // 0: not yet queried
+  if (device < 0 || device >= static_cast<int>(counts.size())) throw std::invalid_argument("device index");
+  int count = counts[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    SEG3D_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    counts[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
 }
 
 }  // namespace seg3d

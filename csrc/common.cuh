@@ -31,6 +31,8 @@ inline void check_cuda(cudaError_t err, const char* what) {
 
 // Select the tensor's device (our static cudart keeps its own current-device state, separate from torch's).
 void use_device(int device);
+// The device's multiprocessor count (queried once per device).
+int multiprocessors(int device);
 
 // Dtype codes shared with seg3d_fast/backends/cuda.py.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -751,7 +751,6 @@ void set_smem(Kernel kernel, size_t bytes) {
   SEG3D_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-// Narrow output channel counts (the network has 8 and 16) get narrow, tall tiles instead of wasted columns.
 // V2: the second kernel generation (16-byte channel pieces); the launch is otherwise the same.
 template <class T, bool TF32, int BM, int BN, int WARPS_M, bool V2>
 void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
@@ -775,19 +774,27 @@ bool use_conv_v2(const ConvArgs& a) {
          a.ntap_d * a.ntap_h * a.ntap_w <= 27;
 }
 
+// Narrow output channel counts (the network has 8 and 16) get narrow, tall tiles instead of wasted columns. Wider
+// layers take the largest tile that still gives the card about 1.5 waves of blocks (two resident per SM), so that
+// small volumes do not leave SMs idle: 128x128 (each gathered input tile serves 128 channels), 128x64, 64x64.
 template <class T, bool TF32, bool V2>
-void launch_conv_tiles(const ConvArgs& a, cudaStream_t stream) {
+void launch_conv_tiles(const ConvArgs& a, int sms, cudaStream_t stream) {
+  const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
+  auto enough_blocks = [&](int bm, int bn) {
+    return ((M + bm - 1) / bm) * ((a.Cout + bn - 1) / bn) >= 3LL * sms;
+  };
   if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4, V2>(a, stream);
   else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4, V2>(a, stream);
-  else if constexpr (std::is_same<T, float>::value) launch_conv_tile<T, TF32, 128, 64, 2, V2>(a, stream);
-  else if (a.Cout <= 64) launch_conv_tile<T, TF32, 128, 64, 2, V2>(a, stream);
-  else launch_conv_tile<T, TF32, 128, 128, 2, V2>(a, stream);  // each gathered input tile serves 128 channels
+  else if (!std::is_same<T, float>::value && a.Cout > 64 && enough_blocks(128, 128)) {
+    if constexpr (!std::is_same<T, float>::value) launch_conv_tile<T, TF32, 128, 128, 2, V2>(a, stream);
+  } else if (enough_blocks(128, 64)) launch_conv_tile<T, TF32, 128, 64, 2, V2>(a, stream);
+  else launch_conv_tile<T, TF32, 64, 64, 2, V2>(a, stream);
 }
 
 template <class T, bool TF32>
-void launch_conv(const ConvArgs& a, cudaStream_t stream) {
-  if (use_conv_v2<T>(a)) launch_conv_tiles<T, TF32, true>(a, stream);
-  else launch_conv_tiles<T, TF32, false>(a, stream);
+void launch_conv(const ConvArgs& a, int sms, cudaStream_t stream) {
+  if (use_conv_v2<T>(a)) launch_conv_tiles<T, TF32, true>(a, sms, stream);
+  else launch_conv_tiles<T, TF32, false>(a, sms, stream);
 }
 
 template <class T>
@@ -856,10 +863,11 @@ void launch_prelu_backward(uint64_t g, uint64_t saved, uint64_t alpha, uint64_t 
 void conv_gemm(const ConvArgs& a, int dtype, bool tf32, int device, uint64_t stream) {
   use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
+  const int sms = multiprocessors(device);
   switch (dtype) {
-    case kFloat32: tf32 ? launch_conv<float, true>(a, s) : launch_conv<float, false>(a, s); break;
-    case kFloat16: launch_conv<__half, false>(a, s); break;
-    case kBFloat16: launch_conv<__nv_bfloat16, false>(a, s); break;
+    case kFloat32: tf32 ? launch_conv<float, true>(a, sms, s) : launch_conv<float, false>(a, sms, s); break;
+    case kFloat16: launch_conv<__half, false>(a, sms, s); break;
+    case kBFloat16: launch_conv<__nv_bfloat16, false>(a, sms, s); break;
     default: throw std::invalid_argument("seg3d_fast._cuda.conv_gemm: unknown dtype code " + std::to_string(dtype));
   }
 }
