@@ -476,15 +476,15 @@ template <class T> __device__ __forceinline__ void store16(T* p, const float* v)
   *reinterpret_cast<uint4*>(p) = u;
 }
 
-template <class T, bool TF32, int BM, int BN, int WARPS_M>
+template <class T, bool TF32, int BM, int BN, int WARPS_M, int VEC>
 __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a) {
   using L = SmemLayout<T, BM, BN, false, false>;
-  constexpr int EV = kVec16<T>;
-  constexpr int CPR = kBK / EV;              // 16-byte copies per tile row
+  constexpr int EV = kVec16<T>;              // output channels per epilogue piece (16 bytes)
+  constexpr int CPR = kBK / VEC;             // operand copies (VEC elements: 16 or 8 bytes) per tile row
   constexpr int ROW_STEP = kThreads / CPR;   // rows between one thread's copies
   constexpr int JA = BM / ROW_STEP;          // A rows per thread
   constexpr int JB = (BN + ROW_STEP - 1) / ROW_STEP;  // B rows per thread (the last maybe for some threads only)
-  static_assert(BM % ROW_STEP == 0 && BN % EV == 0, "v2 tile");
+  static_assert(BM % ROW_STEP == 0 && BN % EV == 0 && kBK % VEC == 0, "v2 tile");
   SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   __shared__ long long row_out[BM];   // element offset of each output row (-1 past the end)
@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
   // This thread copies column kk of every K tile: A rows r0 + j * ROW_STEP, B rows (output channels) likewise.
   // Per A row it keeps the input origin's offset and a bit per tap that lands inside the volume (so the loop
   // tests one bit instead of three coordinates); rows past the end have no bits.
-  const int kk = (tid % CPR) * EV, r0 = tid / CPR;
+  const int kk = (tid % CPR) * VEC, r0 = tid / CPR;
   long long a_base[JA];
   uint32_t a_taps[JA];
 #pragma unroll
@@ -567,20 +567,20 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
   int tap = kk / a.C, c = kk - tap * a.C;
   auto load_stage = [&](int stage, int kt) {
     const int k = kt * kBK + kk;
-    const bool k_valid = k < K;  // C % EV == 0: a copy never straddles taps or the end of K
+    const bool k_valid = k < K;  // C % VEC == 0: a copy never straddles taps or the end of K
     const long long koff = k_valid ? tap_off[tap] + c : 0;
     T* sA = L::a_stage(smem, stage) + r0 * L::LDA + kk;
 #pragma unroll
     for (int j = 0; j < JA; ++j) {
       const bool valid = k_valid && ((a_taps[j] >> tap) & 1u);
-      cp_async(sA + j * ROW_STEP * L::LDA, valid ? in + a_base[j] + koff : in, 16, valid);
+      cp_async(sA + j * ROW_STEP * L::LDA, valid ? in + a_base[j] + koff : in, VEC * int(sizeof(T)), valid);
     }
     T* sB = L::b_stage(smem, stage) + r0 * L::LDB + kk;
 #pragma unroll
     for (int j = 0; j < JB; ++j) {
       if (JB * ROW_STEP > BN && r0 + j * ROW_STEP >= BN) break;  // rows past the tile
       const bool valid = k_valid && b_valid[j];
-      cp_async(sB + j * ROW_STEP * L::LDB, valid ? b_row[j] + k : w, 16, valid);
+      cp_async(sB + j * ROW_STEP * L::LDB, valid ? b_row[j] + k : w, VEC * int(sizeof(T)), valid);
     }
     c += kBK;
     while (c >= a.C) {
@@ -645,15 +645,15 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
 
 // Weight gradient v2: each thread owns one voxel row of every K tile (v_begin + kt * kBK + kv) and a fixed set of
 // B columns (tap, channel); it walks its voxel kBK voxels per K tile as (n, od, oh, ow), so the loop has no division.
-template <class T, bool TF32, int BM, int BN, int WARPS_M>
+template <class T, bool TF32, int BM, int BN, int WARPS_M, int VEC>
 __global__ void __launch_bounds__(kThreads) wgrad_v2_kernel(const WgradArgs a) {
   using L = SmemLayout<T, BM, BN, true, true>;
-  constexpr int EV = kVec16<T>;
+  constexpr int EV = kVec16<T>;                   // dz copies: 16 bytes
   constexpr int TPR = kThreads / kBK;             // threads per voxel row
   constexpr int CPR_A = BM / EV;                  // 16-byte copies per voxel row of the dz tile
   constexpr int CPT_A = (CPR_A + TPR - 1) / TPR;  // dz copies per thread per K tile (the last maybe for some only)
-  constexpr int CPT_B = BN / EV / TPR;            // input copies per thread per K tile
-  static_assert(kThreads % kBK == 0 && BM % EV == 0 && CPT_B * EV * TPR == BN, "v2 wgrad tile");
+  constexpr int CPT_B = BN / VEC / TPR;           // input copies (VEC elements: 16 or 8 bytes) per thread per K tile
+  static_assert(kThreads % kBK == 0 && BM % EV == 0 && CPT_B * VEC * TPR == BN, "v2 wgrad tile");
   SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
 
@@ -668,13 +668,13 @@ __global__ void __launch_bounds__(kThreads) wgrad_v2_kernel(const WgradArgs a) {
   const int v_end = min(voxels, v_begin + a.voxels_per_split);
   const int k_tiles = v_end > v_begin ? (v_end - v_begin + kBK - 1) / kBK : 0;
 
-  // Columns: this thread's copies cover elements (tid % TPR + TPR * i) * EV of the tile's row, i < CPT_B.
+  // Columns: this thread's copies cover elements (tid % TPR + TPR * i) * VEC of the tile's row, i < CPT_B.
   const int kv = tid / TPR, part = tid % TPR;
   int col_d[CPT_B], col_h[CPT_B], col_w[CPT_B];  // the column's tap offset; col_d = 1 << 28 past Kw (never valid)
   long long col_off[CPT_B];                      // its element offset from a voxel's input origin
 #pragma unroll
   for (int i = 0; i < CPT_B; ++i) {
-    const int nk = n0 + (part + TPR * i) * EV;  // C % EV == 0: a copy never straddles taps
+    const int nk = n0 + (part + TPR * i) * VEC;  // C % VEC == 0: a copy never straddles taps
     col_d[i] = 1 << 28, col_h[i] = col_w[i] = 0, col_off[i] = 0;
     if (nk < Kw) {
       const int tap = nk / a.C, cin = nk - tap * a.C;
@@ -712,7 +712,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_v2_kernel(const WgradArgs a) {
       const bool valid = v_valid && unsigned(id + col_d[i]) < unsigned(a.ID) &&
                          unsigned(ih + col_h[i]) < unsigned(a.IH) && unsigned(iw + col_w[i]) < unsigned(a.IW);
       const T* src = origin + col_off[i];
-      cp_async(sB + (part + TPR * i) * EV, valid ? src : in, 16, valid);
+      cp_async(sB + (part + TPR * i) * VEC, valid ? src : in, VEC * int(sizeof(T)), valid);
     }
     vw += kBK;
     while (vw >= a.OW) {
@@ -751,50 +751,53 @@ void set_smem(Kernel kernel, size_t bytes) {
   SEG3D_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
-// V2: the second kernel generation (16-byte channel pieces); the launch is otherwise the same.
-template <class T, bool TF32, int BM, int BN, int WARPS_M, bool V2>
+// VEC: 0 for the first kernel generation, else the second, copying operands VEC elements (16 or 8 bytes) at a time.
+template <class T, bool TF32, int BM, int BN, int WARPS_M, int VEC>
 void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
   const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
   if (M == 0 || a.Cout == 0) return;
   auto kernel = [] {  // only the generation in use is instantiated
-    if constexpr (V2) return conv_gemm_v2_kernel<T, TF32, BM, BN, WARPS_M>;
+    if constexpr (VEC > 0) return conv_gemm_v2_kernel<T, TF32, BM, BN, WARPS_M, VEC>;
     else return conv_gemm_kernel<T, TF32, BM, BN, WARPS_M>;
   }();
   const size_t smem = SmemLayout<T, BM, BN, false, false>::BYTES;
   set_smem(kernel, smem);
   dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((a.Cout + BN - 1) / BN));
   SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
-  check_cuda(cudaGetLastError(), V2 ? "launch of conv_gemm_v2_kernel" : "launch of conv_gemm_kernel");
-}
-
-// v2 needs 16-byte channel pieces on both sides (and at most 27 taps, always true for k <= 3).
-template <class T>
-bool use_conv_v2(const ConvArgs& a) {
-  return a.kernels >= 2 && a.vec == kVec16<T> && a.Cout % kVec16<T> == 0 &&
-         a.ntap_d * a.ntap_h * a.ntap_w <= 27;
+  check_cuda(cudaGetLastError(), VEC ? "launch of conv_gemm_v2_kernel" : "launch of conv_gemm_kernel");
 }
 
 // Narrow output channel counts (the network has 8 and 16) get narrow, tall tiles instead of wasted columns. Wider
 // layers take the largest tile that still gives the card about 1.5 waves of blocks (two resident per SM), so that
 // small volumes do not leave SMs idle: 128x128 (each gathered input tile serves 128 channels), 128x64, 64x64.
-template <class T, bool TF32, bool V2>
+template <class T, bool TF32, int VEC>
 void launch_conv_tiles(const ConvArgs& a, int sms, cudaStream_t stream) {
   const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
   auto enough_blocks = [&](int bm, int bn) {
     return ((M + bm - 1) / bm) * ((a.Cout + bn - 1) / bn) >= 3LL * sms;
   };
-  if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4, V2>(a, stream);
-  else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4, V2>(a, stream);
+  if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4, VEC>(a, stream);
+  else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4, VEC>(a, stream);
   else if (!std::is_same<T, float>::value && a.Cout > 64 && enough_blocks(128, 128)) {
-    if constexpr (!std::is_same<T, float>::value) launch_conv_tile<T, TF32, 128, 128, 2, V2>(a, stream);
-  } else if (enough_blocks(128, 64)) launch_conv_tile<T, TF32, 128, 64, 2, V2>(a, stream);
-  else launch_conv_tile<T, TF32, 64, 64, 2, V2>(a, stream);
+    if constexpr (!std::is_same<T, float>::value) launch_conv_tile<T, TF32, 128, 128, 2, VEC>(a, stream);
+  } else if (enough_blocks(128, 64)) launch_conv_tile<T, TF32, 128, 64, 2, VEC>(a, stream);
+  else launch_conv_tile<T, TF32, 64, 64, 2, VEC>(a, stream);
 }
 
+// The second generation needs output channels in 16-byte pieces (its epilogue) and input channels in 16-byte
+// pieces, or in 8-byte ones (4-channel fp16/bf16 images) for the narrow tiles; at most 27 taps (k <= 3).
 template <class T, bool TF32>
 void launch_conv(const ConvArgs& a, int sms, cudaStream_t stream) {
-  if (use_conv_v2<T>(a)) launch_conv_tiles<T, TF32, true>(a, sms, stream);
-  else launch_conv_tiles<T, TF32, false>(a, sms, stream);
+  const bool v2 = a.kernels >= 2 && a.Cout % kVec16<T> == 0 && a.ntap_d * a.ntap_h * a.ntap_w <= 27;
+  if (v2 && a.vec == kVec16<T>) return launch_conv_tiles<T, TF32, kVec16<T>>(a, sms, stream);
+  if constexpr (sizeof(T) == 2) {
+    if (v2 && a.vec == kVec16<T> / 2 && a.Cout <= 32) {
+      if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4, kVec16<T> / 2>(a, stream);
+      else launch_conv_tile<T, TF32, 128, 32, 4, kVec16<T> / 2>(a, stream);
+      return;
+    }
+  }
+  launch_conv_tiles<T, TF32, 0>(a, sms, stream);
 }
 
 template <class T>
@@ -806,32 +809,41 @@ void launch_wgrad_reduce(const WgradArgs& a, int Kw, cudaStream_t stream) {
   SEG3D_CHECK_LAUNCH("wgrad_reduce_kernel");
 }
 
-template <class T, bool TF32, int BM, int BN, int WARPS_M, bool V2>
+template <class T, bool TF32, int BM, int BN, int WARPS_M, int VEC>  // VEC as in launch_conv_tile, for the input
 void launch_wgrad_tile(const WgradArgs& a, cudaStream_t stream) {
   const int Kw = a.ksize * a.ksize * a.ksize * a.C;
   auto kernel = [] {
-    if constexpr (V2) return wgrad_v2_kernel<T, TF32, BM, BN, WARPS_M>;
+    if constexpr (VEC > 0) return wgrad_v2_kernel<T, TF32, BM, BN, WARPS_M, VEC>;
     else return wgrad_kernel<T, TF32, BM, BN, WARPS_M>;
   }();
   const size_t smem = SmemLayout<T, BM, BN, true, true>::BYTES;
   set_smem(kernel, smem);
   dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);
   SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
-  check_cuda(cudaGetLastError(), V2 ? "launch of wgrad_v2_kernel" : "launch of wgrad_kernel");
+  check_cuda(cudaGetLastError(), VEC ? "launch of wgrad_v2_kernel" : "launch of wgrad_kernel");
   launch_wgrad_reduce<T>(a, Kw, stream);
 }
 
-// Tiles: M = C_out (one M tile up to 64), N = taps x C_in. Mirrored by _grad_weight in backends/cuda.py.
+// Tiles: M = C_out (one M tile up to 64), N = taps x C_in. Mirrored by _grad_weight in backends/cuda.py. The second
+// generation needs dz in 16-byte pieces and the input in 16-byte ones, or 8-byte ones (fp16/bf16, C_out <= 32).
 template <class T, bool TF32>
 void launch_wgrad(const WgradArgs& a, cudaStream_t stream) {
-  if (a.kernels >= 2 && a.vec_dz == kVec16<T> && a.vec_in == kVec16<T>) {
-    if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1, true>(a, stream);
-    else if (a.Cout <= 32) launch_wgrad_tile<T, TF32, 32, 128, 1, true>(a, stream);
-    else launch_wgrad_tile<T, TF32, 64, 64, 2, true>(a, stream);
+  constexpr int V = kVec16<T>;
+  if (a.kernels >= 2 && a.vec_dz == V && a.vec_in == V) {
+    if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1, V>(a, stream);
+    else if (a.Cout <= 32) launch_wgrad_tile<T, TF32, 32, 128, 1, V>(a, stream);
+    else launch_wgrad_tile<T, TF32, 64, 64, 2, V>(a, stream);
     return;
   }
-  if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1, false>(a, stream);
-  else launch_wgrad_tile<T, TF32, 64, 64, 2, false>(a, stream);
+  if constexpr (sizeof(T) == 2) {
+    if (a.kernels >= 2 && a.vec_dz == V && a.vec_in == V / 2 && a.Cout <= 32) {
+      if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1, V / 2>(a, stream);
+      else launch_wgrad_tile<T, TF32, 32, 128, 1, V / 2>(a, stream);
+      return;
+    }
+  }
+  if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1, 0>(a, stream);
+  else launch_wgrad_tile<T, TF32, 64, 64, 2, 0>(a, stream);
 }
 
 template <class T>

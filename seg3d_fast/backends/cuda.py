@@ -220,7 +220,9 @@ def _grad_weight(dz, xc, weight, stride, like):
     voxels = n * od * oh * ow
     kw = k ** 3 * c_in
     version = kernels_version()
-    v2 = version == 2 and _copy_bytes(c_out, like.dtype) == 16 and _copy_bytes(c_in, like.dtype) == 16
+    in_bytes = _copy_bytes(c_in, like.dtype)
+    v2 = version == 2 and _copy_bytes(c_out, like.dtype) == 16 and (
+        in_bytes == 16 or (in_bytes == 8 and like.dtype.itemsize == 2 and c_out <= 32))
     # the kernel's tile (csrc/conv3d_prelu.cu, launch_wgrad)
     if c_out <= 16:
         bm, bn = 16, 128
