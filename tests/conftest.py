@@ -29,3 +29,12 @@ def exact_fp32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.fixture(scope="session")
+def simulated_cuda_extension(request):
+    """csrc/ built for the CPU simulation (tests/cuda_sim/), once per session; a build failure is an error here."""
+    from cuda_sim.build import build
+
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
+    return build(cache_dir=cache.mkdir("seg3d_simt") if cache is not None else None)

@@ -1,9 +1,11 @@
 """The CUDA C++ backend (seg3d_fast/backends/cuda.py + csrc/) against the float64 references in helpers.py.
 
-Each test runs three ways: on a CUDA GPU with each kernel generation ("v2", the default, and the "v1" fallback;
-skipped here with "needs a CUDA GPU"), and "emulated": the backend's Python layer on CPU tensors against a model of the
-extension's contract (cuda_emulator.py), which checks the layouts, argument structs, dgrad phases and scratch sizes
-on any machine. Calls the backend contract (API.md) directly, so the ops layer is not involved.
+Each test runs five ways: on a CUDA GPU with each kernel generation ("v2", the default, and the "v1" fallback;
+skipped here with "needs a CUDA GPU"); "simulated-v2" / "simulated-v1": the same kernels (csrc/ compiled by the host
+compiler against tests/cuda_sim/, every CUDA thread a CPU fiber, cp.async / ldmatrix / mma.sync modelled from the PTX
+ISA) on CPU tensors; and "emulated": the backend's Python layer on CPU tensors against a model of the extension's
+contract (cuda_emulator.py), which checks the layouts, argument structs, dgrad phases and scratch sizes on any
+machine. Calls the backend contract (API.md) directly, so the ops layer is not involved.
 """
 import pytest
 import torch
@@ -16,35 +18,50 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 class _Backend:
-    """The backend module plus the device its tests put tensors on."""
+    """The backend module, the device its tests put tensors on, and how it runs: "gpu", "simulated" (the kernels on
+    the CPU) or "emulated" (a model of the kernels)."""
 
-    def __init__(self, module, device):
-        self.module, self.device, self.emulated = module, device, device == "cpu"
+    def __init__(self, module, device, kind):
+        self.module, self.device, self.kind = module, device, kind
 
     def __getattr__(self, name):
         return getattr(self.module, name)
 
 
 @pytest.fixture(scope="module", params=[pytest.param("v2", marks=needs_gpu), pytest.param("v1", marks=needs_gpu),
-                                        "emulated"])
+                                        "simulated-v2", "simulated-v1", "emulated"])
 def cuda_backend(request):
-    """The backend with each kernel generation (SEG3D_FAST_CUDA_KERNELS) on the GPU, or emulated on the CPU."""
+    """The backend with each kernel generation (SEG3D_FAST_CUDA_KERNELS) on the GPU or simulated on the CPU, or
+    emulated on the CPU."""
     from seg3d_fast.backends import cuda
 
     if request.param == "emulated":
         with cuda_emulator.emulated() as module:
-            yield _Backend(module, "cpu")
+            yield _Backend(module, "cpu", "emulated")
         return
-    assert cuda.unavailable_reason() is None, cuda.unavailable_reason()  # on a GPU machine it must be built
+    simulated = request.param.startswith("simulated-")
+    version = request.param.removeprefix("simulated-")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(cuda.KERNELS_ENV, request.param)
-        assert cuda.kernels_version() == int(request.param[1])
-        yield _Backend(cuda, "cuda")
+        mp.setenv(cuda.KERNELS_ENV, version)
+        assert cuda.kernels_version() == int(version[1])
+        if simulated:
+            with cuda_emulator.emulated(extension=request.getfixturevalue("simulated_cuda_extension")) as module:
+                yield _Backend(module, "cpu", "simulated")
+            return
+        assert cuda.unavailable_reason() is None, cuda.unavailable_reason()  # on a GPU machine it must be built
+        yield _Backend(cuda, "cuda", "gpu")
 
 
 def gpu_only(be, why):
-    if be.emulated:
-        pytest.skip(f"{why}: a property of the kernels, tested on the GPU (needs a CUDA GPU)")
+    """Skips what only the kernels themselves show: they run on the GPU and in the simulation, not in the model."""
+    if be.kind == "emulated":
+        pytest.skip(f"{why}: a property of the kernels, tested on the GPU and simulated (needs a CUDA GPU)")
+
+
+def real_gpu_only(be, why):
+    """Skips what needs the GPU itself (e.g. its memory)."""
+    if be.kind != "gpu":
+        pytest.skip(f"{why} (needs a CUDA GPU)")
 
 
 @pytest.fixture(autouse=True)
@@ -75,14 +92,44 @@ def _conv_case(device, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode,
     return x, weight, bias, alpha, residual, residual_mode == "first"
 
 
-def _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_out):
-    """float64 and same-dtype plain PyTorch: output, preact z, and gradients (x, w, b, alpha, dz)."""
+def _tf32(t):
+    """t (fp32) rounded to TF32 as cvt.rna.tf32.f32 does: 10 mantissa bits, to nearest, ties away from zero."""
+    bits = t.contiguous().view(torch.int32)
+    rounded = (bits + 0x1000) & ~0x1FFF  # half an ulp added to the magnitude (sign-magnitude bits), truncated
+    return torch.where((bits & 0x7F800000) == 0x7F800000, bits, rounded).view(torch.float32)
+
+
+class _TF32Conv3d(torch.autograd.Function):
+    """conv3d and its gradients as TF32 tensor cores compute them (operands rounded to TF32, fp32 sums): the
+    plain-PyTorch TF32 error estimate where PyTorch has no TF32 (the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding):
+        ctx.save_for_backward(x, w)
+        ctx.conf = stride, padding, b is not None
+        return torch.nn.functional.conv3d(_tf32(x), _tf32(w), b, stride=stride, padding=padding)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        stride, padding, has_bias = ctx.conf
+        gx = torch.nn.grad.conv3d_input(x.shape, _tf32(w), _tf32(g), stride=stride, padding=padding)
+        gw = torch.nn.grad.conv3d_weight(_tf32(x), w.shape, _tf32(g), stride=stride, padding=padding)
+        return gx, gw, g.sum((0, 2, 3, 4)) if has_bias else None, None, None
+
+
+def _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_out, tf32=False):
+    """float64 and same-dtype plain PyTorch: output, preact z, and gradients (x, w, b, alpha, dz). tf32: the fp32
+    convolutions with TF32-rounded operands."""
     results = []
     for dt in (torch.float64, x.dtype):
         leaves = [t.detach().to(dt).requires_grad_() if t is not None else None
                   for t in (x, weight, bias, alpha, residual)]
         xx, ww, bb, aa, rr = leaves
-        z = torch.nn.functional.conv3d(xx, ww, bb, stride=stride, padding=weight.shape[-1] // 2)
+        if tf32 and dt == torch.float32:
+            z = _TF32Conv3d.apply(xx, ww, bb, stride, weight.shape[-1] // 2)
+        else:
+            z = torch.nn.functional.conv3d(xx, ww, bb, stride=stride, padding=weight.shape[-1] // 2)
         if rr is not None and residual_first:
             z = z + rr
         z.retain_grad()
@@ -97,14 +144,14 @@ def _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_ou
 
 
 def _check_conv(be, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, layout="contiguous",
-                negative_alpha=False, shape=(2, 5, 6, 7)):
+                negative_alpha=False, shape=(2, 5, 6, 7), tf32_reference=False):
     x, weight, bias, alpha, residual, residual_first = _conv_case(
         be.device, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, shape, layout, negative_alpha)
     assert be.conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first) == []
     save_act = alpha is not None and residual is not None and not residual_first
     out, act = be.conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act)
     grad_out = randn(*out.shape, dtype=dtype, device=be.device)
-    ref64, ref = _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_out)
+    ref64, ref = _reference(x, weight, bias, alpha, residual, stride, residual_first, grad_out, tf32_reference)
     what = f"{dtype} cin{c_in} cout{c_out} k{k} s{stride} alpha={alpha_kind} res={residual_mode} {layout}"
     assert out.dtype == dtype and out.shape == ref64[0].shape
     cl = layout == "channels_last"
@@ -167,7 +214,16 @@ def test_conv3d_prelu_negative_alpha_preact(cuda_backend, stride, alpha_kind):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv3d_prelu_tf32(cuda_backend, stride):
     torch.backends.cudnn.allow_tf32 = True  # both the backend and the plain-PyTorch error estimate use TF32
-    _check_conv(cuda_backend, torch.float32, 16, 32, 3, stride, "channel", "after", shape=(2, 9, 8, 7))
+    # (PyTorch on the CPU has no TF32: there its convolutions get TF32-rounded operands, see _TF32Conv3d)
+    _check_conv(cuda_backend, torch.float32, 16, 32, 3, stride, "channel", "after", shape=(2, 9, 8, 7),
+                tf32_reference=cuda_backend.device == "cpu")
+    if cuda_backend.kind != "emulated":  # the flag reaches the kernels: TF32 tensor cores, not exact FFMA
+        x, weight, bias, alpha, _, _ = _conv_case(cuda_backend.device, torch.float32, 16, 32, 3, stride, "channel",
+                                                  None, shape=(2, 9, 8, 7))
+        tf32_out = cuda_backend.conv3d_prelu_forward(x, weight, bias, alpha, None, stride, False, False)[0]
+        torch.backends.cudnn.allow_tf32 = False
+        exact_out = cuda_backend.conv3d_prelu_forward(x, weight, bias, alpha, None, stride, False, False)[0]
+        assert not torch.equal(tf32_out, exact_out)
 
 
 def test_conv3d_prelu_larger_tiles(cuda_backend):
@@ -176,12 +232,13 @@ def test_conv3d_prelu_larger_tiles(cuda_backend):
     _check_conv(cuda_backend, torch.bfloat16, 32, 64, 3, 2, "scalar", "first", shape=(2, 16, 17, 18))
 
 
-def test_conv3d_prelu_deterministic(cuda_backend):
+def test_conv3d_prelu_deterministic(cuda_backend, monkeypatch):
     gpu_only(cuda_backend, "bitwise-reproducible reductions")
-    x, weight, bias, alpha, residual, _ = _conv_case("cuda", torch.float16, 16, 32, 3, 1, "channel", "after",
-                                                     shape=(2, 12, 13, 14))
+    x, weight, bias, alpha, residual, _ = _conv_case(cuda_backend.device, torch.float16, 16, 32, 3, 1, "channel",
+                                                     "after", shape=(2, 12, 13, 14))
     runs = []
-    for _ in range(2):
+    for schedule in ("forward", "reverse"):  # the simulation resumes a block's threads in this order (GPU: unused)
+        monkeypatch.setenv("SEG3D_SIMT_SCHEDULE", schedule)
         out, act = cuda_backend.conv3d_prelu_forward(x, weight, bias, alpha, residual, 1, False, True)
         g = torch.ones_like(out) * 0.5 + out * 0.25  # the same fresh values both runs
         grads = cuda_backend.conv3d_prelu_backward(g, x, weight, alpha, act, "act", 1, (True,) * 5)
@@ -204,7 +261,7 @@ def test_conv3d_prelu_unsupported_reasons(cuda_backend):
 
 def test_conv3d_prelu_beyond_2_31_elements(cuda_backend):
     """x and out have more than 2^31 elements: the last planes (highest offsets) must be right."""
-    gpu_only(cuda_backend, "64-bit offsets")
+    real_gpu_only(cuda_backend, "64-bit offsets: tensors of more than 2^31 elements (24 GiB), too large to simulate")
     c, size = 8, 648  # 8 * 648^3 = 2.18e9 elements
     free = torch.cuda.mem_get_info()[0]
     if free < 24 * 2**30:
@@ -287,7 +344,7 @@ def test_jaccard_noncontiguous_and_deterministic(cuda_backend):
 
 
 def test_jaccard_beyond_2_31_elements(cuda_backend):
-    gpu_only(cuda_backend, "64-bit offsets")
+    real_gpu_only(cuda_backend, "64-bit offsets: tensors of more than 2^31 elements (24 GiB), too large to simulate")
     n, c, s = 1, 4, 560 * 2**20  # 2.35e9 logits
     free = torch.cuda.mem_get_info()[0]
     if free < 24 * 2**30:
