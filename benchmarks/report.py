@@ -253,11 +253,17 @@ def dispatch_table(payload):
 
 
 def write_dispatch_table(payload, path):
-    """Merge this card's table into the file at `path` (other cards' entries stay)."""
+    """Merge this card's table into the file at `path` (other cards' entries stay, if measured on the same kernels:
+    the file records the kernels' revision, and the dispatcher ignores a file of another revision)."""
+    from seg3d_fast.backends import KERNELS_REVISION
+
     path = Path(path)
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(dispatch_table(payload))
-    path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+    old = json.loads(path.read_text()) if path.exists() else {}
+    same = old.get("kernels_revision") == KERNELS_REVISION
+    cards = dict(old.get("cards", {}) if same else {})
+    cards.update(dispatch_table(payload))
+    path.write_text(json.dumps({"kernels_revision": KERNELS_REVISION, "cards": cards}, indent=1,
+                               sort_keys=True) + "\n")
 
 
 def main(argv=None):

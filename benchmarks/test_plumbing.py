@@ -85,6 +85,33 @@ def test_report_from_a_results_file(tmp_path):
     assert "2.00×" in report.summary(payload, "fp32", "both")
 
 
+def test_dispatch_table_records_the_kernels_revision(tmp_path, monkeypatch):
+    """report.py writes the measured order with the kernels' revision; the dispatcher reads a table of its own
+    revision and ignores one measured on other kernels (and report.py drops such entries when merging)."""
+    from seg3d_fast import backends
+
+    case = shapes.INTERPRETER_CASE
+    ceilings = {"bf16_tflops": 1.0, "fp32_tflops": 1.0, "copy_gbps": 10.0, "fp32_uses_tf32": False}
+    records = [harness.record("conv3d_prelu", case, "bf16", b, "forward", ms, ms, 1 << 20, ceilings, 4, case.layers,
+                              harness.LAYOUT[b], None)
+               for b, ms in (("eager", 2.0), ("triton", 1.0), ("cuda", 3.0))]
+    payload = {"environment": {"device": "test card"}, "records": records}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"kernels_revision": backends.KERNELS_REVISION - 1, "cards": {"old card": {}}}))
+    report.write_dispatch_table(payload, path)
+    written = json.loads(path.read_text())
+    assert written["kernels_revision"] == backends.KERNELS_REVISION and list(written["cards"]) == ["test card"]
+    (key, order), = written["cards"]["test card"]["conv3d_prelu"].items()
+    assert key.startswith("bfloat16-k3-s1-") and order == ["triton", "reference", "cuda"]
+
+    monkeypatch.setattr(backends, "DISPATCH_TABLE", path)
+    monkeypatch.setattr(backends, "_table_cache", None)
+    assert backends._dispatch_table() == written["cards"]
+    path.write_text(json.dumps(dict(written, kernels_revision=backends.KERNELS_REVISION - 1)))
+    monkeypatch.setattr(backends, "_table_cache", None)
+    assert backends._dispatch_table() == {}
+
+
 def test_host_overhead_launch_counts():
     """The host-side structure of the fused ops (kernels stubbed, CPU tensors): one launch per conv forward; three
     per backward (dz pass, dgrad, wgrad), the Triton stride-2 dgrad's eight parity classes in one launch included;

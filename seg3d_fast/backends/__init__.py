@@ -105,15 +105,23 @@ ENV_MEASURE = "SEG3D_FAST_MEASURE_DISPATCH"  # "0": never time backends at run t
 CACHE_DIR = Path(os.environ.get("SEG3D_FAST_CACHE", Path.home() / ".cache" / "seg3d_fast"))
 
 
+# Revision of the kernels' speed: bump it with any kernel change that can reorder the backends. A dispatch table or
+# an on-disk measurement of another revision is ignored (the order is measured again on first use).
+KERNELS_REVISION = 4
+
+
 def _dispatch_table() -> dict:
+    """{card: {op: {key: order}}} of the committed table, empty when it was measured on other kernels."""
     global _table_cache
     if _table_cache is None:
-        _table_cache = json.loads(DISPATCH_TABLE.read_text()) if DISPATCH_TABLE.exists() else {}
+        data = json.loads(DISPATCH_TABLE.read_text()) if DISPATCH_TABLE.exists() else {}
+        _table_cache = data.get("cards", {}) if data.get("kernels_revision") == KERNELS_REVISION else {}
     return _table_cache
 
 
 def _cache_file(card: str) -> Path:
-    return CACHE_DIR / ("dispatch-" + "".join(c if c.isalnum() else "_" for c in card) + ".json")
+    name = "".join(c if c.isalnum() else "_" for c in card)
+    return CACHE_DIR / f"dispatch-{name}-r{KERNELS_REVISION}.json"
 
 
 def _measured(card: str) -> dict:
