@@ -26,6 +26,11 @@ void use_device(int device) {
 }
 
 int multiprocessors(int device) {
+#if defined(SEG3D_SIMT_CPU)  // the simulated card's count may change between tests (SEG3D_SIMT_SMS): not cached
+  int simulated = 0;
+  SEG3D_CHECK(cudaDeviceGetAttribute(&simulated, cudaDevAttrMultiProcessorCount, device));
+  return simulated;
+#endif
   static std::array<std::atomic<int>, 64> counts{};  // 0: not yet queried
   if (device < 0 || device >= static_cast<int>(counts.size())) throw std::invalid_argument("device index");
   int count = counts[device].load(std::memory_order_relaxed);

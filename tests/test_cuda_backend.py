@@ -232,6 +232,26 @@ def test_conv3d_prelu_larger_tiles(cuda_backend):
     _check_conv(cuda_backend, torch.bfloat16, 32, 64, 3, 2, "scalar", "first", shape=(2, 16, 17, 18))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c_out", [64, 96, 128])
+def test_conv3d_prelu_every_tile(cuda_backend, monkeypatch, dtype, c_out):
+    """Wide layers take the largest tile (128x128, 128x64, 64x64) that still gives the card 1.5 waves of blocks: in
+    the simulation the card's multiprocessor count is set so that each is chosen on a small volume (96 channels: a
+    partial column tile); on the GPU the volume is large enough for the largest."""
+    tf32 = dtype == torch.float32  # the fp32 tiles run on tensor cores only with TF32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    if cuda_backend.kind == "gpu":
+        _check_conv(cuda_backend, dtype, 16, c_out, 3, 1, "channel", "after", shape=(2, 24, 32, 34))
+        return
+    gpu_only(cuda_backend, "tile choice")
+    # 1980 voxels: 16 row blocks of 128; 1 SM: 128x128 (16-bit, > 64 channels) else 128x64; 6 SMs (18 blocks
+    # wanted): 128x64 for > 64 channels, else 64x64; 10000 SMs: 64x64
+    for sms in (1, 6, 10_000):
+        monkeypatch.setenv("SEG3D_SIMT_SMS", str(sms))
+        _check_conv(cuda_backend, dtype, 16, c_out, 3, 1, "channel", "after", shape=(2, 9, 10, 11),
+                    tf32_reference=tf32)
+
+
 def test_conv3d_prelu_deterministic(cuda_backend, monkeypatch):
     gpu_only(cuda_backend, "bitwise-reproducible reductions")
     x, weight, bias, alpha, residual, _ = _conv_case(cuda_backend.device, torch.float16, 16, 32, 3, 1, "channel",
