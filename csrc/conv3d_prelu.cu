@@ -824,7 +824,8 @@ void launch_wgrad_tile(const WgradArgs& a, cudaStream_t stream) {
   launch_wgrad_reduce<T>(a, Kw, stream);
 }
 
-// Tiles: M = C_out (one M tile up to 64), N = taps x C_in. Mirrored by _grad_weight in backends/cuda.py. The second
+// Tiles: M = C_out (one M tile up to 64), N = taps x C_in (128 wide, but 64 for fp32 and the first generation's
+// wider M tiles). Mirrored by _grad_weight in backends/cuda.py. The second
 // generation needs dz in 16-byte pieces and the input in 16-byte ones, or 8-byte ones (fp16/bf16, C_out <= 32).
 template <class T, bool TF32>
 void launch_wgrad(const WgradArgs& a, cudaStream_t stream) {
@@ -832,6 +833,7 @@ void launch_wgrad(const WgradArgs& a, cudaStream_t stream) {
   if (a.kernels >= 2 && a.vec_dz == V && a.vec_in == V) {
     if (a.Cout <= 16) launch_wgrad_tile<T, TF32, 16, 128, 1, V>(a, stream);
     else if (a.Cout <= 32) launch_wgrad_tile<T, TF32, 32, 128, 1, V>(a, stream);
+    else if constexpr (sizeof(T) == 2) launch_wgrad_tile<T, TF32, 64, 128, 2, V>(a, stream);
     else launch_wgrad_tile<T, TF32, 64, 64, 2, V>(a, stream);
     return;
   }

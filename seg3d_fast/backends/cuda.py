@@ -226,8 +226,10 @@ def _grad_weight(dz, xc, weight, stride, like):
     # the kernel's tile (csrc/conv3d_prelu.cu, launch_wgrad)
     if c_out <= 16:
         bm, bn = 16, 128
+    elif v2 and c_out <= 32:
+        bm, bn = 32, 128
     else:
-        bm, bn = (32, 128) if v2 and c_out <= 32 else (64, 64)
+        bm, bn = 64, (128 if v2 and like.dtype.itemsize == 2 else 64)
     tiles = math.ceil(kw / bn) * math.ceil(c_out / bm)
     splits = max(1, min(math.ceil(WGRAD_BLOCKS[version] / tiles), math.ceil(voxels / 32), 65535))
     per_split = math.ceil(math.ceil(voxels / splits) / 32) * 32
