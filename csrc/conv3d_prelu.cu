@@ -196,6 +196,16 @@ __device__ __forceinline__ void gemm_mainloop(Tile& tile, T* smem, int k_tiles, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// (n, qd, qh, qw) of row m of the gather conv's output grid (N, QD, QH, QW).
+struct GridPoint { int n, qd, qh, qw; };
+__device__ __forceinline__ GridPoint grid_point(const ConvArgs& a, int m) {
+  const int qw = m % a.QW;
+  m /= a.QW;
+  const int qh = m % a.QH;
+  m /= a.QH;
+  return {m / a.QD, m % a.QD, qh, qw};
+}
+
 // Forward and dgrad: gather conv with the fused epilogue.
 template <class T, bool TF32, int BM, int BN, int WARPS_M>
 __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const ConvArgs a) {
@@ -225,11 +235,7 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const ConvArgs a) {
   for (int r = tid; r < BM; r += kThreads) {
     const int m = m0 + r;
     if (m < M) {
-      int t = m;
-      const int qw = t % a.QW; t /= a.QW;
-      const int qh = t % a.QH; t /= a.QH;
-      const int qd = t % a.QD;
-      const int n = t / a.QD;
+      const auto [n, qd, qh, qw] = grid_point(a, m);
       row_n[r] = n;
       row_d[r] = qd * a.in_stride;
       row_h[r] = qh * a.in_stride;
@@ -506,11 +512,7 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
     const int m = m0 + r;
     long long ro = -1;
     if (m < M) {
-      int t = m;
-      const int qw = t % a.QW; t /= a.QW;
-      const int qh = t % a.QH; t /= a.QH;
-      const int qd = t % a.QD;
-      const int n = t / a.QD;
+      const auto [n, qd, qh, qw] = grid_point(a, m);
       const int od = qd * a.out_stride + a.out_off_d, oh = qh * a.out_stride + a.out_off_h,
                 ow = qw * a.out_stride + a.out_off_w;
       ro = (((static_cast<long long>(n) * a.OD + od) * a.OH + oh) * a.OW + ow) * a.Cout;
@@ -530,11 +532,7 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
     a_base[j] = 0;
     a_taps[j] = 0;
     if (m < M) {
-      int t = m;
-      const int qw = t % a.QW; t /= a.QW;
-      const int qh = t % a.QH; t /= a.QH;
-      const int qd = t % a.QD;
-      const int n = t / a.QD;
+      const auto [n, qd, qh, qw] = grid_point(a, m);
       const int d = qd * a.in_stride, h = qh * a.in_stride, wv = qw * a.in_stride;
       a_base[j] = (((static_cast<long long>(n) * a.ID + d) * a.IH + h) * a.IW + wv) * a.C;
       uint32_t in_d = 0, in_h = 0, in_w = 0;  // bit i: tap offset i of that dim stays inside
