@@ -42,7 +42,7 @@ struct SmemLayout {
 // Tensor-core block tile on mma.sync: 4 warps as WARPS_M x (4 / WARPS_M), each warp a WM x WN tile of 16x8 MMA
 // tiles. fp16/bf16: operands from shared memory by ldmatrix (.trans for the k-major layouts), m16n8k16. fp32 with
 // TF32 allowed: 32-bit shared loads rounded to tf32, m16n8k8. (The WMMA API this replaces compiled to generic
-// 32-bit loads, 395 instructions per 32-deep K step of a 64x64 tile against 16 HMMA.)
+// 32-bit loads, 396 instructions per 32-deep K step of a 64x64 tile against 16 HMMA.)
 template <class T, int BM, int BN, int WARPS_M, bool A_KM, bool B_KN>
 struct MmaTile {
   using L = SmemLayout<T, BM, BN, A_KM, B_KN>;
