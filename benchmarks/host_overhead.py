@@ -61,7 +61,6 @@ class LaunchCounter:
 def stubbed_triton(counter: LaunchCounter):
     """The triton backend's Python layer on CPU tensors (TRITON_INTERPRET=1 while it runs) with every launch a
     counter. The label range a stubbed loss kernel leaves unwritten is read as a valid one (the check still runs)."""
-    from seg3d_fast import ops
     from seg3d_fast.backends.triton import conv3d_prelu as conv_mod, jaccard as jac_mod
 
     saved = {}
@@ -71,26 +70,42 @@ def stubbed_triton(counter: LaunchCounter):
             if name.startswith("_") and name.endswith("_kernel") and hasattr(obj, "__getitem__"):
                 saved[(mod, name)] = obj
                 setattr(mod, name, counter.triton_kernel())
-    check = saved[(ops, "_label_range_check")] = ops._label_range_check
-    ops._label_range_check = lambda logits, target, ignore_index, label_range=None, defer=None: check(
-        logits, target, ignore_index, None if label_range is None else label_range.zero_(), defer)
     try:
-        with env_vars({"TRITON_INTERPRET": "1"}):  # the backend then takes CPU tensors
+        with env_vars({"TRITON_INTERPRET": "1"}), unwritten_label_range_valid():  # the backend takes CPU tensors
             yield
     finally:
         for (mod, name), obj in saved.items():
             setattr(mod, name, obj)
 
 
+@contextlib.contextmanager
+def unwritten_label_range_valid():
+    """The label range that a stubbed loss kernel leaves unwritten is read as a valid one (the check still runs)."""
+    from seg3d_fast import ops
+
+    check = ops._label_range_check
+    ops._label_range_check = lambda logits, target, ignore_index, label_range=None, defer=None: check(
+        logits, target, ignore_index, None if label_range is None else label_range.zero_(), defer)
+    try:
+        yield
+    finally:
+        ops._label_range_check = check
+
+
+@contextlib.contextmanager
 def stubbed_cuda(counter: LaunchCounter):
-    """The cuda backend's Python layer on CPU tensors (tests/cuda_emulator.py) with every launch a counter."""
+    """The cuda backend's Python layer on CPU tensors (tests/cuda_emulator.py) with every extension call a counter
+    (one count per call: jaccard_sums / jaccard_loss each make two launches on the GPU). As in stubbed_triton, the
+    label range a stubbed jaccard_loss leaves unwritten is read as a valid one."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import cuda_emulator
 
     extension = cuda_emulator.model_extension()
-    for name in ("conv_gemm", "conv_wgrad", "prelu_backward", "jaccard_sums", "jaccard_backward"):
+    for name in ("conv_gemm", "conv_wgrad", "prelu_backward", "jaccard_sums", "jaccard_backward", "jaccard_loss",
+                 "jaccard_loss_backward"):
         setattr(extension, name, counter.function())
-    return cuda_emulator.emulated(extension)
+    with cuda_emulator.emulated(extension), unwritten_label_range_valid():
+        yield
 
 
 def conv_inputs(case, dtype, gen):

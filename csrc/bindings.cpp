@@ -138,4 +138,14 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("grad_logits"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("label_type"), py::arg("squared"),
         py::arg("sigmoid"), py::arg("has_ignore"), py::arg("ignore_index"), py::arg("dtype"), py::arg("device"),
         py::arg("stream"));
+  m.def("jaccard_loss", &jaccard_loss, py::arg("logits"), py::arg("target"), py::arg("weights"), py::arg("partial"),
+        py::arg("range_partial"), py::arg("sums"), py::arg("loss"), py::arg("label_range"), py::arg("N"), py::arg("C"),
+        py::arg("S"), py::arg("label_type"), py::arg("squared"), py::arg("sigmoid"), py::arg("has_ignore"),
+        py::arg("ignore_index"), py::arg("smooth"), py::arg("per_sample"), py::arg("mean"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"));
+  m.def("jaccard_loss_backward", &jaccard_loss_backward, py::arg("grad_loss"), py::arg("sums"), py::arg("weights"),
+        py::arg("logits"), py::arg("target"), py::arg("grad_logits"), py::arg("N"), py::arg("C"), py::arg("S"),
+        py::arg("label_type"), py::arg("squared"), py::arg("sigmoid"), py::arg("has_ignore"), py::arg("ignore_index"),
+        py::arg("smooth"), py::arg("per_sample"), py::arg("mean"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
 }

@@ -3,6 +3,10 @@
 //   sums: every block reduces its voxels to per-(class, sum) values (warp butterflies + fixed warp order) into
 //         fp32 partials (N, blocks, C, 3); a second kernel sums the blocks in order (deterministic, no atomics).
 //   backward: recomputes p and writes dlogits per API.md.
+//   reduced loss (jaccard_loss / jaccard_loss_backward, API.md's jaccard_loss_reduced): the sums kernel also writes
+//         each block's least/greatest counted label, the final kernel runs as one block that also finds the label
+//         range and the loss, and the backward kernel derives dL/d(sums) from the sums, the class weights and
+//         dL/dloss itself (a small per-block table in shared memory): 2 launches forward, 1 backward.
 #include <algorithm>
 #include <cmath>
 
@@ -15,6 +19,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBlocks = 1024;  // per sample; fixed (not device-dependent) so results repeat bitwise anywhere
+constexpr long long kNoLabelMin = 1LL << 62;  // the label range of no counted label: empty (API.md)
+constexpr long long kNoLabelMax = -(1LL << 62);
 
 __device__ __forceinline__ long long load_label(const void* target, int label_type, long long i) {
   switch (label_type) {
@@ -50,18 +56,18 @@ __device__ __forceinline__ void probabilities(float (&x)[MAXC], int C, bool sigm
     if (c < C) x[c] *= inv;
 }
 
-// Loads the voxel's logits and target; returns false for an ignored voxel.
+// Loads the voxel's logits and target (lab: its label, for label maps); returns false for an ignored voxel.
 template <class T, int MAXC>
 __device__ __forceinline__ bool load_voxel(const T* __restrict__ logits, const void* target, int n, int C, long long S,
                                            long long v, int label_type, bool has_ignore, long long ignore_index,
-                                           float (&x)[MAXC], float (&t)[MAXC]) {
+                                           float (&x)[MAXC], float (&t)[MAXC], long long& lab) {
   const long long base = static_cast<long long>(n) * C * S + v;
   if (label_type == kProb) {
     const T* tp = static_cast<const T*>(target);
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) t[c] = c < C ? to_float(tp[base + c * S]) : 0.0f;
   } else {
-    const long long lab = load_label(target, label_type, static_cast<long long>(n) * S + v);
+    lab = load_label(target, label_type, static_cast<long long>(n) * S + v);
     if (has_ignore && lab == ignore_index) return false;
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) t[c] = lab == c ? 1.0f : 0.0f;
@@ -73,17 +79,23 @@ __device__ __forceinline__ bool load_voxel(const T* __restrict__ logits, const v
 
 template <class T, int MAXC>
 __global__ void __launch_bounds__(kThreads)
-jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __restrict__ partial, int C,
-                    long long S, int label_type, bool squared, bool sigmoid, bool has_ignore, long long ignore_index) {
+jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __restrict__ partial,
+                    long long* __restrict__ range_partial, int C, long long S, int label_type, bool squared,
+                    bool sigmoid, bool has_ignore, long long ignore_index) {
+  // range_partial (optional, label maps): (N, blocks, 2) least and greatest counted label of the block's voxels
   const int n = blockIdx.y, tid = threadIdx.x;
   float acc[MAXC][3];
 #pragma unroll
   for (int c = 0; c < MAXC; ++c) acc[c][0] = acc[c][1] = acc[c][2] = 0.0f;
+  long long lo = kNoLabelMin, hi = kNoLabelMax;
 
   for (long long v = blockIdx.x * static_cast<long long>(kThreads) + tid; v < S;
        v += static_cast<long long>(gridDim.x) * kThreads) {
     float x[MAXC], t[MAXC];
-    if (!load_voxel<T, MAXC>(logits, target, n, C, S, v, label_type, has_ignore, ignore_index, x, t)) continue;
+    long long lab = 0;
+    if (!load_voxel<T, MAXC>(logits, target, n, C, S, v, label_type, has_ignore, ignore_index, x, t, lab)) continue;
+    lo = lab < lo ? lab : lo;  // label maps only read (lab stays 0 for probabilities)
+    hi = lab > hi ? lab : hi;
     probabilities<MAXC>(x, C, sigmoid);
 #pragma unroll
     for (int c = 0; c < MAXC; ++c)
@@ -95,7 +107,17 @@ jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __r
   }
 
   __shared__ float red[kWarps][MAXC * 3];
+  __shared__ long long red_range[kWarps][2];
   const int warp = tid / 32, lane = tid % 32;
+  if (range_partial != nullptr) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      const long long olo = __shfl_xor_sync(0xffffffffu, lo, off), ohi = __shfl_xor_sync(0xffffffffu, hi, off);
+      lo = olo < lo ? olo : lo;
+      hi = ohi > hi ? ohi : hi;
+    }
+    if (lane == 0) red_range[warp][0] = lo, red_range[warp][1] = hi;
+  }
 #pragma unroll
   for (int c = 0; c < MAXC; ++c)
     if (c < C) {
@@ -113,32 +135,148 @@ jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __r
     for (int w = 0; w < kWarps; ++w) s += red[w][i];
     partial[(static_cast<long long>(n) * gridDim.x + blockIdx.x) * C * 3 + i] = s;
   }
+  if (range_partial != nullptr && tid == 0) {
+    for (int w = 1; w < kWarps; ++w) {
+      lo = red_range[w][0] < lo ? red_range[w][0] : lo;
+      hi = red_range[w][1] > hi ? red_range[w][1] : hi;
+    }
+    long long* out = range_partial + (static_cast<long long>(n) * gridDim.x + blockIdx.x) * 2;
+    out[0] = lo;
+    out[1] = hi;
+  }
 }
 
-__global__ void jaccard_final_kernel(const float* __restrict__ partial, float* __restrict__ sums, int N, int C, int blocks) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= N * C * 3) return;
-  const int n = i / (C * 3), r = i % (C * 3);
-  float s = 0.0f;
-  for (int b = 0; b < blocks; ++b) s += partial[(static_cast<long long>(n) * blocks + b) * C * 3 + r];
-  sums[i] = s;
+// Per class c of sample n (per_sample) or of the samples' pooled sums: [dL/dI, dL/dP] of the loss
+//   sum_rows sum_c w_c (1 - (I + s) / (P + T - I + s)) [/ (rows * sum_c w_c) for mean]
+// times grad_loss: with num = I + s, den = P + T - I + s, q = grad_loss * coef_c / den^2: dL/dP = q num and
+// dL/dI = -(q den + q num) (dL/dT = dL/dP, unused). Pooled rows are summed over the samples in order.
+__device__ __forceinline__ void loss_sums_grad(const float* sums, const float* __restrict__ weights, float grad_loss,
+                                               int n, int N, int C, int c, float smooth, bool per_sample, bool mean,
+                                               float& d_i, float& d_p) {
+  float I = 0.0f, P = 0.0f, T = 0.0f;
+  for (int m = per_sample ? n : 0; m < (per_sample ? n + 1 : N); ++m) {
+    const float* row = sums + (static_cast<long long>(m) * C + c) * 3;
+    I += row[0];
+    P += row[1];
+    T += row[2];
+  }
+  const float w = weights[c];
+  float coef = w * grad_loss;
+  if (mean) {
+    float wsum = 0.0f;
+    for (int k = 0; k < C; ++k) wsum += weights[k];
+    coef = coef / (wsum * (per_sample ? static_cast<float>(N) : 1.0f));
+  }
+  const float num = I + smooth, den = P + T - I + smooth;
+  const float q = w != 0.0f ? coef / (den * den) : 0.0f;
+  d_p = q * num;
+  d_i = -(q * den + d_p);
+}
+
+// sums (N, C, 3) = the partials (N, blocks, C, 3) summed over the blocks: one warp per output, lanes over the blocks
+// in a fixed pattern and a butterfly (deterministic, the same result for any grid). With loss != nullptr (one block):
+// also the loss (above, without grad) from the sums, and with label_range != nullptr the least and greatest of the
+// range partials (N * blocks, 2).
+__global__ void __launch_bounds__(kThreads)
+jaccard_final_kernel(const float* __restrict__ partial, float* sums, int N, int C, int blocks,
+                     const long long* __restrict__ range_partial, const float* __restrict__ weights,
+                     float* __restrict__ loss, long long* __restrict__ label_range, float smooth, bool per_sample,
+                     bool mean) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const long long outputs = static_cast<long long>(N) * C * 3;
+  for (long long i = static_cast<long long>(blockIdx.x) * warps + warp; i < outputs;
+       i += static_cast<long long>(gridDim.x) * warps) {
+    const long long n = i / (C * 3), r = i % (C * 3);
+    float s = 0.0f;
+    for (int b = lane; b < blocks; b += 32) s += partial[(n * blocks + b) * C * 3 + r];
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) sums[i] = s;
+  }
+  if (loss == nullptr) return;  // uniform over the launch: the reduced loss runs as one block
+
+  __shared__ long long red_range[kWarps][2];
+  if (label_range != nullptr) {
+    long long lo = kNoLabelMin, hi = kNoLabelMax;
+    for (long long i = threadIdx.x; i < static_cast<long long>(N) * blocks; i += blockDim.x) {
+      lo = range_partial[i * 2] < lo ? range_partial[i * 2] : lo;
+      hi = range_partial[i * 2 + 1] > hi ? range_partial[i * 2 + 1] : hi;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      const long long olo = __shfl_xor_sync(0xffffffffu, lo, off), ohi = __shfl_xor_sync(0xffffffffu, hi, off);
+      lo = olo < lo ? olo : lo;
+      hi = ohi > hi ? ohi : hi;
+    }
+    if (lane == 0) red_range[warp][0] = lo, red_range[warp][1] = hi;
+  }
+  __syncthreads();  // the block's sums (global memory) and range partials are visible to every thread
+  if (warp != 0) return;
+  // warp 0: lane c < C (C <= 32) takes class c over the rows in order; a butterfly sums the classes
+  float total = 0.0f, w = 0.0f;
+  if (lane < C) {
+    w = weights[lane];
+    float I = 0.0f, P = 0.0f, T = 0.0f;
+    for (int n = 0; n < N; ++n) {
+      const float* row = sums + (static_cast<long long>(n) * C + lane) * 3;
+      if (per_sample) {
+        if (w != 0.0f) total += w * (1.0f - (row[0] + smooth) / (row[1] + row[2] - row[0] + smooth));
+      } else {
+        I += row[0];
+        P += row[1];
+        T += row[2];
+      }
+    }
+    if (!per_sample && w != 0.0f) total = w * (1.0f - (I + smooth) / (P + T - I + smooth));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    total += __shfl_xor_sync(0xffffffffu, total, off);
+    w += __shfl_xor_sync(0xffffffffu, w, off);
+  }
+  if (lane == 0) {
+    *loss = mean ? total / (w * (per_sample ? static_cast<float>(N) : 1.0f)) : total;
+    if (label_range != nullptr) {
+      long long lo = red_range[0][0], hi = red_range[0][1];
+      for (int k = 1; k < warps; ++k) {
+        lo = red_range[k][0] < lo ? red_range[k][0] : lo;
+        hi = red_range[k][1] > hi ? red_range[k][1] : hi;
+      }
+      label_range[0] = lo;
+      label_range[1] = hi;
+    }
+  }
 }
 
 template <class T, int MAXC>
 __global__ void __launch_bounds__(kThreads)
 jaccard_backward_kernel(const float* __restrict__ grad_sums, const T* __restrict__ logits, const void* target,
                         T* __restrict__ grad, int C, long long S, int label_type, bool squared, bool sigmoid,
-                        bool has_ignore, long long ignore_index) {
+                        bool has_ignore, long long ignore_index, const float* __restrict__ grad_loss,
+                        const float* __restrict__ weights, int N, float smooth, bool per_sample, bool mean) {
+  // grad_loss == nullptr: dL/d(sums) read from grad_sums (N, C, 3); else grad_sums holds the reduced loss's sums and
+  // each block derives its sample's dL/d(sums) from them, the class weights and dL/dloss (the loss's backward fused).
   const int n = blockIdx.y;
   __shared__ float g[MAXC * 3];
-  for (int i = threadIdx.x; i < C * 3; i += kThreads) g[i] = grad_sums[static_cast<long long>(n) * C * 3 + i];
+  if (grad_loss == nullptr) {
+    for (int i = threadIdx.x; i < C * 3; i += kThreads) g[i] = grad_sums[static_cast<long long>(n) * C * 3 + i];
+  } else {
+    for (int c = threadIdx.x; c < C; c += kThreads) {
+      float d_i, d_p;
+      loss_sums_grad(grad_sums, weights, *grad_loss, n, N, C, c, smooth, per_sample, mean, d_i, d_p);
+      g[c * 3] = d_i;
+      g[c * 3 + 1] = d_p;
+      g[c * 3 + 2] = d_p;
+    }
+  }
   __syncthreads();
 
   for (long long v = blockIdx.x * static_cast<long long>(kThreads) + threadIdx.x; v < S;
        v += static_cast<long long>(gridDim.x) * kThreads) {
     const long long base = static_cast<long long>(n) * C * S + v;
     float x[MAXC], t[MAXC];
-    if (!load_voxel<T, MAXC>(logits, target, n, C, S, v, label_type, has_ignore, ignore_index, x, t)) {
+    long long lab;
+    if (!load_voxel<T, MAXC>(logits, target, n, C, S, v, label_type, has_ignore, ignore_index, x, t, lab)) {
       for (int c = 0; c < C; ++c) grad[base + c * S] = from_float<T>(0.0f);
       continue;
     }
@@ -160,31 +298,46 @@ jaccard_backward_kernel(const float* __restrict__ grad_sums, const T* __restrict
   }
 }
 
+// The reduced loss's extras (all 0: the plain sums / backward). Forward: range_partial (N * blocks, 2) int64 scratch
+// and label_range (2,) int64 (label maps only), weights (C,) fp32, loss (0-d fp32); backward: grad_loss (0-d fp32)
+// and weights, with grad_sums holding the forward's sums.
+struct LossArgs {
+  uint64_t range_partial = 0, label_range = 0, weights = 0, loss = 0, grad_loss = 0;
+  float smooth = 0.0f;
+  bool per_sample = false, mean = false;
+};
+
 template <class T, int MAXC>
 void launch_sums(uint64_t logits, uint64_t target, uint64_t partial, uint64_t sums, int N, int C, long long S,
-                 int label_type, bool squared, bool sigmoid, bool has_ignore, long long ignore_index, cudaStream_t s) {
+                 int label_type, bool squared, bool sigmoid, bool has_ignore, long long ignore_index,
+                 const LossArgs& l, cudaStream_t s) {
   const int blocks = jaccard_blocks(S);
   auto sums_kernel = jaccard_sums_kernel<T, MAXC>;
   SEG3D_LAUNCH(sums_kernel, dim3(blocks, N), kThreads, 0, s)(
       reinterpret_cast<const T*>(logits), reinterpret_cast<const void*>(target), reinterpret_cast<float*>(partial),
-      C, S, label_type, squared, sigmoid, has_ignore, ignore_index);
+      reinterpret_cast<long long*>(l.range_partial), C, S, label_type, squared, sigmoid, has_ignore, ignore_index);
   SEG3D_CHECK_LAUNCH("jaccard_sums_kernel");
-  const int outputs = N * C * 3;
-  SEG3D_LAUNCH(jaccard_final_kernel, (outputs + 255) / 256, 256, 0, s)(reinterpret_cast<const float*>(partial),
-                                                              reinterpret_cast<float*>(sums), N, C, blocks);
+  const long long outputs = static_cast<long long>(N) * C * 3;
+  // one warp per output; the loss needs every sum in one block
+  const int final_blocks = l.loss ? 1 : static_cast<int>((outputs + kWarps - 1) / kWarps);
+  SEG3D_LAUNCH(jaccard_final_kernel, final_blocks, kThreads, 0, s)(
+      reinterpret_cast<const float*>(partial), reinterpret_cast<float*>(sums), N, C, blocks,
+      reinterpret_cast<const long long*>(l.range_partial), reinterpret_cast<const float*>(l.weights),
+      reinterpret_cast<float*>(l.loss), reinterpret_cast<long long*>(l.label_range), l.smooth, l.per_sample, l.mean);
   SEG3D_CHECK_LAUNCH("jaccard_final_kernel");
 }
 
 template <class T, int MAXC>
 void launch_backward(uint64_t grad_sums, uint64_t logits, uint64_t target, uint64_t grad, int N, int C, long long S,
                      int label_type, bool squared, bool sigmoid, bool has_ignore, long long ignore_index,
-                     cudaStream_t s) {
+                     const LossArgs& l, cudaStream_t s) {
   const int blocks = static_cast<int>(std::min<long long>((S + kThreads - 1) / kThreads, 8192));
   auto backward_kernel = jaccard_backward_kernel<T, MAXC>;
   SEG3D_LAUNCH(backward_kernel, dim3(blocks, N), kThreads, 0, s)(
       reinterpret_cast<const float*>(grad_sums), reinterpret_cast<const T*>(logits),
       reinterpret_cast<const void*>(target), reinterpret_cast<T*>(grad), C, S, label_type, squared, sigmoid,
-      has_ignore, ignore_index);
+      has_ignore, ignore_index, reinterpret_cast<const float*>(l.grad_loss), reinterpret_cast<const float*>(l.weights),
+      N, l.smooth, l.per_sample, l.mean);
   SEG3D_CHECK_LAUNCH("jaccard_backward_kernel");
 }
 
@@ -215,7 +368,7 @@ void jaccard_sums(uint64_t logits, uint64_t target, uint64_t partial, uint64_t s
   if (N == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   SEG3D_JACCARD_DISPATCH(launch_sums, logits, target, partial, sums, N, C, S, label_type, squared, sigmoid,
-                         has_ignore, ignore_index, s);
+                         has_ignore, ignore_index, LossArgs{}, s);
 }
 
 void jaccard_backward(uint64_t grad_sums, uint64_t logits, uint64_t target, uint64_t grad_logits, int N, int C,
@@ -225,7 +378,47 @@ void jaccard_backward(uint64_t grad_sums, uint64_t logits, uint64_t target, uint
   if (N == 0 || S == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   SEG3D_JACCARD_DISPATCH(launch_backward, grad_sums, logits, target, grad_logits, N, C, S, label_type, squared,
-                         sigmoid, has_ignore, ignore_index, s);
+                         sigmoid, has_ignore, ignore_index, LossArgs{}, s);
+}
+
+void jaccard_loss(uint64_t logits, uint64_t target, uint64_t weights, uint64_t partial, uint64_t range_partial,
+                  uint64_t sums, uint64_t loss, uint64_t label_range, int N, int C, int64_t S, int label_type,
+                  bool squared, bool sigmoid, bool has_ignore, int64_t ignore_index, float smooth, bool per_sample,
+                  bool mean, int dtype, int device, uint64_t stream) {
+  use_device(device);
+  if (N == 0) throw std::invalid_argument("seg3d_fast._cuda: jaccard_loss needs a non-empty batch");
+  if (loss == 0 || weights == 0 || (label_type != kProb && (range_partial == 0 || label_range == 0)))
+    throw std::invalid_argument("seg3d_fast._cuda: jaccard_loss needs weights, loss and (label maps) label range");
+  LossArgs l;
+  l.range_partial = label_type == kProb ? 0 : range_partial;
+  l.label_range = label_type == kProb ? 0 : label_range;
+  l.weights = weights;
+  l.loss = loss;
+  l.smooth = smooth;
+  l.per_sample = per_sample;
+  l.mean = mean;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  SEG3D_JACCARD_DISPATCH(launch_sums, logits, target, partial, sums, N, C, S, label_type, squared, sigmoid,
+                         has_ignore, ignore_index, l, s);
+}
+
+void jaccard_loss_backward(uint64_t grad_loss, uint64_t sums, uint64_t weights, uint64_t logits, uint64_t target,
+                           uint64_t grad_logits, int N, int C, int64_t S, int label_type, bool squared, bool sigmoid,
+                           bool has_ignore, int64_t ignore_index, float smooth, bool per_sample, bool mean, int dtype,
+                           int device, uint64_t stream) {
+  use_device(device);
+  if (N == 0 || S == 0) return;
+  if (grad_loss == 0 || weights == 0)
+    throw std::invalid_argument("seg3d_fast._cuda: jaccard_loss_backward needs grad_loss and weights");
+  LossArgs l;
+  l.grad_loss = grad_loss;
+  l.weights = weights;
+  l.smooth = smooth;
+  l.per_sample = per_sample;
+  l.mean = mean;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  SEG3D_JACCARD_DISPATCH(launch_backward, sums, logits, target, grad_logits, N, C, S, label_type, squared, sigmoid,
+                         has_ignore, ignore_index, l, s);
 }
 
 }  // namespace seg3d

@@ -162,6 +162,48 @@ def jaccard_backward(grad_sums, logits, target, grad_logits, n, c, s, label_type
     _view(grad_logits, (n, c, s), DTYPES[dtype_code], "grad_logits").copy_(result)
 
 
+def _loss_terms(sums, weights, smooth, per_sample):
+    """(rows, C) w_c (1 - (I + s) / (P + T - I + s)) of the float64 sums (N, C, 3), pooled unless per_sample."""
+    rows = sums if per_sample else sums.sum(0, keepdim=True)
+    inter, p_sum, t_sum = rows.unbind(-1)
+    return torch.where(weights != 0, weights * (1 - (inter + smooth) / (p_sum + t_sum - inter + smooth)), 0)
+
+
+def jaccard_loss(logits, target, weights, partial, range_partial, sums, loss, label_range, n, c, s, label_type,
+                 squared, sigmoid, has_ignore, ignore_index, smooth, per_sample, mean, dtype_code, device, stream):
+    assert n >= 1 and weights and loss and (label_type == 3 or (range_partial and label_range))
+    lg, t, reference = _jaccard_tensors(logits, target, n, c, s, label_type, dtype_code)
+    blocks = jaccard_blocks(s)
+    _view(partial, (n, blocks, c, 3), torch.float32, "partial").fill_(float("nan"))
+    result = reference.jaccard_sums(lg, t, squared, "sigmoid" if sigmoid else "softmax",
+                                    ignore_index if has_ignore else None)
+    _view(sums, (n, c, 3), torch.float32, "sums").copy_(result)
+    w = _view(weights, (c,), torch.float32, "weights").double()
+    total = _loss_terms(result, w, smooth, per_sample).sum()
+    if mean:
+        total = total / (w.sum() * (n if per_sample else 1))
+    _view(loss, (), torch.float32, "loss").copy_(total)
+    if label_type != 3:
+        _view(range_partial, (n, blocks, 2), torch.int64, "range_partial").fill_(-1)
+        counted = t[t != ignore_index] if has_ignore else t.reshape(-1)
+        lo_hi = [counted.min().item(), counted.max().item()] if counted.numel() else [2 ** 62, -2 ** 62]
+        _view(label_range, (2,), torch.int64, "label_range").copy_(torch.tensor(lo_hi))
+
+
+def jaccard_loss_backward(grad_loss, sums, weights, logits, target, grad_logits, n, c, s, label_type, squared, sigmoid,
+                          has_ignore, ignore_index, smooth, per_sample, mean, dtype_code, device, stream):
+    lg, t, reference = _jaccard_tensors(logits, target, n, c, s, label_type, dtype_code)
+    sm = _view(sums, (n, c, 3), torch.float32, "sums").double().requires_grad_()
+    w = _view(weights, (c,), torch.float32, "weights").double()
+    total = _loss_terms(sm, w, smooth, per_sample).sum()
+    if mean:
+        total = total / (w.sum() * (n if per_sample else 1))
+    g, = torch.autograd.grad(total * _view(grad_loss, (), torch.float32, "grad_loss").double(), sm)
+    result = reference.jaccard_sums_backward(g, lg, t, squared, "sigmoid" if sigmoid else "softmax",
+                                             ignore_index if has_ignore else None)
+    _view(grad_logits, (n, c, s), DTYPES[dtype_code], "grad_logits").copy_(result)
+
+
 class _Args:
     """ConvArgs / WgradArgs without the extension: plain attributes, C++ defaults."""
 
@@ -181,7 +223,8 @@ def model_extension():
                          alpha=0, residual=0, act=0, alpha_mode=0, residual_first=0, in_stride=1, out_stride=1),
         WgradArgs=_struct(real and real.WgradArgs),
         conv_gemm=conv_gemm, conv_wgrad=conv_wgrad, prelu_backward=prelu_backward, jaccard_blocks=jaccard_blocks,
-        jaccard_sums=jaccard_sums, jaccard_backward=jaccard_backward, MAX_CLASSES=cuda_backend.MAX_CLASSES)
+        jaccard_sums=jaccard_sums, jaccard_backward=jaccard_backward, jaccard_loss=jaccard_loss,
+        jaccard_loss_backward=jaccard_loss_backward, MAX_CLASSES=cuda_backend.MAX_CLASSES)
 
 
 @contextlib.contextmanager

@@ -386,3 +386,108 @@ def test_jaccard_beyond_2_31_elements(cuda_backend):
     jaccard_sums_plain(lg, target[:, tail], True, "softmax").backward(torch.ones(n, c, 3, dtype=torch.float64,
                                                                                  device="cuda"))
     assert_close(grad[:, :, tail], lg.grad, None, torch.float16, "jaccard grad beyond 2^31")
+
+
+# ---- the reduced loss (API.md's optional jaccard_loss_reduced: two launches forward, one backward) ------------
+
+def _reduced_loss_refs(logits, target, weights, smooth, per_sample, mean, ignore, dtype, grad_loss):
+    """The loss (from the plain sums and ops.jaccard_from_sums) and its logit gradient, in float64 and in `dtype`."""
+    from seg3d_fast.ops import jaccard_from_sums
+
+    refs = []
+    for dt in (torch.float64, dtype):
+        lg = logits.detach().to(dt).requires_grad_()
+        tt = target.to(dt) if target.dtype.is_floating_point else target
+        plain = jaccard_sums_plain(lg, tt, True, "softmax", ignore).double()
+        ref = jaccard_from_sums(plain, smooth=smooth, class_weights=weights.to(plain), include_background=False,
+                                per_sample=per_sample, reduction="mean" if mean else "sum")
+        (ref * grad_loss).backward()
+        refs.append((plain.detach(), ref.detach(), lg.grad))
+    return refs
+
+
+@pytest.mark.parametrize("per_sample,mean,weighted,target_kind,ignore_index,c,dtype", [
+    (False, True, False, "int64", None, 4, torch.bfloat16), (True, True, True, "uint8", 7, 5, torch.float16),
+    (False, False, True, "probabilities", None, 3, torch.float32),
+    (True, False, False, "int32", None, 2, torch.bfloat16),
+    (False, True, True, "int64", 3, 20, torch.float32), (True, True, False, "int64", -1, 32, torch.bfloat16)])
+def test_jaccard_loss_reduced(cuda_backend, per_sample, mean, weighted, target_kind, ignore_index, c, dtype):
+    """The fused loss and its one-launch backward against the float64 formula of the plain sums; the label range its
+    kernels find (counted labels only)."""
+    dev = cuda_backend.device
+    gen = torch.Generator().manual_seed(c)
+    n, spatial, smooth = 3, (4, 5, 7), 0.5
+    logits, target = _jaccard_case(dev, dtype, n, c, spatial, target_kind, ignore_index)
+    weights = torch.ones(c, dtype=torch.float64)
+    if weighted:
+        weights += torch.rand(c, dtype=torch.float64, generator=gen) - 0.5
+    weights[0] = 0  # the background left out
+    w32 = weights.float().to(dev)
+    assert hasattr(cuda_backend.module, "jaccard_loss_reduced")
+    loss, sums, label_range = cuda_backend.jaccard_loss_reduced(logits, target, True, "softmax", ignore_index, smooth,
+                                                                w32, per_sample, mean)
+    grad = cuda_backend.jaccard_loss_reduced_backward(torch.tensor(0.75, device=dev), sums, w32, logits, target, True,
+                                                      "softmax", ignore_index, smooth, per_sample, mean)
+    ref64, ref_dt = _reduced_loss_refs(logits, target, weights.to(dev), smooth, per_sample, mean, ignore_index, dtype,
+                                       0.75)
+    assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == dtype and grad.shape == logits.shape
+    what = f"{dtype} per_sample={per_sample} mean={mean} {target_kind} C={c}"
+    assert_close(sums, ref64[0], ref_dt[0], dtype, what + " sums")
+    assert_close(loss, ref64[1], ref_dt[1], dtype, what + " loss")
+    assert_close(grad, ref64[2], ref_dt[2], dtype, what + " grad_logits")
+    if target_kind == "probabilities":
+        assert label_range is None
+    else:
+        counted = target[target != ignore_index] if ignore_index is not None else target
+        assert label_range.dtype == torch.int64 and label_range.tolist() == [counted.min().item(),
+                                                                             counted.max().item()]
+    if ignore_index is not None:
+        assert (grad.movedim(1, -1)[target == ignore_index] == 0).all()
+    # deterministic: the same bits again
+    again = cuda_backend.jaccard_loss_reduced(logits, target, True, "softmax", ignore_index, smooth, w32, per_sample,
+                                              mean)
+    assert torch.equal(again[0], loss) and torch.equal(again[1], sums)
+
+
+@pytest.mark.parametrize("activation,squared", [("sigmoid", False), ("softmax", False), ("sigmoid", True)])
+def test_jaccard_loss_reduced_matches_the_sums_path(cuda_backend, activation, squared):
+    """Every activation / squared combination: the fused loss's sums are the plain sums kernel's, bit for bit (the same
+    final reduction), and loss and gradient are those of jaccard_from_sums over them."""
+    from seg3d_fast.ops import jaccard_from_sums
+
+    dev = cuda_backend.device
+    logits, target = _jaccard_case(dev, torch.float32, 2, 6, (3, 9, 11), "int64", 255)
+    w = torch.tensor([0.0, 1.0, 2.0, 0.5, 1.0, 1.5], device=dev)
+    loss, sums, _ = cuda_backend.jaccard_loss_reduced(logits, target, squared, activation, 255, 1e-5, w, True, True)
+    plain = cuda_backend.jaccard_sums(logits, target, squared, activation, 255)
+    if cuda_backend.kind != "emulated":
+        assert torch.equal(sums, plain)
+    s64 = plain.double().requires_grad_()
+    ref = jaccard_from_sums(s64, smooth=1e-5, class_weights=w.double(), include_background=False, per_sample=True)
+    ref.backward(torch.tensor(2.0, dtype=torch.float64))
+    assert_close(loss, ref.detach(), None, torch.float32, "loss")
+    grad = cuda_backend.jaccard_loss_reduced_backward(torch.tensor(2.0, device=dev), sums, w, logits, target, squared,
+                                                      activation, 255, 1e-5, True, True)
+    expected = cuda_backend.jaccard_sums_backward(s64.grad.float(), logits, target, squared, activation, 255)
+    assert_close(grad, expected.double(), None, torch.float32, "grad_logits")
+
+
+def test_jaccard_loss_reduced_label_range_sees_bad_and_no_labels(cuda_backend):
+    """Out-of-range labels show in the range (they match no class); a volume whose labels are all ignored has an
+    empty range, which no check rejects. A larger volume: several blocks per sample write range partials."""
+    dev = cuda_backend.device
+    logits = torch.randn(2, 3, 4, 5, 6, device=dev)
+    labels = torch.randint(0, 3, (2, 4, 5, 6), device=dev)
+    labels[1, 2, 3, 4], labels[0, 0, 0, 0] = 9, -2
+    w = torch.ones(3, device=dev)
+    assert cuda_backend.jaccard_loss_reduced(logits, labels, True, "softmax", None, 1e-5, w, False,
+                                             True)[2].tolist() == [-2, 9]
+    ignored = torch.full_like(labels, 255)
+    lo, hi = cuda_backend.jaccard_loss_reduced(logits, ignored, True, "softmax", 255, 1e-5, w, False, True)[2].tolist()
+    assert lo > 2 and hi < 0
+    big = torch.randint(0, 3, (2, 9, 10, 11), device=dev, dtype=torch.int32)  # 990 voxels: 4 blocks of 256
+    big[1, 8, 9, 10], big[0, 4, 0, 0] = 40, -7
+    big[0, 5, 0, 0] = 255  # ignored: not in the range
+    out = cuda_backend.jaccard_loss_reduced(torch.randn(2, 3, 9, 10, 11, device=dev), big, False, "sigmoid", 255, 1e-5,
+                                            w, True, False)
+    assert out[2].tolist() == [-7, 40] and out[0].isfinite()

@@ -341,3 +341,44 @@ def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore
                            activation == "sigmoid", ignore_index is not None, int(ignore_index or 0),
                            DTYPE_CODES[lg.dtype], device, stream)
     return grad
+
+
+def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smooth, weights, per_sample, mean):
+    """The whole loss in two launches (optional backend function, API.md): the sums kernel also writes each block's
+    label range, a one-block kernel sums the blocks into the sums, the label range and the loss. -> (loss, float32
+    0-d; sums (N, C, 3); the (2,) int64 least and greatest counted label, None for class probabilities)."""
+    lg, t, n, c, s, label_type = _jaccard_inputs(logits, target)
+    blocks = _cuda.jaccard_blocks(s)
+    device = lg.device
+    is_label = label_type != PROBABILITY_TARGET
+    w = weights.to(device=device, dtype=torch.float32).contiguous()  # named: must outlive the launch
+    partial = torch.empty(n * blocks * c * 3, dtype=torch.float32, device=device)
+    sums = torch.empty((n, c, 3), dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    # label maps: one int64 buffer, the label range then the blocks' range partials (N * blocks, 2)
+    ranges = torch.empty(2 + 2 * n * blocks, dtype=torch.int64, device=device) if is_label else None
+    label_range = ranges[:2] if is_label else None
+    rng = _ptr(ranges)
+    index, stream = _launch_context(lg)
+    _cuda.jaccard_loss(_ptr(lg), _ptr(t), _ptr(w), _ptr(partial), rng + 16 if rng else 0, _ptr(sums), _ptr(loss), rng,
+                       n, c, s, label_type, bool(squared), activation == "sigmoid", ignore_index is not None,
+                       int(ignore_index or 0), float(smooth), bool(per_sample), bool(mean), DTYPE_CODES[lg.dtype],
+                       index, stream)
+    return loss, sums, label_range
+
+
+def jaccard_loss_reduced_backward(grad_loss, sums, weights, logits, target, squared, activation, ignore_index, smooth,
+                                  per_sample, mean):
+    """grad_logits of jaccard_loss_reduced's loss in one launch: each block derives its dL/d(sums) from the sums, the
+    weights and dL/dloss (the loss's own backward fused into the kernel)."""
+    lg, t, n, c, s, label_type = _jaccard_inputs(logits, target)
+    gl = grad_loss.to(device=lg.device, dtype=torch.float32).contiguous()
+    sm = sums.to(torch.float32).contiguous()
+    w = weights.to(device=lg.device, dtype=torch.float32).contiguous()
+    grad = torch.empty_like(lg, memory_format=torch.contiguous_format)
+    index, stream = _launch_context(lg)
+    _cuda.jaccard_loss_backward(_ptr(gl), _ptr(sm), _ptr(w), _ptr(lg), _ptr(t), _ptr(grad), n, c, s, label_type,
+                                bool(squared), activation == "sigmoid", ignore_index is not None,
+                                int(ignore_index or 0), float(smooth), bool(per_sample), bool(mean),
+                                DTYPE_CODES[lg.dtype], index, stream)
+    return grad
