@@ -27,7 +27,8 @@ def _extension():
 
 def test_extension_imports_and_exposes_the_kernels():
     ext = _extension()
-    for name in ("conv_gemm", "conv_wgrad", "prelu_backward", "jaccard_sums", "jaccard_backward", "device_count"):
+    for name in ("conv_gemm", "conv_wgrad", "prelu_backward", "jaccard_sums", "jaccard_backward", "jaccard_loss",
+                 "jaccard_loss_backward", "device_count"):
         assert callable(getattr(ext, name)), name
     args = ext.ConvArgs()
     args.toff_d = [-1, 0, 1]
