@@ -494,6 +494,8 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
   SEG3D_DYNAMIC_SMEM(smem_raw);
   T* smem = reinterpret_cast<T*>(smem_raw);
   __shared__ long long row_out[BM];   // element offset of each output row (-1 past the end)
+  __shared__ long long row_in[BM];    // element offset of its input origin
+  __shared__ uint32_t row_taps[BM];   // bit t: tap t of the row lands inside the input volume (none past the end)
   __shared__ long long tap_off[27];   // element offset of each tap from a row's input origin
 
   const int tid = threadIdx.x;
@@ -508,33 +510,19 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
     tap_off[t] = ((static_cast<long long>(pick3(a.toff_d, td)) * a.IH + pick3(a.toff_h, th)) * a.IW +
                   pick3(a.toff_w, tw)) * a.C;
   }
+  // Per output row (one per thread): the output offset, the input origin and its in-volume taps, so that the copy
+  // loop tests one bit instead of three coordinates.
   for (int r = tid; r < BM; r += kThreads) {
     const int m = m0 + r;
-    long long ro = -1;
+    long long ro = -1, ri = 0;
+    uint32_t taps = 0;
     if (m < M) {
       const auto [n, qd, qh, qw] = grid_point(a, m);
       const int od = qd * a.out_stride + a.out_off_d, oh = qh * a.out_stride + a.out_off_h,
                 ow = qw * a.out_stride + a.out_off_w;
       ro = (((static_cast<long long>(n) * a.OD + od) * a.OH + oh) * a.OW + ow) * a.Cout;
-    }
-    row_out[r] = ro;
-  }
-
-  // This thread copies column kk of every K tile: A rows r0 + j * ROW_STEP, B rows (output channels) likewise.
-  // Per A row it keeps the input origin's offset and a bit per tap that lands inside the volume (so the loop
-  // tests one bit instead of three coordinates); rows past the end have no bits.
-  const int kk = (tid % CPR) * VEC, r0 = tid / CPR;
-  long long a_base[JA];
-  uint32_t a_taps[JA];
-#pragma unroll
-  for (int j = 0; j < JA; ++j) {
-    const int m = m0 + r0 + j * ROW_STEP;
-    a_base[j] = 0;
-    a_taps[j] = 0;
-    if (m < M) {
-      const auto [n, qd, qh, qw] = grid_point(a, m);
       const int d = qd * a.in_stride, h = qh * a.in_stride, wv = qw * a.in_stride;
-      a_base[j] = (((static_cast<long long>(n) * a.ID + d) * a.IH + h) * a.IW + wv) * a.C;
+      ri = (((static_cast<long long>(n) * a.ID + d) * a.IH + h) * a.IW + wv) * a.C;
       uint32_t in_d = 0, in_h = 0, in_w = 0;  // bit i: tap offset i of that dim stays inside
 #pragma unroll
       for (int i = 0; i < 3; ++i) {
@@ -548,8 +536,23 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
         if ((in_h >> i) & 1u) hw |= in_w << (i * a.ntap_w);
 #pragma unroll
       for (int i = 0; i < 3; ++i)
-        if ((in_d >> i) & 1u) a_taps[j] |= hw << (i * a.ntap_h * a.ntap_w);
+        if ((in_d >> i) & 1u) taps |= hw << (i * a.ntap_h * a.ntap_w);
     }
+    row_out[r] = ro;
+    row_in[r] = ri;
+    row_taps[r] = taps;
+  }
+  __syncthreads();
+
+  // This thread copies column kk of every K tile: A rows r0 + j * ROW_STEP (their origin and taps kept in
+  // registers), B rows (output channels) likewise.
+  const int kk = (tid % CPR) * VEC, r0 = tid / CPR;
+  long long a_base[JA];
+  uint32_t a_taps[JA];
+#pragma unroll
+  for (int j = 0; j < JA; ++j) {
+    a_base[j] = row_in[r0 + j * ROW_STEP];
+    a_taps[j] = row_taps[r0 + j * ROW_STEP];
   }
   const T* b_row[JB];
   bool b_valid[JB];
@@ -559,7 +562,6 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
     b_valid[j] = r0 + j * ROW_STEP < BN && co < a.Cout;
     b_row[j] = w + (b_valid[j] ? static_cast<long long>(co) * K : 0);
   }
-  __syncthreads();
 
   // (tap, c) = divmod(kt * kBK + kk, C), advanced one K tile per call: load_stage is called for kt = 0, 1, 2, ...
   int tap = kk / a.C, c = kk - tap * a.C;
