@@ -5,7 +5,8 @@ registers, spills, and for the tensor-core kernels the main loop's machine code:
 
 Why: a session without a GPU can still check that a kernel change keeps its tensor-core path, loads its operands
 with ldmatrix rather than generic loads, does not spill, and how much issue work each K step costs beside its HMMAs
-(the first CUDA kernels spent 395 instructions per 16 HMMA on a 64x64 tile, WMMA's generic loads included).
+(the first CUDA kernels spent 396 instructions per 16 HMMA on a 64x64 tile, WMMA's generic loads included). The
+count is static: the halo kernel's loop also holds the halo copy it runs once per channel chunk (27 K steps).
 
     python benchmarks/sass_check.py [--arch 90] [--only SUBSTRING]
 """

@@ -8,6 +8,7 @@
 //   wgrad: M = C_out, N = taps x C_in, K = voxels, split over voxel ranges into fp32 partials that a second
 //          kernel sums in a fixed order (deterministic, no atomics).
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common.cuh"
@@ -65,54 +66,72 @@ struct MmaTile {
   }
 
   __device__ void step(const T* sA, const T* sB) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
+    if constexpr (!kTF32) {
+      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q = lane / 8, r = lane % 8;
+      const int wm0 = (warp % WARPS_M) * WM;
+      step_a([&](int i, int ks) {
+        const int m = wm0 + i * 16;
+        return A_KM ? sA + (ks + r + (q / 2) * 8) * L::LDA + m + (q % 2) * 8
+                    : sA + (m + r + (q % 2) * 8) * L::LDA + ks + (q / 2) * 8;
+      }, sB);
+    } else {
+      step_tf32(sA, sB);
+    }
+  }
+
+  // fp16/bf16 K step with A's ldmatrix addresses from a_row(i, ks): this lane's row of ldmatrix x4 matrix lane / 8
+  // for the warp's 16-row tile i at K offset ks. A's matrices are a0..a3 = (m 0-7, k 0-7), (m 8-15, k 0-7),
+  // (m 0-7, k 8-15), (m 8-15, k 8-15); B's cover two 8-column tiles: (n 0-7, k 0-7), (n 0-7, k 8-15),
+  // (n 8-15, k 0-7), (n 8-15, k 8-15). (The halo kernel gathers A's rows from its input box this way.)
+  template <class ARow>
+  __device__ void step_a(ARow a_row, const T* sB) {
+    static_assert(!kTF32, "16-bit operands");
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q = lane / 8, r = lane % 8;
+    const int wn0 = (warp / WARPS_M) * WN;
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += KS) {
       uint32_t a[FM][4], b[FN][2];
-      if constexpr (!kTF32) {
-        // ldmatrix x4: lane gives row lane % 8 of matrix q = lane / 8. A's matrices are a0..a3 = (m 0-7, k 0-7),
-        // (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15); B's cover two 8-column tiles: (n 0-7, k 0-7),
-        // (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
-        const int q = lane / 8, r = lane % 8;
 #pragma unroll
-        for (int i = 0; i < FM; ++i) {
-          const int m = wm0 + i * 16;
-          ldmatrix_x4<A_KM>(a[i], A_KM ? sA + (ks + r + (q / 2) * 8) * L::LDA + m + (q % 2) * 8
-                                       : sA + (m + r + (q % 2) * 8) * L::LDA + ks + (q / 2) * 8);
-        }
+      for (int i = 0; i < FM; ++i) ldmatrix_x4<A_KM>(a[i], a_row(i, ks));
 #pragma unroll
-        for (int j = 0; j < FN; j += 2) {
-          const int n = wn0 + j * 8;
-          uint32_t v[4];
-          ldmatrix_x4<B_KN>(v, B_KN ? sB + (ks + r + (q % 2) * 8) * L::LDB + n + (q / 2) * 8
-                                    : sB + (n + r + (q / 2) * 8) * L::LDB + ks + (q % 2) * 8);
-          b[j][0] = v[0], b[j][1] = v[1], b[j + 1][0] = v[2], b[j + 1][1] = v[3];
-        }
-#pragma unroll
-        for (int i = 0; i < FM; ++i)
-#pragma unroll
-          for (int j = 0; j < FN; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
-      } else {
-        const int g = lane / 4, t = lane % 4;
-        auto at = [&](int m, int k) { return to_tf32(A_KM ? sA[k * L::LDA + m] : sA[m * L::LDA + k]); };
-        auto bt = [&](int k, int n) { return to_tf32(B_KN ? sB[k * L::LDB + n] : sB[n * L::LDB + k]); };
-#pragma unroll
-        for (int i = 0; i < FM; ++i) {
-          const int m = wm0 + i * 16 + g;
-          a[i][0] = at(m, ks + t), a[i][1] = at(m + 8, ks + t), a[i][2] = at(m, ks + t + 4);
-          a[i][3] = at(m + 8, ks + t + 4);
-        }
-#pragma unroll
-        for (int j = 0; j < FN; ++j) {
-          const int n = wn0 + j * 8 + g;
-          b[j][0] = bt(ks + t, n), b[j][1] = bt(ks + t + 4, n);
-        }
-#pragma unroll
-        for (int i = 0; i < FM; ++i)
-#pragma unroll
-          for (int j = 0; j < FN; ++j) mma_1688_tf32(acc[i][j], a[i], b[j]);
+      for (int j = 0; j < FN; j += 2) {
+        const int n = wn0 + j * 8;
+        uint32_t v[4];
+        ldmatrix_x4<B_KN>(v, B_KN ? sB + (ks + r + (q % 2) * 8) * L::LDB + n + (q / 2) * 8
+                                  : sB + (n + r + (q / 2) * 8) * L::LDB + ks + (q % 2) * 8);
+        b[j][0] = v[0], b[j][1] = v[1], b[j + 1][0] = v[2], b[j + 1][1] = v[3];
       }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
+    }
+  }
+
+  // fp32 with TF32: 32-bit shared loads rounded to tf32, m16n8k8.
+  __device__ void step_tf32(const T* sA, const T* sB) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int wm0 = (warp % WARPS_M) * WM, wn0 = (warp / WARPS_M) * WN;
+    auto at = [&](int m, int k) { return to_tf32(A_KM ? sA[k * L::LDA + m] : sA[m * L::LDA + k]); };
+    auto bt = [&](int k, int n) { return to_tf32(B_KN ? sB[k * L::LDB + n] : sB[n * L::LDB + k]); };
+#pragma unroll
+    for (int ks = 0; ks < kBK; ks += KS) {
+      uint32_t a[FM][4], b[FN][2];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        const int m = wm0 + i * 16 + g;
+        a[i][0] = at(m, ks + t), a[i][1] = at(m + 8, ks + t), a[i][2] = at(m, ks + t + 4);
+        a[i][3] = at(m + 8, ks + t + 4);
+      }
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        const int n = wn0 + j * 8 + g;
+        b[j][0] = bt(ks + t, n), b[j][1] = bt(ks + t + 4, n);
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) mma_1688_tf32(acc[i][j], a[i], b[j]);
     }
   }
 
@@ -174,9 +193,10 @@ template <class T, bool TF32, int BM, int BN, int WARPS_M, bool A_KM, bool B_KN>
 using BlockTile = typename std::conditional<std::is_same<T, float>::value && !TF32, FmaTile<BM, BN, A_KM, B_KN>,
                                             MmaTile<T, BM, BN, WARPS_M, A_KM, B_KN>>::type;
 
-// The multi-stage main loop shared by both kernels: load_stage(stage, kt) issues the cp.async copies of K tile kt.
-template <class Tile, class Layout, class T, class LoadStage>
-__device__ __forceinline__ void gemm_mainloop(Tile& tile, T* smem, int k_tiles, LoadStage load_stage) {
+// The multi-stage main loop shared by the kernels: load_stage(stage, kt) issues the cp.async copies of K tile kt
+// (called for kt = 0, 1, 2, ... in order), compute_stage(stage, kt) runs the tile's MMAs on it.
+template <class LoadStage, class ComputeStage>
+__device__ __forceinline__ void pipeline(int k_tiles, LoadStage load_stage, ComputeStage compute_stage) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_tiles) load_stage(s, s);
@@ -188,11 +208,17 @@ __device__ __forceinline__ void gemm_mainloop(Tile& tile, T* smem, int k_tiles, 
     const int next = kt + kStages - 1;
     if (next < k_tiles) load_stage(next % kStages, next);
     cp_async_commit();
-    const int s = kt % kStages;
-    tile.step(Layout::a_stage(smem, s), Layout::b_stage(smem, s));
+    compute_stage(kt % kStages, kt);
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline memory is reused for the C tile next
+}
+
+// The main loop over a kernel's standard A and B stages (SmemLayout).
+template <class Tile, class Layout, class T, class LoadStage>
+__device__ __forceinline__ void gemm_mainloop(Tile& tile, T* smem, int k_tiles, LoadStage load_stage) {
+  pipeline(k_tiles, load_stage,
+           [&](int s, int) { tile.step(Layout::a_stage(smem, s), Layout::b_stage(smem, s)); });
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -482,6 +508,58 @@ template <class T> __device__ __forceinline__ void store16(T* p, const float* v)
   *reinterpret_cast<uint4*>(p) = u;
 }
 
+// Epilogue of the second-generation conv kernels on the block's fp32 tile sC (BM x BN, row stride LDC), 16 bytes
+// (EV channels) per thread: bias, residual (before), PReLU, act, residual (after), one store. row_out[r]: element
+// offset of tile row r's output voxel, -1 for none.
+template <class T, int BM, int BN, int LDC>
+__device__ __forceinline__ void store_epilogue(const ConvArgs& a, const float* sC, const long long* row_out, int n0) {
+  constexpr int EV = kVec16<T>;
+  constexpr int PIECES = BN / EV;
+  const T* bias = reinterpret_cast<const T*>(a.bias);
+  const T* alpha = reinterpret_cast<const T*>(a.alpha);
+  const T* residual = reinterpret_cast<const T*>(a.residual);
+  T* out = reinterpret_cast<T*>(a.out);
+  T* act = reinterpret_cast<T*>(a.act);
+  const float alpha0 = a.alpha_mode == 1 ? to_float(alpha[0]) : 0.0f;
+  for (int i = threadIdx.x; i < BM * PIECES; i += kThreads) {
+    const int r = i / PIECES, cc = (i % PIECES) * EV, co = n0 + cc;
+    const long long ro = row_out[r];
+    if (ro < 0 || co >= a.Cout) continue;  // Cout % EV == 0: a piece is wholly in or out
+    const long long o = ro + co;
+    float v[EV], t[EV];
+#pragma unroll
+    for (int e = 0; e < EV; e += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(sC + r * LDC + cc + e);
+      v[e] = f.x, v[e + 1] = f.y, v[e + 2] = f.z, v[e + 3] = f.w;
+    }
+    if (bias) {
+      load16(bias + co, t);
+#pragma unroll
+      for (int e = 0; e < EV; ++e) v[e] += t[e];
+    }
+    if (residual && a.residual_first) {
+      load16(residual + o, t);
+#pragma unroll
+      for (int e = 0; e < EV; ++e) v[e] += t[e];
+    }
+    if (a.alpha_mode) {
+      if (a.alpha_mode == 2) load16(alpha + co, t);
+#pragma unroll
+      for (int e = 0; e < EV; ++e) {
+        const float al = a.alpha_mode == 2 ? t[e] : alpha0;
+        v[e] = v[e] > 0.0f ? v[e] : v[e] * al;
+      }
+    }
+    if (act) store16(act + o, v);
+    if (residual && !a.residual_first) {
+      load16(residual + o, t);
+#pragma unroll
+      for (int e = 0; e < EV; ++e) v[e] += t[e];
+    }
+    store16(out + o, v);
+  }
+}
+
 template <class T, bool TF32, int BM, int BN, int WARPS_M, int VEC>
 __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a) {
   using L = SmemLayout<T, BM, BN, false, false>;
@@ -596,51 +674,136 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_v2_kernel(const ConvArgs a
   tile.store(sC);
   __syncthreads();
 
-  // Epilogue, EV channels (16 bytes) per thread: bias, residual (before), PReLU, act, residual (after).
-  const T* bias = reinterpret_cast<const T*>(a.bias);
-  const T* alpha = reinterpret_cast<const T*>(a.alpha);
-  const T* residual = reinterpret_cast<const T*>(a.residual);
-  T* out = reinterpret_cast<T*>(a.out);
-  T* act = reinterpret_cast<T*>(a.act);
-  constexpr int PIECES = BN / EV;
-  const float alpha0 = a.alpha_mode == 1 ? to_float(alpha[0]) : 0.0f;
-  for (int i = tid; i < BM * PIECES; i += kThreads) {
-    const int r = i / PIECES, cc = (i % PIECES) * EV, co = n0 + cc;
-    const long long ro = row_out[r];
-    if (ro < 0 || co >= a.Cout) continue;  // Cout % EV == 0: a piece is wholly in or out
-    const long long o = ro + co;
-    float v[EV], t[EV];
-#pragma unroll
-    for (int e = 0; e < EV; e += 4) {
-      const float4 f = *reinterpret_cast<const float4*>(sC + r * L::LDC + cc + e);
-      v[e] = f.x, v[e + 1] = f.y, v[e + 2] = f.z, v[e + 3] = f.w;
-    }
-    if (bias) {
-      load16(bias + co, t);
-#pragma unroll
-      for (int e = 0; e < EV; ++e) v[e] += t[e];
-    }
-    if (residual && a.residual_first) {
-      load16(residual + o, t);
-#pragma unroll
-      for (int e = 0; e < EV; ++e) v[e] += t[e];
-    }
-    if (a.alpha_mode) {
-      if (a.alpha_mode == 2) load16(alpha + co, t);
-#pragma unroll
-      for (int e = 0; e < EV; ++e) {
-        const float al = a.alpha_mode == 2 ? t[e] : alpha0;
-        v[e] = v[e] > 0.0f ? v[e] : v[e] * al;
-      }
-    }
-    if (act) store16(act + o, v);
-    if (residual && !a.residual_first) {
-      load16(residual + o, t);
-#pragma unroll
-      for (int e = 0; e < EV; ++e) v[e] += t[e];
-    }
-    store16(out + o, v);
+  store_epilogue<T, BM, BN, L::LDC>(a, sC, row_out, n0);
+}
+
+// Stride-1 3x3x3 conv (the forward, and the input gradient of a stride-1 conv) over a 4x4x8 box of output voxels:
+// the box's input halo (the box and one voxel around it, 6x6x10 rows of KC channels) is copied into shared memory
+// once per channel chunk and every tap's A rows are gathered from it through ldmatrix's per-lane row addresses, so
+// the input crosses L2 about 2.8 times per column block instead of 27 times. K runs in the weight's order (tap, then
+// channel) in 32-deep steps: with C <= 32 the halo holds every channel and a step may span taps (each half of a
+// 16-deep MMA is one tap's 8 channels); with C a multiple of 32, step (chunk, tap) is 32 channels of one tap and the
+// halo is double-buffered per chunk. fp16/bf16, C % 8 == 0.
+template <class T, int BN>
+struct HaloLayout {
+  static constexpr int BD = 4, BH = 4, BW = 8, BM = BD * BH * BW;
+  static constexpr int HH = BH + 2, HW = BW + 2, HR = (BD + 2) * HH * HW;  // 360 halo rows
+  using L = SmemLayout<T, BM, BN, false, false>;  // B stages' and the C tile's geometry
+  // Channels per halo row, and its stride: 48 or 80 bytes (an odd multiple of 16), so that ldmatrix's 8 rows of
+  // consecutive voxels fall on distinct banks.
+  __host__ __device__ static int kc(int C) { return C <= 32 ? C : 32; }
+  __host__ __device__ static int ldh(int C) { return kc(C) <= 16 ? 24 : 40; }
+  __host__ __device__ static int buffers(int C) { return C <= 32 ? 1 : 2; }
+  __host__ __device__ static int halo_elems(int C) { return (buffers(C) * HR * ldh(C) + 63) / 64 * 64; }
+  __host__ __device__ static size_t bytes(int C) {
+    const size_t pipe = (size_t(halo_elems(C)) + size_t(kStages) * L::B_ELEMS) * sizeof(T);
+    return pipe > L::C_BYTES ? pipe : L::C_BYTES;
   }
+};
+
+template <class T, int BN, int WARPS_M>
+__global__ void __launch_bounds__(kThreads) conv_halo_kernel(const ConvArgs a) {
+  using H = HaloLayout<T, BN>;
+  using L = typename H::L;
+  constexpr int BM = H::BM, EV = kVec16<T>;
+  constexpr int JB = (BN * (kBK / EV) + kThreads - 1) / kThreads;  // B copies per thread per step
+  SEG3D_DYNAMIC_SMEM(smem_raw);
+  T* halo = reinterpret_cast<T*>(smem_raw);
+  T* sB0 = halo + H::halo_elems(a.C);
+  __shared__ long long row_out[BM];
+  __shared__ int tap_off[27];    // halo-row offset of each tap
+  __shared__ int group_off[108];  // C <= 32: halo element offset of each 8-channel group of K (tap, channels)
+
+  const int tid = threadIdx.x, C = a.C, LDH = H::ldh(C), KC = H::kc(C), BUFS = H::buffers(C);
+  const int halo_buf = H::HR * LDH;
+  const int ntaps = a.ntap_d * a.ntap_h * a.ntap_w, K = ntaps * C;
+  const int groups = C / EV;  // 8-channel groups per tap
+  const int k_tiles = C <= 32 ? (K + kBK - 1) / kBK : (C / 32) * ntaps;
+  const T* __restrict__ in = reinterpret_cast<const T*>(a.in);
+  const T* __restrict__ w = reinterpret_cast<const T*>(a.weight);
+  const int boxes_w = (a.QW + H::BW - 1) / H::BW, boxes_h = (a.QH + H::BH - 1) / H::BH,
+            boxes_d = (a.QD + H::BD - 1) / H::BD;
+  int box = blockIdx.x;
+  const int w0 = (box % boxes_w) * H::BW;
+  box /= boxes_w;
+  const int h0 = (box % boxes_h) * H::BH;
+  box /= boxes_h;
+  const int d0 = (box % boxes_d) * H::BD, n = box / boxes_d;
+  const int n0 = blockIdx.y * BN;
+
+  for (int t = tid; t < ntaps; t += kThreads) {
+    const int tw = t % a.ntap_w, tdh = t / a.ntap_w, th = tdh % a.ntap_h, td = tdh / a.ntap_h;
+    tap_off[t] = ((pick3(a.toff_d, td) + 1) * H::HH + pick3(a.toff_h, th) + 1) * H::HW + pick3(a.toff_w, tw) + 1;
+  }
+  for (int r = tid; r < BM; r += kThreads) {
+    const int od = d0 + r / (H::BH * H::BW), oh = h0 + (r / H::BW) % H::BH, ow = w0 + r % H::BW;
+    row_out[r] = od < a.QD && oh < a.QH && ow < a.QW
+                     ? (((static_cast<long long>(n) * a.OD + od) * a.OH + oh) * a.OW + ow) * a.Cout : -1;
+  }
+  __syncthreads();
+  if (C <= 32) {
+    for (int f = tid; f < k_tiles * 4; f += kThreads) {
+      const int tap = f / groups;
+      group_off[f] = tap < ntaps ? tap_off[tap] * LDH + (f - tap * groups) * EV : 0;  // past K: B is zero there
+    }
+  }
+
+  // Producer: step kt's B tile (32 weights of each output channel) and, at a chunk's first step, its halo.
+  auto load_halo = [&](int chunk) {
+    T* dst = halo + (chunk % BUFS) * halo_buf;
+    const int cpr = KC / EV;  // 16-byte copies per halo row
+    for (int i = tid; i < H::HR * cpr; i += kThreads) {
+      const int hr = i / cpr, part = i - hr * cpr;
+      const int id = d0 + hr / (H::HH * H::HW) - 1, ih = h0 + (hr / H::HW) % H::HH - 1, iw = w0 + hr % H::HW - 1;
+      const bool valid = unsigned(id) < unsigned(a.ID) && unsigned(ih) < unsigned(a.IH) && unsigned(iw) < unsigned(a.IW);
+      const T* src = in + (((static_cast<long long>(n) * a.ID + id) * a.IH + ih) * a.IW + iw) * C + chunk * 32 + part * EV;
+      cp_async(dst + hr * LDH + part * EV, valid ? src : in, 16, valid);
+    }
+  };
+  auto load_stage = [&](int stage, int kt) {
+    const int chunk = C <= 32 ? 0 : kt / ntaps, tap = C <= 32 ? 0 : kt - chunk * ntaps;
+    if (C <= 32 ? kt == 0 : tap == 0) load_halo(chunk);
+    const int k0 = C <= 32 ? kt * kBK : tap * C + chunk * 32;  // the step's first K index in the weight rows
+    T* sB = sB0 + stage * L::B_ELEMS;
+#pragma unroll
+    for (int j = 0; j < JB; ++j) {
+      const int i = tid + j * kThreads;
+      if (JB * kThreads > BN * (kBK / EV) && i >= BN * (kBK / EV)) break;
+      const int row = i / (kBK / EV), kk = (i % (kBK / EV)) * EV, co = n0 + row;
+      const bool valid = co < a.Cout && (C > 32 || k0 + kk < K);
+      cp_async(sB + row * L::LDB + kk, valid ? w + static_cast<long long>(co) * K + k0 + kk : w, 16, valid);
+    }
+  };
+
+  // Consumer: this lane's ldmatrix rows (tile i: output row wm0 + 16 i + lane % 8 + 8 ((lane / 8) % 2)) as halo rows,
+  // and per step the offsets of its two 8-channel groups (k 0-7 or 8-15 of each 16-deep half: (lane / 8) / 2).
+  using Tile = MmaTile<T, BM, BN, WARPS_M, false, false>;
+  Tile tile;
+  const int lane = tid % 32, q = lane / 8, wm0 = ((tid / 32) % WARPS_M) * Tile::WM;
+  int hrow[Tile::FM];
+#pragma unroll
+  for (int i = 0; i < Tile::FM; ++i) {
+    const int r = wm0 + i * 16 + lane % 8 + (q % 2) * 8;
+    hrow[i] = ((r / (H::BH * H::BW)) * H::HH + (r / H::BW) % H::BH) * H::HW + r % H::BW;
+  }
+  tile.init();
+  pipeline(k_tiles, load_stage, [&](int stage, int kt) {
+    int off_lo, off_hi;  // the lane's groups of K offsets 0-15 and 16-31
+    if (C <= 32) {
+      off_lo = group_off[4 * kt + q / 2];
+      off_hi = group_off[4 * kt + 2 + q / 2];
+    } else {
+      const int chunk = kt / ntaps, tap = kt - chunk * ntaps;
+      off_lo = (chunk % BUFS) * halo_buf + tap_off[tap] * LDH + (q / 2) * EV;
+      off_hi = off_lo + 2 * EV;
+    }
+    tile.step_a([&](int i, int ks) { return halo + hrow[i] * LDH + (ks ? off_hi : off_lo); },
+                sB0 + stage * L::B_ELEMS);
+  });
+  float* sC = reinterpret_cast<float*>(smem_raw);
+  tile.store(sC);
+  __syncthreads();
+  store_epilogue<T, BM, BN, L::LDC>(a, sC, row_out, n0);
 }
 
 // Weight gradient v2: each thread owns one voxel row of every K tile (v_begin + kt * kBK + kv) and a fixed set of
@@ -784,10 +947,44 @@ void launch_conv_tiles(const ConvArgs& a, int sms, cudaStream_t stream) {
   else launch_conv_tile<T, TF32, 64, 64, 2, VEC>(a, stream);
 }
 
+template <class T, int BN, int WARPS_M>
+void launch_halo_tile(const ConvArgs& a, cudaStream_t stream) {
+  using H = HaloLayout<T, BN>;
+  const long long boxes = static_cast<long long>(a.N) * ((a.QD + H::BD - 1) / H::BD) *
+                          ((a.QH + H::BH - 1) / H::BH) * ((a.QW + H::BW - 1) / H::BW);
+  if (boxes == 0 || a.Cout == 0) return;
+  auto kernel = conv_halo_kernel<T, BN, WARPS_M>;
+  const size_t smem = H::bytes(a.C);
+  set_smem(kernel, smem);
+  dim3 grid(static_cast<unsigned>(boxes), static_cast<unsigned>((a.Cout + BN - 1) / BN));
+  SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
+  SEG3D_CHECK_LAUNCH("conv_halo_kernel");
+}
+
+// The halo kernel (third generation) takes stride-1 3x3x3 convs over the whole output grid with 16-byte channel
+// pieces and C <= 32 or a multiple of 32.
+template <class T>
+bool use_halo(const ConvArgs& a) {
+  if (sizeof(T) != 2 || a.kernels < 3 || a.vec != kVec16<T> || a.Cout % kVec16<T> != 0) return false;
+  if (a.in_stride != 1 || a.out_stride != 1 || a.out_off_d || a.out_off_h || a.out_off_w) return false;
+  if (a.ntap_d != 3 || a.ntap_h != 3 || a.ntap_w != 3 || !(a.C <= 32 || a.C % 32 == 0)) return false;
+  for (int i = 0; i < 3; ++i)
+    if (std::abs(a.toff_d[i]) > 1 || std::abs(a.toff_h[i]) > 1 || std::abs(a.toff_w[i]) > 1) return false;
+  return true;
+}
+
 // The second generation needs output channels in 16-byte pieces (its epilogue) and input channels in 16-byte
 // pieces, or in 8-byte ones (4-channel fp16/bf16 images) for the narrow tiles; at most 27 taps (k <= 3).
 template <class T, bool TF32>
 void launch_conv(const ConvArgs& a, int sms, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (use_halo<T>(a)) {
+      if (a.Cout <= 16) launch_halo_tile<T, 16, 4>(a, stream);
+      else if (a.Cout <= 32) launch_halo_tile<T, 32, 4>(a, stream);
+      else launch_halo_tile<T, 64, 2>(a, stream);
+      return;
+    }
+  }
   const bool v2 = a.kernels >= 2 && a.Cout % kVec16<T> == 0 && a.ntap_d * a.ntap_h * a.ntap_w <= 27;
   if (v2 && a.vec == kVec16<T>) return launch_conv_tiles<T, TF32, kVec16<T>>(a, sms, stream);
   if constexpr (sizeof(T) == 2) {

@@ -23,7 +23,8 @@ struct ConvArgs {
   int alpha_mode = 0;                             // 0 no activation, 1 one alpha, 2 one per channel
   int residual_first = 0;                         // residual summed before the activation
   int vec = 0;                                    // elements per cp.async copy (4, 8 or 16 bytes; divides C)
-  int kernels = 2;                                // 2: v2 kernels where the channels allow (16-byte pieces), 1: v1
+  int kernels = 3;                                // 3: the halo kernel for stride-1 3x3x3 convs where it applies,
+                                                  // else as 2; 2: v2 kernels where the channels allow; 1: v1
 };
 void conv_gemm(const ConvArgs& a, int dtype, bool tf32, int device, uint64_t stream);
 

@@ -95,15 +95,15 @@ def test_kernels_env_selects_generation(emulated, monkeypatch):
     extension.conv_gemm = lambda a, *rest: (seen.append(a.kernels), conv_gemm(a, *rest))
     extension.conv_wgrad = lambda a, *rest: (seen.append(a.kernels), conv_wgrad(a, *rest))
     x, weight = randn(2, 8, 5, 6, 7), randn(16, 8, 3, 3, 3)
-    for value, expected in (("v1", 1), ("v2", 2), ("", 2)):
+    for value, expected in (("v1", 1), ("v2", 2), ("v3", 3), ("", 3)):
         monkeypatch.setenv(cuda.KERNELS_ENV, value)
         seen.clear()
         out, _ = cuda.conv3d_prelu_forward(x, weight, None, None, None, 2, False, False)
         mask = (True, True, False, False, False)
         cuda.conv3d_prelu_backward(randn(*out.shape), x, weight, None, None, "none", 2, mask)
         assert seen and set(seen) == {expected}, (value, seen)
-    monkeypatch.setenv(cuda.KERNELS_ENV, "v3")
-    with pytest.raises(ValueError, match="SEG3D_FAST_CUDA_KERNELS must be 'v1' or 'v2'"):
+    monkeypatch.setenv(cuda.KERNELS_ENV, "v4")
+    with pytest.raises(ValueError, match="SEG3D_FAST_CUDA_KERNELS must be 'v1', 'v2' or 'v3'"):
         cuda.conv3d_prelu_forward(x, weight, None, None, None, 1, False, False)
 
 
@@ -112,7 +112,7 @@ def test_kernels_env_selects_generation(emulated, monkeypatch):
 def test_kernels_machine_code_for_sm90():
     """Every tensor-core main loop takes its operands from shared memory with ldmatrix (fp16/bf16) or 32-bit shared
     loads (tf32), never through generic loads (WMMA's loads compiled to those); the second-generation kernels do not
-    spill; and their loop stays lean: at most 32 instructions per HMMA (the WMMA kernels took 25-74; the current
+    spill (nor does the halo kernel); and their loop stays lean: at most 32 instructions per HMMA (the WMMA kernels took 25-74; the current
     ones 4-32, the narrowest tiles of 4-channel inputs the most; results/sass_sm90_*.jsonl). Runs wherever nvcc is (CI builds the extension with it)."""
     import sys
     from pathlib import Path
@@ -124,7 +124,7 @@ def test_kernels_machine_code_for_sm90():
         pytest.skip("needs nvcc and cuobjdump (the CUDA toolkit; CI has it)")
     records = sass_check.check(90, only="_kernel<")
     loops = [r for r in records if "loop_instructions" in r]
-    v2 = [r for r in records if "_v2_kernel" in r["kernel"]]
+    v2 = [r for r in records if "_v2_kernel" in r["kernel"] or "halo_kernel" in r["kernel"]]
     assert len(v2) >= 20 and len(loops) >= 30, [r["kernel"] for r in records]
     for r in loops:
         assert r["generic_loads"] == 0, r
@@ -133,5 +133,6 @@ def test_kernels_machine_code_for_sm90():
             assert r["ldsm"] > 0, r
     for r in v2:
         assert r["spill_bytes"] == 0, r
-        if "loop_instructions" in r:
+        # (the halo kernel's loop also holds its once-per-channel-chunk halo copy: its static count says little)
+        if "loop_instructions" in r and "halo" not in r["kernel"]:
             assert r["instructions_per_hmma"] <= 32, r

@@ -30,9 +30,9 @@ MAX_CLASSES = 32         # kMaxClasses in csrc/launchers.h
 MAX_GRID_Y = 65535       # CUDA gridDim.y limit (the Jaccard kernels put the sample index there)
 SAVED_KINDS = {"none": 0, "act": 1, "preact": 2}
 MAX_VOXELS = 2**31 - 2**16  # voxel (row) indices are 32-bit (with room for a tile past the end); offsets 64-bit
-WGRAD_BLOCKS = {1: 256, 2: 1024}  # wgrad splits aim at about this many blocks per kernel version (fixed, so
+WGRAD_BLOCKS = {1: 256, 2: 1024, 3: 1024}  # wgrad splits aim at about this many blocks per kernel version (fixed, so
                                   # results do not depend on the card; v2 blocks are cheaper, more of them hide latency)
-KERNELS_ENV = "SEG3D_FAST_CUDA_KERNELS"  # "v1": the first kernels (fallback); unset or "v2": the faster ones
+KERNELS_ENV = "SEG3D_FAST_CUDA_KERNELS"  # "v1": the first kernels (fallback); "v2": without the halo kernel; unset/"v3"
 PRELU_ROW_BLOCKS = 512   # row blocks of the PReLU-backward reduction (fixed, for the same reason)
 
 
@@ -93,12 +93,13 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 def kernels_version() -> int:
-    """Kernel generation from env SEG3D_FAST_CUDA_KERNELS (read at every call): 2 by default, 1 for "v1".
-    v2 runs where the channel counts split into 16-byte pieces (C_in and C_out multiples of 16 / itemsize);
-    other shapes use the v1 kernels either way."""
-    value = os.environ.get(KERNELS_ENV, "") or "v2"
-    if value not in ("v1", "v2"):
-        raise ValueError(f"{KERNELS_ENV} must be 'v1' or 'v2' (or unset), got {value!r}")
+    """Kernel generation from env SEG3D_FAST_CUDA_KERNELS (read at every call): 3 by default, "v2" or "v1" for
+    the earlier ones. v3: stride-1 3x3x3 convs (fp16/bf16, 16-byte channel pieces, C_in <= 32 or a multiple of 32)
+    on the halo kernel, the rest as v2; v2 runs where the channel counts split into 16-byte pieces (or 8-byte input
+    pieces for narrow fp16/bf16 layers); other shapes use the v1 kernels either way."""
+    value = os.environ.get(KERNELS_ENV, "") or "v3"
+    if value not in ("v1", "v2", "v3"):
+        raise ValueError(f"{KERNELS_ENV} must be 'v1', 'v2' or 'v3' (or unset), got {value!r}")
     return int(value[1])
 
 
@@ -221,7 +222,7 @@ def _grad_weight(dz, xc, weight, stride, like):
     kw = k ** 3 * c_in
     version = kernels_version()
     in_bytes = _copy_bytes(c_in, like.dtype)
-    v2 = version == 2 and _copy_bytes(c_out, like.dtype) == 16 and (
+    v2 = version >= 2 and _copy_bytes(c_out, like.dtype) == 16 and (
         in_bytes == 16 or (in_bytes == 8 and like.dtype.itemsize == 2 and c_out <= 32))
     # the kernel's tile (csrc/conv3d_prelu.cu, launch_wgrad)
     if c_out <= 16:

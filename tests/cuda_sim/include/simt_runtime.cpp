@@ -173,6 +173,9 @@ size_t g_smem_cap = 0, g_smem_bytes = 0;
 
 cudaError_t g_last_error = cudaSuccess;  // what cudaGetLastError returns (and clears)
 bool g_unchecked_failure = false;        // a simulation error not yet taken by cudaGetLastError
+// SEG3D_SIMT_CP_ASYNC=early: each cp.async lands at issue (the earliest the hardware may), which shows a buffer
+// refilled while others still read it; the default, "late", lands it at its wait, which shows a read before the wait.
+bool g_cp_async_early = false;
 std::string g_failure_text;
 std::unordered_map<const void*, int> g_max_dynamic_smem;
 
@@ -554,6 +557,10 @@ std::vector<int> schedule_order(int n) {
 
 void run_block(const dim3& block) {
   const int n = g_nthreads;
+  const char* cp_mode = getenv("SEG3D_SIMT_CP_ASYNC");
+  g_cp_async_early = cp_mode && std::string(cp_mode) == "early";
+  if (cp_mode && !g_cp_async_early && std::string(cp_mode) != "late" && *cp_mode)
+    throw std::runtime_error("SEG3D_SIMT_CP_ASYNC must be early or late, got '" + std::string(cp_mode) + "'");
   std::memset(g_smem, 0xFF, g_smem_bytes);  // NaN in fp32, fp16 and bf16: a read of what nobody wrote shows
   std::memset(g_smem + g_smem_bytes, kCanary, kCanaryBytes);
   for (int i = 0; i < n; ++i) {
@@ -666,6 +673,11 @@ void cp_async(void* smem_dst, const void* gmem_src, int bytes, bool valid) {
                             smem_dst, dst - g_smem, g_smem_bytes));
   if (valid && src + bytes > g_smem && src < g_smem + g_smem_cap)
     fail_in_fiber(f, format("cp.async: source %p is in shared memory", gmem_src));
+  if (g_cp_async_early) {
+    if (valid) std::memcpy(dst, src, bytes);
+    else std::memset(dst, 0, bytes);
+    return;
+  }
   f->copies.push_back(Copy{dst, src, bytes, valid, f->groups});
 }
 
