@@ -28,7 +28,8 @@
 // Not modelled: static __shared__ arrays are function-local statics (they keep the previous block's values and are
 // not poisoned); global memory is not bounds-checked; memory races between barriers are not detected, but
 // SEG3D_SIMT_SCHEDULE=forward|reverse|random[:seed] changes the order in which a block's threads run, so a result
-// that depends on a race changes with it (test_conv3d_prelu_deterministic runs both orders).
+// that depends on a race changes with it (test_conv3d_prelu_deterministic runs both orders). A cp.async lands at its
+// wait (late, the default) or, with SEG3D_SIMT_CP_ASYNC=early, at issue: the two ends of what the hardware may do.
 #pragma once
 
 #include <cmath>
