@@ -307,6 +307,16 @@ struct LossArgs {
   bool per_sample = false, mean = false;
 };
 
+// The loss formula's terms (both directions).
+LossArgs loss_formula(uint64_t weights, float smooth, bool per_sample, bool mean) {
+  LossArgs l;
+  l.weights = weights;
+  l.smooth = smooth;
+  l.per_sample = per_sample;
+  l.mean = mean;
+  return l;
+}
+
 template <class T, int MAXC>
 void launch_sums(uint64_t logits, uint64_t target, uint64_t partial, uint64_t sums, int N, int C, long long S,
                  int label_type, bool squared, bool sigmoid, bool has_ignore, long long ignore_index,
@@ -389,14 +399,10 @@ void jaccard_loss(uint64_t logits, uint64_t target, uint64_t weights, uint64_t p
   if (N == 0) throw std::invalid_argument("seg3d_fast._cuda: jaccard_loss needs a non-empty batch");
   if (loss == 0 || weights == 0 || (label_type != kProb && (range_partial == 0 || label_range == 0)))
     throw std::invalid_argument("seg3d_fast._cuda: jaccard_loss needs weights, loss and (label maps) label range");
-  LossArgs l;
+  LossArgs l = loss_formula(weights, smooth, per_sample, mean);
   l.range_partial = label_type == kProb ? 0 : range_partial;
   l.label_range = label_type == kProb ? 0 : label_range;
-  l.weights = weights;
   l.loss = loss;
-  l.smooth = smooth;
-  l.per_sample = per_sample;
-  l.mean = mean;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   SEG3D_JACCARD_DISPATCH(launch_sums, logits, target, partial, sums, N, C, S, label_type, squared, sigmoid,
                          has_ignore, ignore_index, l, s);
@@ -410,12 +416,8 @@ void jaccard_loss_backward(uint64_t grad_loss, uint64_t sums, uint64_t weights, 
   if (N == 0 || S == 0) return;
   if (grad_loss == 0 || weights == 0)
     throw std::invalid_argument("seg3d_fast._cuda: jaccard_loss_backward needs grad_loss and weights");
-  LossArgs l;
+  LossArgs l = loss_formula(weights, smooth, per_sample, mean);
   l.grad_loss = grad_loss;
-  l.weights = weights;
-  l.smooth = smooth;
-  l.per_sample = per_sample;
-  l.mean = mean;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   SEG3D_JACCARD_DISPATCH(launch_backward, sums, logits, target, grad_logits, N, C, S, label_type, squared, sigmoid,
                          has_ignore, ignore_index, l, s);
