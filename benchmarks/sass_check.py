@@ -103,7 +103,7 @@ def main_loop(instructions):
 
 
 def demangle_short(name):
-    """A readable kernel name, e.g. `conv_gemm_v2_kernel<bf16,tf32=0,128,64,2>`, from the mangled one."""
+    """A readable kernel name, e.g. `conv_gemm_v2_kernel<bf16,false,128,64,2,8>`, from the mangled one."""
     for m in re.finditer(r"(?=(\d+))", name):  # Itanium mangling: <length><identifier>, after any hash digits
         size, rest = int(m.group(1)), name[m.start() + len(m.group(1)):]
         if size <= len(rest) and rest[:size].endswith("_kernel"):
@@ -118,7 +118,7 @@ def demangle_short(name):
         if args.startswith(mangled):
             args = readable + args[len(mangled):]
             break
-    args = re.sub(r"Lb([01])E", r"tf32=\1,", args)
+    args = re.sub(r"Lb([01])E", lambda m: ("true," if m.group(1) == "1" else "false,"), args)
     args = re.sub(r"Li(\d+)E", r"\1,", args)
     args = re.sub(r"E*(v.*)?$", "", args)
     return f"{kernel}<{args.rstrip(',')}>"

@@ -701,7 +701,7 @@ struct HaloLayout {
   }
 };
 
-template <class T, int BN, int WARPS_M>
+template <class T, int BN, int WARPS_M, bool CHUNKED>  // CHUNKED: C a multiple of 32 above 32, else C <= 32
 __global__ void __launch_bounds__(kThreads) conv_halo_kernel(const ConvArgs a) {
   using H = HaloLayout<T, BN>;
   using L = typename H::L;
@@ -716,9 +716,10 @@ __global__ void __launch_bounds__(kThreads) conv_halo_kernel(const ConvArgs a) {
 
   const int tid = threadIdx.x, C = a.C, LDH = H::ldh(C), KC = H::kc(C), BUFS = H::buffers(C);
   const int halo_buf = H::HR * LDH;
-  const int ntaps = a.ntap_d * a.ntap_h * a.ntap_w, K = ntaps * C;
+  constexpr int ntaps = 27;  // 3x3x3 (use_halo)
+  const int K = ntaps * C;
   const int groups = C / EV;  // 8-channel groups per tap
-  const int k_tiles = C <= 32 ? (K + kBK - 1) / kBK : (C / 32) * ntaps;
+  const int k_tiles = CHUNKED ? (C / 32) * ntaps : (K + kBK - 1) / kBK;
   const T* __restrict__ in = reinterpret_cast<const T*>(a.in);
   const T* __restrict__ w = reinterpret_cast<const T*>(a.weight);
   const int boxes_w = (a.QW + H::BW - 1) / H::BW, boxes_h = (a.QH + H::BH - 1) / H::BH,
@@ -741,7 +742,7 @@ __global__ void __launch_bounds__(kThreads) conv_halo_kernel(const ConvArgs a) {
                      ? (((static_cast<long long>(n) * a.OD + od) * a.OH + oh) * a.OW + ow) * a.Cout : -1;
   }
   __syncthreads();
-  if (C <= 32) {
+  if constexpr (!CHUNKED) {
     for (int f = tid; f < k_tiles * 4; f += kThreads) {
       const int tap = f / groups;
       group_off[f] = tap < ntaps ? tap_off[tap] * LDH + (f - tap * groups) * EV : 0;  // past K: B is zero there
@@ -761,16 +762,16 @@ __global__ void __launch_bounds__(kThreads) conv_halo_kernel(const ConvArgs a) {
     }
   };
   auto load_stage = [&](int stage, int kt) {
-    const int chunk = C <= 32 ? 0 : kt / ntaps, tap = C <= 32 ? 0 : kt - chunk * ntaps;
-    if (C <= 32 ? kt == 0 : tap == 0) load_halo(chunk);
-    const int k0 = C <= 32 ? kt * kBK : tap * C + chunk * 32;  // the step's first K index in the weight rows
+    const int chunk = CHUNKED ? kt / ntaps : 0, tap = CHUNKED ? kt - chunk * ntaps : 0;
+    if (CHUNKED ? tap == 0 : kt == 0) load_halo(chunk);
+    const int k0 = CHUNKED ? tap * C + chunk * 32 : kt * kBK;  // the step's first K index in the weight rows
     T* sB = sB0 + stage * L::B_ELEMS;
 #pragma unroll
     for (int j = 0; j < JB; ++j) {
       const int i = tid + j * kThreads;
       if (JB * kThreads > BN * (kBK / EV) && i >= BN * (kBK / EV)) break;
       const int row = i / (kBK / EV), kk = (i % (kBK / EV)) * EV, co = n0 + row;
-      const bool valid = co < a.Cout && (C > 32 || k0 + kk < K);
+      const bool valid = co < a.Cout && (CHUNKED || k0 + kk < K);
       cp_async(sB + row * L::LDB + kk, valid ? w + static_cast<long long>(co) * K + k0 + kk : w, 16, valid);
     }
   };
@@ -789,7 +790,7 @@ __global__ void __launch_bounds__(kThreads) conv_halo_kernel(const ConvArgs a) {
   tile.init();
   pipeline(k_tiles, load_stage, [&](int stage, int kt) {
     int off_lo, off_hi;  // the lane's groups of K offsets 0-15 and 16-31
-    if (C <= 32) {
+    if constexpr (!CHUNKED) {
       off_lo = group_off[4 * kt + q / 2];
       off_hi = group_off[4 * kt + 2 + q / 2];
     } else {
@@ -947,18 +948,24 @@ void launch_conv_tiles(const ConvArgs& a, int sms, cudaStream_t stream) {
   else launch_conv_tile<T, TF32, 64, 64, 2, VEC>(a, stream);
 }
 
-template <class T, int BN, int WARPS_M>
-void launch_halo_tile(const ConvArgs& a, cudaStream_t stream) {
+template <class T, int BN, int WARPS_M, bool CHUNKED>
+void launch_halo_chunks(const ConvArgs& a, cudaStream_t stream) {
   using H = HaloLayout<T, BN>;
   const long long boxes = static_cast<long long>(a.N) * ((a.QD + H::BD - 1) / H::BD) *
                           ((a.QH + H::BH - 1) / H::BH) * ((a.QW + H::BW - 1) / H::BW);
   if (boxes == 0 || a.Cout == 0) return;
-  auto kernel = conv_halo_kernel<T, BN, WARPS_M>;
+  auto kernel = conv_halo_kernel<T, BN, WARPS_M, CHUNKED>;
   const size_t smem = H::bytes(a.C);
   set_smem(kernel, smem);
   dim3 grid(static_cast<unsigned>(boxes), static_cast<unsigned>((a.Cout + BN - 1) / BN));
   SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
   SEG3D_CHECK_LAUNCH("conv_halo_kernel");
+}
+
+template <class T, int BN, int WARPS_M>
+void launch_halo_tile(const ConvArgs& a, cudaStream_t stream) {
+  if (a.C > 32) launch_halo_chunks<T, BN, WARPS_M, true>(a, stream);
+  else launch_halo_chunks<T, BN, WARPS_M, false>(a, stream);
 }
 
 // The halo kernel (third generation) takes stride-1 3x3x3 convs over the whole output grid with 16-byte channel
