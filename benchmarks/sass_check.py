@@ -28,8 +28,8 @@ SOURCES = ("conv3d_prelu.cu", "jaccard.cu")
 
 def _tool(name):
     """nvcc / cuobjdump from the CUDA toolkit, else the copies Triton ships (cuobjdump)."""
-    found = shutil.which(name) or next((str(p) for p in (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) /
-                                                          "bin" / name,) if p.exists()), None)
+    toolkit = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / name
+    found = shutil.which(name) or (str(toolkit) if toolkit.exists() else None)
     if found is None and name == "cuobjdump":
         try:
             import triton

@@ -22,6 +22,19 @@ constexpr int kMaxBlocks = 1024;  // per sample; fixed (not device-dependent) so
 constexpr long long kNoLabelMin = 1LL << 62;  // the label range of no counted label: empty (API.md)
 constexpr long long kNoLabelMax = -(1LL << 62);
 
+// [lo, hi] widened to cover [olo, ohi].
+__device__ __forceinline__ void widen_range(long long& lo, long long& hi, long long olo, long long ohi) {
+  lo = olo < lo ? olo : lo;
+  hi = ohi > hi ? ohi : hi;
+}
+
+// The warp's label range, in every lane (a butterfly).
+__device__ __forceinline__ void warp_range(long long& lo, long long& hi) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2)
+    widen_range(lo, hi, __shfl_xor_sync(0xffffffffu, lo, off), __shfl_xor_sync(0xffffffffu, hi, off));
+}
+
 __device__ __forceinline__ long long load_label(const void* target, int label_type, long long i) {
   switch (label_type) {
     case kInt64: return static_cast<const long long*>(target)[i];
@@ -94,8 +107,7 @@ jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __r
     float x[MAXC], t[MAXC];
     long long lab = 0;
     if (!load_voxel<T, MAXC>(logits, target, n, C, S, v, label_type, has_ignore, ignore_index, x, t, lab)) continue;
-    lo = lab < lo ? lab : lo;  // label maps only read (lab stays 0 for probabilities)
-    hi = lab > hi ? lab : hi;
+    widen_range(lo, hi, lab, lab);  // label maps only read (lab stays 0 for probabilities)
     probabilities<MAXC>(x, C, sigmoid);
 #pragma unroll
     for (int c = 0; c < MAXC; ++c)
@@ -110,12 +122,7 @@ jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __r
   __shared__ long long red_range[kWarps][2];
   const int warp = tid / 32, lane = tid % 32;
   if (range_partial != nullptr) {
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      const long long olo = __shfl_xor_sync(0xffffffffu, lo, off), ohi = __shfl_xor_sync(0xffffffffu, hi, off);
-      lo = olo < lo ? olo : lo;
-      hi = ohi > hi ? ohi : hi;
-    }
+    warp_range(lo, hi);
     if (lane == 0) red_range[warp][0] = lo, red_range[warp][1] = hi;
   }
 #pragma unroll
@@ -136,10 +143,7 @@ jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __r
     partial[(static_cast<long long>(n) * gridDim.x + blockIdx.x) * C * 3 + i] = s;
   }
   if (range_partial != nullptr && tid == 0) {
-    for (int w = 1; w < kWarps; ++w) {
-      lo = red_range[w][0] < lo ? red_range[w][0] : lo;
-      hi = red_range[w][1] > hi ? red_range[w][1] : hi;
-    }
+    for (int w = 1; w < kWarps; ++w) widen_range(lo, hi, red_range[w][0], red_range[w][1]);
     long long* out = range_partial + (static_cast<long long>(n) * gridDim.x + blockIdx.x) * 2;
     out[0] = lo;
     out[1] = hi;
@@ -198,16 +202,9 @@ jaccard_final_kernel(const float* __restrict__ partial, float* sums, int N, int 
   __shared__ long long red_range[kWarps][2];
   if (label_range != nullptr) {
     long long lo = kNoLabelMin, hi = kNoLabelMax;
-    for (long long i = threadIdx.x; i < static_cast<long long>(N) * blocks; i += blockDim.x) {
-      lo = range_partial[i * 2] < lo ? range_partial[i * 2] : lo;
-      hi = range_partial[i * 2 + 1] > hi ? range_partial[i * 2 + 1] : hi;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      const long long olo = __shfl_xor_sync(0xffffffffu, lo, off), ohi = __shfl_xor_sync(0xffffffffu, hi, off);
-      lo = olo < lo ? olo : lo;
-      hi = ohi > hi ? ohi : hi;
-    }
+    for (long long i = threadIdx.x; i < static_cast<long long>(N) * blocks; i += blockDim.x)
+      widen_range(lo, hi, range_partial[i * 2], range_partial[i * 2 + 1]);
+    warp_range(lo, hi);
     if (lane == 0) red_range[warp][0] = lo, red_range[warp][1] = hi;
   }
   __syncthreads();  // the block's sums (global memory) and range partials are visible to every thread
@@ -238,10 +235,7 @@ jaccard_final_kernel(const float* __restrict__ partial, float* sums, int N, int 
     *loss = mean ? total / (w * (per_sample ? static_cast<float>(N) : 1.0f)) : total;
     if (label_range != nullptr) {
       long long lo = red_range[0][0], hi = red_range[0][1];
-      for (int k = 1; k < warps; ++k) {
-        lo = red_range[k][0] < lo ? red_range[k][0] : lo;
-        hi = red_range[k][1] > hi ? red_range[k][1] : hi;
-      }
+      for (int k = 1; k < warps; ++k) widen_range(lo, hi, red_range[k][0], red_range[k][1]);
       label_range[0] = lo;
       label_range[1] = hi;
     }
