@@ -58,8 +58,20 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Asynchronous global->shared copy of `bytes` (4, 8 or 16; both addresses aligned to it). valid == false
-// zero-fills the destination without reading the source (padding and tile edges).
+// zero-fills the destination without reading the source (padding and tile edges). 2 bytes (an odd channel count
+// of fp16/bf16, first-generation kernels only): cp.async has no 2-byte form, so a plain load and store, which the
+// pipeline's barriers order like a landed copy.
 __device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src, int bytes, bool valid) {
+  if (bytes == 2) {
+#if defined(SEG3D_SIMT_CPU)
+    *static_cast<uint16_t*>(smem_dst) = valid ? *static_cast<const uint16_t*>(gmem_src) : uint16_t{0};
+#else
+    unsigned short v = 0;  // explicit state spaces: the pointers are generic, a plain C++ copy would be generic too
+    if (valid) asm("ld.global.nc.u16 %0, [%1];\n" : "=h"(v) : "l"(gmem_src));
+    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem_dst))), "h"(v));
+#endif
+    return;
+  }
 #if defined(SEG3D_SIMT_CPU)
   ::simt::cp_async(smem_dst, gmem_src, bytes, valid);
 #else

@@ -22,7 +22,7 @@ struct ConvArgs {
   int toff_d[3] = {0, 0, 0}, toff_h[3] = {0, 0, 0}, toff_w[3] = {0, 0, 0};
   int alpha_mode = 0;                             // 0 no activation, 1 one alpha, 2 one per channel
   int residual_first = 0;                         // residual summed before the activation
-  int vec = 0;                                    // elements per cp.async copy (4, 8 or 16 bytes; divides C)
+  int vec = 0;                                    // elements per cp.async copy (2, 4, 8 or 16 bytes; divides C)
   int kernels = 3;                                // 3: the halo kernel for stride-1 3x3x3 convs where it applies,
                                                   // else as 2; 2: v2 kernels where the channels allow; 1: v1
 };

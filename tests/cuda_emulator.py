@@ -32,8 +32,9 @@ def _view(address, shape, dtype, what):
 
 
 def _check_vec(address, vec, channels, dtype, what):
-    """cp.async copies `vec` elements at a time: vec divides the channel count and the rows are vec-aligned."""
-    assert vec in (16 // dtype.itemsize, 8 // dtype.itemsize, 4 // dtype.itemsize) and vec >= 1, f"{what}: vec {vec}"
+    """The kernels copy `vec` elements at a time (cp.async: 4-16 bytes; 2 bytes by plain loads): vec divides the
+    channel count and the rows are vec-aligned."""
+    assert vec * dtype.itemsize in (16, 8, 4, 2) and vec >= 1, f"{what}: vec {vec}"
     assert channels % vec == 0, f"{what}: vec {vec} does not divide {channels} channels"
     assert address % (vec * dtype.itemsize) == 0, f"{what}: address not aligned to {vec * dtype.itemsize} bytes"
 

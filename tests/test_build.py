@@ -61,9 +61,9 @@ def test_backend_unavailable_reason_without_gpu():
     assert any("CUDA tensors" in r for r in reasons), reasons
     reasons = cuda.conv3d_prelu_unsupported(x.half(), torch.randn(8, 4, 3, 3, 3).half(), None, None, None, 1, False)
     assert not any("C_in" in r for r in reasons)
-    reasons = cuda.conv3d_prelu_unsupported(x[:, :3].half(), torch.randn(8, 3, 3, 3, 3).half(), None, None, None, 1,
+    reasons = cuda.conv3d_prelu_unsupported(x[:, :3].half(), torch.randn(5, 3, 3, 3, 3).half(), None, None, None, 1,
                                             False)
-    assert any("C_in=3 must be a multiple of 2" in r for r in reasons), reasons
+    assert not any("C_in" in r or "C_out" in r for r in reasons), reasons  # odd channel counts run too
 
 
 # ---- the host side against a model of the kernels' contract (tests/cuda_emulator.py), on CPU tensors -----------

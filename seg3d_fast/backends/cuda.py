@@ -60,16 +60,11 @@ def _device_reasons(t: torch.Tensor, name: str) -> list[str]:
 
 
 def _copy_bytes(channels: int, dtype: torch.dtype) -> int:
-    """Largest cp.async copy (16, 8 or 4 bytes) that a channel row of this length splits into; 0 if none."""
+    """Largest copy (16, 8, 4 or 2 bytes) that a channel row of this length splits into. 2 bytes (odd fp16/bf16
+    channel counts: single-channel images, odd class counts) has no cp.async form: the first-generation kernels
+    load those rows element by element."""
     row = channels * dtype.itemsize
-    return next((b for b in (16, 8, 4) if row % b == 0), 0)
-
-
-def _channels_reason(what: str, channels: int, dtype: torch.dtype) -> list[str]:
-    if _copy_bytes(channels, dtype):
-        return []
-    return [f"{what}={channels} must be a multiple of {4 // dtype.itemsize} for {dtype} "
-            f"(the kernels copy channel rows in 4/8/16-byte pieces)"]
+    return next(b for b in (16, 8, 4, 2) if row % b == 0)
 
 
 def _ndhwc(t: torch.Tensor) -> torch.Tensor:
@@ -123,8 +118,6 @@ def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_
         reasons.append(f"weight shape {tuple(weight.shape)}: kernel must be 1x1x1 or 3x3x3")
     if stride not in (1, 2):
         reasons.append(f"stride {stride} not in (1, 2)")
-    reasons += _channels_reason("C_in", x.shape[1], x.dtype)
-    reasons += _channels_reason("C_out", weight.shape[0], x.dtype)
     if x.numel() == 0:
         reasons.append("x has no elements")
     n, _, d, h, w = x.shape
