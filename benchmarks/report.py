@@ -132,6 +132,12 @@ def profile_markdown(payload):
     methods = {r.get("memory_method") for r in payload["results"]} | {r.get("max_cubic_method")
                                                                       for r in payload["results"]}
     out += ["", "Memory: " + "; ".join(sorted(m for m in methods if m)) + "."]
+    chosen = [(r["variant"], r["backends"]) for r in payload["results"] if r.get("backends")]
+    if chosen:
+        out += ["", "Backends the fused layers ran on (distinct layer shapes): " + "; ".join(
+            f"{variant}: " + ", ".join(f"{op} " + "/".join(f"{b} {n}" for b, n in sorted(per.items()))
+                                       for op, per in backends.items())
+            for variant, backends in chosen) + "."]
     return "\n".join(out)
 
 

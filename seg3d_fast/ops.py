@@ -113,6 +113,21 @@ def _check_backend(backend):
 _backend_cache: dict = {}
 
 
+def chosen_backends() -> dict:
+    """{"op/direction": {backend: distinct call signatures}} chosen since forget_backend_choices(): which backends a
+    model's layers ran on (its speed and memory depend on the mix)."""
+    counts: dict = {}
+    for signature, name in _backend_cache.items():
+        per_backend = counts.setdefault(f"{signature[0]}/{signature[1]}", {})
+        per_backend[name] = per_backend.get(name, 0) + 1
+    return counts
+
+
+def forget_backend_choices() -> None:
+    """Clears the per-signature backend cache: the next calls choose again (from the table or the measurements)."""
+    _backend_cache.clear()
+
+
 def _shape(t):
     return None if t is None else tuple(t.shape)
 

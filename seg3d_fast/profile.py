@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import ops
 from .models import peak_live_bytes, saved_tensor_bytes
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -341,10 +342,11 @@ def run_profile(args):
         x, labels = variant.inputs(args.batch, spatial)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        ops.forget_backend_choices()  # so that chosen_backends() reports this variant's choices only
         times = time_steps(variant, x, labels, args.warmup, args.steps)
         step_ms = statistics.median(times)
         row = {"variant": name, "step_ms": step_ms, "steps_per_s": 1e3 / step_ms,
-               "voxels_per_s": voxels * 1e3 / step_ms, "step_ms_all": times}
+               "voxels_per_s": voxels * 1e3 / step_ms, "step_ms_all": times, "backends": ops.chosen_backends()}
         if device.type == "cuda":
             row.update(peak_bytes=torch.cuda.max_memory_allocated(device),
                        memory_method="torch.cuda.max_memory_allocated over the timed steps")
@@ -392,6 +394,10 @@ def _print_row(r):
     print(f"{r['variant']:<10} {r['step_ms']:9.1f} ms/step {r['steps_per_s']:8.2f} steps/s "
           f"{r['voxels_per_s'] / 1e6:9.2f} Mvox/s  peak {peak:6.2f} GiB"
           + (f"  largest cube {edge}^3" if edge else ""), flush=True)
+    if r.get("backends"):
+        print(f"{'':<10} backends (distinct layer shapes): " + "; ".join(
+            f"{op} " + ", ".join(f"{b} {n}" for b, n in sorted(chosen.items())) for op, chosen in r["backends"].items()),
+            flush=True)
 
 
 def run_saved_bytes(args):

@@ -79,6 +79,11 @@ def test_profile_main_tiny_cpu(tmp_path):
         assert edge is not None and edge % 16 == 0 and 16 <= edge <= 96
         assert (tmp_path / "trace" / f"trace_{name}.json").stat().st_size > 0
     assert rows["reference"]["memory_vs_plain"] < 1  # fewer saved bytes, same parameters
+    # which backends the fused layers ran on: every conv shape and the loss, both directions, on "reference"
+    chosen = rows["reference"]["backends"]
+    assert set(chosen) == {"conv3d_prelu/forward", "conv3d_prelu/backward", "jaccard/forward", "jaccard/backward"}
+    assert all(set(c) == {"reference"} for c in chosen.values()) and chosen["conv3d_prelu/forward"]["reference"] > 3
+    assert rows["plain"]["backends"] == {}  # the plain network calls no fused op
     assert rows["reference"]["max_cubic_edge"] >= rows["plain"]["max_cubic_edge"]
 
 
@@ -129,6 +134,7 @@ def test_profile_main_tiny_gpu(tmp_path):
     assert profile.main(args) == 0
     rows = {r["variant"]: r for r in json.loads((tmp_path / "p.json").read_text())["results"]}
     assert set(rows) == {"plain", "plain_cl", "fused"}
+    assert set(rows["fused"]["backends"]["conv3d_prelu/forward"]) <= {"cuda", "triton", "reference"}
     for r in rows.values():
         assert r["peak_bytes"] > 0 and "max_memory_allocated" in r["memory_method"]
         assert r["max_cubic_edge"] in (16, 32) and r["max_cubic_bytes"] <= 0.5 * 2**30
