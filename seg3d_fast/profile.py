@@ -7,6 +7,8 @@ channels_last_3d; "reference" / "triton" / "cuda": the fused network forced onto
   peak memory: on a GPU torch.cuda.max_memory_allocated over the timed steps (model, optimizer state, activations,
     workspaces: what the card must hold); on the CPU an estimate = bytes saved for backward in one forward
     (saved_tensor_bytes, parameters excluded) + 4x the parameter bytes (weights, gradients, Adam's two moments);
+    beside it, on either, the peak of the tensors one forward + backward allocates (step_tensor_peak_bytes:
+    activations, gradients and temporaries, without workspaces or allocator rounding);
   the largest cubic volume (edge a multiple of 16) that trains in --memory-budget GiB: on a GPU a binary search
     running one real step per probe under torch.cuda.set_per_process_memory_fraction; on the CPU the estimate
     above, measured at edges 16 and 32 and extended linearly in voxels (activations scale with the volume).
@@ -353,6 +355,9 @@ def run_profile(args):
         else:
             row.update(peak_bytes=variant.saved_bytes(x) + 4 * variant.param_bytes(),
                        memory_method="estimate: saved-for-backward bytes + 4x parameters")
+        # the tensors one forward + backward allocates, held at once (no workspaces, no allocator rounding): beside
+        # the GPU's max_memory_allocated it shows how much of the peak is activations and how much is workspace
+        row["step_tensor_peak_bytes"] = variant.peak_bytes(x, labels)
         if args.trace:
             trace(variant, x, labels, args.trace)
         del x, labels

@@ -75,10 +75,12 @@ def test_profile_main_tiny_cpu(tmp_path):
         assert r["steps_per_s"] > 0 and len(r["step_ms_all"]) == 2
         assert r["voxels_per_s"] == pytest.approx(r["steps_per_s"] * 2 * 8 * 16 * 12)
         assert r["peak_bytes"] > 0 and "estimate" in r["memory_method"]
+        assert r["step_tensor_peak_bytes"] > 0
         edge = r["max_cubic_edge"]
         assert edge is not None and edge % 16 == 0 and 16 <= edge <= 96
         assert (tmp_path / "trace" / f"trace_{name}.json").stat().st_size > 0
     assert rows["reference"]["memory_vs_plain"] < 1  # fewer saved bytes, same parameters
+    assert rows["reference"]["step_tensor_peak_bytes"] < rows["plain"]["step_tensor_peak_bytes"]
     # which backends the fused layers ran on: every conv shape and the loss, both directions, on "reference"
     chosen = rows["reference"]["backends"]
     assert set(chosen) == {"conv3d_prelu/forward", "conv3d_prelu/backward", "jaccard/forward", "jaccard/backward"}
