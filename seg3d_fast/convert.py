@@ -42,6 +42,7 @@ def conv_unsupported_reasons(conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None) 
 class ConvertReport:
     swapped: list[tuple[str, str]] = field(default_factory=list)  # (module path, what it became)
     left: list[tuple[str, str]] = field(default_factory=list)  # (module path, why not)
+    renamed: dict[str, str] = field(default_factory=dict)  # fused parameter key -> the original model's key
 
     def __str__(self):
         lines = [f"convert: {len(self.swapped)} swapped, {len(self.left)} left"]
@@ -71,22 +72,26 @@ def _path(prefix: str, name: str) -> str:
 
 
 def _convert(module: nn.Module, prefix: str, report: ConvertReport):
-    children = list(module.named_children())
+    # module._modules rather than named_children(): a module registered under two names is visited under both
+    children = [(name, child) for name, child in module._modules.items() if child is not None]
     fused_prelus = set()
     for i, (name, child) in enumerate(children):
         path = _path(prefix, name)
         if name in fused_prelus:
             continue
         if isinstance(child, nn.Conv3d):
-            prelu, holder, prelu_name = None, module, None
+            prelu, holder, prelu_name, prelu_path = None, module, None, None
             if isinstance(module, nn.Sequential) and i + 1 < len(children):
                 found = _lone_prelu(children[i + 1][1])
                 if found is not None:
                     inner, inner_name = found
+                    next_name = children[i + 1][0]
                     if inner is None:
-                        prelu, holder, prelu_name = children[i + 1][1], module, children[i + 1][0]
+                        prelu, holder, prelu_name = children[i + 1][1], module, next_name
+                        prelu_path = _path(prefix, next_name)
                     else:
                         prelu, holder, prelu_name = getattr(inner, inner_name), inner, inner_name
+                        prelu_path = _path(_path(prefix, next_name), inner_name)
             reasons = conv_unsupported_reasons(child, prelu)
             if reasons and prelu is not None and not conv_unsupported_reasons(child):
                 reasons, prelu = [], None  # the PReLU does not fit, the conv alone still does
@@ -99,6 +104,7 @@ def _convert(module: nn.Module, prefix: str, report: ConvertReport):
                 if holder is module:
                     fused_prelus.add(prelu_name)
                 report.swapped.append((path, "Conv3d + PReLU -> ConvPReLU3d"))
+                report.renamed[f"{path}.alpha"] = f"{prelu_path}.weight"
             else:
                 report.swapped.append((path, "Conv3d -> ConvPReLU3d(prelu=None)"))
         elif isinstance(child, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose3d)):
@@ -107,10 +113,25 @@ def _convert(module: nn.Module, prefix: str, report: ConvertReport):
             _convert(child, path, report)
 
 
-def convert(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
-    """Replace, in place, Conv3d(+PReLU) by ConvPReLU3d carrying the same weights; returns (model, report).
+class _RenameKeys:
+    """A state-dict hook renaming keys old -> new (with the module's prefix) where only the old one is there. A
+    callable object, not a closure, so that the model it is registered on still pickles."""
 
-    Outputs and gradients of the converted model equal the original's (up to the backend's rounding)."""
+    def __init__(self, renamed: dict[str, str]):
+        self.renamed = renamed
+
+    def __call__(self, module, state_dict, prefix, *args):
+        for old, new in self.renamed.items():
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
+def convert(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
+    """Replace, in place, Conv3d(+PReLU) by ConvPReLU3d holding the same parameter objects; returns (model, report).
+
+    Outputs and gradients of the converted model equal the original's (up to the backend's rounding); an optimizer
+    made before the swap still trains it; its state_dict() keeps the original keys (report.renamed lists the fused
+    parameters that live under another name) and load_state_dict() takes either model's checkpoints."""
     report = ConvertReport()
     if isinstance(model, nn.Conv3d):
         reasons = conv_unsupported_reasons(model)
@@ -120,4 +141,9 @@ def convert(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
         report.swapped.append(("", "Conv3d -> ConvPReLU3d(prelu=None)"))
         return ConvPReLU3d.from_modules(model), report
     _convert(model, "", report)
+    if report.renamed:
+        # state_dict() under the original model's keys (a fused PReLU's weight is its module's alpha), and
+        # load_state_dict() taking either: checkpoints move freely between the original and the converted model
+        model.register_state_dict_post_hook(_RenameKeys(dict(report.renamed)))
+        model.register_load_state_dict_pre_hook(_RenameKeys({o: f for f, o in report.renamed.items()}))
     return model, report

@@ -51,22 +51,20 @@ class ConvPReLU3d(nn.Module):
 
     @classmethod
     def from_modules(cls, conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None, residual_first: bool = False):
-        """A fused module carrying the weights of `conv` (and `prelu`); see convert.fusable_conv for what fits."""
+        """A fused module holding the very parameters of `conv` (and `prelu`), not copies: an optimizer made
+        before the swap still trains it, and parameters tied across modules stay tied. convert.conv_unsupported_reasons
+        says what can be fused."""
         from .convert import conv_unsupported_reasons  # one list of rules for what can be fused
 
         reasons = conv_unsupported_reasons(conv, prelu)
         if reasons:
             raise ValueError("cannot fuse: " + "; ".join(reasons))
-        w = conv.weight
         mode = None if prelu is None else ("shared" if prelu.weight.numel() == 1 else "channel")
         fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.bias is not None,
-                    mode, residual_first, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(w)
-            if conv.bias is not None:
-                fused.bias.copy_(conv.bias)
-            if prelu is not None:
-                fused.alpha.copy_(prelu.weight.reshape(-1))
+                    mode, residual_first, device="meta")  # parameters allocated nowhere: replaced just below
+        fused.weight, fused.bias = conv.weight, conv.bias
+        if prelu is not None:
+            fused.alpha = prelu.weight  # (1,) or (C_out,): alpha's own shape
         fused.train(conv.training)
         return fused
 

@@ -128,6 +128,52 @@ def test_convert_nested_model():
     assert_same_model_function(original, converted, torch.randn(2, 2, 7, 6, 9))
 
 
+def test_convert_keeps_parameter_objects_and_checkpoint_keys(tmp_path):
+    """The swap holds the original parameter objects (an optimizer made before it still trains the model), and
+    checkpoints move both ways between the original and the converted model, strictly, and the whole converted
+    model still saves and loads (torch.save)."""
+    torch.manual_seed(0)
+    original = randomize_prelus(NestedNet())
+    plain = copy.deepcopy(original)
+    params = {id(p) for p in original.parameters()}
+    opt = torch.optim.SGD(original.parameters(), lr=0.1)
+    converted, report = sf.convert(original)
+    assert {id(p) for p in converted.parameters()} == params
+    assert report.renamed == {"stem.0.alpha": "stem.1.weight", "stem.2.0.alpha": "stem.2.1.weight"}
+    assert converted.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 2, 7, 6, 9)
+    converted(x).square().sum().backward()
+    opt.step()  # trains the converted model's parameters
+    opt.zero_grad(set_to_none=True)
+    assert not torch.equal(converted.stem[0].weight, plain.stem[0].weight)
+    plain.load_state_dict(converted.state_dict())  # fused checkpoint -> original model
+    assert_same_model_function(plain, converted, x)
+    fresh, _ = sf.convert(randomize_prelus(NestedNet()))
+    fresh.load_state_dict(plain.state_dict())  # original checkpoint -> converted model
+    plain.zero_grad(set_to_none=True)  # (the comparison accumulates gradients)
+    assert_same_model_function(plain, fresh, x)
+    converted.zero_grad(set_to_none=True)
+    torch.save(converted, tmp_path / "model.pt")
+    reloaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert reloaded.state_dict().keys() == plain.state_dict().keys()
+    plain.zero_grad(set_to_none=True)
+    assert_same_model_function(plain, reloaded, x)
+
+
+def test_convert_keeps_shared_modules_tied():
+    """A PReLU after two convs and a conv registered under two names: every slot is fused, the parameters stay
+    shared (as many as before), and the function and its gradients are the original's."""
+    torch.manual_seed(0)
+    prelu, conv = nn.PReLU(), nn.Conv3d(4, 4, 3, padding=1)
+    original = randomize_prelus(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), prelu, conv, prelu, conv))
+    converted, report = sf.convert(copy.deepcopy(original))
+    assert [path for path, _ in report.swapped] == ["0", "2", "4"]
+    assert converted[0].alpha is converted[2].alpha and converted[2].weight is converted[4].weight
+    assert len(list(converted.parameters())) == len(list(original.parameters())) == 5
+    assert converted.state_dict().keys() == original.state_dict().keys()
+    assert_same_model_function(original, converted, torch.randn(2, 2, 5, 6, 7))
+
+
 def test_convert_monai_networks():
     monai_nets = pytest.importorskip("monai.networks.nets", reason="monai is installed by .ci/run for this test")
     torch.manual_seed(0)
@@ -138,6 +184,7 @@ def test_convert_monai_networks():
     fused_pairs = [p for p, what in report.swapped if "PReLU" in what]
     assert len(fused_pairs) >= 4, str(report)
     assert any("ConvTranspose3d" in why for _, why in report.left)
+    assert converted.state_dict().keys() == original.state_dict().keys()  # checkpoints interchangeable
     assert_same_model_function(original, converted, torch.randn(2, 2, 16, 16, 16))
 
 
