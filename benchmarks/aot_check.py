@@ -77,33 +77,41 @@ WGRAD_POINTERS = ("x_ptr", "g_ptr", "saved_ptr", "alpha_ptr", "dz_ptr")
 WGRAD = [
     ("prelu_pass", dict(STEP=1, FLAT_K=False, DZ_KIND=1, ALPHA_PER_CH=True, COMPUTE_W=False, REDUCE_BIAS=True,
                         REDUCE_ALPHA=True, WRITE_DZ=True, BLOCK_KT=64, BLOCK_CO=64)),
+    ("prelu_pass_c8", dict(STEP=1, FLAT_K=False, DZ_KIND=1, ALPHA_PER_CH=True, COMPUTE_W=False, REDUCE_BIAS=True,
+                           REDUCE_ALPHA=True, WRITE_DZ=True, BLOCK_KT=32, BLOCK_CO=8)),
     ("weight_fma", dict(STEP=2, FLAT_K=True, DZ_KIND=0, ALPHA_PER_CH=False, COMPUTE_W=True, REDUCE_BIAS=False,
                         REDUCE_ALPHA=False, WRITE_DZ=False, BLOCK_KT=32, BLOCK_CO=16)),
 ]
 WGRAD_GEMM = [
-    ("c8_k3", dict(STEP=1, KSIZE=3, VEC16=False, BLOCK_KT=128, BLOCK_CO=16)),
-    ("c64_k3_s2", dict(STEP=2, KSIZE=3, VEC16=True, BLOCK_KT=128, BLOCK_CO=64)),
+    ("c8_k3", dict(STEP=1, KSIZE=3, BLOCK_KT=128, BLOCK_CO=16)),
+    ("c64_k3_s2", dict(STEP=2, KSIZE=3, BLOCK_KT=128, BLOCK_CO=64)),
 ]
 # dtype label -> (pointer type, DOT_PREC); fp32 "ieee" only where the backend uses it
 DTYPES = [("bf16", "*bf16", "tf32"), ("fp16", "*fp16", "tf32"), ("fp32tf32", "*fp32", "tf32"),
           ("fp32ieee", "*fp32", "ieee")]
 
 
-def build(kernel, types, constexprs, cfg):
+# the integer arguments that narrow layers (channel counts 4 or 8, K = 27 x C) do not have divisible by 16: variants
+# for them are compiled as the launcher specializes them there (assuming otherwise hid their scalar loads)
+NARROW = {"C_SRC", "C_IN", "C_OUT", "K_TOTAL"}
+
+
+def build(kernel, types, constexprs, cfg, narrow=False):
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     names = fn.arg_names
     ce = dict(constexprs, **cfg.kwargs)
     sig = {n: ("constexpr" if n in ce else types.get(n, "i32")) for n in names}
-    div = [i for i, n in enumerate(names) if n not in ce and (sig[n].startswith("*") or n in DIV16)]
+    div16 = DIV16 - NARROW if narrow else DIV16
+    div = [i for i, n in enumerate(names) if n not in ce and (sig[n].startswith("*") or n in div16)]
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in ce.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in div})
     return triton.compile(src, target=TARGET, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def loop_instructions(ptx):
-    """PTX instructions per thread in one iteration of the main loop: every block LLVM marks as the loop's header
-    or "in Loop: Header=..." (a loop whose loads are predicated or split spans several blocks, laid out on both
-    sides of its header), for the loop holding the tensor-core instructions (else the loads). Static counts: the
+def main_loop(ptx):
+    """The PTX instructions of one iteration of the main loop: every block LLVM marks as the loop's header or "in
+    Loop: Header=..." (a loop whose loads are predicated or split spans several blocks, laid out on both sides of
+    its header), for the loop holding the tensor-core instructions (else the loads). Static counts: the
     per-iteration issue cost the README's tile comparisons quote."""
     loops, label, header, opening = {}, None, None, False
     for line in ptx.splitlines():
@@ -123,7 +131,7 @@ def loop_instructions(ptx):
                 loops.setdefault(header, []).append(text)
     main = [b for b in loops.values() if any("mma" in x for x in b)] or \
         [b for b in loops.values() if any("ld.global" in x or "cp.async" in x for x in b)]
-    return max((len(b) for b in main), default=0)
+    return max(main, key=len, default=[])
 
 
 def ptxas_usage(ptx):
@@ -155,8 +163,8 @@ class _Sized:
         return self.size
 
 
-def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, only, num_warps=4):
-    """num_warps: the launch's, for a kernel without autotuning."""
+def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, only, num_warps=4, narrow=False):
+    """num_warps: the launch's, for a kernel without autotuning; narrow: a variant for 4- or 8-channel layers."""
     configs = list(kernel.configs) if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=num_warps)]
     prune = getattr(kernel, "early_config_prune", None)
     if prune is not None:  # the tensor arguments it may look at, as their element sizes
@@ -173,12 +181,14 @@ def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, o
         row = dict(kernel=tag, cfg=str(cfg.kwargs), warps=cfg.num_warps, stages=cfg.num_stages)
         t0 = time.time()
         try:
-            compiled = build(kernel, types, constexprs, cfg)
+            compiled = build(kernel, types, constexprs, cfg, narrow)
             ptx = compiled.asm["ptx"]
+            loop = main_loop(ptx)
             row.update(ok=True, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                        mma=len(re.findall(r"\bmma\.sync", ptx)), tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
-                       smem=compiled.metadata.shared,
-                       loop_instr=loop_instructions(ptx))
+                       smem=compiled.metadata.shared, loop_instr=len(loop),
+                       # loads in the main loop that wait for their data (not cp.async / TMA): they stall each step
+                       loop_sync_loads=sum("ld.global" in x for x in loop))
             row["regs"], row["spill_st"], row["spill_ld"] = ptxas_usage(ptx)
             row["smem_ok"] = row["smem"] <= SMEM_LIMIT
         except Exception as e:  # noqa: BLE001 - report every failure, keep going
@@ -189,6 +199,11 @@ def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, o
     return rows
 
 
+def _vec(constexprs, pointer):
+    """VEC of a flat-K variant: 8-channel layers (runs of 16 bytes at most); 1 (unused) otherwise."""
+    return (4 if pointer == "*fp32" else 8) if constexprs.get("FLAT_K") else 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all-configs", action="store_true", help="every autotune config (default: the first)")
@@ -196,13 +211,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = []
     for dname, pointer, prec in DTYPES:
+        size = 4 if pointer == "*fp32" else 2
         for name, ce in CONV:
             if ce["BLOCK_N"] > 64 and pointer == "*fp32":
                 continue  # 128-column tiles only for 2-byte inputs (conv3d_prelu._launch_conv)
             types = {p: pointer for p in CONV_POINTERS}
             types.update(taps_ptr="*i32", phase_ptr="*i64", o_sn="i64")
-            rows += check("conv", name, dname, conv._conv_kernel, types, dict(ce, DOT_PREC=prec), args.all_configs,
-                          args.only)
+            rows += check("conv", name, dname, conv._conv_kernel, types,
+                          dict(ce, DOT_PREC=prec, VEC=_vec(ce, pointer), VEC_OUT=16 // size), args.all_configs,
+                          args.only, narrow=ce["FLAT_K"])
         for name, ce in TMA:
             if prec == "ieee":
                 continue  # exact fp32 takes _conv_kernel (tma_unsupported)
@@ -231,14 +248,17 @@ def main(argv=None):
         for name, ce in WGRAD:
             types = {p: pointer for p in WGRAD_POINTERS}
             types.update({p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}, taps_ptr="*i32")
-            rows += check("wgrad", name, dname, conv._wgrad_kernel, types, dict(ce, DOT_PREC=prec), args.all_configs,
-                          args.only)
+            rows += check("wgrad", name, dname, conv._wgrad_kernel, types,
+                          dict(ce, DOT_PREC=prec, VEC=_vec(ce, pointer), VEC_OUT=min(16 // size, ce["BLOCK_CO"])),
+                          args.all_configs, args.only, narrow=ce["FLAT_K"] or name.endswith("c8"))
         if prec == "ieee":
             continue  # exact fp32 weight gradients take _wgrad_kernel (the GEMM kernel's tiles spill without MMA)
         for name, ce in WGRAD_GEMM:
             types = {"x_ptr": pointer, "dz_ptr": pointer, "dw_part_ptr": "*fp32"}
-            rows += check("wgrad_gemm", name, dname, conv._wgrad_gemm_kernel, types, dict(ce, DOT_PREC=prec),
-                          args.all_configs, args.only)
+            vec = 16 // size  # 8 channels, or runs of 16 bytes
+            rows += check("wgrad_gemm", name, dname, conv._wgrad_gemm_kernel, types,
+                          dict(ce, DOT_PREC=prec, VEC=vec, VEC_OUT=vec), args.all_configs, args.only,
+                          narrow=name.startswith("c8"))
     for label, softmax, target in ((True, True, "*u8"), (True, False, "*i64"), (False, True, "*fp32")):
         for block_c in (8, 64):
             types = {"logit_ptr": "*bf16", "tgt_ptr": target, "part_ptr": "*fp32", "gsum_ptr": "*fp32",

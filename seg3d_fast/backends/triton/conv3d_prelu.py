@@ -43,27 +43,39 @@ _DZ_KINDS = {"none": _DZ_NONE, "act": _DZ_ACT, "preact": _DZ_PREACT}
 # Kernels
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _runs(first, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Columns first + arange(BLOCK) (first a multiple of VEC) as (run, place): column = run * VEC + place, in runs
+    of VEC columns. Offsets written as (row's first run + run) * VEC + place are contiguous and VEC-aligned where
+    the compiler can see it: vector-wide, asynchronous (pipelined) loads also when a row's length is not a multiple
+    of 16 (8-channel layers: one synchronous 2-byte load per element otherwise)."""
+    lane = tl.arange(0, BLOCK)
+    return first // VEC + lane // VEC, lane % VEC
+
+
+@triton.jit
 def _load_gathered(src_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0, K_TOTAL, C_SRC, Ds, Hs, Ws,
-                   FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+                   FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """(rows, BLOCK_K) tile of the implicit im2col matrix: column k = (tap, c) reads source voxel
     (ra, rb, rc) + taps[tap] channel c; out-of-volume taps read 0 (the padding), as do columns k >= K_TOTAL.
-    FLAT_K: every column finds its own tap (small C_SRC: no tensor-core work lost to channel padding);
-    else the whole block shares one tap (C_SRC is a multiple of BLOCK_K) and only rows need masks."""
+    FLAT_K: every column finds its own tap (small C_SRC: no tensor-core work lost to channel padding), runs of VEC
+    columns (VEC divides C_SRC) sharing one tap and reading contiguous memory; else the whole block shares one tap
+    (C_SRC is a multiple of BLOCK_K) and only rows need masks."""
     if FLAT_K:
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K_TOTAL
-        tap = k // C_SRC
-        ch = k - tap * C_SRC
-        dd = tl.load(taps_ptr + tap * 3, mask=k_ok, other=0)
-        dh = tl.load(taps_ptr + tap * 3 + 1, mask=k_ok, other=0)
-        dw = tl.load(taps_ptr + tap * 3 + 2, mask=k_ok, other=0)
+        run, place = _runs(k0, BLOCK_K, VEC)
+        k_run = run * VEC  # the first column of each column's run: the tap and the masks are the run's
+        k_ok = k_run < K_TOTAL
+        tap = k_run // C_SRC
+        dd = tl.max_constancy(tl.load(taps_ptr + tap * 3, mask=k_ok, other=0), VEC)
+        dh = tl.max_constancy(tl.load(taps_ptr + tap * 3 + 1, mask=k_ok, other=0), VEC)
+        dw = tl.max_constancy(tl.load(taps_ptr + tap * 3 + 2, mask=k_ok, other=0), VEC)
         pd = ra[:, None] + dd[None, :]
         ph = rb[:, None] + dh[None, :]
         pw = rc[:, None] + dw[None, :]
         ok = (row_ok[:, None] & k_ok[None, :] & (pd >= 0) & (pd < Ds) & (ph >= 0) & (ph < Hs)
               & (pw >= 0) & (pw < Ws))
-        delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * C_SRC + ch
-        off = row_base[:, None] + delta[None, :]
+        runs_per_tap = C_SRC // VEC
+        delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * runs_per_tap + (run - tap * runs_per_tap)
+        off = ((row_base // VEC)[:, None] + delta[None, :]) * VEC + place[None, :]
     else:
         tap = k0 // C_SRC
         ch = (k0 - tap * C_SRC) + tl.arange(0, BLOCK_K)
@@ -158,7 +170,8 @@ def _prune_conv(configs, named_args, **kwargs):
 def _conv_kernel(src_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr, act_ptr, phase_ptr,
                  M, E1, E2, E3, Ds, Hs, Ws, C_SRC, K_TOTAL, C_OUT,
                  o_sn, o_sc, o_s1, o_s2, o_s3, r_sn, r_sc, r_s1, r_s2, r_s3,
-                 STEP: tl.constexpr, FLAT_K: tl.constexpr, EVEN_N: tl.constexpr, PHASES: tl.constexpr,
+                 STEP: tl.constexpr, FLAT_K: tl.constexpr, VEC: tl.constexpr, VEC_OUT: tl.constexpr,
+                 EVEN_N: tl.constexpr, PHASES: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ACT_KIND: tl.constexpr, RES_MODE: tl.constexpr, SAVE_ACT: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[row, co] = epilogue(sum_k A[row, k] * W[k, co]); rows are an (N, E1, E2, E3) grid whose voxel
@@ -195,20 +208,21 @@ def _conv_kernel(src_ptr, taps_ptr, w_ptr, bias_ptr, alpha_ptr, res_ptr, out_ptr
     rb = i2 * STEP
     rc = i3 * STEP
     row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_SRC
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < C_OUT
+    co_run, co_place = _runs(pid_n * BLOCK_N, BLOCK_N, VEC_OUT)  # weight rows in runs of VEC_OUT columns
+    co = co_run * VEC_OUT + co_place
+    co_ok = co_run * VEC_OUT < C_OUT
     rk = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_total, BLOCK_K):
         a = _load_gathered(src_ptr, taps, row_base, ra, rb, rc, row_ok, k0, k_total, C_SRC, Ds, Hs, Ws,
-                           FLAT_K, BLOCK_K)
+                           FLAT_K, BLOCK_K, VEC)
         kk = k0 + rk
+        b_ptr = w_base + ((kk * (C_OUT // VEC_OUT))[:, None] + co_run[None, :]) * VEC_OUT + co_place[None, :]
         if FLAT_K or not EVEN_N:
-            b = tl.load(w_base + kk[:, None] * C_OUT + co[None, :], mask=(kk < k_total)[:, None] & co_ok[None, :],
-                        other=0.0)
+            b = tl.load(b_ptr, mask=(kk < k_total)[:, None] & co_ok[None, :], other=0.0)
         else:  # K is a multiple of BLOCK_K (per-tap blocks) and C_OUT of BLOCK_N: no masks (~6% of the loop body)
-            b = tl.load(w_base + kk[:, None] * C_OUT + co[None, :])
+            b = tl.load(b_ptr)
         acc = dot(a, b, acc, DOT_PREC)
 
     _epilogue(acc, n, i1, i2, i3, row_ok, co, co_ok, bias_ptr, alpha_ptr, res_ptr, out_base, act_ptr,
@@ -338,18 +352,21 @@ _WGRAD_PROGRAMS_PER_SLOT = 4  # wgrad GEMM programs per parallel slot: equal pro
 @triton.jit
 def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_part_ptr, da_part_ptr, dz_ptr,
                   M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
-                  STEP: tl.constexpr, FLAT_K: tl.constexpr, DZ_KIND: tl.constexpr, ALPHA_PER_CH: tl.constexpr,
+                  STEP: tl.constexpr, FLAT_K: tl.constexpr, VEC: tl.constexpr, VEC_OUT: tl.constexpr,
+                  DZ_KIND: tl.constexpr, ALPHA_PER_CH: tl.constexpr,
                   COMPUTE_W: tl.constexpr, REDUCE_BIAS: tl.constexpr, REDUCE_ALPHA: tl.constexpr,
                   WRITE_DZ: tl.constexpr, DOT_PREC: tl.constexpr,
                   BLOCK_V: tl.constexpr, BLOCK_KT: tl.constexpr, BLOCK_CO: tl.constexpr):
     """Program (split, kt-tile, co-tile) sums x_shifted^T @ dz over its voxel range into a fp32 partial.
-    grad_out / saved / dz are channels-last: voxel m, channel co at m * C_OUT + co. The kt-tile-0
-    programs also reduce dz (bias) and g * z * (z <= 0) (alpha) and write dz when asked."""
+    grad_out / saved / dz are channels-last: voxel m, channel co at m * C_OUT + co (read in runs of VEC_OUT
+    channels, _runs). The kt-tile-0 programs also reduce dz (bias) and g * z * (z <= 0) (alpha) and write dz when
+    asked."""
     split = tl.program_id(0).to(tl.int64)
     pid_kt = tl.program_id(1)
     pid_co = tl.program_id(2)
-    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co_ok = co < C_OUT
+    co_run, co_place = _runs(pid_co * BLOCK_CO, BLOCK_CO, VEC_OUT)
+    co = co_run * VEC_OUT + co_place
+    co_ok = co_run * VEC_OUT < C_OUT
     first = (tl.zeros((BLOCK_CO,), dtype=tl.int32) + pid_kt) == 0  # a block, not a scalar: used in masks
     if DZ_KIND != 0:
         if ALPHA_PER_CH:
@@ -366,7 +383,7 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
         m = v_start + i + tl.arange(0, BLOCK_V)
         row_ok = m < M
         mask = row_ok[:, None] & co_ok[None, :]
-        g_off = m[:, None] * C_OUT + co[None, :]
+        g_off = ((m * (C_OUT // VEC_OUT))[:, None] + co_run[None, :]) * VEC_OUT + co_place[None, :]
         g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
         if DZ_KIND != 0:
             s = tl.load(saved_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
@@ -391,7 +408,7 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
             rc = i3 * STEP
             row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_IN
             xt = _load_gathered(x_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, kt0, K_TOTAL, C_IN, Ds, Hs, Ws,
-                                FLAT_K, BLOCK_KT)
+                                FLAT_K, BLOCK_KT, VEC)
             acc = dot(tl.trans(xt), dz.to(x_ptr.dtype.element_ty), acc, DOT_PREC)
     if COMPUTE_W:
         kt = kt0 + tl.arange(0, BLOCK_KT)
@@ -441,31 +458,33 @@ def _prune_wgrad_gemm(configs, named_args, **kwargs):
 @triton.jit
 def _wgrad_gemm_kernel(x_ptr, dz_ptr, dw_part_ptr,
                        M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
-                       STEP: tl.constexpr, KSIZE: tl.constexpr, VEC16: tl.constexpr, DOT_PREC: tl.constexpr,
-                       BLOCK_V: tl.constexpr, BLOCK_KT: tl.constexpr, BLOCK_CO: tl.constexpr):
+                       STEP: tl.constexpr, KSIZE: tl.constexpr, VEC: tl.constexpr, VEC_OUT: tl.constexpr,
+                       DOT_PREC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_KT: tl.constexpr,
+                       BLOCK_CO: tl.constexpr):
     """Split-K GEMM dW^T[(tap, ci), co] = sum over voxels of x_shifted[v, (tap, ci)] * dz[v, co], from a dz that
     is already stored (channels-last, input dtype). Program (split, kt-tile, co-tile) owns a BLOCK_KT x BLOCK_CO
     tile (several taps: big tensor-core tiles, dz read K_TOTAL / BLOCK_KT times instead of once per tap) and
     writes its fp32 partial sum over the split's voxels; the host sums the partials in a fixed order.
     Column k = tap * C_IN + ci; its offset and tap are fixed for the program, so per element only
-    (row base + column offset) and one bit test of the row's tap mask remain."""
+    (row base + column offset) and one bit test of the row's tap mask remain. VEC (VEC_OUT) divides C_IN (C_OUT):
+    runs of that many columns are one voxel's contiguous channels, written as such (offsets in runs, times the
+    run length, plus the place in the run) so that the loads are vector-wide and asynchronous even where the
+    channel counts are not multiples of 16 (8-channel layers: one synchronous 2-byte load per element otherwise)."""
     split = tl.program_id(0).to(tl.int64)
-    kt = tl.program_id(1) * BLOCK_KT + tl.arange(0, BLOCK_KT)
-    co = tl.program_id(2) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co_ok = co < C_OUT
-    tap = kt // C_IN
-    ci = kt - tap * C_IN
+    run, place = _runs(tl.program_id(1) * BLOCK_KT, BLOCK_KT, VEC)
+    kt_run = run * VEC
+    co_run, co_place = _runs(tl.program_id(2) * BLOCK_CO, BLOCK_CO, VEC_OUT)
+    co_ok = co_run * VEC_OUT < C_OUT
+    tap = kt_run // C_IN
+    ci_run = run - tap * (C_IN // VEC)
     if KSIZE == 1:
-        delta = ci.to(tl.int64)
+        delta = ci_run.to(tl.int64)
     else:
         dd = tap // 9 - 1
         dh = (tap // 3) % 3 - 1
         dw = tap % 3 - 1
-        delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * C_IN + ci
-    tap = tl.where(kt < K_TOTAL, tap, 31)  # bit 31 is never set: padding columns read 0
-    if VEC16:  # C_IN % 16 == 0: runs of 16 columns are contiguous and share one tap (vector loads)
-        delta = tl.max_contiguous(tl.multiple_of(delta, 16), 16)
-        tap = tl.max_constancy(tap, 16)
+        delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * (C_IN // VEC) + ci_run
+    tap = tl.where(kt_run < K_TOTAL, tap, 31)  # bit 31 is never set: padding columns read 0
     acc = tl.zeros((BLOCK_KT, BLOCK_CO), dtype=tl.float32)
     v_start = split * VOX_PER_SPLIT
     for i in range(0, VOX_PER_SPLIT, BLOCK_V):
@@ -475,14 +494,16 @@ def _wgrad_gemm_kernel(x_ptr, dz_ptr, dw_part_ptr,
         ra = i1 * STEP
         rb = i2 * STEP
         rc = i3 * STEP
-        row_base = (((n * Ds + ra) * Hs + rb) * Ws + rc) * C_IN
-        if VEC16:
-            row_base = tl.multiple_of(row_base, 16)
+        row_runs = ((n * Ds + ra) * Hs + rb) * Ws + rc  # source voxel; times C_IN // VEC: its first run
         bits = _tap_bits(ra, rb, rc, row_ok, Ds, Hs, Ws, KSIZE)
         ok = ((bits[:, None] >> tap[None, :]) & 1) != 0
-        xt = tl.load(x_ptr + (row_base[:, None] + delta[None, :]), mask=ok, other=0.0)
-        dz = tl.load(dz_ptr + (m[:, None] * C_OUT + co[None, :]), mask=row_ok[:, None] & co_ok[None, :], other=0.0)
+        x_off = ((row_runs * (C_IN // VEC))[:, None] + delta[None, :]) * VEC + place[None, :]
+        xt = tl.load(x_ptr + x_off, mask=ok, other=0.0)
+        dz_off = ((m * (C_OUT // VEC_OUT))[:, None] + co_run[None, :]) * VEC_OUT + co_place[None, :]
+        dz = tl.load(dz_ptr + dz_off, mask=row_ok[:, None] & co_ok[None, :], other=0.0)
         acc = dot(tl.trans(xt), dz, acc, DOT_PREC)
+    kt = kt_run + place
+    co = co_run * VEC_OUT + co_place
     tl.store(dw_part_ptr + split * KT_PAD * CO_PAD + kt[:, None] * CO_PAD + co[None, :], acc)
 
 
@@ -558,6 +579,15 @@ def _k_blocking(c_src, k_total):
     return True, 16 if k_total <= 16 else 32
 
 
+def _run_length(c_src, element_size):
+    """VEC of the flat-K loads: the longest run of one tap's channels that a 16-byte copy holds (a power of two
+    dividing C_src)."""
+    vec = 1
+    while c_src % (2 * vec) == 0 and 2 * vec * element_size <= 16:
+        vec *= 2
+    return vec
+
+
 @functools.lru_cache(maxsize=None)
 def _tap_table(deltas, device):
     """Device tensor (T, 3) of tap offsets, made once per (taps, device)."""
@@ -598,7 +628,8 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
     _conv_kernel[grid](
         src, taps, weight_mat, *pointers, phase_table,
         m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out, *strides,
-        STEP=step, FLAT_K=flat_k, EVEN_N=c_out % block_n == 0, PHASES=phases is not None, BLOCK_N=block_n,
+        STEP=step, FLAT_K=flat_k, VEC=_run_length(c_src, src.element_size()),
+        VEC_OUT=_run_length(c_out, src.element_size()), EVEN_N=c_out % block_n == 0, PHASES=phases is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, **epilogue,
     )
 
@@ -798,7 +829,8 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
     m_rows = n * do * ho * wo
     k_total = k * k * k * c_in
     flat_k, block_kt = _k_blocking(c_in, k_total)
-    block_co = next_pow2(c_out, 16, _MAX_BLOCK_N)
+    # the elementwise pass alone (no weight GEMM, whose tensor-core tiles want 16 columns) covers only the channels
+    block_co = next_pow2(c_out, 16 if want_w else 2, _MAX_BLOCK_N)
     kt_tiles = cdiv(k_total, block_kt) if want_w else 1
     co_tiles = cdiv(c_out, block_co)
     kt_pad, co_pad = kt_tiles * block_kt, co_tiles * block_co
@@ -817,7 +849,8 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
         dw_part if want_w else dummy, db_part if want_b else dummy, da_part if want_a else dummy,
         dz if want_dz else dummy,
         m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
-        STEP=stride, FLAT_K=flat_k, DZ_KIND=dz_kind, ALPHA_PER_CH=alpha is not None and alpha.numel() > 1,
+        STEP=stride, FLAT_K=flat_k, VEC=_run_length(c_in, x.element_size()),
+        VEC_OUT=_run_length(c_out, g.element_size()), DZ_KIND=dz_kind, ALPHA_PER_CH=alpha is not None and alpha.numel() > 1,
         COMPUTE_W=want_w, REDUCE_BIAS=want_b, REDUCE_ALPHA=want_a, WRITE_DZ=want_dz,
         DOT_PREC=dot_precision(x.dtype), BLOCK_KT=block_kt, BLOCK_CO=block_co,
     )
@@ -859,7 +892,8 @@ def _wgrad_gemm(dz, x, weight, stride):
     _wgrad_gemm_kernel[(splits, kt_tiles, co_tiles)](
         _channels_last(x), dz, dw_part,
         m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
-        STEP=stride, KSIZE=k, VEC16=c_in % 16 == 0, DOT_PREC=dot_precision(x.dtype),
+        STEP=stride, KSIZE=k, VEC=_run_length(c_in, x.element_size()), VEC_OUT=_run_length(c_out, x.element_size()),
+        DOT_PREC=dot_precision(x.dtype),
         BLOCK_KT=block_kt, BLOCK_CO=block_co,
     )
     return _sum_weight_partials(dw_part, weight)
