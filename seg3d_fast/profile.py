@@ -243,20 +243,33 @@ def fits_on_gpu(variant, batch, edge, budget_bytes):
         _free(device)
 
 
+def _untuned():
+    """The Triton kernels on their default tiles (no autotuning of new shapes), where Triton is there."""
+    from . import backends
+
+    if backends.unavailable_reason("triton") is not None:
+        return contextlib.nullcontext()
+    from .backends.triton.conv3d_prelu import default_tiles
+
+    return default_tiles()
+
+
 def largest_cube(variant, batch, budget_bytes, max_edge):
     """Largest edge (a multiple of 16, <= max_edge) whose cubic volume trains in budget_bytes. -> dict."""
     device = variant.device
     if device.type == "cuda":
         lo, hi, best_peak = 0, max_edge // 16, None  # in units of 16; lo fits (0 = nothing), hi + 1 does not
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            ok, peak = fits_on_gpu(variant, batch, 16 * mid, budget_bytes)
-            if ok:
-                lo, best_peak = mid, peak
-            else:
-                hi = mid - 1
+        with _untuned():  # every probe is a new shape: memory does not depend on the tiles, tuning them would
+            while lo < hi:  # take most of the time
+                mid = (lo + hi + 1) // 2
+                ok, peak = fits_on_gpu(variant, batch, 16 * mid, budget_bytes)
+                if ok:
+                    lo, best_peak = mid, peak
+                else:
+                    hi = mid - 1
         return {"max_cubic_edge": 16 * lo or None, "max_cubic_bytes": best_peak,
-                "max_cubic_method": "binary search, one training step per probe, torch.cuda.max_memory_allocated"}
+                "max_cubic_method": "binary search, one training step per probe (Triton tiles untuned), "
+                                    "torch.cuda.max_memory_allocated"}
     small, large = (estimate_bytes(variant, batch, (e,) * 3) for e in (16, 32))
     slope = (large - small) / (32**3 - 16**3)  # bytes per voxel of the volume (batch included)
     fixed = small - slope * 16**3

@@ -244,6 +244,29 @@ def test_conv_unsupported_reasons(monkeypatch):
     assert "needs CUDA tensors" in reasons(x.cpu(), w.cpu(), None, None, None, 1, False)
 
 
+def test_default_tiles_first_and_untuned_runs(monkeypatch):
+    """On a GPU the autotuners' config lists start with the default tile (the one SEG3D_FAST_AUTOTUNE=0 uses), and
+    default_tiles() runs every kernel on it (no timing of new shapes), restoring the lists after."""
+    import triton
+
+    from seg3d_fast.backends.triton import _common
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("SEG3D_FAST_AUTOTUNE", raising=False)
+    gpu = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=3) for m, w in ((64, 4), (64, 8), (128, 8))]
+    default = triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=3)
+    configs = _common.autotune_configs(gpu, default, None)
+    assert configs[0] is default and len(configs) == 3 and gpu[0] in configs and gpu[2] in configs
+    monkeypatch.setenv("SEG3D_FAST_AUTOTUNE", "0")
+    assert _common.autotune_configs(gpu, default, None) == [default]
+    kernels = conv_mod._TUNED_KERNELS
+    monkeypatch.setattr(kernels[0], "configs", list(configs))
+    before = [k.configs for k in kernels]
+    with conv_mod.default_tiles():
+        assert all(len(k.configs) == 1 for k in kernels) and kernels[0].configs == [default]
+    assert [k.configs for k in kernels] == before
+
+
 def test_unavailable_reason(monkeypatch):
     assert tb.NAME == "triton"
     assert tb.unavailable_reason() is None  # this module runs only where triton imports and can run

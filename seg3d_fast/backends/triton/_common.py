@@ -37,13 +37,14 @@ if interpreting():
 
 
 def autotune_configs(gpu_configs, default, interpreter):
-    """Configs for triton.autotune: the full list on a GPU, one default when SEG3D_FAST_AUTOTUNE=0,
-    one small config under the interpreter. Read once, when the kernel module is imported."""
+    """Configs for triton.autotune: the full list on a GPU (the default first), one default when
+    SEG3D_FAST_AUTOTUNE=0, one small config under the interpreter. Read once, when the kernel module is imported."""
     if interpreting():
         return [interpreter]
     if os.environ.get("SEG3D_FAST_AUTOTUNE", "1") == "0":
         return [default]
-    return gpu_configs
+    key = lambda c: (sorted(c.kwargs.items()), c.num_warps, c.num_stages)  # noqa: E731
+    return [default] + [c for c in gpu_configs if key(c) != key(default)]
 
 
 def dot_precision(dtype):

@@ -16,6 +16,7 @@ tensor copies (the volume's padding is the copies' zero fill) rather than gather
 Host side: a handful of torch ops and three launches per backward; the tap and phase tables are made once per shape
 (small layers run at the host's pace on a GPU: benchmarks/host_overhead.py measures it).
 """
+import contextlib
 import functools
 import itertools
 import math
@@ -560,6 +561,24 @@ def _wgrad_tma_kernel(x_desc, dz_desc, dw_part_ptr, E1, E2, E3, C_IN, C_OUT, TOT
 # ---------------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------------
+_TUNED_KERNELS = (_conv_kernel, _conv_tma_kernel, _wgrad_kernel, _wgrad_gemm_kernel, _wgrad_tma_kernel)
+
+
+@contextlib.contextmanager
+def default_tiles():
+    """Inside it every launch takes its kernel's default tile config (autotune_configs puts it first) instead of
+    timing the configs on each new shape: for runs whose speed does not matter and whose shapes are all new (the
+    profile's largest-volume probes, where tuning every shape took the whole time budget)."""
+    saved = [kernel.configs for kernel in _TUNED_KERNELS]
+    try:
+        for kernel in _TUNED_KERNELS:
+            kernel.configs = kernel.configs[:1]  # Triton's autotuner neither prunes nor times a single config
+        yield
+    finally:
+        for kernel, configs in zip(_TUNED_KERNELS, saved):
+            kernel.configs = configs
+
+
 def _out_memory_format(x):
     """API.md: channels_last_3d when x is channels_last_3d (and not plain contiguous), else NCDHW."""
     if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
