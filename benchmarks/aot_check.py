@@ -279,6 +279,12 @@ def main(argv=None):
         ce = dict(PER_SAMPLE=True, MEAN=True, LABEL_RANGE=True, BLOCK_B=jaccard._LOSS_BLOCK_B, BLOCK_C=block_c)
         rows += check("jaccard_loss", f"C{block_c}", "fp32", jaccard._jaccard_loss_kernel, types, ce, False,
                       args.only, 4)
+    # the backward's second stage (split sums of the weight, bias and alpha gradients; shared alpha)
+    types = {p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}
+    types.update(gw_ptr="*bf16", gb_ptr="*bf16", ga_ptr="*bf16")
+    rows += check("finish", "bias_shared_alpha", "bf16", conv._finish_kernel, types,
+                  dict(HAS_B=True, HAS_A=True, SHARED_ALPHA=True, BLOCK=conv._FINISH_BLOCK,
+                       SPLIT_BLOCK=conv._FINISH_SPLITS), False, args.only)
     failed = [r["kernel"] for r in rows if not r["ok"] or not r["smem_ok"]]
     spills = [r["kernel"] for r in rows if r.get("spill_st")]
     print(json.dumps(dict(summary=True, triton=triton.__version__, torch=torch.__version__, target="sm_90",

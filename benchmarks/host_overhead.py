@@ -8,6 +8,7 @@ launch cost inside Triton's launcher or the CUDA driver (tens of microseconds pe
 the launch count stands for.
 
     python benchmarks/host_overhead.py [--reps 200] [--json out.json]
+    python benchmarks/host_overhead.py --network-memory [--json out.json]   # see network_step_tensors
 """
 from __future__ import annotations
 
@@ -194,11 +195,54 @@ def table(result) -> str:
     return "\n".join(lines)
 
 
+def network_step_tensors(spatial=(128, 160, 144), features=(8, 16, 32, 64)):
+    """Peak bytes of the tensors one bf16 training step of Seg3DNet (1x4 input, 5 classes) allocates, with each
+    backend's Python layer and its kernels stubbed (what the GPU backends allocate around their kernels, on the
+    CPU), beside the plain channels-last network's. Each fused layer runs on the stubbed backend where it can, else
+    on the reference backend (the cuda kernels take every shape; the output layer's 5 classes went to the reference
+    before). No workspaces or allocator rounding: torch.cuda.max_memory_allocated on the GPU adds those."""
+    from seg3d_fast import profile
+
+    args = argparse.Namespace(in_channels=4, classes=5, features=list(features), dtype="bf16")
+    cpu = torch.device("cpu")
+    rows = {}
+    for name, stub in (("plain_cl", None), ("triton", stubbed_triton), ("cuda", stubbed_cuda)):
+        preference = backends._preference
+        if stub is not None:  # the stubbed backend first, as on a GPU whose table prefers it
+            backends._preference = lambda op, device, key, bench, direction, name=name: (name, "reference")
+        try:
+            with stub(LaunchCounter()) if stub is not None else contextlib.nullcontext():
+                variant = profile.Variant("plain_cl" if stub is None else "fused", args, cpu)
+                x, labels = variant.inputs(1, spatial)
+                variant.step(x, labels)  # Adam's state exists, as in the timed steps
+                sf.ops.forget_backend_choices()
+                rows[name] = {"step_tensor_peak_bytes": variant.peak_bytes(x, labels),
+                              "backends": sf.ops.chosen_backends()}
+        finally:
+            backends._preference = preference
+            sf.ops.forget_backend_choices()
+    for row in rows.values():
+        row["vs_plain_cl"] = row["step_tensor_peak_bytes"] / rows["plain_cl"]["step_tensor_peak_bytes"]
+    return {"kind": "network_step_tensors", "input": [1, 4, *spatial], "features": list(features), "dtype": "bf16",
+            "torch": torch.__version__, "rows": rows}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--network-memory", action="store_true",
+                        help="instead: peak tensor bytes of a Seg3DNet training step per backend (network_step_tensors)")
     args = parser.parse_args(argv)
+    if args.network_memory:
+        result = network_step_tensors()
+        for name, row in result["rows"].items():
+            print(f"{name:<9} {row['step_tensor_peak_bytes'] / 2**20:8.1f} MiB  {row['vs_plain_cl']:.3f} x plain_cl  "
+                  f"{row['backends']}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     torch.set_num_threads(1)  # the tiny tensors' CPU work stays on one core, as the host's launch work does
     result = run(args.reps)
     print(table(result))

@@ -113,9 +113,10 @@ def test_dispatch_table_records_the_kernels_revision(tmp_path, monkeypatch):
 
 
 def test_host_overhead_launch_counts():
-    """The host-side structure of the fused ops (kernels stubbed, CPU tensors): one launch per conv forward; three
-    per backward (dz pass, dgrad, wgrad), the Triton stride-2 dgrad's eight parity classes in one launch included;
-    the loss in two launches forward (one on the CUDA backend) and one backward."""
+    """The host-side structure of the fused ops (kernels stubbed, CPU tensors): one launch per conv forward; per
+    backward three on CUDA (dz pass, dgrad, wgrad) and four on Triton (and the split sums, which on CUDA the
+    launches make themselves), the Triton stride-2 dgrad's eight parity classes in one launch included; the loss
+    in two launches forward (one on the CUDA backend) and one backward."""
     import host_overhead
 
     rows = {(r["backend"], r["op"], r["case"]): r for r in host_overhead.run(reps=2)["rows"]}
@@ -124,8 +125,20 @@ def test_host_overhead_launch_counts():
         fused_loss = op == "jaccard_loss" and backend == "triton"  # the sums, then the loss and its label range
         assert r["forward_launches"] == (2 if fused_loss else 1), (backend, case)
         assert r["forward_us"] > 0 and r["backward_us"] > 0
-        expected = 1 if op == "jaccard_loss" else (10 if backend == "cuda" and "s2" in case else 3)
+        expected = 1 if op == "jaccard_loss" else (10 if "s2" in case else 3) if backend == "cuda" else 4
         assert r["backward_launches"] == expected, (backend, case, r["backward_launches"])
+
+
+def test_network_step_tensors_every_layer_on_the_stubbed_backend():
+    """The network-memory measure runs every fused layer on the stubbed backend (the CUDA kernels take every
+    channel count, the Triton ones too), and the fused step holds fewer tensor bytes than the plain one."""
+    import host_overhead
+
+    rows = host_overhead.network_step_tensors(spatial=(16, 16, 16), features=(2, 4))["rows"]
+    assert rows["plain_cl"]["backends"] == {}
+    for name in ("triton", "cuda"):
+        assert all(set(chosen) == {name} for chosen in rows[name]["backends"].values()), rows[name]
+        assert 0 < rows[name]["vs_plain_cl"] < 1, rows
 
 
 def test_triton_tma_variant_switches_the_tma_kernel_on(monkeypatch):

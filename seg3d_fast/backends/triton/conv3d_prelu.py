@@ -558,6 +558,58 @@ def _wgrad_tma_kernel(x_desc, dz_desc, dw_part_ptr, E1, E2, E3, C_IN, C_OUT, TOT
     tl.store(dw_part_ptr + split.to(tl.int64) * KT_PAD * CO_PAD + kt[:, None] * CO_PAD + co[None, :], acc)
 
 
+@triton.jit
+def _split_sum(part_ptr, split_stride, splits, cols, cols_ok, SPLIT_BLOCK: tl.constexpr):
+    """sum over s < splits of part[s * split_stride + cols] in fp32, SPLIT_BLOCK splits per step (loads in flight
+    together, not one latency per split), in a fixed order: deterministic."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    rows = tl.arange(0, SPLIT_BLOCK)
+    for s0 in range(0, splits, SPLIT_BLOCK):
+        sp = s0 + rows
+        tile = tl.load(part_ptr + sp.to(tl.int64)[:, None] * split_stride + cols[None, :],
+                       mask=(sp < splits)[:, None] & cols_ok[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
+    return acc
+
+
+@triton.jit
+def _finish_kernel(dw_part_ptr, db_part_ptr, da_part_ptr, gw_ptr, gb_ptr, ga_ptr,
+                   W_SPLITS, KT_PAD, CO_PAD, BA_SPLITS, BA_PAD, C_IN, C_OUT, TAPS, W_PROGRAMS,
+                   HAS_B: tl.constexpr, HAS_A: tl.constexpr, SHARED_ALPHA: tl.constexpr, BLOCK: tl.constexpr,
+                   SPLIT_BLOCK: tl.constexpr):
+    """The second stage of the backward's split reductions in one launch (deterministic: _split_sum). Programs
+    below W_PROGRAMS: the weight partials (W_SPLITS, (tap, C_in) padded to KT_PAD, C_out padded to CO_PAD), read in
+    their own layout (coalesced) and written once into grad_weight's (C_out, C_in, k, k, k) layout and dtype. The
+    program after them: the bias and alpha partials (BA_SPLITS, BA_PAD) where asked for (HAS_B, HAS_A);
+    SHARED_ALPHA: the alpha gradient summed over the channels too."""
+    pid = tl.program_id(0)
+    if pid < W_PROGRAMS:
+        j = pid * BLOCK + tl.arange(0, BLOCK)
+        kt = j // CO_PAD
+        co = j - kt * CO_PAD
+        ok = (kt < TAPS * C_IN) & (co < C_OUT)
+        acc = _split_sum(dw_part_ptr, KT_PAD * CO_PAD, W_SPLITS, j, ok, SPLIT_BLOCK)
+        tap = kt // C_IN
+        ci = kt - tap * C_IN
+        tl.store(gw_ptr + (co * C_IN + ci).to(tl.int64) * TAPS + tap, acc.to(gw_ptr.dtype.element_ty), mask=ok)
+    else:
+        alpha_total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c0 in range(0, C_OUT, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            ok = c < C_OUT
+            if HAS_B:
+                acc_b = _split_sum(db_part_ptr, BA_PAD, BA_SPLITS, c, ok, SPLIT_BLOCK)
+                tl.store(gb_ptr + c, acc_b.to(gb_ptr.dtype.element_ty), mask=ok)
+            if HAS_A:
+                acc_a = _split_sum(da_part_ptr, BA_PAD, BA_SPLITS, c, ok, SPLIT_BLOCK)
+                if SHARED_ALPHA:
+                    alpha_total += acc_a
+                else:
+                    tl.store(ga_ptr + c, acc_a.to(ga_ptr.dtype.element_ty), mask=ok)
+        if HAS_A and SHARED_ALPHA:
+            tl.store(ga_ptr, tl.sum(alpha_total, axis=0).to(ga_ptr.dtype.element_ty))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------------
@@ -873,15 +925,7 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
         COMPUTE_W=want_w, REDUCE_BIAS=want_b, REDUCE_ALPHA=want_a, WRITE_DZ=want_dz,
         DOT_PREC=dot_precision(x.dtype), BLOCK_KT=block_kt, BLOCK_CO=block_co,
     )
-    # second stage: fixed-order sums over the splits (deterministic)
-    grad_w = grad_b = grad_a = None
-    if want_w:
-        grad_w = _sum_weight_partials(dw_part, weight)
-    if want_b:
-        grad_b = db_part.sum(0)[:c_out]
-    if want_a:
-        grad_a = da_part.sum(0)[:c_out]
-    return grad_w, grad_b, grad_a, dz
+    return dw_part, db_part, da_part, dz  # the partials: summed by _finish
 
 
 def _voxel_splits(units, voxels, tiles, device):
@@ -894,8 +938,8 @@ def _voxel_splits(units, voxels, tiles, device):
 
 
 def _wgrad_gemm(dz, x, weight, stride):
-    """grad_weight from a stored dz (channels-last) with _wgrad_gemm_kernel: fp32 partials per voxel split,
-    summed in a fixed order (deterministic)."""
+    """The weight gradient's fp32 partials per voxel split from a stored dz (channels-last), by
+    _wgrad_gemm_kernel (summed by _finish)."""
     n, c_in, d, h, w = x.shape
     c_out, k = weight.shape[0], weight.shape[-1]
     do, ho, wo = dz.shape[2:]
@@ -915,11 +959,12 @@ def _wgrad_gemm(dz, x, weight, stride):
         DOT_PREC=dot_precision(x.dtype),
         BLOCK_KT=block_kt, BLOCK_CO=block_co,
     )
-    return _sum_weight_partials(dw_part, weight)
+    return dw_part
 
 
 def _wgrad_tma(dz, x, weight):
-    """grad_weight of a stride-1 conv with _wgrad_tma_kernel, or None where it cannot run (tma_unsupported)."""
+    """The weight gradient's partials of a stride-1 conv by _wgrad_tma_kernel, or None where it cannot run
+    (tma_unsupported)."""
     n, c_in = x.shape[:2]
     c_out, k = weight.shape[0], weight.shape[-1]
     xs = _channels_last(x)
@@ -938,40 +983,62 @@ def _wgrad_tma(dz, x, weight):
         x_desc, dz_desc, dw_part, e1, e2, e3, c_in, c_out, total_boxes, per_split, kt_pad, co_pad, co_tiles,
         KSIZE=k, DOT_PREC=dot_precision(x.dtype), BD=box[0], BH=box[1], BW=box[2], BLOCK_K=block_k,
         BLOCK_N=block_n)
-    return _sum_weight_partials(dw_part, weight)
+    return dw_part
 
 
-def _sum_weight_partials(dw_part, weight):
-    """grad_weight from the (splits, (tap, C_in) padded, C_out padded) fp32 partials: a fixed-order sum over the
-    splits (deterministic), then one copy into weight's layout and dtype."""
+_FINISH_BLOCK = 256  # weight elements (bias / alpha channels) per program
+_FINISH_SPLITS = 16  # splits summed per step: a 16 x 256 fp32 tile, 32 values per thread
+
+
+def _finish(dw_part, db_part, da_part, weight, alpha, dtype):
+    """(grad_weight, grad_bias, grad_alpha) from the split partials (None where not asked for), in one launch of
+    _finish_kernel: weight in its own layout and dtype, bias in `dtype`, alpha in alpha's shape and dtype."""
     c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[-1]
-    dw = dw_part.sum(0)[:k ** 3 * c_in, :c_out].reshape(k, k, k, c_in, c_out).permute(4, 3, 0, 1, 2)
-    return dw.to(weight.dtype, memory_format=torch.contiguous_format)
+    dev = weight.device
+    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if dw_part is not None else None
+    grad_b = torch.empty(c_out, dtype=dtype, device=dev) if db_part is not None else None
+    grad_a = torch.empty(alpha.shape, dtype=alpha.dtype, device=dev) if da_part is not None else None
+    w_programs = cdiv(dw_part[0].numel(), _FINISH_BLOCK) if dw_part is not None else 0
+    reductions = db_part if db_part is not None else da_part
+    programs = w_programs + (reductions is not None)
+    if programs == 0:
+        return grad_w, grad_b, grad_a
+    w_like = dw_part if dw_part is not None else reductions
+    _finish_kernel[(programs,)](
+        w_like, db_part if db_part is not None else w_like, da_part if da_part is not None else w_like,
+        grad_w if grad_w is not None else w_like, grad_b if grad_b is not None else w_like,
+        grad_a if grad_a is not None else w_like,
+        *(dw_part.shape if dw_part is not None else (0, 0, 0)),
+        *(reductions.shape if reductions is not None else (0, 0)), c_in, c_out, k ** 3, w_programs,
+        HAS_B=db_part is not None, HAS_A=da_part is not None, SHARED_ALPHA=alpha is not None and alpha.numel() == 1,
+        BLOCK=_FINISH_BLOCK, SPLIT_BLOCK=_FINISH_SPLITS)
+    return grad_w, grad_b, grad_a
 
 
 def _backward(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_a, want_dz):
-    """dz written once (with the bias / alpha sums) by the elementwise pass of _wgrad_kernel; then dgrad is a
-    plain implicit GEMM on dz and wgrad the split-K GEMM of _wgrad_gemm_kernel. (Forming dz in the loads of both
-    GEMMs instead costs 27 loads of two tensors plus the PReLU backward per element: measured slower.)"""
+    """dz written once (with the bias / alpha partial sums) by the elementwise pass of _wgrad_kernel; then dgrad is
+    a plain implicit GEMM on dz and wgrad the split-K GEMM of _wgrad_gemm_kernel; _finish sums the partials.
+    (Forming dz in the loads of both GEMMs instead costs 27 loads of two tensors plus the PReLU backward per
+    element: measured slower.) -> grad_x, the weight / bias / alpha partials (None where not asked for), dz."""
     need_dz = dz_kind != _DZ_NONE and (want_x or want_w or want_dz)
-    grad_b = grad_a = None
+    db_part = da_part = None
     dz = g
     if need_dz or want_b or want_a:
-        _, grad_b, grad_a, dz_written = _wgrad_and_reductions(g, s, dz_kind, a, x, weight, stride,
-                                                              False, want_b, want_a, need_dz)
+        _, db_part, da_part, dz_written = _wgrad_and_reductions(g, s, dz_kind, a, x, weight, stride,
+                                                                False, want_b, want_a, need_dz)
         if need_dz:
             dz = dz_written
     grad_x = _dgrad(dz, weight, x, stride) if want_x else None
-    grad_w = None
+    dw_part = None
     if want_w and dot_precision(x.dtype) == "ieee":
         # exact fp32 has no tensor cores: Triton's FMA dot holds whole operand tiles in registers and the big
         # tiles of _wgrad_gemm_kernel spill (ptxas, sm_90); the one-tap kernel runs on the stored dz instead
-        grad_w = _wgrad_and_reductions(dz, None, _DZ_NONE, None, x, weight, stride, True, False, False, False)[0]
+        dw_part = _wgrad_and_reductions(dz, None, _DZ_NONE, None, x, weight, stride, True, False, False, False)[0]
     elif want_w:
-        grad_w = _wgrad_tma(dz, x, weight) if stride == 1 else None
-        if grad_w is None:
-            grad_w = _wgrad_gemm(dz, x, weight, stride)
-    return grad_x, grad_w, grad_b, grad_a, dz
+        dw_part = _wgrad_tma(dz, x, weight) if stride == 1 else None
+        if dw_part is None:
+            dw_part = _wgrad_gemm(dz, x, weight, stride)
+    return grad_x, dw_part, db_part, da_part, dz
 
 
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
@@ -984,12 +1051,9 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     g = _channels_last(grad_out)
     s = _channels_last(saved) if dz_kind != _DZ_NONE else None
     a = alpha.reshape(-1) if (alpha is not None and dz_kind != _DZ_NONE) else None
-    grad_x, grad_w, grad_b, grad_a, dz = _backward(g, s, dz_kind, a, x, weight, stride,
-                                                   want_x, want_w, want_b, want_a, want_dz)
-    if grad_b is not None:
-        grad_b = grad_b.to(x.dtype)
-    if grad_a is not None:
-        grad_a = (grad_a if alpha.numel() > 1 else grad_a.sum().reshape(1)).to(alpha.dtype).reshape(alpha.shape)
+    grad_x, dw_part, db_part, da_part, dz = _backward(g, s, dz_kind, a, x, weight, stride,
+                                                      want_x, want_w, want_b, want_a, want_dz)
+    grad_w, grad_b, grad_a = _finish(dw_part, db_part, da_part, weight, alpha, x.dtype)
     if not want_dz:
         dz = None
     elif dz_kind == _DZ_NONE:
