@@ -196,31 +196,22 @@ def table(result) -> str:
 
 
 def network_step_tensors(spatial=(128, 160, 144), features=(8, 16, 32, 64)):
-    """Peak bytes of the tensors one bf16 training step of Seg3DNet (1x4 input, 5 classes) allocates, with each
-    backend's Python layer and its kernels stubbed (what the GPU backends allocate around their kernels, on the
-    CPU), beside the plain channels-last network's. Each fused layer runs on the stubbed backend where it can, else
-    on the reference backend (the cuda kernels take every shape; the output layer's 5 classes went to the reference
-    before). No workspaces or allocator rounding: torch.cuda.max_memory_allocated on the GPU adds those."""
+    """Peak bytes of the tensors one bf16 training step of Seg3DNet (1x4 input, 5 classes) allocates with every
+    fused layer on one backend's Python layer, its kernels stubbed (what the GPU backends allocate around their
+    kernels, measured on the CPU), beside the plain channels-last network's. No workspaces or allocator rounding:
+    torch.cuda.max_memory_allocated on the GPU adds those."""
     from seg3d_fast import profile
 
     args = argparse.Namespace(in_channels=4, classes=5, features=list(features), dtype="bf16")
-    cpu = torch.device("cpu")
     rows = {}
     for name, stub in (("plain_cl", None), ("triton", stubbed_triton), ("cuda", stubbed_cuda)):
-        preference = backends._preference
-        if stub is not None:  # the stubbed backend first, as on a GPU whose table prefers it
-            backends._preference = lambda op, device, key, bench, direction, name=name: (name, "reference")
-        try:
-            with stub(LaunchCounter()) if stub is not None else contextlib.nullcontext():
-                variant = profile.Variant("plain_cl" if stub is None else "fused", args, cpu)
-                x, labels = variant.inputs(1, spatial)
-                variant.step(x, labels)  # Adam's state exists, as in the timed steps
-                sf.ops.forget_backend_choices()
-                rows[name] = {"step_tensor_peak_bytes": variant.peak_bytes(x, labels),
-                              "backends": sf.ops.chosen_backends()}
-        finally:
-            backends._preference = preference
+        with stub(LaunchCounter()) if stub is not None else contextlib.nullcontext():
+            variant = profile.Variant(name, args, torch.device("cpu"))  # "triton" / "cuda": every layer forced there
+            x, labels = variant.inputs(1, spatial)
+            variant.step(x, labels)  # Adam's state exists, as in the timed steps
             sf.ops.forget_backend_choices()
+            rows[name] = {"step_tensor_peak_bytes": variant.peak_bytes(x, labels),
+                          "backends": sf.ops.chosen_backends()}
     for row in rows.values():
         row["vs_plain_cl"] = row["step_tensor_peak_bytes"] / rows["plain_cl"]["step_tensor_peak_bytes"]
     return {"kind": "network_step_tensors", "input": [1, 4, *spatial], "features": list(features), "dtype": "bf16",

@@ -131,7 +131,7 @@ def test_host_overhead_launch_counts():
 
 def test_network_step_tensors_every_layer_on_the_stubbed_backend():
     """The network-memory measure runs every fused layer on the stubbed backend (the CUDA kernels take every
-    channel count, the Triton ones too), and the fused step holds fewer tensor bytes than the plain one."""
+    channel count now, as the Triton ones do), and the fused step holds fewer tensor bytes than the plain one."""
     import host_overhead
 
     rows = host_overhead.network_step_tensors(spatial=(16, 16, 16), features=(2, 4))["rows"]

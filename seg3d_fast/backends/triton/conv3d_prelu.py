@@ -6,15 +6,15 @@ All three are implicit GEMMs over channels-last (NDHWC) tensors:
            (8 of them, one launch: the class is the grid's third axis) gets only the taps that reach it (no work on
            zero taps);
   wgrad  : dW^T (taps*C_in, C_out) = sum over voxels of x_shifted^T @ dz, split over voxels into fp32
-           partial buffers, then one fixed-order sum (no atomics: deterministic always); the bias and alpha
-           gradients (and dz itself, when asked) come out of the same pass.
+           partial buffers, then one fixed-order sum (_finish_kernel; no atomics: deterministic always); the bias
+           and alpha gradients (and dz itself, when asked) come out of the same pass.
 dz = grad_out * (z > 0 ? 1 : alpha) is written once, by the pass that also reduces the bias and alpha gradients;
 both GEMMs then read it.
 TMA (opt-in, SEG3D_FAST_TRITON_TMA=1, sm_90+): stride-1 convs and the stride-2 dgrad's classes whose channel rows
 are 16-byte multiples run _conv_tma_kernel instead, which loads each K step's source box and weight rows with bulk
 tensor copies (the volume's padding is the copies' zero fill) rather than gathering them element by element.
-Host side: a handful of torch ops and three launches per backward; the tap and phase tables are made once per shape
-(small layers run at the host's pace on a GPU: benchmarks/host_overhead.py measures it).
+Host side: a handful of torch ops and four launches per backward (the last sums the split partials); the tap and
+phase tables are made once per shape (small layers run at the host's pace on a GPU: benchmarks/host_overhead.py).
 """
 import contextlib
 import functools
@@ -465,7 +465,7 @@ def _wgrad_gemm_kernel(x_ptr, dz_ptr, dw_part_ptr,
     """Split-K GEMM dW^T[(tap, ci), co] = sum over voxels of x_shifted[v, (tap, ci)] * dz[v, co], from a dz that
     is already stored (channels-last, input dtype). Program (split, kt-tile, co-tile) owns a BLOCK_KT x BLOCK_CO
     tile (several taps: big tensor-core tiles, dz read K_TOTAL / BLOCK_KT times instead of once per tap) and
-    writes its fp32 partial sum over the split's voxels; the host sums the partials in a fixed order.
+    writes its fp32 partial sum over the split's voxels; _finish_kernel sums the partials in a fixed order.
     Column k = tap * C_IN + ci; its offset and tap are fixed for the program, so per element only
     (row base + column offset) and one bit test of the row's tap mask remain. VEC (VEC_OUT) divides C_IN (C_OUT):
     runs of that many columns are one voxel's contiguous channels, written as such (offsets in runs, times the
@@ -525,8 +525,8 @@ def _wgrad_tma_kernel(x_desc, dz_desc, dw_part_ptr, E1, E2, E3, C_IN, C_OUT, TOT
     """Stride-1 weight gradient with TMA loads (sm_90+): program (kt tile * CO_TILES + co tile, split) sums
     x_shifted^T @ dz over the split's BD x BH x BW output boxes for one tap and BLOCK_K input channels (x_desc:
     (N, D, H, W, C_IN), the shifted box zero-filled outside the volume; dz_desc: (N, D, H, W, C_OUT), zero past its
-    edges, which also zeroes the overhanging rows' x) and writes its fp32 partial; the host sums the partials in a
-    fixed order (deterministic). The programs of one split run side by side and share its boxes in L2."""
+    edges, which also zeroes the overhanging rows' x) and writes its fp32 partial; _finish_kernel sums the partials
+    in a fixed order (deterministic). The programs of one split run side by side and share its boxes in L2."""
     BLOCK_M: tl.constexpr = BD * BH * BW
     pid = tl.program_id(0)
     kt_tile = pid // CO_TILES
@@ -650,11 +650,11 @@ def _k_blocking(c_src, k_total):
     return True, 16 if k_total <= 16 else 32
 
 
-def _run_length(c_src, element_size):
-    """VEC of the flat-K loads: the longest run of one tap's channels that a 16-byte copy holds (a power of two
-    dividing C_src)."""
+def _run_length(channels, element_size):
+    """VEC of a row of `channels` (see _runs): the longest run of its channels that one 16-byte copy holds (a power
+    of two dividing the count)."""
     vec = 1
-    while c_src % (2 * vec) == 0 and 2 * vec * element_size <= 16:
+    while channels % (2 * vec) == 0 and 2 * vec * element_size <= 16:
         vec *= 2
     return vec
 
@@ -700,8 +700,8 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
         src, taps, weight_mat, *pointers, phase_table,
         m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out, *strides,
         STEP=step, FLAT_K=flat_k, VEC=_run_length(c_src, src.element_size()),
-        VEC_OUT=_run_length(c_out, src.element_size()), EVEN_N=c_out % block_n == 0, PHASES=phases is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, **epilogue,
+        VEC_OUT=_run_length(c_out, src.element_size()), EVEN_N=c_out % block_n == 0, PHASES=phases is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, **epilogue,
     )
 
 
@@ -921,7 +921,8 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
         dz if want_dz else dummy,
         m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
         STEP=stride, FLAT_K=flat_k, VEC=_run_length(c_in, x.element_size()),
-        VEC_OUT=_run_length(c_out, g.element_size()), DZ_KIND=dz_kind, ALPHA_PER_CH=alpha is not None and alpha.numel() > 1,
+        VEC_OUT=_run_length(c_out, g.element_size()), DZ_KIND=dz_kind,
+        ALPHA_PER_CH=alpha is not None and alpha.numel() > 1,
         COMPUTE_W=want_w, REDUCE_BIAS=want_b, REDUCE_ALPHA=want_a, WRITE_DZ=want_dz,
         DOT_PREC=dot_precision(x.dtype), BLOCK_KT=block_kt, BLOCK_CO=block_co,
     )
