@@ -46,7 +46,8 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a hard limit, record ok / FAILE
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
   echo; echo "=== $name (limit ${limit}s) ==="
-  timeout -k 10 "$limit" "$@"
+  # SIGINT first: pytest then still prints its summary (the failures so far) before it stops
+  timeout -s INT -k 10 "$limit" "$@"
   local rc=$?
   local took=$(( $(date +%s) - t0 ))
   local what="ok"

@@ -109,6 +109,7 @@ def test_kernels_env_selects_generation(emulated, monkeypatch):
 
 # ---- the kernels' machine code for Hopper, compiled here (benchmarks/sass_check.py) ------------------------------
 
+@pytest.mark.slow  # a compile of csrc/ for sm_90 (~40 s here); gpu_check's test stage leaves it to CI
 def test_kernels_machine_code_for_sm90():
     """Every tensor-core main loop takes its operands from shared memory with ldmatrix (fp16/bf16) or 32-bit shared
     loads (tf32), never through generic loads (WMMA's loads compiled to those); the second-generation kernels do not
