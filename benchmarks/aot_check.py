@@ -34,13 +34,13 @@ SMEM_LIMIT = 232448  # H100 / H200: largest dynamic shared memory of one block (
 DIV16 = {"C_SRC", "C_IN", "C_OUT", "K_TOTAL", "KT_PAD", "CO_PAD", "VOX_PER_SPLIT"}
 
 CONV_POINTERS = ("src_ptr", "w_ptr", "bias_ptr", "alpha_ptr", "res_ptr", "out_ptr", "act_ptr")
-_FWD = dict(STEP=1, FLAT_K=False, EVEN_N=True, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0,
+_FWD = dict(STEP=1, FLAT_K=0, EVEN_N=True, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0,
             SAVE_ACT=False, BLOCK_N=64, BLOCK_K=64)
 _DGRAD = dict(_FWD, HAS_BIAS=False, ACT_KIND=0, BLOCK_N=32)
 # (variant, constexprs) of _conv_kernel: small-C forward (flat K), strided forward with the residual after the
 # activation, 64-channel forward, plain and one-launch stride-2 dgrads (flat and per-tap K)
 CONV = [
-    ("fwd_flat", dict(_FWD, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
+    ("fwd_flat", dict(_FWD, FLAT_K=8, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
     ("fwd_c32_s2_res", dict(_FWD, STEP=2, RES_MODE=2, SAVE_ACT=True, BLOCK_K=32)),
     ("fwd_c64", dict(_FWD, ACT_KIND=1, RES_MODE=1)),
     ("fwd_c128", dict(_FWD, BLOCK_N=128)),
@@ -48,8 +48,8 @@ CONV = [
     ("fwd_c128_s2", dict(_FWD, STEP=2, BLOCK_N=128)),
     ("dgrad_c128", dict(_DGRAD, BLOCK_N=128)),
     ("dgrad_phases", dict(_DGRAD, PHASES=True)),
-    ("dgrad_phases_flat", dict(_DGRAD, PHASES=True, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
-    ("dgrad_flat", dict(_DGRAD, FLAT_K=True, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
+    ("dgrad_phases_flat", dict(_DGRAD, PHASES=True, FLAT_K=8, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
+    ("dgrad_flat", dict(_DGRAD, FLAT_K=8, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
 ]
 # _conv_tma_kernel: (variant, constexprs); the descriptors' block shapes follow from BD, BH, BW, BLOCK_K, BLOCK_N
 _TMA = dict(KSIZE=3, TAP_SIGN=1, PHASES=False, HAS_BIAS=True, ACT_KIND=2, RES_MODE=0, SAVE_ACT=False, BLOCK_N=64,
@@ -75,11 +75,11 @@ WGRAD_TMA = [
 WGRAD_POINTERS = ("x_ptr", "g_ptr", "saved_ptr", "alpha_ptr", "dz_ptr")
 # _wgrad_kernel: the PReLU-backward pass (dz, bias and alpha sums) and the exact-fp32 weight GEMM
 WGRAD = [
-    ("prelu_pass", dict(STEP=1, FLAT_K=False, DZ_KIND=1, ALPHA_PER_CH=True, COMPUTE_W=False, REDUCE_BIAS=True,
+    ("prelu_pass", dict(STEP=1, FLAT_K=0, DZ_KIND=1, ALPHA_PER_CH=True, COMPUTE_W=False, REDUCE_BIAS=True,
                         REDUCE_ALPHA=True, WRITE_DZ=True, BLOCK_KT=64, BLOCK_CO=64)),
-    ("prelu_pass_c8", dict(STEP=1, FLAT_K=False, DZ_KIND=1, ALPHA_PER_CH=True, COMPUTE_W=False, REDUCE_BIAS=True,
+    ("prelu_pass_c8", dict(STEP=1, FLAT_K=0, DZ_KIND=1, ALPHA_PER_CH=True, COMPUTE_W=False, REDUCE_BIAS=True,
                            REDUCE_ALPHA=True, WRITE_DZ=True, BLOCK_KT=32, BLOCK_CO=8)),
-    ("weight_fma", dict(STEP=2, FLAT_K=True, DZ_KIND=0, ALPHA_PER_CH=False, COMPUTE_W=True, REDUCE_BIAS=False,
+    ("weight_fma", dict(STEP=2, FLAT_K=8, DZ_KIND=0, ALPHA_PER_CH=False, COMPUTE_W=True, REDUCE_BIAS=False,
                         REDUCE_ALPHA=False, WRITE_DZ=False, BLOCK_KT=32, BLOCK_CO=16)),
 ]
 WGRAD_GEMM = [

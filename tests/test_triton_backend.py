@@ -19,7 +19,7 @@ import triton.language as tl  # noqa: E402
 
 from seg3d_fast.backends import triton as tb  # noqa: E402
 from seg3d_fast.backends.triton import conv3d_prelu as conv_mod  # noqa: E402
-from seg3d_fast.backends.triton._common import block_row_coords, strided_offset  # noqa: E402
+from seg3d_fast.backends.triton._common import block_row_coords, carry_rows, row_split, strided_offset  # noqa: E402
 from tests.helpers import assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -431,6 +431,46 @@ def test_block_row_coords_exact_past_2_31(shape):
             eb, ec = divmod(rest, w)
             assert (gn, ga, gb, gc) == (en, ea, eb, ec), row
             assert goff == en * strides[0] + ea * strides[1] + eb * strides[2] + ec * strides[3], row
+
+
+@triton.jit
+def _walk_probe_kernel(out_ptr, start, E1, E2, E3, M1, S1, M2, S2, M3, S3, STEPS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """(n, i1, i2, i3) of STEPS consecutive blocks of rows from `start`, walked as the weight-gradient GEMM walks
+    them (row_split once, then carry_rows per block and for the next block's start)."""
+    n0, a0, b0, c0 = row_split(start, E1, E2, E3)
+    for s in range(STEPS):
+        n, a, b, c = carry_rows(tl.arange(0, BLOCK) + c0, b0, a0, n0, E1, E2, E3, M1, S1, M2, S2, M3, S3)
+        base = out_ptr + (s * BLOCK + tl.arange(0, BLOCK)) * 4
+        tl.store(base, n)
+        tl.store(base + 1, a.to(tl.int64))
+        tl.store(base + 2, b.to(tl.int64))
+        tl.store(base + 3, c.to(tl.int64))
+        n0, a0, b0, c0 = carry_rows(c0 + BLOCK, b0, a0, n0, E1, E2, E3, M1, S1, M2, S2, M3, S3)
+
+
+@pytest.mark.parametrize("extents,start", [((3, 5, 7), 11), ((1, 2, 1), 0), ((64, 80, 72), 2 ** 31 + 999),
+                                           ((9, 8, 37), 3000)])
+def test_carry_rows_walks_blocks_without_division(extents, start):
+    """The multiply-high division (fast_div, exact for 0 <= n < 2^31 by any divisor) and the block-to-block walk of
+    the weight gradient's voxel loop give the plain row-major split, across lines, planes and samples (blocks
+    longer than a line, extents of 1 and 2, a start past 2^31)."""
+    from seg3d_fast.backends.triton._common import fast_divisor
+
+    e1, e2, e3 = extents
+    steps, block = 5, 32
+    out = torch.empty(steps * block * 4, dtype=torch.int64, device=DEVICE)
+    _walk_probe_kernel[(1,)](out, start, e1, e2, e3, *fast_divisor(e1), *fast_divisor(e2), *fast_divisor(e3),
+                             STEPS=steps, BLOCK=block)
+    for row, got in zip(range(start, start + steps * block), out.view(-1, 4).cpu().tolist()):
+        n, rest = divmod(row, e1 * e2 * e3)
+        a, rest = divmod(rest, e2 * e3)
+        assert got == [n, a, *divmod(rest, e3)], row
+    for d in (1, 2, 3, 7, 144, 2 ** 20 + 7, 2 ** 31 - 1):  # the divisor's (multiplier, shift) fit 32 bits
+        multiplier, shift = fast_divisor(d)
+        assert 0 < multiplier < 2 ** 32 and 0 <= shift <= 31
+        for n in (0, 1, d - 1, d, 5 * d + 3, 2 ** 31 - 1):  # the round-up method, in exact integers
+            assert (((n * multiplier) >> 32) + n) >> shift == n // d, (d, n)
 
 
 # ---------------------------------------------------------------------------------------------------------

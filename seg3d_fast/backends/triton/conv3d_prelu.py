@@ -32,8 +32,8 @@ except ImportError:
     TensorDescriptor = None
 
 from .. import device_table
-from ._common import (autotune_configs, block_row_coords, cdiv, dot, dot_precision, interpreting, next_pow2,
-                      parallel_slots, strided_offset)
+from ._common import (autotune_configs, block_row_coords, carry_rows, cdiv, dot, dot_precision, fast_divisor,
+                      interpreting, next_pow2, parallel_slots, row_split, strided_offset)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DZ_NONE, _DZ_ACT, _DZ_PREACT = 0, 1, 2
@@ -58,14 +58,15 @@ def _load_gathered(src_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0, K_TOTAL,
                    FLAT_K: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
     """(rows, BLOCK_K) tile of the implicit im2col matrix: column k = (tap, c) reads source voxel
     (ra, rb, rc) + taps[tap] channel c; out-of-volume taps read 0 (the padding), as do columns k >= K_TOTAL.
-    FLAT_K: every column finds its own tap (small C_SRC: no tensor-core work lost to channel padding), runs of VEC
-    columns (VEC divides C_SRC) sharing one tap and reading contiguous memory; else the whole block shares one tap
-    (C_SRC is a multiple of BLOCK_K) and only rows need masks."""
+    FLAT_K (C_SRC itself, as a constant: the loop divides by it): every column finds its own tap (small C_SRC: no
+    tensor-core work lost to channel padding), runs of VEC columns (VEC divides C_SRC) sharing one tap and reading
+    contiguous memory; FLAT_K = 0: the whole block shares one tap (C_SRC is a multiple of BLOCK_K) and only rows
+    need masks."""
     if FLAT_K:
         run, place = _runs(k0, BLOCK_K, VEC)
         k_run = run * VEC  # the first column of each column's run: the tap and the masks are the run's
         k_ok = k_run < K_TOTAL
-        tap = k_run // C_SRC
+        tap = k_run // FLAT_K
         dd = tl.max_constancy(tl.load(taps_ptr + tap * 3, mask=k_ok, other=0), VEC)
         dh = tl.max_constancy(tl.load(taps_ptr + tap * 3 + 1, mask=k_ok, other=0), VEC)
         dw = tl.max_constancy(tl.load(taps_ptr + tap * 3 + 2, mask=k_ok, other=0), VEC)
@@ -74,7 +75,7 @@ def _load_gathered(src_ptr, taps_ptr, row_base, ra, rb, rc, row_ok, k0, K_TOTAL,
         pw = rc[:, None] + dw[None, :]
         ok = (row_ok[:, None] & k_ok[None, :] & (pd >= 0) & (pd < Ds) & (ph >= 0) & (ph < Hs)
               & (pw >= 0) & (pw < Ws))
-        runs_per_tap = C_SRC // VEC
+        runs_per_tap = FLAT_K // VEC
         delta = ((dd * Hs + dh) * Ws + dw).to(tl.int64) * runs_per_tap + (run - tap * runs_per_tap)
         off = ((row_base // VEC)[:, None] + delta[None, :]) * VEC + place[None, :]
     else:
@@ -459,6 +460,7 @@ def _prune_wgrad_gemm(configs, named_args, **kwargs):
 @triton.jit
 def _wgrad_gemm_kernel(x_ptr, dz_ptr, dw_part_ptr,
                        M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
+                       M1, S1, M2, S2, M3, S3,
                        STEP: tl.constexpr, KSIZE: tl.constexpr, VEC: tl.constexpr, VEC_OUT: tl.constexpr,
                        DOT_PREC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_KT: tl.constexpr,
                        BLOCK_CO: tl.constexpr):
@@ -488,10 +490,14 @@ def _wgrad_gemm_kernel(x_ptr, dz_ptr, dw_part_ptr,
     tap = tl.where(kt_run < K_TOTAL, tap, 31)  # bit 31 is never set: padding columns read 0
     acc = tl.zeros((BLOCK_KT, BLOCK_CO), dtype=tl.float32)
     v_start = split * VOX_PER_SPLIT
+    # the voxel blocks' coordinates carried from block to block with fast_div ((M, S) of each extent): divisions in
+    # the loop (64-bit for the start, 32-bit per row) took more instructions than everything else in it
+    n0, a0, b0, c0 = row_split(v_start, E1, E2, E3)
     for i in range(0, VOX_PER_SPLIT, BLOCK_V):
         m = v_start + i + tl.arange(0, BLOCK_V)
         row_ok = m < M
-        n, i1, i2, i3 = block_row_coords(v_start + i, E1, E2, E3, BLOCK_V)
+        n, i1, i2, i3 = carry_rows(tl.arange(0, BLOCK_V) + c0, b0, a0, n0, E1, E2, E3, M1, S1, M2, S2, M3, S3)
+        n0, a0, b0, c0 = carry_rows(c0 + BLOCK_V, b0, a0, n0, E1, E2, E3, M1, S1, M2, S2, M3, S3)
         ra = i1 * STEP
         rb = i2 * STEP
         rc = i3 * STEP
@@ -699,7 +705,7 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
     _conv_kernel[grid](
         src, taps, weight_mat, *pointers, phase_table,
         m_rows, e1, e2, e3, src.shape[2], src.shape[3], src.shape[4], c_src, k_total, c_out, *strides,
-        STEP=step, FLAT_K=flat_k, VEC=_run_length(c_src, src.element_size()),
+        STEP=step, FLAT_K=c_src if flat_k else 0, VEC=_run_length(c_src, src.element_size()),
         VEC_OUT=_run_length(c_out, src.element_size()), EVEN_N=c_out % block_n == 0, PHASES=phases is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, **epilogue,
     )
@@ -920,7 +926,7 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
         dw_part if want_w else dummy, db_part if want_b else dummy, da_part if want_a else dummy,
         dz if want_dz else dummy,
         m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
-        STEP=stride, FLAT_K=flat_k, VEC=_run_length(c_in, x.element_size()),
+        STEP=stride, FLAT_K=c_in if flat_k else 0, VEC=_run_length(c_in, x.element_size()),
         VEC_OUT=_run_length(c_out, g.element_size()), DZ_KIND=dz_kind,
         ALPHA_PER_CH=alpha is not None and alpha.numel() > 1,
         COMPUTE_W=want_w, REDUCE_BIAS=want_b, REDUCE_ALPHA=want_a, WRITE_DZ=want_dz,
@@ -956,9 +962,9 @@ def _wgrad_gemm(dz, x, weight, stride):
     _wgrad_gemm_kernel[(splits, kt_tiles, co_tiles)](
         _channels_last(x), dz, dw_part,
         m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
-        STEP=stride, KSIZE=k, VEC=_run_length(c_in, x.element_size()), VEC_OUT=_run_length(c_out, x.element_size()),
-        DOT_PREC=dot_precision(x.dtype),
-        BLOCK_KT=block_kt, BLOCK_CO=block_co,
+        *fast_divisor(do), *fast_divisor(ho), *fast_divisor(wo), STEP=stride, KSIZE=k,
+        VEC=_run_length(c_in, x.element_size()), VEC_OUT=_run_length(c_out, x.element_size()),
+        DOT_PREC=dot_precision(x.dtype), BLOCK_KT=block_kt, BLOCK_CO=block_co,
     )
     return dw_part
 
