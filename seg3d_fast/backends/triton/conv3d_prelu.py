@@ -334,10 +334,11 @@ def _wgrad_configs():
 
 def _prune_wgrad(configs, named_args, **kwargs):
     """Under 64 elements per thread of the x tile and the three (voxel x C_out) tiles (dz, bias and alpha sums);
-    at most 64 voxels per step for the exact-fp32 weight GEMM (its FMA dot spills beyond: aot_check.py)."""
+    the exact-fp32 weight GEMM at most 64 voxels per step on 8 warps (its FMA dot spills beyond, and on 4 warps
+    since its pipelined flat-K loads: aot_check.py)."""
     per_voxel = kwargs["BLOCK_KT"] + 2 * kwargs["BLOCK_CO"]
     kept = [c for c in configs if c.kwargs["BLOCK_V"] * per_voxel < 64 * 32 * c.num_warps
-            and not (kwargs.get("COMPUTE_W") and c.kwargs["BLOCK_V"] > 64)]
+            and not (kwargs.get("COMPUTE_W") and (c.kwargs["BLOCK_V"] > 64 or c.num_warps < 8))]
     return kept or configs[:1]
 
 
