@@ -355,6 +355,7 @@ _WGRAD_PROGRAMS_PER_SLOT = 4  # wgrad GEMM programs per parallel slot: equal pro
 @triton.jit
 def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_part_ptr, da_part_ptr, dz_ptr,
                   M, E1, E2, E3, Ds, Hs, Ws, C_IN, K_TOTAL, C_OUT, VOX_PER_SPLIT, KT_PAD, CO_PAD,
+                  M1, S1, M2, S2, M3, S3,
                   STEP: tl.constexpr, FLAT_K: tl.constexpr, VEC: tl.constexpr, VEC_OUT: tl.constexpr,
                   DZ_KIND: tl.constexpr, ALPHA_PER_CH: tl.constexpr,
                   COMPUTE_W: tl.constexpr, REDUCE_BIAS: tl.constexpr, REDUCE_ALPHA: tl.constexpr,
@@ -382,6 +383,8 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
     acc_b = tl.zeros((BLOCK_V, BLOCK_CO), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_V, BLOCK_CO), dtype=tl.float32)
     v_start = split * VOX_PER_SPLIT
+    if COMPUTE_W:  # the voxel blocks' coordinates, carried as in _wgrad_gemm_kernel
+        n0, a0, b0, c0 = row_split(v_start, E1, E2, E3)
     for i in range(0, VOX_PER_SPLIT, BLOCK_V):
         m = v_start + i + tl.arange(0, BLOCK_V)
         row_ok = m < M
@@ -405,7 +408,8 @@ def _wgrad_kernel(x_ptr, taps_ptr, g_ptr, saved_ptr, alpha_ptr, dw_part_ptr, db_
         if WRITE_DZ:
             tl.store(dz_ptr + g_off, dz.to(dz_ptr.dtype.element_ty), mask=mask & first[None, :])
         if COMPUTE_W:
-            n, i1, i2, i3 = block_row_coords(v_start + i, E1, E2, E3, BLOCK_V)
+            n, i1, i2, i3 = carry_rows(tl.arange(0, BLOCK_V) + c0, b0, a0, n0, E1, E2, E3, M1, S1, M2, S2, M3, S3)
+            n0, a0, b0, c0 = carry_rows(c0 + BLOCK_V, b0, a0, n0, E1, E2, E3, M1, S1, M2, S2, M3, S3)
             ra = i1 * STEP
             rb = i2 * STEP
             rc = i3 * STEP
@@ -927,7 +931,7 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
         dw_part if want_w else dummy, db_part if want_b else dummy, da_part if want_a else dummy,
         dz if want_dz else dummy,
         m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
-        STEP=stride, FLAT_K=c_in if flat_k else 0, VEC=_run_length(c_in, x.element_size()),
+        *fast_divisor(do), *fast_divisor(ho), *fast_divisor(wo), STEP=stride, FLAT_K=c_in if flat_k else 0, VEC=_run_length(c_in, x.element_size()),
         VEC_OUT=_run_length(c_out, g.element_size()), DZ_KIND=dz_kind,
         ALPHA_PER_CH=alpha is not None and alpha.numel() > 1,
         COMPUTE_W=want_w, REDUCE_BIAS=want_b, REDUCE_ALPHA=want_a, WRITE_DZ=want_dz,
