@@ -67,6 +67,30 @@ def _copy_bytes(channels: int, dtype: torch.dtype) -> int:
     return next(b for b in (16, 8, 4, 2) if row % b == 0)
 
 
+def _channel_rows(channels: int, dtype: torch.dtype) -> int:
+    """The input's channel count as the kernels read it: rows whose length is not a multiple of 8 bytes (a
+    single-channel CT or MRI volume, 3 channels, 2-channel bf16) get zero channels up to 16 bytes, so that they run
+    on the 16-byte kernels (the halo kernel where it applies) rather than the first generation's element-wise or
+    4-byte copies. Padding reads the (small) input once more and multiplies no output."""
+    if channels * dtype.itemsize % 8 == 0:
+        return channels
+    per_row = 16 // dtype.itemsize
+    return -(-channels // per_row) * per_row
+
+
+def _pad_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """t (N, C, D, H, W) channels-last, with zero channels appended up to `channels` (t itself when it has them).
+    Zeros, though the weights of those channels are zero too: memory left as it was may hold NaN, and NaN x 0 is
+    NaN."""
+    if t.shape[1] == channels:
+        return t
+    padded = torch.empty((t.shape[0], channels, *t.shape[2:]), dtype=t.dtype, device=t.device,
+                         memory_format=torch.channels_last_3d)
+    padded[:, t.shape[1]:] = 0
+    padded[:, :t.shape[1]] = t
+    return padded
+
+
 def _ndhwc(t: torch.Tensor) -> torch.Tensor:
     """Channels-last (N, D, H, W, C memory) and 16-byte aligned, copying only when needed."""
     t = t.contiguous(memory_format=torch.channels_last_3d)
@@ -158,8 +182,11 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     n, _, d, h, w = x.shape
     c_out, k = weight.shape[0], weight.shape[-1]
     out_size = tuple(_conv_out_size(s, k, stride) for s in (d, h, w))
-    xc = _ndhwc(x)
+    c_rows = _channel_rows(x.shape[1], x.dtype)
+    xc = _pad_channels(_ndhwc(x), c_rows)
     wk = _dense(weight.permute(0, 2, 3, 4, 1))  # (C_out, kd, kh, kw, C_in): GEMM B, K = tap * C_in + ci
+    if c_rows != x.shape[1]:
+        wk = torch.nn.functional.pad(wk, (0, c_rows - x.shape[1]))  # zero weights for the zero channels
     empty = lambda: torch.empty((n, c_out, *out_size), dtype=x.dtype, device=x.device,
                                 memory_format=torch.channels_last_3d)
     out = empty()
@@ -170,7 +197,7 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     bias_c = None if bias is None else _dense(bias)
     alpha_c = None if alpha is None else _dense(alpha)
     residual_c = None if residual is None else _ndhwc(residual)
-    a = _conv_args(xc, wk, out, x.shape[1], out_size, out_size, stride, 1, (0, 0, 0), (offsets,) * 3)
+    a = _conv_args(xc, wk, out, c_rows, out_size, out_size, stride, 1, (0, 0, 0), (offsets,) * 3)
     a.bias, a.alpha, a.residual = _ptr(bias_c), _ptr(alpha_c), _ptr(residual_c)
     a.alpha_mode = 0 if alpha is None else (1 if alpha.numel() == 1 else 2)
     a.residual_first = int(bool(residual_first))
@@ -209,7 +236,9 @@ def _grad_input(dz, weight, x_shape, stride, like):
 
 
 def _grad_weight(dz, xc, weight, stride, like):
-    c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+    """grad_weight from dz and the input as the forward read it (xc: channels-last, its channels maybe padded by
+    _channel_rows: the padding's gradient is computed and dropped)."""
+    c_out, c_in, k = weight.shape[0], xc.shape[1], weight.shape[-1]
     n, _, od, oh, ow = dz.shape
     voxels = n * od * oh * ow
     kw = k ** 3 * c_in
@@ -242,7 +271,7 @@ def _grad_weight(dz, xc, weight, stride, like):
     a.kernels = version
     device, stream = _launch_context(like)
     _cuda.conv_wgrad(a, DTYPE_CODES[like.dtype], _tf32(like.dtype), device, stream)
-    return gw.permute(0, 4, 1, 2, 3).contiguous()
+    return gw[..., :weight.shape[1]].permute(0, 4, 1, 2, 3).contiguous()
 
 
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
@@ -276,7 +305,7 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
         if _out_format(x) is torch.contiguous_format:
             grad_x = grad_x.contiguous()
     if need_w:
-        grad_w = _grad_weight(dz, _ndhwc(x), weight, stride, x)
+        grad_w = _grad_weight(dz, _pad_channels(_ndhwc(x), _channel_rows(x.shape[1], x.dtype)), weight, stride, x)
     grad_dz = None
     if need_dz:
         grad_dz = dz if _out_format(grad_out) is torch.channels_last_3d else dz.contiguous()
