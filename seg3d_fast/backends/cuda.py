@@ -67,27 +67,21 @@ def _copy_bytes(channels: int, dtype: torch.dtype) -> int:
     return next(b for b in (16, 8, 4, 2) if row % b == 0)
 
 
-def _channel_rows(channels: int, dtype: torch.dtype) -> int:
-    """The input's channel count as the kernels read it: rows whose length is not a multiple of 8 bytes (a
-    single-channel CT or MRI volume, 3 channels, 2-channel bf16) get zero channels up to 16 bytes, so that they run
-    on the 16-byte kernels (the halo kernel where it applies) rather than the first generation's element-wise or
-    4-byte copies. Padding reads the (small) input once more and multiplies no output."""
-    if channels * dtype.itemsize % 8 == 0:
-        return channels
-    per_row = 16 // dtype.itemsize
-    return -(-channels // per_row) * per_row
-
-
-def _pad_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """t (N, C, D, H, W) channels-last, with zero channels appended up to `channels` (t itself when it has them).
-    Zeros, though the weights of those channels are zero too: memory left as it was may hold NaN, and NaN x 0 is
-    NaN."""
-    if t.shape[1] == channels:
-        return t
-    padded = torch.empty((t.shape[0], channels, *t.shape[2:]), dtype=t.dtype, device=t.device,
+def _kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the conv kernels read it: channels-last and 16-byte aligned (_ndhwc); rows whose length is not a
+    multiple of 8 bytes (a single-channel CT or MRI volume, 3 channels, 2-channel bf16) get zero channels up to 16
+    bytes, so that they run on the 16-byte kernels (the halo kernel where it applies) rather than the first
+    generation's element-wise or 4-byte copies; the caller pads the weights to match. Zeros, though those channels'
+    weights are zero too: memory left as it was may hold NaN, and NaN x 0 is NaN."""
+    xc = _ndhwc(x)
+    c = x.shape[1]
+    if c * x.dtype.itemsize % 8 == 0:
+        return xc
+    per_row = 16 // x.dtype.itemsize
+    padded = torch.empty((x.shape[0], -(-c // per_row) * per_row, *x.shape[2:]), dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last_3d)
-    padded[:, t.shape[1]:] = 0
-    padded[:, :t.shape[1]] = t
+    padded[:, c:] = 0
+    padded[:, :c] = xc
     return padded
 
 
@@ -182,8 +176,8 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     n, _, d, h, w = x.shape
     c_out, k = weight.shape[0], weight.shape[-1]
     out_size = tuple(_conv_out_size(s, k, stride) for s in (d, h, w))
-    c_rows = _channel_rows(x.shape[1], x.dtype)
-    xc = _pad_channels(_ndhwc(x), c_rows)
+    xc = _kernel_input(x)
+    c_rows = xc.shape[1]
     wk = _dense(weight.permute(0, 2, 3, 4, 1))  # (C_out, kd, kh, kw, C_in): GEMM B, K = tap * C_in + ci
     if c_rows != x.shape[1]:
         wk = torch.nn.functional.pad(wk, (0, c_rows - x.shape[1]))  # zero weights for the zero channels
@@ -236,8 +230,8 @@ def _grad_input(dz, weight, x_shape, stride, like):
 
 
 def _grad_weight(dz, xc, weight, stride, like):
-    """grad_weight from dz and the input as the forward read it (xc: channels-last, its channels maybe padded by
-    _channel_rows: the padding's gradient is computed and dropped)."""
+    """grad_weight from dz and the input as the forward read it (xc = _kernel_input(x): the gradient of its padding
+    channels, if any, is computed and dropped)."""
     c_out, c_in, k = weight.shape[0], xc.shape[1], weight.shape[-1]
     n, _, od, oh, ow = dz.shape
     voxels = n * od * oh * ow
@@ -305,7 +299,7 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
         if _out_format(x) is torch.contiguous_format:
             grad_x = grad_x.contiguous()
     if need_w:
-        grad_w = _grad_weight(dz, _pad_channels(_ndhwc(x), _channel_rows(x.shape[1], x.dtype)), weight, stride, x)
+        grad_w = _grad_weight(dz, _kernel_input(x), weight, stride, x)
     grad_dz = None
     if need_dz:
         grad_dz = dz if _out_format(grad_out) is torch.channels_last_3d else dz.contiguous()
