@@ -220,26 +220,17 @@ def main(argv=None):
             rows += check("conv", name, dname, conv._conv_kernel, types,
                           dict(ce, DOT_PREC=prec, VEC=_vec(ce, pointer), VEC_OUT=16 // size), args.all_configs,
                           args.only, narrow=ce["FLAT_K"])
-        for name, ce in TMA:
-            if prec == "ieee":
-                continue  # exact fp32 takes _conv_kernel (tma_unsupported)
+        for name, ce in TMA if size == 2 else ():  # fp16/bf16 only (tma_unsupported)
             scalar = pointer[1:]
-            block_k = min(ce["BLOCK_K"], 32 if scalar == "fp32" else 64)
-            if scalar == "fp32" and ce["BLOCK_N"] > 64:
-                continue
-            ce = dict(ce, BLOCK_K=block_k)
             types = {p: pointer for p in CONV_POINTERS[3:]}
             types.update(bias_ptr=pointer, out_ptr=pointer,
-                         src_desc=f"tensordesc<{scalar}[1,{ce['BD']},{ce['BH']},{ce['BW']},{block_k}]>",
-                         w_desc=f"tensordesc<{scalar}[{block_k},{ce['BLOCK_N']}]>",
+                         src_desc=f"tensordesc<{scalar}[1,{ce['BD']},{ce['BH']},{ce['BW']},{ce['BLOCK_K']}]>",
+                         w_desc=f"tensordesc<{scalar}[{ce['BLOCK_K']},{ce['BLOCK_N']}]>",
                          phase_ptr="*i64", o_sn="i64", r_sn="i64")
             rows += check("conv_tma", name, dname, conv._conv_tma_kernel, types, dict(ce, DOT_PREC=prec),
                           args.all_configs, args.only)
-        for name, ce in WGRAD_TMA:
-            if prec == "ieee" or (pointer == "*fp32" and ce["BLOCK_N"] > 64):
-                continue
+        for name, ce in WGRAD_TMA if size == 2 else ():
             scalar = pointer[1:]
-            ce = dict(ce, BLOCK_K=min(ce["BLOCK_K"], 32 if scalar == "fp32" else 64))
             box = f"1,{ce['BD']},{ce['BH']},{ce['BW']}"
             types = {"x_desc": f"tensordesc<{scalar}[{box},{ce['BLOCK_K']}]>",
                      "dz_desc": f"tensordesc<{scalar}[{box},{ce['BLOCK_N']}]>", "dw_part_ptr": "*fp32"}

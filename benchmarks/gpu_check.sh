@@ -9,16 +9,17 @@
 # benchmarks/results/gpu_check_<time>/: gpu_check.log, bench.json, bench.png, profile.json, profile.png,
 # report.md, ceilings.json, dispatch_table.json (measured backend order per op and shape, to merge into
 # seg3d_fast/backends/dispatch_table.json). At most 8 files: the device tool returns no more.
-# Knobs: PYTHON (default python3), GPU_CHECK_TESTS (test files), the SEG3D_BENCH_* variables of
+# Knobs: PYTHON (default python3), GPU_CHECK_TESTS (test files), GPU_CHECK_SKIP (stage names, e.g. "bench demo" for
+# a rerun after a change that the last run's benchmarks still describe), the SEG3D_BENCH_* variables of
 # benchmarks/conftest.py, and the stage limits below (seconds).
 set -u -o pipefail
 
-# Limits add up to 495 s; the runs of 2026-11-26 took 31-46 s to build (the kernels of session 4 take about twice
-# the compile time: nvcc builds the architectures in parallel now), 68-88 s of tests, 98-102 s of benchmarks
-T_BUILD=${T_BUILD:-90}
-T_TESTS=${T_TESTS:-110}
+# Limits add up to 480 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
+# 111 s of tests (8 workers), 110 s of benchmarks (to the deadline), 38 s of profile, 40 s of demo
+T_BUILD=${T_BUILD:-60}
+T_TESTS=${T_TESTS:-135}
 T_CEILINGS=${T_CEILINGS:-15}
-T_BENCH=${T_BENCH:-120}        # rows still pending this many seconds - 15 after the stage starts are skipped
+T_BENCH=${T_BENCH:-110}        # rows still pending this many seconds - 15 after the stage starts are skipped
 T_PROFILE=${T_PROFILE:-90}
 T_REPORT=${T_REPORT:-10}
 T_DEMO=${T_DEMO:-50}
@@ -44,6 +45,9 @@ declare -a STATUS=()
 
 stage() {  # stage NAME LIMIT_S CMD...: run with a hard limit, record ok / FAILED rc / TIMED OUT
   local name=$1 limit=$2; shift 2
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    STATUS+=("$(printf '%-10s %-16s' "$name" "skipped")"); return 0
+  fi
   local t0=$(date +%s)
   echo; echo "=== $name (limit ${limit}s) ==="
   # SIGINT first: pytest then still prints its summary (the failures so far) before it stops
@@ -106,7 +110,7 @@ if [[ $DRY_RUN -eq 0 ]]; then
   # the fused network and its baseline first: the largest-cube searches run in this order until the time limit;
   # the op tables of one traced step per variant go to the log (where the network's time goes)
   PROFILE_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 16 --max-edge 512 --time-limit $((T_PROFILE - 25))
-                --variants plain_cl fused plain --trace /tmp/seg3d_trace)
+                --variants plain_cl fused cuda plain --trace /tmp/seg3d_trace)
 else
   echo "(dry run: no install; the package is used from the checkout)"
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}

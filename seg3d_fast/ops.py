@@ -272,12 +272,17 @@ class _Conv3dPReLUEager(torch.autograd.Function):
         output = _conv_forward_impl(*inputs)
         _conv_setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
+        # the saved activation gets no gradient: without this, autograd would fill a zero tensor of its size for
+        # every backward (a full activation written and held), measured as aten::zeros in the backward on the GPU
+        ctx.set_materialize_grads(False)
         alpha = inputs[3]  # (inference needs no backward, so no check)
         ctx.alpha_positive = _alpha_positive_later(alpha) if alpha is not None and any(ctx.needs_input_grad) else None
         return output
 
     @staticmethod
     def backward(ctx, grad_out, _grad_act):
+        if grad_out is None:  # the output did not reach the loss
+            return (None,) * 9
         return _conv_grads(ctx, grad_out,
                            lambda *args: _conv_backward_impl(*args, alpha_positive=ctx.alpha_positive))
 

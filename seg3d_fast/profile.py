@@ -201,17 +201,20 @@ def _free(device):
 
 
 def time_steps(variant, x, labels, warmup, steps):
-    """Per-step wall times in ms (synchronized), after `warmup` untimed steps (JIT, autotuning, cuDNN choice)."""
+    """(per-step wall times, per-step host times) in ms, after `warmup` untimed steps (JIT, autotuning, cuDNN
+    choice). Wall: synchronized before and after. Host: until step() returns, the GPU's work still queued; near the
+    wall time it says that the step runs at the host's pace (launch and Python overhead), not the GPU's."""
     for _ in range(warmup):
         variant.step(x, labels)
-    times = []
+    times, host = [], []
     for _ in range(steps):
         _sync(variant.device)
         t0 = time.perf_counter()
         variant.step(x, labels)
+        host.append((time.perf_counter() - t0) * 1e3)
         _sync(variant.device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return times, host
 
 
 def estimate_bytes(variant, batch, spatial):
@@ -282,7 +285,9 @@ def largest_cube(variant, batch, budget_bytes, max_edge):
 
 
 def trace(variant, x, labels, out_dir, steps=3):
-    """torch.profiler over `steps` training steps: Chrome trace + op table under out_dir."""
+    """torch.profiler over `steps` training steps: Chrome trace + op table under out_dir. Returns the GPU's busy
+    time per step in ms (its kernels' and copies' time, summed; None on the CPU): beside the step time, the part
+    of the step the GPU works."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if variant.device.type == "cuda" else [])
@@ -294,7 +299,14 @@ def trace(variant, x, labels, out_dir, steps=3):
         _sync(variant.device)
     prof.export_chrome_trace(str(out_dir / f"trace_{variant.name}.json"))
     sort = "cuda_time_total" if variant.device.type == "cuda" else "cpu_time_total"
-    (out_dir / f"ops_{variant.name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    averages = prof.key_averages()
+    (out_dir / f"ops_{variant.name}.txt").write_text(averages.table(sort_by=sort, row_limit=30))
+    if variant.device.type != "cuda":
+        return None
+    # self_device_time_total (torch >= 2.4; self_cuda_time_total before), in microseconds
+    busy_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                  for e in averages)
+    return busy_us / 1e3 / steps
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,10 +370,11 @@ def run_profile(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         ops.forget_backend_choices()  # so that chosen_backends() reports this variant's choices only
-        times = time_steps(variant, x, labels, args.warmup, args.steps)
+        times, host = time_steps(variant, x, labels, args.warmup, args.steps)
         step_ms = statistics.median(times)
         row = {"variant": name, "step_ms": step_ms, "steps_per_s": 1e3 / step_ms,
-               "voxels_per_s": voxels * 1e3 / step_ms, "step_ms_all": times, "backends": ops.chosen_backends()}
+               "voxels_per_s": voxels * 1e3 / step_ms, "step_ms_all": times, "host_ms": statistics.median(host),
+               "backends": ops.chosen_backends()}
         if device.type == "cuda":
             row.update(peak_bytes=torch.cuda.max_memory_allocated(device),
                        memory_method="torch.cuda.max_memory_allocated over the timed steps")
@@ -372,7 +385,7 @@ def run_profile(args):
         # the GPU's max_memory_allocated it shows how much of the peak is activations and how much is workspace
         row["step_tensor_peak_bytes"] = variant.peak_bytes(x, labels)
         if args.trace:
-            trace(variant, x, labels, args.trace)
+            row["gpu_busy_ms"] = trace(variant, x, labels, args.trace)
         del x, labels
         variant.release()
         _free(device)
@@ -409,9 +422,10 @@ def _compare(results):
 def _print_row(r):
     peak = r["peak_bytes"] / 2**30 if r["peak_bytes"] else float("nan")
     edge = r.get("max_cubic_edge")
+    busy = r.get("gpu_busy_ms")
     print(f"{r['variant']:<10} {r['step_ms']:9.1f} ms/step {r['steps_per_s']:8.2f} steps/s "
-          f"{r['voxels_per_s'] / 1e6:9.2f} Mvox/s  peak {peak:6.2f} GiB"
-          + (f"  largest cube {edge}^3" if edge else ""), flush=True)
+          f"{r['voxels_per_s'] / 1e6:9.2f} Mvox/s  peak {peak:6.2f} GiB  host {r['host_ms']:.1f} ms"
+          + (f"  GPU busy {busy:.1f} ms" if busy else "") + (f"  largest cube {edge}^3" if edge else ""), flush=True)
     if r.get("backends"):
         print(f"{'':<10} backends (distinct layer shapes): " + "; ".join(
             f"{op} " + ", ".join(f"{b} {n}" for b, n in sorted(chosen.items())) for op, chosen in r["backends"].items()),

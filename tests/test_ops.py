@@ -168,6 +168,21 @@ def test_conv3d_prelu_saves_output_not_preactivation():
     assert big == {x.untyped_storage().data_ptr(), out.untyped_storage().data_ptr()}
 
 
+def test_backward_makes_no_zero_gradient_for_the_saved_activation():
+    """The activation saved beside the output (residual summed after the PReLU) gets no gradient: autograd must not
+    fill a zero tensor of its size in every backward (on the GPU, an activation-sized write and allocation)."""
+    x, w, b, alpha, res, stride, _ = make_conv_args(torch.float32, 3, 1, "channel", "after", "channels_last",
+                                                    c_out=6)
+    x.requires_grad_()
+    out = sf.conv3d_prelu(x, w, b, alpha, res, stride=stride, backend="reference")
+    grad = torch.randn_like(out)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.backward(grad)
+    # the reference backward itself makes no zero tensor: any aten::zeros here is autograd's
+    assert not [e.name for e in prof.events() if e.name in ("aten::zeros", "aten::zeros_like")]
+    assert x.grad is not None and x.grad.isfinite().all()
+
+
 def test_opcheck_conv3d_prelu():
     for residual_first, alpha_n in ((False, 5), (True, 1)):
         x, w, b, alpha, r, _, _ = make_conv_args(torch.float32, 3, 2, "channel", "after", "contiguous")
@@ -365,7 +380,7 @@ def test_training_step_never_synchronizes(backend):
     """A fused conv + Jaccard loss forward and backward issues no host-device synchronization (after the first call,
     which tunes and caches): the host keeps queueing work while the GPU runs. Bad labels still raise, in backward."""
     skip_unless_usable(backend)
-    x, w, b, alpha, res, _ = make_conv_args(torch.bfloat16, 3, 2, "channel", "after", "channels_last", c_out=8,
+    x, w, b, alpha, res, _, _ = make_conv_args(torch.bfloat16, 3, 2, "channel", "after", "channels_last", c_out=8,
                                             shape=(2, 4, 5, 6, 7), device="cuda")
     x.requires_grad_(True)
     labels = torch.randint(0, 8, (x.shape[0], *[(s + 1) // 2 for s in x.shape[2:]]), device="cuda")

@@ -76,6 +76,7 @@ def test_profile_main_tiny_cpu(tmp_path):
         assert r["voxels_per_s"] == pytest.approx(r["steps_per_s"] * 2 * 8 * 16 * 12)
         assert r["peak_bytes"] > 0 and "estimate" in r["memory_method"]
         assert r["step_tensor_peak_bytes"] > 0
+        assert 0 < r["host_ms"] <= max(r["step_ms_all"]) and r["gpu_busy_ms"] is None  # (no GPU)
         edge = r["max_cubic_edge"]
         assert edge is not None and edge % 16 == 0 and 16 <= edge <= 96
         assert (tmp_path / "trace" / f"trace_{name}.json").stat().st_size > 0
@@ -132,13 +133,15 @@ def test_peak_live_bytes_counts_storages_once_and_frees_them():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_profile_main_tiny_gpu(tmp_path):
-    args = _args(tmp_path, "--device", "cuda", "--dtype", "bf16", "--memory-budget", "0.5", "--max-edge", "32")
+    args = _args(tmp_path, "--device", "cuda", "--dtype", "bf16", "--memory-budget", "0.5", "--max-edge", "32",
+                 "--trace", str(tmp_path / "trace"))
     assert profile.main(args) == 0
     rows = {r["variant"]: r for r in json.loads((tmp_path / "p.json").read_text())["results"]}
     assert set(rows) == {"plain", "plain_cl", "fused"}
     assert set(rows["fused"]["backends"]["conv3d_prelu/forward"]) <= {"cuda", "triton", "reference"}
     for r in rows.values():
         assert r["peak_bytes"] > 0 and "max_memory_allocated" in r["memory_method"]
+        assert 0 < r["host_ms"] <= max(r["step_ms_all"]) and 0 < r["gpu_busy_ms"]
         assert r["max_cubic_edge"] in (16, 32) and r["max_cubic_bytes"] <= 0.5 * 2**30
 
 

