@@ -303,9 +303,12 @@ def trace(variant, x, labels, out_dir, steps=3):
     (out_dir / f"ops_{variant.name}.txt").write_text(averages.table(sort_by=sort, row_limit=30))
     if variant.device.type != "cuda":
         return None
-    # self_device_time_total (torch >= 2.4; self_cuda_time_total before), in microseconds
-    busy_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-                  for e in averages)
+    # the device-side events (kernels, copies, memsets) only, as the table's "Self CUDA time total": the CPU ops'
+    # rows repeat their kernels' time; self_device_time_total (torch >= 2.4), in microseconds
+    from torch.autograd import DeviceType
+
+    busy_us = sum(e.self_device_time_total for e in averages
+                  if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
     return busy_us / 1e3 / steps
 
 
