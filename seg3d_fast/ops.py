@@ -190,9 +190,10 @@ def _read_later(values: Tensor):
 
 
 def _alpha_positive_later(alpha):
-    """Whether every alpha > 0, as a function for the backward to call (see _read_later)."""
-    read = _read_later((alpha > 0).all())
-    return lambda: bool(read())
+    """Whether every alpha > 0 (NaN: no), as a function for the backward to call (see _read_later). The least alpha
+    is what crosses: one reduction, where (alpha > 0).all() took two ops."""
+    read = _read_later(alpha.amin())
+    return lambda: read().item() > 0
 
 
 def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first, output_mask,

@@ -239,15 +239,40 @@ def _grad_input(dz, weight, x_shape, stride, like):
     n, c_in, d, h, w = x_shape
     k, c_out = weight.shape[-1], weight.shape[0]
     gx = torch.empty(x_shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d)
-    for phase in itertools.product(range(stride), repeat=3):
+    if stride == 1:
+        packed, starts = _dense(weight.permute(1, 2, 3, 4, 0)), (0,)  # (C_in, k, k, k, C_out), the flipped taps
+    else:  # every phase's (C_in, nd, nh, nw, C_out) weights by one gather (not a copy per phase)
+        index, starts = _phase_weight_index(tuple(weight.shape), stride, weight.device)
+        packed = torch.index_select(weight.reshape(-1), 0, index)
+    base, size = packed.data_ptr(), packed.element_size()
+    for phase, start in zip(itertools.product(range(stride), repeat=3), starts):
         grid = tuple((s - p + stride - 1) // stride for s, p in zip((d, h, w), phase))
         if 0 in grid:
             continue
-        slices, offsets = zip(*(_dgrad_taps(k, stride, p) for p in phase))
-        wp = _dense(weight[(slice(None), slice(None)) + slices].permute(1, 2, 3, 4, 0))  # (C_in, nd, nh, nw, C_out)
-        a = _conv_args(dz, wp, gx, c_out, grid, (d, h, w), 1, stride, phase, offsets)
+        offsets = [_dgrad_taps(k, stride, p)[1] for p in phase]
+        a = _conv_args(dz, packed, gx, c_out, grid, (d, h, w), 1, stride, phase, offsets)
+        a.weight = base + start * size
         _run_conv(a, like)  # no taps (k = 1, odd phase): K = 0, the phase is written with zeros
     return gx
+
+
+@lru_cache(maxsize=256)
+def _phase_weight_index(weight_shape, stride, device):
+    """(int32 indices into the flattened weight (C_out, C_in, k, k, k), each phase's start): the stride phases'
+    weights one after the other, each laid out (C_in, nd, nh, nw, C_out) over the taps that reach it (_dgrad_taps),
+    each starting 16-byte aligned (lengths rounded up to 8 elements; the gap's entries are never read). Made once
+    per shape and device (the phases partition the 27 taps: the index is the weight's size)."""
+    c_out, c_in, k = weight_shape[0], weight_shape[1], weight_shape[-1]
+    flat = torch.arange(math.prod(weight_shape), dtype=torch.int32).view(weight_shape)
+    parts, starts, length = [], [], 0
+    for phase in itertools.product(range(stride), repeat=3):
+        slices = tuple(_dgrad_taps(k, stride, p)[0] for p in phase)
+        part = flat[(slice(None), slice(None)) + slices].permute(1, 2, 3, 4, 0).reshape(-1)
+        pad = -part.numel() % 8
+        starts.append(length)
+        parts += [part, part.new_zeros(pad)]
+        length += part.numel() + pad
+    return torch.cat(parts).to(device), tuple(starts)
 
 
 def _grad_weight(dz, xc, weight, stride, like):
@@ -346,10 +371,18 @@ def jaccard_unsupported(logits, target, activation, ignore_index) -> list[str]:
     return reasons
 
 
+def _f32(t: torch.Tensor, device) -> torch.Tensor:
+    """t as a contiguous float32 tensor on `device`, with no torch call where it is one already (the loss's small
+    operands: a no-op .to() still costs a dispatch, several per call)."""
+    if t.dtype == torch.float32 and t.device == device and t.is_contiguous():
+        return t
+    return t.to(device=device, dtype=torch.float32).contiguous()
+
+
 def _jaccard_inputs(logits, target):
     lg = logits.contiguous()
     n, c = lg.shape[:2]
-    s = lg[0, 0].numel() if n else 0
+    s = math.prod(lg.shape[2:])  # (no lg[0, 0] view: two more dispatches per call)
     if target.dtype.is_floating_point:
         t, label_type = target.to(lg.dtype).contiguous(), PROBABILITY_TARGET
     else:
@@ -372,7 +405,7 @@ def jaccard_sums(logits, target, squared, activation, ignore_index):
 
 def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore_index):
     lg, t, n, c, s, label_type = _jaccard_inputs(logits, target)
-    g = grad_sums.to(torch.float32).contiguous()
+    g = _f32(grad_sums, lg.device)
     grad = torch.empty_like(lg, memory_format=torch.contiguous_format)
     device, stream = _launch_context(lg)
     _cuda.jaccard_backward(_ptr(g), _ptr(lg), _ptr(t), _ptr(grad), n, c, s, label_type, bool(squared),
@@ -389,7 +422,7 @@ def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smoo
     blocks = _cuda.jaccard_blocks(s)
     device = lg.device
     is_label = label_type != PROBABILITY_TARGET
-    w = weights.to(device=device, dtype=torch.float32).contiguous()  # named: must outlive the launch
+    w = _f32(weights, device)  # named: must outlive the launch
     partial = torch.empty(n * blocks * c * 3, dtype=torch.float32, device=device)
     sums = torch.empty((n, c, 3), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
@@ -410,9 +443,7 @@ def jaccard_loss_reduced_backward(grad_loss, sums, weights, logits, target, squa
     """grad_logits of jaccard_loss_reduced's loss in one launch: each block derives its dL/d(sums) from the sums, the
     weights and dL/dloss (the loss's own backward fused into the kernel)."""
     lg, t, n, c, s, label_type = _jaccard_inputs(logits, target)
-    gl = grad_loss.to(device=lg.device, dtype=torch.float32).contiguous()
-    sm = sums.to(torch.float32).contiguous()
-    w = weights.to(device=lg.device, dtype=torch.float32).contiguous()
+    gl, sm, w = _f32(grad_loss, lg.device), _f32(sums, lg.device), _f32(weights, lg.device)
     grad = torch.empty_like(lg, memory_format=torch.contiguous_format)
     index, stream = _launch_context(lg)
     _cuda.jaccard_loss_backward(_ptr(gl), _ptr(sm), _ptr(w), _ptr(lg), _ptr(t), _ptr(grad), n, c, s, label_type,

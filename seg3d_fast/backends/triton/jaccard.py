@@ -8,6 +8,8 @@ The reduced loss (jaccard_loss_reduced, optional in backends/API.md): the sums k
 label range, a single-program kernel sums the partials into the sums, the label range and the loss, and the
 backward kernel derives dL/d(sums) from the sums itself: 2 launches forward, 1 backward, no small torch ops.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -236,7 +238,7 @@ def _prepare(logits, target, ignore_index):
     target, t_ss = _flat_spatial(target)
     block_c = next_pow2(c, 2, MAX_CLASSES)
     block_s = max(16, _TILE // block_c)
-    spatial = logits[0, 0].numel() if n > 0 else 0
+    spatial = math.prod(logits.shape[2:])  # (no logits[0, 0] view: two more dispatches per call)
     strides = (logits.stride(0), logits.stride(1), l_ss, target.stride(0), 0 if is_label else target.stride(1), t_ss,
                0 if ignore_index is None else int(ignore_index))
     meta = dict(TARGET_IS_LABEL=is_label, HAS_IGNORE=is_label and ignore_index is not None,
@@ -321,6 +323,8 @@ def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smoo
 def jaccard_loss_reduced_backward(grad_loss, sums, weights, logits, target, squared, activation, ignore_index, smooth,
                                   per_sample, mean):
     """grad_logits of jaccard_loss_reduced's loss: one launch (the loss's backward is fused into it)."""
-    grad_loss = grad_loss.to(device=logits.device, dtype=torch.float32).reshape(1)
+    if grad_loss.dtype != torch.float32 or grad_loss.device != logits.device:  # (autograd's is: no dispatch then)
+        grad_loss = grad_loss.to(device=logits.device, dtype=torch.float32)
+    grad_loss = grad_loss.reshape(1)  # (a 1-element pointer argument, as measured on the GPU)
     return _launch_backward(sums, logits, target, squared, activation, ignore_index,
                             (weights, grad_loss, float(smooth), per_sample, mean))
