@@ -143,7 +143,9 @@ fi
 stage profile "$T_PROFILE" $PY -m seg3d_fast.profile "${PROFILE_ARGS[@]}" --out "$RES/profile.json" \
   --chart "$RES/profile.png"
 
-for f in /tmp/seg3d_trace/ops_*.txt; do [[ -s $f ]] && { echo "--- $(basename "$f")"; head -45 "$f"; }; done
+for f in /tmp/seg3d_trace/ops_*.txt /tmp/seg3d_trace/host_*.txt; do
+  [[ -s $f ]] && { echo "--- $(basename "$f")"; head -40 "$f" | cut -c1-230; }
+done
 # --- the main job on the GPU: the demo (needs nibabel: carried as a wheel in .whl/ when the machine lacks it) ------
 if [[ $DRY_RUN -eq 0 ]]; then
   if ! $PY -c "import nibabel" 2>/dev/null && ls .whl/nibabel-*.whl >/dev/null 2>&1; then

@@ -301,6 +301,9 @@ def trace(variant, x, labels, out_dir, steps=3):
     sort = "cuda_time_total" if variant.device.type == "cuda" else "cpu_time_total"
     averages = prof.key_averages()
     (out_dir / f"ops_{variant.name}.txt").write_text(averages.table(sort_by=sort, row_limit=30))
+    # where the host's time goes (Python-level ops, aten calls, CUDA runtime calls such as cudaLaunchKernel or an
+    # event wait): a host-bound step is read from this table, not from the GPU one
+    (out_dir / f"host_{variant.name}.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=25))
     if variant.device.type != "cuda":
         return None
     # the device-side events (kernels, copies, memsets) only, as the table's "Self CUDA time total": the CPU ops'

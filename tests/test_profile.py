@@ -80,6 +80,7 @@ def test_profile_main_tiny_cpu(tmp_path):
         edge = r["max_cubic_edge"]
         assert edge is not None and edge % 16 == 0 and 16 <= edge <= 96
         assert (tmp_path / "trace" / f"trace_{name}.json").stat().st_size > 0
+        assert "Self CPU" in (tmp_path / "trace" / f"host_{name}.txt").read_text()
     assert rows["reference"]["memory_vs_plain"] < 1  # fewer saved bytes, same parameters
     assert rows["reference"]["step_tensor_peak_bytes"] < rows["plain"]["step_tensor_peak_bytes"]
     # which backends the fused layers ran on: every conv shape and the loss, both directions, on "reference"
