@@ -274,7 +274,7 @@ class _Conv3dPReLUEager(torch.autograd.Function):
         _conv_setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
         # the saved activation gets no gradient: without this, autograd would fill a zero tensor of its size for
-        # every backward (a full activation written and held), measured as aten::zeros in the backward on the GPU
+        # every backward (a full activation written and held; the aten::zeros at the head of each backward)
         ctx.set_materialize_grads(False)
         alpha = inputs[3]  # (inference needs no backward, so no check)
         ctx.alpha_positive = _alpha_positive_later(alpha) if alpha is not None and any(ctx.needs_input_grad) else None

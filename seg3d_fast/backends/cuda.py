@@ -155,8 +155,8 @@ def _conv_args(inp, weight, out, channels, grid, out_size, in_stride, out_stride
     """ConvArgs for the gather conv (csrc/launchers.h). taps: per dim a list of input offsets (weight tap order).
     The sizes come from a plan made once per shape (_conv_plan); the per-call fields (pointers, epilogue) are all
     set on every call, since calls of one shape (a forward and a 1x1x1 dgrad can match) share the plan."""
-    a = _conv_plan(_cuda.ConvArgs, inp.shape[0], channels, tuple(inp.shape[2:]), tuple(grid), tuple(out_size), out.shape[1],
-                   in_stride, out_stride, tuple(out_offset), tuple(tuple(t) for t in taps),
+    a = _conv_plan(_cuda.ConvArgs, inp.shape[0], channels, tuple(inp.shape[2:]), tuple(grid), tuple(out_size),
+                   out.shape[1], in_stride, out_stride, tuple(out_offset), tuple(tuple(t) for t in taps),
                    _copy_bytes(channels, inp.dtype) // inp.dtype.itemsize, kernels_version())
     a.input, a.weight, a.out = _ptr(inp), _ptr(weight), _ptr(out)
     a.bias = a.alpha = a.residual = a.act = a.alpha_mode = a.residual_first = 0
