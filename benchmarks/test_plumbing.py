@@ -142,8 +142,8 @@ def test_network_step_tensors_every_layer_on_the_stubbed_backend():
 
 
 def test_triton_tma_variant_switches_the_tma_kernel_on(monkeypatch):
-    """triton_tma runs the Triton backend with SEG3D_FAST_TRITON_TMA=1 around each call (fp32 with TF32 on, as the
-    suite runs fp32 rows), and the environment is restored after it; triton itself takes the gathered loads."""
+    """triton_tma runs the Triton backend with SEG3D_FAST_TRITON_TMA=1 around each call (bf16, as the suite runs
+    its rows), and the environment is restored after it; triton itself takes the gathered loads."""
     from seg3d_fast.backends.triton import conv3d_prelu as conv_mod
 
     tma_runs = []
@@ -156,15 +156,10 @@ def test_triton_tma_variant_switches_the_tma_kernel_on(monkeypatch):
     monkeypatch.delenv("SEG3D_FAST_TRITON_TMA", raising=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = shapes.INTERPRETER_TMA_CASE
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        for variant, expected in (("triton", [False]), ("triton_tma", [True])):
-            tma_runs.clear()
-            fn = harness.conv_function(variant, case)
-            with harness.variant_env(variant):
-                fn(*harness.conv_inputs(case, torch.float32, device, True))
-            assert tma_runs == expected, variant
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for variant, expected in (("triton", [False]), ("triton_tma", [True])):
+        tma_runs.clear()
+        fn = harness.conv_function(variant, case)
+        with harness.variant_env(variant):
+            fn(*harness.conv_inputs(case, torch.bfloat16, device, True))
+        assert tma_runs == expected, variant
     assert "SEG3D_FAST_TRITON_TMA" not in os.environ
