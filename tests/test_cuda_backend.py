@@ -8,6 +8,9 @@ ISA) on CPU tensors; and "emulated": the backend's Python layer on CPU tensors a
 contract (cuda_emulator.py), which checks the layouts, argument structs, dgrad phases and scratch sizes on any
 machine. Calls the backend contract (API.md) directly, so the ops layer is not involved.
 """
+import itertools
+import math
+
 import pytest
 import torch
 
@@ -311,6 +314,24 @@ def test_conv3d_prelu_unsupported_reasons(cuda_backend):
     reasons = cuda_backend.conv3d_prelu_unsupported(x32, torch.randn(8, 4, 5, 5, 5, device=dev), None, None,
                                                     None, 1, False)
     assert any("kernel" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 3, 3, 3), (16, 8, 3, 3, 3), (7, 2, 1, 1, 1)], ids=str)
+def test_stride2_phase_weights_partition_the_taps_aligned(shape):
+    """The one gather of the stride-2 dgrad's phase weights: every weight element exactly once (the phases
+    partition the taps), each phase's block at a 16-byte aligned start (8 elements), laid out (C_in, taps, C_out)."""
+    from seg3d_fast.backends import cuda as cuda_mod
+
+    index, starts = cuda_mod._phase_weight_index(shape, 2, torch.device("cpu"))
+    weight = torch.arange(math.prod(shape)).view(shape)
+    used = []
+    for phase, start in zip(itertools.product(range(2), repeat=3), starts):
+        assert start % 8 == 0
+        slices = tuple(cuda_mod._dgrad_taps(shape[-1], 2, p)[0] for p in phase)
+        block = weight[(slice(None), slice(None)) + slices].permute(1, 2, 3, 4, 0).reshape(-1)
+        assert torch.equal(index[start:start + block.numel()].long(), block)
+        used.append(block)
+    assert torch.equal(torch.cat(used).sort().values, weight.reshape(-1))
 
 
 def test_conv3d_prelu_beyond_2_31_elements(cuda_backend):
