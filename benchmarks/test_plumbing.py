@@ -163,3 +163,46 @@ def test_triton_tma_variant_switches_the_tma_kernel_on(monkeypatch):
             fn(*harness.conv_inputs(case, torch.bfloat16, device, True))
         assert tma_runs == expected, variant
     assert "SEG3D_FAST_TRITON_TMA" not in os.environ
+
+
+def _torch_calls(fn):
+    """The top-level torch calls fn() makes (on the GPU each is a dispatch of several µs, many a launch)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::")
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+
+
+# (case index in host_overhead.CASES or "loss", most torch calls forward, backward) on the CUDA backend's Python layer
+# as of 2026-11-26: the stride-2 backward made 52 before its phase weights became one gather, the loss 11 and 7
+CALL_BUDGET = [(0, 6, 15), (2, 6, 15), (3, 4, 12), ("loss", 9, 2)]  # (one call of slack over the counts of torch 2.13)
+
+
+@pytest.mark.parametrize("case,forward_max,backward_max", CALL_BUDGET, ids=str)
+def test_fused_calls_stay_within_their_torch_call_budget(case, forward_max, backward_max):
+    """Host work per fused call, counted (not timed): the torch calls of one forward and one backward on the CUDA
+    backend's Python layer with its kernels stubbed (benchmarks/host_overhead.py). A change that adds calls to these
+    paths shows here before it shows as host time on a GPU."""
+    import host_overhead as ho
+    import seg3d_fast as sf
+
+    with ho.stubbed_cuda(ho.LaunchCounter()):
+        gen = torch.Generator().manual_seed(0)
+        if case == "loss":
+            logits = torch.randn((2, 5, 6, 7, 5), generator=gen).to(torch.bfloat16).requires_grad_(True)
+            labels = torch.randint(0, 5, (2, 6, 7, 5), generator=gen)
+            forward = lambda: sf.jaccard_loss(logits, labels, backend="cuda")  # noqa: E731
+            leaves = [logits]
+        else:
+            spec = ho.CASES[case]
+            (x, w, b, a, r), leaves = ho.conv_inputs(spec, torch.bfloat16, gen)
+            forward = lambda: sf.conv3d_prelu(x, w, b, a, r, stride=spec[4], residual_first=spec[8],  # noqa: E731
+                                              backend="cuda")
+        out = forward()  # first call: backend choice and plans, cached
+        torch.autograd.grad(out, leaves, torch.ones_like(out), retain_graph=True)
+        fwd = _torch_calls(forward)
+        out = forward()
+        grad = torch.ones_like(out)
+        bwd = _torch_calls(lambda: torch.autograd.grad(out, leaves, grad))
+    assert len(fwd) <= forward_max, fwd
+    assert len(bwd) <= backward_max, bwd
