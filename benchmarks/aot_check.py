@@ -273,9 +273,10 @@ def main(argv=None):
     # the backward's second stage (split sums of the weight, bias and alpha gradients; shared alpha)
     types = {p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}
     types.update(gw_ptr="*bf16", gb_ptr="*bf16", ga_ptr="*bf16")
-    rows += check("finish", "bias_shared_alpha", "bf16", conv._finish_kernel, types,
-                  dict(HAS_B=True, HAS_A=True, SHARED_ALPHA=True, BLOCK=conv._FINISH_BLOCK,
-                       SPLIT_BLOCK=conv._FINISH_SPLITS), False, args.only)
+    for layout, channels_last in (("bias_shared_alpha", False), ("channels_last_weight", True)):
+        rows += check("finish", layout, "bf16", conv._finish_kernel, types,
+                      dict(HAS_B=True, HAS_A=True, SHARED_ALPHA=True, W_CHANNELS_LAST=channels_last,
+                           BLOCK=conv._FINISH_BLOCK, SPLIT_BLOCK=conv._FINISH_SPLITS), False, args.only)
     failed = [r["kernel"] for r in rows if not r["ok"] or not r["smem_ok"]]
     spills = [r["kernel"] for r in rows if r.get("spill_st")]
     print(json.dumps(dict(summary=True, triton=triton.__version__, torch=torch.__version__, target="sm_90",

@@ -316,6 +316,27 @@ def test_conv3d_prelu_unsupported_reasons(cuda_backend):
     assert any("kernel" in r for r in reasons), reasons
 
 
+@pytest.mark.parametrize("stride,c_in", [(1, 8), (2, 3)])
+def test_conv3d_prelu_channels_last_weight(cuda_backend, stride, c_in):
+    """A channels_last_3d weight (a model moved with .to(memory_format=...)): the weight gradient comes back in that
+    layout (autograd then keeps it as the parameter's .grad without a copy), every output as for a contiguous weight."""
+    x, weight, bias, alpha, _, _ = _conv_case(cuda_backend.device, torch.bfloat16, c_in, 16, 3, stride, "channel",
+                                              None, layout="channels_last")
+    out, _ = cuda_backend.conv3d_prelu_forward(x, weight, bias, alpha, None, stride, False, False)
+    grad_out = randn(*out.shape, dtype=torch.bfloat16, device=cuda_backend.device, channels_last=True)
+    results = []
+    for w in (weight, weight.contiguous(memory_format=torch.channels_last_3d)):
+        fwd, _ = cuda_backend.conv3d_prelu_forward(x, w, bias, alpha, None, stride, False, False)
+        grads = cuda_backend.conv3d_prelu_backward(grad_out, x, w, alpha, out, "act", stride, (True,) * 4 + (False,))
+        results.append((fwd, grads))
+    (fwd_c, grads_c), (fwd_cl, grads_cl) = results
+    assert grads_cl[1].is_contiguous(memory_format=torch.channels_last_3d) and not grads_cl[1].is_contiguous()
+    assert grads_c[1].is_contiguous()
+    assert torch.equal(fwd_c, fwd_cl)
+    for a, b in zip(grads_c, grads_cl):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 @pytest.mark.parametrize("shape", [(5, 3, 3, 3, 3), (16, 8, 3, 3, 3), (7, 2, 1, 1, 1)], ids=str)
 def test_stride2_phase_weights_partition_the_taps_aligned(shape):
     """The one gather of the stride-2 dgrad's phase weights: every weight element exactly once (the phases

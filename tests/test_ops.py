@@ -194,6 +194,11 @@ def test_opcheck_conv3d_prelu():
     torch.library.opcheck(ops._conv3d_prelu_backward,
                           (g, x, w, b, alpha, None, g.clone(), 2, False, [True, True, True, True, False],
                            "reference"), test_utils=BACKWARD_OP_CHECKS)
+    # a channels-last model (input and weight): the fake kernels' layouts match the real ones'
+    cl = lambda t: t.detach().contiguous(memory_format=torch.channels_last_3d)  # noqa: E731
+    torch.library.opcheck(ops._conv3d_prelu_backward,
+                          (cl(g), cl(x), cl(w), b, alpha, None, cl(g), 2, False, [True, True, True, True, False],
+                           "reference"), test_utils=BACKWARD_OP_CHECKS)
 
 
 # --------------------------------------------------------------------------------------------------------------------

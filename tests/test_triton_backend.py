@@ -167,6 +167,20 @@ def check_backward(case, saved_kind, output_mask=(True,) * 5):
     return grads
 
 
+@pytest.mark.parametrize("stride,c_in", [(1, 3), (2, 8)])
+def test_conv_backward_channels_last_weight(stride, c_in):
+    """A channels_last_3d weight (a model moved with .to(memory_format=...)): its gradient comes back in that layout
+    (autograd then keeps it as the parameter's .grad without a copy), equal to the contiguous weight's."""
+    case = make_conv_case(BF16, 3, stride, "channel", None, "channels_last", c_in, 6)
+    plain = run_backward(case, "act")
+    case["weight"] = case["weight"].contiguous(memory_format=torch.channels_last_3d)
+    cl = run_backward(case, "act")
+    assert cl[1].is_contiguous(memory_format=torch.channels_last_3d) and not cl[1].is_contiguous()
+    assert plain[1].is_contiguous()
+    for a, b in zip(plain, cl):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 # (saved_kind, dtype, kernel, stride, alpha_kind, layout, c_in, c_out): every saved kind in every dtype, every
 # (kernel, stride), each alpha kind and layout, both K blockings in dgrad (source channels = C_out) and wgrad.
 BACKWARD_CASES = [

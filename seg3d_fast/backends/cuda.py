@@ -318,7 +318,9 @@ def _grad_weight(dz, xc, weight, stride, like):
     a.kernels = version
     device, stream = _launch_context(like)
     _cuda.conv_wgrad(a, DTYPE_CODES[like.dtype], _tf32(like.dtype), device, stream)
-    return gw[..., :weight.shape[1]].permute(0, 4, 1, 2, 3).contiguous()
+    # (C_out, C_in, k, k, k) over (C_out, taps, C_in) memory: channels_last_3d strides. Returned in the weight's own
+    # layout: for a channels-last model no copy here, and none in autograd to match the parameter's layout.
+    return gw[..., :weight.shape[1]].permute(0, 4, 1, 2, 3).contiguous(memory_format=_out_format(weight))
 
 
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):

@@ -74,6 +74,8 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     )
     if need_x:
         grad_x = grad_x.contiguous(memory_format=_out_format(x))
+    if need_w:  # in the weight's layout, as the other backends (and the op's fake kernel) give it
+        grad_w = grad_w.contiguous(memory_format=_out_format(weight))
     return grad_x, grad_w, grad_b, grad_alpha, (dz if need_dz else None)
 
 

@@ -586,11 +586,13 @@ def _split_sum(part_ptr, split_stride, splits, cols, cols_ok, SPLIT_BLOCK: tl.co
 @triton.jit
 def _finish_kernel(dw_part_ptr, db_part_ptr, da_part_ptr, gw_ptr, gb_ptr, ga_ptr,
                    W_SPLITS, KT_PAD, CO_PAD, BA_SPLITS, BA_PAD, C_IN, C_OUT, TAPS, W_PROGRAMS,
-                   HAS_B: tl.constexpr, HAS_A: tl.constexpr, SHARED_ALPHA: tl.constexpr, BLOCK: tl.constexpr,
-                   SPLIT_BLOCK: tl.constexpr):
+                   HAS_B: tl.constexpr, HAS_A: tl.constexpr, SHARED_ALPHA: tl.constexpr, W_CHANNELS_LAST: tl.constexpr,
+                   BLOCK: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """The second stage of the backward's split reductions in one launch (deterministic: _split_sum). Programs
     below W_PROGRAMS: the weight partials (W_SPLITS, (tap, C_in) padded to KT_PAD, C_out padded to CO_PAD), read in
-    their own layout (coalesced) and written once into grad_weight's (C_out, C_in, k, k, k) layout and dtype. The
+    their own layout (coalesced) and written once into grad_weight's (C_out, C_in, k, k, k) layout and dtype
+    (W_CHANNELS_LAST: the weight's channels_last_3d strides, (C_out, taps, C_in) in memory, so that autograd keeps
+    the gradient as it is rather than copying it into the parameter's layout). The
     program after them: the bias and alpha partials (BA_SPLITS, BA_PAD) where asked for (HAS_B, HAS_A);
     SHARED_ALPHA: the alpha gradient summed over the channels too."""
     pid = tl.program_id(0)
@@ -600,9 +602,13 @@ def _finish_kernel(dw_part_ptr, db_part_ptr, da_part_ptr, gw_ptr, gb_ptr, ga_ptr
         co = j - kt * CO_PAD
         ok = (kt < TAPS * C_IN) & (co < C_OUT)
         acc = _split_sum(dw_part_ptr, KT_PAD * CO_PAD, W_SPLITS, j, ok, SPLIT_BLOCK)
-        tap = kt // C_IN
-        ci = kt - tap * C_IN
-        tl.store(gw_ptr + (co * C_IN + ci).to(tl.int64) * TAPS + tap, acc.to(gw_ptr.dtype.element_ty), mask=ok)
+        if W_CHANNELS_LAST:
+            offset = co.to(tl.int64) * (TAPS * C_IN) + kt
+        else:
+            tap = kt // C_IN
+            ci = kt - tap * C_IN
+            offset = (co * C_IN + ci).to(tl.int64) * TAPS + tap
+        tl.store(gw_ptr + offset, acc.to(gw_ptr.dtype.element_ty), mask=ok)
     else:
         alpha_total = tl.zeros((BLOCK,), dtype=tl.float32)
         for c0 in range(0, C_OUT, BLOCK):
@@ -1009,7 +1015,9 @@ def _finish(dw_part, db_part, da_part, weight, alpha, dtype):
     _finish_kernel: weight in its own layout and dtype, bias in `dtype`, alpha in alpha's shape and dtype."""
     c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[-1]
     dev = weight.device
-    grad_w = torch.empty_like(weight, memory_format=torch.contiguous_format) if dw_part is not None else None
+    w_channels_last = _channels_last_weight(weight)
+    grad_w = (torch.empty_like(weight, memory_format=torch.channels_last_3d if w_channels_last
+                               else torch.contiguous_format) if dw_part is not None else None)
     grad_b = torch.empty(c_out, dtype=dtype, device=dev) if db_part is not None else None
     grad_a = torch.empty(alpha.shape, dtype=alpha.dtype, device=dev) if da_part is not None else None
     w_programs = cdiv(dw_part[0].numel(), _FINISH_BLOCK) if dw_part is not None else 0
@@ -1025,8 +1033,14 @@ def _finish(dw_part, db_part, da_part, weight, alpha, dtype):
         *(dw_part.shape if dw_part is not None else (0, 0, 0)),
         *(reductions.shape if reductions is not None else (0, 0)), c_in, c_out, k ** 3, w_programs,
         HAS_B=db_part is not None, HAS_A=da_part is not None, SHARED_ALPHA=alpha is not None and alpha.numel() == 1,
-        BLOCK=_FINISH_BLOCK, SPLIT_BLOCK=_FINISH_SPLITS)
+        W_CHANNELS_LAST=w_channels_last, BLOCK=_FINISH_BLOCK, SPLIT_BLOCK=_FINISH_SPLITS)
     return grad_w, grad_b, grad_a
+
+
+def _channels_last_weight(weight) -> bool:
+    """A weight stored channels_last_3d ((C_out, kd, kh, kw, C_in) in memory: a model moved with
+    .to(memory_format=torch.channels_last_3d)); its gradient is written the same way."""
+    return weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
 
 
 def _backward(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_a, want_dz):
