@@ -141,10 +141,10 @@ def profile_markdown(payload):
             "allocator rounding)."]
     chosen = [(r["variant"], r["backends"]) for r in payload["results"] if r.get("backends")]
     if chosen:
-        out += ["", "Backends the fused layers ran on (distinct layer shapes): " + "; ".join(
-            f"{variant}: " + ", ".join(f"{op} " + "/".join(f"{b} {n}" for b, n in sorted(per.items()))
-                                       for op, per in backends.items())
-            for variant, backends in chosen) + "."]
+        from seg3d_fast.profile import describe_backends
+
+        out += ["", "Backends the fused layers ran on (distinct layer shapes): " + " | ".join(
+            f"{variant}: {describe_backends(backends)}" for variant, backends in chosen) + "."]
     return "\n".join(out)
 
 

@@ -433,9 +433,13 @@ def _print_row(r):
           f"{r['voxels_per_s'] / 1e6:9.2f} Mvox/s  peak {peak:6.2f} GiB  host {r['host_ms']:.1f} ms"
           + (f"  GPU busy {busy:.1f} ms" if busy else "") + (f"  largest cube {edge}^3" if edge else ""), flush=True)
     if r.get("backends"):
-        print(f"{'':<10} backends (distinct layer shapes): " + "; ".join(
-            f"{op} " + ", ".join(f"{b} {n}" for b, n in sorted(chosen.items())) for op, chosen in r["backends"].items()),
-            flush=True)
+        print(f"{'':<10} backends (distinct layer shapes): {describe_backends(r['backends'])}", flush=True)
+
+
+def describe_backends(backends: dict) -> str:
+    """A row's "backends" (ops.chosen_backends()) in words: "conv3d_prelu/forward cuda 10, reference 6; ..."."""
+    return "; ".join(f"{op} " + ", ".join(f"{b} {n}" for b, n in sorted(chosen.items()))
+                     for op, chosen in backends.items())
 
 
 def run_saved_bytes(args):

@@ -939,8 +939,8 @@ def _wgrad_and_reductions(g, saved, dz_kind, alpha, x, weight, stride, want_w, w
         dw_part if want_w else dummy, db_part if want_b else dummy, da_part if want_a else dummy,
         dz if want_dz else dummy,
         m_rows, do, ho, wo, d, h, w, c_in, k_total, c_out, vox_per_split, kt_pad, co_pad,
-        *fast_divisor(do), *fast_divisor(ho), *fast_divisor(wo), STEP=stride, FLAT_K=c_in if flat_k else 0, VEC=_run_length(c_in, x.element_size()),
-        VEC_OUT=_run_length(c_out, g.element_size()), DZ_KIND=dz_kind,
+        *fast_divisor(do), *fast_divisor(ho), *fast_divisor(wo), STEP=stride, FLAT_K=c_in if flat_k else 0,
+        VEC=_run_length(c_in, x.element_size()), VEC_OUT=_run_length(c_out, g.element_size()), DZ_KIND=dz_kind,
         ALPHA_PER_CH=alpha is not None and alpha.numel() > 1,
         COMPUTE_W=want_w, REDUCE_BIAS=want_b, REDUCE_ALPHA=want_a, WRITE_DZ=want_dz,
         DOT_PREC=dot_precision(x.dtype), BLOCK_KT=block_kt, BLOCK_CO=block_co,
@@ -1015,9 +1015,8 @@ def _finish(dw_part, db_part, da_part, weight, alpha, dtype):
     _finish_kernel: weight in its own layout and dtype, bias in `dtype`, alpha in alpha's shape and dtype."""
     c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[-1]
     dev = weight.device
-    w_channels_last = _channels_last_weight(weight)
-    grad_w = (torch.empty_like(weight, memory_format=torch.channels_last_3d if w_channels_last
-                               else torch.contiguous_format) if dw_part is not None else None)
+    w_format = _out_memory_format(weight)  # a channels-last model's weight: its gradient written the same way
+    grad_w = torch.empty_like(weight, memory_format=w_format) if dw_part is not None else None
     grad_b = torch.empty(c_out, dtype=dtype, device=dev) if db_part is not None else None
     grad_a = torch.empty(alpha.shape, dtype=alpha.dtype, device=dev) if da_part is not None else None
     w_programs = cdiv(dw_part[0].numel(), _FINISH_BLOCK) if dw_part is not None else 0
@@ -1033,14 +1032,8 @@ def _finish(dw_part, db_part, da_part, weight, alpha, dtype):
         *(dw_part.shape if dw_part is not None else (0, 0, 0)),
         *(reductions.shape if reductions is not None else (0, 0)), c_in, c_out, k ** 3, w_programs,
         HAS_B=db_part is not None, HAS_A=da_part is not None, SHARED_ALPHA=alpha is not None and alpha.numel() == 1,
-        W_CHANNELS_LAST=w_channels_last, BLOCK=_FINISH_BLOCK, SPLIT_BLOCK=_FINISH_SPLITS)
+        W_CHANNELS_LAST=w_format is torch.channels_last_3d, BLOCK=_FINISH_BLOCK, SPLIT_BLOCK=_FINISH_SPLITS)
     return grad_w, grad_b, grad_a
-
-
-def _channels_last_weight(weight) -> bool:
-    """A weight stored channels_last_3d ((C_out, kd, kh, kw, C_in) in memory: a model moved with
-    .to(memory_format=torch.channels_last_3d)); its gradient is written the same way."""
-    return weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
 
 
 def _backward(g, s, dz_kind, a, x, weight, stride, want_x, want_w, want_b, want_a, want_dz):
