@@ -80,8 +80,13 @@ if [[ $DRY_RUN -eq 0 ]]; then
     "import torch; print('%d%d-real' % torch.cuda.get_device_capability())")}
   stage build "$T_BUILD" $PY -m pip install --no-deps --no-build-isolation --no-index -e . -q
   $PY -c "import seg3d_fast.backends as b; print('backends:', b.available())" || true
-  # --- GPU tests (importorskip keeps tests needing nibabel out) -------------------------------------------------
-  DEFAULT_TESTS="tests/test_build.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py"
+  # nibabel (the demo and the graphed-training test read NIfTI): carried as a wheel in .whl/ when the machine lacks it
+  if ! $PY -c "import nibabel" 2>/dev/null && ls .whl/nibabel-*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/nibabel-*.whl && export PYTHONPATH=/tmp/site
+  fi
+  # --- GPU tests (importorskip keeps tests needing nibabel out where it is missing) ------------------------------
+  DEFAULT_TESTS="tests/test_build.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py
+                 tests/test_graphs.py"
   TESTS=${GPU_CHECK_TESTS:-"$DEFAULT_TESTS tests/test_profile.py"}
   EXISTING=$(for f in $TESTS; do [[ -e $f ]] && echo "$f"; done)
   # One default tile config per kernel (tuning is the benchmarks' job); all failures reported, in parallel if
@@ -109,7 +114,7 @@ if [[ $DRY_RUN -eq 0 ]]; then
   # the fused network and its baseline first: the largest-cube searches run in this order until the time limit;
   # the op tables of one traced step per variant go to the log (where the network's time goes)
   PROFILE_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 16 --max-edge 512 --time-limit $((T_PROFILE - 25))
-                --variants plain_cl fused cuda plain --trace /tmp/seg3d_trace)
+                --variants plain_cl fused cuda plain fused_graph plain_cl_graph --trace /tmp/seg3d_trace)
 else
   echo "(dry run: no install; the package is used from the checkout)"
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -145,11 +150,8 @@ stage profile "$T_PROFILE" $PY -m seg3d_fast.profile "${PROFILE_ARGS[@]}" --out 
 for f in /tmp/seg3d_trace/ops_*.txt /tmp/seg3d_trace/host_*.txt; do
   [[ -s $f ]] && { echo "--- $(basename "$f")"; head -40 "$f" | cut -c1-230; }
 done
-# --- the main job on the GPU: the demo (needs nibabel: carried as a wheel in .whl/ when the machine lacks it) ------
+# --- the main job on the GPU: the demo (nibabel installed above where it was missing) -----------------------------
 if [[ $DRY_RUN -eq 0 ]]; then
-  if ! $PY -c "import nibabel" 2>/dev/null && ls .whl/nibabel-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/nibabel-*.whl && export PYTHONPATH=/tmp/site
-  fi
   # Default backend order (cuda, triton, reference) without run-time timing: the demo's crop shapes are not in the
   # benchmark's table, and tuning every new shape would eat the stage's time.
   rm -f /tmp/seg3d_demo/metrics.json

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends
+from . import backends, graphs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_SIZES = (1, 3)
@@ -178,6 +178,10 @@ def _read_later(values: Tensor):
     `.item()` there would (the copy is long done by then)."""
     if values.device.type != "cuda":
         return lambda: values
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("seg3d_fast's fused ops were captured into a CUDA graph outside "
+                           "seg3d_fast.graphs.recording_checks(): their alpha and label checks must be read after each "
+                           "replay (seg3d_fast.graphs.CudaGraphStep does both)")
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
     host.copy_(values, non_blocking=True)
     copied = torch.cuda.Event()
@@ -191,8 +195,14 @@ def _read_later(values: Tensor):
 
 def _alpha_positive_later(alpha):
     """Whether every alpha > 0 (NaN: no), as a function for the backward to call (see _read_later). The least alpha
-    is what crosses: one reduction, where (alpha > 0).all() took two ops."""
-    read = _read_later(alpha.amin())
+    is what crosses: one reduction, where (alpha > 0).all() took two ops. While a graph is captured
+    (graphs.recording_checks) the answer is yes and the least alpha is recorded, to be checked after each replay."""
+    least = alpha.amin()
+    checks = graphs.active_checks()
+    if checks is not None:
+        checks.add(least, graphs.check_alpha_positive)
+        return lambda: True
+    read = _read_later(least)
     return lambda: read().item() > 0
 
 
@@ -202,7 +212,7 @@ def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, strid
                                          "backward"))
     if alpha is None:
         kind, saved = "none", None
-    elif alpha_positive() if alpha_positive is not None else bool((alpha > 0).all()):
+    elif (alpha_positive or _alpha_positive_later(alpha))():
         kind = "act"
     else:  # z is not recoverable from the PReLU output: recompute it (exact, costs one extra forward conv)
         kind = "preact"
@@ -457,12 +467,16 @@ def _label_range_check(logits, target, ignore_index, label_range=None, defer=Non
         label_range = torch.stack(torch.aminmax(counted))
 
     def check(lo_hi):
-        lo, hi = lo_hi.tolist()
+        lo, hi = (int(v) for v in lo_hi.tolist())  # (float64 when read after a graph's replay)
         if lo < 0 or hi >= c:
             raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
                              + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
                              + f"; found values in [{lo}, {hi}]")
 
+    checks = graphs.active_checks()
+    if checks is not None:  # read after each replay of the graph being captured
+        checks.add(label_range, check)
+        return None
     if _defer_label_check(logits) if defer is None else defer:
         read = _read_later(label_range)
         return lambda: check(read())

@@ -1,7 +1,8 @@
 """seg3d-fast profile: full-volume training throughput and memory of Seg3DNet, fused backends beside plain PyTorch.
 
 For each variant ("plain": the same network from nn.Conv3d / nn.PReLU / sums, the baseline; "plain_cl": that in
-channels_last_3d; "reference" / "triton" / "cuda": the fused network forced onto that backend) it measures:
+channels_last_3d; "reference" / "triton" / "cuda": the fused network forced onto that backend; "fused_graph",
+"cuda_graph", "plain_cl_graph": those with forward and backward replayed as one CUDA graph) it measures:
   steps/s and voxels/s of full training steps (forward, Jaccard loss, backward, Adam) at --input-size and --batch,
     in --dtype (fp16/bf16: autocast, fp32 master weights);
   peak memory: on a GPU torch.cuda.max_memory_allocated over the timed steps (model, optimizer state, activations,
@@ -35,20 +36,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import graphs, ops
 from .models import peak_live_bytes, saved_tensor_bytes
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # "fused": every layer on the best backend that can run it; "reference"/"triton"/"cuda": every layer forced onto one
 # backend (an error when a layer cannot run there, e.g. the cuda kernels need even channel counts in fp16/bf16);
-# "triton_tma": "triton" with its opt-in TMA kernels on (VARIANT_ENV).
-VARIANTS = ("plain", "plain_cl", "fused", "reference", "triton", "cuda", "triton_tma")
+# "triton_tma": "triton" with its opt-in TMA kernels on (VARIANT_ENV); "..._graph": that variant's forward and
+# backward replayed as one CUDA graph (graphs.CudaGraphStep; GPU only).
+VARIANTS = ("plain", "plain_cl", "fused", "reference", "triton", "cuda", "triton_tma", "plain_cl_graph",
+            "fused_graph", "cuda_graph")
 VARIANT_ENV = {"triton_tma": {"SEG3D_FAST_TRITON_TMA": "1"}}
+GRAPH_SUFFIX = "_graph"
 
 
 def variant_backend(name: str):
     """The backend a variant's fused ops run on: None (each op on its best backend) for "fused", else the name less
-    its VARIANT_ENV suffix ("triton_tma" -> "triton")."""
+    its VARIANT_ENV and graph suffixes ("triton_tma" -> "triton", "cuda_graph" -> "cuda")."""
+    name = name.removesuffix(GRAPH_SUFFIX)
     return None if name == "fused" else name.split("_")[0]
 SAVED_BYTES_TARGET = 0.55
 STEP_TIME_TARGET = 1.15
@@ -147,6 +152,11 @@ class Variant:
             self.loss = plain_jaccard_loss
         self.opt = torch.optim.Adam(self.model.parameters(), lr=5e-5)
         self.in_channels, self.classes = args.in_channels, args.classes
+        self.graphed = name.endswith(GRAPH_SUFFIX)
+        if self.graphed and device.type != "cuda":
+            raise ValueError(f"variant {name} replays CUDA graphs: it needs a CUDA device, got {device}")
+        self.graph_step = graphs.CudaGraphStep(self.model, self.loss, self.opt, autocast_dtype=self.amp) \
+            if self.graphed else None
 
     def inputs(self, batch, spatial):
         x = torch.randn(batch, self.in_channels, *spatial, device=self.device)
@@ -159,23 +169,18 @@ class Variant:
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
     def step(self, x, labels):
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.forward_backward(x, labels)
-        self.opt.step()
-        return loss
-
-    def forward_backward(self, x, labels):
         with env_vars(self.env):
-            with self.autocast():
-                logits = self.model(x)
-            loss = self.loss(logits, labels)
-            loss.backward()
-        return loss.detach()
+            if self.graph_step is not None:
+                return self.graph_step(x, labels)[0]
+            return graphs.train_step(self.model, self.loss, self.opt, x, labels, self.amp)[0]
 
     def peak_bytes(self, x, labels):
-        """Peak bytes a forward + backward allocates (CPU allocations tracked op by op; gradients included)."""
-        self.opt.zero_grad(set_to_none=True)
-        return peak_live_bytes(lambda: self.forward_backward(x, labels))
+        """Peak bytes an (eager) forward + backward allocates (CPU allocations tracked op by op; gradients
+        included)."""
+        def forward_backward():
+            with env_vars(self.env):
+                graphs.forward_backward(self.model, self.loss, self.opt, x, labels, self.amp)
+        return peak_live_bytes(forward_backward)
 
     def saved_bytes(self, x):
         with self.autocast():
@@ -402,6 +407,9 @@ def run_profile(args):
     for row in (payload["results"] if budget > 0 else []):
         if args.time_limit and time.perf_counter() - t_start > args.time_limit:
             row["max_cubic_method"] = f"skipped: --time-limit {args.time_limit:g} s spent"
+            continue
+        if variants[row["variant"]].graphed:  # its graph holds the timed size's memory; new sizes would run eagerly
+            row["max_cubic_method"] = "skipped: a CUDA-graph variant (the same tensors as the eager variant)"
             continue
         row.update(largest_cube(variants[row["variant"]], args.batch, budget, args.max_edge))
         _write(path, payload)

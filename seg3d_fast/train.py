@@ -11,7 +11,7 @@ multi-process run draws its own samples without any shared random state.
 
 Multi-GPU: `torchrun --nproc_per_node=N -m seg3d_fast train ...` (NCCL on GPUs, gloo on CPU); only rank 0 writes.
 """
-import contextlib
+import functools
 import json
 import os
 import random
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import graphs
 from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, write_atomic, write_text_atomic
 from .data.preprocess import PreprocessConfig, preprocess
@@ -59,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     backend: str | None = None
+    cuda_graph: bool = False            # forward + backward replayed as one CUDA graph (one GPU; fixed --crop)
     workers: int = 0
     resume: bool = False
     progress: bool = True
@@ -291,6 +293,9 @@ def train(cfg):
         raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {cfg.amp!r}")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
+        raise ValueError(f"--cuda-graph needs one CUDA device and one process; got device {device}, "
+                         f"{world} processes")
     out = Path(cfg.out)
     fold_dir = out / f"fold_{cfg.fold}"
     ckpt_path = fold_dir / CHECKPOINT_FILE
@@ -348,7 +353,10 @@ def train(cfg):
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=pad_collate, pin_memory=device.type == "cuda")
     amp_dtype = AMP_DTYPES[cfg.amp]
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    if cfg.cuda_graph:  # (inputs of another shape than the first batches', e.g. uncropped volumes, run eagerly)
+        step = graphs.CudaGraphStep(model, loss_fn, optimizer, autocast_dtype=amp_dtype, scaler=scaler)
+    else:
+        step = functools.partial(graphs.train_step, net, loss_fn, optimizer, autocast_dtype=amp_dtype, scaler=scaler)
 
     for epoch in range(start_epoch, cfg.epochs):
         lr = cfg.lr * ((1 - epoch / cfg.epochs) ** 0.9 if cfg.lr_schedule == "poly" else 1.0)
@@ -362,17 +370,7 @@ def train(cfg):
         bar = _progress(loader, cfg.progress and rank == 0, f"epoch {epoch + 1}/{cfg.epochs}")
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                logits = net(x)
-                loss = loss_fn(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss, logits = step(x, y)
             with torch.no_grad():
                 dice = float(np.mean(dice_per_class(logits.argmax(1), y, num_classes)[1:]))
             sums += torch.tensor([loss.item(), dice, 1.0, y.numel()], dtype=torch.float64)
@@ -463,6 +461,9 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", choices=("reference", "triton", "cuda"), default=None,
                    help="force a kernel backend (default: the dispatcher's choice)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step's forward and backward as one CUDA graph (one GPU; use with --crop): "
+                        "removes the per-layer host work that bounds small and deep layers")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--resume", action="store_true", help="continue from fold_k/checkpoint.pt")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar or epoch lines")
@@ -475,7 +476,7 @@ def config_from_args(args):
                        downsample=args.downsample, clip=tuple(args.clip) if args.clip else None,
                        features=tuple(args.features), skip=args.skip, num_classes=args.num_classes, amp=args.amp,
                        augment=args.augment, val_every=args.val_every, seed=args.seed, device=args.device,
-                       backend=args.backend, workers=args.workers, resume=args.resume, progress=args.progress)
+                       backend=args.backend, cuda_graph=args.cuda_graph, workers=args.workers, resume=args.resume, progress=args.progress)
 
 
 def main(args):

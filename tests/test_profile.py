@@ -166,5 +166,5 @@ def test_triton_tma_variant_runs_with_its_environment(monkeypatch):
         scale = nn.Parameter(torch.ones(()))
 
     variant.model, variant.loss = Probe(), lambda logits, labels: logits.sum()
-    variant.forward_backward(torch.randn(1, 1, 2, 2, 2), None)
+    variant.step(torch.randn(1, 1, 2, 2, 2), None)
     assert seen == ["1"] and "SEG3D_FAST_TRITON_TMA" not in os.environ

@@ -108,3 +108,10 @@ def test_intensity_augmentation_is_per_channel_affine():
         assert 0.9 <= a <= 1.1 and -0.1 <= b <= 0.1
         np.testing.assert_allclose(out[c], a * x[c] + b, atol=1e-5)
     assert not np.allclose(out, x)
+
+
+def test_cuda_graph_needs_one_gpu(tmp_path):
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    with pytest.raises(ValueError, match="--cuda-graph needs one CUDA device and one process; got device cpu"):
+        train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=1, device="cpu", cuda_graph=True,
+                          **TINY))

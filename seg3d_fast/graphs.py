@@ -1,0 +1,202 @@
+"""CUDA-graph training steps: the forward, loss and backward captured once and replayed, so that a step costs the host
+one replay instead of a Python call and a few launches per layer (eager, the fused network runs at the host's pace:
+README, performance).
+
+The fused ops check two things on the host in eager mode, from an asynchronous copy: that every PReLU alpha > 0 (the
+conv backward then recovers the pre-activation from the saved output; otherwise it recomputes it) and that the labels
+lie in [0, C). A graph cannot read the host mid-replay, so while checks are recorded (recording_checks) the ops
+instead record the device values these checks read, and the conv backward takes alpha > 0. CudaGraphStep reads the
+recorded values after each replay (one small copy) and before the optimizer runs: a step whose alpha assumption
+failed is rerun eagerly (exact for any alpha) and graphs stay off from then on; labels out of range raise ValueError
+as in eager mode.
+
+    step = CudaGraphStep(model, loss_fn, optimizer, autocast_dtype=torch.bfloat16)
+    for x, y in loader:
+        loss, logits = step(x.cuda(), y.cuda())  # the graph's own output tensors: read them before the next call
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+class AlphaAssumptionError(RuntimeError):
+    """A replayed backward took PReLU alpha > 0 where some alpha was <= 0: its gradients are not exact."""
+
+
+class CapturedChecks:
+    """Device values recorded while a graph was captured, each with the host check that reads it after a replay."""
+
+    def __init__(self):
+        self._values: list[Tensor] = []
+        self._checks: list[Callable[[Tensor], None]] = []
+        self.packed: Optional[Tensor] = None
+
+    def add(self, values: Tensor, check: Callable[[Tensor], None]) -> None:
+        """check(values on the CPU, float64, original shape) raises when they break the op's assumption."""
+        self._values.append(values.detach())
+        self._checks.append(check)
+
+    def __len__(self):
+        return len(self._values)
+
+    def pack(self) -> Optional[Tensor]:
+        """All values in one float64 device tensor (call it inside the capture: each replay refills it)."""
+        if self._values:
+            self.packed = torch.cat([v.reshape(-1).to(torch.float64) for v in self._values])
+        return self.packed
+
+    def verify(self, host: Optional[Tensor] = None) -> None:
+        """Runs every check on `host` (pack()'s tensor copied to the CPU; by default it is copied here)."""
+        if self.packed is None:
+            return
+        host = self.packed.cpu() if host is None else host
+        start = 0
+        for values, check in zip(self._values, self._checks):
+            check(host[start:start + values.numel()].reshape(values.shape))
+            start += values.numel()
+
+
+_active: Optional[CapturedChecks] = None
+
+
+def active_checks() -> Optional[CapturedChecks]:
+    """The CapturedChecks the fused ops record into, inside recording_checks(); else None."""
+    return _active
+
+
+@contextlib.contextmanager
+def recording_checks():
+    """The fused ops record their host checks' values instead of reading them (see the module docstring)."""
+    global _active
+    if _active is not None:
+        raise RuntimeError("recording_checks() is already active: graphs are captured one at a time")
+    _active = CapturedChecks()
+    try:
+        yield _active
+    finally:
+        _active = None
+
+
+def check_alpha_positive(least_alpha: Tensor) -> None:
+    value = float(least_alpha)
+    if not value > 0:
+        raise AlphaAssumptionError(f"a PReLU alpha is {value:g} (<= 0): the replayed backward took alpha > 0, which "
+                                   "recovers the pre-activation from the layer's output; rerun the step eagerly")
+
+
+def train_step(model, loss_fn, optimizer, x: Tensor, y: Tensor, autocast_dtype=None, scaler=None):
+    """One eager training step: forward (under autocast when autocast_dtype is set), loss, backward, optimizer.
+    Returns (loss, logits)."""
+    logits, loss = forward_backward(model, loss_fn, optimizer, x, y, autocast_dtype, scaler)
+    _optimizer_step(optimizer, scaler)
+    return loss.detach(), logits.detach()
+
+
+def forward_backward(model, loss_fn, optimizer, x, y, autocast_dtype=None, scaler=None, cache_casts=True):
+    """train_step without the optimizer step: gradients set (the optimizer's zeroed first). -> (logits, loss)"""
+    optimizer.zero_grad(set_to_none=True)
+    # a graph must not reuse autocast's cached weight casts (they are made once, outside it): cache_casts=False there
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                        cache_enabled=cache_casts):
+        logits = model(x)
+        loss = loss_fn(logits, y)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return logits, loss
+
+
+def _optimizer_step(optimizer, scaler):
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+def _check_devices(x, y):
+    if x.device.type != "cuda" or y.device != x.device:
+        raise ValueError(f"CudaGraphStep needs x and y on one CUDA device; got x on {x.device}, y on {y.device}")
+
+
+class CudaGraphStep:
+    """A training step (forward, loss, backward; then the optimizer, eagerly) whose forward and backward are one
+    CUDA graph, replayed on every call with inputs of the captured shapes.
+
+    The first `warmup` calls run eagerly (they tune kernels, choose backends and fill the ops' caches, which a
+    capture must not do); the next call captures and replays. Calls with inputs of other shapes or dtypes than the
+    captured ones run eagerly (counted in eager_steps); so does every call once a replay's alpha check failed
+    (disabled says why). Gradients are the graph's own tensors, put back into each parameter's .grad before the
+    optimizer runs. autocast_dtype: the autocast dtype (None: no autocast); scaler: a torch.amp.GradScaler for fp16.
+    Single-process only: a DistributedDataParallel model is refused (its gradient all-reduce is not captured here).
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, *,
+                 autocast_dtype: Optional[torch.dtype] = None, scaler=None, warmup: int = 3):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError("CudaGraphStep: model is DistributedDataParallel; CUDA-graph steps run on one GPU "
+                             "(train without --cuda-graph under torchrun)")
+        if warmup < 1:
+            raise ValueError(f"CudaGraphStep: warmup must be >= 1 (kernels tune and caches fill on eager steps), "
+                             f"got {warmup}")
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.autocast_dtype, self.scaler, self.warmup = autocast_dtype, scaler, warmup
+        self.calls = self.eager_steps = self.replays = 0
+        self.disabled: Optional[str] = None
+        self._graph = None
+
+    def __call__(self, x: Tensor, y: Tensor):
+        """One training step on (x, y). Returns (loss, logits): after a replay, the graph's output tensors, which
+        the next call overwrites."""
+        _check_devices(x, y)
+        self.calls += 1
+        if self.disabled is None and self._graph is None and self.calls > self.warmup:
+            self._capture(x, y)
+        if self._graph is None or not self._fits(x, y):
+            return self._eager(x, y)
+        self._static_x.copy_(x)
+        self._static_y.copy_(y)
+        self._graph.replay()
+        try:
+            self._checks.verify()  # waits for the replay: the optimizer must not take unverified gradients
+        except AlphaAssumptionError as e:
+            self.disabled = f"replay {self.replays + 1}: {e}"
+            warnings.warn(f"CudaGraphStep: {self.disabled}; this and later steps run eagerly", RuntimeWarning,
+                          stacklevel=2)
+            self._release()
+            return self._eager(x, y)
+        self.replays += 1
+        for p, g in self._grads:  # .grad may have been reset (zero_grad) since the capture: the graph writes these
+            p.grad = g
+        _optimizer_step(self.optimizer, self.scaler)
+        return self._loss, self._logits
+
+    def _eager(self, x, y):
+        self.eager_steps += 1
+        return train_step(self.model, self.loss_fn, self.optimizer, x, y, self.autocast_dtype, self.scaler)
+
+    def _fits(self, x, y):
+        sx, sy = self._static_x, self._static_y
+        return (x.shape == sx.shape and x.dtype == sx.dtype and x.device == sx.device
+                and y.shape == sy.shape and y.dtype == sy.dtype)
+
+    def _capture(self, x, y):
+        # the inputs keep the caller's layout (channels-last stays channels-last: the kernels chosen in warmup)
+        self._static_x, self._static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        with recording_checks() as checks, torch.cuda.graph(graph):
+            logits, loss = forward_backward(self.model, self.loss_fn, self.optimizer, self._static_x,
+                                             self._static_y, self.autocast_dtype, self.scaler, cache_casts=False)
+            checks.pack()
+        self._graph, self._checks = graph, checks
+        self._logits, self._loss = logits.detach(), loss.detach()
+        self._grads = [(p, p.grad) for group in self.optimizer.param_groups for p in group["params"]
+                       if p.grad is not None]
+
+    def _release(self):
+        self._graph = self._checks = self._logits = self._loss = None
+        self._static_x = self._static_y = None
+        self._grads = []

@@ -1,0 +1,275 @@
+"""CUDA-graph training steps (seg3d_fast.graphs): the checks the fused ops record instead of reading while a graph is
+captured (on the CPU: the same ops with recording_checks on), and CudaGraphStep against eager steps (GPU)."""
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import seg3d_fast as sf
+from seg3d_fast import graphs
+from seg3d_fast.models import Seg3DNet
+from test_ops import make_conv_args, run_with_grads, skip_unless_usable
+
+
+def _conv_grads(negative_alpha, backend="reference", device="cpu"):
+    x, w, b, alpha, r, stride, rf = make_conv_args(torch.float32, 3, 2, "channel", "before", "channels_last",
+                                                   negative_alpha=negative_alpha, device=device)
+    fused = lambda *a: sf.conv3d_prelu(*a, stride=stride, residual_first=rf, backend=backend)  # noqa: E731
+    g = torch.randn(sf.ops.conv_output_shape(x.shape, w.shape, stride), device=device) + 1
+    return run_with_grads(fused, [x, w, b, alpha, r], g)
+
+
+@pytest.mark.parametrize("negative_alpha", [False, True])
+def test_recorded_alpha_check(negative_alpha):
+    """While checks are recorded the conv backward takes alpha > 0 (no host read) and records the least alpha: with
+    alpha > 0 its gradients are the eager ones and the check passes; with some alpha <= 0 the check raises."""
+    torch.manual_seed(1)
+    eager_out, eager_grads = _conv_grads(negative_alpha)
+    torch.manual_seed(1)
+    with graphs.recording_checks() as checks:
+        out, grads = _conv_grads(negative_alpha)
+        checks.pack()
+    assert len(checks) == 1
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+    if negative_alpha:
+        with pytest.raises(graphs.AlphaAssumptionError, match=r"PReLU alpha is -?\d.*<= 0"):
+            checks.verify()
+        # the assumption is what made the gradients differ: the eager backward recomputed the pre-activation
+        assert any(not torch.equal(g, e) for g, e in zip(grads, eager_grads) if g is not None)
+    else:
+        checks.verify()
+        for g, e in zip(grads, eager_grads):
+            if e is not None:
+                torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_recorded_label_check():
+    """Labels out of range do not raise while checks are recorded (the graph cannot); the recorded check does, with
+    the eager message."""
+    logits = torch.randn(2, 5, 3, 4, 5, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 3, 4, 5))
+    labels[1, 2, 3, 4] = 7
+    with graphs.recording_checks() as checks:
+        sf.jaccard_loss(logits, labels, backend="reference").backward()
+        checks.pack()
+    assert len(checks) == 1 and logits.grad is not None
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 4\] for 5 classes; found values in \[0, 7\]"):
+        checks.verify()
+    with graphs.recording_checks() as checks:
+        sf.jaccard_loss(logits, labels.clamp(max=4), backend="reference").backward()
+        checks.pack()
+    checks.verify()
+
+
+def test_recording_checks_is_not_reentrant():
+    with graphs.recording_checks():
+        with pytest.raises(RuntimeError, match="already active"):
+            with graphs.recording_checks():
+                pass
+    assert graphs.active_checks() is None
+
+
+def test_train_step_is_the_eager_step():
+    """train_step (eager; CudaGraphStep's warmup and fallback) against the same step written out."""
+    torch.manual_seed(0)
+    model = Seg3DNet(2, 3, (4, 8), backend="reference")
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(2, 2, 6, 4, 6), torch.randint(0, 3, (2, 6, 4, 6))
+    opt, twin_opt = torch.optim.Adam(model.parameters(), lr=1e-3), torch.optim.Adam(twin.parameters(), lr=1e-3)
+    loss_fn = sf.nn.JaccardLoss(backend="reference")
+    for _ in range(2):
+        loss, logits = graphs.train_step(model, loss_fn, opt, x, y)
+        twin_opt.zero_grad()
+        twin_logits = twin(x)
+        twin_loss = loss_fn(twin_logits, y)
+        twin_loss.backward()
+        twin_opt.step()
+        torch.testing.assert_close(loss, twin_loss.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(logits, twin_logits.detach(), rtol=0, atol=0)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_cuda_graph_step_errors():
+    model = Seg3DNet(2, 3, (4, 8), backend="reference")
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        graphs.CudaGraphStep(model, sf.nn.JaccardLoss(), opt, warmup=0)
+    step = graphs.CudaGraphStep(model, sf.nn.JaccardLoss(), opt)
+    with pytest.raises(ValueError, match="needs x and y on one CUDA device; got x on cpu"):
+        step(torch.randn(1, 2, 4, 4, 4), torch.zeros(1, 4, 4, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# on the GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+
+
+def _twins(backend, dtype):
+    torch.manual_seed(0)  # (4 input channels, 4 classes: the cuda kernels take even channel counts in bf16)
+    model = Seg3DNet(4, 4, (8, 16, 32), backend=backend).cuda().to(memory_format=torch.channels_last_3d)
+    twin = copy.deepcopy(model)
+    return [(m, torch.optim.Adam(m.parameters(), lr=1e-3)) for m in (model, twin)]
+
+
+def _batches(steps, shape=(2, 4, 12, 16, 8), classes=4):
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(shape, generator=gen).cuda().contiguous(memory_format=torch.channels_last_3d),
+             torch.randint(0, classes, (shape[0], *shape[2:]), generator=gen).cuda()) for _ in range(steps)]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_step_matches_eager(backend, dtype, monkeypatch):
+    """Replayed steps give the eager steps' losses and weights (deterministic kernels on both sides), and replay
+    after the warmup steps; an input of another shape runs eagerly, and the replays go on after it."""
+    skip_unless_usable(backend)
+    monkeypatch.setenv("SEG3D_FAST_DETERMINISTIC", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    (model, opt), (twin, twin_opt) = _twins(backend, dtype)
+    autocast = None if dtype == torch.float32 else dtype
+    loss_fn = sf.nn.JaccardLoss(backend=backend)
+    step = graphs.CudaGraphStep(model, loss_fn, opt, autocast_dtype=autocast, warmup=2)
+    batches = _batches(6)
+    odd = _batches(1, shape=(2, 4, 8, 8, 8))[0]
+    for i, (x, y) in enumerate(batches[:4] + [odd] + batches[4:]):
+        loss, logits = step(x, y)
+        twin_loss, twin_logits = graphs.train_step(twin, loss_fn, twin_opt, x, y, autocast)
+        torch.testing.assert_close(loss, twin_loss, msg=lambda m: f"step {i}: {m}")
+        torch.testing.assert_close(logits, twin_logits, msg=lambda m: f"step {i}: {m}")
+    assert (step.replays, step.eager_steps, step.disabled) == (4, 3, None)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_graph_step_falls_back_when_alpha_turns_negative():
+    """A replay whose backward took alpha > 0 where alpha < 0 is rerun eagerly (warning), and steps stay eager."""
+    backend = "triton" if sf.backends.available()["triton"] is None else "cuda"
+    skip_unless_usable(backend)
+    (model, opt), (twin, twin_opt) = _twins(backend, torch.float32)
+    loss_fn = sf.nn.JaccardLoss(backend=backend)
+    step = graphs.CudaGraphStep(model, loss_fn, opt, warmup=1)
+    batches = _batches(4)
+    for x, y in batches[:2]:
+        step(x, y)
+        graphs.train_step(twin, loss_fn, twin_opt, x, y)
+    assert step.replays == 1
+    for m in (model, twin):
+        with torch.no_grad():
+            m.enc_second[0].alpha.fill_(-0.2)
+    with pytest.warns(RuntimeWarning, match="PReLU alpha is -0.2.*run eagerly"):
+        step(*batches[2])
+    graphs.train_step(twin, loss_fn, twin_opt, *batches[2])
+    step(*batches[3])
+    graphs.train_step(twin, loss_fn, twin_opt, *batches[3])
+    assert step.replays == 1 and step.eager_steps == 3 and "replay 2" in step.disabled
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_graph_step_rejects_bad_labels_before_the_optimizer():
+    backend = "triton" if sf.backends.available()["triton"] is None else "cuda"
+    skip_unless_usable(backend)
+    (model, opt), _ = _twins(backend, torch.float32)
+    step = graphs.CudaGraphStep(model, sf.nn.JaccardLoss(backend=backend), opt, warmup=1)
+    batches = _batches(3)
+    for x, y in batches[:2]:
+        step(x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches[2]
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 3\]"):
+        step(x, y + 4)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q), "the optimizer ran on a step whose labels failed the check"
+
+
+@gpu
+@pytest.mark.gpu
+def test_capture_outside_recording_checks_says_how():
+    backend = "triton" if sf.backends.available()["triton"] is None else "cuda"
+    skip_unless_usable(backend)
+    x, w, b, alpha, r, stride, rf = make_conv_args(torch.float32, 3, 1, "channel", "none", "channels_last",
+                                                   c_out=8, shape=(1, 4, 6, 6, 6), device="cuda")
+    x.requires_grad_(True)
+    sf.conv3d_prelu(x, w, b, alpha, stride=stride, backend=backend).sum().backward()  # warm: tuned, cached
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="outside seg3d_fast.graphs.recording_checks"):
+        with torch.cuda.graph(graph):
+            sf.conv3d_prelu(x, w, b, alpha, stride=stride, backend=backend)
+
+
+@gpu
+@pytest.mark.gpu
+def test_training_with_cuda_graphs_matches_eager(tmp_path, monkeypatch):
+    """`seg3d-fast train --cuda-graph` trains the same weights as without it (deterministic kernels)."""
+    pytest.importorskip("nibabel")
+    from data_helpers import brain_csv
+    from seg3d_fast.train import TrainConfig, train
+
+    monkeypatch.setenv("SEG3D_FAST_DETERMINISTIC", "1")
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    manifest = brain_csv(tmp_path / "data", n_cases=2)
+    config = dict(data=str(manifest), epochs=2, features=(4, 8), crop=(16, 16, 16), samples_per_epoch=6, lr=3e-3,
+                  progress=False, device="cuda", amp="bf16")
+    eager = train(TrainConfig(out=str(tmp_path / "eager"), **config))
+    graphed = train(TrainConfig(out=str(tmp_path / "graphed"), cuda_graph=True, **config))
+    for (name, p), q in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        torch.testing.assert_close(q, p, msg=lambda m: f"{name}: {m}")
+
+
+class _RunOnceGraph:
+    """A stand-in for torch.cuda.CUDAGraph on the CPU: the capture runs the step for real (a GPU capture records it
+    without running it), and replay() does nothing, so the call that captures sees the step's true results, as it
+    does on the GPU, and later calls see that step's results again."""
+
+    def replay(self):
+        pass
+
+
+def test_cuda_graph_step_plumbing_on_cpu(monkeypatch):
+    """CudaGraphStep's bookkeeping with a stand-in graph (the GPU tests capture for real): eager warmup, the
+    capturing call equal to an eager step (static inputs, checks verified, gradients put back, optimizer), inputs
+    of another shape run eagerly, and a failed alpha check reruns the step eagerly and turns graphs off."""
+    monkeypatch.setattr(graphs, "_check_devices", lambda x, y: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _RunOnceGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    torch.manual_seed(0)
+    model = Seg3DNet(2, 3, (4, 8), backend="reference")
+    twin = copy.deepcopy(model)
+    opt, twin_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
+    loss_fn = sf.nn.JaccardLoss(backend="reference")
+    step = graphs.CudaGraphStep(model, loss_fn, opt, warmup=1)
+    x, y = torch.randn(2, 2, 6, 4, 6), torch.randint(0, 3, (2, 6, 4, 6))
+
+    def both(x, y, same=True):
+        loss, logits = step(x, y)
+        twin_loss, twin_logits = graphs.train_step(twin, loss_fn, twin_opt, x, y)
+        torch.testing.assert_close(loss, twin_loss, rtol=0, atol=0)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+        return loss
+
+    both(x, y)  # warmup: eager
+    assert (step.eager_steps, step.replays, step._graph is None) == (1, 0, True)
+    both(x, y)  # captures (runs the step: the stand-in) and "replays"
+    assert (step.eager_steps, step.replays) == (1, 1) and step._graph is not None
+    assert len(step._checks) == 5 + 1  # the least alpha of each fused PReLU conv of the (4, 8) net; the labels
+    assert all(p.grad is g for p, g in step._grads)
+    both(torch.randn(1, 2, 4, 4, 4), torch.randint(0, 3, (1, 4, 4, 4)))  # another shape: eager
+    assert (step.eager_steps, step.replays) == (2, 1) and step._graph is not None
+    with torch.no_grad():
+        model.enc_second[0].alpha.fill_(-0.5)
+        twin.enc_second[0].alpha.fill_(-0.5)
+    step._checks.packed[0] = -0.5  # what a replay would compute now (the first value: enc_first[0]'s least alpha)
+    with pytest.warns(RuntimeWarning, match=r"replay 2: a PReLU alpha is -0.5 \(<= 0\).*run eagerly"):
+        both(x, y)
+    assert step._graph is None and (step.eager_steps, step.replays) == (3, 1)
+    both(x, y)
+    assert step.eager_steps == 4
