@@ -15,7 +15,10 @@ Directions: forward (training forward: inputs require grad, the graph is built),
 retained graph), both (forward + backward).
 GPU time: CUDA events around each call, median over reps; inputs rotated among several copies when one set fits
 in L2, so that each call reads from device memory. Also per row: the median of synchronized calls (ms_host) and the
-device time with the launch queue kept full (ms_queued: the kernels' own pace where the host is slower than them).
+device time with the launch queue kept full (ms_queued: the kernels' own pace where the host is slower than them), and
+the device time of the calls replayed from one CUDA graph (ms_graph: no host work and no synchronization inside a
+call, for the baselines as for the fused ops, whose checks seg3d_fast.graphs records and verifies after the replays;
+a fused forward + backward otherwise waits in its backward for the alpha check its forward copied).
 CPU time: pytest-benchmark's median wall time.
 """
 import math
@@ -261,9 +264,35 @@ def peak_bytes(call, device):
     return peak
 
 
+def graph_median_ms(calls, reps=10):
+    """Device ms of one call, the calls (already warm) captured once as one CUDA graph and replayed: median over
+    `reps` replays / the number of calls. -> (ms, None) or (None, why it could not be captured)."""
+    from seg3d_fast import graphs
+
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with graphs.recording_checks() as checks:
+            with torch.cuda.graph(graph):
+                for call in calls:
+                    call()
+                checks.pack()
+    except RuntimeError as e:
+        torch.cuda.synchronize()
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    checks.verify()  # the inputs are the benchmark's own: a failure here is a bug, not a skipped row
+    return statistics.median(s.elapsed_time(e) for s, e in events) / len(calls), None
+
+
 def measure(benchmark, calls, device, rounds, budget_ms):
-    """-> (ms, ms_host, ms_queued): device median of back-to-back calls (GPU), pytest-benchmark's median of
-    synchronized calls (host), device median with the launch queue full (GPU; queued_median_ms)."""
+    """-> (ms, ms_host, ms_queued, (ms_graph, why none)): device median of back-to-back calls (GPU),
+    pytest-benchmark's median of synchronized calls (host), device median with the launch queue full (GPU;
+    queued_median_ms), device time replayed from a CUDA graph (GPU; graph_median_ms)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     state = {"i": 0}
 
@@ -277,21 +306,24 @@ def measure(benchmark, calls, device, rounds, budget_ms):
     stats = getattr(benchmark, "stats", None)
     ms_host = stats.stats.median * 1e3 if stats is not None else None
     ms_queued = queued_median_ms(calls, ms_host or ms) if device.type == "cuda" else None
-    return (ms if ms is not None else ms_host), ms_host, ms_queued
+    graphed = graph_median_ms(calls) if device.type == "cuda" else (None, "no GPU")
+    return (ms if ms is not None else ms_host), ms_host, ms_queued, graphed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # records
 def record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize, layer_names, layout,
-           ms_queued=None):
+           ms_queued=None, graphed=(None, None)):
     from ceilings import floor_ms
 
     flops = case.flops(direction)
     nbytes = case.min_bytes(direction, itemsize)
     rec = {"op": op, "name": case.name, "shape": case.shape(), "layers": list(layer_names), "dtype": dtype_name,
            "backend": variant, "layout": layout, "direction": direction, "ms": ms,
-           "ms_host": ms_host, "ms_queued": ms_queued, "peak_bytes": peak, "flops": flops, "bytes": nbytes,
-           "tflops": None, "gbps": None, "floor_ms": None, "fraction_of_floor": None, "speedup_vs_cudnn": None}
+           "ms_host": ms_host, "ms_queued": ms_queued, "ms_graph": graphed[0], "ms_graph_none": graphed[1],
+           "peak_bytes": peak, "flops": flops, "bytes": nbytes,
+           "tflops": None, "gbps": None, "floor_ms": None, "fraction_of_floor": None, "speedup_vs_cudnn": None,
+           "speedup_graph_vs_cudnn": None}
     if ms:
         rec["tflops"] = flops / (ms * 1e-3) / 1e12
         rec["gbps"] = nbytes / (ms * 1e-3) / 1e9
@@ -306,15 +338,17 @@ def row_key(rec):
 
 
 def fill_speedups(records):
-    """speedup_vs_cudnn = (faster of the eager baselines) / ms, for every record whose row has a baseline."""
-    best = {}
-    for r in records:
-        if r["backend"] in BASELINES and r["ms"]:
-            k = row_key(r)
-            best[k] = min(best.get(k, math.inf), r["ms"])
-    for r in records:
-        base = best.get(row_key(r))
-        r["speedup_vs_cudnn"] = base / r["ms"] if base and r["ms"] else None
+    """speedup_vs_cudnn = (faster of the eager baselines) / ms, for every record whose row has a baseline;
+    speedup_graph_vs_cudnn the same of ms_graph (both sides replayed from CUDA graphs)."""
+    for field, speedup in (("ms", "speedup_vs_cudnn"), ("ms_graph", "speedup_graph_vs_cudnn")):
+        best = {}
+        for r in records:
+            if r["backend"] in BASELINES and r.get(field):
+                k = row_key(r)
+                best[k] = min(best.get(k, math.inf), r[field])
+        for r in records:
+            base = best.get(row_key(r))
+            r[speedup] = base / r[field] if base and r.get(field) else None
     return records
 
 
@@ -346,7 +380,7 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
         peak = peak_bytes(calls[0], device)
         rounds = 5 if device.type == "cuda" else (1 if variant.startswith("triton") else 3)  # CPU: interpreter
         budget_ms = float(os.environ.get("SEG3D_BENCH_REP_MS", "30"))
-        ms, ms_host, ms_queued = measure(benchmark, calls, device, rounds, budget_ms)
+        ms, ms_host, ms_queued, graphed = measure(benchmark, calls, device, rounds, budget_ms)
     except Unsupported as e:
         pytest.skip(f"{variant}: {e}")
     except torch.cuda.OutOfMemoryError as e:
@@ -358,8 +392,9 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
             torch.cuda.empty_cache()
     itemsize = torch.empty((), dtype=dtype).element_size()
     rec = record(op, case, dtype_name, variant, direction, ms, ms_host, peak, ceilings, itemsize,
-                 getattr(case, "layers", ()), "ndhwc" if channels_last else "ncdhw", ms_queued)
+                 getattr(case, "layers", ()), "ndhwc" if channels_last else "ncdhw", ms_queued, graphed)
     results.add(rec)
-    benchmark.extra_info.update({k: rec[k] for k in ("ms", "tflops", "gbps", "floor_ms", "fraction_of_floor",
-                                                     "peak_bytes", "speedup_vs_cudnn", "layout")})
+    benchmark.extra_info.update({k: rec[k] for k in ("ms", "ms_graph", "tflops", "gbps", "floor_ms",
+                                                     "fraction_of_floor", "peak_bytes", "speedup_vs_cudnn",
+                                                     "speedup_graph_vs_cudnn", "layout")})
     return rec

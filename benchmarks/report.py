@@ -61,8 +61,8 @@ def benchmark_markdown(payload):
     out = [f"_{environment_line(payload['environment'], payload.get('ceilings'))}._", ""]
     out.append("Cells: median ms · speed-up over the faster cuDNN layout · fraction of the floor "
                "max(FLOPs / matmul rate, bytes / copy bandwidth). (q …): the device time with the launch queue kept "
-               "full, where it is under 0.8× the median: that row runs at the host's pace. Peak: extra memory of one "
-               "call, MiB.")
+               "full, where it is under 0.8× the median: that row runs at the host's pace. (g …): the same for the "
+               "calls replayed from a CUDA graph. Peak: extra memory of one call, MiB.")
     for op in dict.fromkeys(r["op"] for r in records):
         out += ["", f"#### {op}", "",
                 "| shape | dtype | direction | " + " | ".join(backends) + " | peak MiB cuDNN → fused |",
@@ -79,6 +79,8 @@ def benchmark_markdown(payload):
                 cell = f"{r['ms']:.3g}"
                 if r.get("ms_queued") and r["ms_queued"] < 0.8 * r["ms"]:
                     cell += f" (q {r['ms_queued']:.3g})"
+                if r.get("ms_graph") and r["ms_graph"] < 0.8 * r["ms"]:
+                    cell += f" (g {r['ms_graph']:.3g})"
                 if b not in ("eager", "eager_cl") and r["speedup_vs_cudnn"]:
                     cell += f" · {r['speedup_vs_cudnn']:.2f}×"
                 if r["fraction_of_floor"] is not None:
@@ -92,24 +94,32 @@ def benchmark_markdown(payload):
             out.append(f"| {name} | {dtype} | {direction} | " + " | ".join(cells) + f" | {peak} |")
     out += ["", "#### Geometric-mean speed-up over cuDNN (all measured shapes)", ""]
     out += _gmean_table(records)
+    if any(r.get("speedup_graph_vs_cudnn") for r in records):
+        out += ["", "#### The same, every side replayed from CUDA graphs (kernels only: no host work, no "
+                "synchronization inside a call)", ""]
+        out += _gmean_table(records, GRAPH_SPEEDUP)
     return "\n".join(out)
 
 
-def _gmeans(records):
-    """{(op, dtype, direction): {backend: (geometric-mean speed-up over cuDNN, number of shapes)}}."""
+GRAPH_SPEEDUP = "speedup_graph_vs_cudnn"
+
+
+def _gmeans(records, field="speedup_vs_cudnn"):
+    """{(op, dtype, direction): {backend: (geometric-mean speed-up over cuDNN, number of shapes)}}; field: the
+    records' speed-up (speedup_vs_cudnn, or GRAPH_SPEEDUP of their CUDA-graph replays)."""
     groups = {}
     for r in records:
-        if r["backend"] not in ("eager", "eager_cl") and r["speedup_vs_cudnn"]:
+        if r["backend"] not in ("eager", "eager_cl") and r.get(field):
             groups.setdefault((r["op"], r["dtype"], r["direction"]), {}).setdefault(r["backend"], []).append(
-                r["speedup_vs_cudnn"])
+                r[field])
     order = _backends(records)
     return {k: {b: (_gmean(by[b]), len(by[b])) for b in order if b in by} for k, by in groups.items()}
 
 
-def _gmean_table(records):
+def _gmean_table(records, field="speedup_vs_cudnn"):
     backends = [b for b in _backends(records) if b not in ("eager", "eager_cl")]
     lines = ["| op | dtype | direction | " + " | ".join(backends) + " |", "|---" * (3 + len(backends)) + "|"]
-    for (op, dtype, direction), by in _gmeans(records).items():
+    for (op, dtype, direction), by in _gmeans(records, field).items():
         cells = [f"{by[b][0]:.2f}× (n={by[b][1]})" if b in by else "–" for b in backends]
         lines.append(f"| {op} | {dtype} | {direction} | " + " | ".join(cells) + " |")
     return lines
@@ -190,10 +200,13 @@ def summary(payload, dtype="bf16", direction="both"):
                 frac = r["fraction_of_floor"]
                 cells.append(f"{r['speedup_vs_cudnn']:>9.2f}× [{_fmt(frac and 100 * frac, '3.0f')}%]")
         lines.append(f"{name[:35]:<36}{_fmt(min(base) if base else None, '10.3f'):>10}" + "".join(cells))
-    lines.append("geometric-mean speed-up over cuDNN, all measured shapes (n shapes):")
-    for (op, dtype, direction), by in _gmeans(records).items():
-        cells = "".join(f"{b:>10} {g:5.2f}× (n={n})" for b, (g, n) in by.items())
-        lines.append(f"  {op:<13}{dtype:<5}{direction:<9}{cells}")
+    for field, title in (("speedup_vs_cudnn", ""), (GRAPH_SPEEDUP, ", every side replayed from CUDA graphs")):
+        gmeans = _gmeans(records, field)
+        if gmeans:
+            lines.append(f"geometric-mean speed-up over cuDNN{title}, all measured shapes (n shapes):")
+        for (op, dtype, direction), by in gmeans.items():
+            cells = "".join(f"{b:>10} {g:5.2f}× (n={n})" for b, (g, n) in by.items())
+            lines.append(f"  {op:<13}{dtype:<5}{direction:<9}{cells}")
     return "\n".join(lines)
 
 

@@ -33,12 +33,16 @@ def test_floor_takes_the_larger_bound():
 
 
 def test_speedup_against_the_faster_layout():
-    def rec(backend, ms, dtype="bf16"):
-        return {"op": "conv3d_prelu", "name": "a", "dtype": dtype, "direction": "both", "backend": backend, "ms": ms}
+    def rec(backend, ms, dtype="bf16", ms_graph=None):
+        return {"op": "conv3d_prelu", "name": "a", "dtype": dtype, "direction": "both", "backend": backend, "ms": ms,
+                "ms_graph": ms_graph}
 
-    records = [rec("eager", 4.0), rec("eager_cl", 2.0), rec("triton", 1.0), rec("cuda", 0.5, "fp16")]
+    records = [rec("eager", 4.0, ms_graph=3.0), rec("eager_cl", 2.0, ms_graph=1.5), rec("triton", 1.0, ms_graph=0.5),
+               rec("cuda", 0.5, "fp16"), rec("reference", 3.0)]
     harness.fill_speedups(records)
-    assert [r["speedup_vs_cudnn"] for r in records] == [0.5, 1.0, 2.0, None]  # fp16 has no baseline row
+    assert [r["speedup_vs_cudnn"] for r in records] == [0.5, 1.0, 2.0, None, 2 / 3]  # fp16 has no baseline row
+    # the graph replays' speed-up against the faster baseline's replay; none where a side was not replayed
+    assert [r["speedup_graph_vs_cudnn"] for r in records] == [0.5, 1.0, 3.0, None, None]
 
 
 def test_network_shapes_deduplicated_with_every_layer_name():
@@ -70,8 +74,9 @@ def test_report_from_a_results_file(tmp_path):
     case = shapes.INTERPRETER_CASE
     ceilings = {"bf16_tflops": 1.0, "fp32_tflops": 1.0, "copy_gbps": 10.0, "fp32_uses_tf32": False}
     records = [harness.record("conv3d_prelu", case, "fp32", b, "both", ms, ms, 1 << 20, ceilings, 4, case.layers,
-                              harness.LAYOUT[b], queued)
-               for b, ms, queued in (("eager", 2.0, 1.9), ("eager_cl", 3.0, None), ("triton", 1.0, 0.5))]
+                              harness.LAYOUT[b], queued, graphed)
+               for b, ms, queued, graphed in (("eager", 2.0, 1.9, (1.8, None)), ("eager_cl", 3.0, None, (None, "why")),
+                                              ("triton", 1.0, 0.5, (0.25, None)))]
     payload = {"kind": "benchmarks", "environment": {"device": "test card", "torch": "x"}, "ceilings": ceilings,
                "records": harness.fill_speedups(records)}
     path = tmp_path / "bench.json"
@@ -80,9 +85,11 @@ def test_report_from_a_results_file(tmp_path):
     assert report.main([str(path), "--markdown", str(md_path), "--png", str(png), "--dtype", "fp32"]) == 0
     md = md_path.read_text()
     assert "| c2-3_k3s1_5x6x7_res | fp32 | both |" in md and "2.00×" in md
-    assert "1 (q 0.5) · 2.00×" in md and "(q 1.9)" not in md  # the queue-full time where the host set the pace
+    assert "1 (q 0.5) (g 0.25) · 2.00×" in md and "(q 1.9)" not in md  # the queue-full time where the host set the pace
+    assert "every side replayed from CUDA graphs" in md and "7.20× (n=1)" in md  # 1.8 / 0.25
     assert png.stat().st_size > 0
-    assert "2.00×" in report.summary(payload, "fp32", "both")
+    text = report.summary(payload, "fp32", "both")
+    assert "2.00×" in text and "replayed from CUDA graphs" in text and "7.20× (n=1)" in text
 
 
 def test_dispatch_table_records_the_kernels_revision(tmp_path, monkeypatch):
