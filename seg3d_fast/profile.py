@@ -150,7 +150,7 @@ class Variant:
             self.loss = lambda logits, labels: jaccard_loss(logits, labels, backend=backend)
         else:
             self.loss = plain_jaccard_loss
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=5e-5)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=5e-5, fused=device.type == "cuda")  # as train.py
         self.in_channels, self.classes = args.in_channels, args.classes
         self.graphed = name.endswith(GRAPH_SUFFIX)
         if self.graphed and device.type != "cuda":

@@ -331,7 +331,9 @@ def train(cfg):
         write_text_atomic(splits_path, json.dumps({"folds": cfg.folds, "seed": cfg.seed, "cases": sorted(names),
                                                    "splits": splits}, indent=1) + "\n")
     loss_fn = sfnn.JaccardLoss(squared=True, backend=cfg.backend)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused on a GPU: one launch per step for all parameters instead of a few per tensor list (host time per step)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     history, start_epoch = [], 0
     if checkpoint is not None:
