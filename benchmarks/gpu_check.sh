@@ -14,13 +14,13 @@
 # benchmarks/conftest.py, and the stage limits below (seconds).
 set -u -o pipefail
 
-# Limits add up to 495 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
+# Limits add up to 505 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
 # 111 s of tests (8 workers), 110 s of benchmarks (to the deadline), 38 s of profile, 40 s of demo
 T_BUILD=${T_BUILD:-60}
 T_TESTS=${T_TESTS:-150}
 T_CEILINGS=${T_CEILINGS:-15}
 T_BENCH=${T_BENCH:-110}        # rows still pending this many seconds - 15 after the stage starts are skipped
-T_PROFILE=${T_PROFILE:-90}
+T_PROFILE=${T_PROFILE:-100}
 T_REPORT=${T_REPORT:-10}
 T_DEMO=${T_DEMO:-50}
 T_HOST=${T_HOST:-10}
@@ -114,7 +114,8 @@ if [[ $DRY_RUN -eq 0 ]]; then
   # the fused network and its baseline first: the largest-cube searches run in this order until the time limit;
   # the op tables of one traced step per variant go to the log (where the network's time goes)
   PROFILE_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 16 --max-edge 512 --time-limit $((T_PROFILE - 25))
-                --variants plain_cl fused cuda plain fused_graph plain_cl_graph --trace /tmp/seg3d_trace)
+                --variants plain_cl fused cuda plain fused_graph plain_cl_graph --trace /tmp/seg3d_trace
+                --memory-history)
 else
   echo "(dry run: no install; the package is used from the checkout)"
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}

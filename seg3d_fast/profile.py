@@ -289,6 +289,53 @@ def largest_cube(variant, batch, budget_bytes, max_edge):
                                 "extended linearly in voxels (CPU; no allocator peak)"}
 
 
+def peak_allocations(variant, x, labels, top=12):
+    """GPU: what is allocated at the peak of one training step, from the caching allocator's history
+    (torch.cuda.memory._record_memory_history): {"peak_bytes": the step's peak above what was allocated before it,
+    "top": [{"where", "count", "bytes"}] the live allocations grouped by the line that made them, largest first}.
+    Beside step_tensor_peak_bytes it says what the rest of max_memory_allocated is (workspaces, block rounding)."""
+    device = variant.device
+    torch.cuda.memory._record_memory_history(max_entries=500_000, stacks="python")
+    try:
+        variant.step(x, labels)
+        _sync(device)
+        snapshot = torch.cuda.memory._snapshot(device)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return alive_at_peak(snapshot["device_traces"][device.index or 0], top)
+
+
+def alive_at_peak(events, top=12):
+    """peak_allocations' figures from an allocator trace (a list of {"action", "addr", "size", "frames"}): an
+    "alloc" adds its block, a "free_requested" removes it (when torch's allocated-bytes count drops); the peak is
+    relative to the trace's start, and only blocks allocated within the trace are listed."""
+    live, current, peak, at_peak = {}, 0, 0, []
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, list(live.values())
+        elif event["action"] == "free_requested":  # also blocks allocated before the trace (old gradients)
+            live.pop(event["addr"], None)
+            current -= event["size"]
+    groups = {}
+    for event in at_peak:
+        where = _allocation_site(event.get("frames") or [])
+        count, nbytes = groups.get(where, (0, 0))
+        groups[where] = (count + 1, nbytes + event["size"])
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"peak_bytes": peak, "top": [{"where": w, "count": c, "bytes": b} for w, (c, b) in ranked]}
+
+
+def _allocation_site(frames):
+    """The innermost frame in seg3d_fast (else the innermost Python frame) as "file.py:line function"."""
+    python = [f for f in frames if f.get("filename", "").endswith(".py")]
+    ours = [f for f in python if "seg3d_fast" in f["filename"]]
+    frame = (ours or python or [None])[0]
+    return "?" if frame is None else f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
+
+
 def trace(variant, x, labels, out_dir, steps=3):
     """torch.profiler over `steps` training steps: Chrome trace + op table under out_dir. Returns the GPU's busy
     time per step in ms (its kernels' and copies' time, summed; None on the CPU): beside the step time, the part
@@ -341,6 +388,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=0, metavar="S",
                         help="skip the remaining volume searches once this many seconds have passed (0: no limit)")
     parser.add_argument("--trace", default=None, metavar="DIR", help="write torch.profiler traces here")
+    parser.add_argument("--memory-history", action="store_true",
+                        help="GPU: record the allocator's history over one step and list what is allocated at its "
+                             "peak, by the line that allocated it (row 'peak_allocations')")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/profile_<date>.json; "
                                                     "--saved-bytes: benchmarks/results/cpu_memory_<date>.json)")
     parser.add_argument("--chart", default=None, help="PNG chart (default: the JSON path with .png)")
@@ -397,6 +447,8 @@ def run_profile(args):
         row["step_tensor_peak_bytes"] = variant.peak_bytes(x, labels)
         if args.trace:
             row["gpu_busy_ms"] = trace(variant, x, labels, args.trace)
+        if args.memory_history and device.type == "cuda" and not variant.graphed:  # (a replay allocates nothing)
+            row["peak_allocations"] = peak_allocations(variant, x, labels)
         del x, labels
         variant.release()
         _free(device)
@@ -442,6 +494,10 @@ def _print_row(r):
           + (f"  GPU busy {busy:.1f} ms" if busy else "") + (f"  largest cube {edge}^3" if edge else ""), flush=True)
     if r.get("backends"):
         print(f"{'':<10} backends (distinct layer shapes): {describe_backends(r['backends'])}", flush=True)
+    if r.get("peak_allocations"):
+        p = r["peak_allocations"]
+        print(f"{'':<10} allocated at the step's peak ({p['peak_bytes'] / 2**20:.0f} MiB above the step's start): "
+              + "; ".join(f"{t['bytes'] / 2**20:.0f} MiB x{t['count']} {t['where']}" for t in p["top"]), flush=True)
 
 
 def describe_backends(backends: dict) -> str:

@@ -135,15 +135,20 @@ def test_peak_live_bytes_counts_storages_once_and_frees_them():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_profile_main_tiny_gpu(tmp_path):
     args = _args(tmp_path, "--device", "cuda", "--dtype", "bf16", "--memory-budget", "0.5", "--max-edge", "32",
-                 "--trace", str(tmp_path / "trace"))
+                 "--trace", str(tmp_path / "trace"), "--memory-history", "--steps", "3",
+                 "--variants", "plain", "plain_cl", "fused", "fused_graph", "plain_cl_graph")
     assert profile.main(args) == 0
     rows = {r["variant"]: r for r in json.loads((tmp_path / "p.json").read_text())["results"]}
-    assert set(rows) == {"plain", "plain_cl", "fused"}
+    assert set(rows) == {"plain", "plain_cl", "fused", "fused_graph", "plain_cl_graph"}
     assert set(rows["fused"]["backends"]["conv3d_prelu/forward"]) <= {"cuda", "triton", "reference"}
-    for r in rows.values():
+    for name, r in rows.items():
         assert r["peak_bytes"] > 0 and "max_memory_allocated" in r["memory_method"]
         assert 0 < r["host_ms"] <= max(r["step_ms_all"]) and 0 < r["gpu_busy_ms"]
-        assert r["max_cubic_edge"] in (16, 32) and r["max_cubic_bytes"] <= 0.5 * 2**30
+        if name.endswith("_graph"):
+            assert r["max_cubic_method"].startswith("skipped: a CUDA-graph variant") and "peak_allocations" not in r
+        else:
+            assert r["max_cubic_edge"] in (16, 32) and r["max_cubic_bytes"] <= 0.5 * 2**30
+            assert r["peak_allocations"]["peak_bytes"] > 0 and r["peak_allocations"]["top"]
 
 
 def test_triton_tma_variant_runs_with_its_environment(monkeypatch):
@@ -168,3 +173,26 @@ def test_triton_tma_variant_runs_with_its_environment(monkeypatch):
     variant.model, variant.loss = Probe(), lambda logits, labels: logits.sum()
     variant.step(torch.randn(1, 1, 2, 2, 2), None)
     assert seen == ["1"] and "SEG3D_FAST_TRITON_TMA" not in os.environ
+
+
+def test_alive_at_peak_from_an_allocator_trace():
+    """peak_allocations' trace walk: the peak relative to the trace's start (frees of older blocks count), the
+    blocks alive then grouped by their innermost seg3d_fast frame."""
+    def frames(line):
+        return [{"filename": "/x/torch/nn/functional.py", "line": 9, "name": "conv3d"},
+                {"filename": "/x/seg3d_fast/ops.py", "line": line, "name": "f"}]
+
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frames(10)},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frames(10)},
+        {"action": "free_requested", "addr": 99, "size": 30},  # allocated before the trace
+        {"action": "free_completed", "addr": 99, "size": 30},
+        {"action": "alloc", "addr": 3, "size": 70, "frames": frames(20)},  # the peak: 100 + 50 - 30 + 70 = 190
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 4, "size": 90, "frames": []},  # 190 - 100 + 90 = 180: not a new peak
+    ]
+    result = profile.alive_at_peak(events)
+    assert result["peak_bytes"] == 190
+    assert result["top"] == [{"where": "ops.py:10 f", "count": 2, "bytes": 150},
+                             {"where": "ops.py:20 f", "count": 1, "bytes": 70}]
+    assert profile.alive_at_peak(events[-1:])["top"] == [{"where": "?", "count": 1, "bytes": 90}]
