@@ -155,6 +155,12 @@ def profile_markdown(payload):
 
         out += ["", "Backends the fused layers ran on (distinct layer shapes): " + " | ".join(
             f"{variant}: {describe_backends(backends)}" for variant, backends in chosen) + "."]
+    for r in payload["results"]:
+        if r.get("peak_allocations"):
+            p = r["peak_allocations"]
+            out += ["", f"Allocated at {r['variant']}'s step peak ({p['peak_bytes'] / 2**20:.0f} MiB above the step's "
+                    "start; by allocating line): " + "; ".join(f"{t['bytes'] / 2**20:.1f} MiB ×{t['count']} "
+                                                              f"`{t['where']}`" for t in p["top"]) + "."]
     return "\n".join(out)
 
 

@@ -213,3 +213,17 @@ def test_fused_calls_stay_within_their_torch_call_budget(case, forward_max, back
         bwd = _torch_calls(lambda: torch.autograd.grad(out, leaves, grad))
     assert len(fwd) <= forward_max, fwd
     assert len(bwd) <= backward_max, bwd
+
+
+def test_profile_report_lists_the_allocations_at_the_peak():
+    row = {"variant": "fused", "step_ms": 2.0, "host_ms": 1.0, "steps_per_s": 500.0, "voxels_per_s": 1e6,
+           "peak_bytes": 2**30, "speedup_vs_plain": 1.0, "memory_vs_plain": 1.0,
+           "peak_allocations": {"peak_bytes": 3 * 2**20,
+                                "top": [{"where": "ops.py:10 f", "count": 2, "bytes": 2**21},
+                                        {"where": "cuda.py:5 g", "count": 1, "bytes": 2**20}]}}
+    payload = {"kind": "profile", "environment": {"device": "test card"}, "results": [row],
+               "config": {"batch": 1, "in_channels": 4, "input_size": [8, 8, 8], "features": [2, 4],
+                          "dtype": "bf16", "memory_budget": 1}}
+    md = report.profile_markdown(payload)
+    assert "Allocated at fused's step peak (3 MiB above the step's start" in md
+    assert "2.0 MiB ×2 `ops.py:10 f`; 1.0 MiB ×1 `cuda.py:5 g`." in md
