@@ -126,10 +126,10 @@ class CudaGraphStep:
     """A training step (forward, loss, backward; then the optimizer, eagerly) whose forward and backward are one
     CUDA graph, replayed on every call with inputs of the captured shapes.
 
-    The first `warmup` calls run eagerly (they tune kernels, choose backends and fill the ops' caches, which a
-    capture must not do); the next call captures and replays. Calls with inputs of other shapes or dtypes than the
-    captured ones run eagerly (counted in eager_steps); so does every call once a replay's alpha check failed
-    (disabled says why). Gradients are the graph's own tensors, put back into each parameter's .grad before the
+    Calls run eagerly until `warmup` calls in a row had inputs of one shape, dtype and layout (they tune kernels,
+    choose backends and fill the ops' caches for them, which a capture must not do); the next such call captures
+    and replays. Calls with inputs of other shapes or dtypes than the captured ones run eagerly (counted in
+    eager_steps); so does every call once a replay's alpha check failed (disabled says why). Gradients are the graph's own tensors, put back into each parameter's .grad before the
     optimizer runs. autocast_dtype: the autocast dtype (None: no autocast); scaler: a torch.amp.GradScaler for fp16.
     Single-process only: a DistributedDataParallel model is refused (its gradient all-reduce is not captured here).
     """
@@ -144,18 +144,23 @@ class CudaGraphStep:
                              f"got {warmup}")
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.autocast_dtype, self.scaler, self.warmup = autocast_dtype, scaler, warmup
-        self.calls = self.eager_steps = self.replays = 0
+        self.eager_steps = self.replays = 0
         self.disabled: Optional[str] = None
         self._graph = None
+        self._warm = (None, 0)  # (input signature, eager steps in a row with it)
 
     def __call__(self, x: Tensor, y: Tensor):
         """One training step on (x, y). Returns (loss, logits): after a replay, the graph's output tensors, which
         the next call overwrites."""
         _check_devices(x, y)
-        self.calls += 1
-        if self.disabled is None and self._graph is None and self.calls > self.warmup:
+        signature = (x.shape, x.dtype, x.stride(), y.shape, y.dtype, y.stride())
+        if self.disabled is None and self._graph is None and self._warm[0] == signature and \
+                self._warm[1] >= self.warmup:
             self._capture(x, y)
         if self._graph is None or not self._fits(x, y):
+            if self._graph is None:
+                warm_signature, count = self._warm
+                self._warm = (signature, count + 1 if signature == warm_signature else 1)
             return self._eager(x, y)
         self._static_x.copy_(x)
         self._static_y.copy_(y)
@@ -189,7 +194,7 @@ class CudaGraphStep:
         graph = torch.cuda.CUDAGraph()
         with recording_checks() as checks, torch.cuda.graph(graph):
             logits, loss = forward_backward(self.model, self.loss_fn, self.optimizer, self._static_x,
-                                             self._static_y, self.autocast_dtype, self.scaler, cache_casts=False)
+                                            self._static_y, self.autocast_dtype, self.scaler, cache_casts=False)
             checks.pack()
         self._graph, self._checks = graph, checks
         self._logits, self._loss = logits.detach(), loss.detach()

@@ -478,7 +478,8 @@ def config_from_args(args):
                        downsample=args.downsample, clip=tuple(args.clip) if args.clip else None,
                        features=tuple(args.features), skip=args.skip, num_classes=args.num_classes, amp=args.amp,
                        augment=args.augment, val_every=args.val_every, seed=args.seed, device=args.device,
-                       backend=args.backend, cuda_graph=args.cuda_graph, workers=args.workers, resume=args.resume, progress=args.progress)
+                       backend=args.backend, cuda_graph=args.cuda_graph, workers=args.workers, resume=args.resume,
+                       progress=args.progress)
 
 
 def main(args):

@@ -233,13 +233,36 @@ class _RunOnceGraph:
         pass
 
 
+def _stand_in_graphs(monkeypatch):
+    monkeypatch.setattr(graphs, "_check_devices", lambda x, y: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _RunOnceGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+
+
+def test_cuda_graph_step_captures_only_warm_inputs(monkeypatch):
+    """The capture waits for `warmup` eager calls in a row with the inputs' shape and layout (a capture must not
+    tune kernels or fill caches for a shape it has not seen)."""
+    _stand_in_graphs(monkeypatch)
+    model = Seg3DNet(2, 3, (4, 8), backend="reference")
+    step = graphs.CudaGraphStep(model, sf.nn.JaccardLoss(backend="reference"), torch.optim.Adam(model.parameters()),
+                                warmup=2)
+    a = torch.randn(1, 2, 4, 4, 4), torch.randint(0, 3, (1, 4, 4, 4))
+    b = torch.randn(1, 2, 4, 4, 6), torch.randint(0, 3, (1, 4, 4, 6))
+    a_cl = a[0].contiguous(memory_format=torch.channels_last_3d), a[1]
+    for inputs in (a, b, a, a_cl, a, a):  # only the last two are two in a row
+        step(*inputs)
+    assert (step.eager_steps, step.replays, step._graph) == (6, 0, None)
+    step(*a)
+    assert (step.eager_steps, step.replays) == (6, 1) and step._static_x.shape == a[0].shape
+    step(*a_cl)  # the captured shape in another layout: replayed (the static input takes any layout)
+    assert step.replays == 2
+
+
 def test_cuda_graph_step_plumbing_on_cpu(monkeypatch):
     """CudaGraphStep's bookkeeping with a stand-in graph (the GPU tests capture for real): eager warmup, the
     capturing call equal to an eager step (static inputs, checks verified, gradients put back, optimizer), inputs
     of another shape run eagerly, and a failed alpha check reruns the step eagerly and turns graphs off."""
-    monkeypatch.setattr(graphs, "_check_devices", lambda x, y: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _RunOnceGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    _stand_in_graphs(monkeypatch)
     torch.manual_seed(0)
     model = Seg3DNet(2, 3, (4, 8), backend="reference")
     twin = copy.deepcopy(model)
