@@ -62,6 +62,25 @@ def test_recorded_label_check():
     checks.verify()
 
 
+def test_no_host_read_while_recording(monkeypatch):
+    """A whole training step (Seg3DNet, Jaccard loss, backward) asks for no host read of device values while checks
+    are recorded (on a GPU each would fail the capture); without recording it asks for one per PReLU layer plus the
+    label range (so the stand-in below does see the calls)."""
+    reads = []
+    read_later = sf.ops._read_later
+    monkeypatch.setattr(sf.ops, "_read_later", lambda values: reads.append(values.shape) or read_later(values))
+    monkeypatch.setattr(sf.ops, "_defer_label_check", lambda logits: logits.requires_grad and torch.is_grad_enabled())
+    model = Seg3DNet(2, 3, (4, 8), backend="reference")
+    opt = torch.optim.Adam(model.parameters())
+    x, y = torch.randn(2, 2, 6, 4, 6), torch.randint(0, 3, (2, 6, 4, 6))
+    graphs.forward_backward(model, sf.nn.JaccardLoss(backend="reference"), opt, x, y)
+    assert len(reads) == 5 + 1
+    reads.clear()
+    with graphs.recording_checks() as checks:
+        graphs.forward_backward(model, sf.nn.JaccardLoss(backend="reference"), opt, x, y)
+    assert reads == [] and len(checks) == 5 + 1
+
+
 def test_recording_checks_is_not_reentrant():
     with graphs.recording_checks():
         with pytest.raises(RuntimeError, match="already active"):
