@@ -9,6 +9,7 @@ import torch
 import seg3d_fast as sf
 from seg3d_fast import graphs
 from seg3d_fast.models import Seg3DNet
+from helpers import rel_err
 from test_ops import make_conv_args, run_with_grads, skip_unless_usable
 
 
@@ -125,6 +126,15 @@ def test_cuda_graph_step_errors():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
 
 
+def assert_same_training(model, twin, tol=1e-3):
+    """Graphed and eager training gave the same weights: relative norm error over all parameters. (Not bitwise:
+    the deep-supervision upsampling's backward sums with atomics on a GPU. A graph replaying stale or missing
+    gradients is off by ~1e-1 after a few Adam steps.)"""
+    ours = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    theirs = torch.cat([p.detach().double().flatten() for p in twin.parameters()])
+    assert rel_err(ours, theirs) <= tol
+
+
 def _twins(backend, dtype):
     torch.manual_seed(0)  # (4 input channels, 4 classes: the cuda kernels take even channel counts in bf16)
     model = Seg3DNet(4, 4, (8, 16, 32), backend=backend).cuda().to(memory_format=torch.channels_last_3d)
@@ -154,14 +164,13 @@ def test_cuda_graph_step_matches_eager(backend, dtype, monkeypatch):
     step = graphs.CudaGraphStep(model, loss_fn, opt, autocast_dtype=autocast, warmup=2)
     batches = _batches(6)
     odd = _batches(1, shape=(2, 4, 8, 8, 8))[0]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # (bf16: a flipped rounding of an activation)
     for i, (x, y) in enumerate(batches[:4] + [odd] + batches[4:]):
         loss, logits = step(x, y)
         twin_loss, twin_logits = graphs.train_step(twin, loss_fn, twin_opt, x, y, autocast)
-        torch.testing.assert_close(loss, twin_loss, msg=lambda m: f"step {i}: {m}")
-        torch.testing.assert_close(logits, twin_logits, msg=lambda m: f"step {i}: {m}")
+        assert rel_err(loss, twin_loss) <= tol and rel_err(logits, twin_logits) <= tol, f"step {i}"
     assert (step.replays, step.eager_steps, step.disabled) == (4, 3, None)
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
+    assert_same_training(model, twin)
 
 
 @gpu
@@ -187,8 +196,7 @@ def test_cuda_graph_step_falls_back_when_alpha_turns_negative():
     step(*batches[3])
     graphs.train_step(twin, loss_fn, twin_opt, *batches[3])
     assert step.replays == 1 and step.eager_steps == 3 and "replay 2" in step.disabled
-    for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+    assert_same_training(model, twin)
 
 
 @gpu
@@ -239,8 +247,7 @@ def test_training_with_cuda_graphs_matches_eager(tmp_path, monkeypatch):
                   progress=False, device="cuda", amp="bf16")
     eager = train(TrainConfig(out=str(tmp_path / "eager"), **config))
     graphed = train(TrainConfig(out=str(tmp_path / "graphed"), cuda_graph=True, **config))
-    for (name, p), q in zip(eager.state_dict().items(), graphed.state_dict().values()):
-        torch.testing.assert_close(q, p, msg=lambda m: f"{name}: {m}")
+    assert_same_training(graphed, eager)
 
 
 class _RunOnceGraph:
