@@ -209,6 +209,8 @@ def time_steps(variant, x, labels, warmup, steps):
     """(per-step wall times, per-step host times) in ms, after `warmup` untimed steps (JIT, autotuning, cuDNN
     choice). Wall: synchronized before and after. Host: until step() returns, the GPU's work still queued; near the
     wall time it says that the step runs at the host's pace (launch and Python overhead), not the GPU's."""
+    if variant.graph_step is not None:  # its eager warm-up and the capture come before the timed replays
+        warmup += variant.graph_step.warmup + 1
     for _ in range(warmup):
         variant.step(x, labels)
     times, host = [], []
@@ -436,6 +438,9 @@ def run_profile(args):
         row = {"variant": name, "step_ms": step_ms, "steps_per_s": 1e3 / step_ms,
                "voxels_per_s": voxels * 1e3 / step_ms, "step_ms_all": times, "host_ms": statistics.median(host),
                "backends": ops.chosen_backends()}
+        if variant.graph_step is not None:  # the timed steps were replays unless these say otherwise
+            g = variant.graph_step
+            row.update(graph_replays=g.replays, graph_eager_steps=g.eager_steps, graph_disabled=g.disabled)
         if device.type == "cuda":
             row.update(peak_bytes=torch.cuda.max_memory_allocated(device),
                        memory_method="torch.cuda.max_memory_allocated over the timed steps")

@@ -146,6 +146,7 @@ def test_profile_main_tiny_gpu(tmp_path):
         assert 0 < r["host_ms"] <= max(r["step_ms_all"]) and 0 < r["gpu_busy_ms"]
         if name.endswith("_graph"):
             assert r["max_cubic_method"].startswith("skipped: a CUDA-graph variant") and "peak_allocations" not in r
+            assert r["graph_replays"] >= 3 and r["graph_disabled"] is None  # every timed step a replay
         else:
             assert r["max_cubic_edge"] in (16, 32) and r["max_cubic_bytes"] <= 0.5 * 2**30
             assert r["peak_allocations"]["peak_bytes"] > 0 and r["peak_allocations"]["top"]
