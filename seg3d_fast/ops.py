@@ -184,11 +184,12 @@ def _read_later(values: Tensor):
                            "replay (seg3d_fast.graphs.CudaGraphStep does both)")
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
     host.copy_(values, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
+    copied = [torch.cuda.Event()]
+    copied[0].record()
 
     def read():
-        copied.synchronize()
+        if copied:  # waited for once (a retained graph's later backwards, e.g. one captured in a graph, do not wait)
+            copied.pop().synchronize()
         return host
     return read
 
