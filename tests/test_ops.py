@@ -324,6 +324,27 @@ def test_upconv_prelu_add_matches_plain_and_gradcheck():
                                     fast_mode=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha_size,bias", [(4, True), (1, False)])
+def test_upconv_prelu_add_per_dtype(dtype, alpha_size, bias):
+    """Forward and every gradient against float64, alphas of both signs, channels-last input, N > 1, odd extents."""
+    x = randn(2, 3, 3, 4, 5, dtype=dtype, channels_last=True)
+    w = randn(3, 4, 2, 2, 2, dtype=dtype) * 0.5
+    b = randn(4, dtype=dtype) if bias else None
+    a = torch.tensor([0.25, -0.3, 0.1, 0.5][:alpha_size], dtype=dtype)
+    skip = randn(2, 4, 6, 8, 10, dtype=dtype)
+    plain = lambda x, w, b, a, s: F.prelu(F.conv_transpose3d(x, w, b, stride=2), a) + s  # noqa: E731
+    args = [x, w, b, a, skip]
+    g = torch.randn(2, 4, 6, 8, 10, dtype=torch.float64) + 1
+    ref_out, ref_grads = run_with_grads(plain, [None if t is None else t.double() for t in args], g)
+    torch_out, torch_grads = run_with_grads(plain, args, g)
+    out, grads = run_with_grads(sf.upconv_prelu_add, args, g)
+    assert_close(out, ref_out, torch_out, dtype, "out")
+    for name, got, want, theirs in zip("x w b alpha skip".split(), grads, ref_grads, torch_grads):
+        if want is not None:
+            assert_close(got, want, theirs, dtype, f"grad {name}")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # bad input: clear errors naming the argument
 def test_conv_errors():
