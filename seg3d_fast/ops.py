@@ -211,15 +211,19 @@ def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, strid
                         backend, alpha_positive=None):
     module = backends.load(_conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend,
                                          "backward"))
+    mask = tuple(output_mask)
     if alpha is None:
-        kind, saved = "none", None
-    elif (alpha_positive or _alpha_positive_later(alpha))():
-        kind = "act"
-    else:  # z is not recoverable from the PReLU output: recompute it (exact, costs one extra forward conv)
-        kind = "preact"
-        saved, _ = module.conv3d_prelu_forward(x, weight, bias, None, residual if residual_first else None,
-                                               stride, residual_first, False)
-    grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, saved, kind, stride, tuple(output_mask))
+        grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, None, "none", stride, mask)
+    else:
+        positive = alpha_positive or _alpha_positive_later(alpha)
+        # The common case (every alpha > 0: z recovered from the saved output) is launched before the check is read,
+        # so that the GPU has this backward queued while the host waits for the forward's copy of the least alpha.
+        grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, saved, "act", stride, mask)
+        if not positive():  # z is not recoverable from the PReLU output: those gradients are dropped, and z is
+            # recomputed (exact, one extra forward conv)
+            z, _ = module.conv3d_prelu_forward(x, weight, bias, None, residual if residual_first else None, stride,
+                                               residual_first, False)
+            grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, z, "preact", stride, mask)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -409,9 +413,10 @@ class _JaccardSumsEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_sums):
-        if ctx.label_check is not None:
+        grads = _jaccard_grads(ctx, grad_sums, _jaccard_sums_backward_impl)
+        if ctx.label_check is not None:  # after the launch (see _JaccardLossReduced.backward)
             ctx.label_check()
-        return *_jaccard_grads(ctx, grad_sums, _jaccard_sums_backward_impl), None
+        return *grads, None
 
 
 def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction):
@@ -455,8 +460,8 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
 
 def _label_range_check(logits, target, ignore_index, label_range=None, defer=None):
     """Checks that the labels lie in [0, C) (ignore_index voxels aside). In training on a GPU the (min, max) is
-    copied asynchronously and the returned function checks it in backward, before any gradient exists: a check here
-    would stall the CPU until the whole forward pass has run. Elsewhere it checks now and returns None.
+    copied asynchronously and the returned function checks it in backward, after the gradient kernel is launched and
+    before autograd receives the gradient: a check here would stall the CPU until the whole forward pass has run. Elsewhere it checks now and returns None.
     label_range: the (least, greatest) counted label where a kernel found it already (else computed here);
     defer: _defer_label_check's answer, where it was asked outside an autograd.Function (grad mode is off inside).
     (Out-of-range labels are memory-safe in every backend: they match no class.)"""
@@ -599,14 +604,16 @@ class _JaccardLossReduced(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.label_check is not None:
-            ctx.label_check()
         logits, target, sums, weights = ctx.saved_tensors
         squared, activation, ignore_index, smooth, per_sample, mean = ctx.options
         grad_logits = None
         if ctx.needs_input_grad[0]:
             grad_logits = ctx.module.jaccard_loss_reduced_backward(grad, sums, weights, logits, target, squared,
                                                                    activation, ignore_index, smooth, per_sample, mean)
+        # Read after the launch (the kernels are memory-safe for any label): the GPU has the gradient kernel queued
+        # while the host waits for the forward's copy of the label range. It raises before autograd gets a gradient.
+        if ctx.label_check is not None:
+            ctx.label_check()
         return (grad_logits,) + (None,) * 10
 
 
