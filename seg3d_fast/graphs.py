@@ -50,11 +50,11 @@ class CapturedChecks:
             self.packed = torch.cat([v.reshape(-1).to(torch.float64) for v in self._values])
         return self.packed
 
-    def verify(self, host: Optional[Tensor] = None) -> None:
-        """Runs every check on `host` (pack()'s tensor copied to the CPU; by default it is copied here)."""
+    def verify(self) -> None:
+        """Copies pack()'s tensor to the CPU (waiting for the work before it) and runs every check on it."""
         if self.packed is None:
             return
-        host = self.packed.cpu() if host is None else host
+        host = self.packed.cpu()
         start = 0
         for values, check in zip(self._values, self._checks):
             check(host[start:start + values.numel()].reshape(values.shape))
