@@ -6,21 +6,22 @@
 #
 # Every stage has a hard time limit (together about 8 minutes); a stage that fails or runs out of time is
 # reported in the summary and the later stages still run. Results go to $OUT if set, else
-# benchmarks/results/gpu_check_<time>/: gpu_check.log, bench.json, bench.png, profile.json, profile.png,
-# report.md, ceilings.json, dispatch_table.json (measured backend order per op and shape, to merge into
-# seg3d_fast/backends/dispatch_table.json). At most 8 files: the device tool returns no more.
+# benchmarks/results/gpu_check_<time>/: gpu_check.log, bench.json (with the ceilings), bench.png, profile.json,
+# profile.png, profile_graphs.json, report.md, dispatch_table.json (measured backend order per op and shape, to merge
+# into seg3d_fast/backends/dispatch_table.json). At most 8 files: the device tool returns no more.
 # Knobs: PYTHON (default python3), GPU_CHECK_TESTS (test files), GPU_CHECK_SKIP (stage names, e.g. "bench demo" for
 # a rerun after a change that the last run's benchmarks still describe), the SEG3D_BENCH_* variables of
 # benchmarks/conftest.py, and the stage limits below (seconds).
 set -u -o pipefail
 
-# Limits add up to 505 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
+# Limits add up to 525 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
 # 111 s of tests (8 workers), 110 s of benchmarks (to the deadline), 38 s of profile, 40 s of demo
 T_BUILD=${T_BUILD:-60}
-T_TESTS=${T_TESTS:-150}
+T_TESTS=${T_TESTS:-135}
 T_CEILINGS=${T_CEILINGS:-15}
-T_BENCH=${T_BENCH:-110}        # rows still pending this many seconds - 15 after the stage starts are skipped
+T_BENCH=${T_BENCH:-100}        # rows still pending this many seconds - 15 after the stage starts are skipped
 T_PROFILE=${T_PROFILE:-100}
+T_GRAPHS=${T_GRAPHS:-45}       # the CUDA-graph variants, in a process of their own (the profile's figures survive it)
 T_REPORT=${T_REPORT:-10}
 T_DEMO=${T_DEMO:-50}
 T_HOST=${T_HOST:-10}
@@ -114,8 +115,10 @@ if [[ $DRY_RUN -eq 0 ]]; then
   # the fused network and its baseline first: the largest-cube searches run in this order until the time limit;
   # the op tables of one traced step per variant go to the log (where the network's time goes)
   PROFILE_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 16 --max-edge 512 --time-limit $((T_PROFILE - 25))
-                --variants plain_cl fused cuda plain fused_graph plain_cl_graph --trace /tmp/seg3d_trace
-                --memory-history)
+                --variants plain_cl fused cuda plain --trace /tmp/seg3d_trace --memory-history)
+  # the same network replayed from CUDA graphs, beside its eager form and the plain baseline measured again here
+  GRAPH_ARGS=(--dtype bf16 --steps 5 --warmup 2 --memory-budget 0
+              --variants plain_cl fused fused_graph plain_cl_graph --trace /tmp/seg3d_trace)
 else
   echo "(dry run: no install; the package is used from the checkout)"
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -128,10 +131,10 @@ fi
 stage host "$T_HOST" $PY benchmarks/host_overhead.py --reps 100
 
 # --- ceilings: bf16 matmul 8192^3 and copy bandwidth of this card, used for every fraction below ---------------
-stage ceilings "$T_CEILINGS" $PY benchmarks/ceilings.py --out "$RES/ceilings.json"
+stage ceilings "$T_CEILINGS" $PY benchmarks/ceilings.py --out /tmp/seg3d_ceilings.json
 
 # --- benchmarks against cuDNN ----------------------------------------------------------------------------------
-export SEG3D_CEILINGS_JSON=$RES/ceilings.json SEG3D_BENCH_OUT=$RES/bench.json
+export SEG3D_CEILINGS_JSON=/tmp/seg3d_ceilings.json SEG3D_BENCH_OUT=$RES/bench.json  # bench.json keeps them
 # bf16 only (fp32 and fp16 of the representative layers were measured in run 1): every layer within the limit
 export SEG3D_BENCH_REP_DTYPES=${SEG3D_BENCH_REP_DTYPES:-bf16}
 export SEG3D_BENCH_DEADLINE=$(( $(date +%s) + T_BENCH - 15 ))
@@ -147,6 +150,10 @@ fi
 # --- full-volume training profile --------------------------------------------------------------------------------
 stage profile "$T_PROFILE" $PY -m seg3d_fast.profile "${PROFILE_ARGS[@]}" --out "$RES/profile.json" \
   --chart "$RES/profile.png"
+if [[ $DRY_RUN -eq 0 ]]; then  # (CUDA graphs need the GPU)
+  stage graphs "$T_GRAPHS" $PY -m seg3d_fast.profile "${GRAPH_ARGS[@]}" --out "$RES/profile_graphs.json" \
+    --chart /tmp/seg3d_profile_graphs.png
+fi
 
 for f in /tmp/seg3d_trace/ops_*.txt /tmp/seg3d_trace/host_*.txt; do
   [[ -s $f ]] && { echo "--- $(basename "$f")"; head -40 "$f" | cut -c1-230; }
@@ -161,7 +168,7 @@ if [[ $DRY_RUN -eq 0 ]]; then
 fi
 
 # --- report: markdown + chart, then the summary last -----------------------------------------------------------
-FILES=$(for f in bench.json profile.json; do [[ -s $RES/$f ]] && echo "$RES/$f"; done)
+FILES=$(for f in bench.json profile.json profile_graphs.json; do [[ -s $RES/$f ]] && echo "$RES/$f"; done)
 if [[ -n "$FILES" ]]; then
   stage report "$T_REPORT" $PY benchmarks/report.py $FILES --markdown "$RES/report.md" --png "$RES/bench.png"
 fi
