@@ -62,10 +62,10 @@ class LaunchCounter:
 def stubbed_triton(counter: LaunchCounter):
     """The triton backend's Python layer on CPU tensors (TRITON_INTERPRET=1 while it runs) with every launch a
     counter. The label range a stubbed loss kernel leaves unwritten is read as a valid one (the check still runs)."""
-    from seg3d_fast.backends.triton import conv3d_prelu as conv_mod, jaccard as jac_mod
+    from seg3d_fast.backends.triton import conv3d_prelu as conv_mod, jaccard as jac_mod, upconv as up_mod
 
     saved = {}
-    for mod in (conv_mod, jac_mod):
+    for mod in (conv_mod, jac_mod, up_mod):
         for name in dir(mod):
             obj = getattr(mod, name)
             if name.startswith("_") and name.endswith("_kernel") and hasattr(obj, "__getitem__"):

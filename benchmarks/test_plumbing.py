@@ -138,13 +138,15 @@ def test_host_overhead_launch_counts():
 
 def test_network_step_tensors_every_layer_on_the_stubbed_backend():
     """The network-memory measure runs every fused layer on the stubbed backend (the CUDA kernels take every
-    channel count now, as the Triton ones do), and the fused step holds fewer tensor bytes than the plain one."""
+    channel count now, as the Triton ones do; the upsampling blocks of the cuda network run on the reference), and
+    the fused step holds fewer tensor bytes than the plain one."""
     import host_overhead
 
     rows = host_overhead.network_step_tensors(spatial=(16, 16, 16), features=(2, 4))["rows"]
     assert rows["plain_cl"]["backends"] == {}
     for name in ("triton", "cuda"):
-        assert all(set(chosen) == {name} for chosen in rows[name]["backends"].values()), rows[name]
+        for op, chosen in rows[name]["backends"].items():
+            assert set(chosen) == {"reference" if name == "cuda" and op.startswith("upconv") else name}, rows[name]
         assert 0 < rows[name]["vs_plain_cl"] < 1, rows
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from .nn import ConvPReLU3d, DeepSupervisionMerge, UpConvPReLU3d
 
 NORMS = (None, "instance", "batch")
@@ -92,7 +93,11 @@ class Seg3DNet(nn.Module):
                                    residual_first=res_first, backend=backend)
             return PlainConvBlock(cin, cout, k, stride, act, res_first, norm if act else None)
 
-        up = UpConvPReLU3d if fused else PlainUpBlock
+        def up(cin, cout):
+            if not fused:
+                return PlainUpBlock(cin, cout)
+            # (the cuda backend has no upsampling kernel: a network forced onto it upsamples on the best other)
+            return UpConvPReLU3d(cin, cout, backend=backend if backend in ops.UPCONV_BACKENDS else None)
         levels = len(features)
         self.enc_first = nn.ModuleList(
             [conv(in_channels if l == 0 else features[l - 1], features[l], stride=1 if l == 0 else 2)

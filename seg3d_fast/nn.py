@@ -79,12 +79,14 @@ class ConvPReLU3d(nn.Module):
 
 
 class UpConvPReLU3d(nn.Module):
-    """Transposed conv (kernel 2, stride 2) + PReLU + optional skip sum; saves only its coarse input."""
+    """Transposed conv (kernel 2, stride 2) + PReLU + optional skip sum; saves only its coarse input. backend:
+    "reference" | "triton" | None (the faster that can run it)."""
 
-    def __init__(self, in_channels: int, out_channels: int, alpha_init: float = 0.25, device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, alpha_init: float = 0.25, device=None, dtype=None,
+                 backend: Optional[str] = None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_channels, self.out_channels, self.backend = in_channels, out_channels, backend
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, 2, 2, 2, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         self.alpha = nn.Parameter(torch.full((out_channels,), alpha_init, **factory))
@@ -93,7 +95,7 @@ class UpConvPReLU3d(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
-        return ops.upconv_prelu_add(x, self.weight, self.bias, self.alpha, skip)
+        return ops.upconv_prelu_add(x, self.weight, self.bias, self.alpha, skip, backend=self.backend)
 
     def extra_repr(self):
         return f"{self.in_channels}, {self.out_channels}, kernel_size=2, stride=2"

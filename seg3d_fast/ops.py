@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, graphs
+from .backends import reference as _reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_SIZES = (1, 3)
@@ -619,54 +620,76 @@ class _JaccardLossReduced(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # transposed conv (kernel 2, stride 2) + PReLU + skip sum, recomputed in backward
+UPCONV_BACKENDS = ("reference", "triton")
+
+
+def _upconv_backend(x, weight, bias, alpha, skip, backend: str) -> str:
+    """The backend for this upsampling block ("" = choose: triton or reference, measured once per shape on a GPU;
+    the cuda backend has no kernel for it). The backward runs on the forward's backend."""
+    signature = ("upconv_prelu_add", "forward", backend, os.environ.get(backends.ENV_BACKEND), x.device, x.dtype,
+                 _shape(x), _shape(weight), _shape(bias), _shape(alpha), _shape(skip))
+    name = _backend_cache.get(signature)
+    if name is None:
+        args = (x, weight, bias, alpha, skip)
+        key = f"{str(x.dtype).removeprefix('torch.')}-ci{weight.shape[0]}-co{weight.shape[1]}"
+        bench = backends.Bench("upconv_prelu_add", args, lambda m: m.upconv_prelu_add_forward(*args))
+        env = os.environ.get(backends.ENV_BACKEND)
+        # SEG3D_FAST_BACKEND=cuda forces the conv blocks; the upsampling then runs on the best other backend
+        requested = backend or (env if env in UPCONV_BACKENDS else None)
+        name = _backend_cache[signature] = backends.select("upconv_prelu_add", requested, x.device, key, args, bench,
+                                                           use_env=False)
+    return name
+
+
 class _UpConvPReLUAdd(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, alpha, skip):
-        out = F.prelu(F.conv_transpose3d(x, weight, bias, stride=2), alpha)
-        if skip is not None:
-            out += skip
+    def forward(ctx, x, weight, bias, alpha, skip, backend):
+        # torch.compile traces the reference's torch ops (a graph of its own kernels, no launcher to trace)
+        name = "reference" if torch.compiler.is_compiling() else _upconv_backend(x, weight, bias, alpha, skip, backend)
+        out = _backend_module(name).upconv_prelu_add_forward(x, weight, bias, alpha, skip)
         ctx.save_for_backward(x, weight, bias, alpha)
-        ctx.has_skip = skip is not None
+        ctx.has_skip, ctx.backend = skip is not None, name
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, alpha = ctx.saved_tensors
-        need_x, need_w, need_b, need_alpha, need_skip = ctx.needs_input_grad
-        z = F.conv_transpose3d(x, weight, bias, stride=2)
-        # PReLU's own backward kernel: dz and the per-element alpha gradient (z <= 0: g * z) in one pass, where
-        # masks, products and a where took six passes and as many launches
-        grad_z, grad_alpha_elements = torch.ops.aten._prelu_kernel_backward(grad_out, z,
-                                                                            alpha.reshape(1, -1, 1, 1, 1))
-        del z
-        grad_alpha = None
-        if need_alpha:
-            per_channel = grad_alpha_elements.sum(dim=(0, 2, 3, 4))
-            grad_alpha = per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)
-        del grad_alpha_elements
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_z, x, weight, [weight.shape[1]] if (need_b and bias is not None) else None,
-            [2, 2, 2], [0, 0, 0], [1, 1, 1], True, [0, 0, 0], 1, [need_x, need_w, need_b and bias is not None])
-        return grad_x, grad_w, grad_b, grad_alpha, (grad_out if need_skip and ctx.has_skip else None)
+        need_x, need_w, need_b, need_alpha, need_skip = ctx.needs_input_grad[:5]
+        grad_x, grad_w, grad_b, grad_alpha = _backend_module(ctx.backend).upconv_prelu_add_backward(
+            grad_out, x, weight, bias, alpha, (need_x, need_w, need_b, need_alpha))
+        return grad_x, grad_w, grad_b, grad_alpha, (grad_out if need_skip and ctx.has_skip else None), None
+
+
+def _backend_module(name):
+    return _reference if name == "reference" else backends.load(name)
 
 
 def upconv_prelu_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Tensor,
-                     skip: Optional[Tensor] = None) -> Tensor:
-    """prelu(conv_transpose3d(x, weight, bias, stride=2), alpha) + skip; weight (C_in, C_out, 2, 2, 2).
+                     skip: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+    """prelu(conv_transpose3d(x, weight, bias, stride=2), alpha) + skip; weight (C_in, C_out, 2, 2, 2), alpha (1,)
+    or (C_out,). backend: "reference" | "triton" | None (the faster that can run it).
 
-    Saves only x (1/8 of the output's voxels) and recomputes the transposed conv in backward.
+    Saves only x (1/8 of the output's voxels) and recomputes the transposed conv in backward (the triton backend
+    in registers: neither z nor its gradient is ever stored).
     """
     if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[2:]) != (2, 2, 2):
         raise ValueError(f"x must be (N, C_in, D, H, W) and weight (C_in, C_out, 2, 2, 2); got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"channel mismatch: x has {x.shape[1]} channels but weight expects {weight.shape[0]}")
+    _check_backend(backend)
     dtype = _autocast_dtype(x.device)
     if dtype is not None:
         x, weight, bias, alpha, skip = _cast(dtype, x, weight, bias, alpha, skip)
     for name, t in (("weight", weight), ("bias", bias), ("alpha", alpha), ("skip", skip)):
         _check_same(name, t, x)
-    out_shape = (x.shape[0], weight.shape[1], *[2 * s for s in x.shape[2:]])
+    c_out = weight.shape[1]
+    if alpha is None or alpha.dim() != 1 or alpha.numel() not in (1, c_out):
+        raise ValueError(f"alpha must have shape (1,) or ({c_out},) (C_out={c_out}); got "
+                         f"{None if alpha is None else tuple(alpha.shape)}")
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},); got {tuple(bias.shape)}")
+    out_shape = (x.shape[0], c_out, *[2 * s for s in x.shape[2:]])
     if skip is not None and tuple(skip.shape) != out_shape:
         raise ValueError(f"skip must have the output's shape {out_shape}; got {tuple(skip.shape)}")
-    return _UpConvPReLUAdd.apply(x, weight, bias, alpha, skip)
+    return _UpConvPReLUAdd.apply(x, weight, bias, alpha, skip, backend or "")

@@ -83,9 +83,11 @@ def test_profile_main_tiny_cpu(tmp_path):
         assert "Self CPU" in (tmp_path / "trace" / f"host_{name}.txt").read_text()
     assert rows["reference"]["memory_vs_plain"] < 1  # fewer saved bytes, same parameters
     assert rows["reference"]["step_tensor_peak_bytes"] < rows["plain"]["step_tensor_peak_bytes"]
-    # which backends the fused layers ran on: every conv shape and the loss, both directions, on "reference"
+    # which backends the fused layers ran on: every conv shape and the loss, both directions, and the upsampling
+    # blocks (their backward on the forward's backend), on "reference"
     chosen = rows["reference"]["backends"]
-    assert set(chosen) == {"conv3d_prelu/forward", "conv3d_prelu/backward", "jaccard/forward", "jaccard/backward"}
+    assert set(chosen) == {"conv3d_prelu/forward", "conv3d_prelu/backward", "jaccard/forward", "jaccard/backward",
+                           "upconv_prelu_add/forward"}
     assert all(set(c) == {"reference"} for c in chosen.values()) and chosen["conv3d_prelu/forward"]["reference"] > 3
     assert rows["plain"]["backends"] == {}  # the plain network calls no fused op
     assert rows["reference"]["max_cubic_edge"] >= rows["plain"]["max_cubic_edge"]

@@ -402,6 +402,100 @@ def test_tma_box_covers_with_least_waste(extents, block_m):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# upsampling block: transposed conv (kernel 2, stride 2) + bias + PReLU + skip
+# ---------------------------------------------------------------------------------------------------------
+def upconv_plain(x, weight, bias, alpha, skip):
+    out = F.prelu(F.conv_transpose3d(x, weight, bias, stride=2), alpha)
+    return out + skip if skip is not None else out
+
+
+UPCONV_CASES = [  # dtype, C_in, C_out, (N, D, H, W), layout, alpha, bias, skip
+    (F32, 3, 5, (2, 3, 2, 5), "contiguous", "channel", True, True),
+    (F32, 8, 8, (1, 3, 3, 3), "channels_last", "shared", False, True),
+    (BF16, 5, 6, (2, 3, 4, 5), "channels_last", "channel", True, True),
+    (BF16, 20, 17, (1, 2, 3, 3), "noncontig", "channel", True, False),
+    (F16, 4, 3, (2, 2, 3, 3), "contiguous", "shared", True, True),
+]
+
+
+@pytest.mark.parametrize("dtype,c_in,c_out,size,layout,alpha_kind,bias,skip", UPCONV_CASES)
+def test_upconv_forward_and_gradients(dtype, c_in, c_out, size, layout, alpha_kind, bias, skip, exact_fp32):
+    """Forward and every gradient of the fused upsampling block against float64, alphas of both signs, N > 1, odd
+    extents, channel counts under and over one 16-wide tile, NCDHW / channels-last / strided inputs."""
+    gen = torch.Generator().manual_seed(3)
+    n, d, h, w = size
+    kw = dict(dtype=torch.float64, generator=gen)
+    x64 = randn(n, c_in, d, h, w, **kw)
+    w64 = randn(c_in, c_out, 2, 2, 2, **kw) / (c_in * 8) ** 0.5
+    b64 = randn(c_out, **kw) if bias else None
+    a64 = torch.linspace(-0.3, 0.4, c_out if alpha_kind == "channel" else 1, dtype=torch.float64)
+    if alpha_kind == "shared":
+        a64 = torch.tensor([-0.2], dtype=torch.float64)
+    s64 = randn(n, c_out, 2 * d, 2 * h, 2 * w, **kw) if skip else None
+    g64 = randn(n, c_out, 2 * d, 2 * h, 2 * w, **kw) + 1
+    leaves64 = [t.clone().requires_grad_() if t is not None else None for t in (x64, w64, b64, a64)]
+    ref = upconv_plain(*leaves64, s64)
+    ref.backward(g64)
+
+    def lay(t):
+        t = t.to(device=DEVICE, dtype=dtype)
+        if layout == "channels_last" and t.dim() == 5:
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        if layout == "noncontig" and t.dim() == 5:  # the same values, every other element of a wider buffer
+            return torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+        return t
+
+    x, wt, a, g = lay(x64), w64.to(DEVICE, dtype), a64.to(DEVICE, dtype), lay(g64)
+    b = b64.to(DEVICE, dtype) if bias else None
+    s_ = lay(s64) if skip else None
+    out = tb.upconv_prelu_add_forward(x, wt, b, a, s_)
+    grads = tb.upconv_prelu_add_backward(g, x, wt, b, a, (True, True, True, True))
+    # plain PyTorch in the same dtype: the error the fused kernels are held to (on the CPU: in fp32 for fp16, which
+    # its CPU convolution lacks)
+    torch_dtype = F32 if (dtype == F16 and DEVICE == "cpu") else dtype
+    leaves = [t.to(torch_dtype).clone().requires_grad_() if t is not None else None for t in (x64, w64, b64, a64)]
+    theirs = upconv_plain(*leaves, s64.to(torch_dtype) if skip else None)
+    theirs.backward(g64.to(torch_dtype))
+    assert out.shape == ref.shape and out.dtype == dtype
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert_close(out, ref, theirs, dtype, "out")
+    for name, got, leaf, their in zip(("x", "weight", "bias", "alpha"), grads, leaves64, leaves):
+        if leaf is None:
+            assert got is None
+            continue
+        assert got.shape == leaf.shape and got.dtype == dtype, name
+        assert_close(got, leaf.grad, their.grad, dtype, f"grad {name}")
+
+
+def test_upconv_wgrad_many_splits(monkeypatch):
+    """The weight gradient summed over several voxel splits (a split's rows not a multiple of the row block)."""
+    from seg3d_fast.backends.triton import upconv
+
+    monkeypatch.setattr(upconv, "_WGRAD_MIN_ROWS", 7)
+    gen = torch.Generator().manual_seed(5)
+    x = randn(2, 6, 3, 4, 5, dtype=torch.float64, generator=gen)
+    wt = randn(6, 4, 2, 2, 2, dtype=torch.float64, generator=gen) * 0.3
+    a = torch.tensor([0.2, -0.1, 0.3, 0.25], dtype=torch.float64)
+    g = randn(2, 4, 6, 8, 10, dtype=torch.float64, generator=gen)
+    leaves = [t.clone().requires_grad_() for t in (x, wt)]
+    upconv_plain(leaves[0], leaves[1], None, a, None).backward(g)
+    _, grad_w, _, _ = tb.upconv_prelu_add_backward(g.float().to(DEVICE), x.float().to(DEVICE), wt.float().to(DEVICE),
+                                                   None, a.float().to(DEVICE), (False, True, False, False))
+    assert_close(grad_w, leaves[1].grad, None, F32, "grad weight")
+
+
+def test_upconv_unsupported_reasons():
+    x = torch.zeros(1, 200, 2, 2, 2, device=DEVICE)
+    reasons = tb.upconv_prelu_add_unsupported(x, torch.zeros(200, 4, 2, 2, 2, device=DEVICE), None,
+                                              torch.ones(1, device=DEVICE), None)
+    assert any("200 -> 4 channels" in r for r in reasons)
+    x64 = torch.zeros(1, 4, 2, 2, 2, dtype=torch.float64, device=DEVICE)
+    assert any("float64" in r for r in tb.upconv_prelu_add_unsupported(x64, x64.new_zeros(4, 4, 2, 2, 2), None,
+                                                                       x64.new_ones(1), None))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # 64-bit index arithmetic
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit

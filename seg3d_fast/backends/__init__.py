@@ -185,9 +185,10 @@ class Bench:
 
 
 def select(op: str, backend: str | None, device, key: str, args: tuple, bench: Bench | None = None,
-           direction: str = "forward") -> str:
-    """Name of the backend that runs `op` on `args`. `backend` (or env SEG3D_FAST_BACKEND) forces a choice."""
-    requested = backend or os.environ.get(ENV_BACKEND) or None
+           direction: str = "forward", use_env: bool = True) -> str:
+    """Name of the backend that runs `op` on `args`. `backend` (or env SEG3D_FAST_BACKEND, where use_env) forces a
+    choice."""
+    requested = backend or (os.environ.get(ENV_BACKEND) if use_env else None) or None
     if requested is not None:
         reasons = unsupported_reasons(requested, op, *args)
         if reasons:

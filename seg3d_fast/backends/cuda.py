@@ -363,6 +363,10 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     return grad_x, grad_w, grad_b, grad_alpha, grad_dz
 
 
+def upconv_prelu_add_unsupported(x, weight, bias, alpha, skip) -> list[str]:
+    return ["the cuda backend has no transposed-conv kernel (the upsampling blocks run on triton or reference)"]
+
+
 # ---- Jaccard (Tanimoto) loss sums ----------------------------------------------------------------------------
 
 def jaccard_unsupported(logits, target, activation, ignore_index) -> list[str]:

@@ -79,6 +79,37 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     return grad_x, grad_w, grad_b, grad_alpha, (dz if need_dz else None)
 
 
+# ---- transposed conv (kernel 2, stride 2) + bias + PReLU + skip ----------------------------------------------------
+def upconv_prelu_add_unsupported(x, weight, bias, alpha, skip):
+    return [] if x.dtype in DTYPES else [f"dtype {x.dtype} not in {DTYPES}"]
+
+
+def upconv_prelu_add_forward(x, weight, bias, alpha, skip):
+    out = F.prelu(F.conv_transpose3d(x, weight, bias, stride=2), alpha)
+    if skip is not None:
+        out += skip
+    return out
+
+
+def upconv_prelu_add_backward(grad_out, x, weight, bias, alpha, output_mask):
+    """z recomputed (the transposed conv is cheap next to its output's bytes), then PReLU's own backward kernel:
+    dz and the per-element alpha terms (z <= 0: g * z) in one pass."""
+    need_x, need_w, need_b, need_alpha = output_mask
+    need_b = need_b and bias is not None
+    z = F.conv_transpose3d(x, weight, bias, stride=2)
+    grad_z, alpha_terms = torch.ops.aten._prelu_kernel_backward(grad_out, z, _alpha_view(alpha, z))
+    del z
+    grad_alpha = None
+    if need_alpha:
+        per_channel = alpha_terms.sum(dim=(0, 2, 3, 4))
+        grad_alpha = per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)
+    del alpha_terms
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_z, x, weight, [weight.shape[1]] if need_b else None, [2, 2, 2], [0, 0, 0], [1, 1, 1], True, [0, 0, 0],
+        1, [need_x, need_w, need_b])
+    return grad_x, grad_w, grad_b, grad_alpha
+
+
 def jaccard_unsupported(logits, target, activation, ignore_index):
     return [] if logits.dtype in DTYPES else [f"logits dtype {logits.dtype} not in {DTYPES}"]
 

@@ -1,5 +1,6 @@
-"""Triton backend: fused conv3d + bias + PReLU + residual (forward / backward) and the Jaccard loss sums.
-Implements the contract in seg3d_fast/backends/API.md; kernels live in conv3d_prelu.py and jaccard.py."""
+"""Triton backend: fused conv3d + bias + PReLU + residual (forward / backward), the Jaccard loss sums and the
+upsampling block. Implements the contract in seg3d_fast/backends/API.md; kernels live in conv3d_prelu.py, jaccard.py
+and upconv.py."""
 import os
 
 NAME = "triton"
@@ -26,6 +27,8 @@ if _IMPORT_ERROR is None:
                                conv3d_prelu_unsupported)
     from .jaccard import (jaccard_loss_reduced, jaccard_loss_reduced_backward, jaccard_sums,  # noqa: F401
                           jaccard_sums_backward, jaccard_unsupported)
+    from .upconv import (upconv_prelu_add_backward, upconv_prelu_add_forward,  # noqa: F401
+                         upconv_prelu_add_unsupported)
 else:
     def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first):
         return [_IMPORT_ERROR]
@@ -33,7 +36,11 @@ else:
     def jaccard_unsupported(logits, target, activation, ignore_index):
         return [_IMPORT_ERROR]
 
+    def upconv_prelu_add_unsupported(x, weight, bias, alpha, skip):
+        return [_IMPORT_ERROR]
+
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"the triton backend is unavailable: {_IMPORT_ERROR}")
 
     conv3d_prelu_forward = conv3d_prelu_backward = jaccard_sums = jaccard_sums_backward = _unavailable
+    upconv_prelu_add_forward = upconv_prelu_add_backward = _unavailable
