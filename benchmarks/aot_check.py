@@ -26,7 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
-from seg3d_fast.backends.triton import conv3d_prelu as conv, jaccard  # noqa: E402
+from seg3d_fast.backends.triton import conv3d_prelu as conv, jaccard, upconv  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_LIMIT = 232448  # H100 / H200: largest dynamic shared memory of one block (227 KiB)
@@ -277,6 +277,24 @@ def main(argv=None):
         rows += check("finish", layout, "bf16", conv._finish_kernel, types,
                       dict(HAS_B=True, HAS_A=True, SHARED_ALPHA=True, W_CHANNELS_LAST=channels_last,
                            BLOCK=conv._FINISH_BLOCK, SPLIT_BLOCK=conv._FINISH_SPLITS), False, args.only)
+    # the upsampling block (transposed conv k2 s2): forward, and the backward's two kernels, at the network's channel
+    # counts (8, 16, 32; wider blocks run on the reference backend)
+    for dname, pointer, prec in DTYPES[:3]:
+        for c in (8, 16, 32):
+            block = max(16, c)
+            types = {p: pointer for p in ("x_ptr", "w_ptr", "b_ptr", "a_ptr", "skip_ptr", "out_ptr", "g_ptr",
+                                          "gx_ptr")}
+            types.update(db_ptr="*fp32", da_ptr="*fp32", dw_ptr="*fp32")
+            flags = dict(HAS_BIAS=True, ALPHA_PER_CH=True, DOT_PREC=prec)
+            narrow = c % 16 != 0
+            rows += check("upconv_fwd", f"c{c}", dname, upconv._upconv_fwd_kernel, types,
+                          dict(flags, HAS_SKIP=True, BLOCK_N=block, BLOCK_K=min(block, 64)), args.all_configs,
+                          args.only, narrow=narrow)
+            rows += check("upconv_dgrad", f"c{c}", dname, upconv._upconv_dgrad_kernel, types,
+                          dict(flags, WANT_X=True, WANT_B=True, WANT_A=True, BLOCK_CI=block, BLOCK_CO=block),
+                          args.all_configs, args.only, narrow=narrow)
+            rows += check("upconv_wgrad", f"c{c}", dname, upconv._upconv_wgrad_kernel, types,
+                          dict(flags, BLOCK_CI=block, BLOCK_CO=block), args.all_configs, args.only, narrow=narrow)
     failed = [r["kernel"] for r in rows if not r["ok"] or not r["smem_ok"]]
     spills = [r["kernel"] for r in rows if r.get("spill_st")]
     print(json.dumps(dict(summary=True, triton=triton.__version__, torch=torch.__version__, target="sm_90",

@@ -17,7 +17,8 @@ from ._common import (autotune_configs, block_row_coords, cdiv, dot, dot_precisi
                       parallel_slots, strided_offset)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_CHANNELS = 128  # the backward holds a tap's whole (C_in, C_out) weight and the rows' channels in registers
+MAX_CHANNELS = 32  # the backward holds a tap's whole (C_in, C_out) weight and the rows' channels in registers: from 64
+                   # channels every tile spills on sm_90 (benchmarks/aot_check.py), so wider blocks take the reference
 
 
 @triton.jit
@@ -41,13 +42,22 @@ def _prelu_terms(z, g, alpha):
     return tl.where(positive, g, g * alpha), tl.where(positive, 0.0, g * z)
 
 
+# Tile configs and their prune rules: every kept config compiles without spills for sm_90 at 8, 16, 32 and 64 channels
+# (benchmarks/aot_check.py --all-configs --only upconv, Triton 3.6 and 3.9).
 def _fwd_configs():
-    gpu = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((64, 4), (128, 4), (128, 8))]
+    gpu = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))]
     return autotune_configs(gpu, triton.Config({"BLOCK_M": 64}, num_warps=4),
                             triton.Config({"BLOCK_M": 16}, num_warps=4))
 
 
-@triton.autotune(configs=_fwd_configs(), key=["M", "C_IN", "C_OUT"], cache_results=True)
+def _prune_fwd(configs, named_args, **kwargs):
+    """The fp32 accumulator at most 16 values per thread."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] / c.num_warps)]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["M", "C_IN", "C_OUT"], cache_results=True,
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _upconv_fwd_kernel(x_ptr, w_ptr, b_ptr, a_ptr, skip_ptr, out_ptr,
                        M, D, H, W, C_IN, C_OUT,
@@ -87,16 +97,17 @@ def _upconv_fwd_kernel(x_ptr, w_ptr, b_ptr, a_ptr, skip_ptr, out_ptr,
 
 
 def _bwd_configs():
-    gpu = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
-    return autotune_configs(gpu, triton.Config({"BLOCK_M": 32}, num_warps=4),
+    gpu = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((32, 4), (64, 4), (32, 8), (64, 8), (128, 8))]
+    return autotune_configs(gpu, triton.Config({"BLOCK_M": 64}, num_warps=8),
                             triton.Config({"BLOCK_M": 16}, num_warps=4))
 
 
 def _prune_bwd(configs, named_args, **kwargs):
-    """Rows x (C_in + 2 C_out) fp32 values per thread at most 64 (the x rows, grad_x and z, g / dz of a tap held at
-    once): wide channels get short row blocks instead of spilling registers."""
+    """Rows x (C_in + 2 C_out) (the x rows and grad_x, a tap's z and g / dz, held at once) at most 24 values per
+    thread, and above 16 channels 8 warps on 64-row tiles (wgmma; 4-warp or 32-row mma.sync tiles spill there)."""
     per_row = kwargs["BLOCK_CI"] + 2 * kwargs["BLOCK_CO"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * per_row <= 64 * 32 * c.num_warps]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * per_row <= 24 * 32 * c.num_warps
+            and (per_row <= 48 or (c.num_warps == 8 and c.kwargs["BLOCK_M"] >= 64))]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] / c.num_warps)]
 
 
