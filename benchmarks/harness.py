@@ -117,6 +117,27 @@ def jaccard_function(variant, case):
     raise ValueError(f"unknown variant {variant!r}")
 
 
+def upconv_eager(x, weight, bias, alpha, skip):
+    """The upsampling block in plain PyTorch: cuDNN's transposed conv, PReLU and the skip sum as separate ops."""
+    return F.prelu(F.conv_transpose3d(x, weight, bias, stride=2), alpha) + skip
+
+
+def upconv_function(variant, case):
+    if variant in BASELINES:
+        return upconv_eager
+    if variant in FUSED:
+        import seg3d_fast as sf
+        from seg3d_fast.backends import BackendUnsupported
+
+        def fused(*t):
+            try:
+                return sf.upconv_prelu_add(*t, backend=variant)
+            except BackendUnsupported as e:
+                raise Unsupported(str(e)) from e
+        return fused
+    raise Unsupported(f"{variant} has no upsampling variant")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # inputs
 def _rand(shape, dtype, device, channels_last, grad=True):
@@ -142,6 +163,18 @@ def conv_inputs(case, dtype, device, channels_last):
         if t is not None:
             t.requires_grad_(True)
     return x, weight, bias, alpha, residual
+
+
+def upconv_inputs(case, dtype, device, channels_last):
+    x = _rand((case.n, case.c_in, *case.spatial), dtype, device, channels_last)
+    bound = 1 / math.sqrt(case.c_out * 8)
+    weight = ((torch.rand((case.c_in, case.c_out, 2, 2, 2), device=device) * 2 - 1) * bound).to(dtype)
+    bias = ((torch.rand(case.c_out, device=device) * 2 - 1) * bound).to(dtype)
+    alpha = (0.1 + 0.3 * torch.rand(case.c_out, device=device)).to(dtype)
+    skip = _rand((case.n, case.c_out, *(2 * s for s in case.spatial)), dtype, device, channels_last)
+    for t in (weight, bias, alpha):
+        t.requires_grad_(True)
+    return x, weight, bias, alpha, skip
 
 
 def jaccard_inputs(case, dtype, device, channels_last):
@@ -360,10 +393,13 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
     if time.time() > float(os.environ.get("SEG3D_BENCH_DEADLINE", "inf")):
         pytest.skip("time budget spent (SEG3D_BENCH_DEADLINE)")
     dtype = DTYPES[dtype_name]
-    channels_last = op == "conv3d_prelu" and LAYOUT[variant] == "ndhwc"  # the loss: NCDHW logits for all
+    channels_last = op != "jaccard_loss" and LAYOUT[variant] == "ndhwc"  # the loss: NCDHW logits for all
     if op == "conv3d_prelu":
         fn = conv_function(variant, case)
         make = lambda: conv_inputs(case, dtype, device, channels_last)  # noqa: E731
+    elif op == "upconv_prelu_add":
+        fn = upconv_function(variant, case)
+        make = lambda: upconv_inputs(case, dtype, device, channels_last)  # noqa: E731
     else:
         fn = jaccard_function(variant, case)
         make = lambda: jaccard_inputs(case, dtype, device, channels_last)  # noqa: E731

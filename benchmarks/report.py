@@ -253,13 +253,13 @@ def chart(payload, path, dtype="bf16", direction="both"):
     plt.close(fig)
 
 
-DISPATCH_OPS = {"conv3d_prelu": "conv3d_prelu", "jaccard_loss": "jaccard"}
+DISPATCH_OPS = {"conv3d_prelu": "conv3d_prelu", "jaccard_loss": "jaccard", "upconv_prelu_add": "upconv_prelu_add"}
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def dispatch_table(payload):
     """{card: {op: {key: backends fastest first}}} in the format of seg3d_fast/backends/dispatch_table.json: op
-    "conv3d_prelu" / "jaccard" from the forward rows, "<op>_backward" from the backward rows (the dispatcher may run
+    "conv3d_prelu" / "jaccard" / "upconv_prelu_add" from the forward rows, "<op>_backward" from the backward rows (the dispatcher may run
     the two directions on different backends). Keys as ops.py builds them; rows sharing a key add their times. The
     reference backend is timed as the faster eager baseline (the same cuDNN calls)."""
     totals = {}
@@ -268,8 +268,9 @@ def dispatch_table(payload):
             continue
         shape = next(iter(by.values()))["shape"]
         dt = TORCH_DTYPE_NAMES[dtype]
-        key = (f"{dt}-k{shape['k']}-s{shape['stride']}-ci{shape['C_in']}-co{shape['C_out']}"
-               if op == "conv3d_prelu" else f"{dt}-C{shape['C']}")
+        key = {"conv3d_prelu": lambda: f"{dt}-k{shape['k']}-s{shape['stride']}-ci{shape['C_in']}-co{shape['C_out']}",
+               "upconv_prelu_add": lambda: f"{dt}-ci{shape['C_in']}-co{shape['C_out']}"}.get(
+                   op, lambda: f"{dt}-C{shape['C']}")()
         times = {"reference": min((by[b]["ms"] for b in ("eager", "eager_cl") if b in by and by[b]["ms"]),
                                   default=None)}
         times.update({b: by[b]["ms"] for b in ("triton", "cuda") if b in by})

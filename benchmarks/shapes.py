@@ -11,6 +11,9 @@ Minimal cost (for TFLOP/s, GB/s and the floor; DESIGN.md "Ceilings"): M = N*D'*H
   both    : the sum of the two.
 Jaccard loss at C classes over V voxels: forward reads logits and labels once (5 FLOPs per logit: exp,
 normalise, three sums); backward reads them again and writes the logits' gradient (6 FLOPs per logit).
+Upsampling block (transposed conv k2 s2 + PReLU + skip) from M = N*D*H*W input voxels: forward 2*M*8*C_out*C_in
+FLOPs, bytes = x + weight + skip + out; backward twice the FLOPs, bytes = grad_out + x + grad_x + weight + grad_weight
+(z is recomputed).
 """
 import os
 from dataclasses import dataclass, field
@@ -101,6 +104,59 @@ class JaccardCase:
         fwd = logits + labels
         bwd = 2 * logits + labels
         return {"forward": fwd, "backward": bwd, "both": fwd + bwd}[direction]
+
+
+@dataclass(frozen=True)
+class UpconvCase:
+    n: int
+    c_in: int
+    c_out: int
+    spatial: tuple          # input (D, H, W); the output is twice each
+    layers: tuple = field(default=(), compare=False)
+
+    @property
+    def name(self):
+        d, h, w = self.spatial
+        return f"upconv_c{self.c_in}-{self.c_out}_{d}x{h}x{w}"
+
+    def shape(self):
+        return {"N": self.n, "C_in": self.c_in, "C_out": self.c_out, "DHW": list(self.spatial)}
+
+    def flops(self, direction):
+        one = 2 * self.n * _prod(self.spatial) * 8 * self.c_out * self.c_in
+        return {"forward": one, "backward": 2 * one, "both": 3 * one}[direction]
+
+    def min_bytes(self, direction, itemsize):
+        x = self.n * self.c_in * _prod(self.spatial)
+        y = 8 * self.n * self.c_out * _prod(self.spatial)
+        w = 8 * self.c_in * self.c_out
+        fwd, bwd = x + w + 2 * y, y + 2 * x + 2 * w
+        return itemsize * {"forward": fwd, "backward": bwd, "both": fwd + bwd}[direction]
+
+
+def network_upconv_cases(tiny):
+    """The upsampling blocks of the benchmark networks (UpConvPReLU3d: input shape from a meta-device forward)."""
+    from seg3d_fast.models import Seg3DNet
+    from seg3d_fast.nn import UpConvPReLU3d
+
+    input_shape = TINY_INPUT if tiny else FULL_INPUT
+    cases = {}
+    for net, features in (TINY_NETWORKS if tiny else NETWORKS).items():
+        model = Seg3DNet(in_channels=input_shape[1], num_classes=NUM_CLASSES, features=features, fused=True)
+        seen = []
+        handles = [m.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, m, args[0].shape)))
+                   for name, m in model.named_modules() if isinstance(m, UpConvPReLU3d)]
+        try:
+            with torch.no_grad():
+                model.to("meta")(torch.randn(input_shape, device="meta"))
+        finally:
+            for h in handles:
+                h.remove()
+        for name, m, shape in seen:
+            case = UpconvCase(n=shape[0], c_in=m.in_channels, c_out=m.out_channels, spatial=tuple(shape[2:]))
+            first = cases.get(case, case)
+            cases[case] = UpconvCase(**{**first.__dict__, "layers": first.layers + (f"{net}.{name}",)})
+    return list(cases.values())
 
 
 def _prod(values):
@@ -232,11 +288,27 @@ def _settings():
 def all_rows():
     """Every row in run order, so that the figures that matter most survive a time limit: the loss, the
     representative conv layers, torch.compile's forward of the heaviest one and of the loss (the Triton issue's
-    forward target; each takes seconds to compile), the other conv layers, then the rest of torch.compile."""
+    forward target; each takes seconds to compile), the upsampling blocks, the other conv layers, then the rest of
+    torch.compile."""
     loss, loss_compiled = jaccard_rows()
     reps, others, conv_compiled = conv_rows()
     early = [r for r in conv_compiled if r[2] == "forward"][:1] + [r for r in loss_compiled if r[2] == "forward"][:1]
-    return loss + reps + early + others + [r for r in conv_compiled + loss_compiled if r not in early]
+    return loss + reps + early + upconv_rows() + others + [r for r in conv_compiled + loss_compiled if r not in early]
+
+
+def upconv_rows():
+    """The upsampling blocks in the every-layer dtypes: cuDNN's transposed conv (both layouts) beside the fused
+    blocks (triton; the cuda backend has none)."""
+    s = _settings()
+    rows = []
+    for case in network_upconv_cases(s["tiny"]):
+        for dtype in s["dtypes"]:
+            for direction in s["directions"]:
+                for backend in s["backends"]:
+                    if backend in ("compile", "triton_tma", "cuda") or (backend == "triton" and not s["gpu"]):
+                        continue  # (the interpreter: tests/test_triton_backend.py runs the kernels on the CPU)
+                    rows.append((case, dtype, direction, backend))
+    return rows
 
 
 def conv_rows():

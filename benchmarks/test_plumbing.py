@@ -229,3 +229,20 @@ def test_profile_report_lists_the_allocations_at_the_peak():
     md = report.profile_markdown(payload)
     assert "Allocated at fused's step peak (3 MiB above the step's start" in md
     assert "2.0 MiB ×2 `ops.py:10 f`; 1.0 MiB ×1 `cuda.py:5 g`." in md
+
+
+def test_upconv_cases_and_their_dispatch_key():
+    """The upsampling blocks of the tiny network (one per level above the coarsest), their cost, and the dispatch
+    key report.py writes for them (the one ops.py looks up)."""
+    cases = shapes.network_upconv_cases(tiny=True)
+    # (the 16x20x18 input is padded to a multiple of 8: 16x24x24, so the coarsest level is 2x3x3)
+    assert [(c.c_in, c.c_out, c.spatial, c.layers) for c in cases] == [
+        (6, 6, (2, 3, 3), ("base.up.2",)), (4, 4, (4, 6, 6), ("base.up.1",)), (2, 2, (8, 12, 12), ("base.up.0",))]
+    c = shapes.UpconvCase(n=1, c_in=8, c_out=8, spatial=(2, 3, 4))
+    assert c.flops("forward") == 2 * 24 * 8 * 8 * 8 and c.flops("both") == 3 * c.flops("forward")
+    assert c.min_bytes("forward", 2) == 2 * (8 * 24 + 8 * 64 + 2 * 8 * 8 * 24)
+    ceilings = {"bf16_tflops": 1.0, "fp32_tflops": 1.0, "copy_gbps": 10.0, "fp32_uses_tf32": False}
+    records = [harness.record("upconv_prelu_add", c, "bf16", b, "forward", ms, ms, 0, ceilings, 2, c.layers,
+                              harness.LAYOUT[b]) for b, ms in (("eager", 2.0), ("triton", 1.0))]
+    table = report.dispatch_table({"environment": {"device": "card"}, "records": records})
+    assert table == {"card": {"upconv_prelu_add": {"bfloat16-ci8-co8": ["triton", "reference"]}}}
