@@ -418,7 +418,9 @@ UPCONV_CASES = [  # dtype, C_in, C_out, (N, D, H, W), layout, alpha, bias, skip
 ]
 
 
-@pytest.mark.parametrize("dtype,c_in,c_out,size,layout,alpha_kind,bias,skip", UPCONV_CASES)
+@pytest.mark.parametrize("dtype,c_in,c_out,size,layout,alpha_kind,bias,skip", UPCONV_CASES + [
+    pytest.param(BF16, 8, 8, (1, 64, 80, 72), "channels_last", "channel", True, True, marks=requires_gpu),
+    pytest.param(BF16, 32, 32, (2, 16, 20, 18), "contiguous", "channel", True, True, marks=requires_gpu)])
 def test_upconv_forward_and_gradients(dtype, c_in, c_out, size, layout, alpha_kind, bias, skip, exact_fp32):
     """Forward and every gradient of the fused upsampling block against float64, alphas of both signs, N > 1, odd
     extents, channel counts under and over one 16-wide tile, NCDHW / channels-last / strided inputs."""
