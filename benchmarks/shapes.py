@@ -301,7 +301,8 @@ def upconv_rows():
     blocks (triton; the cuda backend has none)."""
     s = _settings()
     rows = []
-    for case in network_upconv_cases(s["tiny"]):
+    # blocks over 32 channels have no fused kernel (backends/triton/upconv.py MAX_CHANNELS): nothing to compare
+    for case in (c for c in network_upconv_cases(s["tiny"]) if max(c.c_in, c.c_out) <= 32):
         for dtype in s["dtypes"]:
             for direction in s["directions"]:
                 for backend in s["backends"]:
