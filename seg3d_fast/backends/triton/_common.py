@@ -36,6 +36,23 @@ if interpreting():
     _patch_interpreter_index()
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor_reasons(tensors: dict) -> list[str]:
+    """Why the named tensors ({name: tensor or None}) cannot go to a Triton kernel: device and dtype."""
+    reasons = []
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda" and not interpreting():
+            reasons.append(f"{name} is on {t.device.type}: the triton backend needs CUDA tensors "
+                           "(or TRITON_INTERPRET=1 for CPU tensors)")
+        if t.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"{name} has dtype {t.dtype}: expected float32, float16 or bfloat16")
+    return reasons
+
+
 def autotune_configs(gpu_configs, default, interpreter):
     """Configs for triton.autotune: the full list on a GPU (the default first), one default when
     SEG3D_FAST_AUTOTUNE=0, one small config under the interpreter. Read once, when the kernel module is imported."""

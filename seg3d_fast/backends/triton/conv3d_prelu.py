@@ -33,9 +33,8 @@ except ImportError:
 
 from .. import device_table
 from ._common import (autotune_configs, block_row_coords, carry_rows, cdiv, dot, dot_precision, fast_divisor,
-                      interpreting, next_pow2, parallel_slots, row_split, strided_offset)
+                      interpreting, next_pow2, parallel_slots, row_split, strided_offset, tensor_reasons)
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DZ_NONE, _DZ_ACT, _DZ_PREACT = 0, 1, 2
 _DZ_KINDS = {"none": _DZ_NONE, "act": _DZ_ACT, "preact": _DZ_PREACT}
 
@@ -812,16 +811,7 @@ def _forward_taps(k, device):
 
 
 def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first):
-    reasons = []
-    tensors = {"x": x, "weight": weight, "bias": bias, "alpha": alpha, "residual": residual}
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if t.device.type != "cuda" and not interpreting():
-            reasons.append(f"{name} is on {t.device.type}: the triton backend needs CUDA tensors "
-                           "(or TRITON_INTERPRET=1 for CPU tensors)")
-        if t.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"{name} has dtype {t.dtype}: expected float32, float16 or bfloat16")
+    reasons = tensor_reasons({"x": x, "weight": weight, "bias": bias, "alpha": alpha, "residual": residual})
     if x.dim() != 5 or weight.dim() != 5:
         reasons.append(f"x and weight must be 5-D (got x.dim()={x.dim()}, weight.dim()={weight.dim()})")
         return reasons

@@ -14,10 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, next_pow2
+from ._common import SUPPORTED_DTYPES, cdiv, interpreting, next_pow2
 
 MAX_CLASSES = 64  # all classes of a voxel are held in registers at once (BLOCK_C x BLOCK_S tile)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 4096  # BLOCK_C * BLOCK_S elements per program
 NUM_WARPS = 8  # 16 tile elements per thread: with 4 warps the softmax backward spills on sm_90 (Triton 3.6)
 _NO_LABEL_MIN = tl.constexpr(2 ** 62)  # the label range of a block without counted labels: empty

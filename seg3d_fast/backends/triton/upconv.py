@@ -13,10 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (autotune_configs, block_row_coords, cdiv, dot, dot_precision, interpreting, next_pow2,
-                      parallel_slots, strided_offset)
+from ._common import (autotune_configs, block_row_coords, cdiv, dot, dot_precision, next_pow2, parallel_slots,
+                      strided_offset, tensor_reasons)
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 32  # the backward holds a tap's whole (C_in, C_out) weight and the rows' channels in registers: from 64
                    # channels every tile spills on sm_90 (benchmarks/aot_check.py), so wider blocks take the reference
 
@@ -33,6 +32,19 @@ def _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc):
 def _out_offset(n, i, j, k, tap, o_sn, o_sd, o_sh, o_sw):
     """Element offset of output voxel (n, 2i + a, 2j + b, 2k + c) for tap (a, b, c)."""
     return strided_offset(n, 2 * i + tap // 4, 2 * j + (tap // 2) % 2, 2 * k + tap % 2, o_sn, o_sd, o_sh, o_sw)
+
+
+@triton.jit
+def _bias_and_alpha(b_ptr, a_ptr, co, co_ok, HAS_BIAS: tl.constexpr, ALPHA_PER_CH: tl.constexpr):
+    """(bias of the columns co as fp32, zeros without one; alpha as a row to broadcast, or the shared scalar)."""
+    bias = tl.zeros(co.shape, dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
+    if ALPHA_PER_CH:
+        alpha = tl.load(a_ptr + co, mask=co_ok, other=1.0).to(tl.float32)[None, :]
+    else:
+        alpha = tl.load(a_ptr).to(tl.float32)
+    return bias, alpha
 
 
 @triton.jit
@@ -81,12 +93,8 @@ def _upconv_fwd_kernel(x_ptr, w_ptr, b_ptr, a_ptr, skip_ptr, out_ptr,
         a = tl.load(x_ptr + x_row[:, None] + ci[None, :].to(tl.int64) * x_sc, mask=row_ok[:, None] & ci_ok[None, :],
                     other=0.0)
         acc = dot(a, _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc), acc, DOT_PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    if ALPHA_PER_CH:
-        alpha = tl.load(a_ptr + co, mask=co_ok, other=1.0).to(tl.float32)[None, :]
-    else:
-        alpha = tl.load(a_ptr).to(tl.float32)
+    bias, alpha = _bias_and_alpha(b_ptr, a_ptr, co, co_ok, HAS_BIAS, ALPHA_PER_CH)
+    acc += bias[None, :]
     acc = tl.where(acc > 0, acc, acc * alpha)
     mask = row_ok[:, None] & co_ok[None, :]
     if HAS_SKIP:
@@ -134,13 +142,7 @@ def _upconv_dgrad_kernel(x_ptr, w_ptr, b_ptr, a_ptr, g_ptr, gx_ptr, db_ptr, da_p
     x_row = strided_offset(n, i, j, k, x_sn, x_sd, x_sh, x_sw)
     xt = tl.load(x_ptr + x_row[:, None] + ci[None, :].to(tl.int64) * x_sc, mask=row_ok[:, None] & ci_ok[None, :],
                  other=0.0)
-    bias = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-    if ALPHA_PER_CH:
-        alpha = tl.load(a_ptr + co, mask=co_ok, other=1.0).to(tl.float32)[None, :]
-    else:
-        alpha = tl.load(a_ptr).to(tl.float32)
+    bias, alpha = _bias_and_alpha(b_ptr, a_ptr, co, co_ok, HAS_BIAS, ALPHA_PER_CH)
     mask = row_ok[:, None] & co_ok[None, :]
     gx = tl.zeros((BLOCK_M, BLOCK_CI), dtype=tl.float32)
     db = tl.zeros((BLOCK_CO,), dtype=tl.float32)
@@ -197,13 +199,7 @@ def _upconv_wgrad_kernel(x_ptr, w_ptr, b_ptr, a_ptr, g_ptr, dw_ptr,
     co = tl.arange(0, BLOCK_CO)
     co_ok = co < C_OUT
     w = _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc)
-    bias = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-    if ALPHA_PER_CH:
-        alpha = tl.load(a_ptr + co, mask=co_ok, other=1.0).to(tl.float32)[None, :]
-    else:
-        alpha = tl.load(a_ptr).to(tl.float32)
+    bias, alpha = _bias_and_alpha(b_ptr, a_ptr, co, co_ok, HAS_BIAS, ALPHA_PER_CH)
     acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
     first = split.to(tl.int64) * ROWS_PER_SPLIT
     last = tl.minimum(first + ROWS_PER_SPLIT, M)
@@ -226,15 +222,7 @@ def _upconv_wgrad_kernel(x_ptr, w_ptr, b_ptr, a_ptr, g_ptr, dw_ptr,
 # ---------------------------------------------------------------------------------------------------------------------
 # host side
 def upconv_prelu_add_unsupported(x, weight, bias, alpha, skip):
-    reasons = []
-    for name, t in {"x": x, "weight": weight, "bias": bias, "alpha": alpha, "skip": skip}.items():
-        if t is None:
-            continue
-        if t.device.type != "cuda" and not interpreting():
-            reasons.append(f"{name} is on {t.device.type}: the triton backend needs CUDA tensors "
-                           "(or TRITON_INTERPRET=1 for CPU tensors)")
-        if t.dtype not in SUPPORTED_DTYPES:
-            reasons.append(f"{name} has dtype {t.dtype}: expected float32, float16 or bfloat16")
+    reasons = tensor_reasons({"x": x, "weight": weight, "bias": bias, "alpha": alpha, "skip": skip})
     if max(weight.shape[0], weight.shape[1]) > MAX_CHANNELS:
         reasons.append(f"{weight.shape[0]} -> {weight.shape[1]} channels: the fused upsampling takes at most "
                        f"{MAX_CHANNELS}")
