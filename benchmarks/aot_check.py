@@ -86,7 +86,9 @@ WGRAD_GEMM = [
     ("c8_k3", dict(STEP=1, KSIZE=3, BLOCK_KT=128, BLOCK_CO=16)),
     ("c64_k3_s2", dict(STEP=2, KSIZE=3, BLOCK_KT=128, BLOCK_CO=64)),
 ]
-# dtype label -> (pointer type, DOT_PREC); fp32 "ieee" only where the backend uses it
+# dtype label -> (pointer type, DOT_PREC); fp32 "ieee" only where the backend uses it. The parameters (weight, bias,
+# alpha and their gradients) are float32 pointers for every dtype: mixed-precision training (autocast) passes them so.
+PARAM = "*fp32"
 DTYPES = [("bf16", "*bf16", "tf32"), ("fp16", "*fp16", "tf32"), ("fp32tf32", "*fp32", "tf32"),
           ("fp32ieee", "*fp32", "ieee")]
 
@@ -216,14 +218,14 @@ def main(argv=None):
             if ce["BLOCK_N"] > 64 and pointer == "*fp32":
                 continue  # 128-column tiles only for 2-byte inputs (conv3d_prelu._launch_conv)
             types = {p: pointer for p in CONV_POINTERS}
-            types.update(taps_ptr="*i32", phase_ptr="*i64", o_sn="i64")
+            types.update(bias_ptr=PARAM, alpha_ptr=PARAM, taps_ptr="*i32", phase_ptr="*i64", o_sn="i64")
             rows += check("conv", name, dname, conv._conv_kernel, types,
                           dict(ce, DOT_PREC=prec, VEC=_vec(ce, pointer), VEC_OUT=16 // size), args.all_configs,
                           args.only, narrow=ce["FLAT_K"])
         for name, ce in TMA if size == 2 else ():  # fp16/bf16 only (tma_unsupported)
             scalar = pointer[1:]
             types = {p: pointer for p in CONV_POINTERS[3:]}
-            types.update(bias_ptr=pointer, out_ptr=pointer,
+            types.update(bias_ptr=PARAM, alpha_ptr=PARAM, out_ptr=pointer,
                          src_desc=f"tensordesc<{scalar}[1,{ce['BD']},{ce['BH']},{ce['BW']},{ce['BLOCK_K']}]>",
                          w_desc=f"tensordesc<{scalar}[{ce['BLOCK_K']},{ce['BLOCK_N']}]>",
                          phase_ptr="*i64", o_sn="i64", r_sn="i64")
@@ -238,7 +240,8 @@ def main(argv=None):
                           args.all_configs, args.only)
         for name, ce in WGRAD:
             types = {p: pointer for p in WGRAD_POINTERS}
-            types.update({p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}, taps_ptr="*i32")
+            types.update({p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}, alpha_ptr=PARAM,
+                         taps_ptr="*i32")
             rows += check("wgrad", name, dname, conv._wgrad_kernel, types,
                           dict(ce, DOT_PREC=prec, VEC=_vec(ce, pointer), VEC_OUT=min(16 // size, ce["BLOCK_CO"])),
                           args.all_configs, args.only, narrow=ce["FLAT_K"] or name.endswith("c8"))
@@ -272,7 +275,7 @@ def main(argv=None):
                       args.only, 4)
     # the backward's second stage (split sums of the weight, bias and alpha gradients; shared alpha)
     types = {p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}
-    types.update(gw_ptr="*bf16", gb_ptr="*bf16", ga_ptr="*bf16")
+    types.update(gw_ptr=PARAM, gb_ptr=PARAM, ga_ptr=PARAM)
     for layout, channels_last in (("bias_shared_alpha", False), ("channels_last_weight", True)):
         rows += check("finish", layout, "bf16", conv._finish_kernel, types,
                       dict(HAS_B=True, HAS_A=True, SHARED_ALPHA=True, W_CHANNELS_LAST=channels_last,
@@ -282,9 +285,8 @@ def main(argv=None):
     for dname, pointer, prec in DTYPES[:3]:
         for c in (8, 16, 32):
             block = max(16, c)
-            types = {p: pointer for p in ("x_ptr", "w_ptr", "b_ptr", "a_ptr", "skip_ptr", "out_ptr", "g_ptr",
-                                          "gx_ptr")}
-            types.update(db_ptr="*fp32", da_ptr="*fp32", dw_ptr="*fp32")
+            types = {p: pointer for p in ("x_ptr", "skip_ptr", "out_ptr", "g_ptr", "gx_ptr")}
+            types.update(w_ptr=PARAM, b_ptr=PARAM, a_ptr=PARAM, db_ptr="*fp32", da_ptr="*fp32", dw_ptr="*fp32")
             flags = dict(HAS_BIAS=True, ALPHA_PER_CH=True, DOT_PREC=prec)
             narrow = c % 16 != 0
             rows += check("upconv_fwd", f"c{c}", dname, upconv._upconv_fwd_kernel, types,

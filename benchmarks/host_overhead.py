@@ -9,6 +9,7 @@ the launch count stands for.
 
     python benchmarks/host_overhead.py [--reps 200] [--json out.json]
     python benchmarks/host_overhead.py --network-memory [--json out.json]   # see network_step_tensors
+    python benchmarks/host_overhead.py --network-host [--json out.json]     # see network_step_host
 """
 from __future__ import annotations
 
@@ -110,11 +111,12 @@ def stubbed_cuda(counter: LaunchCounter):
 
 
 def conv_inputs(case, dtype, gen):
+    """x and residual in `dtype`, the parameters in float32 (how a network trains under autocast)."""
     _, c_in, c_out, k, stride, spatial, has_alpha, has_res, _ = case
     x = torch.randn((2, c_in, *spatial), generator=gen).to(dtype).contiguous(memory_format=torch.channels_last_3d)
-    w = (torch.randn((c_out, c_in, k, k, k), generator=gen) * 0.1).to(dtype)
-    b = torch.randn(c_out, generator=gen).to(dtype)
-    a = torch.full((c_out,), 0.25, dtype=dtype) if has_alpha else None
+    w = torch.randn((c_out, c_in, k, k, k), generator=gen) * 0.1
+    b = torch.randn(c_out, generator=gen)
+    a = torch.full((c_out,), 0.25) if has_alpha else None
     out_spatial = tuple((s - 1) // stride + 1 for s in spatial)
     r = torch.randn((2, c_out, *out_spatial), generator=gen).to(dtype).contiguous(
         memory_format=torch.channels_last_3d) if has_res else None
@@ -218,13 +220,91 @@ def network_step_tensors(spatial=(128, 160, 144), features=(8, 16, 32, 64)):
             "torch": torch.__version__, "rows": rows}
 
 
+# torch ops that launch no GPU work: views, allocations, autograd bookkeeping
+_NO_LAUNCH = {"view", "permute", "reshape", "as_strided", "_unsafe_view", "slice", "select", "expand", "t", "transpose",
+              "unsqueeze", "squeeze", "alias", "detach", "_reshape_alias", "split", "unbind", "empty", "empty_like",
+              "new_empty", "empty_strided", "_record_function_enter_new", "_record_function_exit",
+              "_local_scalar_dense"}
+
+
+class _TorchOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the torch ops run under it that would launch GPU work (each is also a dispatch on the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in _NO_LAUNCH:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _autograd_nodes(root) -> int:
+    seen, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return len(seen)
+
+
+def network_step_host(spatial=(16, 16, 16), features=(8, 16, 32, 64), reps=20):
+    """The host's work in one forward + backward of Seg3DNet (1x4 input, 5 classes, bf16 autocast, channels-last,
+    as the profile's variants train): launches (torch ops that launch GPU work plus the stubbed kernels), autograd
+    nodes, and for the fused variants the median host time with every kernel stubbed (the plain variant's time
+    here would be the CPU's convolutions, so it has counts only). Small volume: the counts do not depend on it."""
+    from seg3d_fast import graphs, profile
+
+    args = argparse.Namespace(in_channels=4, classes=5, features=list(features), dtype="bf16")
+    rows = {}
+    for name, stub in (("plain_cl", None), ("triton", stubbed_triton), ("cuda", stubbed_cuda)):
+        counter = LaunchCounter()
+        with stub(counter) if stub is not None else contextlib.nullcontext():
+            variant = profile.Variant(name, args, torch.device("cpu"))
+            x, labels = variant.inputs(1, spatial)
+
+            def step():
+                return graphs.forward_backward(variant.model, variant.loss, variant.opt, x, labels, variant.amp)
+            step()  # backend choices, plans, gradients allocated
+            torch_ops = _TorchOps()
+            counter.launches = 0
+            with torch_ops:
+                with torch.autocast("cpu", dtype=variant.amp):
+                    loss = variant.loss(variant.model(x), labels)
+                nodes = _autograd_nodes(loss.grad_fn)
+                loss.backward()
+            row = {"launches": torch_ops.count + counter.launches, "kernel_launches": counter.launches,
+                   "autograd_nodes": nodes}
+            if stub is not None:
+                row["host_ms"] = _median_us(step, reps) / 1e3
+            rows[name] = row
+    return {"kind": "network_step_host", "input": [1, 4, *spatial], "features": list(features), "dtype": "bf16",
+            "torch": torch.__version__, "rows": rows}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--network-memory", action="store_true",
                         help="instead: peak tensor bytes of a Seg3DNet training step per backend (network_step_tensors)")
+    parser.add_argument("--network-host", action="store_true",
+                        help="instead: launches, autograd nodes and stubbed host time of a Seg3DNet training step "
+                             "(network_step_host)")
     args = parser.parse_args(argv)
+    if args.network_host:
+        torch.set_num_threads(1)
+        result = network_step_host()
+        for name, row in result["rows"].items():
+            host = f"{row['host_ms']:6.2f} ms host (kernels stubbed)" if "host_ms" in row else ""
+            print(f"{name:<9} {row['launches']:4d} launches ({row['kernel_launches']} fused kernels), "
+                  f"{row['autograd_nodes']:4d} autograd nodes  {host}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     if args.network_memory:
         result = network_step_tensors()
         for name, row in result["rows"].items():

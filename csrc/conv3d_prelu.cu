@@ -312,8 +312,8 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const ConvArgs a) {
   __syncthreads();
 
   // Epilogue on the fp32 accumulator: bias, residual (before), PReLU, act, residual (after), one store.
-  const T* bias = reinterpret_cast<const T*>(a.bias);
-  const T* alpha = reinterpret_cast<const T*>(a.alpha);
+  const float* bias = reinterpret_cast<const float*>(a.bias);
+  const float* alpha = reinterpret_cast<const float*>(a.alpha);
   const T* residual = reinterpret_cast<const T*>(a.residual);
   T* out = reinterpret_cast<T*>(a.out);
   T* act = reinterpret_cast<T*>(a.act);
@@ -323,10 +323,10 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(const ConvArgs a) {
     if (ro < 0 || co >= a.Cout) continue;
     const long long o = ro + co;
     float v = sC[r * L::LDC + c];
-    if (bias) v += to_float(bias[co]);
+    if (bias) v += bias[co];
     if (residual && a.residual_first) v += to_float(residual[o]);
     if (a.alpha_mode) {
-      const float al = to_float(alpha[a.alpha_mode == 2 ? co : 0]);
+      const float al = alpha[a.alpha_mode == 2 ? co : 0];
       v = v > 0.0f ? v : v * al;
     }
     if (act) act[o] = from_float<T>(v);
@@ -421,7 +421,7 @@ constexpr int kPreluThreads = 256;
 
 template <class T>
 __global__ void __launch_bounds__(kPreluThreads)
-prelu_backward_kernel(const T* __restrict__ g, const T* __restrict__ saved, const T* __restrict__ alpha,
+prelu_backward_kernel(const T* __restrict__ g, const T* __restrict__ saved, const float* __restrict__ alpha,
                       T* __restrict__ dz, float* __restrict__ part_bias, float* __restrict__ part_alpha,
                       long long rows, int C, int tile_c, int saved_kind, int alpha_mode, long long rows_per_block) {
   __shared__ float sb[kPreluThreads], sa[kPreluThreads];
@@ -431,7 +431,7 @@ prelu_backward_kernel(const T* __restrict__ g, const T* __restrict__ saved, cons
   const long long r_end = min(rows, r_begin + rows_per_block);
   float sum_dz = 0.0f, sum_alpha = 0.0f;
   if (c < C) {
-    const float al = alpha_mode == 2 ? to_float(alpha[c]) : alpha_mode == 1 ? to_float(alpha[0]) : 1.0f;
+    const float al = alpha_mode == 2 ? alpha[c] : alpha_mode == 1 ? alpha[0] : 1.0f;
     for (long long r = r_begin + tid / tile_c; r < r_end; r += row_step) {
       const long long idx = r * C + c;
       const float gv = to_float(g[idx]);
@@ -463,20 +463,20 @@ prelu_backward_kernel(const T* __restrict__ g, const T* __restrict__ saved, cons
 }
 
 // One block: out[c] = sum over rows of part[row, c] (fixed order); sum_channels: out[0] = sum over c as well.
-template <class T>
-__global__ void channel_sums_kernel(float* __restrict__ part, int rows, int C, T* __restrict__ out, int sum_channels) {
+__global__ void channel_sums_kernel(float* __restrict__ part, int rows, int C, float* __restrict__ out,
+                                    int sum_channels) {
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     float s = 0.0f;
     for (int r = 0; r < rows; ++r) s += part[static_cast<long long>(r) * C + c];
     if (sum_channels) part[c] = s;  // row 0, column c: read only by this thread above
-    else out[c] = from_float<T>(s);
+    else out[c] = s;
   }
   if (sum_channels) {
     __syncthreads();
     if (threadIdx.x == 0) {
       float s = 0.0f;
       for (int c = 0; c < C; ++c) s += part[c];
-      out[0] = from_float<T>(s);
+      out[0] = s;
     }
   }
 }
@@ -500,6 +500,14 @@ template <class T> __device__ __forceinline__ void load16(const T* p, float* v) 
 #pragma unroll
   for (int i = 0; i < kVec16<T>; ++i) v[i] = to_float(e[i]);
 }
+// N floats (a multiple of 4, 16-byte aligned).
+template <int N> __device__ __forceinline__ void load_floats(const float* p, float* v) {
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    const float4 f = *reinterpret_cast<const float4*>(p + i);
+    v[i] = f.x, v[i + 1] = f.y, v[i + 2] = f.z, v[i + 3] = f.w;
+  }
+}
 template <class T> __device__ __forceinline__ void store16(T* p, const float* v) {
   uint4 u;
   T* e = reinterpret_cast<T*>(&u);
@@ -515,12 +523,12 @@ template <class T, int BM, int BN, int LDC>
 __device__ __forceinline__ void store_epilogue(const ConvArgs& a, const float* sC, const long long* row_out, int n0) {
   constexpr int EV = kVec16<T>;
   constexpr int PIECES = BN / EV;
-  const T* bias = reinterpret_cast<const T*>(a.bias);
-  const T* alpha = reinterpret_cast<const T*>(a.alpha);
+  const float* bias = reinterpret_cast<const float*>(a.bias);
+  const float* alpha = reinterpret_cast<const float*>(a.alpha);
   const T* residual = reinterpret_cast<const T*>(a.residual);
   T* out = reinterpret_cast<T*>(a.out);
   T* act = reinterpret_cast<T*>(a.act);
-  const float alpha0 = a.alpha_mode == 1 ? to_float(alpha[0]) : 0.0f;
+  const float alpha0 = a.alpha_mode == 1 ? alpha[0] : 0.0f;
   for (int i = threadIdx.x; i < BM * PIECES; i += kThreads) {
     const int r = i / PIECES, cc = (i % PIECES) * EV, co = n0 + cc;
     const long long ro = row_out[r];
@@ -533,7 +541,7 @@ __device__ __forceinline__ void store_epilogue(const ConvArgs& a, const float* s
       v[e] = f.x, v[e + 1] = f.y, v[e + 2] = f.z, v[e + 3] = f.w;
     }
     if (bias) {
-      load16(bias + co, t);
+      load_floats<EV>(bias + co, t);
 #pragma unroll
       for (int e = 0; e < EV; ++e) v[e] += t[e];
     }
@@ -543,7 +551,7 @@ __device__ __forceinline__ void store_epilogue(const ConvArgs& a, const float* s
       for (int e = 0; e < EV; ++e) v[e] += t[e];
     }
     if (a.alpha_mode) {
-      if (a.alpha_mode == 2) load16(alpha + co, t);
+      if (a.alpha_mode == 2) load_floats<EV>(alpha + co, t);
 #pragma unroll
       for (int e = 0; e < EV; ++e) {
         const float al = a.alpha_mode == 2 ? t[e] : alpha0;
@@ -1062,16 +1070,17 @@ void launch_prelu_backward(uint64_t g, uint64_t saved, uint64_t alpha, uint64_t 
   float* part_alpha = part_bias + static_cast<long long>(row_blocks) * C;
   dim3 grid(row_blocks, (C + tile_c - 1) / tile_c);
   SEG3D_LAUNCH(prelu_backward_kernel<T>, grid, kPreluThreads, 0, stream)(
-      reinterpret_cast<const T*>(g), reinterpret_cast<const T*>(saved), reinterpret_cast<const T*>(alpha),
+      reinterpret_cast<const T*>(g), reinterpret_cast<const T*>(saved), reinterpret_cast<const float*>(alpha),
       reinterpret_cast<T*>(dz), part_bias, part_alpha, rows, C, tile_c, saved_kind, alpha_mode, rows_per_block);
   SEG3D_CHECK_LAUNCH("prelu_backward_kernel");
   if (grad_bias) {
-    SEG3D_LAUNCH(channel_sums_kernel<T>, 1, 256, 0, stream)(part_bias, row_blocks, C, reinterpret_cast<T*>(grad_bias), 0);
+    SEG3D_LAUNCH(channel_sums_kernel, 1, 256, 0, stream)(part_bias, row_blocks, C, reinterpret_cast<float*>(grad_bias),
+                                                        0);
     SEG3D_CHECK_LAUNCH("channel_sums_kernel");
   }
   if (grad_alpha) {
-    SEG3D_LAUNCH(channel_sums_kernel<T>, 1, 256, 0, stream)(part_alpha, row_blocks, C, reinterpret_cast<T*>(grad_alpha),
-                                                  alpha_mode == 1);
+    SEG3D_LAUNCH(channel_sums_kernel, 1, 256, 0, stream)(part_alpha, row_blocks, C,
+                                                        reinterpret_cast<float*>(grad_alpha), alpha_mode == 1);
     SEG3D_CHECK_LAUNCH("channel_sums_kernel");
   }
 }

@@ -13,7 +13,8 @@ namespace seg3d {
 // the conv's taps; dgrad is this with the flipped, transposed weight (stride 2: once per parity phase).
 struct ConvArgs {
   uint64_t in = 0, weight = 0, out = 0;           // in (N,ID,IH,IW,C), weight (Cout, ntaps, C), out (N,OD,OH,OW,Cout)
-  uint64_t bias = 0, alpha = 0, residual = 0, act = 0;  // optional (0 = absent); residual/act shaped like out
+  uint64_t bias = 0, alpha = 0, residual = 0, act = 0;  // optional (0 = absent); residual/act shaped like out;
+                                                        // bias and alpha float32 (any T), 16-byte aligned
   int N = 0, ID = 0, IH = 0, IW = 0, C = 0;
   int QD = 0, QH = 0, QW = 0;                     // computed grid
   int OD = 0, OH = 0, OW = 0, Cout = 0;           // full output tensor
@@ -42,7 +43,8 @@ struct WgradArgs {
 void conv_wgrad(const WgradArgs& a, int dtype, bool tf32, int device, uint64_t stream);
 
 // PReLU backward over grad_out (rows, C): dz = grad_out * (z > 0 ? 1 : alpha) (written when dz != 0), and
-// grad_bias = sum dz, grad_alpha = sum grad_out * z * (z <= 0), reduced in a fixed order.
+// grad_bias = sum dz, grad_alpha = sum grad_out * z * (z <= 0), reduced in a fixed order. alpha, grad_bias and
+// grad_alpha are float32 for every dtype (the parameters of mixed-precision training are: no casts either way).
 // saved_kind 0: none (z unused, dz = grad_out), 1: saved = PReLU output y (z = y / alpha where y <= 0), 2: saved = z.
 void prelu_backward(uint64_t grad_out, uint64_t saved, uint64_t alpha, uint64_t dz, uint64_t grad_bias,
                     uint64_t grad_alpha, uint64_t partial, int64_t rows, int C, int saved_kind, int alpha_mode,

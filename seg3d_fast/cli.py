@@ -4,6 +4,7 @@ Bad input (missing, truncated or non-NIfTI files, mismatched grids, labels out o
 with one line `seg3d-fast: error: FILE: problem` on stderr and exit status 2, no traceback.
 """
 import argparse
+import re
 import sys
 
 
@@ -17,14 +18,14 @@ def _demo(args):
 def _train(args):
     from . import train
 
-    if args.amp == "fp16" and not args.device.startswith("cuda") and not _cuda():
-        raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
+    check_amp(args.amp, args.device)
     return train.main(args)
 
 
 def _predict(args):
     from . import predict
 
+    check_amp(args.amp, args.device)
     return predict.main(args)
 
 
@@ -96,6 +97,33 @@ class UsageError(Exception):
     """A bad combination of command-line options (reported like a data error)."""
 
 
+# argparse types: a bad value ends in argparse's one-line error naming the option (exit status 2), before any work
+def at_least(low, kind=int, below=None):
+    """A number (int or float) >= low, and < below when given."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < low or (below is not None and value >= below):
+            bounds = f">= {low}" if below is None else f"in [{low}, {below})"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    return parse
+
+
+def device_name(text):
+    """auto, cpu, cuda or cuda:N (whether CUDA is there is checked where the device is used)."""
+    if text in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def check_amp(amp, device):
+    if amp == "fp16" and not device.startswith("cuda") and not _cuda():
+        raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
+
+
 def _cuda():
     import torch
 
@@ -108,9 +136,9 @@ def build_parser(argv=None):
 
     p = sub.add_parser("demo", help="train on the bundled brain MRI, predict a held-out slab, print Dice")
     p.add_argument("--out", default="seg3d_demo", help="output folder (default ./seg3d_demo)")
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=at_least(1), default=None)
     p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (checks the pipeline only)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
@@ -155,7 +183,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (Seg3DFastDataError, UsageError, BackendUnsupported) as e:
+    except (Seg3DFastDataError, UsageError, BackendUnsupported, OSError) as e:  # (OSError: e.g. an unwritable --out)
         print(f"seg3d-fast: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 Fuses a Conv3d followed by a PReLU in any Sequential (also when the PReLU sits alone inside a following Sequential, as in
 MONAI's Convolution -> ADN blocks without norm or dropout), and a lone Conv3d (no activation). Leaves everything else and
-says why in the report.
+says why in the report: other convs, Conv3d subclasses (their forward may differ), convs with hooks or parametrized
+weights, and the PReLUs it could not fuse.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .nn import ConvPReLU3d
 
@@ -25,6 +27,8 @@ def conv_unsupported_reasons(conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None) 
     padding = conv.padding
     if padding == "same" and conv.stride[0] == 1:
         padding = (k[0] // 2,) * 3
+    if padding == "valid":
+        padding = (0, 0, 0)
     if padding != (k[0] // 2,) * 3:
         reasons.append(f"padding {conv.padding} is not kernel//2 = {k[0] // 2}")
     if conv.padding_mode != "zeros":
@@ -36,6 +40,24 @@ def conv_unsupported_reasons(conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None) 
     if prelu is not None and prelu.weight.numel() not in (1, conv.out_channels):
         reasons.append(f"PReLU has {prelu.weight.numel()} parameters for {conv.out_channels} channels")
     return reasons
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks",
+          "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _module_reasons(m: nn.Module, kind: type) -> list[str]:
+    """Why module m, an instance of `kind` (Conv3d or PReLU), cannot be replaced by the fused module: the fused one
+    would not run its own forward, hooks or parametrizations."""
+    if type(m) is not kind:
+        if parametrize.is_parametrized(m):
+            return [f"its parameters are parametrized ({', '.join(m.parametrizations)}: weight_norm, spectral_norm, "
+                    "...), which the fused module would not apply"]
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            return [f"{type(m).__name__} is not initialized yet (run one forward pass before convert)"]
+        return [f"{type(m).__name__} is a subclass of {kind.__name__}: its forward may differ from the fused op"]
+    hooks = [name.strip("_") for name in _HOOKS if getattr(m, name, None)]
+    return [f"it has hooks ({', '.join(hooks)}) that the fused module would not run"] if hooks else []
 
 
 @dataclass
@@ -53,17 +75,28 @@ class ConvertReport:
 
 def _trivial(m: nn.Module) -> bool:
     """Modules that do nothing at inference or training time between a conv and its activation."""
-    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0)
+    return type(m) is nn.Identity or (type(m) is nn.Dropout and m.p == 0)
 
 
-def _lone_prelu(m: nn.Module) -> Optional[tuple[nn.Module, str]]:
-    """(the Sequential holding it or None, its name) when m is a PReLU or a Sequential whose only real member is one."""
+def _runs_in_order(m: nn.Module) -> bool:
+    """An nn.Sequential that runs its children one after the other (not a subclass with its own forward)."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _next_prelu(m: nn.Module) -> Optional[tuple[nn.PReLU, str, nn.Module]]:
+    """(the PReLU, its key relative to m, what replaces m) when m is a PReLU, or a Sequential whose only real member
+    is one, that can be fused into the conv before it. The replacement is new (an Identity, or a copy of the
+    Sequential with an Identity in the PReLU's place): m itself is left as it is, since other places may use it."""
     if isinstance(m, nn.PReLU):
-        return None, ""
-    if isinstance(m, nn.Sequential):
-        real = [(n, c) for n, c in m.named_children() if not _trivial(c)]
-        if len(real) == 1 and isinstance(real[0][1], nn.PReLU):
-            return m, real[0][0]
+        return (m, "weight", nn.Identity()) if not _module_reasons(m, nn.PReLU) else None
+    if _runs_in_order(m) and not _module_reasons(m, nn.Sequential):
+        real = [(n, c) for n, c in m._modules.items() if c is not None and not _trivial(c)]
+        if len(real) == 1 and isinstance(real[0][1], nn.PReLU) and not _module_reasons(real[0][1], nn.PReLU):
+            name, prelu = real[0]
+            copy = nn.Sequential()
+            for n, c in m._modules.items():
+                copy.add_module(n, nn.Identity() if n == name else c)
+            return prelu, f"{name}.weight", copy
     return None
 
 
@@ -74,43 +107,40 @@ def _path(prefix: str, name: str) -> str:
 def _convert(module: nn.Module, prefix: str, report: ConvertReport):
     # module._modules rather than named_children(): a module registered under two names is visited under both
     children = [(name, child) for name, child in module._modules.items() if child is not None]
-    fused_prelus = set()
+    fused_slots, renamed = set(), {}
     for i, (name, child) in enumerate(children):
         path = _path(prefix, name)
-        if name in fused_prelus:
+        if name in fused_slots:
             continue
         if isinstance(child, nn.Conv3d):
-            prelu, holder, prelu_name, prelu_path = None, module, None, None
-            if isinstance(module, nn.Sequential) and i + 1 < len(children):
-                found = _lone_prelu(children[i + 1][1])
-                if found is not None:
-                    inner, inner_name = found
-                    next_name = children[i + 1][0]
-                    if inner is None:
-                        prelu, holder, prelu_name = children[i + 1][1], module, next_name
-                        prelu_path = _path(prefix, next_name)
-                    else:
-                        prelu, holder, prelu_name = getattr(inner, inner_name), inner, inner_name
-                        prelu_path = _path(_path(prefix, next_name), inner_name)
-            reasons = conv_unsupported_reasons(child, prelu)
-            if reasons and prelu is not None and not conv_unsupported_reasons(child):
-                reasons, prelu = [], None  # the PReLU does not fit, the conv alone still does
+            reasons = _module_reasons(child, nn.Conv3d) or conv_unsupported_reasons(child)
             if reasons:
                 report.left.append((path, "; ".join(reasons)))
                 continue
-            setattr(module, name, ConvPReLU3d.from_modules(child, prelu))
-            if prelu is not None:
-                setattr(holder, prelu_name, nn.Identity())
-                if holder is module:
-                    fused_prelus.add(prelu_name)
-                report.swapped.append((path, "Conv3d + PReLU -> ConvPReLU3d"))
-                report.renamed[f"{path}.alpha"] = f"{prelu_path}.weight"
-            else:
+            found = _next_prelu(children[i + 1][1]) if _runs_in_order(module) and i + 1 < len(children) else None
+            if found is not None and conv_unsupported_reasons(child, found[0]):
+                found = None  # the PReLU does not fit, the conv alone still does
+            if found is None:
+                setattr(module, name, ConvPReLU3d.from_modules(child))
                 report.swapped.append((path, "Conv3d -> ConvPReLU3d(prelu=None)"))
+                continue
+            prelu, key, replacement = found
+            next_name = children[i + 1][0]
+            setattr(module, name, ConvPReLU3d.from_modules(child, prelu))
+            setattr(module, next_name, replacement)
+            fused_slots.add(next_name)
+            report.swapped.append((path, "Conv3d + PReLU -> ConvPReLU3d"))
+            renamed[f"{name}.alpha"] = f"{next_name}.{key}"
+            report.renamed[f"{path}.alpha"] = _path(prefix, f"{next_name}.{key}")
         elif isinstance(child, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose3d)):
             report.left.append((path, f"{type(child).__name__} is not a Conv3d"))
         else:
             _convert(child, path, report)
+    if renamed:
+        # state_dict() under the original keys (a fused PReLU's weight is its module's alpha) and load_state_dict()
+        # taking either, for this module and every module holding it: checkpoints move freely both ways
+        module.register_state_dict_post_hook(_RenameKeys(renamed))
+        module.register_load_state_dict_pre_hook(_RenameKeys({old: new for new, old in renamed.items()}))
 
 
 class _RenameKeys:
@@ -130,20 +160,20 @@ def convert(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
     """Replace, in place, Conv3d(+PReLU) by ConvPReLU3d holding the same parameter objects; returns (model, report).
 
     Outputs and gradients of the converted model equal the original's (up to the backend's rounding); an optimizer
-    made before the swap still trains it; its state_dict() keeps the original keys (report.renamed lists the fused
-    parameters that live under another name) and load_state_dict() takes either model's checkpoints."""
+    made before the swap still trains it; its state_dict() (and every submodule's) keeps the original keys
+    (report.renamed lists the fused parameters that live under another name) and load_state_dict() takes either
+    model's checkpoints. report.left lists what stays as it was and why, the PReLUs that run unfused included."""
     report = ConvertReport()
     if isinstance(model, nn.Conv3d):
-        reasons = conv_unsupported_reasons(model)
+        reasons = _module_reasons(model, nn.Conv3d) or conv_unsupported_reasons(model)
         if reasons:
             report.left.append(("", "; ".join(reasons)))
             return model, report
         report.swapped.append(("", "Conv3d -> ConvPReLU3d(prelu=None)"))
         return ConvPReLU3d.from_modules(model), report
     _convert(model, "", report)
-    if report.renamed:
-        # state_dict() under the original model's keys (a fused PReLU's weight is its module's alpha), and
-        # load_state_dict() taking either: checkpoints move freely between the original and the converted model
-        model.register_state_dict_post_hook(_RenameKeys(dict(report.renamed)))
-        model.register_load_state_dict_pre_hook(_RenameKeys({o: f for f, o in report.renamed.items()}))
+    for path, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.PReLU):
+            why = _module_reasons(m, nn.PReLU) or ["not directly after a fusable Conv3d in an nn.Sequential"]
+            report.left.append((path, "PReLU runs unfused: " + "; ".join(why)))
     return model, report

@@ -142,6 +142,8 @@ def evaluate_folders(pred_dir, label_dir, regions="auto"):
                    and not case_name(p).endswith("_probabilities"))
     if not preds:
         raise Seg3DFastDataError(f"{pred_dir}: no NIfTI label maps to evaluate")
+    if not Path(label_dir).is_dir():
+        raise Seg3DFastDataError(f"{label_dir}: label folder not found")
     pairs = []
     for p in preds:
         truth_path = find_label_file(label_dir, case_name(p))

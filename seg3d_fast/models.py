@@ -8,7 +8,8 @@ ones. The encoder's residual is summed before the second conv's PReLU (residual_
 only its output for backward; residual_first=False sums after it.
 
 fused=False builds the same network from plain nn.Conv3d / nn.PReLU / nn.ConvTranspose3d and Python sums: the
-baseline for memory and speed comparisons, and the form `convert()` turns into the fused one.
+baseline for memory and speed comparisons. (`convert()` swaps its convs for fused modules, but its PReLUs, applied
+by PlainConvBlock's own forward rather than by a Sequential, stay separate ops: its report lists them.)
 """
 from __future__ import annotations
 

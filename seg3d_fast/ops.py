@@ -13,6 +13,7 @@ upconv_prelu_add(x, weight, bias, alpha, skip): transposed conv (kernel 2, strid
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from typing import Optional
 
@@ -61,15 +62,37 @@ def _cast(dtype, *tensors):
     return tuple(t if not isinstance(t, Tensor) or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
-def _check_same(name: str, t: Optional[Tensor], x: Tensor):
+def _cast_params(dtype, *params):
+    """Under autocast: the parameters as the fused ops take them. float32 ones stay float32 (the kernels read them
+    as they are and return their gradients in float32: no cast kernels, no autograd nodes for the casts); others
+    are cast to the autocast dtype."""
+    return tuple(t if not isinstance(t, Tensor) or t.dtype in (dtype, torch.float32) else t.to(dtype)
+                 for t in params)
+
+
+def _check_same(name: str, t: Optional[Tensor], x: Tensor, ref_name: str = "x", ref: Optional[Tensor] = None):
+    """t is None or a tensor on x's device with the dtype of `ref` (default: x)."""
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all tensors must share one device")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all tensors must share one dtype")
+    ref = x if ref is None else ref
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: they must share one dtype")
+
+
+def _check_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor]):
+    """weight, bias and alpha share one dtype: x's, or float32 with a float16 / bfloat16 x (mixed precision, as
+    under autocast: the kernels read float32 parameters directly and give their gradients in float32)."""
+    mixed = weight.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
+    if weight.dtype != x.dtype and not mixed:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}: the parameters must have x's dtype, "
+                        "or float32 with a float16 / bfloat16 x")
+    _check_same("weight", weight, x, "weight", weight)  # (its device)
+    _check_same("bias", bias, x, "weight", weight)
+    _check_same("alpha", alpha, x, "weight", weight)
 
 
 def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
@@ -86,12 +109,15 @@ def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"channel mismatch: x has {x.shape[1]} channels but weight expects C_in={weight.shape[1]} "
                          f"(weight shape {tuple(weight.shape)})")
+    if x.shape[1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"x and weight need at least one input and one output channel; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     if stride not in STRIDES:
         raise ValueError(f"stride must be 1 or 2; got {stride!r}")
     if not isinstance(residual_first, bool):
         raise TypeError(f"residual_first must be a bool; got {residual_first!r}")
-    for name, t in (("weight", weight), ("bias", bias), ("alpha", alpha), ("residual", residual)):
-        _check_same(name, t, x)
+    _check_params(x, weight, bias, alpha)
+    _check_same("residual", residual, x)
     c_out = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},) for C_out={c_out}; got {tuple(bias.shape)}")
@@ -100,7 +126,7 @@ def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
     out_shape = conv_output_shape(x.shape, weight.shape, stride)
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
-    if any(s <= 0 for s in out_shape):
+    if any(s <= 0 for s in out_shape[2:]):  # (an empty batch is fine: an empty output, as F.conv3d gives)
         raise ValueError(f"x spatial extent {tuple(x.shape[2:])} gives an empty output")
 
 
@@ -311,14 +337,17 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
 
     x (N, C_in, D, H, W); weight (C_out, C_in, k, k, k), k in {1, 3}; bias (C_out,) or None; alpha (1,) or (C_out,)
     or None (no activation); residual the output's shape or None, summed after the activation, or before it when
-    residual_first. stride 1 or 2. fp16/bf16/fp32 (fp64 on the reference backend). The output keeps x's
+    residual_first. stride 1 or 2. fp16/bf16/fp32 (fp64 on the reference backend); weight, bias and alpha in x's
+    dtype or, with a fp16/bf16 x, in float32 (their gradients then float32 too). The output keeps x's
     channels_last_3d layout. backend: "reference" | "triton" | "cuda" | None (best that can run; env
     SEG3D_FAST_BACKEND overrides None).
     """
-    # Autocast first (custom ops are not autocast-aware): the fp32 parameters meet a bf16/fp16 activation.
+    # Autocast first (custom ops are not autocast-aware): the activations in its dtype; float32 parameters are
+    # taken as they are (_cast_params).
     dtype = _autocast_dtype(x.device) if isinstance(x, Tensor) else None
     if dtype is not None:
-        x, weight, bias, alpha, residual = _cast(dtype, x, weight, bias, alpha, residual)
+        x, residual = _cast(dtype, x, residual)
+        weight, bias, alpha = _cast_params(dtype, weight, bias, alpha)
     _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first)
     _check_backend(backend)
     save_act = alpha is not None and residual is not None and not residual_first
@@ -420,10 +449,17 @@ class _JaccardSumsEager(torch.autograd.Function):
         return *grads, None
 
 
-def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction):
+def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth):
     if not isinstance(logits, Tensor) or logits.dim() < 3 or logits.dim() > 5:
         raise ValueError("logits must be a tensor (N, C, *spatial) with 1 to 3 spatial dims; got "
                          + (_describe(logits) if isinstance(logits, Tensor) else type(logits).__name__))
+    if logits.numel() == 0:
+        raise ValueError(f"logits has no elements (shape {tuple(logits.shape)}): the loss needs at least one sample, "
+                         "class and voxel")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise TypeError(f"ignore_index must be an int label value or None; got {ignore_index!r}")
+    if not (isinstance(smooth, (int, float)) and smooth >= 0):
+        raise ValueError(f"smooth must be a number >= 0; got {smooth!r}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be a floating-point tensor; got dtype {logits.dtype}")
     if not isinstance(target, Tensor):
@@ -553,7 +589,7 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     Labels outside [0, C) (other than ignore_index) raise ValueError; when training on a GPU that error comes from
     backward, so that the forward never waits for the GPU.
     """
-    class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction)
+    class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth)
     _check_backend(backend)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
@@ -561,7 +597,7 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
         sums = _jaccard_sums(logits, target, squared, activation, ignore_index, backend or "")
     else:
         module = _jaccard_backend(logits, target, activation, ignore_index, backend or "")
-        if reduction != "none" and logits.numel() and hasattr(module, "jaccard_loss_reduced"):
+        if reduction != "none" and hasattr(module, "jaccard_loss_reduced"):
             weights = _loss_weights(class_weights, include_background, logits.shape[1], logits.device)
             return _JaccardLossReduced.apply(logits, target, weights, module, squared, activation, ignore_index,
                                              smooth, per_sample, reduction == "mean", _defer_label_check(logits))
@@ -672,23 +708,28 @@ def upconv_prelu_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: T
     Saves only x (1/8 of the output's voxels) and recomputes the transposed conv in backward (the triton backend
     in registers: neither z nor its gradient is ever stored).
     """
-    if x.dim() != 5 or weight.dim() != 5 or tuple(weight.shape[2:]) != (2, 2, 2):
-        raise ValueError(f"x must be (N, C_in, D, H, W) and weight (C_in, C_out, 2, 2, 2); got x "
-                         f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.dim() != 5 or weight.dim() != 5 \
+            or tuple(weight.shape[2:]) != (2, 2, 2):
+        describe = lambda t: _describe(t) if isinstance(t, Tensor) else type(t).__name__  # noqa: E731
+        raise ValueError(f"x must be a 5-D tensor (N, C_in, D, H, W) and weight (C_in, C_out, 2, 2, 2); got x "
+                         f"{describe(x)}, weight {describe(weight)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"channel mismatch: x has {x.shape[1]} channels but weight expects {weight.shape[0]}")
     _check_backend(backend)
     dtype = _autocast_dtype(x.device)
     if dtype is not None:
-        x, weight, bias, alpha, skip = _cast(dtype, x, weight, bias, alpha, skip)
-    for name, t in (("weight", weight), ("bias", bias), ("alpha", alpha), ("skip", skip)):
-        _check_same(name, t, x)
+        x, skip = _cast(dtype, x, skip)
+        weight, bias, alpha = _cast_params(dtype, weight, bias, alpha)
     c_out = weight.shape[1]
     if alpha is None or alpha.dim() != 1 or alpha.numel() not in (1, c_out):
         raise ValueError(f"alpha must have shape (1,) or ({c_out},) (C_out={c_out}); got "
                          f"{None if alpha is None else tuple(alpha.shape)}")
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"bias must have shape ({c_out},); got {tuple(bias.shape)}")
+    _check_params(x, weight, bias, alpha)
+    _check_same("skip", skip, x)
     out_shape = (x.shape[0], c_out, *[2 * s for s in x.shape[2:]])
     if skip is not None and tuple(skip.shape) != out_shape:
         raise ValueError(f"skip must have the output's shape {out_shape}; got {tuple(skip.shape)}")

@@ -130,34 +130,61 @@ def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None,
     """Predict every case under `inputs` (a NIfTI file, a folder of them, a dataset folder or a CSV manifest).
     Returns the written label-map paths."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    config, models = load_models(run_path, device, ensemble, fold, backend)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Seg3DFastDataError(f"device {device}: CUDA is not available here")
+    if ensemble and fold is not None:
+        raise Seg3DFastDataError("--ensemble averages every fold's model and --fold picks one: pass one")
     cases = discover(inputs).cases
+    outputs = _output_paths(cases, Path(out_dir), save_probabilities)  # checked before any work
+    config, models = load_models(run_path, device, ensemble, fold, backend)
     written = []
-    for i, case in enumerate(cases):
+    for i, (case, (path, probs_path)) in enumerate(zip(cases, outputs)):
         ref, probs = predict_case(models, config, case, device, roi, overlap, AMP_DTYPES[amp])
         labels = probs.argmax(0)
-        path = Path(out_dir) / f"{case.name}.nii.gz"
         save_nifti(label_image_like(labels, ref), path)
         if save_probabilities:
-            save_nifti(float_image_like(np.moveaxis(probs, 0, -1), ref), Path(out_dir) / f"{case.name}_probabilities.nii.gz")
+            save_nifti(float_image_like(np.moveaxis(probs, 0, -1), ref), probs_path)
         written.append(path)
         if progress:
             print(f"[{i + 1}/{len(cases)}] {case.name} -> {path}", flush=True)
     return written
 
 
+def _output_paths(cases, out_dir, save_probabilities):
+    """[(label map path, probabilities path)] per case; an output that is one of the input files (--out the input
+    folder) or that two cases share is an error: nothing the user had is overwritten."""
+    inputs = {Path(f).resolve() for case in cases for f in [*case.images, case.label] if f is not None}
+    outputs, seen = [], {}
+    for case in cases:
+        pair = (out_dir / f"{case.name}.nii.gz", out_dir / f"{case.name}_probabilities.nii.gz")
+        for path in pair[:2 if save_probabilities else 1]:
+            resolved = path.resolve()
+            if resolved in inputs:
+                raise Seg3DFastDataError(f"{path}: the prediction would overwrite this input file; choose another "
+                                         "--out folder")
+            if resolved in seen:
+                raise Seg3DFastDataError(f"{path}: cases {seen[resolved]} and {case.name} would both be written "
+                                         "here; choose another --out folder per case")
+            seen[resolved] = case.name
+        outputs.append(pair)
+    return outputs
+
+
 def add_arguments(p):
+    from .cli import at_least, device_name
+
     p.add_argument("run", help="training run folder (or one fold_k folder)")
     p.add_argument("inputs", help="a NIfTI image, a folder of images / cases, a dataset folder or a CSV manifest")
     p.add_argument("--out", required=True, help="output folder for label maps")
     p.add_argument("--ensemble", action="store_true", help="average the probabilities of every fold model")
-    p.add_argument("--fold", type=int, default=None, help="use this fold's model (default: the first fold)")
-    p.add_argument("--sliding-window", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+    p.add_argument("--fold", type=at_least(0), default=None, help="use this fold's model (default: the first fold)")
+    p.add_argument("--sliding-window", type=at_least(1), nargs=3, metavar=("D", "H", "W"), default=None,
                    help="predict in Gaussian-blended windows of this size (default: the whole volume at once)")
-    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--overlap", type=at_least(0.0, float, below=1.0), default=0.5,
+                   help="windows' overlap, a fraction of their size in [0, 1)")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--backend", choices=("reference", "triton", "cuda"), default=None)
 
 

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class TrainConfig:
     cuda_graph: bool = False            # forward + backward replayed as one CUDA graph (one GPU; fixed --crop)
     workers: int = 0
     resume: bool = False
+    overwrite: bool = False             # train this fold again from scratch, replacing its checkpoint
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes saved with the run (e.g. the demo's split)
 
@@ -300,10 +302,21 @@ def train(cfg):
     fold_dir = out / f"fold_{cfg.fold}"
     ckpt_path = fold_dir / CHECKPOINT_FILE
     checkpoint = None
+    if cfg.resume and cfg.overwrite:
+        raise Seg3DFastDataError("--resume continues a fold's checkpoint and --overwrite replaces it: pass one")
     if cfg.resume:
         if not ckpt_path.is_file():
             raise Seg3DFastDataError(f"{ckpt_path}: no checkpoint to resume from")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a checkpoint at all
+            raise Seg3DFastDataError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: "
+                                     f"{str(e).strip().splitlines()[0][:160]})") from e
+    elif ckpt_path.is_file() and not cfg.overwrite:
+        raise Seg3DFastDataError(f"{ckpt_path}: this fold has a checkpoint already; pass --resume to continue it "
+                                 "or --overwrite to train the fold again from scratch (replacing it)")
+    # checkpoints that this run must stay consistent with (the split and the model they were trained with)
+    kept = [p for p in sorted(out.glob(f"fold_*/{CHECKPOINT_FILE}")) if cfg.resume or p != ckpt_path]
 
     dataset = discover(cfg.data, require_labels=True)
     num_classes = cfg.num_classes or dataset.num_classes  # else: the largest label + 1, found while loading
@@ -314,6 +327,11 @@ def train(cfg):
         saved = json.loads(splits_path.read_text())
         if saved.get("folds") == cfg.folds and sorted(saved.get("cases", [])) == sorted(names):
             splits = saved["splits"]
+        elif kept:  # a new split would put cases that those folds validated on into training, and back
+            raise Seg3DFastDataError(
+                f"{splits_path}: the run's split ({saved.get('folds')} fold(s) over {len(saved.get('cases', []))} "
+                f"cases) does not match this training ({cfg.folds} fold(s) over {len(names)} cases), and "
+                f"{kept[0]} was trained on it; use a new --out folder")
     if splits is None:
         splits = make_splits(names, cfg.folds, cfg.seed)
     split = splits[cfg.fold]
@@ -327,7 +345,7 @@ def train(cfg):
                             backend=cfg.backend).to(device)
     config = run_config(cfg, model, dataset, num_classes)
     if rank == 0:
-        _check_or_write_config(out / CONFIG_FILE, config)
+        _check_or_write_config(out / CONFIG_FILE, config, kept)
         write_text_atomic(splits_path, json.dumps({"folds": cfg.folds, "seed": cfg.seed, "cases": sorted(names),
                                                    "splits": splits}, indent=1) + "\n")
     loss_fn = sfnn.JaccardLoss(squared=True, backend=cfg.backend)
@@ -345,6 +363,9 @@ def train(cfg):
             scaler.load_state_dict(checkpoint["scaler"])
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         set_rng_state(checkpoint["rng"])
+        if start_epoch >= cfg.epochs and rank == 0:
+            print(f"{ckpt_path}: already trained for {start_epoch} epoch(s) (--epochs {cfg.epochs}): nothing to do",
+                  file=sys.stderr, flush=True)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -415,13 +436,16 @@ def validate(model, cases, num_classes, device, amp_dtype, crop):
     return float(np.mean(dices))
 
 
-def _check_or_write_config(path, config):
-    if path.is_file():
+def _check_or_write_config(path, config, checkpoints):
+    """Writes the run's config; one that differs in model, preprocessing or classes is an error while checkpoints
+    trained with it remain (with none, e.g. after a run that failed before its first epoch, it is replaced)."""
+    if path.is_file() and checkpoints:
         old = json.loads(path.read_text())
         for key in ("model", "preprocess", "num_classes"):
             if old.get(key) != config[key]:
                 raise Seg3DFastDataError(f"{path}: this run was made with a different {key} "
-                                         f"({old.get(key)} vs {config[key]}); use a new --out folder")
+                                         f"({old.get(key)} vs {config[key]}) and {checkpoints[0]} was trained "
+                                         "with it; use a new --out folder")
     write_text_atomic(path, json.dumps(config, indent=1) + "\n")
 
 
@@ -439,39 +463,49 @@ def _progress(iterable, enabled, desc):
 
 # ---- command line --------------------------------------------------------------------------------------------
 def add_arguments(p):
+    from .cli import at_least, device_name
+
     p.add_argument("data", help="dataset: BRATS folder, MSD/nnU-Net folder with dataset.json, or CSV manifest")
     p.add_argument("--out", required=True, help="run folder (config, splits, fold_k/checkpoint.pt, logs)")
-    p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--folds", type=int, default=1, help="k of k-fold cross-validation (1: train on all cases)")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--samples-per-epoch", type=int, default=None, help="default: number of training cases")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"), default=None,
+    p.add_argument("--fold", type=at_least(0), default=0)
+    p.add_argument("--folds", type=at_least(1), default=1, help="k of k-fold cross-validation (1: train on all cases)")
+    p.add_argument("--epochs", type=at_least(1), default=50)
+    p.add_argument("--samples-per-epoch", type=at_least(1), default=None, help="default: number of training cases")
+    p.add_argument("--batch-size", type=at_least(1), default=1)
+    p.add_argument("--crop", type=at_least(1), nargs=3, metavar=("D", "H", "W"), default=None,
                    help="random crop size (default: whole volumes)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=at_least(1e-12, float), default=1e-3)
     p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly")
-    p.add_argument("--downsample", type=float, default=1.0, help="shrink inputs by this factor ('compressed' input)")
+    p.add_argument("--downsample", type=at_least(1.0, float), default=1.0,
+                   help="shrink inputs by this factor ('compressed' input)")
     p.add_argument("--clip", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="intensity window before z-scoring, e.g. -1000 1000 for CT")
-    p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--features", type=at_least(1), nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--skip", choices=("sum", "concat"), default="sum")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=at_least(2), default=None)
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
     p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--val-every", type=int, default=1)
+    p.add_argument("--val-every", type=at_least(1), default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", choices=("reference", "triton", "cuda"), default=None,
                    help="force a kernel backend (default: the dispatcher's choice)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each step's forward and backward as one CUDA graph (one GPU; use with --crop): "
                         "removes the per-layer host work that bounds small and deep layers")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--workers", type=at_least(0), default=0, help="data loader worker processes")
     p.add_argument("--resume", action="store_true", help="continue from fold_k/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train the fold again from scratch, replacing its checkpoint (without --resume or this, an "
+                        "existing checkpoint is an error)")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar or epoch lines")
 
 
 def config_from_args(args):
+    if args.clip is not None and not args.clip[0] < args.clip[1]:
+        from .cli import UsageError
+
+        raise UsageError(f"--clip LOW HIGH needs LOW < HIGH, got {args.clip[0]:g} {args.clip[1]:g}")
     return TrainConfig(data=args.data, out=args.out, fold=args.fold, folds=args.folds, epochs=args.epochs,
                        samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
                        crop=tuple(args.crop) if args.crop else None, lr=args.lr, lr_schedule=args.lr_schedule,
@@ -479,7 +513,7 @@ def config_from_args(args):
                        features=tuple(args.features), skip=args.skip, num_classes=args.num_classes, amp=args.amp,
                        augment=args.augment, val_every=args.val_every, seed=args.seed, device=args.device,
                        backend=args.backend, cuda_graph=args.cuda_graph, workers=args.workers, resume=args.resume,
-                       progress=args.progress)
+                       overwrite=args.overwrite, progress=args.progress)
 
 
 def main(args):

@@ -69,8 +69,9 @@ def conv_gemm(a, dtype_code, tf32, device, stream):
     target = out[:, a.out_off_d::a.out_stride, a.out_off_h::a.out_stride, a.out_off_w::a.out_stride][:, :a.QD, :a.QH,
                                                                                                      :a.QW]
     assert target.shape == z.shape, ("output grid outside the output tensor", target.shape, z.shape)
-    if a.bias:
-        z += _view(a.bias, (a.Cout,), dtype, "bias").double()
+    if a.bias:  # bias and alpha: float32 for every dtype, read 16 bytes at a time
+        assert a.bias % 16 == 0, "bias not 16-byte aligned"
+        z += _view(a.bias, (a.Cout,), torch.float32, "bias").double()
     residual = None
     if a.residual:
         residual = _view(a.residual, out.shape, dtype, "residual")[
@@ -79,7 +80,8 @@ def conv_gemm(a, dtype_code, tf32, device, stream):
         if a.residual_first:
             z += residual
     if a.alpha_mode:
-        alpha = _view(a.alpha, (1 if a.alpha_mode == 1 else a.Cout,), dtype, "alpha").double()
+        assert a.alpha % 16 == 0, "alpha not 16-byte aligned"
+        alpha = _view(a.alpha, (1 if a.alpha_mode == 1 else a.Cout,), torch.float32, "alpha").double()
         z = torch.where(z > 0, z, z * alpha)
     if a.act:
         act = _view(a.act, out.shape, dtype, "act")
@@ -117,18 +119,18 @@ def prelu_backward(grad_out, saved, alpha, dz, grad_bias, grad_alpha, partial, r
     _view(partial, (2, row_blocks, channels), torch.float32, "partial").fill_(float("nan"))
     d = g
     if saved_kind != 0:
-        a = _view(alpha, (1 if alpha_mode == 1 else channels,), dtype, "alpha").double()
+        a = _view(alpha, (1 if alpha_mode == 1 else channels,), torch.float32, "alpha").double()
         s = _view(saved, (rows, channels), dtype, "saved").double()
         z = torch.where(s > 0, s, s / a) if saved_kind == 1 else s
         d = torch.where(z > 0, g, g * a)
         if grad_alpha:
             per_channel = torch.where(z <= 0, g * z, 0).sum(0)
-            out = _view(grad_alpha, a.shape, dtype, "grad_alpha")
-            out.copy_((per_channel.sum().reshape(1) if alpha_mode == 1 else per_channel).to(dtype))
+            out = _view(grad_alpha, a.shape, torch.float32, "grad_alpha")
+            out.copy_((per_channel.sum().reshape(1) if alpha_mode == 1 else per_channel).float())
     if dz:
         _view(dz, (rows, channels), dtype, "dz").copy_(d.to(dtype))
     if grad_bias:
-        _view(grad_bias, (channels,), dtype, "grad_bias").copy_(d.sum(0).to(dtype))
+        _view(grad_bias, (channels,), torch.float32, "grad_bias").copy_(d.sum(0).float())
 
 
 def jaccard_blocks(spatial):
@@ -194,12 +196,13 @@ def jaccard_loss(logits, target, weights, partial, range_partial, sums, loss, la
 def jaccard_loss_backward(grad_loss, sums, weights, logits, target, grad_logits, n, c, s, label_type, squared, sigmoid,
                           has_ignore, ignore_index, smooth, per_sample, mean, dtype_code, device, stream):
     lg, t, reference = _jaccard_tensors(logits, target, n, c, s, label_type, dtype_code)
-    sm = _view(sums, (n, c, 3), torch.float32, "sums").double().requires_grad_()
-    w = _view(weights, (c,), torch.float32, "weights").double()
-    total = _loss_terms(sm, w, smooth, per_sample).sum()
-    if mean:
-        total = total / (w.sum() * (n if per_sample else 1))
-    g, = torch.autograd.grad(total * _view(grad_loss, (), torch.float32, "grad_loss").double(), sm)
+    with torch.enable_grad():  # (called from inside autograd's backward, where grad mode is off)
+        sm = _view(sums, (n, c, 3), torch.float32, "sums").double().requires_grad_()
+        w = _view(weights, (c,), torch.float32, "weights").double()
+        total = _loss_terms(sm, w, smooth, per_sample).sum()
+        if mean:
+            total = total / (w.sum() * (n if per_sample else 1))
+        g, = torch.autograd.grad(total * _view(grad_loss, (), torch.float32, "grad_loss").double(), sm)
     result = reference.jaccard_sums_backward(g, lg, t, squared, "sigmoid" if sigmoid else "softmax",
                                              ignore_index if has_ignore else None)
     _view(grad_logits, (n, c, s), DTYPES[dtype_code], "grad_logits").copy_(result)

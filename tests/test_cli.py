@@ -78,8 +78,54 @@ def test_predict_and_evaluate_bad_input(tmp_path, capsys):
     img, t1 = load(TCGA_T1)
     save((t1 > 500).astype(np.uint8), img.affine, tmp_path / "pred" / "a.nii.gz")
     rc = main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels")])
+    _assert_one_line_error(capsys, rc, tmp_path / "labels", "label folder not found")
+    (tmp_path / "labels").mkdir()
+    rc = main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels")])
     _assert_one_line_error(capsys, rc, tmp_path / "pred" / "a.nii.gz", "no ground-truth label file")
     assert not (tmp_path / "o").exists() and not list((tmp_path / "pred").glob("evaluation*"))
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--crop", "0", "16", "16"], "--crop"), (["--batch-size", "0"], "--batch-size"), (["--val-every", "0"], "--val-every"),
+    (["--lr", "-1"], "--lr"), (["--device", "foo"], "--device"), (["--features", "0", "8"], "--features"),
+    (["--downsample", "0.5"], "--downsample"), (["--epochs", "0"], "--epochs"), (["--folds", "0"], "--folds"),
+    (["--num-classes", "1"], "--num-classes")])
+def test_bad_option_values(tmp_path, capsys, args, option):
+    """A bad option value ends in argparse's one-line error naming the option (exit status 2), before anything is
+    written."""
+    manifest = _manifest(tmp_path, "a.nii.gz", "b.nii.gz")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", manifest, "--out", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {option}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_option_combinations(tmp_path, capsys):
+    image, label = brain_block(tmp_path / "d")
+    manifest = _manifest(tmp_path, image, label)
+    rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, "--clip", "100", "-100"])
+    _assert_one_line_error(capsys, rc, "--clip", "LOW < HIGH")
+    assert not (tmp_path / "run").exists()
+    for args in (["--overlap", "1.0"], ["--sliding-window", "0", "8", "8"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", str(tmp_path), str(image), "--out", str(tmp_path / "o"), *args])
+        assert exit_.value.code == 2 and f"argument {args[0]}" in capsys.readouterr().err
+    rc = main(["predict", str(tmp_path), str(image), "--out", str(tmp_path / "o"), "--ensemble", "--fold", "0"])
+    _assert_one_line_error(capsys, rc, "--ensemble", "pass one")
+
+
+def test_predict_never_overwrites_its_inputs(tmp_path, capsys):
+    """--out the input folder: the prediction would replace the image; refused before any work (the run is not
+    even read)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = folder / "caseA.nii.gz"
+    image.write_bytes(TCGA_T1.read_bytes())
+    before = image.read_bytes()
+    rc = main(["predict", str(tmp_path / "no_run"), str(folder), "--out", str(folder)])
+    _assert_one_line_error(capsys, rc, image, "would overwrite this input file")
+    assert image.read_bytes() == before
 
 
 def test_error_exit_status_in_a_real_process(tmp_path):

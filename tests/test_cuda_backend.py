@@ -337,6 +337,29 @@ def test_conv3d_prelu_channels_last_weight(cuda_backend, stride, c_in):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("stride,c_in,alpha_kind", [(1, 8, "channel"), (2, 3, "scalar")])
+def test_conv3d_prelu_float32_parameters(cuda_backend, stride, c_in, alpha_kind):
+    """float32 weight, bias and alpha with a bf16 x (the ops' mixed precision, under autocast): the same results as
+    with the parameters cast to bf16 first, the parameters' gradients in float32 and in the weight's layout."""
+    x, weight, bias, alpha, _, _ = _conv_case(cuda_backend.device, torch.bfloat16, c_in, 16, 3, stride, alpha_kind,
+                                              None, layout="channels_last")
+    grad_out = None
+    results = []
+    for params in ((weight, bias, alpha), tuple(t.float() for t in (weight, bias, alpha))):
+        out, _ = cuda_backend.conv3d_prelu_forward(x, *params, None, stride, False, False)
+        grad_out = randn(*out.shape, dtype=torch.bfloat16, device=cuda_backend.device) if grad_out is None \
+            else grad_out
+        grads = cuda_backend.conv3d_prelu_backward(grad_out, x, params[0], params[2], out, "act", stride,
+                                                   (True,) * 4 + (False,))
+        results.append((out, grads))
+    (out_bf16, grads_bf16), (out_mixed, grads_mixed) = results
+    assert torch.equal(out_bf16, out_mixed)
+    assert grads_mixed[0].dtype == torch.bfloat16 and torch.equal(grads_mixed[0], grads_bf16[0])
+    for name, mixed, half in zip(("weight", "bias", "alpha"), grads_mixed[1:4], grads_bf16[1:4]):
+        assert mixed.dtype == torch.float32 and torch.equal(mixed.bfloat16(), half), name
+    assert grads_mixed[1].stride() == weight.float().stride()
+
+
 @pytest.mark.parametrize("shape", [(5, 3, 3, 3, 3), (16, 8, 3, 3, 3), (7, 2, 1, 1, 1)], ids=str)
 def test_stride2_phase_weights_partition_the_taps_aligned(shape):
     """The one gather of the stride-2 dgrad's phase weights: every weight element exactly once (the phases

@@ -162,6 +162,20 @@ def test_label_range_checks(tmp_path):
     case.label = tmp_path / "neg.nii.gz"
     with pytest.raises(Seg3DFastDataError, match="label -1 outside the class range"):
         load_case(case)
+    # float storage a hair off the integers (a scale factor's rounding) reads as the integers
+    save(lab.astype(np.float32) * np.float32(1.0000001), img.affine, tmp_path / "scaled.nii.gz")
+    case.label = tmp_path / "scaled.nii.gz"
+    np.testing.assert_array_equal(load_case(case)[2], lab.astype(np.int64))
+
+
+def test_itk_vector_image_layout(tmp_path):
+    """A 5-D NIfTI (X, Y, Z, 1, C), as ITK writes vector images, reads as the (X, Y, Z, C) channels."""
+    img, t1 = load(TCGA_T1)
+    stacked = np.stack([t1, 2 * t1], axis=-1)[:, :, :, None, :]
+    path = save(stacked.astype(np.float32), img.affine, tmp_path / "vec.nii.gz")
+    _, data = load_nifti(path)
+    assert data.shape == (*t1.shape, 2)
+    np.testing.assert_allclose(data[..., 1], 2 * t1, rtol=1e-6)
 
 
 # ---- preprocessing -------------------------------------------------------------------------------------------

@@ -78,9 +78,11 @@ def test_evaluate_folders_errors(tmp_path):
         evaluate_folders(tmp_path / "pred", tmp_path)
     img, tumour = load(TCGA_TUMOUR)
     save(tumour, img.affine, tmp_path / "pred" / "x.nii.gz")
-    with pytest.raises(Seg3DFastDataError, match="x.nii.gz: no ground-truth label file for case x"):
+    with pytest.raises(Seg3DFastDataError, match="labels: label folder not found"):
         evaluate_folders(tmp_path / "pred", tmp_path / "labels")
     (tmp_path / "labels").mkdir()
+    with pytest.raises(Seg3DFastDataError, match="x.nii.gz: no ground-truth label file for case x"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "labels")
     save(tumour[:, :, :-1], img.affine, tmp_path / "labels" / "x.nii.gz")
     with pytest.raises(Seg3DFastDataError, match="x.nii.gz: grid mismatch"):
         evaluate_folders(tmp_path / "pred", tmp_path / "labels")

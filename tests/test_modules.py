@@ -174,6 +174,76 @@ def test_convert_keeps_shared_modules_tied():
     assert_same_model_function(original, converted, torch.randn(2, 2, 5, 6, 7))
 
 
+class _WSConv3d(nn.Conv3d):
+    """A Conv3d subclass with its own forward (weight standardisation): not a plain conv."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3, 4), keepdim=True)) / (w.std(dim=(1, 2, 3, 4), keepdim=True) + 1e-5)
+        return F.conv3d(x, w, self.bias, self.stride, self.padding)
+
+
+class _Neg(nn.Module):
+    def forward(self, x):
+        return -x
+
+
+class _ActTwice(nn.Module):
+    """The PReLU after the conv is also called directly by forward (a second use convert cannot see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.PReLU(4, init=0.1)
+        self.seq = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), self.act)
+
+    def forward(self, x):
+        return self.act(-self.seq(x))
+
+
+def test_convert_leaves_what_it_cannot_fuse_exactly():
+    """Every model keeps its function: Conv3d subclasses, convs or PReLUs with hooks, parametrized or uninitialized
+    lazy convs are left (the report says why); a PReLU (or its Sequential) that is also used elsewhere is fused
+    where it follows the conv and still runs everywhere else; the PReLUs left unfused are listed."""
+    torch.manual_seed(0)
+    hooked = nn.Conv3d(2, 4, 3, padding=1)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    hooked_prelu = nn.PReLU(4, init=0.2)
+    hooked_prelu.register_forward_pre_hook(lambda m, i: (i[0] + 1,))
+    act = nn.Sequential(nn.PReLU(4, init=0.1))
+    cases = {
+        "subclass": (nn.Sequential(_WSConv3d(2, 4, 3, padding=1), nn.PReLU(4)), "subclass of Conv3d"),
+        "conv_hook": (nn.Sequential(hooked, nn.PReLU(4)), "hooks (forward_hooks)"),
+        "prelu_hook": (nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), hooked_prelu), "hooks (forward_pre_hooks)"),
+        "weight_norm": (nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv3d(2, 4, 3, padding=1))),
+                        "parametrized (weight"),
+        "shared_sequential": (nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), act, _Neg(), act), "PReLU runs unfused"),
+        "called_directly": (_ActTwice(), "PReLU runs unfused"),
+    }
+    x = torch.randn(2, 2, 5, 6, 7)
+    for name, (original, why) in cases.items():
+        converted, report = sf.convert(copy.deepcopy(original))
+        assert any(why in reason for _, reason in report.left), (name, str(report))
+        assert_same_model_function(original, converted, x)
+    lazy = nn.Sequential(nn.LazyConv3d(4, 3, padding=1))
+    assert "not initialized" in dict(sf.convert(lazy)[1].left)["0"]
+    valid = nn.Sequential(nn.Conv3d(2, 4, 1, padding="valid"))
+    assert sf.convert(copy.deepcopy(valid))[1].swapped == [("0", "Conv3d -> ConvPReLU3d(prelu=None)")]
+
+
+def test_convert_keeps_submodule_checkpoint_keys():
+    """A submodule's state_dict() keeps its original keys too, and loads its original checkpoint."""
+    torch.manual_seed(0)
+    original = randomize_prelus(NestedNet())
+    converted, _ = sf.convert(copy.deepcopy(original))
+    assert converted.stem.state_dict().keys() == original.stem.state_dict().keys()
+    assert converted.stem[2].state_dict().keys() == original.stem[2].state_dict().keys()
+    fresh, _ = sf.convert(NestedNet())
+    fresh.stem.load_state_dict(original.stem.state_dict())
+    fresh.body.load_state_dict(original.body.state_dict())
+    fresh.head.load_state_dict(original.head.state_dict())
+    assert_same_model_function(original, fresh, torch.randn(2, 2, 7, 6, 9))
+
+
 def test_convert_monai_networks():
     monai_nets = pytest.importorskip("monai.networks.nets", reason="monai is installed by .ci/run for this test")
     torch.manual_seed(0)
@@ -193,7 +263,11 @@ def test_convert_then_equal_plain_seg3dnet():
     plain = randomize_prelus(Seg3DNet(2, 3, (4, 8, 16), fused=False))
     converted, report = sf.convert(copy.deepcopy(plain))
     assert len(report.swapped) == 3 + 3 + 2 + 2 + 2  # every Conv3d: encoder 2x3, reduce, decoder, seg 2 each
-    assert all("ConvTranspose3d" in why for _, why in report.left)
+    left = dict(report.left)
+    # the PReLUs that PlainConvBlock's forward applies itself stay separate, and the report says so
+    unfused = [path for path, why in left.items() if why.startswith("PReLU runs unfused")]
+    assert len(unfused) == sum(isinstance(m, nn.PReLU) for m in plain.modules()) == 10, left  # (8 conv blocks, 2 up)
+    assert all("ConvTranspose3d" in why for path, why in left.items() if path not in unfused)
     assert_same_model_function(plain, converted, torch.randn(2, 2, 9, 10, 11))
 
 

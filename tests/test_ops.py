@@ -41,12 +41,19 @@ def run_with_grads(fn, args, grad_out):
 
 
 def check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend="reference", negative_alpha=False,
-               device="cpu", shape=SHAPE, c_out=5):
+               device="cpu", shape=SHAPE, c_out=5, float32_params=False):
+    """float32_params: weight, bias and alpha in float32 with a fp16/bf16 x (mixed precision): their gradients must
+    come back in float32, within twice the error of PyTorch's autocast (which casts them to x's dtype)."""
     x, w, b, alpha, r, stride, rf = make_conv_args(dtype, k, stride, alpha_kind, residual_kind, layout,
                                                    negative_alpha=negative_alpha, device=device, shape=shape,
                                                    c_out=c_out)
+    if float32_params:
+        w, b, alpha = (None if t is None else t.float() for t in (w, b, alpha))
     fused = lambda x, w, b, a, r: sf.conv3d_prelu(x, w, b, a, r, stride=stride, residual_first=rf, backend=backend)
-    plain = lambda x, w, b, a, r: conv3d_prelu_plain(x, w, b, a, r, stride, rf)
+
+    def plain(x, w, b, a, r):
+        w, b, a = (None if t is None else t.to(x.dtype) for t in (w, b, a))  # as autocast casts them
+        return conv3d_prelu_plain(x, w, b, a, r, stride, rf)
     args = [x, w, b, alpha, r]
     args64 = [None if a is None else a.double().cpu() for a in args]
     out64 = plain(*args64)
@@ -63,7 +70,8 @@ def check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend="ref
     for name, got, want, tg in zip(("x", "weight", "bias", "alpha", "residual"), grads, ref_grads, torch_grads):
         if want is None:
             continue
-        assert got is not None and got.dtype == dtype, f"grad {name} missing or wrong dtype"
+        want_dtype = torch.float32 if float32_params and name in ("weight", "bias", "alpha") else dtype
+        assert got is not None and got.dtype == want_dtype, f"grad {name} missing or wrong dtype"
         assert_close(got, want, tg, dtype, f"grad {name}")
 
 
@@ -113,6 +121,41 @@ def test_compiled_backends_through_ops(backend, dtype, k, stride, alpha_kind, re
     skip_unless_usable(backend)
     check_conv(dtype, k, stride, alpha_kind, residual_kind, layout, backend=backend, negative_alpha=negative,
                device=DEVICE, shape=SHAPE, c_out=5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype,k,stride,alpha_kind,residual_kind,negative", [
+    (torch.bfloat16, 3, 1, "channel", "after", False),
+    (torch.float16, 3, 2, "shared", "before", False),
+    (torch.bfloat16, 1, 2, "none", "none", False),
+    (torch.bfloat16, 3, 2, "channel", "before", True),
+])
+def test_float32_parameters_with_half_activations(backend, dtype, k, stride, alpha_kind, residual_kind, negative):
+    """Mixed precision (what the ops take under autocast): float32 weight, bias and alpha with a fp16 / bf16 x, on
+    every backend; gradients in float32."""
+    skip_unless_usable(backend)
+    check_conv(dtype, k, stride, alpha_kind, residual_kind, "channels_last", backend=backend, negative_alpha=negative,
+               device=DEVICE, float32_params=True)
+
+
+def test_autocast_passes_float32_parameters_without_casts():
+    """Under autocast the fused ops cast the activation only: the float32 parameters reach the backend as they are
+    (no autograd node per parameter and direction for a cast), and their gradients are float32."""
+    m = sf.nn.ConvPReLU3d(3, 4, prelu="channel").to(memory_format=torch.channels_last_3d)
+    up = sf.nn.UpConvPReLU3d(4, 3)
+    x = randn(1, 3, 5, 6, 7, channels_last=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = up(m(x))
+    assert y.dtype == torch.bfloat16
+    nodes, todo = [], [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        nodes.append(type(node).__name__)
+        todo += [n for n, _ in node.next_functions if n is not None]
+    assert "ToCopyBackward0" not in nodes, nodes
+    y.float().sum().backward()
+    params = list(m.parameters()) + list(up.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
 
 
 @pytest.mark.parametrize("backend", COMPILED_BACKENDS)
@@ -325,18 +368,22 @@ def test_upconv_prelu_add_matches_plain_and_gradcheck():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("alpha_size,bias", [(4, True), (1, False)])
-def test_upconv_prelu_add_per_dtype(backend, dtype, alpha_size, bias, exact_fp32):
+def test_upconv_prelu_add_per_dtype(backend, dtype, param_dtype, alpha_size, bias, exact_fp32):
     """Forward and every gradient against float64 through the op's autograd, alphas of both signs, channels-last
-    input, N > 1, odd extents."""
+    input, N > 1, odd extents; float32 parameters with a bf16 x (mixed precision) too."""
     skip_unless_usable(backend)
     x = randn(2, 3, 3, 4, 5, dtype=dtype, channels_last=True)
-    w = randn(3, 4, 2, 2, 2, dtype=dtype) * 0.5
-    b = randn(4, dtype=dtype) if bias else None
-    a = torch.tensor([0.25, -0.3, 0.1, 0.5][:alpha_size], dtype=dtype)
+    w = (randn(3, 4, 2, 2, 2, dtype=dtype) * 0.5).to(param_dtype)
+    b = randn(4, dtype=dtype).to(param_dtype) if bias else None
+    a = torch.tensor([0.25, -0.3, 0.1, 0.5][:alpha_size], dtype=dtype).to(param_dtype)
     skip = randn(2, 4, 6, 8, 10, dtype=dtype)
-    plain = lambda x, w, b, a, s: F.prelu(F.conv_transpose3d(x, w, b, stride=2), a) + s  # noqa: E731
+
+    def plain(x, w, b, a, s):
+        w, b, a = (None if t is None else t.to(x.dtype) for t in (w, b, a))  # as autocast casts them
+        return F.prelu(F.conv_transpose3d(x, w, b, stride=2), a) + s
     args = [x, w, b, a, skip]
     g = torch.randn(2, 4, 6, 8, 10, dtype=torch.float64) + 1
     ref_out, ref_grads = run_with_grads(plain, [None if t is None else t.double() for t in args], g)
@@ -346,6 +393,7 @@ def test_upconv_prelu_add_per_dtype(backend, dtype, alpha_size, bias, exact_fp32
     assert_close(out, ref_out, torch_out, dtype, "out")
     for name, got, want, theirs in zip("x w b alpha skip".split(), grads, ref_grads, torch_grads):
         if want is not None:
+            assert got.dtype == (param_dtype if name in ("w", "b", "alpha") else dtype), name
             assert_close(got, want, theirs, dtype, f"grad {name}")
 
 
@@ -377,6 +425,12 @@ def test_conv_errors():
         sf.conv3d_prelu(x, w, stride=3)
     with pytest.raises(TypeError, match="bias has dtype"):
         sf.conv3d_prelu(x, w, b.double())
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has torch.float32"):
+        sf.conv3d_prelu(x, w.double())
+    with pytest.raises(TypeError, match="alpha has dtype torch.bfloat16 but weight has torch.float32"):
+        sf.conv3d_prelu(x.bfloat16(), w, b, alpha.bfloat16())
+    with pytest.raises(TypeError, match="residual has dtype torch.float32 but x has torch.bfloat16"):
+        sf.conv3d_prelu(x.bfloat16(), w, b, alpha, r)
     with pytest.raises(ValueError, match="bias must have shape"):
         sf.conv3d_prelu(x, w, b[:2])
     with pytest.raises(ValueError, match="alpha must have shape"):
@@ -467,6 +521,36 @@ def test_jaccard_errors():
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="activation must be one of"):
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), activation="relu")
+    with pytest.raises(ValueError, match="logits has no elements"):
+        sf.jaccard_loss(logits[:0], torch.zeros(0, 4, 5, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="logits has no elements"):
+        sf.jaccard_loss(logits[:, :, :0], torch.zeros(2, 0, 5, 6, dtype=torch.long))
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), ignore_index=1.5)
+    with pytest.raises(ValueError, match="smooth must be a number >= 0"):
+        sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), smooth=-1.0)
+
+
+def test_upconv_errors_and_empty_batches():
+    """Bad upsampling inputs name the argument; an empty batch gives an empty output and zero parameter gradients
+    (on the reference backend, as F.conv3d would), for both fused ops."""
+    x, w, a = torch.randn(1, 2, 2, 2, 2), torch.randn(2, 3, 2, 2, 2), torch.full((3,), 0.25)
+    with pytest.raises(ValueError, match="x must be a 5-D tensor .* got x NoneType"):
+        sf.upconv_prelu_add(None, w, None, a)
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32 or float64; got torch.int32"):
+        sf.upconv_prelu_add(x.int(), w, None, a)
+    with pytest.raises(TypeError, match="skip has dtype torch.float64 but x has torch.float32"):
+        sf.upconv_prelu_add(x, w, None, a, torch.randn(1, 3, 4, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at least one input and one output channel"):
+        sf.conv3d_prelu(torch.randn(1, 0, 3, 3, 3), torch.randn(4, 0, 3, 3, 3))
+    x0 = torch.randn(0, 2, 3, 4, 5, requires_grad=True)
+    w3 = torch.randn(4, 2, 3, 3, 3, requires_grad=True)
+    y = sf.conv3d_prelu(x0, w3, None, torch.full((4,), 0.25), stride=2)
+    assert y.shape == (0, 4, 2, 2, 3)
+    up = sf.upconv_prelu_add(y, torch.randn(4, 3, 2, 2, 2), None, a)
+    assert up.shape == (0, 3, 4, 4, 6)
+    up.sum().backward()
+    assert x0.grad.shape == x0.shape and not w3.grad.any()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -62,6 +62,43 @@ def test_resume_without_checkpoint(tmp_path):
         train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=1, resume=True, **TINY))
 
 
+def test_a_run_is_never_overwritten_silently(tmp_path):
+    """Training into a fold that has a checkpoint needs --resume (continue) or --overwrite (start again); a
+    corrupt checkpoint is a clear error; a split or model that differs from the run's is an error while checkpoints
+    trained with the old one remain, and is replaced when none do; files get the usual mode (umask)."""
+    import os
+
+    manifest = brain_csv(tmp_path / "data", n_cases=3)
+    run = tmp_path / "run"
+    cfg = dict(data=str(manifest), out=str(run), folds=3, **TINY)
+    train(TrainConfig(epochs=1, **cfg))
+    ckpt = run / "fold_0" / "checkpoint.pt"
+    with pytest.raises(Seg3DFastDataError, match="pass --resume to continue it or --overwrite"):
+        train(TrainConfig(epochs=2, **cfg))
+    with pytest.raises(Seg3DFastDataError, match="pass one"):
+        train(TrainConfig(epochs=2, resume=True, overwrite=True, **cfg))
+    train(TrainConfig(epochs=2, overwrite=True, **cfg))
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (ckpt, run / "config.json", run / "splits.json", run / "fold_0" / "metrics.csv"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+    # one more case: a new split would move fold 0's validation case into training
+    more = brain_csv(tmp_path / "more", n_cases=4)
+    with pytest.raises(Seg3DFastDataError, match="splits.json: the run's split .* does not match"):
+        train(TrainConfig(epochs=1, **dict(cfg, data=str(more), fold=1)))
+    with pytest.raises(Seg3DFastDataError, match="config.json: this run was made with a different model"):
+        train(TrainConfig(epochs=1, **dict(cfg, fold=1, features=(2, 4))))
+
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(Seg3DFastDataError, match="checkpoint.pt: cannot read the checkpoint"):
+        train(TrainConfig(epochs=3, resume=True, **cfg))
+    ckpt.unlink()  # no checkpoint left: the run's split and model may change
+    train(TrainConfig(epochs=1, **dict(cfg, data=str(more), features=(2, 4))))
+    assert len(json.loads((run / "splits.json").read_text())["cases"]) == 4
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     manifest = brain_csv(tmp_path / "data", n_cases=1)
     train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=1, amp="bf16", **TINY))

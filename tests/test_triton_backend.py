@@ -673,6 +673,38 @@ def test_jaccard_loss_reduced(per_sample, mean, weighted, target_kind, ignore_in
         assert label_range.tolist() == [counted.min().item(), counted.max().item()]
 
 
+def _size1_dim_layouts(gen):
+    """(name, logits, labels) whose dims of size 1 carry strides that the layout checks ignore: 2-D channels-last
+    logits and 1-D logits transposed from (N, L, C) (the ops layer appends size-1 dims to both), and a 5-D tensor
+    whose size-1 dims have arbitrary strides."""
+    lab2 = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    lab1 = torch.randint(0, 3, (2, 7), generator=gen)
+    odd = randn(1, 2, 1, 3, 1, dtype=torch.float64, generator=gen).permute(4, 3, 2, 1, 0).contiguous()
+    return [("2d_channels_last", randn(2, 3, 4, 5, dtype=torch.float64, generator=gen).contiguous(
+                memory_format=torch.channels_last), lab2),
+            ("1d_transposed", randn(2, 7, 3, dtype=torch.float64, generator=gen).transpose(1, 2), lab1),
+            ("5d_size1_strides", odd.permute(4, 3, 2, 1, 0), torch.randint(0, 2, (1, 1, 3, 1), generator=gen))]
+
+
+def test_jaccard_loss_layouts_with_size1_dims():
+    """The loss and its gradient through the public op on the triton backend, for logits whose size-1 dims have
+    strides of no meaning (the spatial stride comes from the layout, not from the last dim's stride), against
+    float64 on the reference backend."""
+    import seg3d_fast as sf
+
+    for name, logits64, labels in _size1_dim_layouts(torch.Generator().manual_seed(5)):
+        for reduction in ("mean", "none"):
+            results = {}
+            for backend, dtype in (("reference", torch.float64), ("triton", F32)):
+                lg = logits64.to(device=DEVICE, dtype=dtype).detach().requires_grad_()
+                loss = sf.jaccard_loss(lg, labels.to(DEVICE), backend=backend, reduction=reduction)
+                loss.sum().backward()
+                results[backend] = (loss.detach(), lg.grad)
+            (loss64, grad64), (loss32, grad32) = results["reference"], results["triton"]
+            assert_close(loss32, loss64, None, F32, f"{name} {reduction} loss")
+            assert_close(grad32, grad64, None, F32, f"{name} {reduction} grad")
+
+
 def test_jaccard_loss_reduced_label_range_sees_bad_and_no_labels():
     """Out-of-range labels show in the range (they match no class); a volume whose labels are all ignored has an
     empty range, which no check rejects."""

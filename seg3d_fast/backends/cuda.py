@@ -95,7 +95,12 @@ def _ndhwc(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
+def _dense(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Contiguous, 16-byte aligned and in `dtype` (default: its own): one copy at most (float32 parameters of fp16 /
+    bf16 activations are cast in the same copy)."""
+    if dtype is not None and t.dtype != dtype:
+        # (only with a new dtype: with its own, to() returns some permuted views as they are)
+        t = t.to(dtype, memory_format=torch.contiguous_format)
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
@@ -203,7 +208,7 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     out_size = tuple(_conv_out_size(s, k, stride) for s in (d, h, w))
     xc = _kernel_input(x)
     c_rows = xc.shape[1]
-    wk = _dense(weight.permute(0, 2, 3, 4, 1))  # (C_out, kd, kh, kw, C_in): GEMM B, K = tap * C_in + ci
+    wk = _dense(weight.permute(0, 2, 3, 4, 1), x.dtype)  # (C_out, kd, kh, kw, C_in): GEMM B, K = tap * C_in + ci
     if c_rows != x.shape[1]:
         wk = torch.nn.functional.pad(wk, (0, c_rows - x.shape[1]))  # zero weights for the zero channels
     empty = lambda: torch.empty((n, c_out, *out_size), dtype=x.dtype, device=x.device,
@@ -213,8 +218,8 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     offsets = [d_ - k // 2 for d_ in range(k)]
     # named locals: a copy made here must outlive the launch (a freed temporary's memory could be handed to the
     # next copy before the kernel reads it, and the kernel would see the wrong tensor)
-    bias_c = None if bias is None else _dense(bias)
-    alpha_c = None if alpha is None else _dense(alpha)
+    bias_c = None if bias is None else _dense(bias, torch.float32)  # the kernels read float32 bias and alpha
+    alpha_c = None if alpha is None else _dense(alpha, torch.float32)
     residual_c = None if residual is None else _ndhwc(residual)
     a = _conv_args(xc, wk, out, c_rows, out_size, out_size, stride, 1, (0, 0, 0), (offsets,) * 3)
     a.bias, a.alpha, a.residual = _ptr(bias_c), _ptr(alpha_c), _ptr(residual_c)
@@ -250,11 +255,11 @@ def _grad_input(dz, weight, x_shape, stride, like):
         weight = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad))  # (C_out, C_in + pad, k, k, k)
     gx = torch.empty((n, c_in + pad, d, h, w), dtype=like.dtype, device=like.device,
                      memory_format=torch.channels_last_3d)
-    if stride == 1:
-        packed, starts = _dense(weight.permute(1, 2, 3, 4, 0)), (0,)  # (C_in, k, k, k, C_out), the flipped taps
+    if stride == 1:  # (C_in, k, k, k, C_out), the flipped taps
+        packed, starts = _dense(weight.permute(1, 2, 3, 4, 0), like.dtype), (0,)
     else:  # every phase's (C_in, nd, nh, nw, C_out) weights by one gather (not a copy per phase)
         index, starts = _phase_weight_index(tuple(weight.shape), stride, weight.device)
-        packed = torch.index_select(weight.reshape(-1), 0, index)
+        packed = _dense(torch.index_select(weight.reshape(-1), 0, index), like.dtype)
     base, size = packed.data_ptr(), packed.element_size()
     for phase, start in zip(itertools.product(range(stride), repeat=3), starts):
         grid = tuple((s - p + stride - 1) // stride for s, p in zip((d, h, w), phase))
@@ -324,7 +329,11 @@ def _grad_weight(dz, xc, weight, stride, like):
     _cuda.conv_wgrad(a, DTYPE_CODES[like.dtype], _tf32(like.dtype), device, stream)
     # (C_out, C_in, k, k, k) over (C_out, taps, C_in) memory: channels_last_3d strides. Returned in the weight's own
     # layout: for a channels-last model no copy here, and none in autograd to match the parameter's layout.
-    return gw[..., :weight.shape[1]].permute(0, 4, 1, 2, 3).contiguous(memory_format=_out_format(weight))
+    grad = gw[..., :weight.shape[1]].permute(0, 4, 1, 2, 3)
+    fmt = _out_format(weight)
+    if grad.dtype == weight.dtype and grad.is_contiguous(memory_format=fmt):
+        return grad
+    return torch.empty_like(weight, memory_format=fmt).copy_(grad)  # cast and layout in one copy
 
 
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
@@ -338,13 +347,14 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
         # one pass over grad_out (and the saved tensor): dz, grad_bias and grad_alpha, reduced in a fixed order
         write_dz = kind != 0 and (need_x or need_w or need_dz)
         dz_buf = torch.empty_like(g) if write_dz else None
-        grad_b = torch.empty(c_out, dtype=g.dtype, device=g.device) if need_b else None
+        # alpha and the bias and alpha gradients are float32 in the kernels (cast below for other parameters)
+        grad_b = torch.empty(c_out, dtype=torch.float32, device=g.device) if need_b else None
         if need_alpha and kind != 0:
-            grad_alpha = torch.empty(alpha.shape, dtype=alpha.dtype, device=g.device)
+            grad_alpha = torch.empty(alpha.shape, dtype=torch.float32, device=g.device)
         row_blocks = max(1, min(math.ceil(rows / 256), PRELU_ROW_BLOCKS))
         partial = torch.empty(2 * row_blocks * c_out, dtype=torch.float32, device=g.device)
         s = None if kind == 0 else _ndhwc(saved)
-        al = None if alpha is None else _dense(alpha)
+        al = None if alpha is None else _dense(alpha, torch.float32)
         alpha_mode = 0 if alpha is None else (1 if alpha.numel() == 1 else 2)
         device, stream = _launch_context(g)
         _cuda.prelu_backward(_ptr(g), _ptr(s), _ptr(al), _ptr(dz_buf), _ptr(grad_b), _ptr(grad_alpha),
@@ -352,6 +362,9 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
                              device, stream)
         if dz_buf is not None:
             dz = dz_buf
+        if weight.dtype != torch.float32:  # (parameters in x's fp16 / bf16)
+            grad_b = None if grad_b is None else grad_b.to(weight.dtype)
+            grad_alpha = None if grad_alpha is None else grad_alpha.to(weight.dtype)
     grad_x = grad_w = None
     if need_x:
         grad_x = _grad_input(dz, weight, tuple(x.shape), stride, x).contiguous(memory_format=_out_format(x))

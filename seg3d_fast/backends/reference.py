@@ -28,6 +28,20 @@ def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_
     return reasons
 
 
+def _as_x(x, *params):
+    """The parameters in x's dtype (float32 parameters of a fp16/bf16 x: the ops' mixed precision)."""
+    return tuple(p if p is None or p.dtype == x.dtype else p.to(x.dtype) for p in params)
+
+
+def _as_param(grad, param):
+    """A parameter's gradient in the parameter's dtype and layout, copied only where it differs (None stays None).
+    param: the parameter, or for a bias the weight (the ops layer gives them one dtype)."""
+    fmt = _out_format(param) if grad is not None and grad.dim() == param.dim() else torch.contiguous_format
+    if grad is None or (grad.dtype == param.dtype and grad.is_contiguous(memory_format=fmt)):
+        return grad
+    return torch.empty(grad.shape, dtype=param.dtype, device=grad.device, memory_format=fmt).copy_(grad)
+
+
 def _preact(x, weight, bias, residual, stride, residual_first):
     z = F.conv3d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
     if residual is not None and residual_first:
@@ -37,6 +51,7 @@ def _preact(x, weight, bias, residual, stride, residual_first):
 
 def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act):
     fmt = _out_format(x)
+    weight, bias, alpha = _as_x(x, weight, bias, alpha)
     z = _preact(x, weight, bias, residual, stride, residual_first)
     act = z if alpha is None else F.prelu(z, alpha)
     out = act + residual if residual is not None and not residual_first else act
@@ -50,6 +65,8 @@ def _alpha_view(alpha, z):
 
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
     need_x, need_w, need_b, need_alpha, need_dz = output_mask
+    params = weight
+    weight, alpha_x = _as_x(x, weight, alpha)
     grad_alpha = None
     if saved_kind == "none":
         dz = grad_out
@@ -58,7 +75,7 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
         # activation's dtype: a fp16/bf16 product is computed in fp32 and rounded once, as a fused kernel's
         # registers would, so no fp32 copies of the activations are made (they would be 4x an activation's bytes).
         negative = saved <= 0
-        dz = torch.where(negative, grad_out * _alpha_view(alpha, saved), grad_out)
+        dz = torch.where(negative, grad_out * _alpha_view(alpha_x, saved), grad_out)
         if need_alpha:
             work = torch.float64 if saved.dtype == torch.float64 else torch.float32
             per_channel = torch.where(negative, grad_out, 0).mul_(saved).sum(dim=[0, *range(2, saved.dim())],
@@ -74,9 +91,8 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     )
     if need_x:
         grad_x = grad_x.contiguous(memory_format=_out_format(x))
-    if need_w:  # in the weight's layout, as the other backends (and the op's fake kernel) give it
-        grad_w = grad_w.contiguous(memory_format=_out_format(weight))
-    return grad_x, grad_w, grad_b, grad_alpha, (dz if need_dz else None)
+    # the weight's gradient in its layout and dtype, as the other backends (and the op's fake kernel) give it
+    return grad_x, _as_param(grad_w, params), _as_param(grad_b, params), grad_alpha, (dz if need_dz else None)
 
 
 # ---- transposed conv (kernel 2, stride 2) + bias + PReLU + skip ----------------------------------------------------
@@ -85,6 +101,7 @@ def upconv_prelu_add_unsupported(x, weight, bias, alpha, skip):
 
 
 def upconv_prelu_add_forward(x, weight, bias, alpha, skip):
+    weight, bias, alpha = _as_x(x, weight, bias, alpha)
     out = F.prelu(F.conv_transpose3d(x, weight, bias, stride=2), alpha)
     if skip is not None:
         out += skip
@@ -96,18 +113,20 @@ def upconv_prelu_add_backward(grad_out, x, weight, bias, alpha, output_mask):
     dz and the per-element alpha terms (z <= 0: g * z) in one pass."""
     need_x, need_w, need_b, need_alpha = output_mask
     need_b = need_b and bias is not None
+    params = weight
+    weight, bias, alpha_x = _as_x(x, weight, bias, alpha)
     z = F.conv_transpose3d(x, weight, bias, stride=2)
-    grad_z, alpha_terms = torch.ops.aten._prelu_kernel_backward(grad_out, z, _alpha_view(alpha, z))
+    grad_z, alpha_terms = torch.ops.aten._prelu_kernel_backward(grad_out, z, _alpha_view(alpha_x, z))
     del z
     grad_alpha = None
     if need_alpha:
         per_channel = alpha_terms.sum(dim=(0, 2, 3, 4))
-        grad_alpha = per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)
+        grad_alpha = _as_param(per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1), alpha)
     del alpha_terms
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_z, x, weight, [weight.shape[1]] if need_b else None, [2, 2, 2], [0, 0, 0], [1, 1, 1], True, [0, 0, 0],
         1, [need_x, need_w, need_b])
-    return grad_x, grad_w, grad_b, grad_alpha
+    return grad_x, _as_param(grad_w, params), _as_param(grad_b, params), grad_alpha
 
 
 def jaccard_unsupported(logits, target, activation, ignore_index):

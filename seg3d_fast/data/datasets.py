@@ -101,8 +101,11 @@ def load_label(path, num_classes=None):
     if data.ndim != 3:
         raise Seg3DFastDataError(f"{path}: a label map must be 3D, got shape {data.shape}")
     if data.dtype.kind == "f":
-        if not np.all(data == np.round(data)):
+        rounded = np.rint(data)
+        # (float storage with a scale factor gives values such as 1.0000001: within 1e-3 of an integer they are it)
+        if not np.all(np.abs(data - rounded) <= 1e-3):
             raise Seg3DFastDataError(f"{path}: label map has non-integer values (expected class indices)")
+        data = rounded
     labels = data.astype(np.int64)
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0:

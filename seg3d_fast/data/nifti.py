@@ -50,6 +50,8 @@ def load_nifti(path):
         data = np.asanyarray(img.dataobj)
     except Exception as e:
         raise Seg3DFastDataError(f"{path}: cannot read the image data, file truncated or corrupt ({_short(e)})") from None
+    if data.ndim == 5 and data.shape[3] == 1:  # ITK's vector images: (X, Y, Z, 1 time point, components)
+        data = data[:, :, :, 0]
     if data.ndim not in (3, 4):
         raise Seg3DFastDataError(f"{path}: expected a 3D volume or a 4D multi-channel volume, got shape {data.shape}")
     if data.size == 0:
@@ -95,29 +97,35 @@ def float_image_like(data, like_img):
 
 
 def save_nifti(img, path):
-    """Write atomically: a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write atomically (write_atomic; nibabel compresses by the temp file's .nii.gz suffix)."""
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if str(path).endswith(".gz") else ".nii")
 
 
-def write_atomic(path, write):
-    """Call write(tmp_path) then rename to `path`: for JSON, CSV, PNG and checkpoints."""
+def _file_mode():
+    """The mode a plain open() gives a new file (0o666 less the umask), read once: mkstemp makes its files 0o600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+def write_atomic(path, write, suffix=None):
+    """Call write(tmp_path), flush it to disk, then rename it to `path` (a crash leaves the old file or the new
+    one, never a part): for JSON, CSV, PNG, NIfTI and checkpoints. The file gets the usual mode (umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _FILE_MODE)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -658,6 +658,13 @@ def _channels_last(t):
     return t.contiguous(memory_format=torch.channels_last_3d)
 
 
+def _weight_matrix(weight_view, dtype):
+    """A permuted view of the weight as a contiguous (rows, last dim) matrix in `dtype`, in one copy (the cast of
+    float32 parameters for fp16 / bf16 activations included)."""
+    mat = torch.empty(weight_view.shape, dtype=dtype, device=weight_view.device)
+    return mat.copy_(weight_view).view(-1, weight_view.shape[-1])
+
+
 def _k_blocking(c_src, k_total):
     """(FLAT_K, BLOCK_K): one tap per K block when C_src is a multiple of 16, else taps and channels
     flattened jointly (C_in = 4 or 8 would otherwise pad every tap's K to 16 and waste tensor-core work)."""
@@ -823,6 +830,8 @@ def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_
                        "(groups / dilation are not supported)")
     if stride not in (1, 2):
         reasons.append(f"stride {stride}: only 1 and 2 are supported")
+    if x.numel() == 0:
+        reasons.append("x has no elements (an empty batch runs on the reference backend)")
     if alpha is not None and alpha.numel() not in (1, weight.shape[0]):
         reasons.append(f"alpha has {alpha.numel()} elements: expected 1 or C_out={weight.shape[0]}")
     if residual is not None and stride in (1, 2) and k in (1, 3):
@@ -839,7 +848,7 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     fmt = _out_memory_format(x)
     out = torch.empty((n, c_out, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     act = torch.empty_like(out) if save_act else None
-    weight_mat = weight.permute(2, 3, 4, 1, 0).reshape(k * k * k * c_in, c_out).contiguous()  # rows (tap, C_in)
+    weight_mat = _weight_matrix(weight.permute(2, 3, 4, 1, 0), x.dtype)  # rows (tap, C_in)
     _launch_conv(_channels_last(x), weight_mat, _forward_taps(k, x.device), out, (n, do, ho, wo), c_in, stride,
                  bias=bias, alpha=alpha.reshape(-1) if alpha is not None else None, residual=residual,
                  residual_first=residual_first, act=act, kernel_taps=(k, 1))
@@ -890,7 +899,8 @@ def _dgrad(dz, weight, x, stride):
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
     classes, order, taps = _dgrad_plan(k, stride, x.device)
     # rows (tap, C_out) in the plan's tap order, columns C_in: the flipped, transposed kernel in one gather
-    weight_mat = weight.permute(2, 3, 4, 0, 1).reshape(k ** 3, c_out, c_in).index_select(0, order).view(-1, c_in)
+    weight_mat = _weight_matrix(weight.permute(2, 3, 4, 0, 1), x.dtype).view(k ** 3, c_out, c_in)
+    weight_mat = weight_mat.index_select(0, order).view(-1, c_in)
     out = grad_x[:, :, ::stride, ::stride, ::stride]  # class (0, 0, 0), the largest
     phases = None
     if len(classes) > 1:
@@ -1064,7 +1074,7 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
     a = alpha.reshape(-1) if (alpha is not None and dz_kind != _DZ_NONE) else None
     grad_x, dw_part, db_part, da_part, dz = _backward(g, s, dz_kind, a, x, weight, stride,
                                                       want_x, want_w, want_b, want_a, want_dz)
-    grad_w, grad_b, grad_a = _finish(dw_part, db_part, da_part, weight, alpha, x.dtype)
+    grad_w, grad_b, grad_a = _finish(dw_part, db_part, da_part, weight, alpha, weight.dtype)
     if not want_dz:
         dz = None
     elif dz_kind == _DZ_NONE:

@@ -223,10 +223,14 @@ def _loss_sums_grad(sums_ptr, w_ptr, gloss_ptr, n, N, C, smooth, PER_SAMPLE: tl.
 
 def _flat_spatial(t):
     """t (or a contiguous copy) in a layout whose spatial dims collapse to one stride: NCDHW-contiguous or
-    channels_last_3d pass without a copy. Returns (tensor, spatial stride)."""
-    if not (t.is_contiguous() or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))):
-        t = t.contiguous()
-    return t, t.stride(-1)
+    channels_last_3d pass without a copy. Returns (tensor, spatial stride): 1, or the channel count for
+    channels-last. (Not t.stride(-1): the layout checks ignore the strides of size-1 dims, such as the one the ops
+    layer appends to 1-D and 2-D inputs, and such a stride can be anything.)"""
+    if t.is_contiguous():
+        return t, 1
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return t, t.shape[1]
+    return t.contiguous(), 1
 
 
 def _prepare(logits, target, ignore_index):

@@ -21,11 +21,12 @@ MAX_CHANNELS = 32  # the backward holds a tap's whole (C_in, C_out) weight and t
 
 
 @triton.jit
-def _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc):
-    """The (C_in block, C_out block) matrix of tap (a, b, c) = (tap // 4, tap // 2 % 2, tap % 2)."""
+def _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc, dtype):
+    """The (C_in block, C_out block) matrix of tap (a, b, c) = (tap // 4, tap // 2 % 2, tap % 2), in `dtype` (the
+    activations': float32 weights of fp16 / bf16 activations are cast here)."""
     offset = (tap // 4) * w_sa + ((tap // 2) % 2) * w_sb + (tap % 2) * w_sc
     return tl.load(w_ptr + offset + ci[:, None] * w_si + co[None, :] * w_so, mask=ci_ok[:, None] & co_ok[None, :],
-                   other=0.0)
+                   other=0.0).to(dtype)
 
 
 @triton.jit
@@ -92,7 +93,8 @@ def _upconv_fwd_kernel(x_ptr, w_ptr, b_ptr, a_ptr, skip_ptr, out_ptr,
         ci_ok = ci < C_IN
         a = tl.load(x_ptr + x_row[:, None] + ci[None, :].to(tl.int64) * x_sc, mask=row_ok[:, None] & ci_ok[None, :],
                     other=0.0)
-        acc = dot(a, _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc), acc, DOT_PREC)
+        w = _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc, x_ptr.dtype.element_ty)
+        acc = dot(a, w, acc, DOT_PREC)
     bias, alpha = _bias_and_alpha(b_ptr, a_ptr, co, co_ok, HAS_BIAS, ALPHA_PER_CH)
     acc += bias[None, :]
     acc = tl.where(acc > 0, acc, acc * alpha)
@@ -148,7 +150,7 @@ def _upconv_dgrad_kernel(x_ptr, w_ptr, b_ptr, a_ptr, g_ptr, gx_ptr, db_ptr, da_p
     db = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     da = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     for tap in tl.static_range(8):
-        w = _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc)
+        w = _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc, x_ptr.dtype.element_ty)
         z = dot(xt, w, tl.zeros((BLOCK_M, BLOCK_CO), dtype=tl.float32), DOT_PREC) + bias[None, :]
         g_off = _out_offset(n, i, j, k, tap, g_sn, g_sd, g_sh, g_sw)[:, None] + co[None, :].to(tl.int64) * g_sc
         g = tl.load(g_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
@@ -198,7 +200,7 @@ def _upconv_wgrad_kernel(x_ptr, w_ptr, b_ptr, a_ptr, g_ptr, dw_ptr,
     ci_ok = ci < C_IN
     co = tl.arange(0, BLOCK_CO)
     co_ok = co < C_OUT
-    w = _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc)
+    w = _tap_weight(w_ptr, tap, ci, co, ci_ok, co_ok, w_si, w_so, w_sa, w_sb, w_sc, x_ptr.dtype.element_ty)
     bias, alpha = _bias_and_alpha(b_ptr, a_ptr, co, co_ok, HAS_BIAS, ALPHA_PER_CH)
     acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
     first = split.to(tl.int64) * ROWS_PER_SPLIT
@@ -223,6 +225,8 @@ def _upconv_wgrad_kernel(x_ptr, w_ptr, b_ptr, a_ptr, g_ptr, dw_ptr,
 # host side
 def upconv_prelu_add_unsupported(x, weight, bias, alpha, skip):
     reasons = tensor_reasons({"x": x, "weight": weight, "bias": bias, "alpha": alpha, "skip": skip})
+    if x.numel() == 0:
+        reasons.append("x has no elements (an empty batch runs on the reference backend)")
     if max(weight.shape[0], weight.shape[1]) > MAX_CHANNELS:
         reasons.append(f"{weight.shape[0]} -> {weight.shape[1]} channels: the fused upsampling takes at most "
                        f"{MAX_CHANNELS}")
