@@ -294,33 +294,24 @@ def main(argv=None):
                         help="instead: launches, autograd nodes and stubbed host time of a Seg3DNet training step "
                              "(network_step_host)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the tiny tensors' CPU work stays on one core, as the host's launch work does
     if args.network_host:
-        torch.set_num_threads(1)
         result = network_step_host()
         for name, row in result["rows"].items():
             host = f"{row['host_ms']:6.2f} ms host (kernels stubbed)" if "host_ms" in row else ""
             print(f"{name:<9} {row['launches']:4d} launches ({row['kernel_launches']} fused kernels), "
                   f"{row['autograd_nodes']:4d} autograd nodes  {host}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
-        return
-    if args.network_memory:
+    elif args.network_memory:
         result = network_step_tensors()
         for name, row in result["rows"].items():
             print(f"{name:<9} {row['step_tensor_peak_bytes'] / 2**20:8.1f} MiB  {row['vs_plain_cl']:.3f} x plain_cl  "
                   f"{row['backends']}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
-        return
-    torch.set_num_threads(1)  # the tiny tensors' CPU work stays on one core, as the host's launch work does
-    result = run(args.reps)
-    print(table(result))
+    else:
+        result = run(args.reps)
+        print(table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-
 
 if __name__ == "__main__":
     main()
