@@ -46,7 +46,9 @@ def conv_output_shape(x_shape, weight_shape, stride: int) -> tuple[int, ...]:
     return (n, weight_shape[0], *[(s + 2 * (k // 2) - k) // stride + 1 for s in spatial])
 
 
-def _describe(t: Tensor) -> str:
+def _describe(t) -> str:
+    if not isinstance(t, Tensor):
+        return type(t).__name__
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
@@ -98,7 +100,7 @@ def _check_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Opti
 def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
     if not isinstance(x, Tensor) or x.dim() != 5:
         raise ValueError(f"x must be a 5-D tensor (N, C_in, D, H, W); got "
-                         f"{_describe(x) if isinstance(x, Tensor) else type(x).__name__}")
+                         f"{_describe(x)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if not isinstance(weight, Tensor) or weight.dim() != 5:
@@ -452,7 +454,7 @@ class _JaccardSumsEager(torch.autograd.Function):
 def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth):
     if not isinstance(logits, Tensor) or logits.dim() < 3 or logits.dim() > 5:
         raise ValueError("logits must be a tensor (N, C, *spatial) with 1 to 3 spatial dims; got "
-                         + (_describe(logits) if isinstance(logits, Tensor) else type(logits).__name__))
+                         + _describe(logits))
     if logits.numel() == 0:
         raise ValueError(f"logits has no elements (shape {tuple(logits.shape)}): the loss needs at least one sample, "
                          "class and voxel")
@@ -710,9 +712,8 @@ def upconv_prelu_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: T
     """
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor) or x.dim() != 5 or weight.dim() != 5 \
             or tuple(weight.shape[2:]) != (2, 2, 2):
-        describe = lambda t: _describe(t) if isinstance(t, Tensor) else type(t).__name__  # noqa: E731
         raise ValueError(f"x must be a 5-D tensor (N, C_in, D, H, W) and weight (C_in, C_out, 2, 2, 2); got x "
-                         f"{describe(x)}, weight {describe(weight)}")
+                         f"{_describe(x)}, weight {_describe(weight)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if weight.shape[0] != x.shape[1]:
