@@ -10,6 +10,7 @@ Why: a session without a GPU can still check that a kernel change compiles for t
 """
 import argparse
 import datetime
+import itertools
 import json
 import os
 import re
@@ -98,12 +99,12 @@ DTYPES = [("bf16", "*bf16", "tf32"), ("fp16", "*fp16", "tf32"), ("fp32tf32", "*f
 NARROW = {"C_SRC", "C_IN", "C_OUT", "K_TOTAL"}
 
 
-def build(kernel, types, constexprs, cfg, narrow=False):
+def build(kernel, types, constexprs, cfg, div16=DIV16):
+    """div16: the integer arguments the launcher marks divisible by 16 (pointers always are)."""
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     names = fn.arg_names
     ce = dict(constexprs, **cfg.kwargs)
     sig = {n: ("constexpr" if n in ce else types.get(n, "i32")) for n in names}
-    div16 = DIV16 - NARROW if narrow else DIV16
     div = [i for i, n in enumerate(names) if n not in ce and (sig[n].startswith("*") or n in div16)]
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in ce.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i in div})
@@ -165,8 +166,11 @@ class _Sized:
         return self.size
 
 
-def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, only, num_warps=4, narrow=False):
-    """num_warps: the launch's, for a kernel without autotuning; narrow: a variant for 4- or 8-channel layers."""
+def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, only, num_warps=4, narrow=False,
+          div16=None):
+    """num_warps: the launch's, for a kernel without autotuning; narrow: a variant for 4- or 8-channel layers;
+    div16: the integer arguments divisible by 16 (default: DIV16, less NARROW for narrow variants)."""
+    div16 = div16 if div16 is not None else DIV16 - NARROW if narrow else DIV16
     configs = list(kernel.configs) if isinstance(kernel, Autotuner) else [triton.Config({}, num_warps=num_warps)]
     prune = getattr(kernel, "early_config_prune", None)
     if prune is not None:  # the tensor arguments it may look at, as their element sizes
@@ -183,14 +187,16 @@ def check(kernel_name, variant, dtype, kernel, types, constexprs, all_configs, o
         row = dict(kernel=tag, cfg=str(cfg.kwargs), warps=cfg.num_warps, stages=cfg.num_stages)
         t0 = time.time()
         try:
-            compiled = build(kernel, types, constexprs, cfg, narrow)
+            compiled = build(kernel, types, constexprs, cfg, div16)
             ptx = compiled.asm["ptx"]
             loop = main_loop(ptx)
             row.update(ok=True, wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
                        mma=len(re.findall(r"\bmma\.sync", ptx)), tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
                        smem=compiled.metadata.shared, loop_instr=len(loop),
                        # loads in the main loop that wait for their data (not cp.async / TMA): they stall each step
-                       loop_sync_loads=sum("ld.global" in x for x in loop))
+                       loop_sync_loads=sum("ld.global" in x for x in loop),
+                       # barriers in the main loop (a reduction or layout change through shared memory each step)
+                       loop_barriers=sum(x.startswith("bar.sync") for x in loop))
             row["regs"], row["spill_st"], row["spill_ld"] = ptxas_usage(ptx)
             row["smem_ok"] = row["smem"] <= SMEM_LIMIT
         except Exception as e:  # noqa: BLE001 - report every failure, keep going
@@ -253,26 +259,37 @@ def main(argv=None):
             rows += check("wgrad_gemm", name, dname, conv._wgrad_gemm_kernel, types,
                           dict(ce, DOT_PREC=prec, VEC=vec, VEC_OUT=vec), args.all_configs, args.only,
                           narrow=name.startswith("c8"))
+    # the loss kernels as the launcher specializes them: NCDHW logits (class stride divisible by 16, spatial stride 1)
+    # and channels-last ones (class stride 1); a target of class probabilities in the logits' layout
+    jaccard_layouts = (("", True, {"l_sn", "l_sc", "t_sn", "t_sc", "S"}), ("_cl", False, {"l_sn", "l_ss", "t_sn", "t_ss"}))
     for label, softmax, target in ((True, True, "*u8"), (True, False, "*i64"), (False, True, "*fp32")):
-        for block_c in (8, 64):
+        for (layout, unit, div16), block_c in itertools.product(jaccard_layouts, (8, 64)):
             types = {"logit_ptr": "*bf16", "tgt_ptr": target, "part_ptr": "*fp32", "gsum_ptr": "*fp32",
                      "grad_ptr": "*bf16", "range_ptr": "*i64", "w_ptr": "*fp32", "gloss_ptr": "*fp32",
-                     "smooth": "fp32"}
+                     "smooth": "fp32", "ignore_index": "i64"}
+            block_s, vec = jaccard.tile_shape(block_c, unit)
             ce = dict(TARGET_IS_LABEL=label, SOFTMAX=softmax, SQUARED=True, HAS_IGNORE=label, BLOCK_C=block_c,
-                      BLOCK_S=max(16, jaccard._TILE // block_c))
-            variant = f"{'label' if label else 'probs'}_{'softmax' if softmax else 'sigmoid'}_C{block_c}"
+                      BLOCK_S=block_s, VEC=vec, L_UNIT=unit, T_UNIT=unit or label)
+            ce.update({"l_ss": 1} if unit else {"l_sc": 1})
+            if label:
+                ce.update(t_sc=0, t_ss=1)  # (a label map has no class stride: the launcher passes 0)
+            else:
+                ce.update({"t_ss": 1} if unit else {"t_sc": 1})
+            variant = f"{'label' if label else 'probs'}_{'softmax' if softmax else 'sigmoid'}_C{block_c}{layout}"
             # the sums with the label range of the fused loss; the backward from the loss (the fused loss's, which
             # does more than the one from given dL/d(sums))
             rows += check("jaccard_sums", variant, "bf16", jaccard._jaccard_sums_kernel, types,
-                          dict(ce, LABEL_RANGE=label), False, args.only, jaccard.NUM_WARPS)
+                          dict(ce, LABEL_RANGE=label), False, args.only, jaccard.NUM_WARPS, div16=div16)
             rows += check("jaccard_bwd", variant, "bf16", jaccard._jaccard_backward_kernel, types,
-                          dict(ce, FROM_LOSS=True, PER_SAMPLE=False, MEAN=True), False, args.only, jaccard.NUM_WARPS)
+                          dict(ce, FROM_LOSS=True, PER_SAMPLE=False, MEAN=True), False, args.only, jaccard.NUM_WARPS,
+                          div16=div16)
     for block_c in (8, 64):
         types = {"part_ptr": "*fp32", "range_part_ptr": "*i64", "w_ptr": "*fp32", "sums_ptr": "*fp32",
                  "loss_ptr": "*fp32", "range_ptr": "*i64", "smooth": "fp32"}
-        ce = dict(PER_SAMPLE=True, MEAN=True, LABEL_RANGE=True, BLOCK_B=jaccard._LOSS_BLOCK_B, BLOCK_C=block_c)
+        ce = dict(PER_SAMPLE=True, MEAN=True, LABEL_RANGE=True, BLOCK_C=block_c,
+                  BLOCK_B=jaccard.loss_block_rows(block_c, jaccard.MAX_PROGRAMS))
         rows += check("jaccard_loss", f"C{block_c}", "fp32", jaccard._jaccard_loss_kernel, types, ce, False,
-                      args.only, 4)
+                      args.only, jaccard._LOSS_WARPS)
     # the backward's second stage (split sums of the weight, bias and alpha gradients; shared alpha)
     types = {p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}
     types.update(gw_ptr=PARAM, gb_ptr=PARAM, ga_ptr=PARAM)

@@ -137,23 +137,55 @@ def _convert(module: nn.Module, prefix: str, report: ConvertReport):
         else:
             _convert(child, path, report)
     if renamed:
-        # state_dict() under the original keys (a fused PReLU's weight is its module's alpha) and load_state_dict()
-        # taking either, for this module and every module holding it: checkpoints move freely both ways
+        # state_dict() under the original keys (a fused PReLU's weight is its module's alpha), load_state_dict() taking
+        # either and naming missing ones by the original key, for this module and every module holding it:
+        # checkpoints move freely both ways
         module.register_state_dict_post_hook(_RenameKeys(renamed))
-        module.register_load_state_dict_pre_hook(_RenameKeys({old: new for new, old in renamed.items()}))
+        loading = _LoadOriginalKeys(renamed)
+        module.register_load_state_dict_pre_hook(loading.before)
+        module.register_load_state_dict_post_hook(loading.after)
+
+
+def _rename_in_place(keys: dict[str, str], table, prefix: str):
+    """Renames table's keys (a state dict, kept in its order) prefix + old -> prefix + new where new is not taken."""
+    renamed = {prefix + old: prefix + new for old, new in keys.items()
+               if prefix + old in table and prefix + new not in table}
+    if renamed:
+        items = list(table.items())
+        table.clear()
+        table.update((renamed.get(key, key), value) for key, value in items)
 
 
 class _RenameKeys:
-    """A state-dict hook renaming keys old -> new (with the module's prefix) where only the old one is there. A
-    callable object, not a closure, so that the model it is registered on still pickles."""
+    """A state_dict() hook renaming fused keys to the original model's (with the module's prefix). A callable object,
+    not a closure, so that the model it is registered on still pickles."""
 
     def __init__(self, renamed: dict[str, str]):
         self.renamed = renamed
 
-    def __call__(self, module, state_dict, prefix, *args):
-        for old, new in self.renamed.items():
-            if prefix + old in state_dict and prefix + new not in state_dict:
-                state_dict[prefix + new] = state_dict.pop(prefix + old)
+    def __call__(self, module, state_dict, prefix, local_metadata):
+        _rename_in_place(self.renamed, state_dict, prefix)
+
+
+class _LoadOriginalKeys:
+    """load_state_dict() hooks: before, the original keys are renamed to the fused ones; after, missing fused keys
+    are reported under the original name (the one the user's checkpoint lacks). The prefixes of the loads under way
+    are a stack: a module held at two paths is loaded twice, each load's post hook right after its own subtree."""
+
+    def __init__(self, renamed: dict[str, str]):
+        self.renamed = renamed  # fused key -> original key
+        self.prefixes: list[str] = []
+
+    def before(self, module, state_dict, prefix, *args):
+        _rename_in_place({old: new for new, old in self.renamed.items()}, state_dict, prefix)
+        self.prefixes.append(prefix)
+
+    def after(self, module, incompatible_keys):
+        prefix = self.prefixes.pop()
+        missing = incompatible_keys.missing_keys
+        for i, key in enumerate(missing):
+            if key.startswith(prefix) and key[len(prefix):] in self.renamed:
+                missing[i] = prefix + self.renamed[key[len(prefix):]]
 
 
 def convert(model: nn.Module) -> tuple[nn.Module, ConvertReport]:

@@ -140,7 +140,7 @@ def test_convert_keeps_parameter_objects_and_checkpoint_keys(tmp_path):
     converted, report = sf.convert(original)
     assert {id(p) for p in converted.parameters()} == params
     assert report.renamed == {"stem.0.alpha": "stem.1.weight", "stem.2.0.alpha": "stem.2.1.weight"}
-    assert converted.state_dict().keys() == plain.state_dict().keys()
+    assert list(converted.state_dict()) == list(plain.state_dict())  # the same keys in the same order
     x = torch.randn(2, 2, 7, 6, 9)
     converted(x).square().sum().backward()
     opt.step()  # trains the converted model's parameters
@@ -242,6 +242,26 @@ def test_convert_keeps_submodule_checkpoint_keys():
     fresh.body.load_state_dict(original.body.state_dict())
     fresh.head.load_state_dict(original.head.state_dict())
     assert_same_model_function(original, fresh, torch.randn(2, 2, 7, 6, 9))
+
+
+def test_convert_names_missing_keys_as_the_original_model():
+    """A checkpoint lacking a fused PReLU's weight is reported under the original key (the one the file lacks), by
+    strict and non-strict loads, also for a fused block held at two paths; a complete load reports nothing."""
+    torch.manual_seed(0)
+    original = randomize_prelus(NestedNet())
+    original.again = original.stem  # one module under two names
+    converted, _ = sf.convert(copy.deepcopy(original))
+    checkpoint = original.state_dict()
+    assert list(converted.state_dict()) == list(checkpoint)
+    complete = converted.load_state_dict(checkpoint)
+    assert complete.missing_keys == [] and complete.unexpected_keys == []
+    partial = {k: v for k, v in checkpoint.items() if k not in ("stem.1.weight", "again.2.1.weight")}
+    result = converted.load_state_dict(partial, strict=False)
+    assert sorted(result.missing_keys) == ["again.2.1.weight", "stem.1.weight"]
+    assert result.unexpected_keys == []
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "stem.1.weight"') as info:
+        converted.load_state_dict({k: v for k, v in checkpoint.items() if k != "stem.1.weight"})
+    assert "alpha" not in str(info.value)
 
 
 def test_convert_monai_networks():

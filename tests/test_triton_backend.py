@@ -19,6 +19,7 @@ import triton.language as tl  # noqa: E402
 
 from seg3d_fast.backends import triton as tb  # noqa: E402
 from seg3d_fast.backends.triton import conv3d_prelu as conv_mod  # noqa: E402
+from seg3d_fast.backends.triton import jaccard as tj  # noqa: E402
 from seg3d_fast.backends.triton._common import block_row_coords, carry_rows, row_split, strided_offset  # noqa: E402
 from tests.helpers import assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn  # noqa: E402
 
@@ -671,6 +672,41 @@ def test_jaccard_loss_reduced(per_sample, mean, weighted, target_kind, ignore_in
     else:
         counted = target[target != ignore_index] if ignore_index is not None else target
         assert label_range.tolist() == [counted.min().item(), counted.max().item()]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_jaccard_programs_loop_over_tiles(monkeypatch, layout):
+    """With more tiles than MAX_PROGRAMS, each sums program adds up several tiles (the last one past the volume),
+    and the loss kernel several steps of partial rows: sums, loss, label range and gradient still match float64,
+    for both tile shapes (classes within a thread for NCDHW logits, else _TILE elements)."""
+    from seg3d_fast.ops import jaccard_from_sums
+
+    assert [tj._sums_grid(t) for t in (1, 2048, 2049, 11520)] == [(1, 1), (2048, 1), (1025, 2), (1920, 6)]
+    assert tj.tile_shape(8, True) == (512, 2) and tj.tile_shape(16, True) == (128, 1)
+    monkeypatch.setattr(tj, "NUM_WARPS", 1)  # NCDHW: 64 voxels a tile, 3 tiles for 4 x 5 x 7
+    monkeypatch.setattr(tj, "_TILE", 128)  # channels-last: 16 voxels a tile for 5 classes, 9 tiles
+    monkeypatch.setattr(tj, "MAX_PROGRAMS", 2)  # 2 programs of 2 (or 5) tiles each
+    monkeypatch.setattr(tj, "_LOSS_ROWS", 8)  # 1 partial row a step
+    gen = torch.Generator().manual_seed(3)
+    n, classes, size = 2, 5, (4, 5, 7)
+    logits64 = randn(n, classes, *size, dtype=torch.float64, generator=gen) * 3
+    target = make_target("int64", n, classes, size, gen, 255).to(DEVICE)
+    weights = torch.ones(classes)
+    logits = in_layout(logits64, layout, F32)
+    loss, sums, label_range = tb.jaccard_loss_reduced(logits, target, True, "softmax", 255, 1.0,
+                                                      weights.to(DEVICE), True, True)
+    grad = tb.jaccard_loss_reduced_backward(torch.tensor(1.0, device=DEVICE), sums, weights.to(DEVICE), logits,
+                                            target, True, "softmax", 255, 1.0, True, True)
+    lg = logits64.to(DEVICE).clone().requires_grad_()
+    plain = jaccard_sums_plain(lg, target, True, "softmax", 255)
+    ref = jaccard_from_sums(plain, smooth=1.0, class_weights=weights.to(plain), per_sample=True, reduction="mean")
+    ref.backward()
+    assert_close(sums, plain.detach(), None, F32, "sums")
+    assert_close(tb.jaccard_sums(logits, target, True, "softmax", 255), plain.detach(), None, F32, "sums (sums path)")
+    assert_close(loss, ref.detach(), None, F32, "loss")
+    assert_close(grad, lg.grad, None, F32, "grad_logits")
+    counted = target[target != 255]
+    assert label_range.tolist() == [counted.min().item(), counted.max().item()]
 
 
 def _size1_dim_layouts(gen):

@@ -17,36 +17,82 @@ import triton.language as tl
 from ._common import SUPPORTED_DTYPES, cdiv, interpreting, next_pow2
 
 MAX_CLASSES = 64  # all classes of a voxel are held in registers at once (BLOCK_C x BLOCK_S tile)
-_TILE = 4096  # BLOCK_C * BLOCK_S elements per program
-NUM_WARPS = 8  # 16 tile elements per thread: with 4 warps the softmax backward spills on sm_90 (Triton 3.6)
+NUM_WARPS = 8
+# Tiles of BLOCK_C x BLOCK_S: where the logits' voxels are contiguous (NCDHW) and there are at most 8 classes, each
+# thread holds every class of VEC = 2 neighbouring voxels, so that the softmax's max and sum over the classes stay in
+# its registers: BLOCK_S = VEC x the program's threads, and the voxel offsets are marked contiguous in runs of VEC
+# only (tl.max_contiguous). Left to itself, Triton loaded 8 voxels of one class per thread and spread the classes
+# over the warps (a shared-memory reduction per max and sum: 20-24 barriers per step of the sums loop on sm_90,
+# Triton 3.9), or with the stride unknown over the threads of a warp (Triton 3.6: 48 shuffles per step). Otherwise
+# (more classes, channels-last logits) tiles of _TILE elements, whose class reductions cross threads.
+_VEC = 2
+_TILE = 2048
+_MAX_CLASSES_IN_THREAD = 8
+# Sums programs per sample at most: each sums every MAX_PROGRAMS-th tile, so that the single program that adds the
+# partial sums up reads at most this many rows per sample (one per tile was 5760 rows for a 128x160x144 volume: a
+# 180-step loop of dependent loads, longer than the pass over the logits), while still several waves of programs
+# fill the card (no long tail of a last, partly filled wave). Fixed, not per device: the same order of summation,
+# and so the same bits, on every card.
+MAX_PROGRAMS = 2048
 _NO_LABEL_MIN = tl.constexpr(2 ** 62)  # the label range of a block without counted labels: empty
 _NO_LABEL_MAX = tl.constexpr(-(2 ** 62))
-_LOSS_BLOCK_B = 32  # partial-sum rows per step of _jaccard_loss_kernel's single program
+_LOSS_ROWS = 2048  # partial-sum elements (rows x BLOCK_C) per step of _jaccard_loss_kernel's single program
+_LOSS_WARPS = 8
+
+
+@triton.jit
+def _spatial_offsets(s, stride, UNIT: tl.constexpr):
+    """s * stride, where UNIT says that the stride is 1 (s keeps the contiguity its maker marked)."""
+    if UNIT:
+        return s
+    return s * stride
+
+
+@triton.jit
+def _voxels(tile, BLOCK_S: tl.constexpr, VEC: tl.constexpr):
+    """The voxel indices (int64) of a tile, contiguous in runs of VEC (see _VEC)."""
+    return tile * BLOCK_S + tl.max_contiguous(tl.arange(0, BLOCK_S), VEC)
 
 
 @triton.jit
 def _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
                        TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, HAS_IGNORE: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                       L_UNIT: tl.constexpr, T_UNIT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_S: tl.constexpr):
     """(BLOCK_C, BLOCK_S) tiles p, t (fp32, zero outside valid voxels / classes) and the validity mask; the labels
-    and which of them count (BLOCK_S,) (label maps; else zeros and the in-volume mask)."""
+    and which of them count (BLOCK_S,) (label maps; else zeros and the in-volume mask). L_UNIT / T_UNIT: the logits'
+    / target's spatial stride is 1."""
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     s_ok = s < S
     if TARGET_IS_LABEL:
-        lab = tl.load(tgt_ptr + n * t_sn + s * t_ss, mask=s_ok, other=0).to(tl.int64)
-        valid_s = s_ok
-        if HAS_IGNORE:
-            valid_s = valid_s & (lab != ignore_index)
-        valid = c_ok[:, None] & valid_s[None, :]
-        t = tl.where(valid & (lab[None, :] == c[:, None]), 1.0, 0.0)
+        lab_off = n * t_sn + _spatial_offsets(s, t_ss, T_UNIT)
+        if VEC > 1:  # (a thread holds every class of its voxels, see _VEC)
+            # loaded as a (BLOCK_C, BLOCK_S) tile (class stride 0: each class row reads the same labels) so that the
+            # one-hot target takes the logits' layout; a (BLOCK_S,) load broadcast over the classes took Triton's
+            # default layout and a conversion through shared memory per tile
+            lab2 = tl.load(tgt_ptr + (c[:, None] * 0).to(tl.int64) + lab_off[None, :], mask=s_ok[None, :], other=0)
+            valid = c_ok[:, None] & s_ok[None, :]
+            if HAS_IGNORE:
+                valid = valid & (lab2 != ignore_index)
+            # (the rows are equal: reductions within the thread; the backward, which needs neither, drops them)
+            lab = tl.max(lab2, axis=0).to(tl.int64)
+            valid_s = tl.max(valid.to(tl.int32), axis=0) != 0
+        else:
+            lab = tl.load(tgt_ptr + lab_off, mask=s_ok, other=0).to(tl.int64)
+            lab2 = lab[None, :]
+            valid_s = s_ok
+            if HAS_IGNORE:
+                valid_s = valid_s & (lab != ignore_index)
+            valid = c_ok[:, None] & valid_s[None, :]
+        t = tl.where(valid & (lab2 == c[:, None]), 1.0, 0.0)
     else:
         lab = tl.zeros((BLOCK_S,), dtype=tl.int64)
         valid_s = s_ok
         valid = c_ok[:, None] & s_ok[None, :]
-        t_off = n * t_sn + c[:, None].to(tl.int64) * t_sc + s[None, :] * t_ss
+        t_off = n * t_sn + c[:, None].to(tl.int64) * t_sc + _spatial_offsets(s, t_ss, T_UNIT)[None, :]
         t = tl.load(tgt_ptr + t_off, mask=valid, other=0.0).to(tl.float32)
-    l_off = n * l_sn + c[:, None].to(tl.int64) * l_sc + s[None, :] * l_ss
+    l_off = n * l_sn + c[:, None].to(tl.int64) * l_sc + _spatial_offsets(s, l_ss, L_UNIT)[None, :]
     x = tl.load(logit_ptr + l_off, mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(tl.float32)
     if SOFTMAX:
         x = tl.where(c_ok[:, None], x, float("-inf"))
@@ -59,35 +105,58 @@ def _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn, t
 
 
 @triton.jit
-def _jaccard_sums_kernel(logit_ptr, tgt_ptr, part_ptr, range_ptr, S, C, NUM_BLOCKS,
-                         l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
-                         TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr,
-                         HAS_IGNORE: tl.constexpr, LABEL_RANGE: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
-    """Program (block, n) writes its partial sums (C, 3) and, with LABEL_RANGE, the least and greatest of its
-    counted labels (the range check's, for free: the labels are loaded anyway)."""
-    blk = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
-    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+def _tile_terms(logit_ptr, tgt_ptr, n, tile, S, C, l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
+                TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr, HAS_IGNORE: tl.constexpr,
+                L_UNIT: tl.constexpr, T_UNIT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_S: tl.constexpr):
+    """Element-wise terms of one tile's sums: p t, p^2 | p, t^2 | t (BLOCK_C, BLOCK_S), and its counted labels as
+    (BLOCK_S,) candidates for the least and the greatest."""
+    s = _voxels(tile, BLOCK_S, VEC)
     p, t, valid, l_off, lab, counted = _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn,
                                                           t_sc, t_ss, ignore_index, TARGET_IS_LABEL, SOFTMAX,
-                                                          HAS_IGNORE, BLOCK_C, BLOCK_S)
+                                                          HAS_IGNORE, L_UNIT, T_UNIT, VEC, BLOCK_C, BLOCK_S)
+    lo = tl.where(counted, lab, _NO_LABEL_MIN)
+    hi = tl.where(counted, lab, _NO_LABEL_MAX)
+    if SQUARED:
+        return p * t, p * p, t * t, lo, hi
+    return p * t, p, t, lo, hi
+
+
+@triton.jit
+def _jaccard_sums_kernel(logit_ptr, tgt_ptr, part_ptr, range_ptr, S, C, NUM_BLOCKS, TILES_PER_BLOCK,
+                         l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
+                         TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr,
+                         HAS_IGNORE: tl.constexpr, LABEL_RANGE: tl.constexpr, L_UNIT: tl.constexpr,
+                         T_UNIT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (block, n) sums tiles block, block + NUM_BLOCKS, ... (TILES_PER_BLOCK of them, the last ones past
+    the volume masked) element-wise in registers, then writes its partial sums (C, 3) and, with LABEL_RANGE, the
+    least and greatest of its counted labels (the range check's, for free: the labels are loaded anyway). The first
+    tile starts the sums: accumulators made by tl.zeros would take Triton's default layout, not the loads', and be
+    converted through shared memory in every step."""
+    blk = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1).to(tl.int64)
+    acc_pt, acc_pp, acc_tt, lo, hi = _tile_terms(logit_ptr, tgt_ptr, n, blk, S, C, l_sn, l_sc, l_ss, t_sn, t_sc,
+                                                 t_ss, ignore_index, TARGET_IS_LABEL, SOFTMAX, SQUARED, HAS_IGNORE,
+                                                 L_UNIT, T_UNIT, VEC, BLOCK_C, BLOCK_S)
+    for i in range(1, TILES_PER_BLOCK):
+        pt, pp, tt, tile_lo, tile_hi = _tile_terms(logit_ptr, tgt_ptr, n, blk + i * NUM_BLOCKS, S, C, l_sn, l_sc,
+                                                   l_ss, t_sn, t_sc, t_ss, ignore_index, TARGET_IS_LABEL, SOFTMAX,
+                                                   SQUARED, HAS_IGNORE, L_UNIT, T_UNIT, VEC, BLOCK_C, BLOCK_S)
+        acc_pt += pt
+        acc_pp += pp
+        acc_tt += tt
+        if LABEL_RANGE:
+            lo = tl.minimum(lo, tile_lo)
+            hi = tl.maximum(hi, tile_hi)
     if LABEL_RANGE:
         rng = range_ptr + (n * NUM_BLOCKS + blk) * 2
-        tl.store(rng, tl.min(tl.where(counted, lab, _NO_LABEL_MIN), axis=0))
-        tl.store(rng + 1, tl.max(tl.where(counted, lab, _NO_LABEL_MAX), axis=0))
-    pt = tl.sum(p * t, axis=1)
-    if SQUARED:
-        pp = tl.sum(p * p, axis=1)
-        tt = tl.sum(t * t, axis=1)
-    else:
-        pp = tl.sum(p, axis=1)
-        tt = tl.sum(t, axis=1)
+        tl.store(rng, tl.min(lo, axis=0))
+        tl.store(rng + 1, tl.max(hi, axis=0))
     c = tl.arange(0, BLOCK_C)
     out = part_ptr + ((n * NUM_BLOCKS + blk) * C + c) * 3
-    tl.store(out, pt, mask=c < C)
-    tl.store(out + 1, pp, mask=c < C)
-    tl.store(out + 2, tt, mask=c < C)
+    tl.store(out, tl.sum(acc_pt, axis=1), mask=c < C)
+    tl.store(out + 1, tl.sum(acc_pp, axis=1), mask=c < C)
+    tl.store(out + 2, tl.sum(acc_tt, axis=1), mask=c < C)
 
 
 @triton.jit
@@ -95,16 +164,17 @@ def _jaccard_backward_kernel(logit_ptr, tgt_ptr, gsum_ptr, grad_ptr, w_ptr, glos
                              l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
                              TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr,
                              HAS_IGNORE: tl.constexpr, FROM_LOSS: tl.constexpr, PER_SAMPLE: tl.constexpr,
-                             MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                             MEAN: tl.constexpr, L_UNIT: tl.constexpr, T_UNIT: tl.constexpr, VEC: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """grad_logits of one (BLOCK_C, BLOCK_S) tile from dL/d(sums): read from gsum_ptr (N, C, 3), or, with
     FROM_LOSS, derived here from the sums (gsum_ptr), the class weights and dL/d(loss) of _jaccard_loss_kernel's
     loss (the loss's own backward fused in: no small ops between the two kernels)."""
     blk = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64)
-    s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    s = _voxels(blk, BLOCK_S, VEC)
     p, t, valid, l_off, lab, counted = _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn,
                                                           t_sc, t_ss, ignore_index, TARGET_IS_LABEL, SOFTMAX,
-                                                          HAS_IGNORE, BLOCK_C, BLOCK_S)
+                                                          HAS_IGNORE, L_UNIT, T_UNIT, VEC, BLOCK_C, BLOCK_S)
     c = tl.arange(0, BLOCK_C)
     if FROM_LOSS:
         g_pt, g_pp = _loss_sums_grad(gsum_ptr, w_ptr, gloss_ptr, n, N, C, smooth, PER_SAMPLE, MEAN, BLOCK_C)
@@ -240,13 +310,27 @@ def _prepare(logits, target, ignore_index):
     is_label = not target.dtype.is_floating_point
     target, t_ss = _flat_spatial(target)
     block_c = next_pow2(c, 2, MAX_CLASSES)
-    block_s = max(16, _TILE // block_c)
+    block_s, vec = tile_shape(block_c, l_ss == 1)
     spatial = math.prod(logits.shape[2:])  # (no logits[0, 0] view: two more dispatches per call)
     strides = (logits.stride(0), logits.stride(1), l_ss, target.stride(0), 0 if is_label else target.stride(1), t_ss,
                0 if ignore_index is None else int(ignore_index))
-    meta = dict(TARGET_IS_LABEL=is_label, HAS_IGNORE=is_label and ignore_index is not None,
-                BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
+    meta = dict(TARGET_IS_LABEL=is_label, HAS_IGNORE=is_label and ignore_index is not None, L_UNIT=l_ss == 1,
+                T_UNIT=t_ss == 1, VEC=vec, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS)
     return logits, target, spatial, max(1, cdiv(spatial, block_s)), strides, meta
+
+
+def tile_shape(block_c, contiguous_voxels):
+    """(BLOCK_S, VEC) for BLOCK_C classes (see _VEC)."""
+    if contiguous_voxels and block_c <= _MAX_CLASSES_IN_THREAD:
+        return _VEC * 32 * NUM_WARPS, _VEC
+    return max(16, _TILE // block_c), 1
+
+
+def _sums_grid(tiles):
+    """(programs per sample, tiles each) of the sums kernel: at most MAX_PROGRAMS programs, and no program with
+    nothing to do."""
+    per_block = cdiv(tiles, min(tiles, MAX_PROGRAMS))
+    return cdiv(tiles, per_block), per_block
 
 
 def jaccard_unsupported(logits, target, activation, ignore_index):
@@ -269,12 +353,13 @@ def jaccard_unsupported(logits, target, activation, ignore_index):
     return reasons
 
 
-def _launch_sums(logits, target, spatial, blocks, strides, meta, squared, activation, label_range):
+def _launch_sums(logits, target, spatial, tiles, strides, meta, squared, activation, label_range):
     """(N, blocks, C, 3) partial sums, and with label_range the (N * blocks, 2) label range partials."""
     n, c = logits.shape[:2]
+    blocks, per_block = _sums_grid(tiles)
     partials = torch.empty((n, blocks, c, 3), dtype=torch.float32, device=logits.device)  # every entry written
     ranges = torch.empty((n * blocks, 2), dtype=torch.int64, device=logits.device) if label_range else partials
-    _jaccard_sums_kernel[(blocks, n)](logits, target, partials, ranges, spatial, c, blocks, *strides,
+    _jaccard_sums_kernel[(blocks, n)](logits, target, partials, ranges, spatial, c, blocks, per_block, *strides,
                                       SOFTMAX=activation == "softmax", SQUARED=bool(squared), LABEL_RANGE=label_range,
                                       **meta)
     return partials, ranges
@@ -282,11 +367,16 @@ def _launch_sums(logits, target, spatial, blocks, strides, meta, squared, activa
 
 def jaccard_sums(logits, target, squared, activation, ignore_index):
     n, c = logits.shape[:2]
-    logits, target, spatial, blocks, strides, meta = _prepare(logits, target, ignore_index)
+    logits, target, spatial, tiles, strides, meta = _prepare(logits, target, ignore_index)
     if n * c == 0 or spatial == 0:
         return torch.zeros((n, c, 3), dtype=torch.float32, device=logits.device)
-    partials, _ = _launch_sums(logits, target, spatial, blocks, strides, meta, squared, activation, False)
+    partials, _ = _launch_sums(logits, target, spatial, tiles, strides, meta, squared, activation, False)
     return partials.sum(1)  # fixed-order second stage: deterministic
+
+
+def loss_block_rows(block_c, blocks):
+    """Partial-sum rows per step of _jaccard_loss_kernel: _LOSS_ROWS elements, no more rows than there are."""
+    return max(1, min(_LOSS_ROWS // block_c, next_pow2(blocks, 1, _LOSS_ROWS)))
 
 
 def _launch_backward(grad_sums, logits, target, squared, activation, ignore_index, loss_args=None):
@@ -311,15 +401,17 @@ def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smoo
     (N, C, 3) for the backward; the (2,) int64 least and greatest counted label, or None for class
     probabilities). weights: float32 (C,) on the logits' device, 0 for a class left out. Non-empty inputs."""
     n, c = logits.shape[:2]
-    logits, target, spatial, blocks, strides, meta = _prepare(logits, target, ignore_index)
+    logits, target, spatial, tiles, strides, meta = _prepare(logits, target, ignore_index)
     label_range = meta["TARGET_IS_LABEL"]
-    partials, ranges = _launch_sums(logits, target, spatial, blocks, strides, meta, squared, activation, label_range)
+    partials, ranges = _launch_sums(logits, target, spatial, tiles, strides, meta, squared, activation, label_range)
     sums = torch.empty((n, c, 3), dtype=torch.float32, device=logits.device)
     loss = torch.empty((), dtype=torch.float32, device=logits.device)
     labels = torch.empty(2, dtype=torch.int64, device=logits.device) if label_range else loss
+    blocks = partials.shape[1]
     _jaccard_loss_kernel[(1,)](partials, ranges, weights, sums, loss, labels, n, blocks, c, float(smooth),
-                               PER_SAMPLE=per_sample, MEAN=mean, LABEL_RANGE=label_range, BLOCK_B=_LOSS_BLOCK_B,
-                               BLOCK_C=meta["BLOCK_C"], num_warps=4)
+                               PER_SAMPLE=per_sample, MEAN=mean, LABEL_RANGE=label_range,
+                               BLOCK_B=loss_block_rows(meta["BLOCK_C"], blocks), BLOCK_C=meta["BLOCK_C"],
+                               num_warps=_LOSS_WARPS)
     return loss, sums, (labels if label_range else None)
 
 
