@@ -45,7 +45,6 @@ CONV = [
     ("fwd_c32_s2_res", dict(_FWD, STEP=2, RES_MODE=2, SAVE_ACT=True, BLOCK_K=32)),
     ("fwd_c64", dict(_FWD, ACT_KIND=1, RES_MODE=1)),
     ("fwd_c128", dict(_FWD, BLOCK_N=128)),
-    ("fwd_c128_res1st", dict(_FWD, BLOCK_N=128, RES_MODE=1)),
     ("fwd_c128_s2", dict(_FWD, STEP=2, BLOCK_N=128)),
     ("dgrad_c128", dict(_DGRAD, BLOCK_N=128)),
     ("dgrad_phases", dict(_DGRAD, PHASES=True)),

@@ -131,8 +131,8 @@ def _epilogue(acc, n, i1, i2, i3, row_ok, co, co_ok, bias_ptr, alpha_ptr, res_pt
 # each launch; the defaults (64 rows, 8 warps) pass for every launch (column blocks are at most 64).
 _TILES = ((64, 4), (64, 8), (128, 4), (128, 8), (256, 8))
 _MAX_BLOCK_N = 64  # C_out columns per program (wgrad tiles; flat-K and exact-fp32 convs: more spills)
-_MAX_BLOCK_N_TAP = 128  # per-tap conv, fp16/bf16, no residual after the activation: 64 x 128 tiles on 8 warps
-                        # do not spill, and each gathered A tile feeds 128 output channels (half the gathers)
+_MAX_BLOCK_N_TAP = 128  # per-tap conv, fp16/bf16, no residual: 64 x 128 tiles on 8 warps do not spill (with one,
+                        # 255 registers, a spill with Triton 3.8); each gathered A tile feeds 128 output channels
 
 
 def _conv_configs():
@@ -715,7 +715,7 @@ def _launch_conv(src, weight_mat, taps, out, rows, c_src, step, *, bias=None, al
             and _launch_conv_tma(src, weight_mat, rows, c_src, k_total, kernel_taps or (3, 0), phases, pointers,
                                  strides, epilogue)):
         return
-    columns_128 = not flat_k and src.element_size() == 2 and not (residual is not None and not residual_first)
+    columns_128 = not flat_k and src.element_size() == 2 and residual is None
     block_n = next_pow2(c_out, 16, _MAX_BLOCK_N_TAP if columns_128 else _MAX_BLOCK_N)
     grid_n = cdiv(c_out, block_n)
     grid = lambda meta: (cdiv(m_rows, meta["BLOCK_M"]), grid_n, phase_count)  # noqa: E731
