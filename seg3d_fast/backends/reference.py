@@ -103,9 +103,11 @@ def upconv_prelu_add_unsupported(x, weight, bias, alpha, skip):
 def upconv_prelu_add_forward(x, weight, bias, alpha, skip):
     weight, bias, alpha = _as_x(x, weight, bias, alpha)
     out = F.prelu(F.conv_transpose3d(x, weight, bias, stride=2), alpha)
-    if skip is not None:
-        out += skip
-    return out
+    if skip is None:
+        return out
+    # in place in eager (no second output-sized tensor); out of place while torch.compile traces it: with torch 2.11
+    # the in-place sum in this autograd.Function's forward gave every input a zero gradient
+    return out + skip if torch.compiler.is_compiling() else out.add_(skip)
 
 
 def upconv_prelu_add_backward(grad_out, x, weight, bias, alpha, output_mask):
