@@ -48,6 +48,7 @@ CONV = [
     ("fwd_c128_s2", dict(_FWD, STEP=2, BLOCK_N=128)),
     ("dgrad_c128", dict(_DGRAD, BLOCK_N=128)),
     ("dgrad_phases", dict(_DGRAD, PHASES=True)),
+    ("dgrad_phases_c128", dict(_DGRAD, PHASES=True, BLOCK_N=128)),
     ("dgrad_phases_flat", dict(_DGRAD, PHASES=True, FLAT_K=8, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
     ("dgrad_flat", dict(_DGRAD, FLAT_K=8, EVEN_N=False, BLOCK_N=16, BLOCK_K=32)),
 ]

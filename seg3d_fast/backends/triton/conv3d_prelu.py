@@ -148,8 +148,9 @@ def _prune_conv(configs, named_args, **kwargs):
     and at most 16 rows per warp for the stride-2 dgrad (per-class K and taps loaded at run time) and for exact fp32,
     8 for both. Per-tap K on the tensor cores: A is copied straight to shared memory, so only the fp32 accumulator
     counts: at most 32 elements per thread (admitting 128 x 64 and 64 x 128 tiles, which issue 30-45% fewer
-    instructions per tensor-core operation than 64 x 64), 16 with fp32 inputs or with the residual summed after
-    the activation. When nothing fits: the config with the fewest rows per warp."""
+    instructions per tensor-core operation than 64 x 64), 16 with fp32 inputs, with the residual summed after
+    the activation, or for the stride-2 dgrad (its class's taps and extents held too: 32 reached 254-255 registers
+    with Triton 3.7 to 3.9, and spilled with 3.7). When nothing fits: the config with the fewest rows per warp."""
     src = named_args.get("src_ptr")
     wide = src is not None and src.element_size() == 4
     exact, flat, phases = kwargs.get("DOT_PREC") == "ieee", kwargs.get("FLAT_K"), kwargs.get("PHASES")
@@ -161,7 +162,7 @@ def _prune_conv(configs, named_args, **kwargs):
             rows_per_warp = 8 if (exact and phases) else 16 if (exact or phases) else rows
             return (rows * (kwargs["BLOCK_N"] + kwargs["BLOCK_K"]) <= (32 if after else 48) * threads
                     and rows <= rows_per_warp * c.num_warps)
-        return rows * kwargs["BLOCK_N"] <= (16 if wide or after else 32) * threads
+        return rows * kwargs["BLOCK_N"] <= (16 if wide or after or phases else 32) * threads
     return [c for c in configs if fits(c)] or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] / c.num_warps)]
 
 
