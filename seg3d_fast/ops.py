@@ -18,11 +18,11 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, graphs
 from .backends import reference as _reference
+from .backends._layout import out_format
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_SIZES = (1, 3)
@@ -33,13 +33,6 @@ REDUCTIONS = ("mean", "sum", "none")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
-def _memory_format(x: Tensor):
-    """channels_last_3d when x is laid out that way (and is not also plain contiguous), else contiguous."""
-    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def conv_output_shape(x_shape, weight_shape, stride: int) -> tuple[int, ...]:
     k = weight_shape[-1]
     n, _, *spatial = x_shape
@@ -99,8 +92,7 @@ def _check_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Opti
 
 def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
     if not isinstance(x, Tensor) or x.dim() != 5:
-        raise ValueError(f"x must be a 5-D tensor (N, C_in, D, H, W); got "
-                         f"{_describe(x)}")
+        raise ValueError(f"x must be a 5-D tensor (N, C_in, D, H, W); got {_describe(x)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if not isinstance(weight, Tensor) or weight.dim() != 5:
@@ -195,7 +187,7 @@ def _conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Opti
 @_conv3d_prelu.register_fake
 def _(x, weight, bias, alpha, residual, stride, residual_first, save_act, backend):
     shape = conv_output_shape(x.shape, weight.shape, stride)
-    fmt = _memory_format(x)
+    fmt = out_format(x)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     act = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt) if save_act else x.new_empty(0)
     return out, act
@@ -271,7 +263,7 @@ def _(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first,
     out = []
     for need, t in zip(output_mask, like):
         if need and t is not None:
-            out.append(torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_memory_format(t))
+            out.append(torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=out_format(t))
                        if t.dim() == 5 else torch.empty_like(t))
         else:
             out.append(x.new_empty(0))

@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import torch
 
+from ._layout import as_param, out_format
+
 try:
     _cuda = importlib.import_module("seg3d_fast._cuda")
     _IMPORT_ERROR: Exception | None = None
@@ -103,11 +105,6 @@ def _dense(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = t.to(dtype, memory_format=torch.contiguous_format)
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
-def _out_format(x: torch.Tensor):
-    cl = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-    return torch.channels_last_3d if cl else torch.contiguous_format
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -202,7 +199,7 @@ def _run_conv(args, like: torch.Tensor):
 
 
 def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act):
-    fmt = _out_format(x)
+    fmt = out_format(x)
     n, _, d, h, w = x.shape
     c_out, k = weight.shape[0], weight.shape[-1]
     out_size = tuple(_conv_out_size(s, k, stride) for s in (d, h, w))
@@ -278,7 +275,7 @@ def _phase_weight_index(weight_shape, stride, device):
     weights one after the other, each laid out (C_in, nd, nh, nw, C_out) over the taps that reach it (_dgrad_taps),
     each starting 16-byte aligned (lengths rounded up to 8 elements; the gap's entries are never read). Made once
     per shape and device (the phases partition the 27 taps: the index is the weight's size)."""
-    c_out, c_in, k = weight_shape[0], weight_shape[1], weight_shape[-1]
+    k = weight_shape[-1]
     flat = torch.arange(math.prod(weight_shape), dtype=torch.int32).view(weight_shape)
     parts, starts, length = [], [], 0
     for phase in itertools.product(range(stride), repeat=3):
@@ -329,11 +326,7 @@ def _grad_weight(dz, xc, weight, stride, like):
     _cuda.conv_wgrad(a, DTYPE_CODES[like.dtype], _tf32(like.dtype), device, stream)
     # (C_out, C_in, k, k, k) over (C_out, taps, C_in) memory: channels_last_3d strides. Returned in the weight's own
     # layout: for a channels-last model no copy here, and none in autograd to match the parameter's layout.
-    grad = gw[..., :weight.shape[1]].permute(0, 4, 1, 2, 3)
-    fmt = _out_format(weight)
-    if grad.dtype == weight.dtype and grad.is_contiguous(memory_format=fmt):
-        return grad
-    return torch.empty_like(weight, memory_format=fmt).copy_(grad)  # cast and layout in one copy
+    return as_param(gw[..., :weight.shape[1]].permute(0, 4, 1, 2, 3), weight)  # cast and layout in one copy
 
 
 def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride, output_mask):
@@ -362,17 +355,15 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
                              device, stream)
         if dz_buf is not None:
             dz = dz_buf
-        if weight.dtype != torch.float32:  # (parameters in x's fp16 / bf16)
-            grad_b = None if grad_b is None else grad_b.to(weight.dtype)
-            grad_alpha = None if grad_alpha is None else grad_alpha.to(weight.dtype)
+        grad_b, grad_alpha = as_param(grad_b, weight), as_param(grad_alpha, weight)  # (parameters in fp16 / bf16)
     grad_x = grad_w = None
     if need_x:
-        grad_x = _grad_input(dz, weight, tuple(x.shape), stride, x).contiguous(memory_format=_out_format(x))
+        grad_x = _grad_input(dz, weight, tuple(x.shape), stride, x).contiguous(memory_format=out_format(x))
     if need_w:
         grad_w = _grad_weight(dz, _kernel_input(x), weight, stride, x)
     grad_dz = None
     if need_dz:
-        grad_dz = dz if _out_format(grad_out) is torch.channels_last_3d else dz.contiguous()
+        grad_dz = dz if out_format(grad_out) is torch.channels_last_3d else dz.contiguous()
     return grad_x, grad_w, grad_b, grad_alpha, grad_dz
 
 

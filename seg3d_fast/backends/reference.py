@@ -8,17 +8,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._layout import as_param, out_format
+
 NAME = "reference"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def unavailable_reason():
     return None
-
-
-def _out_format(x):
-    cl = x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-    return torch.channels_last_3d if cl else torch.contiguous_format
 
 
 def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first):
@@ -33,15 +30,6 @@ def _as_x(x, *params):
     return tuple(p if p is None or p.dtype == x.dtype else p.to(x.dtype) for p in params)
 
 
-def _as_param(grad, param):
-    """A parameter's gradient in the parameter's dtype and layout, copied only where it differs (None stays None).
-    param: the parameter, or for a bias the weight (the ops layer gives them one dtype)."""
-    fmt = _out_format(param) if grad is not None and grad.dim() == param.dim() else torch.contiguous_format
-    if grad is None or (grad.dtype == param.dtype and grad.is_contiguous(memory_format=fmt)):
-        return grad
-    return torch.empty(grad.shape, dtype=param.dtype, device=grad.device, memory_format=fmt).copy_(grad)
-
-
 def _preact(x, weight, bias, residual, stride, residual_first):
     z = F.conv3d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
     if residual is not None and residual_first:
@@ -50,7 +38,7 @@ def _preact(x, weight, bias, residual, stride, residual_first):
 
 
 def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act):
-    fmt = _out_format(x)
+    fmt = out_format(x)
     weight, bias, alpha = _as_x(x, weight, bias, alpha)
     z = _preact(x, weight, bias, residual, stride, residual_first)
     act = z if alpha is None else F.prelu(z, alpha)
@@ -90,9 +78,9 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
         [need_x, need_w, need_b],
     )
     if need_x:
-        grad_x = grad_x.contiguous(memory_format=_out_format(x))
+        grad_x = grad_x.contiguous(memory_format=out_format(x))
     # the weight's gradient in its layout and dtype, as the other backends (and the op's fake kernel) give it
-    return grad_x, _as_param(grad_w, params), _as_param(grad_b, params), grad_alpha, (dz if need_dz else None)
+    return grad_x, as_param(grad_w, params), as_param(grad_b, params), grad_alpha, (dz if need_dz else None)
 
 
 # ---- transposed conv (kernel 2, stride 2) + bias + PReLU + skip ----------------------------------------------------
@@ -123,12 +111,12 @@ def upconv_prelu_add_backward(grad_out, x, weight, bias, alpha, output_mask):
     grad_alpha = None
     if need_alpha:
         per_channel = alpha_terms.sum(dim=(0, 2, 3, 4))
-        grad_alpha = _as_param(per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1), alpha)
+        grad_alpha = as_param(per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1), alpha)
     del alpha_terms
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad_z, x, weight, [weight.shape[1]] if need_b else None, [2, 2, 2], [0, 0, 0], [1, 1, 1], True, [0, 0, 0],
         1, [need_x, need_w, need_b])
-    return grad_x, _as_param(grad_w, params), _as_param(grad_b, params), grad_alpha
+    return grad_x, as_param(grad_w, params), as_param(grad_b, params), grad_alpha
 
 
 def jaccard_unsupported(logits, target, activation, ignore_index):

@@ -32,6 +32,7 @@ except ImportError:
     TensorDescriptor = None
 
 from .. import device_table
+from .._layout import out_format
 from ._common import (autotune_configs, block_row_coords, carry_rows, cdiv, dot, dot_precision, fast_divisor,
                       interpreting, next_pow2, parallel_slots, row_split, strided_offset, tensor_reasons)
 
@@ -648,13 +649,6 @@ def default_tiles():
             kernel.configs = configs
 
 
-def _out_memory_format(x):
-    """API.md: channels_last_3d when x is channels_last_3d (and not plain contiguous), else NCDHW."""
-    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _channels_last(t):
     return t.contiguous(memory_format=torch.channels_last_3d)
 
@@ -846,7 +840,7 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     n, c_in, d, h, w = x.shape
     c_out, k = weight.shape[0], weight.shape[-1]
     do, ho, wo = [(s - 1) // stride + 1 for s in (d, h, w)]  # padding k // 2: same for k = 1 and 3
-    fmt = _out_memory_format(x)
+    fmt = out_format(x)
     out = torch.empty((n, c_out, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     act = torch.empty_like(out) if save_act else None
     weight_mat = _weight_matrix(weight.permute(2, 3, 4, 1, 0), x.dtype)  # rows (tap, C_in)
@@ -897,7 +891,7 @@ def _dgrad(dz, weight, x, stride):
     """grad_x = conv_transpose(dz, weight): one launch (stride 2: the parity classes on the grid's third axis)."""
     n, c_in = x.shape[:2]
     c_out, k = weight.shape[0], weight.shape[-1]
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x))
     classes, order, taps = _dgrad_plan(k, stride, x.device)
     # rows (tap, C_out) in the plan's tap order, columns C_in: the flipped, transposed kernel in one gather
     weight_mat = _weight_matrix(weight.permute(2, 3, 4, 0, 1), x.dtype).view(k ** 3, c_out, c_in)
@@ -1016,7 +1010,7 @@ def _finish(dw_part, db_part, da_part, weight, alpha, dtype):
     _finish_kernel: weight in its own layout and dtype, bias in `dtype`, alpha in alpha's shape and dtype."""
     c_out, c_in, k = weight.shape[0], weight.shape[1], weight.shape[-1]
     dev = weight.device
-    w_format = _out_memory_format(weight)  # a channels-last model's weight: its gradient written the same way
+    w_format = out_format(weight)  # a channels-last model's weight: its gradient written the same way
     grad_w = torch.empty_like(weight, memory_format=w_format) if dw_part is not None else None
     grad_b = torch.empty(c_out, dtype=dtype, device=dev) if db_part is not None else None
     grad_a = torch.empty(alpha.shape, dtype=alpha.dtype, device=dev) if da_part is not None else None

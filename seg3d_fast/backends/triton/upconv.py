@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._layout import out_format
 from ._common import (autotune_configs, block_row_coords, cdiv, dot, dot_precision, next_pow2, parallel_slots,
                       strided_offset, tensor_reasons)
 
@@ -237,11 +238,6 @@ def _strides5(t):
     return tuple(t.stride())
 
 
-def _out_memory_format(x):
-    cl = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-    return torch.channels_last_3d if cl else torch.contiguous_format
-
-
 def _alpha_args(alpha):
     return alpha.reshape(-1), alpha.numel() > 1
 
@@ -250,7 +246,7 @@ def upconv_prelu_add_forward(x, weight, bias, alpha, skip):
     n, c_in, d, h, w = x.shape
     c_out = weight.shape[1]
     out = torch.empty((n, c_out, 2 * d, 2 * h, 2 * w), dtype=x.dtype, device=x.device,
-                      memory_format=_out_memory_format(x))
+                      memory_format=out_format(x))
     rows = n * d * h * w
     block_n = next_pow2(c_out, 16, 128)
     block_k = next_pow2(c_in, 16, 64)
@@ -284,7 +280,7 @@ def upconv_prelu_add_backward(grad_out, x, weight, bias, alpha, output_mask):
     f32 = dict(dtype=torch.float32, device=x.device)
     grad_x = grad_w = grad_b = grad_a = None
     if want_x or want_b or want_a:
-        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x)) \
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=out_format(x)) \
             if want_x else None
         # one partial row per program: at most cdiv(rows, 16) (the smallest row block)
         parts = cdiv(rows, 16)
@@ -309,5 +305,5 @@ def upconv_prelu_add_backward(grad_out, x, weight, bias, alpha, output_mask):
             *_strides5(x), *_strides5(weight), *_strides5(grad_out), **common)
         # (tap = a*4 + b*2 + c, C_in, C_out) -> (C_in, C_out, a, b, c), in the weight's own layout
         taps = dw_part.sum(0)[:, :c_in, :c_out].reshape(2, 2, 2, c_in, c_out).permute(3, 4, 0, 1, 2)
-        grad_w = taps.to(weight.dtype).contiguous(memory_format=_out_memory_format(weight))
+        grad_w = taps.to(weight.dtype).contiguous(memory_format=out_format(weight))
     return grad_x, grad_w, grad_b, grad_a
