@@ -10,6 +10,35 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def round_bf16_as_the_gpu_does():
+    """Triton's interpreter (3.6-3.9) casts float32 to bfloat16 by truncating the mantissa; the GPU (cvt.rn.bf16.f32)
+    rounds to nearest even, as torch does. Every fp32 -> bf16 cast in the kernels (stores, the float32 weights of bf16
+    layers, dz before the second GEMM) would otherwise carry up to twice the GPU's rounding error and a bias."""
+    from triton.runtime import interpreter
+    import numpy as np
+    import triton.language as tl
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+    if getattr(cast, "rounds_bf16", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = np.asarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nan = np.isnan(np.asarray(src.data, dtype=np.float32))
+        rounded = np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)  # a NaN stays a (quiet) NaN
+        return interpreter.TensorHandle(rounded, tl.bfloat16)
+
+    cast_impl.rounds_bf16 = True
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    round_bf16_as_the_gpu_does()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     # Fresh random inputs per test, reproducible per test name.

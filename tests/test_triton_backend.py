@@ -502,6 +502,25 @@ def test_upconv_unsupported_reasons():
 # 64-bit index arithmetic
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _to_bf16_kernel(src_ptr, out_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, tl.load(src_ptr + offsets).to(tl.bfloat16))
+
+
+def test_fp32_to_bf16_rounds_to_nearest_even():
+    """The kernels' fp32 -> bf16 casts round as torch does, on the GPU and (through tests/conftest.py's fix of the
+    interpreter's truncation) on the CPU: halfway cases to even, NaN and infinities kept."""
+    halfway = torch.tensor([0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF], dtype=torch.int32).view(torch.float32)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, -0.0, 1e-40])
+    src = torch.cat([torch.randn(246, dtype=torch.float64).float(), halfway, special]).to(DEVICE)
+    out = torch.empty(src.shape, dtype=torch.bfloat16, device=DEVICE)
+    _to_bf16_kernel[(1,)](src, out, BLOCK=256)
+    expected = src.to(torch.bfloat16)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out[~expected.isnan()].view(torch.int16), expected[~expected.isnan()].view(torch.int16))
+
+
+@triton.jit
 def _index_probe_kernel(start_ptr, out_ptr, E1, E2, E3, s_n, s_1, s_2, s_3, BLOCK: tl.constexpr):
     """Program p writes (n, i1, i2, i3, offset) of the BLOCK rows from start_ptr[p] on, as the kernels split them."""
     p = tl.program_id(0)
