@@ -56,6 +56,10 @@ def _module_reasons(m: nn.Module, kind: type) -> list[str]:
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             return [f"{type(m).__name__} is not initialized yet (run one forward pass before convert)"]
         return [f"{type(m).__name__} is a subclass of {kind.__name__}: its forward may differ from the fused op"]
+    return _hook_reasons(m)
+
+
+def _hook_reasons(m: nn.Module) -> list[str]:
     hooks = [name.strip("_") for name in _HOOKS if getattr(m, name, None)]
     return [f"it has hooks ({', '.join(hooks)}) that the fused module would not run"] if hooks else []
 
@@ -89,7 +93,8 @@ def _next_prelu(m: nn.Module) -> Optional[tuple[nn.PReLU, str, nn.Module]]:
     Sequential with an Identity in the PReLU's place): m itself is left as it is, since other places may use it."""
     if isinstance(m, nn.PReLU):
         return (m, "weight", nn.Identity()) if not _module_reasons(m, nn.PReLU) else None
-    if _runs_in_order(m) and not _module_reasons(m, nn.Sequential):
+    # a Sequential subclass that keeps Sequential's forward (MONAI's ADN) runs its children in order all the same
+    if _runs_in_order(m) and not _hook_reasons(m):
         real = [(n, c) for n, c in m._modules.items() if c is not None and not _trivial(c)]
         if len(real) == 1 and isinstance(real[0][1], nn.PReLU) and not _module_reasons(real[0][1], nn.PReLU):
             name, prelu = real[0]

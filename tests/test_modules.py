@@ -271,11 +271,44 @@ def test_convert_monai_networks():
                                num_res_units=1, act="PRELU", norm=None)
     original = randomize_prelus(original)
     converted, report = sf.convert(copy.deepcopy(original))
-    fused_pairs = [p for p, what in report.swapped if "PReLU" in what]
+    fused_pairs = [p for p, what in report.swapped if what == "Conv3d + PReLU -> ConvPReLU3d"]
     assert len(fused_pairs) >= 4, str(report)
     assert any("ConvTranspose3d" in why for _, why in report.left)
     assert converted.state_dict().keys() == original.state_dict().keys()  # checkpoints interchangeable
     assert_same_model_function(original, converted, torch.randn(2, 2, 16, 16, 16))
+
+
+class _ADN(nn.Sequential):
+    """As MONAI's ADN and Convolution: Sequential subclasses that keep Sequential's forward."""
+
+
+class _Convolution(nn.Sequential):
+    pass
+
+
+def test_convert_fuses_prelu_in_sequential_subclass_without_own_forward():
+    """MONAI's Convolution -> ADN(Dropout(0), PReLU) blocks: the ADN is a Sequential subclass that runs its children
+    in order, so its PReLU fuses into the conv (it was left unfused: any Sequential subclass was refused)."""
+    torch.manual_seed(0)
+
+    def block(c_in, c_out, stride):
+        adn = _ADN()
+        adn.add_module("D", nn.Dropout(0.0))
+        adn.add_module("A", nn.PReLU())
+        conv = _Convolution()
+        conv.add_module("conv", nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1))
+        conv.add_module("adn", adn)
+        return conv
+
+    original = randomize_prelus(nn.Sequential(block(2, 4, 2), block(4, 3, 1)))
+    converted, report = sf.convert(copy.deepcopy(original))
+    assert report.swapped == [("0.conv", "Conv3d + PReLU -> ConvPReLU3d"), ("1.conv", "Conv3d + PReLU -> ConvPReLU3d")]
+    assert report.left == []
+    assert list(converted.state_dict()) == list(original.state_dict())
+    assert_same_model_function(original, converted, torch.randn(2, 2, 5, 6, 7))
+    hooked = copy.deepcopy(original)
+    hooked[0].adn.register_forward_hook(lambda m, i, o: o * 2)  # a hook on the ADN still keeps its PReLU apart
+    assert [path for path, _ in sf.convert(hooked)[1].swapped if "+ PReLU" in _] == ["1.conv"]
 
 
 def test_convert_then_equal_plain_seg3dnet():
