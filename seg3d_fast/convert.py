@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -105,6 +106,10 @@ def _next_prelu(m: nn.Module) -> Optional[tuple[nn.PReLU, str, nn.Module]]:
     return None
 
 
+_SCRIPTED = ("a TorchScript module (torch.jit.script / trace) cannot be changed: convert the eager model instead (the fused "
+             "modules run eagerly or under torch.compile)")
+
+
 def _path(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -139,6 +144,8 @@ def _convert(module: nn.Module, prefix: str, report: ConvertReport):
             report.renamed[f"{path}.alpha"] = _path(prefix, f"{next_name}.{key}")
         elif isinstance(child, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose3d)):
             report.left.append((path, f"{type(child).__name__} is not a Conv3d"))
+        elif isinstance(child, torch.jit.ScriptModule):  # its compiled forward would not see swapped children
+            report.left.append((path, _SCRIPTED))
         else:
             _convert(child, path, report)
     if renamed:
@@ -200,6 +207,8 @@ def convert(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
     made before the swap still trains it; its state_dict() (and every submodule's) keeps the original keys
     (report.renamed lists the fused parameters that live under another name) and load_state_dict() takes either
     model's checkpoints. report.left lists what stays as it was and why, the PReLUs that run unfused included."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"convert() takes an eager nn.Module; got a TorchScript module: {_SCRIPTED}")
     report = ConvertReport()
     if isinstance(model, nn.Conv3d):
         reasons = _module_reasons(model, nn.Conv3d) or conv_unsupported_reasons(model)

@@ -311,6 +311,19 @@ def test_convert_fuses_prelu_in_sequential_subclass_without_own_forward():
     assert [path for path, _ in sf.convert(hooked)[1].swapped if "+ PReLU" in _] == ["1.conv"]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.jit itself is deprecated)
+def test_convert_refuses_torchscript_modules():
+    """A scripted or traced model (or part) cannot be changed: convert() said nothing (0 swapped, 0 left) and left
+    every conv in it unfused."""
+    make = lambda: nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.PReLU())
+    with pytest.raises(TypeError, match="TorchScript"):
+        sf.convert(torch.jit.script(make()))
+    model = nn.Sequential(torch.jit.trace(make(), torch.randn(1, 2, 3, 3, 3)), make())
+    _, report = sf.convert(model)
+    assert report.swapped == [("1.0", "Conv3d + PReLU -> ConvPReLU3d")]
+    assert "TorchScript" in dict(report.left)["0"]
+
+
 def test_convert_then_equal_plain_seg3dnet():
     torch.manual_seed(0)
     plain = randomize_prelus(Seg3DNet(2, 3, (4, 8, 16), fused=False))
