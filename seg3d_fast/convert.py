@@ -93,17 +93,25 @@ def _next_prelu(m: nn.Module) -> Optional[tuple[nn.PReLU, str, nn.Module]]:
     is one, that can be fused into the conv before it. The replacement is new (an Identity, or a copy of the
     Sequential with an Identity in the PReLU's place): m itself is left as it is, since other places may use it."""
     if isinstance(m, nn.PReLU):
-        return (m, "weight", nn.Identity()) if not _module_reasons(m, nn.PReLU) else None
+        return (m, "weight", _identity_for(m)) if not _module_reasons(m, nn.PReLU) else None
     # a Sequential subclass that keeps Sequential's forward (MONAI's ADN) runs its children in order all the same
     if _runs_in_order(m) and not _hook_reasons(m):
         real = [(n, c) for n, c in m._modules.items() if c is not None and not _trivial(c)]
         if len(real) == 1 and isinstance(real[0][1], nn.PReLU) and not _module_reasons(real[0][1], nn.PReLU):
             name, prelu = real[0]
             copy = nn.Sequential()
+            copy.training = m.training  # (not .train(): its other members may also be used elsewhere)
             for n, c in m._modules.items():
-                copy.add_module(n, nn.Identity() if n == name else c)
+                copy.add_module(n, _identity_for(prelu) if n == name else c)
             return prelu, f"{name}.weight", copy
     return None
+
+
+def _identity_for(m: nn.Module) -> nn.Identity:
+    """An Identity in m's train/eval mode: a model in eval() stays all in eval() after the swap."""
+    identity = nn.Identity()
+    identity.training = m.training
+    return identity
 
 
 _SCRIPTED = ("a TorchScript module (torch.jit.script / trace) cannot be changed: convert the eager model instead (the fused "

@@ -324,6 +324,17 @@ def test_convert_refuses_torchscript_modules():
     assert "TorchScript" in dict(report.left)["0"]
 
 
+def test_convert_keeps_eval_mode():
+    """A model converted in eval() mode has no module left in training mode (the Identity and Sequential put in a
+    fused PReLU's place were made in training mode)."""
+    adn = _ADN()
+    adn.add_module("A", nn.PReLU())
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.PReLU(), nn.Conv3d(4, 4, 3, padding=1), adn).eval()
+    converted, report = sf.convert(model)
+    assert len(report.swapped) == 2
+    assert not any(m.training for m in converted.modules())
+
+
 def test_convert_then_equal_plain_seg3dnet():
     torch.manual_seed(0)
     plain = randomize_prelus(Seg3DNet(2, 3, (4, 8, 16), fused=False))
