@@ -20,6 +20,8 @@ from .nn import ConvPReLU3d
 def conv_unsupported_reasons(conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None) -> list[str]:
     """Why this Conv3d (+ PReLU) cannot become a ConvPReLU3d ([] = it can)."""
     reasons = []
+    if conv.in_channels == 0 or conv.out_channels == 0:
+        reasons.append(f"it has {conv.in_channels} input and {conv.out_channels} output channels (the fused op needs >= 1)")
     k = conv.kernel_size
     if len(set(k)) != 1 or k[0] not in (1, 3):
         reasons.append(f"kernel {k} is not 1x1x1 or 3x3x3")

@@ -13,6 +13,12 @@ from . import ops
 PRELU_MODES = ("channel", "shared", None)
 
 
+def _check_channels(in_channels, out_channels):
+    # (the fused ops take at least one channel each way; an empty weight would also break the init's fan-in)
+    if in_channels < 1 or out_channels < 1:
+        raise ValueError(f"in_channels and out_channels must be >= 1; got {in_channels} and {out_channels}")
+
+
 class ConvPReLU3d(nn.Module):
     """Conv3d (kernel 1 or 3, stride 1 or 2, padding k//2) + bias + PReLU + optional residual sum, fused.
 
@@ -31,23 +37,26 @@ class ConvPReLU3d(nn.Module):
             raise ValueError(f"stride must be 1 or 2; got {stride}")
         if prelu not in PRELU_MODES:
             raise ValueError(f"prelu must be one of {PRELU_MODES}; got {prelu!r}")
+        _check_channels(in_channels, out_channels)
         factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = kernel_size, stride
-        self.residual_first, self.backend = residual_first, backend
+        self.residual_first, self.backend, self.alpha_init = residual_first, backend, alpha_init
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *(kernel_size,) * 3, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         n_alpha = {"channel": out_channels, "shared": 1, None: 0}[prelu]
         self.alpha = nn.Parameter(torch.full((n_alpha,), alpha_init, **factory)) if n_alpha else None
-        self.reset_parameters(alpha_init)
+        self.reset_parameters()
 
-    def reset_parameters(self, alpha_init: float = 0.25):
+    def reset_parameters(self, alpha_init: Optional[float] = None):
+        """Re-initialises every parameter; alpha to alpha_init, by default the one the module was made with (as
+        nn.PReLU's own reset does)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv3d's init
         if self.bias is not None:
             bound = 1 / math.sqrt(self.weight[0].numel())
             nn.init.uniform_(self.bias, -bound, bound)
         if self.alpha is not None:
-            nn.init.constant_(self.alpha, alpha_init)
+            nn.init.constant_(self.alpha, self.alpha_init if alpha_init is None else alpha_init)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None, residual_first: bool = False):
@@ -61,7 +70,8 @@ class ConvPReLU3d(nn.Module):
             raise ValueError("cannot fuse: " + "; ".join(reasons))
         mode = None if prelu is None else ("shared" if prelu.weight.numel() == 1 else "channel")
         fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.bias is not None,
-                    mode, residual_first, device="meta")  # parameters allocated nowhere: replaced just below
+                    mode, residual_first, alpha_init=0.25 if prelu is None else prelu.init,
+                    device="meta")  # parameters allocated nowhere: replaced just below
         fused.weight, fused.bias = conv.weight, conv.bias
         if prelu is not None:
             fused.alpha = prelu.weight  # (1,) or (C_out,): alpha's own shape
@@ -85,6 +95,7 @@ class UpConvPReLU3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, alpha_init: float = 0.25, device=None, dtype=None,
                  backend: Optional[str] = None):
         super().__init__()
+        _check_channels(in_channels, out_channels)
         factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels, self.backend = in_channels, out_channels, backend
         self.weight = nn.Parameter(torch.empty(in_channels, out_channels, 2, 2, 2, **factory))

@@ -70,6 +70,33 @@ def test_modules_state_dict_pickle_device_dtype():
     assert "class_weights" in crit.state_dict()
 
 
+def test_reset_parameters_keeps_alpha_init():
+    """reset_parameters() re-initialises alpha to the module's alpha_init (a fused PReLU's init), as nn.PReLU's does;
+    it reset every alpha to 0.25."""
+    m = sf.nn.ConvPReLU3d(2, 4, alpha_init=0.1)
+    m.reset_parameters()
+    torch.testing.assert_close(m.alpha.detach(), torch.full((4,), 0.1))
+    fused = sf.nn.ConvPReLU3d.from_modules(nn.Conv3d(2, 4, 3, padding=1), nn.PReLU(init=0.05))
+    fused.reset_parameters()
+    torch.testing.assert_close(fused.alpha.detach(), torch.full((1,), 0.05))
+    m.reset_parameters(alpha_init=0.3)
+    torch.testing.assert_close(m.alpha.detach(), torch.full((4,), 0.3))
+
+
+def test_zero_channels_are_refused_clearly():
+    """No channels: a ValueError naming them (was ZeroDivisionError / IndexError from the init), and convert()
+    leaves such a Conv3d as it is (it crashed)."""
+    for c_in, c_out in ((0, 4), (4, 0)):
+        with pytest.raises(ValueError, match="in_channels and out_channels"):
+            sf.nn.ConvPReLU3d(c_in, c_out)
+    with pytest.raises(ValueError, match="in_channels and out_channels"):
+        sf.nn.UpConvPReLU3d(2, 0)
+    with pytest.warns(UserWarning, match="zero-element"):  # (PyTorch's own init of the empty conv)
+        model = nn.Sequential(nn.Conv3d(0, 4, 3, padding=1))
+    _, report = sf.convert(model)
+    assert report.swapped == [] and "channels" in dict(report.left)["0"]
+
+
 def test_autocast_runs_fused_conv_in_bf16():
     m = sf.nn.ConvPReLU3d(2, 4)
     x = torch.randn(1, 2, 5, 5, 5)
