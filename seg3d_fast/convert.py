@@ -3,7 +3,9 @@
 Fuses a Conv3d followed by a PReLU in any Sequential (also when the PReLU sits alone inside a following Sequential, as in
 MONAI's Convolution -> ADN blocks without norm or dropout), and a lone Conv3d (no activation). Leaves everything else and
 says why in the report: other convs, Conv3d subclasses (their forward may differ), convs with hooks or parametrized
-weights, and the PReLUs it could not fuse.
+weights, and the PReLUs it could not fuse. Not seen: a forward that calls a Sequential's members itself (it gets the
+fused module and the Identity in their slots), and to_empty() / load_state_dict(assign=True) after the swap, which give
+each fused module its own new parameters (untying what convert keeps shared): convert models with real parameters.
 """
 from __future__ import annotations
 
