@@ -56,6 +56,19 @@ def test_resume_is_exact(tmp_path):
     assert any((fresh.state_dict()[k] - a[k]).abs().max() > 1e-4 for k in a)
 
 
+def test_clip_run_trains_more_folds_and_resumes(tmp_path):
+    """--clip (CT) is saved in config.json as a JSON list: a second fold and --resume must not see it as a different
+    preprocessing (a tuple compared with the list read back)."""
+    manifest = brain_csv(tmp_path / "data", n_cases=2)
+    cfg = dict(data=str(manifest), out=str(tmp_path / "run"), folds=2, clip=(0.0, 500.0),
+               **dict(TINY, samples_per_epoch=1))
+    train(TrainConfig(epochs=1, fold=0, **cfg))
+    train(TrainConfig(epochs=1, fold=1, **cfg))
+    train(TrainConfig(epochs=2, fold=0, resume=True, **cfg))
+    assert torch.load(tmp_path / "run" / "fold_0" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["preprocess"]["clip"] == [0.0, 500.0]
+
+
 def test_resume_without_checkpoint(tmp_path):
     manifest = brain_csv(tmp_path / "data", n_cases=1)
     with pytest.raises(Seg3DFastDataError, match="no checkpoint to resume from"):

@@ -24,7 +24,10 @@ class PreprocessConfig:
     clip: tuple | None = None         # (low, high) intensity window applied before z-scoring, e.g. CT HU
 
     def to_dict(self):
-        return asdict(self)
+        # clip as a list, as JSON gives it back: config.json and checkpoints are compared with this dict
+        d = asdict(self)
+        d["clip"] = list(d["clip"]) if d["clip"] is not None else None
+        return d
 
     @classmethod
     def from_dict(cls, d):
