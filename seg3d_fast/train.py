@@ -167,13 +167,19 @@ def make_splits(names, folds, seed):
              "val": sorted(n for i, n in enumerate(order) if i % folds == k)} for k in range(folds)]
 
 
-def prepare(cfg, dataset, names, num_classes):
-    """Load and preprocess cases -> (list of PreparedCase, largest label seen before any downsampling)."""
+def prepare(cfg, dataset, names, num_classes, channels=None):
+    """Load and preprocess cases -> (list of PreparedCase, largest label seen before any downsampling).
+    Every case must have `channels` channels (default: as many as the first case)."""
     pre = PreprocessConfig(cfg.downsample, cfg.clip)
     by_name = {c.name: c for c in dataset.cases}
     out, top = [], 0
     for name in names:
         ref, image, label = load_case(by_name[name], num_classes)
+        if channels is None:
+            channels = image.shape[0]
+        elif image.shape[0] != channels:  # (else a shape error deep inside batching or the model)
+            raise Seg3DFastDataError(f"{by_name[name].images[0]}: case {name} has {image.shape[0]} channel(s), "
+                                     f"the dataset's other cases have {channels}")
         top = max(top, int(label.max()))
         x, y, _ = preprocess(ref, image, label, pre, name=str(by_name[name].images[0]))
         out.append(PreparedCase(name, x, y))
@@ -336,7 +342,7 @@ def train(cfg):
         splits = make_splits(names, cfg.folds, cfg.seed)
     split = splits[cfg.fold]
     train_cases, top_train = prepare(cfg, dataset, split["train"], num_classes)
-    val_cases, top_val = prepare(cfg, dataset, split["val"], num_classes)
+    val_cases, top_val = prepare(cfg, dataset, split["val"], num_classes, channels=train_cases[0].x.shape[0])
     num_classes = num_classes or max(2, top_train + 1, top_val + 1)
     in_channels = train_cases[0].x.shape[0]
 

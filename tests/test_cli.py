@@ -47,6 +47,13 @@ def _bad_case(tmp_path, problem):
         bad, words = tmp_path / "d" / "zeros.nii.gz", "empty foreground"
         save(np.zeros(lab.shape, np.float32), img.affine, bad)
         return _manifest(tmp_path, bad, label), bad, words, extra
+    if problem == "channels":  # a second case whose image holds 2 channels in one 4D file
+        image2, label2 = brain_block(tmp_path / "d", "other")
+        bad, words = tmp_path / "d" / "two_channels.nii.gz", "has 2 channel(s), the dataset's other cases have 1"
+        _, data = load(image2)
+        save(np.stack([data, data], -1), img.affine, bad)
+        (tmp_path / "m.csv").write_text(f"image,label\n{image},{label}\n{bad},{label2}\n")
+        return str(tmp_path / "m.csv"), bad, words, extra
     raise AssertionError(problem)
 
 
@@ -59,7 +66,7 @@ def _assert_one_line_error(capsys, rc, path, words):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("problem", ["missing", "truncated", "not_nifti", "grid", "label_range", "empty"])
+@pytest.mark.parametrize("problem", ["missing", "truncated", "not_nifti", "grid", "label_range", "empty", "channels"])
 def test_train_bad_input(tmp_path, capsys, problem):
     manifest, path, words, extra = _bad_case(tmp_path, problem)
     rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, *extra])
