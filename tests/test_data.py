@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from seg3d_fast.data import PreprocessConfig, Seg3DFastDataError, discover, load_case, load_nifti, preprocess
-from seg3d_fast.data.nifti import label_image_like, save_nifti
+from seg3d_fast.data.nifti import float_image_like, label_image_like, save_nifti
 from seg3d_fast.data.preprocess import downsample_labels, logits_to_crop_probabilities, restore_probabilities
 from data_helpers import CT, CT_LABELS, TCGA_T1, TCGA_TUMOUR, brain_block, brats_case, load, permuted, save
 
@@ -54,6 +54,20 @@ def test_label_image_keeps_grid_and_header(tmp_path):
     assert back.header["sform_code"] == img.header["sform_code"]
     assert back.header["qform_code"] == img.header["qform_code"]
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_outputs_drop_the_inputs_display_window_and_intent(tmp_path):
+    """A label map or probability map written 'like' an image with a display window (cal_max 3000) and ITK's
+    vector intent must not carry them: viewers would show the labels 0..3 in a 0..3000 window (black)."""
+    img, t1 = load(TCGA_T1)
+    img = nib.Nifti1Image(t1, img.affine, img.header.copy())
+    img.header["cal_min"], img.header["cal_max"] = 0, 3000
+    img.header.set_intent("vector")
+    save_nifti(label_image_like(np.ones(img.shape, np.int64), img), tmp_path / "lab.nii.gz")
+    save_nifti(float_image_like(np.ones((*img.shape, 2)), img), tmp_path / "prob.nii.gz")
+    for name in ("lab.nii.gz", "prob.nii.gz"):
+        header = nib.load(str(tmp_path / name)).header
+        assert header["cal_min"] == header["cal_max"] == 0 and header.get_intent()[0] == "none", name
 
 
 # ---- layouts -------------------------------------------------------------------------------------------------

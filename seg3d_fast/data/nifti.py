@@ -80,20 +80,26 @@ def label_image_like(labels, like_img):
     """A label-map image on the grid of `like_img` with its affine and header (data type set to fit the labels)."""
     labels = np.asarray(labels)
     dtype = np.uint8 if labels.max(initial=0) < 256 and labels.min(initial=0) >= 0 else np.int16
-    header = like_img.header.copy()
-    header.set_data_dtype(dtype)
-    out = type(like_img)(labels.astype(dtype), like_img.affine, header)
+    out = type(like_img)(labels.astype(dtype), like_img.affine, _output_header(like_img, dtype))
     out.header.set_slope_inter(1, 0)  # integer labels: no intensity scaling from the input header
     return out
 
 
 def float_image_like(data, like_img):
     """A float32 image (3D or 4D with channels last) on the grid of `like_img`, keeping its affine and header."""
-    header = like_img.header.copy()
-    header.set_data_dtype(np.float32)
-    out = type(like_img)(np.asarray(data, dtype=np.float32), like_img.affine, header)
+    out = type(like_img)(np.asarray(data, dtype=np.float32), like_img.affine, _output_header(like_img, np.float32))
     out.header.set_slope_inter(1, 0)
     return out
+
+
+def _output_header(like_img, dtype):
+    """The input's header for new data: what describes the input's intensities (display window, intent such as
+    ITK's 'vector') is dropped, else viewers show a label map with the image's window (e.g. 0..3000: all black)."""
+    header = like_img.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_intent("none")
+    header["cal_min"] = header["cal_max"] = 0
+    return header
 
 
 def save_nifti(img, path):
