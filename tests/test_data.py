@@ -289,3 +289,26 @@ def test_inverse_restores_input_grid(tmp_path, downsample, permute):
     assert back.shape == img.shape
     np.testing.assert_array_equal(back.affine, img.affine)
     np.testing.assert_array_equal(back.header.get_zooms(), img.header.get_zooms())
+
+
+def test_single_slice_with_zero_slice_thickness(tmp_path):
+    """A one-slice volume whose affine has a zero column (slice thickness 0, as some 2D converters write): nibabel
+    gives no orientation for that axis; preprocessing keeps it in place and the inverse restores the grid."""
+    img, t1 = load(TCGA_T1)
+    affine = img.affine.copy()
+    affine[:3, 2] = 0
+    header = nib.Nifti1Header()
+    header.set_data_shape((*t1.shape[:2], 1))
+    header.set_data_dtype(np.int16)
+    header.set_sform(affine, code=2)
+    header.set_qform(None, code=0)
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(t1[:, :, 5:6], None, header), str(path))
+    ref, image, _ = load_case(discover(path).cases[0])
+    label = (image[0] > 600).astype(np.int64)
+    assert 0 < label.sum() < label.size
+    x, y, geom = preprocess(ref, image, label)
+    logits = 10.0 * torch.nn.functional.one_hot(y, 2).permute(3, 0, 1, 2).float()
+    probs = restore_probabilities(logits_to_crop_probabilities(logits, geom), geom)
+    assert probs.shape == (2, *t1.shape[:2], 1)
+    np.testing.assert_array_equal(probs.argmax(0), label)

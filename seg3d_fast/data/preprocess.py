@@ -48,7 +48,7 @@ class Geometry:
 def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="image"):
     """image: float32 (C, X, Y, Z) on ref_img's grid; label: int64 (X, Y, Z) or None.
     -> (x float32 (C, d, h, w), y int64 (d, h, w) or None, Geometry)."""
-    orientation = nib.orientations.io_orientation(ref_img.affine)
+    orientation = _orientation(ref_img.affine)
     image = _to_canonical(np.moveaxis(image, 0, -1), orientation)  # (X', Y', Z', C)
     image = np.moveaxis(image, -1, 0)
     if label is not None:
@@ -120,6 +120,17 @@ def restore_probabilities(crop_probs, geometry):
     full = np.ascontiguousarray(np.moveaxis(full, -1, 0))
     assert full.shape[1:] == tuple(geometry.shape), (full.shape, geometry.shape)
     return full
+
+
+def _orientation(affine):
+    """nibabel's io_orientation, with an axis that the affine leaves undefined (a zero column: zero voxel size,
+    e.g. a single slice; io_orientation gives NaN and nibabel cannot reorient) kept on a free output axis."""
+    orientation = nib.orientations.io_orientation(affine)
+    undefined = np.isnan(orientation[:, 0])
+    if undefined.any():
+        free = [a for a in range(3) if a not in orientation[~undefined, 0]]
+        orientation[undefined] = [[a, 1] for a in free]
+    return orientation
 
 
 def _to_canonical(array, orientation):
