@@ -113,6 +113,23 @@ def test_nnunet_layout_multichannel(tmp_path):
     np.testing.assert_array_equal(label, tumour)
 
 
+def test_folder_of_numbered_images_is_one_case_per_file(tmp_path):
+    """subject_0001.nii.gz, subject_0002.nii.gz (no _0000) are numbered cases, not channels 1 and 2 of a case
+    'subject'; beside nnU-Net channel files (scan_0000, scan_0001), a plain file is a case, not ignored."""
+    img, t1 = load(TCGA_T1)
+    numbered, mixed = tmp_path / "numbered", tmp_path / "mixed"
+    numbered.mkdir()
+    mixed.mkdir()
+    for i in (1, 2, 3):
+        save(t1, img.affine, numbered / f"subject_{i:04d}.nii.gz")
+    ds = discover(numbered)
+    assert [c.name for c in ds.cases] == ["subject_0001", "subject_0002", "subject_0003"]
+    assert all(len(c.images) == 1 for c in ds.cases)
+    for name in ("scan_0000", "scan_0001", "other"):
+        save(t1, img.affine, mixed / f"{name}.nii.gz")
+    assert {c.name: len(c.images) for c in discover(mixed).cases} == {"scan": 2, "other": 1}
+
+
 def test_msd_layout_4d_images(tmp_path):
     img, t1 = load(TCGA_T1)
     _, tumour = load(TCGA_TUMOUR)

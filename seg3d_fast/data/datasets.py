@@ -203,10 +203,10 @@ def _from_folder(root):
     single = _brats_case(root)
     if single is not None:
         return Dataset([single], "brats", list(_brats_naming(single)), None, root.parent)
-    grouped = _group_channel_files(root)
-    if grouped:
-        return Dataset([Case(n, f) for n, f in grouped.items()], "files", [], None, root)
-    return Dataset([Case(case_name(p), [p]) for p in _nifti_files(root)], "files", [], None, root)
+    grouped = _group_channel_files(root, strict=False)
+    channel_files = {p for files in grouped.values() for p in files}
+    singles = [Case(case_name(p), [p]) for p in _nifti_files(root) if p not in channel_files]
+    return Dataset([Case(n, f) for n, f in grouped.items()] + singles, "files", [], None, root)
 
 
 def _brats_case(folder):
@@ -231,13 +231,17 @@ def _brats_naming(case):
     return next(n for n in BRATS_MODALITIES.values() if token in n)
 
 
-def _group_channel_files(folder):
-    """{case: [channel files in order]} for nnU-Net-style names (case_0000.nii.gz ...); {} when none match."""
+def _group_channel_files(folder, strict=True):
+    """{case: [channel files in order]} for nnU-Net-style names (case_0000.nii.gz ...); {} when none match.
+    strict=False (a plain folder of images): names such as subject_0001.nii.gz whose case has no _0000 file are
+    numbered cases, not channels, and are left out of the groups."""
     groups = {}
     for p in _nifti_files(folder):
         m = _CHANNEL_RE.match(case_name(p))
         if m:
             groups.setdefault(m["case"], {})[int(m["channel"])] = p
+    if not strict:
+        groups = {name: by_index for name, by_index in groups.items() if 0 in by_index}
     out = {}
     for name, by_index in sorted(groups.items()):
         expected = list(range(len(by_index)))
