@@ -161,6 +161,14 @@ def test_csv_manifest_relative_paths(tmp_path):
         discover(tmp_path / "m.csv")
 
 
+def test_csv_manifest_with_byte_order_mark(tmp_path):
+    """Excel saves "CSV UTF-8" with a BOM: the first column must still be 'name', not an image column."""
+    image, label = brain_block(tmp_path)
+    (tmp_path / "m.csv").write_text(f"name,image,label\ncase0,{image.name},{label.name}\n", encoding="utf-8-sig")
+    (case,) = discover(tmp_path / "m.csv").cases
+    assert case.name == "case0" and case.images == [image] and case.label == label
+
+
 def test_grid_mismatch_between_modalities_and_label(tmp_path):
     img, t1 = load(TCGA_T1)
     _, tumour = load(TCGA_TUMOUR)

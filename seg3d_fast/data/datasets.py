@@ -168,7 +168,7 @@ def _num_classes_from_labels(labels, where):
 def _from_csv(path):
     """Header row; columns 'name' (optional), one or more image columns, 'label' (optional, may be empty)."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # (Excel's "CSV UTF-8" starts with a BOM)
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise Seg3DFastDataError(f"{path}: cannot read the CSV manifest ({e})") from None
