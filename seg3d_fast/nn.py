@@ -19,13 +19,25 @@ def _check_channels(in_channels, out_channels):
         raise ValueError(f"in_channels and out_channels must be >= 1; got {in_channels} and {out_channels}")
 
 
+def _unbatched(forward, x: Tensor, other: Optional[Tensor]) -> Tensor:
+    """forward on an unbatched (C, D, H, W) x (and residual / skip) as a batch of one, as nn.Conv3d takes it."""
+    if other is not None and other.dim() != 4:
+        raise ValueError(f"x is unbatched (C, D, H, W), so the residual / skip must be too; got shape "
+                         f"{tuple(other.shape)}")
+    return forward(x.unsqueeze(0), None if other is None else other.unsqueeze(0)).squeeze(0)
+
+
 class ConvPReLU3d(nn.Module):
     """Conv3d (kernel 1 or 3, stride 1 or 2, padding k//2) + bias + PReLU + optional residual sum, fused.
 
     forward(x, residual=None) = prelu(conv(x), alpha) + residual  (residual summed before the PReLU when
     residual_first). prelu: "channel" (one alpha per output channel), "shared" (one alpha), None (no activation).
     Parameters: weight (C_out, C_in, k, k, k), bias (C_out,), alpha; initialised like nn.Conv3d and nn.PReLU.
+    Takes (N, C, D, H, W) or unbatched (C, D, H, W) input, as nn.Conv3d does.
     """
+
+    # nn.Conv3d's attributes that are fixed here, for code that reads them off any conv (receptive field, FLOPs)
+    dilation, groups, padding_mode = (1, 1, 1), 1, "zeros"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True,
                  prelu: Optional[str] = "channel", residual_first: bool = False, alpha_init: float = 0.25,
@@ -78,7 +90,13 @@ class ConvPReLU3d(nn.Module):
         fused.train(conv.training)
         return fused
 
+    @property
+    def padding(self) -> tuple[int, int, int]:
+        return (self.kernel_size // 2,) * 3
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 4:
+            return _unbatched(self.forward, x, residual)
         return ops.conv3d_prelu(x, self.weight, self.bias, self.alpha, residual, stride=self.stride,
                                 residual_first=self.residual_first, backend=self.backend)
 
@@ -90,7 +108,7 @@ class ConvPReLU3d(nn.Module):
 
 class UpConvPReLU3d(nn.Module):
     """Transposed conv (kernel 2, stride 2) + PReLU + optional skip sum; saves only its coarse input. backend:
-    "reference" | "triton" | None (the faster that can run it)."""
+    "reference" | "triton" | None (the faster that can run it). Batched or unbatched input, as nn.ConvTranspose3d."""
 
     def __init__(self, in_channels: int, out_channels: int, alpha_init: float = 0.25, device=None, dtype=None,
                  backend: Optional[str] = None):
@@ -106,6 +124,8 @@ class UpConvPReLU3d(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 4:
+            return _unbatched(self.forward, x, skip)
         return ops.upconv_prelu_add(x, self.weight, self.bias, self.alpha, skip, backend=self.backend)
 
     def extra_repr(self):

@@ -46,6 +46,29 @@ def test_conv_prelu_module_matches_torch_modules_and_from_modules():
         sf.nn.ConvPReLU3d.from_modules(nn.Conv3d(3, 6, 5, padding=2))
 
 
+def test_modules_take_what_torch_modules_take():
+    """Unbatched (C, D, H, W) input and nn.Conv3d's geometry attributes, as code written for nn.Conv3d /
+    nn.ConvTranspose3d uses them."""
+    conv, prelu = nn.Conv3d(3, 4, 3, stride=2, padding=1), nn.PReLU(4)
+    fused = sf.nn.ConvPReLU3d.from_modules(conv, prelu)
+    for name in ("padding", "dilation", "groups", "padding_mode"):
+        assert getattr(fused, name) == getattr(conv, name), name
+    assert sf.nn.ConvPReLU3d(3, 4, kernel_size=1).padding == (0, 0, 0)
+    x, r = torch.randn(3, 5, 6, 7, requires_grad=True), torch.randn(4, 3, 3, 4)
+    y = fused(x, r)
+    # (nn.PReLU itself takes dim 1 of any input as the channels: the plain model is run batched)
+    y_ref = prelu(conv(x.unsqueeze(0))).squeeze(0) + r
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(y_ref.sum(), x)[0])
+    with pytest.raises(ValueError, match="residual / skip must be too"):
+        fused(x, r.unsqueeze(0))
+    up, tconv = sf.nn.UpConvPReLU3d(3, 2), nn.ConvTranspose3d(3, 2, 2, stride=2)
+    tconv.load_state_dict({"weight": up.weight, "bias": up.bias})
+    skip = torch.randn(2, 10, 12, 14)
+    y_ref = F.prelu(tconv(x.unsqueeze(0)), up.alpha).squeeze(0) + skip
+    torch.testing.assert_close(up(x, skip), y_ref)
+
+
 def test_modules_state_dict_pickle_device_dtype():
     m = sf.nn.ConvPReLU3d(4, 8, 3, stride=2, prelu="shared")
     m2 = sf.nn.ConvPReLU3d(4, 8, 3, stride=2, prelu="shared")
