@@ -116,13 +116,14 @@ def find_label_file(label_dir, name):
     case subfolder, or in labelsTr/. None when there is none."""
     from pathlib import Path
 
+    from .data.nifti import find_nifti
+
     label_dir = Path(label_dir)
     for folder in (label_dir, label_dir / name, label_dir / "labelsTr"):
         for stem in (name, f"{name}_seg", f"{name}-seg"):
-            for suffix in (".nii.gz", ".nii"):
-                p = folder / f"{stem}{suffix}"
-                if p.is_file():
-                    return p
+            p = find_nifti(folder, stem)
+            if p is not None:
+                return p
     return None
 
 

@@ -130,6 +130,28 @@ def test_folder_of_numbered_images_is_one_case_per_file(tmp_path):
     assert {c.name: len(c.images) for c in discover(mixed).cases} == {"scan": 2, "other": 1}
 
 
+def test_upper_case_file_extensions(tmp_path):
+    """.NII.GZ / .NII (scanner exports, Windows tools) are NIfTI files: single files, a folder of channel files with
+    their labels in labelsTr, and ground truth found by `evaluate`."""
+    from seg3d_fast.metrics import find_label_file
+
+    img, t1 = load(TCGA_T1)
+    _, tumour = load(TCGA_TUMOUR)
+    single = save(t1, img.affine, tmp_path / "SCAN.NII")
+    assert [(c.name, c.images) for c in discover(single).cases] == [("SCAN", [single])]
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for channel in (0, 1):
+        save(t1, img.affine, tmp_path / "imagesTr" / f"brain_001_000{channel}.NII.GZ")
+    label = save(tumour, img.affine, tmp_path / "labelsTr" / "brain_001.NII.GZ")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "tumour": 1}}))
+    ds = discover(tmp_path, require_labels=True)
+    assert ds.layout == "nnunet" and [(c.name, len(c.images), c.label) for c in ds.cases] == [("brain_001", 2, label)]
+    assert load_case(ds.cases[0], ds.num_classes)[1].shape == (2, *t1.shape)
+    assert find_label_file(tmp_path, "brain_001") == label
+    assert [c.name for c in discover(tmp_path / "imagesTr").cases] == ["brain_001"]
+
+
 def test_msd_layout_4d_images(tmp_path):
     img, t1 = load(TCGA_T1)
     _, tumour = load(TCGA_TUMOUR)

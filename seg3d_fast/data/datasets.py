@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .nifti import Seg3DFastDataError, case_name, check_same_grid, is_nifti_path, load_nifti
+from .nifti import Seg3DFastDataError, case_name, check_same_grid, find_nifti, is_nifti_path, load_nifti
 
 # BRATS modality suffixes in channel order; old (2012-2021) and new (2023+) naming.
 BRATS_MODALITIES = {
@@ -138,7 +138,7 @@ def _from_dataset_json(root):
             if channel_names and len(files) != len(channel_names):
                 raise Seg3DFastDataError(f"{images_dir}: case {name} has {len(files)} channel file(s), "
                                          f"dataset.json lists {len(channel_names)}")
-            cases.append(Case(name, files, _find_label(labels_dir, name)))
+            cases.append(Case(name, files, find_nifti(labels_dir, name)))
         return Dataset(cases, "nnunet", channel_names, num_classes, root)
     cases = []  # MSD: 'training' entries point at (possibly 4D) images
     for entry in meta.get("training", []):
@@ -146,7 +146,7 @@ def _from_dataset_json(root):
         label = root / entry["label"] if entry.get("label") else None
         cases.append(Case(case_name(image), [image], label))
     if not cases:  # no list: every NIfTI in imagesTr is one case
-        cases = [Case(case_name(p), [p], _find_label(labels_dir, case_name(p))) for p in _nifti_files(images_dir)]
+        cases = [Case(case_name(p), [p], find_nifti(labels_dir, case_name(p))) for p in _nifti_files(images_dir)]
     return Dataset(cases, "msd", channel_names, num_classes, root)
 
 
@@ -249,14 +249,6 @@ def _group_channel_files(folder, strict=True):
             raise Seg3DFastDataError(f"{folder}: case {name} has channel files {sorted(by_index)}, expected {expected}")
         out[name] = [by_index[i] for i in expected]
     return out
-
-
-def _find_label(labels_dir, name):
-    for suffix in (".nii.gz", ".nii"):
-        p = labels_dir / f"{name}{suffix}"
-        if p.is_file():
-            return p
-    return None
 
 
 def _nifti_files(folder):

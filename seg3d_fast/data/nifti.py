@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")  # matched in any case: scanners and Windows tools write .NII.GZ / .NII
 # Two images share a grid when shapes are equal and affines agree to this (mm, and relative).
 AFFINE_ATOL = 1e-3
 AFFINE_RTOL = 1e-4
@@ -24,13 +24,22 @@ def case_name(path):
     """File name without the NIfTI suffix: 'a/b/case_0000.nii.gz' -> 'case_0000'."""
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem
 
 
 def is_nifti_path(path):
-    return str(path).endswith(NIFTI_SUFFIXES)
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def find_nifti(folder, stem):
+    """folder/stem.nii.gz or .nii, in lower or upper case; None when there is none."""
+    for suffix in (*NIFTI_SUFFIXES, *(s.upper() for s in NIFTI_SUFFIXES)):
+        path = Path(folder) / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
 def load_nifti(path):
@@ -104,7 +113,7 @@ def _output_header(like_img, dtype):
 
 def save_nifti(img, path):
     """Write atomically (write_atomic; nibabel compresses by the temp file's .nii.gz suffix)."""
-    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if str(path).endswith(".gz") else ".nii")
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if str(path).lower().endswith(".gz") else ".nii")
 
 
 def _file_mode():
