@@ -5,14 +5,13 @@ The sample (seg3d_fast/data/sample, see its README) is a 2 mm skull-stripped T1 
 below and above it are the two training cases. The trained run lands in --out, so `seg3d-fast predict OUT ...`
 reuses it.
 """
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .data import sample_paths
-from .data.nifti import load_nifti, save_nifti, write_atomic, write_text_atomic
+from .data.nifti import load_nifti, read_json, save_nifti, write_atomic, write_text_atomic
 from .metrics import evaluate_case, to_json_text
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
@@ -46,7 +45,7 @@ def split_sample(data_dir):
 def _forget_previous_demo(out):
     """A demo run already in `out` (possibly with other settings) is replaced, never resumed or mixed."""
     config = out / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("extra", {}).get("demo"):
+    if config.is_file() and read_json(config).get("extra", {}).get("demo"):
         for name in ("config.json", "splits.json", "fold_0/checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
 

@@ -4,7 +4,6 @@
 Output per case in --out: <case>.nii.gz (label map) and, with --save-probabilities,
 <case>_probabilities.nii.gz (float32, classes along the 4th axis).
 """
-import json
 import math
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.datasets import Case, discover, load_case
-from .data.nifti import Seg3DFastDataError, float_image_like, label_image_like, save_nifti
+from .data.nifti import Seg3DFastDataError, float_image_like, label_image_like, read_json, save_nifti
 from .data.preprocess import PreprocessConfig, logits_to_crop_probabilities, preprocess, restore_probabilities
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,7 +82,11 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
     from .models import Seg3DNet
 
     run_dir, fold_dir = resolve_run(run_path)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = read_json(run_dir / "config.json")
+    missing = [k for k in ("model", "preprocess") if not isinstance(config.get(k), dict)]
+    if missing:
+        raise Seg3DFastDataError(f"{run_dir / 'config.json'}: not a run configuration (no {', '.join(missing)}); "
+                                 "the run folder is damaged")
     if fold_dir is not None:
         fold_dirs = [fold_dir]
     else:

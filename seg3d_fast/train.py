@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from . import graphs
 from .data.datasets import discover, load_case
-from .data.nifti import Seg3DFastDataError, write_atomic, write_text_atomic
+from .data.nifti import Seg3DFastDataError, read_json, write_atomic, write_text_atomic
 from .data.preprocess import PreprocessConfig, preprocess
 from .metrics import dice_per_class
 from .predict import predict_logits
@@ -330,9 +330,12 @@ def train(cfg):
     splits_path = out / SPLITS_FILE
     splits = None
     if splits_path.is_file():  # later folds (and resumed runs) reuse the saved split
-        saved = json.loads(splits_path.read_text())
+        saved = read_json(splits_path)
         if saved.get("folds") == cfg.folds and sorted(saved.get("cases", [])) == sorted(names):
-            splits = saved["splits"]
+            splits = saved.get("splits")
+            if not (isinstance(splits, list) and len(splits) == cfg.folds):
+                raise Seg3DFastDataError(f"{splits_path}: no list of {cfg.folds} fold(s) under 'splits'; the file is "
+                                         "damaged")
         elif kept:  # a new split would put cases that those folds validated on into training, and back
             raise Seg3DFastDataError(
                 f"{splits_path}: the run's split ({saved.get('folds')} fold(s) over {len(saved.get('cases', []))} "
@@ -446,7 +449,7 @@ def _check_or_write_config(path, config, checkpoints):
     """Writes the run's config; one that differs in model, preprocessing or classes is an error while checkpoints
     trained with it remain (with none, e.g. after a run that failed before its first epoch, it is replaced)."""
     if path.is_file() and checkpoints:
-        old = json.loads(path.read_text())
+        old = read_json(path)
         for key in ("model", "preprocess", "num_classes"):
             if old.get(key) != config[key]:
                 raise Seg3DFastDataError(f"{path}: this run was made with a different {key} "

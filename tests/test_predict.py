@@ -105,3 +105,8 @@ def test_predict_errors(two_fold_run, tmp_path):
     with pytest.raises(Seg3DFastDataError, match="two.nii.gz: case two has 2 channel\\(s\\), the model expects 1"):
         predict(two_fold_run / "run", tmp_path / "two.nii.gz", tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+    for damage in ("{\"model\": {\"in_channels\": 1", "{}"):  # damaged run configuration: named, no traceback
+        (tmp_path / "run").mkdir(exist_ok=True)
+        (tmp_path / "run" / "config.json").write_text(damage)
+        with pytest.raises(Seg3DFastDataError, match="run/config.json: (not valid JSON|not a run configuration)"):
+            predict(tmp_path / "run", TCGA_T1, tmp_path / "o", progress=False)

@@ -112,6 +112,23 @@ def test_a_run_is_never_overwritten_silently(tmp_path):
     assert len(json.loads((run / "splits.json").read_text())["cases"]) == 4
 
 
+def test_corrupt_run_files_are_named(tmp_path):
+    """A damaged config.json or splits.json in the run folder: one error naming the file, not a JSON traceback."""
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    run = tmp_path / "run"
+    cfg = dict(data=str(manifest), out=str(run), **dict(TINY, samples_per_epoch=1))
+    train(TrainConfig(epochs=1, **cfg))
+    for name, damage in (("splits.json", '{"folds": 1, "cases": ["case0"'), ("splits.json", "[1, 2]"),
+                         ("splits.json", '{"folds": 1, "cases": ["case0"], "splits": 7}'),
+                         ("config.json", "\x00\x00\x00")):
+        good = (run / name).read_text()
+        (run / name).write_text(damage)
+        with pytest.raises(Seg3DFastDataError, match=f"{name}: (not valid JSON|expected a JSON object|no list)"):
+            train(TrainConfig(epochs=2, resume=True, **cfg))
+        (run / name).write_text(good)
+    train(TrainConfig(epochs=2, resume=True, **cfg))
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     manifest = brain_csv(tmp_path / "data", n_cases=1)
     train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=1, amp="bf16", **TINY))

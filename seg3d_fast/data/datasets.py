@@ -5,14 +5,14 @@ load_case(case) -> (reference image, float32 array (C, X, Y, Z), int64 label arr
 checked: readable NIfTI, all channels and the label on one grid, labels integral and inside the class range.
 """
 import csv
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .nifti import Seg3DFastDataError, case_name, check_same_grid, find_nifti, is_nifti_path, load_nifti
+from .nifti import (Seg3DFastDataError, case_name, check_same_grid, find_nifti, is_nifti_path, load_nifti,
+                    read_json)
 
 # BRATS modality suffixes in channel order; old (2012-2021) and new (2023+) naming.
 BRATS_MODALITIES = {
@@ -119,12 +119,7 @@ def load_label(path, num_classes=None):
 def _from_dataset_json(root):
     """MSD (dataset.json 'training' list, 4D images) or nnU-Net raw (imagesTr/<case>_0000.nii.gz, labelsTr/)."""
     meta_path = root / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise Seg3DFastDataError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise Seg3DFastDataError(f"{meta_path}: expected a JSON object")
+    meta = read_json(meta_path)
     num_classes = _num_classes_from_labels(meta.get("labels"), meta_path)
     channels = meta.get("channel_names") or meta.get("modality") or {}
     channel_names = [channels[k] for k in sorted(channels, key=int)] if isinstance(channels, dict) else []

@@ -3,6 +3,7 @@
 Writes are atomic (a temporary file in the same folder, then os.replace), so a failed or interrupted run
 never leaves a half-written output behind.
 """
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -150,6 +151,18 @@ def write_atomic(path, write, suffix=None):
 
 def write_text_atomic(path, text):
     write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path):
+    """The JSON object in `path` (dataset.json, a run's config.json / splits.json); an unreadable file, invalid
+    JSON or anything but an object is a data error naming the file, not a JSONDecodeError traceback."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise Seg3DFastDataError(f"{path}: not valid JSON ({_short(e)})") from None
+    if not isinstance(value, dict):
+        raise Seg3DFastDataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _short(e):
