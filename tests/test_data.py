@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from seg3d_fast.data import PreprocessConfig, Seg3DFastDataError, discover, load_case, load_nifti, preprocess
+from seg3d_fast.data import Case, PreprocessConfig, Seg3DFastDataError, discover, load_case, load_nifti, preprocess
 from seg3d_fast.data.nifti import float_image_like, label_image_like, save_nifti
 from seg3d_fast.data.preprocess import downsample_labels, logits_to_crop_probabilities, restore_probabilities
 from data_helpers import CT, CT_LABELS, TCGA_T1, TCGA_TUMOUR, brain_block, brats_case, load, permuted, save
@@ -336,6 +336,29 @@ def test_inverse_restores_input_grid(tmp_path, downsample, permute):
     assert back.shape == img.shape
     np.testing.assert_array_equal(back.affine, img.affine)
     np.testing.assert_array_equal(back.header.get_zooms(), img.header.get_zooms())
+
+
+def test_2d_image_is_a_volume_of_one_slice(tmp_path):
+    """A 2D NIfTI (dim[0] == 2, e.g. one slice exported by a viewer) with a 2D label: read as (X, Y, 1); the label
+    map written for it is 2D again, on its grid."""
+    img, t1 = load(TCGA_T1)
+    _, tumour = load(TCGA_TUMOUR)
+    z = int(np.argmax(tumour.sum((0, 1))))
+    path = save(t1[:, :, z], img.affine, tmp_path / "slice.nii.gz")
+    lab_path = save(tumour[:, :, z], img.affine, tmp_path / "slice_label.nii.gz")
+    assert nib.load(str(path)).header["dim"][0] == 2
+    ref, image, label = load_case(Case("slice", [path], lab_path))
+    assert image.shape == (1, *t1.shape[:2], 1) and label.shape == (*t1.shape[:2], 1)
+    x, y, geom = preprocess(ref, image, label)
+    logits = 10.0 * torch.nn.functional.one_hot(y, 2).permute(3, 0, 1, 2).float()
+    probs = restore_probabilities(logits_to_crop_probabilities(logits, geom), geom)
+    pred = probs.argmax(0)
+    np.testing.assert_array_equal(pred[..., 0], np.where(t1[:, :, z] != 0, tumour[:, :, z], 0))
+    save_nifti(label_image_like(pred, ref), tmp_path / "pred.nii.gz")
+    back = nib.load(str(tmp_path / "pred.nii.gz"))
+    assert back.shape == t1.shape[:2] and back.header["dim"][0] == 2
+    np.testing.assert_array_equal(back.affine, ref.affine)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), pred[..., 0])
 
 
 def test_single_slice_with_zero_slice_thickness(tmp_path):

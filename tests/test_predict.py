@@ -94,6 +94,22 @@ def test_predict_writes_on_input_grid(two_fold_run, tmp_path):
     np.testing.assert_array_equal(p.argmax(-1), np.asanyarray(out.dataobj))
 
 
+def test_predict_2d_image(two_fold_run, tmp_path):
+    """A 2D NIfTI (dim[0] == 2): predicted as one slice; the label map is 2D on its grid, the probabilities
+    (X, Y, 1, classes)."""
+    img, t1 = load(TCGA_T1)
+    src = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(t1[:, :, 4], img.affine, img.header), str(src))
+    assert nib.load(str(src)).header["dim"][0] == 2
+    written = predict(two_fold_run / "run", src, tmp_path / "out", save_probabilities=True, progress=False)
+    out = nib.load(str(written[0]))
+    assert out.shape == t1.shape[:2] and out.header["dim"][0] == 2
+    np.testing.assert_array_equal(out.affine, nib.load(str(src)).affine)
+    probs = nib.load(str(tmp_path / "out" / "slice_probabilities.nii.gz")).get_fdata()
+    assert probs.shape == (*t1.shape[:2], 1, 4)
+    np.testing.assert_array_equal(probs[:, :, 0].argmax(-1), np.asanyarray(out.dataobj))
+
+
 def test_predict_errors(two_fold_run, tmp_path):
     with pytest.raises(Seg3DFastDataError, match="not a training run"):
         predict(tmp_path, TCGA_T1, tmp_path / "o", progress=False)

@@ -62,8 +62,11 @@ def load_nifti(path):
         raise Seg3DFastDataError(f"{path}: cannot read the image data, file truncated or corrupt ({_short(e)})") from None
     if data.ndim == 5 and data.shape[3] == 1:  # ITK's vector images: (X, Y, Z, 1 time point, components)
         data = data[:, :, :, 0]
+    if data.ndim == 2:  # a 2D image (header dim[0] == 2): a volume of one slice, see grid_shape
+        data = data[:, :, None]
     if data.ndim not in (3, 4):
-        raise Seg3DFastDataError(f"{path}: expected a 3D volume or a 4D multi-channel volume, got shape {data.shape}")
+        raise Seg3DFastDataError(f"{path}: expected a 2D or 3D image or a 4D multi-channel volume, got shape "
+                                 f"{data.shape}")
     if data.size == 0:
         raise Seg3DFastDataError(f"{path}: empty image, shape {data.shape}")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
@@ -71,24 +74,32 @@ def load_nifti(path):
     return img, data
 
 
+def grid_shape(img):
+    """(X, Y, Z) of an image's voxel grid; a 2D image (X, Y) is one slice, (X, Y, 1), as load_nifti reads it."""
+    return tuple(img.shape[:3]) if len(img.shape) >= 3 else (*img.shape, 1)
+
+
 def same_grid(img_a, img_b, shape_a=None, shape_b=None):
-    shape_a = tuple(shape_a if shape_a is not None else img_a.shape[:3])
-    shape_b = tuple(shape_b if shape_b is not None else img_b.shape[:3])
+    shape_a = tuple(shape_a if shape_a is not None else grid_shape(img_a))
+    shape_b = tuple(shape_b if shape_b is not None else grid_shape(img_b))
     return shape_a == shape_b and np.allclose(img_a.affine, img_b.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL)
 
 
 def check_same_grid(ref_path, ref_img, path, img):
     """Raise a data error naming `path` when `img` is not on the grid of `ref_img` (shape and affine)."""
-    if tuple(img.shape[:3]) != tuple(ref_img.shape[:3]):
+    if grid_shape(img) != grid_shape(ref_img):
         raise Seg3DFastDataError(
-            f"{path}: grid mismatch, shape {tuple(img.shape[:3])} differs from {tuple(ref_img.shape[:3])} of {ref_path}")
+            f"{path}: grid mismatch, shape {grid_shape(img)} differs from {grid_shape(ref_img)} of {ref_path}")
     if not same_grid(ref_img, img):
         raise Seg3DFastDataError(f"{path}: grid mismatch, affine differs from the affine of {ref_path}")
 
 
 def label_image_like(labels, like_img):
-    """A label-map image on the grid of `like_img` with its affine and header (data type set to fit the labels)."""
+    """A label-map image on the grid of `like_img` with its affine and header (data type set to fit the labels);
+    labels (X, Y, 1) for a 2D image are written 2D, (X, Y), like it."""
     labels = np.asarray(labels)
+    if len(like_img.shape) == 2:
+        labels = labels.reshape(like_img.shape)
     dtype = np.uint8 if labels.max(initial=0) < 256 and labels.min(initial=0) >= 0 else np.int16
     out = type(like_img)(labels.astype(dtype), like_img.affine, _output_header(like_img, dtype))
     out.header.set_slope_inter(1, 0)  # integer labels: no intensity scaling from the input header
@@ -96,7 +107,8 @@ def label_image_like(labels, like_img):
 
 
 def float_image_like(data, like_img):
-    """A float32 image (3D or 4D with channels last) on the grid of `like_img`, keeping its affine and header."""
+    """A float32 image (3D or 4D with channels last) on the grid of `like_img`, keeping its affine and header
+    (a 2D image's probabilities are 4D, (X, Y, 1, C): classes stay on the 4th axis)."""
     out = type(like_img)(np.asarray(data, dtype=np.float32), like_img.affine, _output_header(like_img, np.float32))
     out.header.set_slope_inter(1, 0)
     return out

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .nifti import Seg3DFastDataError
+from .nifti import Seg3DFastDataError, grid_shape
 
 _RAS = np.array([[0, 1], [1, 1], [2, 1]])
 
@@ -77,7 +77,7 @@ def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="imag
         x = F.interpolate(x[None], size=target, mode="area")[0]
         if y is not None:
             y = downsample_labels(y, target)
-    geometry = Geometry(tuple(ref_img.shape[:3]), orientation, _canon_shape(ref_img.shape[:3], orientation),
+    geometry = Geometry(grid_shape(ref_img), orientation, _canon_shape(grid_shape(ref_img), orientation),
                         bbox, tuple(x.shape[1:]))
     return x.contiguous(), (y.long().contiguous() if y is not None else None), geometry
 
