@@ -13,6 +13,7 @@ Multi-GPU: `torchrun --nproc_per_node=N -m seg3d_fast train ...` (NCCL on GPUs, 
 """
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -33,6 +34,9 @@ from .predict import predict_logits
 
 CONFIG_FILE, SPLITS_FILE, CHECKPOINT_FILE = "config.json", "splits.json", "checkpoint.pt"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# In-plane voxel sizes this close count as equal for 90-degree rotations (the rounding of downsampled sizes alone
+# makes them differ by a few percent on small crops).
+SAME_SPACING_RTOL = 0.05
 
 
 @dataclass
@@ -71,10 +75,11 @@ class TrainConfig:
 
 # ---- data ---------------------------------------------------------------------------------------------------
 class PreparedCase:
-    """One preprocessed case in memory: x (C, d, h, w) float32, y (d, h, w) int64, foreground voxel sample."""
+    """One preprocessed case in memory: x (C, d, h, w) float32, y (d, h, w) int64, foreground voxel sample,
+    voxel size per axis (mm)."""
 
-    def __init__(self, name, x, y):
-        self.name, self.x, self.y = name, x.numpy(), y.numpy()
+    def __init__(self, name, x, y, spacing=(1.0, 1.0, 1.0)):
+        self.name, self.x, self.y, self.spacing = name, x.numpy(), y.numpy(), tuple(spacing)
         fg = np.argwhere(self.y > 0)
         if len(fg) > 10000:  # a fixed sample is enough to centre crops on foreground
             fg = fg[np.random.default_rng(0).choice(len(fg), 10000, replace=False)]
@@ -98,7 +103,7 @@ class CropDataset(torch.utils.data.Dataset):
         if self.crop is not None:
             x, y = random_crop(x, y, self.crop, rng, case.foreground if rng.random() < self.fg_prob else None)
         if self.augment:
-            x, y = augment(x, y, rng)
+            x, y = augment(x, y, rng, case.spacing)
             x = augment_intensity(x, rng)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
@@ -123,13 +128,15 @@ def random_crop(x, y, size, rng, foreground=None):
     return x[(slice(None), *sl)], y[sl]
 
 
-def augment(x, y, rng):
-    """Flip each axis with probability 1/2; rotate by a multiple of 90 degrees in the axial (x, y) plane
-    (by 0 or 180 degrees when that plane is not square, so crop shapes stay fixed)."""
+def augment(x, y, rng, spacing):
+    """Flip each axis with probability 1/2; rotate by a multiple of 90 degrees in the axial (x, y) plane: by 0 or
+    180 degrees only when that plane is not square (crop shapes stay fixed) or its two voxel sizes (`spacing`, mm
+    per axis) differ by more than SAME_SPACING_RTOL: a 90-degree turn would stretch the anatomy by their ratio."""
     for axis in range(3):
         if rng.random() < 0.5:
             x, y = np.flip(x, axis + 1), np.flip(y, axis)
-    k = int(rng.integers(4)) if y.shape[0] == y.shape[1] else 2 * int(rng.integers(2))
+    turn_90 = y.shape[0] == y.shape[1] and math.isclose(spacing[0], spacing[1], rel_tol=SAME_SPACING_RTOL)
+    k = int(rng.integers(4)) if turn_90 else 2 * int(rng.integers(2))
     if k:
         x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k, axes=(0, 1))
     return x, y
@@ -181,8 +188,8 @@ def prepare(cfg, dataset, names, num_classes, channels=None):
             raise Seg3DFastDataError(f"{by_name[name].images[0]}: case {name} has {image.shape[0]} channel(s), "
                                      f"the dataset's other cases have {channels}")
         top = max(top, int(label.max()))
-        x, y, _ = preprocess(ref, image, label, pre, name=str(by_name[name].images[0]))
-        out.append(PreparedCase(name, x, y))
+        x, y, geometry = preprocess(ref, image, label, pre, name=str(by_name[name].images[0]))
+        out.append(PreparedCase(name, x, y, geometry.spacing))
     return out, top
 
 

@@ -1,14 +1,16 @@
 """Training on small blocks of the real brain sample: outputs, exact resume, k-fold splits, AMP, augmentation."""
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from seg3d_fast.data import Seg3DFastDataError
-from seg3d_fast.train import TrainConfig, augment, augment_intensity, make_splits, random_crop, train
-from data_helpers import brain_csv
+from seg3d_fast.data import discover
+from seg3d_fast.train import TrainConfig, augment, augment_intensity, make_splits, prepare, random_crop, train
+from data_helpers import TCGA_T1, TCGA_TUMOUR, brain_csv, load, save
 
 TINY = dict(features=(4, 8), crop=(16, 16, 16), samples_per_epoch=2, lr=3e-3, progress=False)
 
@@ -153,7 +155,7 @@ def test_augment_and_crop_keep_image_and_label_aligned():
     seen = set()
     for seed in range(12):
         r = np.random.default_rng(seed)
-        xa, ya = augment(*random_crop(x, y, (10, 10, 9), r), r)
+        xa, ya = augment(*random_crop(x, y, (10, 10, 9), r), r, (1.0, 1.0, 2.0))
         assert ya.shape == (10, 10, 9)
         np.testing.assert_array_equal(xa[0], ya)
         np.testing.assert_array_equal(xa[1], -ya)
@@ -165,6 +167,34 @@ def test_augment_and_crop_keep_image_and_label_aligned():
         assert (yc == 3).any()
     xp, yp = random_crop(x[:, :5], y[:5], (8, 8, 8), np.random.default_rng(0))  # smaller than the crop: padded
     assert xp.shape == (2, 8, 8, 8) and yp.shape == (8, 8, 8)
+
+
+def test_rotation_only_where_the_plane_has_equal_voxel_sizes(tmp_path):
+    """Volumes are not resampled to isotropic: a 90-degree turn of an axial plane with 6.5 x 0.78 mm voxels (a
+    sagittal acquisition in RAS) would stretch the anatomy 8-fold. It turns by 0 or 180 degrees there, by any
+    multiple of 90 where the two voxel sizes agree; the spacing comes from preprocessing (scaled by downsampling)."""
+    y = np.arange(8 * 8 * 3).reshape(8, 8, 3)
+    flips = {np.flip(y, [a for a in range(3) if m >> a & 1]).tobytes() for m in range(8)}
+
+    def turned_90(spacing):
+        return sum(augment(y[None].astype(np.float32), y, np.random.default_rng(s), spacing)[1].tobytes() not in flips
+                   for s in range(16))
+
+    assert turned_90((6.5, 0.78125, 0.78125)) == 0 and turned_90((0.78125, 6.5, 0.78125)) == 0
+    assert turned_90((0.78125, 0.8, 6.5)) > 0 and turned_90((2.0, 2.0, 2.0)) > 0
+    # the TCGA crop (0.78 x 0.78 x 6.5 mm) stored as a sagittal acquisition: stored axes A, S, R
+    img, t1 = load(TCGA_T1)
+    _, tumour = load(TCGA_TUMOUR)
+    affine = np.array([[0, 0, 6.5, 0], [0.78125, 0, 0, 0], [0, 0.78125, 0, 0], [0, 0, 0, 1]])
+    save(t1, affine, tmp_path / "sag_image.nii.gz")
+    save(tumour, affine, tmp_path / "sag_label.nii.gz")
+    (tmp_path / "data.csv").write_text("name,image,label\nsag,sag_image.nii.gz,sag_label.nii.gz\n")
+    cfg = TrainConfig(data=str(tmp_path / "data.csv"), out=str(tmp_path / "run"), downsample=2.0)
+    [case], _ = prepare(cfg, discover(cfg.data), ["sag"], None)
+    extent = np.array([10, 48, 64])  # canonical (R, A, S) extent of the foreground: every voxel is non-zero
+    assert (t1 != 0).all() and case.y.shape == tuple(np.round(extent / 2).astype(int))
+    np.testing.assert_allclose(case.spacing, np.array([6.5, 0.78125, 0.78125]) * extent / case.y.shape)
+    assert math.isclose(case.spacing[0] / case.spacing[1], 8.32, rel_tol=1e-6)
 
 
 def test_intensity_augmentation_is_per_channel_affine():

@@ -43,6 +43,7 @@ class Geometry:
     canonical_shape: tuple        # shape after reorientation to RAS
     bbox: tuple                   # ((start, stop) per canonical axis): the foreground crop
     processed_shape: tuple        # after downsampling: the network's input extent
+    spacing: tuple = (1.0, 1.0, 1.0)  # voxel size (mm) of the network's grid per canonical axis, after downsampling
 
 
 def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="image"):
@@ -77,8 +78,11 @@ def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="imag
         x = F.interpolate(x[None], size=target, mode="area")[0]
         if y is not None:
             y = downsample_labels(y, target)
+    # voxels are not resampled to isotropic: augmentation needs the spacing (downsampling scales it per axis)
+    voxel_sizes = _canon_shape(nib.affines.voxel_sizes(ref_img.affine), orientation)  # (permutes any per-axis values)
+    spacing = tuple(float(v) * (b - a) / n for v, (a, b), n in zip(voxel_sizes, bbox, x.shape[1:]))
     geometry = Geometry(grid_shape(ref_img), orientation, _canon_shape(grid_shape(ref_img), orientation),
-                        bbox, tuple(x.shape[1:]))
+                        bbox, tuple(x.shape[1:]), spacing)
     return x.contiguous(), (y.long().contiguous() if y is not None else None), geometry
 
 
