@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from .data.datasets import Case, discover, load_case
 from .data.nifti import Seg3DFastDataError, float_image_like, label_image_like, read_json, save_nifti
-from .data.preprocess import PreprocessConfig, logits_to_crop_probabilities, preprocess, restore_probabilities
+from .data.preprocess import (PreprocessConfig, labels_from_probabilities, logits_to_crop_probabilities, preprocess,
+                              restore_labels, restore_probabilities)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -116,16 +117,28 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
     return config, models
 
 
-def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None):
-    """-> (reference image, probabilities float32 (num_classes, X, Y, Z) on the input's grid)."""
+def crop_probabilities(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None):
+    """-> (reference image, probabilities float32 (num_classes, crop grid), Geometry): on the cropped canonical
+    grid at full resolution, not yet restored onto the input's grid (restore_probabilities / restore_labels)."""
     ref, image, _ = load_case(Case(case.name, case.images, None), expect_channels=config["model"]["in_channels"])
     x, _, geometry = preprocess(ref, image, None, PreprocessConfig.from_dict(config["preprocess"]),
                                 name=str(case.images[0]))
     probs = None
-    for model in models:  # ensemble: mean of the fold models' probabilities
+    for model in models:  # ensemble: mean of the fold models' probabilities (summed in place: one array, not two)
         p = logits_to_crop_probabilities(predict_logits(model, x, device, roi, overlap, amp_dtype), geometry)
-        probs = p if probs is None else probs + p
-    return ref, restore_probabilities(probs / len(models), geometry)
+        if probs is None:
+            probs = p
+        else:
+            probs += p
+        del p
+    probs /= len(models)
+    return ref, probs, geometry
+
+
+def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None):
+    """-> (reference image, probabilities float32 (num_classes, X, Y, Z) on the input's grid)."""
+    ref, probs, geometry = crop_probabilities(models, config, case, device, roi, overlap, amp_dtype)
+    return ref, restore_probabilities(probs, geometry)
 
 
 def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None, roi=None, overlap=0.5,
@@ -142,11 +155,13 @@ def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None,
     config, models = load_models(run_path, device, ensemble, fold, backend)
     written = []
     for i, (case, (path, probs_path)) in enumerate(zip(cases, outputs)):
-        ref, probs = predict_case(models, config, case, device, roi, overlap, AMP_DTYPES[amp])
-        labels = probs.argmax(0)
-        save_nifti(label_image_like(labels, ref), path)
+        ref, probs, geometry = crop_probabilities(models, config, case, device, roi, overlap, AMP_DTYPES[amp])
+        # the argmax on the crop grid equals that of the restored probabilities (background outside the crop)
+        # without their full-size (C, X, Y, Z) float32 arrays: 13 GB each for 41 classes at 512 x 512 x 300
+        save_nifti(label_image_like(restore_labels(labels_from_probabilities(probs), geometry), ref), path)
         if save_probabilities:
-            save_nifti(float_image_like(np.moveaxis(probs, 0, -1), ref), probs_path)
+            save_nifti(float_image_like(np.moveaxis(restore_probabilities(probs, geometry), 0, -1), ref), probs_path)
+        del probs
         written.append(path)
         if progress:
             print(f"[{i + 1}/{len(cases)}] {case.name} -> {path}", flush=True)

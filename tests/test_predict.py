@@ -1,14 +1,21 @@
 """Prediction: sliding-window blending, fold ensembles, outputs on the input's exact grid (non-canonical real volume)."""
+import json
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import seg3d_fast.predict
 from seg3d_fast.data import Seg3DFastDataError
 from seg3d_fast.predict import gaussian_importance, load_models, predict, predict_case, predict_logits, window_starts
 from seg3d_fast.train import TrainConfig, train
+from seg3d_fast.data import PreprocessConfig, load_case, preprocess
 from seg3d_fast.data.datasets import Case
-from data_helpers import TCGA_T1, brain_block, load, permuted
+from seg3d_fast.data.preprocess import restore_probabilities
+from data_helpers import TCGA_T1, brain_block, load, permuted, save
 
 TINY = dict(features=(4, 8), crop=(16, 16, 16), samples_per_epoch=2, lr=3e-3, progress=False)
 
@@ -92,6 +99,46 @@ def test_predict_writes_on_input_grid(two_fold_run, tmp_path):
     p = probs.get_fdata()
     np.testing.assert_allclose(p.sum(-1), 1, atol=1e-4)
     np.testing.assert_array_equal(p.argmax(-1), np.asanyarray(out.dataobj))
+
+
+@pytest.mark.parametrize("ensemble", [True, False])
+def test_label_map_is_the_argmax_of_the_probabilities(two_fold_run, tmp_path, ensemble, monkeypatch):
+    """Without --save-probabilities the label map is taken on the crop grid (no full-size (C, X, Y, Z) float
+    arrays); it must equal, bit for bit, the argmax of the probabilities restored as before (out-of-place softmax,
+    fold mean, padding, reorientation): a non-RAS volume of odd shape with a zero border (a crop), downsampled by
+    1.7 (interpolated logits), one fold or the ensemble. The saved probabilities are those same values."""
+    run = tmp_path / "run"
+    shutil.copytree(two_fold_run / "run", run)
+    config = json.loads((run / "config.json").read_text())
+    config["preprocess"]["downsample"] = 1.7
+    (run / "config.json").write_text(json.dumps(config))
+    img, t1 = load(TCGA_T1)
+    t1 = t1[:47, 1:64, :9].copy()
+    t1[:3], t1[:, -2:] = 0, 0
+    src = permuted(save(t1, img.affine, tmp_path / "ras.nii.gz"), tmp_path / "odd.nii.gz")
+    assert nib.aff2axcodes(nib.load(str(src)).affine) != ("R", "A", "S")
+
+    cpu = torch.device("cpu")
+    config, models = load_models(run, cpu, ensemble=ensemble)
+    ref, image, _ = load_case(Case("odd", [src]))
+    x, _, geometry = preprocess(ref, image, None, PreprocessConfig.from_dict(config["preprocess"]))
+    assert geometry.bbox != tuple((0, n) for n in geometry.canonical_shape)
+    assert all(n != s for n, s in zip(x.shape[1:], (b - a for a, b in geometry.bbox)))
+    crop_shape = tuple(b - a for a, b in geometry.bbox)
+    expected = sum(F.interpolate(predict_logits(m, x, cpu)[None], size=crop_shape, mode="trilinear",
+                                 align_corners=False)[0].softmax(0) for m in models) / len(models)
+    expected = restore_probabilities(expected, geometry)
+
+    with monkeypatch.context() as patch:  # the label map alone never builds the full-size probabilities
+        patch.setattr(seg3d_fast.predict, "restore_probabilities", None)
+        written = predict(run, src, tmp_path / "labels", ensemble=ensemble, progress=False)
+    labels = np.asanyarray(nib.load(str(written[0])).dataobj)
+    assert labels.dtype == np.uint8 and len(np.unique(labels)) > 1
+    np.testing.assert_array_equal(labels, expected.argmax(0))
+    predict(run, src, tmp_path / "probs", ensemble=ensemble, save_probabilities=True, progress=False)
+    np.testing.assert_array_equal(nib.load(str(tmp_path / "probs" / "odd_probabilities.nii.gz")).get_fdata(),
+                                  np.moveaxis(expected, 0, -1))
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "probs" / "odd.nii.gz")).dataobj), labels)
 
 
 def test_predict_2d_image(two_fold_run, tmp_path):

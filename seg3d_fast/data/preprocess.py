@@ -4,8 +4,11 @@ Forward (training and prediction): reorient to canonical RAS (nibabel.as_closest
 bounding box of the non-zero voxels of any channel, optional CT intensity clipping, per-channel z-score
 inside that foreground (background set to 0), optional downsampling by a factor ("compressed" input).
 Inverse (prediction): logits interpolated back to the cropped grid, softmax, padded with background
-outside the crop, reoriented to the input's orientation: the result lies on the input's exact grid.
+outside the crop, reoriented to the input's orientation: the result lies on the input's exact grid. The label map
+is the argmax of those probabilities, taken on the crop grid and then restored (restore_labels), so no full-size
+(C, X, Y, Z) float array is needed unless the probabilities themselves are saved.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import nibabel as nib
@@ -105,12 +108,35 @@ def downsample_labels(label, shape):
 
 
 def logits_to_crop_probabilities(logits, geometry):
-    """logits (C, d, h, w) on the network grid -> softmax probabilities on the cropped canonical grid."""
+    """logits (C, d, h, w) on the network grid -> softmax probabilities on the cropped canonical grid.
+    `logits` is used up: float32 logits on the crop grid are overwritten by their probabilities."""
     crop_shape = tuple(b - a for a, b in geometry.bbox)
     logits = logits.float()
     if tuple(logits.shape[1:]) != crop_shape:
         logits = F.interpolate(logits[None], size=crop_shape, mode="trilinear", align_corners=False)[0]
-    return logits.softmax(0)
+    # in place: the values of logits.softmax(0) (tested) without a second (C, crop) array
+    return torch.softmax(logits, 0, out=logits)
+
+
+def labels_from_probabilities(probs, slab_voxels=2**22):
+    """argmax over classes of probs (C, ...) -> uint8 labels (int16 beyond 256 classes), the first of equal
+    values winning as in numpy; taken slab by slab along the first spatial axis, so no int64 volume is made."""
+    labels = torch.empty(probs.shape[1:], dtype=torch.uint8 if probs.shape[0] <= 256 else torch.int16)
+    step = max(1, slab_voxels // math.prod(probs.shape[2:]))
+    for a in range(0, probs.shape[1], step):
+        labels[a:a + step] = probs[:, a:a + step].argmax(0)
+    return labels
+
+
+def restore_labels(crop_labels, geometry):
+    """Labels (crop grid) -> numpy labels (X, Y, Z) on the input grid, of the same dtype: background (0) outside
+    the crop, where restore_probabilities gives probability 1 to class 0."""
+    full = np.zeros(geometry.canonical_shape, dtype=crop_labels.numpy().dtype)
+    full[tuple(slice(a, b) for a, b in geometry.bbox)] = crop_labels.numpy()
+    back = nib.orientations.ornt_transform(_RAS, geometry.orientation)
+    full = np.ascontiguousarray(nib.orientations.apply_orientation(full, back))
+    assert full.shape == tuple(geometry.shape), (full.shape, geometry.shape)
+    return full
 
 
 def restore_probabilities(crop_probs, geometry):
