@@ -277,6 +277,25 @@ def test_preprocess_ct_clip_and_downsample():
     assert y[0, 0, 0].item() == np.bincount(block).argmax()
 
 
+def test_preprocess_memory_is_a_few_copies_of_the_image():
+    """The foreground box of a CT (non-zero almost everywhere) must not cost np.argwhere's 24 bytes per voxel
+    (6x a float32 image; 1.9 GB for 512x512x300): numpy's peak stays within 5 copies of the image."""
+    import tracemalloc
+
+    ref, image, _ = load_case(discover(CT).cases[0])
+    image = np.tile(image, (1, 2, 2, 4))  # a larger block of the CT, so that fixed costs do not count
+    ref = nib.Nifti1Image(np.zeros(image.shape[1:], np.int16), ref.affine)
+    tracemalloc.start()
+    try:
+        x, _, geom = preprocess(ref, image, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    nz = np.argwhere(np.any(image != 0, 0))
+    assert geom.bbox == tuple((int(a), int(b) + 1) for a, b in zip(nz.min(0), nz.max(0)))
+    assert peak < 5 * image.nbytes, peak / image.nbytes
+
+
 def test_downsample_labels_majority():
     lab = torch.zeros(4, 4, 4, dtype=torch.int64)
     lab[:2, :2, :2] = 3

@@ -60,8 +60,11 @@ def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="imag
     foreground = np.any(image != 0, axis=0)
     if not foreground.any():
         raise Seg3DFastDataError(f"{name}: empty foreground (every voxel is zero in every channel)")
-    idx = np.argwhere(foreground)
-    bbox = tuple((int(a), int(b) + 1) for a, b in zip(idx.min(0), idx.max(0)))
+    bbox = []  # per axis (not np.argwhere: 24 bytes per foreground voxel, 1.9 GB for a 512x512x300 CT)
+    for axis in range(3):
+        present = np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != axis)))
+        bbox.append((int(present[0]), int(present[-1]) + 1))
+    bbox = tuple(bbox)
     crop = tuple(slice(a, b) for a, b in bbox)
     image = image[(slice(None), *crop)].astype(np.float32, copy=True)
     foreground = foreground[crop]
