@@ -83,6 +83,8 @@ class Seg3DNet(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
         if in_channels < 1 or num_classes < 1:
             raise ValueError(f"in_channels and num_classes must be >= 1; got {in_channels}, {num_classes}")
+        if deep_supervision < 0:
+            raise ValueError(f"deep_supervision (segmentation maps) must be >= 0; got {deep_supervision}")
         self.config = dict(in_channels=in_channels, num_classes=num_classes, features=features, skip=skip, norm=norm,
                            deep_supervision=deep_supervision, residual_first=residual_first, fused=fused)
         self.in_channels, self.num_classes, self.features, self.skip = in_channels, num_classes, features, skip
@@ -109,7 +111,9 @@ class Seg3DNet(nn.Module):
         self.up = nn.ModuleList([up(features[l], features[l]) for l in range(levels - 1)])
         merged = [2 * f if skip == "concat" else f for f in features[:-1]]
         self.dec = nn.ModuleList([conv(merged[l], features[l]) for l in range(levels - 1)])
-        self.ds_levels = list(range(min(deep_supervision, levels - 1) - 1, -1, -1))  # coarse to fine, e.g. [2, 1, 0]
+        # coarse to fine, e.g. [2, 1, 0]; 0 (or False) is no deep supervision: the full-resolution map alone
+        maps = max(1, min(deep_supervision, levels - 1))
+        self.ds_levels = list(range(maps - 1, -1, -1))
         self.seg = nn.ModuleDict({str(l): conv(features[l], num_classes, k=1, act=False) for l in self.ds_levels})
         self.merge = DeepSupervisionMerge()
 

@@ -432,6 +432,18 @@ def test_seg3dnet_deep_supervision_levels_and_summary():
         Seg3DNet(skip="add")
 
 
+@pytest.mark.parametrize("off", [0, False, 1])
+def test_seg3dnet_without_deep_supervision(off):
+    """deep_supervision=0 / False (off) gives the full-resolution map alone, like 1 (it was an IndexError)."""
+    net = Seg3DNet(2, 3, (4, 6, 8), deep_supervision=off)
+    assert net.ds_levels == [0] and list(net.seg.keys()) == ["0"]
+    out = net(torch.randn(1, 2, 5, 4, 7))
+    assert out.shape == (1, 3, 5, 4, 7)
+    out.sum().backward()
+    with pytest.raises(ValueError, match="deep_supervision"):
+        Seg3DNet(deep_supervision=-1)
+
+
 def test_saved_bytes_fused_about_half_of_plain():
     """The memory claim at a small size (the benchmark measures it at 1x4x128x160x144)."""
     fused = Seg3DNet(4, 5)
