@@ -182,12 +182,14 @@ class Seg3DNet(nn.Module):
 
 
 def transfer_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
-    """Copy parameters between a fused and a plain Seg3DNet of one config (same parameter order and shapes)."""
-    src_params, dst_params = list(src.parameters()), list(dst.parameters())
-    if len(src_params) != len(dst_params) or any(a.shape != b.shape for a, b in zip(src_params, dst_params)):
+    """Copy parameters and buffers (batch norm's running statistics) between a fused and a plain Seg3DNet of one
+    config (same order and shapes)."""
+    src_tensors = list(src.parameters()) + list(src.buffers())
+    dst_tensors = list(dst.parameters()) + list(dst.buffers())
+    if len(src_tensors) != len(dst_tensors) or any(a.shape != b.shape for a, b in zip(src_tensors, dst_tensors)):
         raise ValueError("src and dst must be Seg3DNets of the same configuration (fused or plain)")
     with torch.no_grad():
-        for a, b in zip(src_params, dst_params):
+        for a, b in zip(src_tensors, dst_tensors):
             b.copy_(a)
     return dst
 

@@ -420,6 +420,17 @@ def test_seg3dnet_with_norm(norm):
     out.sum().backward()
 
 
+def test_transfer_weights_copies_batch_norm_statistics():
+    """A trained batch-norm network's running statistics go with its weights: in eval mode the copy computes the same
+    function (they were left at their initial values)."""
+    fused = Seg3DNet(1, 2, (4, 8), norm="batch")
+    fused(torch.randn(2, 1, 8, 8, 8))  # a training forward updates the running statistics
+    plain = transfer_weights(fused, Seg3DNet(1, 2, (4, 8), norm="batch", fused=False)).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), fused.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_seg3dnet_deep_supervision_levels_and_summary():
     net = Seg3DNet()
     assert net.ds_levels == [2, 1, 0] and sorted(net.seg.keys()) == ["0", "1", "2"]
