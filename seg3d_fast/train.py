@@ -306,10 +306,11 @@ def train(cfg):
         raise Seg3DFastDataError(f"--fold {cfg.fold} outside 0..{cfg.folds - 1}")
     if cfg.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {cfg.amp!r}")
+    # (data errors: the command line reports them in one line, as it does its own option checks)
     if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
+        raise Seg3DFastDataError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):
-        raise ValueError(f"--cuda-graph needs one CUDA device and one process; got device {device}, "
+        raise Seg3DFastDataError(f"--cuda-graph needs one CUDA device and one process; got device {device}, "
                          f"{world} processes")
     out = Path(cfg.out)
     fold_dir = out / f"fold_{cfg.fold}"
@@ -518,10 +519,13 @@ def add_arguments(p):
 
 
 def config_from_args(args):
-    if args.clip is not None and not args.clip[0] < args.clip[1]:
-        from .cli import UsageError
+    from .cli import UsageError
 
+    if args.clip is not None and not args.clip[0] < args.clip[1]:
         raise UsageError(f"--clip LOW HIGH needs LOW < HIGH, got {args.clip[0]:g} {args.clip[1]:g}")
+    if len(args.features) < 2:
+        raise UsageError(f"--features needs one value per level, at least 2 (e.g. 8 16 32 64), got "
+                         f"{' '.join(map(str, args.features))}")
     return TrainConfig(data=args.data, out=args.out, fold=args.fold, folds=args.folds, epochs=args.epochs,
                        samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
                        crop=tuple(args.crop) if args.crop else None, lr=args.lr, lr_schedule=args.lr_schedule,

@@ -120,6 +120,12 @@ def test_bad_option_combinations(tmp_path, capsys):
         assert exit_.value.code == 2 and f"argument {args[0]}" in capsys.readouterr().err
     rc = main(["predict", str(tmp_path), str(image), "--out", str(tmp_path / "o"), "--ensemble", "--fold", "0"])
     _assert_one_line_error(capsys, rc, "--ensemble", "pass one")
+    # a one-level network, and CUDA graphs or fp16 on the CPU: one line too (they were ValueError tracebacks)
+    for args, words in ((["--features", "8"], "at least 2"), (["--cuda-graph", "--device", "cpu"], "one CUDA device"),
+                        (["--amp", "fp16", "--device", "cpu"], "CUDA")):
+        rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, *args])
+        _assert_one_line_error(capsys, rc, args[0], words)
+        assert not (tmp_path / "run").exists()
 
 
 def test_predict_never_overwrites_its_inputs(tmp_path, capsys):
