@@ -419,6 +419,11 @@ def run_profile(args):
     if device.type == "cuda" and device.index is None:  # the memory-cap API wants an indexed device
         device = torch.device("cuda", torch.cuda.current_device())
     names = args.variants or _default_variants(device)
+    graphed = [n for n in names if n.endswith(GRAPH_SUFFIX)]
+    if graphed and device.type != "cuda":  # (checked before any variant runs: a one-line error, nothing written)
+        from .cli import UsageError
+
+        raise UsageError(f"variants {' '.join(graphed)} replay CUDA graphs: they need a CUDA device, got {device}")
     spatial = tuple(args.input_size)
     voxels = args.batch * math.prod(spatial)
     budget = int(args.memory_budget * 2**30)

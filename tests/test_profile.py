@@ -93,6 +93,18 @@ def test_profile_main_tiny_cpu(tmp_path):
     assert rows["reference"]["max_cubic_edge"] >= rows["plain"]["max_cubic_edge"]
 
 
+def test_profile_graph_variants_on_the_cpu_are_a_one_line_error(tmp_path, capsys):
+    """(It was a ValueError traceback from inside the run, after the variants before it had run.)"""
+    from seg3d_fast.cli import main
+
+    rc = main(["profile", "--input-size", "8", "8", "8", "--features", "2", "4", "--device", "cpu", "--steps", "1",
+               "--memory-budget", "0", "--out", str(tmp_path / "p.json"), "--variants", "plain", "fused_graph"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("seg3d-fast: error: variants fused_graph replay CUDA graphs") and \
+        "Traceback" not in err, err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_largest_cube_estimate_is_exact_where_it_can_be(tmp_path):
     # CPU estimate = saved bytes + 4x parameters, linear in voxels: a budget of exactly the estimate at edge 48
     # must give 48, and one byte less must give 32.
