@@ -149,10 +149,14 @@ class Seg3DNet(nn.Module):
             logits = logits[(..., *[slice(0, s) for s in extent])]
         return logits
 
-    def summary(self, input_size: Sequence[int] = (1, 4, 128, 160, 144), dtype: torch.dtype = torch.float32) -> str:
+    def summary(self, input_size: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32) -> str:
         """Layers with output shapes and parameters, the activation bytes each writes, and the bytes saved for
-        backward in training, for an input of `input_size` (computed on the meta device: no memory used)."""
+        backward in training, for an input of `input_size` (default: one BRATS crop, 1 x in_channels x 128 x 160 x
+        144; computed on the meta device: no memory used)."""
         import copy
+
+        if input_size is None:  # (a fixed 4-channel default was refused by every network of other in_channels)
+            input_size = (1, self.in_channels, 128, 160, 144)
 
         model = copy.deepcopy(self).to(device="meta", dtype=dtype).train()
         rows = []

@@ -437,6 +437,7 @@ def test_seg3dnet_deep_supervision_levels_and_summary():
     assert Seg3DNet(features=(4, 8), deep_supervision=3).ds_levels == [0]
     text = net.summary((1, 4, 128, 160, 144))
     assert "enc_first.0" in text and "saved for backward" in text and "parameters:" in text
+    assert "input (1, 1, 128, 160, 144)" in Seg3DNet(1, 2, (4, 8)).summary()  # the default input has its channels
     with pytest.raises(ValueError, match="x must have shape"):
         net(torch.randn(1, 3, 8, 8, 8))
     with pytest.raises(ValueError, match="skip must be one of"):
