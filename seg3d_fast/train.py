@@ -210,7 +210,8 @@ def dist_setup(device_arg):
             raise Seg3DFastDataError(f"--device {device_arg}: CUDA is not available here")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # NCCL takes CUDA tensors only: CPU tensors (the epoch's loss and Dice sums) go through gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

@@ -47,3 +47,22 @@ def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path):
     init = Seg3DNet(1, 4, (4, 8)).state_dict()
     assert any((init[k] - w0[k]).abs().max() > 1e-4 for k in w0)
     assert len(ckpt["history"]) == 2
+
+
+def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
+    """On GPUs the process group must take the CPU tensors train() all-reduces (the epoch's loss and Dice sums):
+    NCCL alone fails on them ('No backend type associated with device type cpu') at the end of the first epoch."""
+    from seg3d_fast import train as train_module
+
+    backends = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_module.dist, "init_process_group", lambda backend: backends.append(backend))
+    assert train_module.dist_setup("auto") == (1, 2, torch.device("cuda", 1))
+    assert backends == ["cpu:gloo,cuda:nccl"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_module.dist_setup("cpu")[2] == torch.device("cpu") and backends[-1] == "gloo"
