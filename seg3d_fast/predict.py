@@ -111,6 +111,13 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
             state = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)
         except Exception as e:
             raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: cannot read the checkpoint ({e})") from None
+        # a checkpoint left beside a config.json rewritten for another model (an --overwrite run stopped before
+        # its first epoch) would otherwise fail in load_state_dict with a size-mismatch traceback
+        trained = state.get("config", {}) if isinstance(state, dict) else {}
+        for key in ("model", "preprocess"):
+            if key in trained and trained[key] != config[key]:
+                raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: trained with another {key} than "
+                                         f"{run_dir / 'config.json'} describes ({trained[key]} vs {config[key]})")
         model = Seg3DNet(**model_cfg, backend=backend)
         model.load_state_dict(state["model"])
         models.append(model.to(device).eval())

@@ -168,6 +168,14 @@ def test_predict_errors(two_fold_run, tmp_path):
     with pytest.raises(Seg3DFastDataError, match="two.nii.gz: case two has 2 channel\\(s\\), the model expects 1"):
         predict(two_fold_run / "run", tmp_path / "two.nii.gz", tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+    # a checkpoint beside a config.json of another model (an --overwrite run stopped before its first epoch)
+    stale = tmp_path / "stale"
+    shutil.copytree(two_fold_run / "run", stale)
+    config = json.loads((stale / "config.json").read_text())
+    config["model"]["features"] = [6, 12]
+    (stale / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Seg3DFastDataError, match="fold_0/checkpoint.pt: trained with another model than"):
+        load_models(stale, torch.device("cpu"))
     for damage in ("{\"model\": {\"in_channels\": 1", "{}"):  # damaged run configuration: named, no traceback
         (tmp_path / "run").mkdir(exist_ok=True)
         (tmp_path / "run" / "config.json").write_text(damage)
