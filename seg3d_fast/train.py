@@ -381,6 +381,10 @@ def train(cfg):
             scaler.load_state_dict(checkpoint["scaler"])
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         set_rng_state(checkpoint["rng"])
+        changed = _changed_training_settings(checkpoint.get("train_config"), cfg)
+        if changed and rank == 0:
+            print(f"{ckpt_path}: resuming with training settings other than the checkpoint's ({changed}); training "
+                  "goes on with the new ones, not as the interrupted run would have", file=sys.stderr, flush=True)
         if start_epoch >= cfg.epochs and rank == 0:
             print(f"{ckpt_path}: already trained for {start_epoch} epoch(s) (--epochs {cfg.epochs}): nothing to do",
                   file=sys.stderr, flush=True)
@@ -465,6 +469,22 @@ def _check_or_write_config(path, config, checkpoints):
                                          f"({old.get(key)} vs {config[key]}) and {checkpoints[0]} was trained "
                                          "with it; use a new --out folder")
     write_text_atomic(path, json.dumps(config, indent=1) + "\n")
+
+
+# Settings that shape the remaining epochs (the crops drawn, the optimizer's steps): a resume that changes one does
+# not continue the run exactly. (--epochs may change: training longer is what a resume is for.)
+RESUME_SETTINGS = ("samples_per_epoch", "batch_size", "crop", "fg_prob", "lr", "lr_schedule", "weight_decay", "amp",
+                   "augment", "seed")
+
+
+def _changed_training_settings(saved, cfg) -> str:
+    """'lr 0.001 -> 0.003, ...' for the RESUME_SETTINGS that differ from a checkpoint's train_config ('' if none, or
+    for a checkpoint without one)."""
+    if not isinstance(saved, dict):
+        return ""
+    now = _jsonable(asdict(cfg))
+    return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in RESUME_SETTINGS
+                     if k in saved and saved[k] != now[k])
 
 
 def _jsonable(d):

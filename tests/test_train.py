@@ -58,6 +58,20 @@ def test_resume_is_exact(tmp_path):
     assert any((fresh.state_dict()[k] - a[k]).abs().max() > 1e-4 for k in a)
 
 
+def test_resume_with_other_training_settings_says_so(tmp_path, capsys):
+    """A resume that changes what the remaining epochs draw or step (lr, crop, batch size, ...) is allowed but no
+    longer continues the run exactly: it says which settings changed. A longer --epochs alone is silent."""
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    cfg = dict(data=str(manifest), out=str(tmp_path / "r"), **dict(TINY, samples_per_epoch=1))
+    train(TrainConfig(epochs=1, **cfg))
+    train(TrainConfig(epochs=2, resume=True, **cfg))
+    assert "training settings" not in capsys.readouterr().err
+    train(TrainConfig(epochs=3, resume=True, **dict(cfg, lr=1e-3, crop=(8, 8, 8))))
+    err = capsys.readouterr().err
+    assert "resuming with training settings other than the checkpoint's" in err
+    assert "--crop [16, 16, 16] -> [8, 8, 8]" in err and "--lr 0.003 -> 0.001" in err
+
+
 def test_clip_run_trains_more_folds_and_resumes(tmp_path):
     """--clip (CT) is saved in config.json as a JSON list: a second fold and --resume must not see it as a different
     preprocessing (a tuple compared with the list read back)."""
