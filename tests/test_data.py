@@ -268,13 +268,24 @@ def test_preprocess_ct_clip_and_downsample():
     x, y, geom = preprocess(ref, image, lab.astype(np.int64), PreprocessConfig(downsample=2, clip=(-200, 300)))
     assert tuple(x.shape) == (1, 24, 20, 6) and tuple(y.shape) == (24, 20, 6)
     clipped = np.clip(image[0], -200, 300)
-    fg = image[0] != 0
-    z = (clipped - clipped[fg].mean()) / clipped[fg].std()
+    z = (clipped - clipped.mean()) / clipped.std()
     assert x.max().item() <= z.max() + 1e-5 and x.min().item() >= z.min() - 1e-5
     assert set(torch.unique(y).tolist()) <= set(np.unique(lab).tolist())
     # majority label of each 2x2x2 block
     block = lab[:2, :2, :2].ravel()
     assert y[0, 0, 0].item() == np.bincount(block).argmax()
+
+
+def test_preprocess_ct_zero_hu_is_tissue_not_background():
+    """In an image with negative values (CT in HU) zero is an intensity (water): those voxels are z-scored like the
+    rest, not set to the mean as background, and the crop is the whole volume. (They were background: 0 HU tissue
+    became the volume's mean, e.g. -400 HU with air in the window.)"""
+    ref, image, _ = load_case(discover(CT).cases[0])
+    assert (image[0] == 0).sum() > 100 and image.min() < 0
+    x, _, geom = preprocess(ref, image, None, PreprocessConfig(clip=(-1000, 1000)))
+    clipped = np.clip(image[0], -1000, 1000)
+    np.testing.assert_allclose(x[0].numpy(), (clipped - clipped.mean()) / clipped.std(), rtol=1e-5, atol=1e-5)
+    assert geom.bbox == tuple((0, s) for s in image.shape[1:])
 
 
 def test_preprocess_memory_is_a_few_copies_of_the_image():
@@ -291,8 +302,7 @@ def test_preprocess_memory_is_a_few_copies_of_the_image():
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    nz = np.argwhere(np.any(image != 0, 0))
-    assert geom.bbox == tuple((int(a), int(b) + 1) for a, b in zip(nz.min(0), nz.max(0)))
+    assert geom.bbox == tuple((0, s) for s in image.shape[1:])  # (a CT: every voxel is foreground)
     assert peak < 5 * image.nbytes, peak / image.nbytes
 
 

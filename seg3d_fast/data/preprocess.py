@@ -2,7 +2,9 @@
 
 Forward (training and prediction): reorient to canonical RAS (nibabel.as_closest_canonical), crop to the
 bounding box of the non-zero voxels of any channel, optional CT intensity clipping, per-channel z-score
-inside that foreground (background set to 0), optional downsampling by a factor ("compressed" input).
+inside that foreground (background set to 0), optional downsampling by a factor ("compressed" input). Zero is
+the background only in images without negative values (MRI); in one with negative values (CT) every voxel is
+foreground.
 Inverse (prediction): logits interpolated back to the cropped grid, softmax, padded with background
 outside the crop, reoriented to the input's orientation: the result lies on the input's exact grid. The label map
 is the argmax of those probabilities, taken on the crop grid and then restored (restore_labels), so no full-size
@@ -57,7 +59,9 @@ def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="imag
     image = np.moveaxis(image, -1, 0)
     if label is not None:
         label = _to_canonical(label, orientation)
-    foreground = np.any(image != 0, axis=0)
+    # Zero is the background of images without negative values (skull-stripped MRI, zero-padded volumes). With
+    # negative values (CT in HU, normalised data) zero is an intensity, 0 HU water: every voxel is foreground.
+    foreground = np.any(image != 0, axis=0) if image.min(initial=0) >= 0 else np.ones(image.shape[1:], bool)
     if not foreground.any():
         raise Seg3DFastDataError(f"{name}: empty foreground (every voxel is zero in every channel)")
     bbox = []  # per axis (not np.argwhere: 24 bytes per foreground voxel, 1.9 GB for a 512x512x300 CT)
