@@ -194,6 +194,10 @@ def prepare(cfg, dataset, names, num_classes, channels=None):
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
+# NCCL takes CUDA tensors only: CPU tensors (the epoch's loss and Dice sums) go through gloo
+GPU_PROCESS_GROUP = "cpu:gloo,cuda:nccl"
+
+
 def dist_setup(device_arg):
     """(rank, world_size, device). Initialises the process group when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -210,8 +214,7 @@ def dist_setup(device_arg):
             raise Seg3DFastDataError(f"--device {device_arg}: CUDA is not available here")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        # NCCL takes CUDA tensors only: CPU tensors (the epoch's loss and Dice sums) go through gloo
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(GPU_PROCESS_GROUP if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

@@ -5,9 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
-
-from data_helpers import brain_csv
 
 DRIVER = textwrap.dedent("""
     import sys
@@ -17,13 +16,16 @@ DRIVER = textwrap.dedent("""
 
     data, out, weights = sys.argv[1:4]
     model = train(TrainConfig(data=data, out=out, epochs=2, samples_per_epoch=4, features=(4, 8), crop=(12, 12, 12),
-                              lr=3e-3, progress=False))
+                              lr=3e-3, progress=False, device="cpu"))  # (gloo on CPUs, also on a 1-GPU machine)
     torch.save(model.state_dict(), f"{weights}/rank{dist.get_rank()}_of_{dist.get_world_size()}.pt")
     dist.destroy_process_group()
 """)
 
 
 def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path):
+    pytest.importorskip("nibabel")  # (here, not at the top: the GPU machine may lack it, and the test below not)
+    from data_helpers import brain_csv
+
     manifest = brain_csv(tmp_path / "data", n_cases=2)
     (tmp_path / "driver.py").write_text(DRIVER)
     (tmp_path / "w").mkdir()
@@ -63,6 +65,25 @@ def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
     monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(train_module.dist, "init_process_group", lambda backend: backends.append(backend))
     assert train_module.dist_setup("auto") == (1, 2, torch.device("cuda", 1))
-    assert backends == ["cpu:gloo,cuda:nccl"]
+    assert backends == [train_module.GPU_PROCESS_GROUP] == ["cpu:gloo,cuda:nccl"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_module.dist_setup("cpu")[2] == torch.device("cpu") and backends[-1] == "gloo"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+def test_gpu_process_group_takes_cpu_and_cuda_tensors(tmp_path):
+    """The process group torchrun training makes on GPUs, for real (one process: the GPU machine has one GPU): it
+    all-reduces the CPU tensors of the epoch's sums (gloo) and CUDA tensors (NCCL). In a process of its own, so
+    that this one's torch.distributed state stays untouched."""
+    script = textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        from seg3d_fast.train import GPU_PROCESS_GROUP
+        dist.init_process_group(GPU_PROCESS_GROUP, init_method="file://{tmp_path}/pg", rank=0, world_size=1)
+        for t in (torch.arange(3.0), torch.arange(3.0, device="cuda")):
+            dist.all_reduce(t)
+            assert t.tolist() == [0.0, 1.0, 2.0], t
+        dist.destroy_process_group()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
