@@ -284,9 +284,13 @@ def queued_median_ms(calls, ms_host, budget_ms=50.0, max_reps=20):
 
 def peak_bytes(call, device):
     """GPU memory one call needs above what was allocated before it (its outputs, saved tensors and workspaces
-    included); None on the CPU."""
+    included); None on the CPU. Measured on a warm call, as every side is timed: the first call of a shape does
+    one-time work whose memory a training step never sees again (Triton's autotuner times each tile config with
+    a 256 MiB cache-flush buffer; cuDNN's algorithm search its trial workspaces)."""
     if device.type != "cuda":
         return None
+    result = call()  # warm-up (its outputs freed before the measured call)
+    del result
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
