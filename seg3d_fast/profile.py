@@ -208,11 +208,17 @@ def _free(device):
 def time_steps(variant, x, labels, warmup, steps):
     """(per-step wall times, per-step host times) in ms, after `warmup` untimed steps (JIT, autotuning, cuDNN
     choice). Wall: synchronized before and after. Host: until step() returns, the GPU's work still queued; near the
-    wall time it says that the step runs at the host's pace (launch and Python overhead), not the GPU's."""
+    wall time it says that the step runs at the host's pace (launch and Python overhead), not the GPU's. On a GPU the
+    allocator's peak is reset after the warm-up: max_memory_allocated afterwards is the timed steps' peak (the
+    optimizer state made in warm-up included, its one-time work such as Triton's autotuning buffers or the
+    dispatcher's timing of every backend on a new shape not)."""
     if variant.graph_step is not None:  # its eager warm-up and the capture come before the timed replays
         warmup += variant.graph_step.warmup + 1
     for _ in range(warmup):
         variant.step(x, labels)
+    if variant.device.type == "cuda":
+        _sync(variant.device)
+        torch.cuda.reset_peak_memory_stats(variant.device)
     times, host = [], []
     for _ in range(steps):
         _sync(variant.device)
@@ -435,8 +441,6 @@ def run_profile(args):
     for name in names:
         variant = variants[name] = Variant(name, args, device)
         x, labels = variant.inputs(args.batch, spatial)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         ops.forget_backend_choices()  # so that chosen_backends() reports this variant's choices only
         times, host = time_steps(variant, x, labels, args.warmup, args.steps)
         step_ms = statistics.median(times)

@@ -211,3 +211,23 @@ def test_alive_at_peak_from_an_allocator_trace():
     assert result["top"] == [{"where": "ops.py:10 f", "count": 2, "bytes": 150},
                              {"where": "ops.py:20 f", "count": 1, "bytes": 70}]
     assert profile.alive_at_peak(events[-1:])["top"] == [{"where": "?", "count": 1, "bytes": 90}]
+
+
+def test_time_steps_resets_the_gpu_peak_after_the_warmup(monkeypatch):
+    """The profile's GPU peak is "max_memory_allocated over the timed steps": the allocator's peak is reset after the
+    warm-up steps (autotuning, the dispatcher's timing of each backend on a new shape), not before them. (CUDA
+    calls faked: the order of steps and resets is what is checked.)"""
+    events = []
+
+    class FakeVariant:
+        device = torch.device("cuda")
+        graph_step = None
+
+        def step(self, x, labels):
+            events.append("step")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: events.append("reset"))
+    times, host = profile.time_steps(FakeVariant(), None, None, warmup=2, steps=3)
+    assert len(times) == len(host) == 3
+    assert events == ["step", "step", "reset", "step", "step", "step"]
