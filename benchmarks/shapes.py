@@ -7,7 +7,8 @@ measured once. On a CPU the same code runs at a tiny input with scaled-down feat
 Minimal cost (for TFLOP/s, GB/s and the floor; DESIGN.md "Ceilings"): M = N*D'*H'*W' output voxels, K = C_in*k^3.
   forward : 2*M*C_out*K FLOPs; bytes = x + weight + (residual) + out, each once.
   backward: 4*M*C_out*K FLOPs (input and weight gradients); bytes = grad_out + x + saved activation
-            (the PReLU output, to recover the pre-activation) + grad_x + weight + grad_weight.
+            (the PReLU output, to recover the pre-activation) + grad_x + weight + grad_weight, and with the
+            residual summed before the PReLU its gradient dz (written: it is not grad_out).
   both    : the sum of the two.
 Jaccard loss at C classes over V voxels: forward reads logits and labels once (5 FLOPs per logit: exp,
 normalise, three sums); backward reads them again and writes the logits' gradient (6 FLOPs per logit).
@@ -68,7 +69,10 @@ class ConvCase:
         y = self.n * self.c_out * _prod(self.out_spatial)
         w = self.c_out * self.c_in * self.k**3
         fwd = x + w + y + (y if self.residual else 0)
-        bwd = y + x + (y if self.prelu else 0) + x + 2 * w
+        # residual summed before the PReLU: its gradient is dz = grad_out * prelu'(z), an output of its own (after
+        # the PReLU, or with no activation, it is grad_out itself)
+        grad_residual = y if self.residual and self.residual_first and self.prelu else 0
+        bwd = y + x + (y if self.prelu else 0) + x + 2 * w + grad_residual
         return itemsize * {"forward": fwd, "backward": bwd, "both": fwd + bwd}[direction]
 
 

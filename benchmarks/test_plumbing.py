@@ -283,3 +283,19 @@ def test_peak_bytes_measures_a_warm_call(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: mem["allocated"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: mem["peak"])
     assert harness.peak_bytes(call, torch.device("cuda")) == 10
+
+
+def test_conv_case_backward_bytes_residual_first_by_hand():
+    """Residual summed before the PReLU: its gradient is dz = grad_out * prelu'(z), a tensor of the output's size
+    that the backward must write (after the PReLU, or with no activation, the residual's gradient is grad_out)."""
+    kw = dict(n=1, c_in=2, c_out=3, spatial=(4, 4, 4), k=3, stride=1, residual=True, prelu=True)
+    x, y, w = 2 * 64, 3 * 64, 3 * 2 * 27
+    first = shapes.ConvCase(residual_first=True, **kw)
+    after = shapes.ConvCase(residual_first=False, **kw)
+    # grad_out + x + saved activation + grad_x + weight + grad_weight (+ dz, the residual's gradient)
+    assert after.min_bytes("backward", 2) == 2 * (y + x + y + x + 2 * w)
+    assert first.min_bytes("backward", 2) == 2 * (y + x + y + x + 2 * w + y)
+    assert first.min_bytes("forward", 2) == after.min_bytes("forward", 2) == 2 * (x + w + y + y)
+    assert first.min_bytes("both", 2) == first.min_bytes("forward", 2) + first.min_bytes("backward", 2)
+    noact = shapes.ConvCase(residual_first=True, **dict(kw, prelu=False))
+    assert noact.min_bytes("backward", 2) == 2 * (y + x + x + 2 * w)
