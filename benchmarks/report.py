@@ -260,9 +260,11 @@ TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 def dispatch_table(payload):
     """{card: {op: {key: backends fastest first}}} in the format of seg3d_fast/backends/dispatch_table.json: op
     "conv3d_prelu" / "jaccard" / "upconv_prelu_add" from the forward rows, "<op>_backward" from the backward rows (the dispatcher may run
-    the two directions on different backends). Keys as ops.py builds them; rows sharing a key add their times. The
-    reference backend is timed as the faster eager baseline (the same cuDNN calls)."""
-    totals = {}
+    the two directions on different backends). Keys as ops.py builds them; rows sharing a key (shapes that differ in
+    volume or residual only) add their times, each backend against the reference on the rows both ran: a backend
+    that skipped a row (cannot run it, out of memory, the time limit) is not ranked faster for the time it did not
+    spend. The reference backend is timed as the faster eager baseline (the same cuDNN calls)."""
+    slots = {}
     for (op, _, dtype, d), by in _rows(payload["records"]).items():
         if d not in ("forward", "backward") or op not in DISPATCH_OPS:
             continue
@@ -274,14 +276,19 @@ def dispatch_table(payload):
         times = {"reference": min((by[b]["ms"] for b in ("eager", "eager_cl") if b in by and by[b]["ms"]),
                                   default=None)}
         times.update({b: by[b]["ms"] for b in ("triton", "cuda") if b in by})
-        slot = totals.setdefault((DISPATCH_OPS[op] + ("" if d == "forward" else "_backward"), key), {})
-        for b, ms in times.items():
-            if ms is not None:
-                slot[b] = slot.get(b, 0.0) + ms
+        slot = slots.setdefault((DISPATCH_OPS[op] + ("" if d == "forward" else "_backward"), key), [])
+        slot.append({b: ms for b, ms in times.items() if ms is not None})
     table = {}
-    for (op, key), times in totals.items():
-        if len(times) > 1:
-            table.setdefault(op, {})[key] = sorted(times, key=times.get)
+    for (op, key), rows in slots.items():
+        # each backend's total over the rows it shares with the reference, relative to the reference's total there
+        # (with every row complete: the order of the plain totals)
+        score = {}
+        for b in dict.fromkeys(b for row in rows for b in row):
+            shared = [row for row in rows if b in row and "reference" in row]
+            if shared:
+                score[b] = sum(row[b] for row in shared) / sum(row["reference"] for row in shared)
+        if len(score) > 1:
+            table.setdefault(op, {})[key] = sorted(score, key=score.get)
     return {payload["environment"]["device"]: table}
 
 

@@ -299,3 +299,19 @@ def test_conv_case_backward_bytes_residual_first_by_hand():
     assert first.min_bytes("both", 2) == first.min_bytes("forward", 2) + first.min_bytes("backward", 2)
     noact = shapes.ConvCase(residual_first=True, **dict(kw, prelu=False))
     assert noact.min_bytes("backward", 2) == 2 * (y + x + x + 2 * w)
+
+
+def test_dispatch_table_ranks_backends_on_the_rows_they_share():
+    """Two shapes sharing a dispatch key (same channels, kernel, stride): a backend missing from one of them (it
+    could not run it, ran out of memory, or the time limit came) is not ranked first for the time it did not spend.
+    triton (0.9 of cuDNN on the small shape, not run on the large) against cuda (0.8 of cuDNN on both)."""
+    ceilings = {"bf16_tflops": 1.0, "fp32_tflops": 1.0, "copy_gbps": 10.0, "fp32_uses_tf32": False}
+    small = shapes.ConvCase(n=1, c_in=8, c_out=8, spatial=(4, 4, 4), k=3, stride=1, residual=False,
+                            residual_first=False, prelu=True)
+    large = shapes.ConvCase(**{**small.__dict__, "spatial": (8, 8, 8), "residual": True})
+    measured = [(small, "eager_cl", 1.0), (small, "triton", 0.9), (small, "cuda", 0.8),
+                (large, "eager_cl", 10.0), (large, "cuda", 8.0)]
+    records = [harness.record("conv3d_prelu", c, "bf16", b, "forward", ms, ms, 0, ceilings, 2, (), harness.LAYOUT[b])
+               for c, b, ms in measured]
+    table = report.dispatch_table({"environment": {"device": "card"}, "records": records})
+    assert table == {"card": {"conv3d_prelu": {"bfloat16-k3-s1-ci8-co8": ["cuda", "triton", "reference"]}}}
