@@ -122,6 +122,33 @@ def _gmean_table(records, field="speedup_vs_cudnn"):
     for (op, dtype, direction), by in _gmeans(records, field).items():
         cells = [f"{by[b][0]:.2f}× (n={by[b][1]})" if b in by else "–" for b in backends]
         lines.append(f"| {op} | {dtype} | {direction} | " + " | ".join(cells) + " |")
+    same = _same_shape_gmeans(records, field)
+    if same:
+        lines += ["", "Where a backend measured fewer shapes than its group (opt-in or representative-only variants, "
+                  "rows cut by the time limit), its mean is not comparable with the others': the backends on the same "
+                  "shapes:", ""]
+        lines += [f"- {line}" for line in same]
+    return lines
+
+
+def _same_shape_gmeans(records, field="speedup_vs_cudnn"):
+    """For each (op, dtype, direction) and each backend that measured only some of the group's shapes: every
+    backend's geometric-mean speed-up over exactly those shapes (each that measured them all), as text lines."""
+    groups = {}
+    for r in records:
+        if r["backend"] not in ("eager", "eager_cl") and r.get(field):
+            groups.setdefault((r["op"], r["dtype"], r["direction"]), {}).setdefault(r["backend"], {})[r["name"]] = \
+                r[field]
+    order = _backends(records)
+    lines = []
+    for (op, dtype, direction), by in groups.items():
+        shapes = set().union(*by.values())
+        for b in (b for b in order if b in by and len(by[b]) < len(shapes)):
+            subset = set(by[b])
+            cells = [f"{c} {_gmean([by[c][n] for n in subset]):.2f}×" for c in order
+                     if c in by and subset <= set(by[c])]
+            lines.append(f"{op} {dtype} {direction}, on the {len(subset)} shape{'s' * (len(subset) > 1)} {b} "
+                         f"measured: " + ", ".join(cells))
     return lines
 
 
@@ -213,6 +240,7 @@ def summary(payload, dtype="bf16", direction="both"):
         for (op, dtype, direction), by in gmeans.items():
             cells = "".join(f"{b:>10} {g:5.2f}× (n={n})" for b, (g, n) in by.items())
             lines.append(f"  {op:<13}{dtype:<5}{direction:<9}{cells}")
+        lines += [f"    {line}" for line in _same_shape_gmeans(records, field)]
     return "\n".join(lines)
 
 

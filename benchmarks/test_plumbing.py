@@ -315,3 +315,23 @@ def test_dispatch_table_ranks_backends_on_the_rows_they_share():
                for c, b, ms in measured]
     table = report.dispatch_table({"environment": {"device": "card"}, "records": records})
     assert table == {"card": {"conv3d_prelu": {"bfloat16-k3-s1-ci8-co8": ["cuda", "triton", "reference"]}}}
+
+
+def test_geometric_means_compare_backends_on_the_same_shapes():
+    """A backend measured on some shapes only (triton_tma: representative layers; a row cut by the time limit) has a
+    geometric mean over other shapes than the rest: the report also gives every backend's mean on exactly those
+    shapes. Here cuda is faster than triton_tma on the shapes both ran, though its all-shape mean is lower."""
+    def rec(name, backend, speedup):
+        return {"op": "conv3d_prelu", "name": name, "dtype": "bf16", "direction": "both", "backend": backend,
+                "speedup_vs_cudnn": speedup}
+
+    records = [rec("a", "triton", 1.0), rec("b", "triton", 1.0), rec("c", "triton", 0.25),
+               rec("a", "cuda", 2.0), rec("b", "cuda", 2.0), rec("c", "cuda", 0.125),
+               rec("a", "triton_tma", 1.5), rec("b", "triton_tma", 1.5)]
+    lines = report._gmean_table(records)
+    assert "| conv3d_prelu | bf16 | both | 0.63× (n=3) | 1.50× (n=2) | 0.79× (n=3) |" in lines
+    assert "- conv3d_prelu bf16 both, on the 2 shapes triton_tma measured: triton 1.00×, triton_tma 1.50×, " \
+           "cuda 2.00×" in lines
+    payload = {"kind": "benchmarks", "environment": {"device": "card"}, "records": [
+        dict(r, ms=1.0, fraction_of_floor=None) for r in records]}
+    assert "on the 2 shapes triton_tma measured: triton 1.00×, triton_tma 1.50×, cuda 2.00×" in report.summary(payload)
