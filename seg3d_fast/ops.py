@@ -96,7 +96,7 @@ def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if not isinstance(weight, Tensor) or weight.dim() != 5:
-        raise ValueError("weight must be a 5-D tensor (C_out, C_in, k, k, k)")
+        raise ValueError(f"weight must be a 5-D tensor (C_out, C_in, k, k, k); got {_describe(weight)}")
     k = weight.shape[-1]
     if tuple(weight.shape[2:]) != (k, k, k) or k not in KERNEL_SIZES:
         raise ValueError(f"weight must have a cubic kernel of size 1 or 3; got kernel {tuple(weight.shape[2:])}")
@@ -106,6 +106,8 @@ def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
     if x.shape[1] == 0 or weight.shape[0] == 0:
         raise ValueError(f"x and weight need at least one input and one output channel; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
+    if isinstance(stride, bool) or not isinstance(stride, numbers.Integral):
+        raise TypeError(f"stride must be an int, 1 or 2; got {stride!r} ({type(stride).__name__})")
     if stride not in STRIDES:
         raise ValueError(f"stride must be 1 or 2; got {stride!r}")
     if not isinstance(residual_first, bool):
@@ -344,6 +346,7 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
         weight, bias, alpha = _cast_params(dtype, weight, bias, alpha)
     _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first)
     _check_backend(backend)
+    stride = int(stride)  # (a numpy integer: the custom op's schema takes a Python int)
     save_act = alpha is not None and residual is not None and not residual_first
     # The backend is chosen inside the op, at run time: torch.compile traces only the op, not the dispatcher.
     op = _conv3d_prelu if torch.compiler.is_compiling() else _Conv3dPReLUEager.apply

@@ -445,6 +445,21 @@ def test_conv_errors():
         sf.conv3d_prelu(x, w, backend="cudnn")
 
 
+def test_conv_stride_must_be_an_int():
+    """A bool, float or tensor stride is refused by name (True and 2.0 compare equal to 1 and 2: they reached
+    F.conv3d and failed there with its argument-combination error, and a tensor stride ran in eager mode only); a
+    numpy integer works as the int it is."""
+    import numpy as np
+
+    x, w = torch.randn(1, 2, 4, 4, 4), torch.randn(3, 2, 3, 3, 3)
+    for stride in (True, 2.0, torch.tensor(2), "2"):
+        with pytest.raises(TypeError, match="stride must be an int, 1 or 2"):
+            sf.conv3d_prelu(x, w, stride=stride)
+    torch.testing.assert_close(sf.conv3d_prelu(x, w, stride=np.int64(2)), F.conv3d(x, w, stride=2, padding=1))
+    with pytest.raises(ValueError, match="weight must be a 5-D tensor .* got str"):
+        sf.conv3d_prelu(x, "w")
+
+
 def test_explicit_backend_that_cannot_run_lists_reasons():
     x, w, *_ = make_conv_args(torch.float32, 3, 1, "none", "none", "contiguous")
     reason = sf.backends.available()["cuda"]
