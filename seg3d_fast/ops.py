@@ -65,6 +65,28 @@ def _cast_params(dtype, *params):
                  for t in params)
 
 
+def _differentiable_once(backward):
+    """Marks an autograd.Function's backward as first-order only, like torch's once_differentiable, but also where no
+    incoming gradient requires grad (a scalar loss's): under create_graph=True every gradient carries an error node,
+    so a second derivative raises instead of finding no graph, or a partial one (wrong numbers)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():  # (grad mode is on in a backward only under create_graph=True)
+            return out
+        single = not isinstance(out, tuple)
+        out = (out,) if single else out
+        error = torch._C._functions.DelayedError(
+            b"trying to differentiate twice a seg3d_fast fused op: its backward is not differentiable (no second "
+            b"derivatives, e.g. no gradient penalties through it)", len(out))
+        out = error(*[t.detach().requires_grad_() if isinstance(t, Tensor) and t.is_floating_point() else t
+                      for t in out])
+        out = out if isinstance(out, tuple) else (out,)
+        return out[0] if single else out
+    return wrapper
+
+
 def _check_same(name: str, t: Optional[Tensor], x: Tensor, ref_name: str = "x", ref: Optional[Tensor] = None):
     """t is None or a tensor on x's device with the dtype of `ref` (default: x)."""
     if t is None:
@@ -319,6 +341,7 @@ class _Conv3dPReLUEager(torch.autograd.Function):
         return output
 
     @staticmethod
+    @_differentiable_once  # a second derivative would be wrong (z is recovered from the saved output): an error
     def backward(ctx, grad_out, _grad_act):
         if grad_out is None:  # the output did not reach the loss
             return (None,) * 9
@@ -439,6 +462,7 @@ class _JaccardSumsEager(torch.autograd.Function):
         return sums
 
     @staticmethod
+    @_differentiable_once  # the backends' backward kernels have no derivative of their own
     def backward(ctx, grad_sums):
         grads = _jaccard_grads(ctx, grad_sums, _jaccard_sums_backward_impl)
         if ctx.label_check is not None:  # after the launch (see _JaccardLossReduced.backward)
@@ -567,6 +591,7 @@ class _JaccardTerms(torch.autograd.Function):
         return torch.rsub(num / den, 1)
 
     @staticmethod
+    @_differentiable_once  # num and den are saved without their graph: a second derivative would miss their terms
     def backward(ctx, grad):
         num, den = ctx.saved_tensors
         q = grad / (den * den)
@@ -637,6 +662,7 @@ class _JaccardLossReduced(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_differentiable_once
     def backward(ctx, grad):
         logits, target, sums, weights = ctx.saved_tensors
         squared, activation, ignore_index, smooth, per_sample, mean = ctx.options
@@ -686,11 +712,20 @@ class _UpConvPReLUAdd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, alpha = ctx.saved_tensors
-        need_x, need_w, need_b, need_alpha, need_skip = ctx.needs_input_grad[:5]
-        grad_x, grad_w, grad_b, grad_alpha = _backend_module(ctx.backend).upconv_prelu_add_backward(
-            grad_out, x, weight, bias, alpha, (need_x, need_w, need_b, need_alpha))
-        return grad_x, grad_w, grad_b, grad_alpha, (grad_out if need_skip and ctx.has_skip else None), None
+        # The reference's backward is made of differentiable torch ops (z is recomputed from x): twice differentiable.
+        # A kernel backend's is not: a second derivative is an error there, not a silently partial one.
+        return (_upconv_grads if ctx.backend == "reference" else _upconv_grads_once)(ctx, grad_out)
+
+
+def _upconv_grads(ctx, grad_out):
+    x, weight, bias, alpha = ctx.saved_tensors
+    need_x, need_w, need_b, need_alpha, need_skip = ctx.needs_input_grad[:5]
+    grad_x, grad_w, grad_b, grad_alpha = _backend_module(ctx.backend).upconv_prelu_add_backward(
+        grad_out, x, weight, bias, alpha, (need_x, need_w, need_b, need_alpha))
+    return grad_x, grad_w, grad_b, grad_alpha, (grad_out if need_skip and ctx.has_skip else None), None
+
+
+_upconv_grads_once = _differentiable_once(_upconv_grads)
 
 
 def _backend_module(name):

@@ -445,6 +445,46 @@ def test_conv_errors():
         sf.conv3d_prelu(x, w, backend="cudnn")
 
 
+def test_double_backward_is_an_error_or_exact():
+    """A second derivative is either exact or an error, never silently wrong. The conv's backward recovers z from the
+    saved output (its create_graph gradients were wrong, with no error), the loss's saves its terms without their
+    graph (it failed with a misleading 'modified by an inplace operation'): both raise 'differentiate twice'. The
+    upsampling block recomputes z from x, so on the reference its second derivative equals PyTorch's."""
+    d = torch.float64
+    x = torch.randn(1, 2, 3, 3, 3, dtype=d, requires_grad=True)
+    w, a = torch.randn(3, 2, 3, 3, 3, dtype=d, requires_grad=True), torch.full((3,), 0.25, dtype=d, requires_grad=True)
+    g, = torch.autograd.grad(sf.conv3d_prelu(x, w, None, a).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+    logits = torch.randn(2, 3, 4, 4, dtype=d, requires_grad=True)
+    for kwargs in ({}, {"reduction": "none"}):
+        g, = torch.autograd.grad(sf.jaccard_loss(logits, torch.randint(0, 3, (2, 4, 4)), **kwargs).sum(), logits,
+                                 create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.square().sum().backward()
+    sums = torch.rand(2, 3, 3, dtype=d, requires_grad=True)
+    g, = torch.autograd.grad(ops.jaccard_from_sums(sums), sums, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+
+    xu = torch.randn(1, 2, 2, 2, 2, dtype=d, requires_grad=True)
+    params = [torch.randn(2, 3, 2, 2, 2, dtype=d), torch.randn(3, dtype=d), torch.full((3,), 0.25, dtype=d),
+              torch.randn(1, 3, 4, 4, 4, dtype=d)]
+    params = [p.requires_grad_() for p in params]
+    results = []
+    for fn in (lambda x, w, b, a, s: F.prelu(F.conv_transpose3d(x, w, b, stride=2), a) + s,
+               lambda x, w, b, a, s: sf.upconv_prelu_add(x, w, b, a, s, backend="reference")):
+        first = torch.autograd.grad(fn(xu, *params).pow(3).sum(), [xu, *params], create_graph=True)
+        results.append(torch.autograd.grad(sum(t.square().sum() for t in first), [xu, *params]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    if sf.backends.available()["triton"] is None:
+        up = sf.upconv_prelu_add(xu.float(), *[p.float() for p in params], backend="triton")
+        g, = torch.autograd.grad(up.pow(3).sum(), xu, create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            g.square().sum().backward()
+
+
 def test_conv_stride_must_be_an_int():
     """A bool, float or tensor stride is refused by name (True and 2.0 compare equal to 1 and 2: they reached
     F.conv3d and failed there with its argument-combination error, and a tensor stride ran in eager mode only); a
