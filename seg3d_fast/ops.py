@@ -53,16 +53,22 @@ def _autocast_dtype(device: torch.device):
     return None
 
 
+# What autocast casts: float tensors other than float64 (PyTorch's own layers keep float64 and leave integer
+# tensors alone, which then fail the dtype checks as they do outside autocast).
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _cast(dtype, *tensors):
-    return tuple(t if not isinstance(t, Tensor) or t.dtype == dtype else t.to(dtype) for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype != dtype and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in tensors)
 
 
 def _cast_params(dtype, *params):
     """Under autocast: the parameters as the fused ops take them. float32 ones stay float32 (the kernels read them
-    as they are and return their gradients in float32: no cast kernels, no autograd nodes for the casts); others
-    are cast to the autocast dtype."""
-    return tuple(t if not isinstance(t, Tensor) or t.dtype in (dtype, torch.float32) else t.to(dtype)
-                 for t in params)
+    as they are and return their gradients in float32: no cast kernels, no autograd nodes for the casts); float16 /
+    bfloat16 ones are cast to the autocast dtype, others (float64) left as they are, as autocast leaves them."""
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) and t.dtype != dtype
+                 else t for t in params)
 
 
 def _differentiable_once(backward):
@@ -748,6 +754,9 @@ def upconv_prelu_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: T
         raise TypeError(f"x must be float16, bfloat16, float32 or float64; got {x.dtype}")
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"channel mismatch: x has {x.shape[1]} channels but weight expects {weight.shape[0]}")
+    for name, t in (("bias", bias), ("alpha", alpha), ("skip", skip)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     _check_backend(backend)
     dtype = _autocast_dtype(x.device)
     if dtype is not None:

@@ -485,6 +485,33 @@ def test_double_backward_is_an_error_or_exact():
             g.square().sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_leaves_float64_and_integer_tensors_alone(dtype):
+    """As PyTorch's autocast: float64 tensors keep float64 (the fused ops cast them to the autocast dtype, silently
+    losing precision where F.conv3d keeps float64), and an integer residual / skip is refused as it is outside
+    autocast (it was cast and accepted). A non-tensor alpha or bias of the upsampling block is a TypeError naming it
+    (it was an AttributeError from inside the checks)."""
+    d = torch.float64
+    x, w, b, a = torch.randn(1, 2, 3, 3, 3, dtype=d), torch.randn(3, 2, 3, 3, 3, dtype=d), torch.randn(3, dtype=d), \
+        torch.full((3,), 0.25, dtype=d)
+    r = torch.randn(1, 3, 3, 3, 3, dtype=d)
+    xu, wu, s = torch.randn(1, 2, 2, 2, 2, dtype=d), torch.randn(2, 3, 2, 2, 2, dtype=d), torch.randn(1, 3, 4, 4, 4, dtype=d)
+    with torch.autocast("cpu", dtype=dtype):
+        y = sf.conv3d_prelu(x, w, b, a, r)
+        up = sf.upconv_prelu_add(xu, wu, b, a, s)
+        with pytest.raises(TypeError, match="residual has dtype torch.int64 but x has"):
+            sf.conv3d_prelu(x.float(), w.float(), None, None, r.long())
+        with pytest.raises(TypeError, match="skip has dtype torch.int64 but x has"):
+            sf.upconv_prelu_add(xu.float(), wu.float(), None, a.float(), s.long())
+        with pytest.raises(TypeError, match="alpha must be a torch.Tensor or None, got float"):
+            sf.upconv_prelu_add(xu.float(), wu.float(), None, 0.25)
+    assert y.dtype == up.dtype == d
+    torch.testing.assert_close(y, F.prelu(F.conv3d(x, w, b, padding=1), a) + r)
+    torch.testing.assert_close(up, F.prelu(F.conv_transpose3d(xu, wu, b, stride=2), a) + s)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None, got list"):
+        sf.upconv_prelu_add(xu, wu, [0.0] * 3, a)
+
+
 def test_conv_stride_must_be_an_int():
     """A bool, float or tensor stride is refused by name (True and 2.0 compare equal to 1 and 2: they reached
     F.conv3d and failed there with its argument-combination error, and a tensor stride ran in eager mode only); a
