@@ -522,6 +522,24 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
     return class_weights
 
 
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _label_map(target, ignore_index):
+    """The label map and ignore_index as the backends take them. uint16/32/64 labels (few torch ops take them: the
+    reference's range check had no kernel) become int64. An ignore_index that the labels' dtype cannot hold matches
+    no voxel: None (torch compares a uint8 map with -1 as with 255, an int8 one with 255 as with -1, so the reference
+    ignored those labels where the kernels, comparing values, reported them out of range)."""
+    if target.dtype.is_floating_point:
+        return target, ignore_index
+    if target.dtype in _WIDE_UNSIGNED:
+        target = target.long()
+    if ignore_index is not None:
+        info = torch.iinfo(target.dtype)
+        ignore_index = int(ignore_index) if info.min <= ignore_index <= info.max else None
+    return target, ignore_index
+
+
 def _label_range_check(logits, target, ignore_index, label_range=None, defer=None):
     """Checks that the labels lie in [0, C) (ignore_index voxels aside). In training on a GPU the (min, max) is
     copied asynchronously and the returned function checks it in backward, after the gradient kernel is launched and
@@ -619,6 +637,7 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     """
     class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth)
     _check_backend(backend)
+    target, ignore_index = _label_map(target, ignore_index)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
     if torch.compiler.is_compiling():

@@ -613,6 +613,32 @@ def test_jaccard_errors():
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), smooth=-1.0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_jaccard_label_dtypes_and_unrepresentable_ignore_index(backend):
+    """Every integer label dtype gives the int64 map's loss (uint16/32/64 raised NotImplementedError from the
+    reference's range check). An ignore_index the labels' dtype cannot hold ignores nothing: torch's scalar
+    comparison wrapped it (-1 matched a uint8 255, 255 an int8 -1), so the reference silently ignored those voxels
+    while the kernels reported them out of range."""
+    skip_unless_usable(backend)
+    logits = torch.randn(2, 3, 4, 5, device=DEVICE)
+    labels = torch.randint(0, 3, (2, 4, 5), device=DEVICE)
+    want = sf.jaccard_loss(logits, labels, reduction="none", backend=backend)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32, torch.uint64):
+        torch.testing.assert_close(sf.jaccard_loss(logits, labels.to(dtype), reduction="none", backend=backend), want)
+    wrapped = labels.to(torch.uint8)
+    wrapped[0, 0, 0] = 255
+    with pytest.raises(ValueError, match=r"found values in \[0, 255\]"):
+        sf.jaccard_loss(logits, wrapped, ignore_index=-1, backend=backend)
+    with pytest.raises(ValueError, match=r"found values in \[-1, 2\]"):
+        sf.jaccard_loss(logits, torch.where(wrapped == 255, -1, wrapped.long()).to(torch.int8), ignore_index=255,
+                        backend=backend)
+    torch.testing.assert_close(sf.jaccard_loss(logits, labels, ignore_index=2 ** 70, backend=backend),
+                               sf.jaccard_loss(logits, labels, backend=backend))
+    ignored = torch.where(wrapped == 255, -1, wrapped.long())
+    torch.testing.assert_close(sf.jaccard_loss(logits, wrapped, ignore_index=255, backend=backend),
+                               sf.jaccard_loss(logits, ignored, ignore_index=-1, backend=backend))
+
+
 def test_upconv_errors_and_empty_batches():
     """Bad upsampling inputs name the argument; an empty batch gives an empty output and zero parameter gradients
     (on the reference backend, as F.conv3d would), for both fused ops."""
