@@ -13,6 +13,7 @@ upconv_prelu_add(x, weight, bias, alpha, skip): transposed conv (kernel 2, strid
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import os
 from typing import Optional
@@ -405,7 +406,7 @@ def _loss_forward(module, logits, target, activation, ignore_index):
         weights = _unit_weights(logits.shape[1], True, logits.device)
         return module.jaccard_loss_reduced(logits, target, True, activation, ignore_index, 1e-5, weights, False,
                                            True)[0]
-    return jaccard_from_sums(module.jaccard_sums(logits, target, True, activation, ignore_index))
+    return _loss_from_sums(module.jaccard_sums(logits, target, True, activation, ignore_index))
 
 
 def _jaccard_sums_impl(logits, target, squared, activation, ignore_index, backend):
@@ -476,7 +477,8 @@ class _JaccardSumsEager(torch.autograd.Function):
         return *grads, None
 
 
-def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth):
+def _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth, squared,
+                        include_background, per_sample):
     if not isinstance(logits, Tensor) or logits.dim() < 3 or logits.dim() > 5:
         raise ValueError("logits must be a tensor (N, C, *spatial) with 1 to 3 spatial dims; got "
                          + _describe(logits))
@@ -485,8 +487,6 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
                          "class and voxel")
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
         raise TypeError(f"ignore_index must be an int label value or None; got {ignore_index!r}")
-    if not (isinstance(smooth, (int, float)) and smooth >= 0):
-        raise ValueError(f"smooth must be a number >= 0; got {smooth!r}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be a floating-point tensor; got dtype {logits.dtype}")
     if not isinstance(target, Tensor):
@@ -495,9 +495,9 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}; got {activation!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     n, c = logits.shape[:2]
+    class_weights = _check_loss_options(c, logits.device, smooth, class_weights, reduction,
+                                        squared=squared, include_background=include_background, per_sample=per_sample)
     if activation == "softmax" and c < 2:
         raise ValueError("logits has 1 channel: softmax over one class is constant; use activation='sigmoid'")
     if target.dtype.is_floating_point:
@@ -513,9 +513,32 @@ def _check_jaccard_args(logits, target, activation, class_weights, ignore_index,
         if tuple(target.shape) != expected:
             raise ValueError(f"target label map must have shape (N, *spatial) = {expected} to match logits "
                              f"{tuple(logits.shape)}; got {tuple(target.shape)}")
+    return class_weights
+
+
+def _check_loss_options(c, device, smooth, class_weights, reduction, **flags):
+    """The loss's options (jaccard_loss and jaccard_from_sums) for C classes -> class_weights as a tensor or None."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):  # ('no' or None would pass as a truth value)
+            raise TypeError(f"{name} must be a bool; got {value!r}")
+    if isinstance(smooth, bool) or not isinstance(smooth, numbers.Real) or not math.isfinite(smooth) or smooth < 0:
+        raise ValueError(f"smooth must be a number >= 0 (finite); got {smooth!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if not flags["include_background"] and c < 2:
+        raise ValueError("include_background=False leaves no class to score: there is only one class (the loss "
+                         "would be the mean of nothing, NaN)")
     if class_weights is not None:
         if not isinstance(class_weights, Tensor):
-            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            try:
+                class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"class_weights must be a tensor or a sequence of {c} numbers; got "
+                                f"{class_weights!r}") from e
+        if class_weights.dtype.is_complex or class_weights.dtype == torch.bool:
+            raise TypeError(f"class_weights must hold real numbers; got dtype {class_weights.dtype}")
+        if class_weights.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"class_weights is on meta (no data) but the loss is computed on {device}")
         if class_weights.shape != (c,):
             raise ValueError(f"class_weights must have one weight per class, shape ({c},); "
                              f"got {tuple(class_weights.shape)}")
@@ -583,6 +606,20 @@ def jaccard_from_sums(sums: Tensor, *, smooth: float = 1e-5, class_weights: Opti
     per_sample=False pools the sums over the batch (one ratio per class); True takes one ratio per (sample, class).
     reduction "none" returns those ratios' losses, (C,) or (N, C); "mean" weights classes by class_weights.
     """
+    if not isinstance(sums, Tensor) or sums.dim() != 3 or sums.shape[2] != 3 or 0 in sums.shape:
+        raise ValueError(f"sums must be a tensor (N, C, 3) of [sum p*t, sum p^2 | p, sum t^2 | t] per sample and "
+                         f"class (N, C >= 1); got {_describe(sums)}")
+    if sums.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"sums must be a floating-point tensor; got dtype {sums.dtype}")
+    class_weights = _check_loss_options(sums.shape[1], sums.device, smooth, class_weights, reduction,
+                                        include_background=include_background, per_sample=per_sample)
+    return _loss_from_sums(sums, smooth=float(smooth), class_weights=class_weights,
+                           include_background=include_background, per_sample=per_sample, reduction=reduction)
+
+
+def _loss_from_sums(sums, *, smooth=1e-5, class_weights=None, include_background=True, per_sample=False,
+                    reduction="mean"):
+    """jaccard_from_sums on checked arguments."""
     if not per_sample:
         sums = sums.sum(0, keepdim=True)
     loss = _JaccardTerms.apply(sums, smooth)
@@ -635,8 +672,10 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     Labels outside [0, C) (other than ignore_index) raise ValueError; when training on a GPU that error comes from
     backward, so that the forward never waits for the GPU.
     """
-    class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth)
+    class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth,
+                                        squared, include_background, per_sample)
     _check_backend(backend)
+    smooth = float(smooth)  # (a numpy scalar)
     target, ignore_index = _label_map(target, ignore_index)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
@@ -650,8 +689,8 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
                                              smooth, per_sample, reduction == "mean", _defer_label_check(logits))
         label_check = _label_range_check(logits, target, ignore_index)
         sums = _JaccardSumsEager.apply(logits, target, squared, activation, ignore_index, backend or "", label_check)
-    return jaccard_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
-                             per_sample=per_sample, reduction=reduction)
+    return _loss_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
+                           per_sample=per_sample, reduction=reduction)
 
 
 @functools.lru_cache(maxsize=64)

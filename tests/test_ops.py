@@ -639,6 +639,59 @@ def test_jaccard_label_dtypes_and_unrepresentable_ignore_index(backend):
                                sf.jaccard_loss(logits, ignored, ignore_index=-1, backend=backend))
 
 
+def test_jaccard_options_are_checked():
+    """Invalid loss options name the argument instead of being taken as truth values (squared='no' was squared,
+    include_background='no' kept the background) or giving NaN (include_background=False with one class; smooth=inf);
+    a numpy float smooth is a number (it was refused as 'not a number'); class_weights that are not numbers or are
+    on the meta device name class_weights (torch's own errors did not)."""
+    logits, labels = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))
+    for name in ("squared", "include_background", "per_sample"):
+        for value in ("no", None, 1):
+            with pytest.raises(TypeError, match=f"{name} must be a bool; got {value!r}"):
+                sf.jaccard_loss(logits, labels, **{name: value})
+    for smooth in (float("inf"), float("nan"), True, torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"smooth must be a number >= 0 \(finite\)"):
+            sf.jaccard_loss(logits, labels, smooth=smooth)
+    import numpy as np
+    torch.testing.assert_close(sf.jaccard_loss(logits, labels, smooth=np.float32(0.5)),
+                               sf.jaccard_loss(logits, labels, smooth=0.5))
+    for kwargs in ({}, {"reduction": "none"}):
+        with pytest.raises(ValueError, match="include_background=False leaves no class"):
+            sf.jaccard_loss(logits[:, :1], labels.clamp(max=0), activation="sigmoid", include_background=False,
+                            **kwargs)
+    with pytest.raises(TypeError, match="class_weights must be a tensor or a sequence of 3 numbers"):
+        sf.jaccard_loss(logits, labels, class_weights="abc")
+    with pytest.raises(TypeError, match="class_weights must hold real numbers"):
+        sf.jaccard_loss(logits, labels, class_weights=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="class_weights is on meta"):
+        sf.jaccard_loss(logits, labels, class_weights=torch.ones(3, device="meta"))
+
+
+def test_jaccard_from_sums_is_public_and_checks_its_arguments():
+    """sf.jaccard_from_sums (README's API) exists and checks what it is given: sums of the wrong shape gave a wrong
+    loss silently ((C, 3) was read as C samples of 3 classes' [I, P, T] pooled) or an unpacking error; reduction='avg' was taken as 'mean',
+    smooth=-1 accepted, a list of class weights or the wrong count failed inside torch."""
+    sums = torch.rand(2, 3, 3, dtype=torch.float64) + torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)
+    inter, p, t = sums.sum(0).unbind(-1)
+    want = 1 - (inter + 1e-5) / (p + t - inter + 1e-5)
+    torch.testing.assert_close(sf.jaccard_from_sums(sums, reduction="none"), want)
+    torch.testing.assert_close(sf.jaccard_from_sums(sums, class_weights=[1.0, 2.0, 1.0]),
+                               (want * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)).sum() / 4)
+    for bad in (sums[0], sums[..., :2], sums[:0], [[[1.0, 2.0, 3.0]]]):
+        with pytest.raises(ValueError, match=r"sums must be a tensor \(N, C, 3\)"):
+            sf.jaccard_from_sums(bad)
+    with pytest.raises(TypeError, match="sums must be a floating-point tensor"):
+        sf.jaccard_from_sums(sums.long())
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        sf.jaccard_from_sums(sums, reduction="avg")
+    with pytest.raises(ValueError, match=r"smooth must be a number >= 0 \(finite\)"):
+        sf.jaccard_from_sums(sums, smooth=-1)
+    with pytest.raises(ValueError, match=r"class_weights must have one weight per class, shape \(3,\)"):
+        sf.jaccard_from_sums(sums, class_weights=torch.ones(5))
+    with pytest.raises(TypeError, match="per_sample must be a bool"):
+        sf.jaccard_from_sums(sums, per_sample="yes")
+
+
 def test_upconv_errors_and_empty_batches():
     """Bad upsampling inputs name the argument; an empty batch gives an empty output and zero parameter gradients
     (on the reference backend, as F.conv3d would), for both fused ops."""
