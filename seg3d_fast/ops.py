@@ -683,7 +683,9 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
         sums = _jaccard_sums(logits, target, squared, activation, ignore_index, backend or "")
     else:
         module = _jaccard_backend(logits, target, activation, ignore_index, backend or "")
-        if reduction != "none" and hasattr(module, "jaccard_loss_reduced"):
+        # (the fused loss gives class_weights no gradient: weights being learned take the sums path)
+        learned_weights = class_weights is not None and class_weights.requires_grad and torch.is_grad_enabled()
+        if reduction != "none" and hasattr(module, "jaccard_loss_reduced") and not learned_weights:
             weights = _loss_weights(class_weights, include_background, logits.shape[1], logits.device)
             return _JaccardLossReduced.apply(logits, target, weights, module, squared, activation, ignore_index,
                                              smooth, per_sample, reduction == "mean", _defer_label_check(logits))

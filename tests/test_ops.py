@@ -692,6 +692,23 @@ def test_jaccard_from_sums_is_public_and_checks_its_arguments():
         sf.jaccard_from_sums(sums, per_sample="yes")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_jaccard_class_weights_get_their_gradient(backend):
+    """class_weights that require grad get the same gradient on every backend (the triton / cuda fused loss returned
+    none for them, silently, while the reference gave it)."""
+    skip_unless_usable(backend)
+    logits = torch.randn(2, 3, 4, 5, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 4, 5), device=DEVICE)
+    weights = torch.tensor([0.5, 1.0, 2.0], device=DEVICE, requires_grad=True)
+    for kwargs in ({}, {"per_sample": True, "include_background": False}, {"reduction": "sum"}):
+        got = torch.autograd.grad(sf.jaccard_loss(logits, labels, class_weights=weights, backend=backend, **kwargs),
+                                  [logits, weights])
+        loss64 = sf.jaccard_loss(logits.double(), labels, class_weights=weights.double(), backend="reference",
+                                 **kwargs)
+        for g, want in zip(got, torch.autograd.grad(loss64, [logits, weights])):
+            torch.testing.assert_close(g, want.float(), atol=1e-5, rtol=1e-4)
+
+
 def test_upconv_errors_and_empty_batches():
     """Bad upsampling inputs name the argument; an empty batch gives an empty output and zero parameter gradients
     (on the reference backend, as F.conv3d would), for both fused ops."""
