@@ -758,7 +758,7 @@ def _upconv_backend(x, weight, bias, alpha, skip, backend: str) -> str:
         args = (x, weight, bias, alpha, skip)
         key = f"{str(x.dtype).removeprefix('torch.')}-ci{weight.shape[0]}-co{weight.shape[1]}"
         bench = backends.Bench("upconv_prelu_add", args, lambda m: m.upconv_prelu_add_forward(*args))
-        env = os.environ.get(backends.ENV_BACKEND)
+        env = backends.env_backend()
         # SEG3D_FAST_BACKEND=cuda forces the conv blocks; the upsampling then runs on the best other backend
         requested = backend or (env if env in UPCONV_BACKENDS else None)
         name = _backend_cache[signature] = backends.select("upconv_prelu_add", requested, x.device, key, args, bench,

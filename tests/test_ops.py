@@ -745,6 +745,21 @@ def test_env_backend_forces_choice(monkeypatch):
     assert calls == [1]
 
 
+def test_env_backend_that_names_no_backend(monkeypatch):
+    """SEG3D_FAST_BACKEND set to no backend's name is an error naming the variable in every op (the conv and the loss
+    said "backend must be one of ... got 'foo'" of an argument never passed; the upsampling ignored it)."""
+    monkeypatch.setattr(ops, "_backend_cache", {})
+    monkeypatch.setenv("SEG3D_FAST_BACKEND", "Triton")
+    x, w = torch.randn(1, 2, 3, 3, 3), torch.randn(3, 2, 3, 3, 3)
+    for call in (lambda: sf.conv3d_prelu(x, w),
+                 lambda: sf.jaccard_loss(torch.randn(1, 3, 4), torch.zeros(1, 4, dtype=torch.long)),
+                 lambda: sf.upconv_prelu_add(x, torch.randn(2, 3, 2, 2, 2), None, torch.ones(1))):
+        with pytest.raises(ValueError, match="environment variable SEG3D_FAST_BACKEND='Triton' names no backend"):
+            call()
+    monkeypatch.setenv("SEG3D_FAST_BACKEND", "")  # empty: unset
+    torch.testing.assert_close(sf.conv3d_prelu(x, w), F.conv3d(x, w, padding=1))
+
+
 def test_available_reports_reasons():
     available = sf.backends.available()
     assert set(available) == {"reference", "triton", "cuda"} and available["reference"] is None

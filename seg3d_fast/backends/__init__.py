@@ -184,11 +184,21 @@ class Bench:
         return self._run(module)
 
 
+def env_backend() -> str | None:
+    """The backend forced by env SEG3D_FAST_BACKEND (unset or empty: None); a value that names no backend is an
+    error naming the variable (the user passed no backend argument)."""
+    name = os.environ.get(ENV_BACKEND) or None
+    if name is not None and name not in NAMES:
+        raise ValueError(f"environment variable {ENV_BACKEND}={name!r} names no backend: expected one of {NAMES} "
+                         "(or unset it to let the dispatcher choose)")
+    return name
+
+
 def select(op: str, backend: str | None, device, key: str, args: tuple, bench: Bench | None = None,
            direction: str = "forward", use_env: bool = True) -> str:
     """Name of the backend that runs `op` on `args`. `backend` (or env SEG3D_FAST_BACKEND, where use_env) forces a
     choice."""
-    requested = backend or (os.environ.get(ENV_BACKEND) if use_env else None) or None
+    requested = backend or (env_backend() if use_env else None) or None
     if requested is not None:
         reasons = unsupported_reasons(requested, op, *args)
         if reasons:
