@@ -94,6 +94,15 @@ def _differentiable_once(backward):
     return wrapper
 
 
+def _refuse_func_transforms():
+    """torch.func transforms (grad, vjp, vmap, jacrev, ...) cannot run the fused ops' autograd.Functions: PyTorch's
+    own error speaks of a setup_context staticmethod the caller cannot add. Say what the caller can do instead."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError("seg3d_fast's fused ops do not support torch.func transforms (grad, vjp, jvp, vmap, jacrev, "
+                           "...): their gradients come from custom backward kernels; use torch.autograd.grad or "
+                           ".backward() (and a Python loop instead of vmap)")
+
+
 def _check_same(name: str, t: Optional[Tensor], x: Tensor, ref_name: str = "x", ref: Optional[Tensor] = None):
     """t is None or a tensor on x's device with the dtype of `ref` (default: x)."""
     if t is None:
@@ -376,6 +385,7 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
         weight, bias, alpha = _cast_params(dtype, weight, bias, alpha)
     _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first)
     _check_backend(backend)
+    _refuse_func_transforms()
     stride = int(stride)  # (a numpy integer: the custom op's schema takes a Python int)
     save_act = alpha is not None and residual is not None and not residual_first
     # The backend is chosen inside the op, at run time: torch.compile traces only the op, not the dispatcher.
@@ -613,6 +623,7 @@ def jaccard_from_sums(sums: Tensor, *, smooth: float = 1e-5, class_weights: Opti
         raise TypeError(f"sums must be a floating-point tensor; got dtype {sums.dtype}")
     class_weights = _check_loss_options(sums.shape[1], sums.device, smooth, class_weights, reduction,
                                         include_background=include_background, per_sample=per_sample)
+    _refuse_func_transforms()
     return _loss_from_sums(sums, smooth=float(smooth), class_weights=class_weights,
                            include_background=include_background, per_sample=per_sample, reduction=reduction)
 
@@ -675,6 +686,7 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth,
                                         squared, include_background, per_sample)
     _check_backend(backend)
+    _refuse_func_transforms()
     smooth = float(smooth)  # (a numpy scalar)
     target, ignore_index = _label_map(target, ignore_index)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
@@ -833,4 +845,5 @@ def upconv_prelu_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: T
     out_shape = (x.shape[0], c_out, *[2 * s for s in x.shape[2:]])
     if skip is not None and tuple(skip.shape) != out_shape:
         raise ValueError(f"skip must have the output's shape {out_shape}; got {tuple(skip.shape)}")
+    _refuse_func_transforms()
     return _UpConvPReLUAdd.apply(x, weight, bias, alpha, skip, backend or "")

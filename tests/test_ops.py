@@ -512,6 +512,23 @@ def test_autocast_leaves_float64_and_integer_tensors_alone(dtype):
         sf.upconv_prelu_add(xu, wu, [0.0] * 3, a)
 
 
+def test_torch_func_transforms_are_refused_clearly():
+    """torch.func.grad / vmap of a fused op raise an error that says what to use instead (PyTorch's own asked for a
+    setup_context staticmethod, something only seg3d_fast could add)."""
+    x, w, a = torch.randn(1, 2, 3, 3, 3), torch.randn(3, 2, 3, 3, 3), torch.full((3,), 0.25)
+    labels, w_up = torch.randint(0, 3, (1, 4)), torch.randn(2, 3, 2, 2, 2)
+    calls = [lambda t: sf.conv3d_prelu(t, w, None, a).sum(),
+             lambda t: sf.upconv_prelu_add(t, w_up, None, a).sum(),
+             lambda t: sf.jaccard_loss(t.reshape(1, 3, -1)[..., :4], labels),
+             lambda t: sf.jaccard_from_sums(t.reshape(-1)[:18].reshape(2, 3, 3))]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="do not support torch.func transforms .* use torch.autograd.grad"):
+            torch.func.grad(call)(x)
+        with pytest.raises(RuntimeError, match="do not support torch.func transforms"):
+            torch.func.vmap(call)(x[None])
+    assert sf.conv3d_prelu(x, w, None, a).shape == (1, 3, 3, 3, 3)  # (outside a transform: unaffected)
+
+
 def test_conv_stride_must_be_an_int():
     """A bool, float or tensor stride is refused by name (True and 2.0 compare equal to 1 and 2: they reached
     F.conv3d and failed there with its argument-combination error, and a tensor stride ran in eager mode only); a
