@@ -69,7 +69,8 @@ def available() -> dict[str, str | None]:
 
 
 def unsupported_reasons(name: str, op: str, *args) -> list[str]:
-    """Why backend `name` cannot run `op` ("conv3d_prelu" | "jaccard") on these arguments ([] = it can)."""
+    """Why backend `name` cannot run `op` ("conv3d_prelu" | "jaccard" | "upconv_prelu_add") on these arguments
+    ([] = it can)."""
     reason = unavailable_reason(name)
     if reason is not None:
         return [reason]
