@@ -25,20 +25,35 @@ void use_device(int device) {
   SEG3D_CHECK(cudaSetDevice(device));
 }
 
-int multiprocessors(int device) {
-#if defined(SEG3D_SIMT_CPU)  // the simulated card's count may change between tests (SEG3D_SIMT_SMS): not cached
+namespace {
+
+// A device attribute, queried once per device (attributes do not change while the process runs).
+template <cudaDeviceAttr ATTR>
+int cached_attribute(int device, const char* what) {
+#if defined(SEG3D_SIMT_CPU)  // the simulated card's values may change between tests (SEG3D_SIMT_SMS, ...): not cached
   int simulated = 0;
-  SEG3D_CHECK(cudaDeviceGetAttribute(&simulated, cudaDevAttrMultiProcessorCount, device));
+  check_cuda(cudaDeviceGetAttribute(&simulated, ATTR, device), what);
   return simulated;
 #endif
-  static std::array<std::atomic<int>, 64> counts{};  // 0: not yet queried
-  if (device < 0 || device >= static_cast<int>(counts.size())) throw std::invalid_argument("device index");
-  int count = counts[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    SEG3D_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    counts[device].store(count, std::memory_order_relaxed);
+  static std::array<std::atomic<int>, 64> values{};  // 0: not yet queried
+  if (device < 0 || device >= static_cast<int>(values.size())) throw std::invalid_argument("device index");
+  int value = values[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    check_cuda(cudaDeviceGetAttribute(&value, ATTR, device), what);
+    values[device].store(value, std::memory_order_relaxed);
   }
-  return count;
+  return value;
+}
+
+}  // namespace
+
+int multiprocessors(int device) {
+  return cached_attribute<cudaDevAttrMultiProcessorCount>(device, "cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount)");
+}
+
+int max_shared_memory(int device) {
+  return cached_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(
+      device, "cudaDeviceGetAttribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)");
 }
 
 }  // namespace seg3d

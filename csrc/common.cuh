@@ -33,6 +33,9 @@ inline void check_cuda(cudaError_t err, const char* what) {
 void use_device(int device);
 // The device's multiprocessor count (queried once per device).
 int multiprocessors(int device);
+// The most shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin, queried once per device):
+// 227 KiB on sm_90, 163 KiB on sm_80, but 99 KiB on sm_86 / sm_89 / sm_120 cards (RTX 30xx/40xx, A10, L4, L40).
+int max_shared_memory(int device);
 
 // Dtype codes shared with seg3d_fast/backends/cuda.py.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -918,10 +918,26 @@ __global__ void __launch_bounds__(kThreads) wgrad_v2_kernel(const WgradArgs a) {
 
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
+// Every kernel's dynamic shared memory is set before its launch (most need more than the default 48 KiB). A tile that
+// does not fit the card (its opt-in limit: 99 KiB on sm_86 / sm_89 / sm_120) raises with both sizes in the message.
 template <class Kernel>
-void set_smem(Kernel kernel, size_t bytes) {
-  SEG3D_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+void set_smem(Kernel kernel, size_t bytes, const char* name) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) return;
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) == cudaSuccess) optin = max_shared_memory(device);
+  check_cuda(err, (std::string("cudaFuncSetAttribute(") + name + ", MaxDynamicSharedMemorySize = " +
+                   std::to_string(bytes) + " bytes; this GPU allows " + std::to_string(optin) + " per block)")
+                      .c_str());
 }
+
+// Upper bound of a conv kernel's static __shared__ arrays (row tables: 3.1 KiB at most), which count against the
+// same per-block limit as the dynamic shared memory.
+constexpr size_t kStaticSmemBound = 4096;
+// The least opt-in shared memory per block of the cards the backend runs on (sm_80 and later): 99 KiB (sm_86 / sm_89 /
+// sm_120). Every tile but the optional 128x128 and 128x64 conv tiles (launch_conv_tiles) fits it.
+constexpr size_t kLeastSmemOptin = 101376;
 
 // VEC: 0 for the first kernel generation, else the second, copying operands VEC elements (16 or 8 bytes) at a time.
 template <class T, bool TF32, int BM, int BN, int WARPS_M, int VEC>
@@ -933,7 +949,9 @@ void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
     else return conv_gemm_kernel<T, TF32, BM, BN, WARPS_M>;
   }();
   const size_t smem = SmemLayout<T, BM, BN, false, false>::BYTES;
-  set_smem(kernel, smem);
+  static_assert((BM == 128 && BN >= 64) || SmemLayout<T, BM, BN, false, false>::BYTES + kStaticSmemBound <= kLeastSmemOptin,
+                "a conv tile without a smaller alternative must fit every card");
+  set_smem(kernel, smem, VEC ? "conv_gemm_v2_kernel" : "conv_gemm_kernel");
   dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((a.Cout + BN - 1) / BN));
   SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
   check_cuda(cudaGetLastError(), VEC ? "launch of conv_gemm_v2_kernel" : "launch of conv_gemm_kernel");
@@ -941,18 +959,23 @@ void launch_conv_tile(const ConvArgs& a, cudaStream_t stream) {
 
 // Narrow output channel counts (the network has 8 and 16) get narrow, tall tiles instead of wasted columns. Wider
 // layers take the largest tile that still gives the card about 1.5 waves of blocks (two resident per SM), so that
-// small volumes do not leave SMs idle: 128x128 (each gathered input tile serves 128 channels), 128x64, 64x64.
+// small volumes do not leave SMs idle: 128x128 (each gathered input tile serves 128 channels), 128x64, 64x64; and
+// that fits the card's shared memory per block (smem_optin): fp32's 128x64 tile takes 108 KiB, more than the 99 KiB
+// of sm_86 / sm_89 / sm_120 cards, which take 64x64 (72 KiB) instead. Every other conv tile fits 99 KiB.
 template <class T, bool TF32, int VEC>
-void launch_conv_tiles(const ConvArgs& a, int sms, cudaStream_t stream) {
+void launch_conv_tiles(const ConvArgs& a, int sms, int smem_optin, cudaStream_t stream) {
   const long long M = static_cast<long long>(a.N) * a.QD * a.QH * a.QW;
   auto enough_blocks = [&](int bm, int bn) {
     return ((M + bm - 1) / bm) * ((a.Cout + bn - 1) / bn) >= 3LL * sms;
   };
+  auto fits = [&](size_t bytes) { return bytes + kStaticSmemBound <= static_cast<size_t>(smem_optin); };
   if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4, VEC>(a, stream);
   else if (a.Cout <= 32) launch_conv_tile<T, TF32, 128, 32, 4, VEC>(a, stream);
-  else if (!std::is_same<T, float>::value && a.Cout > 64 && enough_blocks(128, 128)) {
+  else if (!std::is_same<T, float>::value && a.Cout > 64 && enough_blocks(128, 128) &&
+           fits(SmemLayout<T, 128, 128, false, false>::BYTES)) {
     if constexpr (!std::is_same<T, float>::value) launch_conv_tile<T, TF32, 128, 128, 2, VEC>(a, stream);
-  } else if (enough_blocks(128, 64)) launch_conv_tile<T, TF32, 128, 64, 2, VEC>(a, stream);
+  } else if (enough_blocks(128, 64) && fits(SmemLayout<T, 128, 64, false, false>::BYTES))
+    launch_conv_tile<T, TF32, 128, 64, 2, VEC>(a, stream);
   else launch_conv_tile<T, TF32, 64, 64, 2, VEC>(a, stream);
 }
 
@@ -964,7 +987,7 @@ void launch_halo_chunks(const ConvArgs& a, cudaStream_t stream) {
   if (boxes == 0 || a.Cout == 0) return;
   auto kernel = conv_halo_kernel<T, BN, WARPS_M, CHUNKED>;
   const size_t smem = H::bytes(a.C);
-  set_smem(kernel, smem);
+  set_smem(kernel, smem, "conv_halo_kernel");
   dim3 grid(static_cast<unsigned>(boxes), static_cast<unsigned>((a.Cout + BN - 1) / BN));
   SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
   SEG3D_CHECK_LAUNCH("conv_halo_kernel");
@@ -991,7 +1014,7 @@ bool use_halo(const ConvArgs& a) {
 // The second generation needs output channels in 16-byte pieces (its epilogue) and input channels in 16-byte
 // pieces, or in 8-byte ones (4-channel fp16/bf16 images) for the narrow tiles; at most 27 taps (k <= 3).
 template <class T, bool TF32>
-void launch_conv(const ConvArgs& a, int sms, cudaStream_t stream) {
+void launch_conv(const ConvArgs& a, int sms, int smem_optin, cudaStream_t stream) {
   if constexpr (sizeof(T) == 2) {
     if (use_halo<T>(a)) {
       if (a.Cout <= 16) launch_halo_tile<T, 16, 4>(a, stream);
@@ -1001,7 +1024,7 @@ void launch_conv(const ConvArgs& a, int sms, cudaStream_t stream) {
     }
   }
   const bool v2 = a.kernels >= 2 && a.Cout % kVec16<T> == 0 && a.ntap_d * a.ntap_h * a.ntap_w <= 27;
-  if (v2 && a.vec == kVec16<T>) return launch_conv_tiles<T, TF32, kVec16<T>>(a, sms, stream);
+  if (v2 && a.vec == kVec16<T>) return launch_conv_tiles<T, TF32, kVec16<T>>(a, sms, smem_optin, stream);
   if constexpr (sizeof(T) == 2) {
     if (v2 && a.vec == kVec16<T> / 2 && a.Cout <= 32) {
       if (a.Cout <= 16) launch_conv_tile<T, TF32, 128, 16, 4, kVec16<T> / 2>(a, stream);
@@ -1009,7 +1032,7 @@ void launch_conv(const ConvArgs& a, int sms, cudaStream_t stream) {
       return;
     }
   }
-  launch_conv_tiles<T, TF32, 0>(a, sms, stream);
+  launch_conv_tiles<T, TF32, 0>(a, sms, smem_optin, stream);
 }
 
 template <class T>
@@ -1029,7 +1052,8 @@ void launch_wgrad_tile(const WgradArgs& a, cudaStream_t stream) {
     else return wgrad_kernel<T, TF32, BM, BN, WARPS_M>;
   }();
   const size_t smem = SmemLayout<T, BM, BN, true, true>::BYTES;
-  set_smem(kernel, smem);
+  static_assert(SmemLayout<T, BM, BN, true, true>::BYTES <= kLeastSmemOptin, "wgrad tiles must fit every card");
+  set_smem(kernel, smem, VEC ? "wgrad_v2_kernel" : "wgrad_kernel");
   dim3 grid((Kw + BN - 1) / BN, (a.Cout + BM - 1) / BM, a.splits);
   SEG3D_LAUNCH(kernel, grid, kThreads, smem, stream)(a);
   check_cuda(cudaGetLastError(), VEC ? "launch of wgrad_v2_kernel" : "launch of wgrad_kernel");
@@ -1090,11 +1114,13 @@ void launch_prelu_backward(uint64_t g, uint64_t saved, uint64_t alpha, uint64_t 
 void conv_gemm(const ConvArgs& a, int dtype, bool tf32, int device, uint64_t stream) {
   use_device(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  const int sms = multiprocessors(device);
+  const int sms = multiprocessors(device), optin = max_shared_memory(device);
   switch (dtype) {
-    case kFloat32: tf32 ? launch_conv<float, true>(a, sms, s) : launch_conv<float, false>(a, sms, s); break;
-    case kFloat16: launch_conv<__half, false>(a, sms, s); break;
-    case kBFloat16: launch_conv<__nv_bfloat16, false>(a, sms, s); break;
+    case kFloat32:
+      tf32 ? launch_conv<float, true>(a, sms, optin, s) : launch_conv<float, false>(a, sms, optin, s);
+      break;
+    case kFloat16: launch_conv<__half, false>(a, sms, optin, s); break;
+    case kBFloat16: launch_conv<__nv_bfloat16, false>(a, sms, optin, s); break;
     default: throw std::invalid_argument("seg3d_fast._cuda.conv_gemm: unknown dtype code " + std::to_string(dtype));
   }
 }

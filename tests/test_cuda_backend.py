@@ -279,6 +279,34 @@ def test_conv3d_prelu_every_tile(cuda_backend, monkeypatch, dtype, c_out):
                     tf32_reference=tf32)
 
 
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+def test_conv3d_prelu_tiles_fit_99kib_shared_memory(cuda_backend, monkeypatch, tf32):
+    """sm_86 / sm_89 / sm_120 cards (RTX 30xx / 40xx, A10, L4, L40) let a block opt in to 99 KiB of shared memory, not
+    sm_90's 227 KiB: fp32's 128x64 conv tile (108 KiB, > 32 output channels on a volume that fills the card) failed
+    there with cudaErrorInvalidValue from cudaFuncSetAttribute. The tile choice now reads the card's limit and takes
+    64x64 (72 KiB); simulated with the 99 KiB limit on 1 SM (420 voxels: 4 row blocks of 128, where 128x64 is
+    otherwise chosen)."""
+    gpu_only(cuda_backend, "shared memory per block")
+    if cuda_backend.kind == "gpu":
+        pytest.skip("the card's shared memory limit is what it is (simulated; needs a CUDA GPU of sm_86/89 to run)")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    monkeypatch.setenv("SEG3D_SIMT_SMEM_OPTIN", "101376")  # 99 KiB: sm_86 / sm_89 / sm_120
+    monkeypatch.setenv("SEG3D_SIMT_SMS", "1")
+    _check_conv(cuda_backend, torch.float32, 8, 64, 3, 1, "channel", "after", shape=(2, 5, 6, 7),
+                tf32_reference=tf32)
+
+
+def test_conv3d_prelu_shared_memory_error_names_the_limit(cuda_backend, monkeypatch):
+    """A tile the card cannot hold raises with the bytes asked and the card's limit (not a bare 'invalid argument')."""
+    gpu_only(cuda_backend, "shared memory per block")
+    if cuda_backend.kind == "gpu":
+        pytest.skip("the card's shared memory limit is what it is (simulated)")
+    monkeypatch.setenv("SEG3D_SIMT_SMEM_OPTIN", "40000")  # less than any conv tile of fp32
+    x, weight, bias, alpha, residual, _ = _conv_case("cpu", torch.float32, 8, 16, 3, 1, "channel", None)
+    with pytest.raises(RuntimeError, match=r"cudaFuncSetAttribute\(conv_gemm.*this GPU allows 40000 per block"):
+        cuda_backend.conv3d_prelu_forward(x, weight, bias, alpha, None, 1, False, False)
+
+
 # The halo kernel (v3: stride-1 3x3x3, fp16/bf16): one channel chunk with 8-48 byte halo rows (C_in 8, 16, 24, 32;
 # a K step spanning taps) and several chunks with the double-buffered halo (64, 96); extents that no 4x4x8 box tiles;
 # the input gradient (dgrad of a stride-1 conv) goes through it too, with C_out as its input channels.

@@ -143,6 +143,13 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kCanaryBytes = 512;
 constexpr unsigned char kCanary = 0xA5;
 constexpr size_t kMaxDynamicSmem = 232448;  // 227 KiB: sm_90's opt-in limit per block
+// The opt-in limit of the simulated card: 227 KiB, or SEG3D_SIMT_SMEM_OPTIN bytes (e.g. 101376, the 99 KiB of
+// sm_86 / sm_89 / sm_120 cards), read at each use like SEG3D_SIMT_SMS.
+size_t max_dynamic_smem() {
+  const char* env = getenv("SEG3D_SIMT_SMEM_OPTIN");
+  const long v = env ? atol(env) : 0;
+  return v > 0 && static_cast<size_t>(v) < kMaxDynamicSmem ? static_cast<size_t>(v) : kMaxDynamicSmem;
+}
 constexpr size_t kDefaultSmem = 48 * 1024;  // without cudaFuncAttributeMaxDynamicSharedMemorySize
 
 // ---- global state (one launch at a time; blocks run one after another in the launching OS thread) ---------------
@@ -748,7 +755,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, void
     set_error(cudaErrorInvalidConfiguration);
     return;
   }
-  if (smem_bytes > kMaxDynamicSmem) {
+  if (smem_bytes > max_dynamic_smem()) {
     set_error(cudaErrorInvalidValue);
     return;
   }
@@ -801,7 +808,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, void
 
 cudaError_t set_func_attribute(const void* kernel, int attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || static_cast<size_t>(value) > kMaxDynamicSmem) return cudaErrorInvalidValue;
+    if (value < 0 || static_cast<size_t>(value) > max_dynamic_smem()) return cudaErrorInvalidValue;
     g_max_dynamic_smem[kernel] = value;
     return cudaSuccess;
   }
@@ -864,7 +871,7 @@ cudaError_t device_attribute(int* value, int attr, int device) {
     case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = 233472; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(kMaxDynamicSmem); break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(max_dynamic_smem()); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaSuccess;
