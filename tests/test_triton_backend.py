@@ -783,6 +783,62 @@ def test_jaccard_unsupported_reasons(monkeypatch):
     assert "needs CUDA tensors" in reasons(logits[:, :5].cpu(), labels.cpu(), "softmax", None)
 
 
+@triton.jit
+def _sums_offset_probe_kernel(out_ptr, N, C, BLOCK_C: tl.constexpr):
+    """The loss kernels' (N, C, 3) sums offsets of the last sample, its index the int32 counter of a loop over
+    the samples (as in _jaccard_loss_kernel and _loss_sums_grad)."""
+    c = tl.arange(0, BLOCK_C)
+    for n in range(N - 1, N):
+        tl.store(out_ptr + c, tj._sums_offset(n, C, c))
+
+
+@pytest.mark.parametrize("n,c", [(11_200_000, 64), (400_000_000, 2), (3, 5)])
+def test_jaccard_sums_offset_past_2_31(n, c):
+    """(n * C + c) * 3 with an int32 sample counter wrapped past 2^31 (11.2 million samples of 64 classes: 7.2e8
+    logits, a 1-D batch (N, C, 1)): the loss kernel stored the sums, and the fused backward read them, at negative
+    offsets."""
+    out = torch.zeros(64, dtype=torch.int64, device=DEVICE)
+    _sums_offset_probe_kernel[(1,)](out, n, c, BLOCK_C=64)
+    assert out.cpu().tolist() == [((n - 1) * c + k) * 3 for k in range(64)]
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: records each launch's grid and runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return lambda *args, **kwargs: None
+
+
+def test_jaccard_grids_within_launch_limits(monkeypatch):
+    """A batch of 70000 samples (1-D inputs, (N, C, 1), or small patches): the sums and backward kernels had the
+    batch on the grid's second axis, which takes at most 65535 programs (the launch failed on the GPU). Every grid
+    now stays within Triton's limits (2^31 - 1 programs on the first axis, 65535 on the others) and launches a
+    program per (tile block, sample)."""
+    recorders = {name: _GridRecorder() for name in ("_jaccard_sums_kernel", "_jaccard_backward_kernel",
+                                                    "_jaccard_loss_kernel")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(tj, name, recorder)
+    n, c = 70000, 3
+    logits = torch.zeros(n, c, 1, 1, 1, device=DEVICE)
+    labels = torch.zeros(n, 1, 1, 1, dtype=torch.int64, device=DEVICE)
+    w = torch.ones(c, device=DEVICE)
+    tb.jaccard_sums(logits, labels, True, "softmax", None)
+    _, sums, _ = tb.jaccard_loss_reduced(logits, labels, True, "softmax", None, 1e-5, w, False, True)
+    tb.jaccard_sums_backward(torch.zeros(n, c, 3, device=DEVICE), logits, labels, True, "softmax", None)
+    tb.jaccard_loss_reduced_backward(torch.tensor(1.0, device=DEVICE), sums, w, logits, labels, True, "softmax",
+                                     None, 1e-5, False, True)
+    grids = [g for r in recorders.values() for g in r.grids]
+    assert len(grids) == 5  # sums twice, the loss once, the backward twice
+    for grid in grids:
+        assert grid[0] <= 2 ** 31 - 1 and all(axis <= 65535 for axis in grid[1:]), grid
+    assert recorders["_jaccard_sums_kernel"].grids == [(n,), (n,)]  # one tile per sample, one block of tiles
+    assert recorders["_jaccard_backward_kernel"].grids == [(n,), (n,)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GPU: real sizes and > 2^31 elements
 # ---------------------------------------------------------------------------------------------------------
@@ -865,6 +921,38 @@ def test_gpu_jaccard_past_2_31_elements():
     (jaccard_sums_plain(lg, labels[:, -2:], True, "softmax")).sum().backward()
     assert_close(grad[:, :, -2:], lg.grad, None, BF16, "grad_logits")
 
+
+
+@requires_gpu
+def test_gpu_jaccard_batch_past_grid_axis_limit():
+    """70000 samples of 4^3 voxels (the sums and backward grids' sample axis was the second, limited to 65535):
+    sums, fused loss and both backwards against float64 on the first and last samples."""
+    from seg3d_fast.ops import jaccard_from_sums
+
+    n, c = 70000, 3
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(n, c, 4, 4, 4, device="cuda", generator=gen)
+    labels = torch.randint(0, c, (n, 4, 4, 4), device="cuda", generator=gen)
+    w = torch.ones(c, device="cuda")
+    sums = tb.jaccard_sums(logits, labels, True, "softmax", None)
+    plain = jaccard_sums_plain(logits.double(), labels, True, "softmax")
+    assert_close(sums, plain, None, F32, "sums")
+    loss, fused_sums, _ = tb.jaccard_loss_reduced(logits, labels, True, "softmax", None, 1.0, w, True, True)
+    ref = jaccard_from_sums(plain, smooth=1.0, per_sample=True, reduction="mean")
+    assert_close(loss, ref, None, F32, "loss")
+    grad_sums = torch.randn(n, c, 3, device="cuda", generator=gen)
+    grad = tb.jaccard_sums_backward(grad_sums, logits, labels, True, "softmax", None)
+    fused = tb.jaccard_loss_reduced_backward(torch.tensor(1.0, device="cuda"), fused_sums, w, logits, labels, True,
+                                             "softmax", None, 1.0, True, True)
+    for idx in (slice(0, 2), slice(n - 2, n)):
+        lg = logits[idx].double().requires_grad_()
+        (jaccard_sums_plain(lg, labels[idx], True, "softmax") * grad_sums[idx].double()).sum().backward()
+        assert_close(grad[idx], lg.grad, None, F32, "grad_logits")
+        lg = logits[idx].double().requires_grad_()
+        s = jaccard_sums_plain(lg, labels[idx], True, "softmax")
+        # per-sample mean: sample i's terms divided by N C (the loss kernel's MEAN over N rows)
+        (jaccard_from_sums(s, smooth=1.0, per_sample=True, reduction="sum") / (n * c)).backward()
+        assert_close(fused[idx], lg.grad, None, F32, "fused grad_logits")
 
 # ---------------------------------------------------------------------------------------------------------
 # every kernel variant compiles for the GPU (sm_90) with the installed Triton, without a GPU

@@ -41,6 +41,23 @@ _LOSS_WARPS = 8
 
 
 @triton.jit
+def _program_tile(NUM_BLOCKS):
+    """(block, sample) of this program, both int64, on a 1-D grid of NUM_BLOCKS programs per sample, sample-major
+    (the order of the 2-D (blocks, N) grid it replaces): a grid axis past the first takes at most 65535 programs,
+    and batches of small volumes or 1-D inputs have more samples than that."""
+    pid = tl.program_id(0)
+    n = pid // NUM_BLOCKS
+    return (pid - n * NUM_BLOCKS).to(tl.int64), n.to(tl.int64)
+
+
+@triton.jit
+def _sums_offset(n, C, c):
+    """Offset of (sample n, class c, 0) in an (N, C, 3) array of sums: n is promoted to 64 bits first (a loop
+    counter over the samples is int32, and N * C * 3 passes 2^31 from 11.2 million samples of 64 classes)."""
+    return (tl.cast(n, tl.int64) * C + c) * 3
+
+
+@triton.jit
 def _spatial_offsets(s, stride, UNIT: tl.constexpr):
     """s * stride, where UNIT says that the stride is 1 (s keeps the contiguity its maker marked)."""
     if UNIT:
@@ -128,13 +145,12 @@ def _jaccard_sums_kernel(logit_ptr, tgt_ptr, part_ptr, range_ptr, S, C, NUM_BLOC
                          TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr,
                          HAS_IGNORE: tl.constexpr, LABEL_RANGE: tl.constexpr, L_UNIT: tl.constexpr,
                          T_UNIT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (block, n) sums tiles block, block + NUM_BLOCKS, ... (TILES_PER_BLOCK of them, the last ones past
+    """Program (block, n) (_program_tile) sums tiles block, block + NUM_BLOCKS, ... (TILES_PER_BLOCK of them, the last ones past
     the volume masked) element-wise in registers, then writes its partial sums (C, 3) and, with LABEL_RANGE, the
     least and greatest of its counted labels (the range check's, for free: the labels are loaded anyway). The first
     tile starts the sums: accumulators made by tl.zeros would take Triton's default layout, not the loads', and be
     converted through shared memory in every step."""
-    blk = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
+    blk, n = _program_tile(NUM_BLOCKS)
     acc_pt, acc_pp, acc_tt, lo, hi = _tile_terms(logit_ptr, tgt_ptr, n, blk, S, C, l_sn, l_sc, l_ss, t_sn, t_sc,
                                                  t_ss, ignore_index, TARGET_IS_LABEL, SOFTMAX, SQUARED, HAS_IGNORE,
                                                  L_UNIT, T_UNIT, VEC, BLOCK_C, BLOCK_S)
@@ -160,7 +176,7 @@ def _jaccard_sums_kernel(logit_ptr, tgt_ptr, part_ptr, range_ptr, S, C, NUM_BLOC
 
 
 @triton.jit
-def _jaccard_backward_kernel(logit_ptr, tgt_ptr, gsum_ptr, grad_ptr, w_ptr, gloss_ptr, S, C, N, smooth,
+def _jaccard_backward_kernel(logit_ptr, tgt_ptr, gsum_ptr, grad_ptr, w_ptr, gloss_ptr, S, C, N, NUM_BLOCKS, smooth,
                              l_sn, l_sc, l_ss, t_sn, t_sc, t_ss, ignore_index,
                              TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr,
                              HAS_IGNORE: tl.constexpr, FROM_LOSS: tl.constexpr, PER_SAMPLE: tl.constexpr,
@@ -169,8 +185,7 @@ def _jaccard_backward_kernel(logit_ptr, tgt_ptr, gsum_ptr, grad_ptr, w_ptr, glos
     """grad_logits of one (BLOCK_C, BLOCK_S) tile from dL/d(sums): read from gsum_ptr (N, C, 3), or, with
     FROM_LOSS, derived here from the sums (gsum_ptr), the class weights and dL/d(loss) of _jaccard_loss_kernel's
     loss (the loss's own backward fused in: no small ops between the two kernels)."""
-    blk = tl.program_id(0).to(tl.int64)
-    n = tl.program_id(1).to(tl.int64)
+    blk, n = _program_tile(NUM_BLOCKS)  # (tile, sample)
     s = _voxels(blk, BLOCK_S, VEC)
     p, t, valid, l_off, lab, counted = _probs_and_targets(logit_ptr, tgt_ptr, n, s, S, C, l_sn, l_sc, l_ss, t_sn,
                                                           t_sc, t_ss, ignore_index, TARGET_IS_LABEL, SOFTMAX,
@@ -181,8 +196,8 @@ def _jaccard_backward_kernel(logit_ptr, tgt_ptr, gsum_ptr, grad_ptr, w_ptr, glos
         g_pt = g_pt[:, None]
         g_pp = g_pp[:, None]
     else:
-        g_pt = tl.load(gsum_ptr + (n * C + c) * 3, mask=c < C, other=0.0)[:, None]
-        g_pp = tl.load(gsum_ptr + (n * C + c) * 3 + 1, mask=c < C, other=0.0)[:, None]
+        g_pt = tl.load(gsum_ptr + _sums_offset(n, C, c), mask=c < C, other=0.0)[:, None]
+        g_pp = tl.load(gsum_ptr + _sums_offset(n, C, c) + 1, mask=c < C, other=0.0)[:, None]
     if SQUARED:
         dp = g_pt * t + g_pp * 2.0 * p
     else:
@@ -226,7 +241,7 @@ def _jaccard_loss_kernel(part_ptr, range_part_ptr, w_ptr, sums_ptr, loss_ptr, ra
         for b0 in range(0, NUM_BLOCKS, BLOCK_B):
             b = b0 + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * C * 3 can pass 2^31
             b_ok = b < NUM_BLOCKS
-            row = n * NUM_BLOCKS + b
+            row = tl.cast(n, tl.int64) * NUM_BLOCKS + b  # (n: the loop's int32)
             off = (row[:, None] * C + c[None, :]) * 3
             m = b_ok[:, None] & c_ok[None, :]
             acc_i += tl.load(part_ptr + off, mask=m, other=0.0)
@@ -238,7 +253,7 @@ def _jaccard_loss_kernel(part_ptr, range_part_ptr, w_ptr, sums_ptr, loss_ptr, ra
         s_i = tl.sum(acc_i, axis=0)
         s_p = tl.sum(acc_p, axis=0)
         s_t = tl.sum(acc_t, axis=0)
-        out = sums_ptr + (n * C + c) * 3
+        out = sums_ptr + _sums_offset(n, C, c)
         tl.store(out, s_i, mask=c_ok)
         tl.store(out + 1, s_p, mask=c_ok)
         tl.store(out + 2, s_t, mask=c_ok)
@@ -267,7 +282,7 @@ def _loss_sums_grad(sums_ptr, w_ptr, gloss_ptr, n, N, C, smooth, PER_SAMPLE: tl.
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     if PER_SAMPLE:
-        row = sums_ptr + (n * C + c) * 3
+        row = sums_ptr + _sums_offset(n, C, c)
         i = tl.load(row, mask=c_ok, other=0.0)
         p = tl.load(row + 1, mask=c_ok, other=0.0)
         t = tl.load(row + 2, mask=c_ok, other=0.0)
@@ -276,7 +291,7 @@ def _loss_sums_grad(sums_ptr, w_ptr, gloss_ptr, n, N, C, smooth, PER_SAMPLE: tl.
         p = tl.zeros((BLOCK_C,), dtype=tl.float32)
         t = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for m in range(N):
-            row = sums_ptr + (m * C + c) * 3
+            row = sums_ptr + _sums_offset(m, C, c)
             i += tl.load(row, mask=c_ok, other=0.0)
             p += tl.load(row + 1, mask=c_ok, other=0.0)
             t += tl.load(row + 2, mask=c_ok, other=0.0)
@@ -359,7 +374,7 @@ def _launch_sums(logits, target, spatial, tiles, strides, meta, squared, activat
     blocks, per_block = _sums_grid(tiles)
     partials = torch.empty((n, blocks, c, 3), dtype=torch.float32, device=logits.device)  # every entry written
     ranges = torch.empty((n * blocks, 2), dtype=torch.int64, device=logits.device) if label_range else partials
-    _jaccard_sums_kernel[(blocks, n)](logits, target, partials, ranges, spatial, c, blocks, per_block, *strides,
+    _jaccard_sums_kernel[(blocks * n,)](logits, target, partials, ranges, spatial, c, blocks, per_block, *strides,
                                       SOFTMAX=activation == "softmax", SQUARED=bool(squared), LABEL_RANGE=label_range,
                                       **meta)
     return partials, ranges
@@ -384,8 +399,9 @@ def _launch_backward(grad_sums, logits, target, squared, activation, ignore_inde
     grad = torch.empty_like(logits)  # same strides as the logits the kernel reads
     if grad.numel():
         weights, grad_loss, smooth, per_sample, mean = loss_args or (grad_sums, grad_sums, 0.0, False, False)
-        _jaccard_backward_kernel[(blocks, logits.shape[0])](
-            logits, target, grad_sums, grad, weights, grad_loss, spatial, logits.shape[1], logits.shape[0], smooth,
+        _jaccard_backward_kernel[(blocks * logits.shape[0],)](
+            logits, target, grad_sums, grad, weights, grad_loss, spatial, logits.shape[1], logits.shape[0], blocks,
+            smooth,
             *strides, SOFTMAX=activation == "softmax", SQUARED=bool(squared), FROM_LOSS=loss_args is not None,
             PER_SAMPLE=per_sample, MEAN=mean, **meta)
     return grad
