@@ -906,6 +906,37 @@ def test_gpu_conv_past_2_31_elements(monkeypatch, c, w, tma):
 
 
 @requires_gpu
+def test_gpu_upconv_past_2_31_elements():
+    """The upsampling block with an output and grad_out of 2.2e9 elements each (bf16, channels-last, 8 -> 8
+    channels, 3.4e7 input rows): forward on the first and last planes, grad_x of the last planes, and the weight,
+    bias and alpha gradients of the whole volume against float64 computed in slabs of input planes."""
+    torch.cuda.empty_cache()
+    n, c, d, h, w = 1, 8, 256, 256, 520
+    assert n * c * 8 * d * h * w > 2 ** 31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, h, w, c, device="cuda", dtype=BF16, generator=gen).permute(0, 4, 1, 2, 3)
+    weight = torch.randn(c, c, 2, 2, 2, device="cuda", dtype=BF16, generator=gen) / 8
+    bias = torch.randn(c, device="cuda", dtype=BF16, generator=gen) * 0.1
+    alpha = torch.linspace(-0.3, 0.4, c, device="cuda").to(BF16)
+    out = tb.upconv_prelu_add_forward(x, weight, bias, alpha, None)
+    p64 = lambda t: t.double()  # noqa: E731
+    for sl, osl in ((slice(0, 2), slice(0, 4)), (slice(d - 2, d), slice(2 * d - 4, 2 * d))):
+        ref = upconv_plain(p64(x[:, :, sl]), p64(weight), p64(bias), p64(alpha), None)
+        assert_close(out[:, :, osl], ref, upconv_plain(x[:, :, sl], weight, bias, alpha, None), BF16, "out")
+    del out
+    grad_out = torch.randn(n, 2 * d, 2 * h, 2 * w, c, device="cuda", dtype=BF16, generator=gen).permute(0, 4, 1, 2, 3)
+    grad_x, grad_w, grad_b, grad_a = tb.upconv_prelu_add_backward(grad_out, x, weight, bias, alpha,
+                                                                  (True, True, True, True))
+    leaves = [p64(t).requires_grad_() for t in (weight, bias, alpha)]
+    slab = 32
+    for p0 in range(0, d, slab):
+        xs = p64(x[:, :, p0:p0 + slab]).requires_grad_()
+        upconv_plain(xs, *leaves, None).backward(p64(grad_out[:, :, 2 * p0:2 * (p0 + slab)]))
+    assert_close(grad_x[:, :, -2:], xs.grad[:, :, -2:], None, BF16, "grad x")
+    for name, got, leaf in zip(("weight", "bias", "alpha"), (grad_w, grad_b, grad_a), leaves):
+        assert_close(got, leaf.grad, None, BF16, f"grad {name}")
+
+@requires_gpu
 def test_gpu_jaccard_past_2_31_elements():
     torch.cuda.empty_cache()
     n, c, d, h, w = 1, 2, 1024, 1024, 1025

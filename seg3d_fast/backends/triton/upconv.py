@@ -165,10 +165,11 @@ def _upconv_dgrad_kernel(x_ptr, w_ptr, b_ptr, a_ptr, g_ptr, gx_ptr, db_ptr, da_p
     if WANT_X:
         gx_off = strided_offset(n, i, j, k, gx_sn, gx_sd, gx_sh, gx_sw)[:, None] + ci[None, :].to(tl.int64) * gx_sc
         tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & ci_ok[None, :])
+    row = pid.to(tl.int64) * BLOCK_CO  # partial row pid (pid * BLOCK_CO passes 2^31 from 2^32 input rows)
     if WANT_B:
-        tl.store(db_ptr + pid * BLOCK_CO + co, db)
+        tl.store(db_ptr + row + co, db)
     if WANT_A:
-        tl.store(da_ptr + pid * BLOCK_CO + co, da)
+        tl.store(da_ptr + row + co, da)
 
 
 def _wgrad_configs():
