@@ -104,16 +104,22 @@ def benchmark_markdown(payload):
 GRAPH_SPEEDUP = "speedup_graph_vs_cudnn"
 
 
-def _gmeans(records, field="speedup_vs_cudnn"):
-    """{(op, dtype, direction): {backend: (geometric-mean speed-up over cuDNN, number of shapes)}}; field: the
-    records' speed-up (speedup_vs_cudnn, or GRAPH_SPEEDUP of their CUDA-graph replays)."""
+def _speedups(records, field):
+    """{(op, dtype, direction): {backend: {shape name: speed-up}}} of the fused backends' records that have `field`."""
     groups = {}
     for r in records:
         if r["backend"] not in ("eager", "eager_cl") and r.get(field):
-            groups.setdefault((r["op"], r["dtype"], r["direction"]), {}).setdefault(r["backend"], []).append(
-                r[field])
+            groups.setdefault((r["op"], r["dtype"], r["direction"]), {}).setdefault(r["backend"], {})[r["name"]] = \
+                r[field]
+    return groups
+
+
+def _gmeans(records, field="speedup_vs_cudnn"):
+    """{(op, dtype, direction): {backend: (geometric-mean speed-up over cuDNN, number of shapes)}}; field: the
+    records' speed-up (speedup_vs_cudnn, or GRAPH_SPEEDUP of their CUDA-graph replays)."""
     order = _backends(records)
-    return {k: {b: (_gmean(by[b]), len(by[b])) for b in order if b in by} for k, by in groups.items()}
+    return {k: {b: (_gmean(list(by[b].values())), len(by[b])) for b in order if b in by}
+            for k, by in _speedups(records, field).items()}
 
 
 def _gmean_table(records, field="speedup_vs_cudnn"):
@@ -134,14 +140,9 @@ def _gmean_table(records, field="speedup_vs_cudnn"):
 def _same_shape_gmeans(records, field="speedup_vs_cudnn"):
     """For each (op, dtype, direction) and each backend that measured only some of the group's shapes: every
     backend's geometric-mean speed-up over exactly those shapes (each that measured them all), as text lines."""
-    groups = {}
-    for r in records:
-        if r["backend"] not in ("eager", "eager_cl") and r.get(field):
-            groups.setdefault((r["op"], r["dtype"], r["direction"]), {}).setdefault(r["backend"], {})[r["name"]] = \
-                r[field]
     order = _backends(records)
     lines = []
-    for (op, dtype, direction), by in groups.items():
+    for (op, dtype, direction), by in _speedups(records, field).items():
         shapes = set().union(*by.values())
         for b in (b for b in order if b in by and len(by[b]) < len(shapes)):
             subset = set(by[b])

@@ -15,4 +15,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["backends", "graphs", "nn", "ops", "convert", "conv3d_prelu", "jaccard_from_sums", "jaccard_loss", "upconv_prelu_add", "__version__"]
+__all__ = ["backends", "graphs", "nn", "ops", "convert", "conv3d_prelu", "jaccard_from_sums", "jaccard_loss",
+           "upconv_prelu_add", "__version__"]

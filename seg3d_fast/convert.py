@@ -23,7 +23,8 @@ def conv_unsupported_reasons(conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None) 
     """Why this Conv3d (+ PReLU) cannot become a ConvPReLU3d ([] = it can)."""
     reasons = []
     if conv.in_channels == 0 or conv.out_channels == 0:
-        reasons.append(f"it has {conv.in_channels} input and {conv.out_channels} output channels (the fused op needs >= 1)")
+        reasons.append(f"it has {conv.in_channels} input and {conv.out_channels} output channels (the fused op "
+                       "needs >= 1)")
     k = conv.kernel_size
     if len(set(k)) != 1 or k[0] not in (1, 3):
         reasons.append(f"kernel {k} is not 1x1x1 or 3x3x3")
@@ -118,8 +119,8 @@ def _identity_for(m: nn.Module) -> nn.Identity:
     return identity
 
 
-_SCRIPTED = ("a TorchScript module (torch.jit.script / trace) cannot be changed: convert the eager model instead (the fused "
-             "modules run eagerly or under torch.compile)")
+_SCRIPTED = ("a TorchScript module (torch.jit.script / trace) cannot be changed: convert the eager model instead "
+             "(the fused modules run eagerly or under torch.compile)")
 
 
 def _path(prefix: str, name: str) -> str:

@@ -68,8 +68,8 @@ def _cast_params(dtype, *params):
     """Under autocast: the parameters as the fused ops take them. float32 ones stay float32 (the kernels read them
     as they are and return their gradients in float32: no cast kernels, no autograd nodes for the casts); float16 /
     bfloat16 ones are cast to the autocast dtype, others (float64) left as they are, as autocast leaves them."""
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16) and t.dtype != dtype
-                 else t for t in params)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+                 and t.dtype != dtype else t for t in params)
 
 
 def _differentiable_once(backward):

@@ -25,10 +25,10 @@ def round_bf16_as_the_gpu_does():
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
             return cast(self, src, dst_type)
-        bits = np.asarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        values = np.asarray(src.data, dtype=np.float32)
+        bits = values.view(np.uint32).astype(np.uint64)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        nan = np.isnan(np.asarray(src.data, dtype=np.float32))
-        rounded = np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)  # a NaN stays a (quiet) NaN
+        rounded = np.where(np.isnan(values), (bits >> 16) | 0x40, rounded).astype(np.uint16)  # NaN stays a quiet NaN
         return interpreter.TensorHandle(rounded, tl.bfloat16)
 
     cast_impl.rounds_bf16 = True

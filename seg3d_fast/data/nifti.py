@@ -126,7 +126,8 @@ def _output_header(like_img, dtype):
 
 def save_nifti(img, path):
     """Write atomically (write_atomic; nibabel compresses by the temp file's .nii.gz suffix)."""
-    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if str(path).lower().endswith(".gz") else ".nii")
+    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
+    write_atomic(path, lambda tmp: nib.save(img, tmp), suffix=suffix)
 
 
 def _file_mode():

@@ -138,24 +138,26 @@ def labels_from_probabilities(probs, slab_voxels=2**22):
 def restore_labels(crop_labels, geometry):
     """Labels (crop grid) -> numpy labels (X, Y, Z) on the input grid, of the same dtype: background (0) outside
     the crop, where restore_probabilities gives probability 1 to class 0."""
-    full = np.zeros(geometry.canonical_shape, dtype=crop_labels.numpy().dtype)
-    full[tuple(slice(a, b) for a, b in geometry.bbox)] = crop_labels.numpy()
-    back = nib.orientations.ornt_transform(_RAS, geometry.orientation)
-    full = np.ascontiguousarray(nib.orientations.apply_orientation(full, back))
-    assert full.shape == tuple(geometry.shape), (full.shape, geometry.shape)
-    return full
+    return _to_input_grid(np.zeros(geometry.canonical_shape, dtype=crop_labels.numpy().dtype), crop_labels.numpy(),
+                          geometry)
 
 
 def restore_probabilities(crop_probs, geometry):
     """Probabilities (C, crop grid) -> numpy float32 (C, X, Y, Z) on the input grid: background outside the crop."""
-    num_classes = crop_probs.shape[0]
-    full = np.zeros((num_classes, *geometry.canonical_shape), dtype=np.float32)
+    full = np.zeros((crop_probs.shape[0], *geometry.canonical_shape), dtype=np.float32)
     full[0] = 1.0
-    full[(slice(None), *[slice(a, b) for a, b in geometry.bbox])] = crop_probs.cpu().numpy()
+    return _to_input_grid(full, crop_probs.cpu().numpy(), geometry)
+
+
+def _to_input_grid(full, crop, geometry):
+    """`crop` ([C,] crop grid) placed into `full` ([C,] canonical grid, holding the background outside the crop),
+    reoriented back onto the input's grid -> contiguous numpy ([C,] X, Y, Z)."""
+    full[(..., *[slice(a, b) for a, b in geometry.bbox])] = crop
     back = nib.orientations.ornt_transform(_RAS, geometry.orientation)
-    full = nib.orientations.apply_orientation(np.moveaxis(full, 0, -1), back)
-    full = np.ascontiguousarray(np.moveaxis(full, -1, 0))
-    assert full.shape[1:] == tuple(geometry.shape), (full.shape, geometry.shape)
+    channels = full.ndim == 4  # (apply_orientation turns the first three axes)
+    full = nib.orientations.apply_orientation(np.moveaxis(full, 0, -1) if channels else full, back)
+    full = np.ascontiguousarray(np.moveaxis(full, -1, 0) if channels else full)
+    assert full.shape[-3:] == tuple(geometry.shape), (full.shape, geometry.shape)
     return full
 
 

@@ -145,9 +145,10 @@ def _jaccard_sums_kernel(logit_ptr, tgt_ptr, part_ptr, range_ptr, S, C, NUM_BLOC
                          TARGET_IS_LABEL: tl.constexpr, SOFTMAX: tl.constexpr, SQUARED: tl.constexpr,
                          HAS_IGNORE: tl.constexpr, LABEL_RANGE: tl.constexpr, L_UNIT: tl.constexpr,
                          T_UNIT: tl.constexpr, VEC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (block, n) (_program_tile) sums tiles block, block + NUM_BLOCKS, ... (TILES_PER_BLOCK of them, the last ones past
-    the volume masked) element-wise in registers, then writes its partial sums (C, 3) and, with LABEL_RANGE, the
-    least and greatest of its counted labels (the range check's, for free: the labels are loaded anyway). The first
+    """Program (block, n) (_program_tile) sums tiles block, block + NUM_BLOCKS, ... (TILES_PER_BLOCK of them, the
+    last ones past the volume masked) element-wise in registers, then writes its partial sums (C, 3) and, with
+    LABEL_RANGE, the least and greatest of its counted labels (the range check's, for free: the labels are loaded
+    anyway). The first
     tile starts the sums: accumulators made by tl.zeros would take Triton's default layout, not the loads', and be
     converted through shared memory in every step."""
     blk, n = _program_tile(NUM_BLOCKS)
