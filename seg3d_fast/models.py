@@ -127,6 +127,11 @@ class Seg3DNet(nn.Module):
             raise ValueError(f"x must have shape (N, {self.in_channels}, D, H, W); got {tuple(x.shape)}")
         extent = x.shape[2:]
         pad = [(-s) % self.multiple for s in extent]
+        if self.config["norm"] == "instance" and all(s + p == self.multiple for s, p in zip(extent, pad)):
+            # (nn.InstanceNorm3d's own error names neither the input nor the level)
+            raise ValueError(f"norm='instance' needs more than one voxel at the deepest level; x of extent "
+                             f"{tuple(extent)} is 1x1x1 after {len(self.features) - 1} halvings: give x more than "
+                             f"{self.multiple} voxels along some axis, or use norm='batch' or None")
         if any(pad):  # odd extents: pad at the far end, crop the logits back
             x = F.pad(x, [p for s in reversed(pad) for p in (0, s)])
         skips = []

@@ -19,6 +19,14 @@ def _check_channels(in_channels, out_channels):
         raise ValueError(f"in_channels and out_channels must be >= 1; got {in_channels} and {out_channels}")
 
 
+def _triple(value, name: str, allowed: tuple[int, ...]) -> tuple[int, int, int]:
+    """nn.Conv3d's int-or-3-tuple argument as a 3-tuple; the fused kernels take the same value in every dim."""
+    dims = tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+    if len(dims) != 3 or len(set(dims)) != 1 or dims[0] not in allowed or isinstance(dims[0], bool):
+        raise ValueError(f"{name} must be one of {allowed}, as an int or the same in all 3 dims; got {value!r}")
+    return tuple(int(d) for d in dims)
+
+
 def _unbatched(forward, x: Tensor, other: Optional[Tensor]) -> Tensor:
     """forward on an unbatched (C, D, H, W) x (and residual / skip) as a batch of one, as nn.Conv3d takes it."""
     if other is not None and other.dim() != 4:
@@ -39,22 +47,21 @@ class ConvPReLU3d(nn.Module):
     # nn.Conv3d's attributes that are fixed here, for code that reads them off any conv (receptive field, FLOPs)
     dilation, groups, padding_mode = (1, 1, 1), 1, "zeros"
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, bias: bool = True,
-                 prelu: Optional[str] = "channel", residual_first: bool = False, alpha_init: float = 0.25,
-                 backend: Optional[str] = None, device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
+                 stride: int | Sequence[int] = 1, bias: bool = True, prelu: Optional[str] = "channel",
+                 residual_first: bool = False, alpha_init: float = 0.25, backend: Optional[str] = None,
+                 device=None, dtype=None):
         super().__init__()
-        if kernel_size not in ops.KERNEL_SIZES:
-            raise ValueError(f"kernel_size must be 1 or 3; got {kernel_size}")
-        if stride not in ops.STRIDES:
-            raise ValueError(f"stride must be 1 or 2; got {stride}")
+        # tuples, as nn.Conv3d keeps them, for code that reads them off any conv (m.stride[0], m.kernel_size == ...)
+        self.kernel_size = _triple(kernel_size, "kernel_size", ops.KERNEL_SIZES)
+        self.stride = _triple(stride, "stride", ops.STRIDES)
         if prelu not in PRELU_MODES:
             raise ValueError(f"prelu must be one of {PRELU_MODES}; got {prelu!r}")
         _check_channels(in_channels, out_channels)
         factory = {"device": device, "dtype": dtype}
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = kernel_size, stride
         self.residual_first, self.backend, self.alpha_init = residual_first, backend, alpha_init
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *(kernel_size,) * 3, **factory))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         n_alpha = {"channel": out_channels, "shared": 1, None: 0}[prelu]
         self.alpha = nn.Parameter(torch.full((n_alpha,), alpha_init, **factory)) if n_alpha else None
@@ -81,7 +88,7 @@ class ConvPReLU3d(nn.Module):
         if reasons:
             raise ValueError("cannot fuse: " + "; ".join(reasons))
         mode = None if prelu is None else ("shared" if prelu.weight.numel() == 1 else "channel")
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.bias is not None,
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.bias is not None,
                     mode, residual_first, alpha_init=0.25 if prelu is None else prelu.init,
                     device="meta")  # parameters allocated nowhere: replaced just below
         fused.weight, fused.bias = conv.weight, conv.bias
@@ -92,12 +99,12 @@ class ConvPReLU3d(nn.Module):
 
     @property
     def padding(self) -> tuple[int, int, int]:
-        return (self.kernel_size // 2,) * 3
+        return tuple(k // 2 for k in self.kernel_size)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if isinstance(x, Tensor) and x.dim() == 4:
             return _unbatched(self.forward, x, residual)
-        return ops.conv3d_prelu(x, self.weight, self.bias, self.alpha, residual, stride=self.stride,
+        return ops.conv3d_prelu(x, self.weight, self.bias, self.alpha, residual, stride=self.stride[0],
                                 residual_first=self.residual_first, backend=self.backend)
 
     def extra_repr(self):

@@ -51,9 +51,14 @@ def test_modules_take_what_torch_modules_take():
     nn.ConvTranspose3d uses them."""
     conv, prelu = nn.Conv3d(3, 4, 3, stride=2, padding=1), nn.PReLU(4)
     fused = sf.nn.ConvPReLU3d.from_modules(conv, prelu)
-    for name in ("padding", "dilation", "groups", "padding_mode"):
+    for name in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
         assert getattr(fused, name) == getattr(conv, name), name
     assert sf.nn.ConvPReLU3d(3, 4, kernel_size=1).padding == (0, 0, 0)
+    made = sf.nn.ConvPReLU3d(3, 4, kernel_size=(3, 3, 3), stride=[2, 2, 2])  # as nn.Conv3d takes them
+    assert (made.kernel_size, made.stride, made.weight.shape[2:]) == ((3, 3, 3), (2, 2, 2), (3, 3, 3))
+    for bad in [dict(kernel_size=(3, 3, 1)), dict(kernel_size=5), dict(stride=(2, 2)), dict(stride=True)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sf.nn.ConvPReLU3d(3, 4, **bad)
     x, r = torch.randn(3, 5, 6, 7, requires_grad=True), torch.randn(4, 3, 3, 4)
     y = fused(x, r)
     # (nn.PReLU itself takes dim 1 of any input as the channels: the plain model is run batched)
@@ -418,6 +423,11 @@ def test_seg3dnet_with_norm(norm):
     out = net(torch.randn(2, 1, 8, 8, 8))
     assert out.shape == (2, 2, 8, 8, 8)
     out.sum().backward()
+    if norm == "instance":  # a 1x1x1 deepest level has no statistics to normalise by
+        for x in (torch.randn(2, 1, 2, 2, 2), torch.randn(1, 1, 1, 2, 1)):
+            with pytest.raises(ValueError, match="norm='instance' needs more than one voxel at the deepest level"):
+                net(x)
+        assert net(torch.randn(1, 1, 1, 1, 3)).shape == (1, 2, 1, 1, 3)  # padded to 2x2x4: 1x1x2 there
 
 
 def test_transfer_weights_copies_batch_norm_statistics():
