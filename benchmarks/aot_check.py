@@ -283,12 +283,15 @@ def main(argv=None):
             rows += check("jaccard_bwd", variant, "bf16", jaccard._jaccard_backward_kernel, types,
                           dict(ce, FROM_LOSS=True, PER_SAMPLE=False, MEAN=True), False, args.only, jaccard.NUM_WARPS,
                           div16=div16)
-    for block_c in (8, 64):
+    # per sample, and pooled (which also stores the pooled row N: N = 1 is a constant in the launcher's specialization)
+    loss_variants = (("", dict(PER_SAMPLE=True)), ("_pooled", dict(PER_SAMPLE=False)),
+                     ("_pooled_n1", dict(PER_SAMPLE=False, N=1)))
+    for block_c, (name, pooling) in itertools.product((8, 64), loss_variants):
         types = {"part_ptr": "*fp32", "range_part_ptr": "*i64", "w_ptr": "*fp32", "sums_ptr": "*fp32",
                  "loss_ptr": "*fp32", "range_ptr": "*i64", "smooth": "fp32"}
-        ce = dict(PER_SAMPLE=True, MEAN=True, LABEL_RANGE=True, BLOCK_C=block_c,
+        ce = dict(pooling, MEAN=True, LABEL_RANGE=True, BLOCK_C=block_c,
                   BLOCK_B=jaccard.loss_block_rows(block_c, jaccard.MAX_PROGRAMS))
-        rows += check("jaccard_loss", f"C{block_c}", "fp32", jaccard._jaccard_loss_kernel, types, ce, False,
+        rows += check("jaccard_loss", f"C{block_c}{name}", "fp32", jaccard._jaccard_loss_kernel, types, ce, False,
                       args.only, jaccard._LOSS_WARPS)
     # the backward's second stage (split sums of the weight, bias and alpha gradients; shared alpha)
     types = {p: "*fp32" for p in ("dw_part_ptr", "db_part_ptr", "da_part_ptr")}

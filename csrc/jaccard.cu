@@ -153,17 +153,13 @@ jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __r
 // Per class c of sample n (per_sample) or of the samples' pooled sums: [dL/dI, dL/dP] of the loss
 //   sum_rows sum_c w_c (1 - (I + s) / (P + T - I + s)) [/ (rows * sum_c w_c) for mean]
 // times grad_loss: with num = I + s, den = P + T - I + s, q = grad_loss * coef_c / den^2: dL/dP = q num and
-// dL/dI = -(q den + q num) (dL/dT = dL/dP, unused). Pooled rows are summed over the samples in order.
+// dL/dI = -(q den + q num) (dL/dT = dL/dP, unused). sums: the loss's rows, (N, C, 3) per sample or the (1, C, 3)
+// pooled row that jaccard_final_kernel writes (one row read, not N summed by every block).
 __device__ __forceinline__ void loss_sums_grad(const float* sums, const float* __restrict__ weights, float grad_loss,
                                                int n, int N, int C, int c, float smooth, bool per_sample, bool mean,
                                                float& d_i, float& d_p) {
-  float I = 0.0f, P = 0.0f, T = 0.0f;
-  for (int m = per_sample ? n : 0; m < (per_sample ? n + 1 : N); ++m) {
-    const float* row = sums + (static_cast<long long>(m) * C + c) * 3;
-    I += row[0];
-    P += row[1];
-    T += row[2];
-  }
+  const float* row = sums + (static_cast<long long>(per_sample ? n : 0) * C + c) * 3;
+  const float I = row[0], P = row[1], T = row[2];
   const float w = weights[c];
   float coef = w * grad_loss;
   if (mean) {
@@ -180,7 +176,7 @@ __device__ __forceinline__ void loss_sums_grad(const float* sums, const float* _
 // sums (N, C, 3) = the partials (N, blocks, C, 3) summed over the blocks: one warp per output, lanes over the blocks
 // in a fixed pattern and a butterfly (deterministic, the same result for any grid). With loss != nullptr (one block):
 // also the loss (above, without grad) from the sums, and with label_range != nullptr the least and greatest of the
-// range partials (N * blocks, 2).
+// range partials (N * blocks, 2). Pooled (!per_sample) loss: also the pooled sums, as row N of sums (N + 1 rows).
 __global__ void __launch_bounds__(kThreads)
 jaccard_final_kernel(const float* __restrict__ partial, float* sums, int N, int C, int blocks,
                      const long long* __restrict__ range_partial, const float* __restrict__ weights,
@@ -224,7 +220,13 @@ jaccard_final_kernel(const float* __restrict__ partial, float* sums, int N, int 
         T += row[2];
       }
     }
-    if (!per_sample && w != 0.0f) total = w * (1.0f - (I + smooth) / (P + T - I + smooth));
+    if (!per_sample) {
+      if (w != 0.0f) total = w * (1.0f - (I + smooth) / (P + T - I + smooth));
+      float* pooled = sums + (static_cast<long long>(N) * C + lane) * 3;
+      pooled[0] = I;
+      pooled[1] = P;
+      pooled[2] = T;
+    }
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) {

@@ -63,12 +63,14 @@ void jaccard_backward(uint64_t grad_sums, uint64_t logits, uint64_t target, uint
 //   sum_rows sum_c w_c (1 - (I + smooth) / (P + T - I + smooth)), rows = the samples (per_sample) or their pooled
 //   sums, divided by rows * sum_c w_c for mean; weights fp32 (C,). Label maps (label_type != kProb): also
 //   label_range int64 (2,) = least, greatest counted label (2^62, -2^62 when none counts), range_partial int64
-//   (N, blocks, 2) scratch (both ignored for probabilities). N >= 1.
+//   (N, blocks, 2) scratch (both ignored for probabilities). N >= 1. sums: (N, C, 3) fp32, and for the pooled loss
+//   (!per_sample) (N + 1, C, 3): row N gets the pooled sums.
 void jaccard_loss(uint64_t logits, uint64_t target, uint64_t weights, uint64_t partial, uint64_t range_partial,
                   uint64_t sums, uint64_t loss, uint64_t label_range, int N, int C, int64_t S, int label_type,
                   bool squared, bool sigmoid, bool has_ignore, int64_t ignore_index, float smooth, bool per_sample,
                   bool mean, int dtype, int device, uint64_t stream);
-// Its backward in one launch: grad_logits for dL/dloss grad_loss (fp32 0-d), from jaccard_loss's sums and weights.
+// Its backward in one launch: grad_logits for dL/dloss grad_loss (fp32 0-d), from the loss's rows of jaccard_loss's
+// sums (per_sample: its (N, C, 3); pooled: its row N, (1, C, 3)) and the weights.
 void jaccard_loss_backward(uint64_t grad_loss, uint64_t sums, uint64_t weights, uint64_t logits, uint64_t target,
                            uint64_t grad_logits, int N, int C, int64_t S, int label_type, bool squared, bool sigmoid,
                            bool has_ignore, int64_t ignore_index, float smooth, bool per_sample, bool mean, int dtype,

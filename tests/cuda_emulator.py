@@ -180,7 +180,10 @@ def jaccard_loss(logits, target, weights, partial, range_partial, sums, loss, la
     _view(partial, (n, blocks, c, 3), torch.float32, "partial").fill_(float("nan"))
     result = reference.jaccard_sums(lg, t, squared, "sigmoid" if sigmoid else "softmax",
                                     ignore_index if has_ignore else None)
-    _view(sums, (n, c, 3), torch.float32, "sums").copy_(result)
+    out = _view(sums, (n if per_sample else n + 1, c, 3), torch.float32, "sums")
+    out[:n] = result
+    if not per_sample:  # row n: the pooled sums its backward reads
+        out[n] = result.sum(0)
     w = _view(weights, (c,), torch.float32, "weights").double()
     total = _loss_terms(result, w, smooth, per_sample).sum()
     if mean:
@@ -197,12 +200,13 @@ def jaccard_loss_backward(grad_loss, sums, weights, logits, target, grad_logits,
                           has_ignore, ignore_index, smooth, per_sample, mean, dtype_code, device, stream):
     lg, t, reference = _jaccard_tensors(logits, target, n, c, s, label_type, dtype_code)
     with torch.enable_grad():  # (called from inside autograd's backward, where grad mode is off)
-        sm = _view(sums, (n, c, 3), torch.float32, "sums").double().requires_grad_()
+        sm = _view(sums, (n if per_sample else 1, c, 3), torch.float32, "sums").double().requires_grad_()
         w = _view(weights, (c,), torch.float32, "weights").double()
         total = _loss_terms(sm, w, smooth, per_sample).sum()
         if mean:
             total = total / (w.sum() * (n if per_sample else 1))
         g, = torch.autograd.grad(total * _view(grad_loss, (), torch.float32, "grad_loss").double(), sm)
+    g = g.expand(n, c, 3)  # (pooled: every sample's sums take the pooled row's gradient)
     result = reference.jaccard_sums_backward(g, lg, t, squared, "sigmoid" if sigmoid else "softmax",
                                              ignore_index if has_ignore else None)
     _view(grad_logits, (n, c, s), DTYPES[dtype_code], "grad_logits").copy_(result)

@@ -518,7 +518,8 @@ def test_jaccard_beyond_2_31_elements(cuda_backend):
 # ---- the reduced loss (API.md's optional jaccard_loss_reduced: two launches forward, one backward) ------------
 
 def _reduced_loss_refs(logits, target, weights, smooth, per_sample, mean, ignore, dtype, grad_loss):
-    """The loss (from the plain sums and ops.jaccard_from_sums) and its logit gradient, in float64 and in `dtype`."""
+    """The loss's rows of sums (per sample, or pooled: jaccard_loss_reduced's), the loss (from the plain sums and
+    ops.jaccard_from_sums) and its logit gradient, in float64 and in `dtype`."""
     from seg3d_fast.ops import jaccard_from_sums
 
     refs = []
@@ -529,7 +530,8 @@ def _reduced_loss_refs(logits, target, weights, smooth, per_sample, mean, ignore
         ref = jaccard_from_sums(plain, smooth=smooth, class_weights=weights.to(plain), include_background=False,
                                 per_sample=per_sample, reduction="mean" if mean else "sum")
         (ref * grad_loss).backward()
-        refs.append((plain.detach(), ref.detach(), lg.grad))
+        rows = plain.detach() if per_sample else plain.detach().sum(0, keepdim=True)
+        refs.append((rows, ref.detach(), lg.grad))
     return refs
 
 
@@ -562,6 +564,10 @@ def test_jaccard_loss_reduced(cuda_backend, per_sample, mean, weighted, target_k
     assert_close(sums, ref64[0], ref_dt[0], dtype, what + " sums")
     assert_close(loss, ref64[1], ref_dt[1], dtype, what + " loss")
     assert_close(grad, ref64[2], ref_dt[2], dtype, what + " grad_logits")
+    # the backward reads only the loss's rows: the same gradient from the float64 sums rounded
+    grad = cuda_backend.jaccard_loss_reduced_backward(torch.tensor(0.75, device=dev), ref64[0].float(), w32, logits,
+                                                      target, True, "softmax", ignore_index, smooth, per_sample, mean)
+    assert_close(grad, ref64[2], ref_dt[2], dtype, what + " grad_logits from the reference sums")
     if target_kind == "probabilities":
         assert label_range is None
     else:

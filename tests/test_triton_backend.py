@@ -681,11 +681,17 @@ def test_jaccard_loss_reduced(per_sample, mean, weighted, target_kind, ignore_in
         ref = jaccard_from_sums(plain, smooth=smooth, class_weights=weights.to(plain), include_background=False,
                                 per_sample=per_sample, reduction="mean" if mean else "sum")
         (ref * 0.75).backward()
-        results[dt] = (plain.detach(), ref.detach(), lg.grad)
+        rows = plain.detach() if per_sample else plain.detach().sum(0, keepdim=True)  # the loss's rows
+        results[dt] = (rows, ref.detach(), lg.grad)
     assert loss.dtype == torch.float32 and loss.shape == () and grad.dtype == BF16
     assert_close(sums, results[torch.float64][0], results[BF16][0], BF16, "sums")
     assert_close(loss, results[torch.float64][1], results[BF16][1], BF16, "loss")
     assert_close(grad, results[torch.float64][2], results[BF16][2], BF16, "grad_logits")
+    # the backward reads only the loss's rows (pooled: one, not the N samples' summed by every program)
+    grad = tb.jaccard_loss_reduced_backward(torch.tensor(0.75, device=DEVICE), results[torch.float64][0].float(),
+                                            weights.float().to(DEVICE), logits, target, True, "softmax", ignore_index,
+                                            smooth, per_sample, mean)
+    assert_close(grad, results[torch.float64][2], results[BF16][2], BF16, "grad_logits from the reference sums")
     if target_kind == "probs":
         assert label_range is None
     else:

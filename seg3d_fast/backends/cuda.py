@@ -436,14 +436,15 @@ def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore
 def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smooth, weights, per_sample, mean):
     """The whole loss in two launches (optional backend function, API.md): the sums kernel also writes each block's
     label range, a one-block kernel sums the blocks into the sums, the label range and the loss. -> (loss, float32
-    0-d; sums (N, C, 3); the (2,) int64 least and greatest counted label, None for class probabilities)."""
+    0-d; the loss's rows of sums: (N, C, 3) per sample, else the (1, C, 3) pooled sums; the (2,) int64 least and
+    greatest counted label, None for class probabilities)."""
     lg, t, n, c, s, label_type = _jaccard_inputs(logits, target)
     blocks = _cuda.jaccard_blocks(s)
     device = lg.device
     is_label = label_type != PROBABILITY_TARGET
     w = _f32(weights, device)  # named: must outlive the launch
     partial = torch.empty(n * blocks * c * 3, dtype=torch.float32, device=device)
-    sums = torch.empty((n, c, 3), dtype=torch.float32, device=device)
+    sums = torch.empty((n if per_sample else n + 1, c, 3), dtype=torch.float32, device=device)  # pooled: row n too
     loss = torch.empty((), dtype=torch.float32, device=device)
     # label maps: one int64 buffer, the label range then the blocks' range partials (N * blocks, 2)
     ranges = torch.empty(2 + 2 * n * blocks, dtype=torch.int64, device=device) if is_label else None
@@ -454,7 +455,7 @@ def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smoo
                        n, c, s, label_type, bool(squared), activation == "sigmoid", ignore_index is not None,
                        int(ignore_index or 0), float(smooth), bool(per_sample), bool(mean), DTYPE_CODES[lg.dtype],
                        index, stream)
-    return loss, sums, label_range
+    return loss, (sums if per_sample else sums[n:]), label_range
 
 
 def jaccard_loss_reduced_backward(grad_loss, sums, weights, logits, target, squared, activation, ignore_index, smooth,

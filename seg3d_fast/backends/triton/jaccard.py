@@ -225,7 +225,8 @@ def _jaccard_loss_kernel(part_ptr, range_part_ptr, w_ptr, sums_ptr, loss_ptr, ra
     """One program: the partial sums (N, NUM_BLOCKS, C, 3) summed over the blocks in a fixed order into sums
     (N, C, 3), the loss sum_rows sum_c w_c (1 - (I + s) / (P + T - I + s)) over one pooled row or one row per
     sample (PER_SAMPLE), divided by R * sum_c w_c for MEAN (R rows), and with LABEL_RANGE the least and greatest
-    counted label of all blocks (range_ptr (2,))."""
+    counted label of all blocks (range_ptr (2,)). Pooled: also the pooled row, as row N of sums (N + 1 rows), so
+    that the backward reads one row instead of summing N."""
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     w = tl.load(w_ptr + c, mask=c_ok, other=0.0)
@@ -266,6 +267,10 @@ def _jaccard_loss_kernel(part_ptr, range_part_ptr, w_ptr, sums_ptr, loss_ptr, ra
             pooled_t += s_t
     if not PER_SAMPLE:
         total = _loss_terms(pooled_i, pooled_p, pooled_t, w, smooth)
+        out = sums_ptr + _sums_offset(N, C, c)
+        tl.store(out, pooled_i, mask=c_ok)
+        tl.store(out + 1, pooled_p, mask=c_ok)
+        tl.store(out + 2, pooled_t, mask=c_ok)
     loss = tl.sum(total, axis=0)
     if MEAN:
         loss = loss / (tl.sum(w, axis=0) * (N if PER_SAMPLE else 1))
@@ -279,23 +284,17 @@ def _jaccard_loss_kernel(part_ptr, range_part_ptr, w_ptr, sums_ptr, loss_ptr, ra
 def _loss_sums_grad(sums_ptr, w_ptr, gloss_ptr, n, N, C, smooth, PER_SAMPLE: tl.constexpr, MEAN: tl.constexpr,
                     BLOCK_C: tl.constexpr):
     """dL/d(sum p t) and dL/d(sum p^2 | p) per class of sample n for _jaccard_loss_kernel's loss: with
-    num = I + s, den = P + T - I + s and q = dL/dloss * coef_c / den^2: dL/dP = q num, dL/dI = -(q den + q num)."""
+    num = I + s, den = P + T - I + s and q = dL/dloss * coef_c / den^2: dL/dP = q num, dL/dI = -(q den + q num).
+    sums_ptr: the loss's rows, (N, C, 3) per sample or the (1, C, 3) pooled row."""
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     if PER_SAMPLE:
         row = sums_ptr + _sums_offset(n, C, c)
-        i = tl.load(row, mask=c_ok, other=0.0)
-        p = tl.load(row + 1, mask=c_ok, other=0.0)
-        t = tl.load(row + 2, mask=c_ok, other=0.0)
-    else:  # the loss pools the samples' sums: sum them (in the loss kernel's order)
-        i = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        p = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        t = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for m in range(N):
-            row = sums_ptr + _sums_offset(m, C, c)
-            i += tl.load(row, mask=c_ok, other=0.0)
-            p += tl.load(row + 1, mask=c_ok, other=0.0)
-            t += tl.load(row + 2, mask=c_ok, other=0.0)
+    else:
+        row = sums_ptr + c * 3
+    i = tl.load(row, mask=c_ok, other=0.0)
+    p = tl.load(row + 1, mask=c_ok, other=0.0)
+    t = tl.load(row + 2, mask=c_ok, other=0.0)
     w = tl.load(w_ptr + c, mask=c_ok, other=0.0)
     coef = w * tl.load(gloss_ptr).to(tl.float32)
     if MEAN:
@@ -414,14 +413,15 @@ def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore
 
 
 def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smooth, weights, per_sample, mean):
-    """The whole loss in two launches (optional backend function, API.md): -> (loss, a float32 0-d tensor; sums
-    (N, C, 3) for the backward; the (2,) int64 least and greatest counted label, or None for class
-    probabilities). weights: float32 (C,) on the logits' device, 0 for a class left out. Non-empty inputs."""
+    """The whole loss in two launches (optional backend function, API.md): -> (loss, a float32 0-d tensor; the
+    loss's rows of sums for the backward: (N, C, 3) per sample, else the (1, C, 3) pooled sums; the (2,) int64 least
+    and greatest counted label, or None for class probabilities). weights: float32 (C,) on the logits' device, 0 for
+    a class left out. Non-empty inputs."""
     n, c = logits.shape[:2]
     logits, target, spatial, tiles, strides, meta = _prepare(logits, target, ignore_index)
     label_range = meta["TARGET_IS_LABEL"]
     partials, ranges = _launch_sums(logits, target, spatial, tiles, strides, meta, squared, activation, label_range)
-    sums = torch.empty((n, c, 3), dtype=torch.float32, device=logits.device)
+    sums = torch.empty((n if per_sample else n + 1, c, 3), dtype=torch.float32, device=logits.device)
     loss = torch.empty((), dtype=torch.float32, device=logits.device)
     labels = torch.empty(2, dtype=torch.int64, device=logits.device) if label_range else loss
     blocks = partials.shape[1]
@@ -429,7 +429,7 @@ def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smoo
                                PER_SAMPLE=per_sample, MEAN=mean, LABEL_RANGE=label_range,
                                BLOCK_B=loss_block_rows(meta["BLOCK_C"], blocks), BLOCK_C=meta["BLOCK_C"],
                                num_warps=_LOSS_WARPS)
-    return loss, sums, (labels if label_range else None)
+    return loss, (sums if per_sample else sums[n:]), (labels if label_range else None)
 
 
 def jaccard_loss_reduced_backward(grad_loss, sums, weights, logits, target, squared, activation, ignore_index, smooth,
