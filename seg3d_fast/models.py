@@ -13,6 +13,7 @@ by PlainConvBlock's own forward rather than by a Sequential, stay separate ops: 
 """
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional, Sequence
 
@@ -127,11 +128,7 @@ class Seg3DNet(nn.Module):
             raise ValueError(f"x must have shape (N, {self.in_channels}, D, H, W); got {tuple(x.shape)}")
         extent = x.shape[2:]
         pad = [(-s) % self.multiple for s in extent]
-        if self.config["norm"] == "instance" and all(s + p == self.multiple for s, p in zip(extent, pad)):
-            # (nn.InstanceNorm3d's own error names neither the input nor the level)
-            raise ValueError(f"norm='instance' needs more than one voxel at the deepest level; x of extent "
-                             f"{tuple(extent)} is 1x1x1 after {len(self.features) - 1} halvings: give x more than "
-                             f"{self.multiple} voxels along some axis, or use norm='batch' or None")
+        self._check_norm_statistics(x.shape[0], [(s + p) // self.multiple for s, p in zip(extent, pad)])
         if any(pad):  # odd extents: pad at the far end, crop the logits back
             x = F.pad(x, [p for s in reversed(pad) for p in (0, s)])
         skips = []
@@ -153,6 +150,17 @@ class Seg3DNet(nn.Module):
         if any(pad):
             logits = logits[(..., *[slice(0, s) for s in extent])]
         return logits
+
+    def _check_norm_statistics(self, batch: int, deepest: list[int]):
+        """The deepest level's norm needs more than one value per channel to normalise by (instance: per sample;
+        batch, in training: over the batch); the norm layers' own errors name neither the input nor the level."""
+        norm, voxels = self.config["norm"], math.prod(deepest)
+        values = voxels if norm == "instance" else batch * voxels if norm == "batch" and self.training else 2
+        if values < 2:
+            raise ValueError(f"norm={norm!r} needs more than one value per channel at the deepest level, which is "
+                             f"{'x'.join(map(str, deepest))} for a batch of {batch} after "
+                             f"{len(self.features) - 1} halvings: give x more than {self.multiple} voxels along some "
+                             f"axis{'' if norm == 'instance' else ' or more samples'}, or use another norm")
 
     def summary(self, input_size: Optional[Sequence[int]] = None, dtype: torch.dtype = torch.float32) -> str:
         """Layers with output shapes and parameters, the activation bytes each writes, and the bytes saved for

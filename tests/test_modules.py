@@ -423,11 +423,16 @@ def test_seg3dnet_with_norm(norm):
     out = net(torch.randn(2, 1, 8, 8, 8))
     assert out.shape == (2, 2, 8, 8, 8)
     out.sum().backward()
-    if norm == "instance":  # a 1x1x1 deepest level has no statistics to normalise by
-        for x in (torch.randn(2, 1, 2, 2, 2), torch.randn(1, 1, 1, 2, 1)):
-            with pytest.raises(ValueError, match="norm='instance' needs more than one voxel at the deepest level"):
-                net(x)
-        assert net(torch.randn(1, 1, 1, 1, 3)).shape == (1, 2, 1, 1, 3)  # padded to 2x2x4: 1x1x2 there
+    # one value per channel at the deepest level (1x1x1; batch norm: of one sample, in training) has no statistics
+    one_value = [torch.randn(1, 1, 2, 2, 2), torch.randn(1, 1, 1, 2, 1)]
+    for x in one_value + [torch.randn(2, 1, 2, 2, 2)] * (norm == "instance"):
+        with pytest.raises(ValueError, match=f"norm='{norm}' needs more than one value per channel at the deepest "
+                                             "level, which is 1x1x1"):
+            net(x)
+    assert net(torch.randn(1, 1, 1, 1, 3)).shape == (1, 2, 1, 1, 3)  # padded to 2x2x4: 1x1x2 there
+    if norm == "batch":
+        assert net(torch.randn(2, 1, 2, 2, 2)).shape == (2, 2, 2, 2, 2)  # two samples' values
+        assert net.eval()(torch.randn(1, 1, 2, 2, 2)).shape == (1, 2, 2, 2, 2)  # running statistics
 
 
 def test_transfer_weights_copies_batch_norm_statistics():
