@@ -10,6 +10,7 @@ machine. Calls the backend contract (API.md) directly, so the ops layer is not i
 """
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -70,6 +71,15 @@ def real_gpu_only(be, why):
     """Skips what needs the GPU itself (e.g. its memory)."""
     if be.kind != "gpu":
         pytest.skip(f"{why} (needs a CUDA GPU)")
+
+
+def one_simulation(be, why):
+    """Runs a costly kernel test in one of the simulations only (simulated-v3, late copies; and on the GPU): for
+    kernels that neither the generation nor the cp.async timing changes (the Jaccard kernels)."""
+    gpu_only(be, why)
+    if be.kind == "simulated" and (os.environ.get("SEG3D_FAST_CUDA_KERNELS") != "v3"
+                                   or os.environ.get("SEG3D_SIMT_CP_ASYNC") == "early"):
+        pytest.skip(f"{why}: simulated once (simulated-v3)")
 
 
 @pytest.fixture(autouse=True)
@@ -166,9 +176,14 @@ def _worse(a, b, reference64):
 
 
 def _check_conv(be, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, layout="contiguous",
-                negative_alpha=False, shape=(2, 5, 6, 7), tf32_reference=False):
+                negative_alpha=False, shape=(2, 5, 6, 7), tf32_reference=False, zero_planes=False):
+    """zero_planes: x zero in its first two depth planes and a zero bias, so that the pre-activation is exactly 0 in
+    the first output plane (PReLU's slope there is alpha, as in PyTorch)."""
     x, weight, bias, alpha, residual, residual_first = _conv_case(
         be.device, dtype, c_in, c_out, k, stride, alpha_kind, residual_mode, shape, layout, negative_alpha)
+    if zero_planes:
+        x[:, :, :2] = 0
+        bias.zero_()
     assert be.conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_first) == []
     save_act = alpha is not None and residual is not None and not residual_first
     out, act = be.conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_first, save_act)
@@ -307,6 +322,22 @@ def test_conv3d_prelu_shared_memory_error_names_the_limit(cuda_backend, monkeypa
         cuda_backend.conv3d_prelu_forward(x, weight, bias, alpha, None, 1, False, False)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype,negative_alpha", [(torch.bfloat16, False), (torch.float32, True)], ids=str)
+def test_conv3d_prelu_zero_preactivation(cuda_backend, dtype, negative_alpha, stride):
+    """Outputs whose pre-activation is exactly 0 (zero input around them, zero bias: ReLU-like sparse inputs) take
+    PReLU's slope alpha in the backward, as in PyTorch (z <= 0), whether z is recovered from the saved output (y = 0)
+    or saved itself (some alpha <= 0)."""
+    _check_conv(cuda_backend, dtype, 8, 16, 3, stride, "channel", "after", negative_alpha=negative_alpha,
+                zero_planes=True)
+
+
+def test_conv3d_prelu_wide_layer(cuda_backend):
+    """More output channels than the bias / alpha gradient reduction has threads (256), and a weight gradient of more
+    than 4096 x 256 elements (its final reduction's grid-stride loop): 152 -> 264 channels, 1.08e6 weights."""
+    _check_conv(cuda_backend, torch.bfloat16, 152, 264, 3, 1, "channel", "after", shape=(1, 3, 4, 5))
+
+
 # The halo kernel (v3: stride-1 3x3x3, fp16/bf16): one channel chunk with 8-48 byte halo rows (C_in 8, 16, 24, 32;
 # a K step spanning taps) and several chunks with the double-buffered halo (64, 96); extents that no 4x4x8 box tiles;
 # the input gradient (dgrad of a stride-1 conv) goes through it too, with C_out as its input channels.
@@ -314,6 +345,20 @@ def test_conv3d_prelu_shared_memory_error_names_the_limit(cuda_backend, monkeypa
 @pytest.mark.parametrize("c_in,c_out", [(8, 16), (16, 24), (24, 32), (32, 40), (64, 64), (96, 8)])
 def test_conv3d_prelu_halo_channels(cuda_backend, dtype, c_in, c_out):
     _check_conv(cuda_backend, dtype, c_in, c_out, 3, 1, "channel", "first", shape=(2, 5, 7, 11))
+
+
+def test_conv3d_prelu_wgrad_splits_across_samples(cuda_backend):
+    """Weight-gradient splits of several K tiles (64 voxels: 17595 voxels over 275 splits) whose voxel walk crosses
+    from one sample into the next inside a split (sample boundaries at voxels 5865 and 11730, mid-split); the other
+    tests' splits are mostly one K tile, or start on a sample boundary."""
+    _check_conv(cuda_backend, torch.float16, 8, 16, 3, 1, "channel", None, shape=(3, 15, 17, 23))
+
+
+# Extents that 4x4x8 boxes tile exactly (as most real crops do: 128x160x144), where box counts that do not round up
+# would show; one channel chunk and several.
+@pytest.mark.parametrize("c_in,c_out", [(16, 24), (64, 8)])
+def test_conv3d_prelu_halo_whole_boxes(cuda_backend, c_in, c_out):
+    _check_conv(cuda_backend, torch.float16, c_in, c_out, 3, 1, "channel", "after", shape=(2, 8, 4, 16))
 
 
 def test_conv3d_prelu_deterministic(cuda_backend, monkeypatch):
@@ -624,3 +669,66 @@ def test_jaccard_loss_reduced_label_range_sees_bad_and_no_labels(cuda_backend):
     out = cuda_backend.jaccard_loss_reduced(torch.randn(2, 3, 9, 10, 11, device=dev), big, False, "sigmoid", 255, 1e-5,
                                             w, True, False)
     assert out[2].tolist() == [-7, 40] and out[0].isfinite()
+
+
+def test_jaccard_label_range_and_sums_over_many_blocks(cuda_backend):
+    """240 blocks of partials (2 samples x 120 blocks: more than the final reduction's 32 lanes, and all 8 warps of its
+    label-range reduction hold some): the sums; and the label range with the least and the greatest label placed in
+    each warp of a block and read by each warp of the final reduction in turn."""
+    dev = cuda_backend.device
+    n, c, spatial = 2, 3, (8, 60, 64)  # 30720 voxels per sample: 120 blocks of 256
+    logits = randn(n, c, *spatial, device=dev)
+    labels = torch.randint(0, c, (n, *spatial), device=dev)
+    w = torch.tensor([0.0, 1.0, 1.0], device=dev)
+    _, sums, label_range = cuda_backend.jaccard_loss_reduced(logits, labels, True, "softmax", None, 1e-5, w, False, True)
+    ref64 = jaccard_sums_plain(logits.double(), labels, True, "softmax")
+    assert_close(sums, ref64, jaccard_sums_plain(logits, labels, True, "softmax"), torch.float32, "sums")
+    assert label_range.tolist() == [0, c - 1]
+    for warp in range(4):
+        bad = labels.clone()
+        for value, wp in ((-5 - warp, warp), (c + 7 + warp, 7 - warp)):  # the least in warp w, the greatest in 7 - w
+            sample, block = divmod(32 * wp + 5 + warp, 120)  # a range partial that warp wp of the final kernel reads
+            bad.view(n, -1)[sample, block * 256 + 32 * wp + 3 * warp] = value  # in warp wp of that block
+        label_range = cuda_backend.jaccard_loss_reduced(logits, bad, True, "softmax", None, 1e-5, w, False, True)[2]
+        assert label_range.tolist() == [-5 - warp, c + 7 + warp], warp
+
+
+@pytest.mark.parametrize("c,activation", [(1, "sigmoid"), (2, "softmax")])
+def test_jaccard_one_sample_few_classes(cuda_backend, c, activation):
+    """Batch size 1 with one or two classes (binary segmentation): fewer sums (N * C * 3 < 8) than the final
+    reduction's warps per block."""
+    logits, target = _jaccard_case(cuda_backend.device, torch.float32, 1, c, (5, 6, 7), "int64", None)
+    sums = cuda_backend.jaccard_sums(logits, target, True, activation, None)
+    ref64 = jaccard_sums_plain(logits.double(), target, True, activation)
+    assert_close(sums, ref64, jaccard_sums_plain(logits, target, True, activation), torch.float32, "sums")
+    grad_sums = torch.randn(1, c, 3, device=cuda_backend.device)
+    grad = cuda_backend.jaccard_sums_backward(grad_sums, logits, target, True, activation, None)
+    refs = []
+    for dt in (torch.float64, torch.float32):
+        lg = logits.detach().to(dt).requires_grad_()
+        jaccard_sums_plain(lg, target, True, activation).backward(grad_sums.to(dt))
+        refs.append(lg.grad)
+    assert_close(grad, refs[0], refs[1], torch.float32, "grad")
+
+
+def test_jaccard_volumes_past_the_grid_caps(cuda_backend):
+    """The sums kernel's grid stops at 1024 blocks per sample (262144 voxels) and the backward's at 8192 (2^21
+    voxels): past them each thread takes several voxels (grid-stride loops)."""
+    one_simulation(cuda_backend, "2^21 voxels")
+    dev = cuda_backend.device
+    logits = randn(1, 3, 64, 64, 65, device=dev)  # 266240 voxels
+    target = torch.randint(0, 3, (1, 64, 64, 65), device=dev)
+    sums = cuda_backend.jaccard_sums(logits, target, False, "softmax", None)
+    ref64 = jaccard_sums_plain(logits.double(), target, False, "softmax")
+    assert_close(sums, ref64, jaccard_sums_plain(logits, target, False, "softmax"), torch.float32, "sums")
+    spatial = (2, 1024, 1040)  # 2129920 voxels
+    logits = randn(1, 2, *spatial, dtype=torch.float16, device=dev)
+    target = torch.randint(0, 2, (1, *spatial), device=dev, dtype=torch.uint8)
+    grad_sums = torch.randn(1, 2, 3, device=dev)
+    grad = cuda_backend.jaccard_sums_backward(grad_sums, logits, target, True, "sigmoid", None)
+    refs = []
+    for dt in (torch.float64, torch.float16):
+        lg = logits.detach().to(dt).requires_grad_()
+        jaccard_sums_plain(lg, target, True, "sigmoid").backward(grad_sums.to(dt))
+        refs.append(lg.grad)
+    assert_close(grad, refs[0], refs[1], torch.float16, "grad past 8192 blocks")
