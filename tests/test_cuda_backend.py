@@ -680,8 +680,8 @@ def test_jaccard_label_range_and_sums_over_many_blocks(cuda_backend):
     logits = randn(n, c, *spatial, device=dev)
     labels = torch.randint(0, c, (n, *spatial), device=dev)
     w = torch.tensor([0.0, 1.0, 1.0], device=dev)
-    _, sums, label_range = cuda_backend.jaccard_loss_reduced(logits, labels, True, "softmax", None, 1e-5, w, False, True)
-    ref64 = jaccard_sums_plain(logits.double(), labels, True, "softmax")
+    _, sums, label_range = cuda_backend.jaccard_loss_reduced(logits, labels, True, "softmax", None, 1e-5, w, True, True)
+    ref64 = jaccard_sums_plain(logits.double(), labels, True, "softmax")  # (per_sample: the samples' sums returned)
     assert_close(sums, ref64, jaccard_sums_plain(logits, labels, True, "softmax"), torch.float32, "sums")
     assert label_range.tolist() == [0, c - 1]
     for warp in range(4):
