@@ -163,6 +163,7 @@ def test_autocast_passes_float32_parameters_without_casts():
     (dict(), "labels"), (dict(ignore_index=255, per_sample=True), "labels"),
     (dict(activation="sigmoid", squared=False), "probs"),
     (dict(per_sample=True, reduction="none"), "labels"),  # the sums path (the reduced loss is fused on triton)
+    (dict(include_background=False, per_sample=True), "labels"),  # the fused loss's unit weights without class 0
     (dict(include_background=False, class_weights=torch.tensor([0.5, 1.0, 2.0, 1.0]), reduction="sum", smooth=1.0),
      "labels")])
 def test_compiled_backends_jaccard_through_ops(backend, kwargs, target_kind):
@@ -280,7 +281,9 @@ JACCARD_CASES = [
     dict(activation="sigmoid"),
     dict(per_sample=True, reduction="none"),
     dict(include_background=False, class_weights=torch.tensor([0.5, 1.0, 2.0, 1.0])),
+    dict(include_background=False),
     dict(ignore_index=255),
+    dict(ignore_index=1, per_sample=True, smooth=1.0),  # an ignore_index that is a class: no voxel counts for it
     dict(reduction="sum", smooth=1.0),
 ]
 
@@ -606,8 +609,9 @@ def test_jaccard_errors():
     assert sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), -1), ignore_index=-1).isfinite()
     with pytest.raises(ValueError, match="target label map must have shape"):
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 7, dtype=torch.long))
-    with pytest.raises(ValueError, match="probabilities must have the logits' shape"):
-        sf.jaccard_loss(logits, torch.rand(2, 2, 4, 5, 6))
+    for bad in (torch.rand(2, 2, 4, 5, 6), torch.rand(2, 4, 5, 6, 3)):  # (the second: classes last, as many values)
+        with pytest.raises(ValueError, match="probabilities must have the logits' shape"):
+            sf.jaccard_loss(logits, bad)
     with pytest.raises(ValueError, match="ignore_index applies to integer label maps"):
         sf.jaccard_loss(logits, torch.rand(2, 3, 4, 5, 6), ignore_index=0)
     with pytest.raises(TypeError, match="logits must be a floating-point"):
@@ -624,10 +628,16 @@ def test_jaccard_errors():
         sf.jaccard_loss(logits[:0], torch.zeros(0, 4, 5, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="logits has no elements"):
         sf.jaccard_loss(logits[:, :, :0], torch.zeros(2, 0, 5, 6, dtype=torch.long))
-    with pytest.raises(TypeError, match="ignore_index must be an int"):
-        sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), ignore_index=1.5)
+    for bad in (1.5, True):  # (a bool is no label value: True would ignore label 1)
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), ignore_index=bad)
     with pytest.raises(ValueError, match="smooth must be a number >= 0"):
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), smooth=-1.0)
+    with pytest.raises(TypeError, match="integer label map or float probabilities; got dtype torch.bool"):
+        sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.bool))
+    for bad in (logits[..., None], logits[:, :, 0, 0, 0]):  # 4 spatial dims; none
+        with pytest.raises(ValueError, match="with 1 to 3 spatial dims"):
+            sf.jaccard_loss(bad, torch.zeros(bad.shape[:1] + bad.shape[2:], dtype=torch.long))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

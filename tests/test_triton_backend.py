@@ -657,16 +657,39 @@ def test_jaccard_sums_and_backward(dtype, activation, squared, target_kind, igno
         assert (grad.movedim(1, -1)[target == ignore_index] == 0).all()
 
 
-@pytest.mark.parametrize("per_sample,mean,weighted,target_kind,ignore_index,classes", [
-    (False, True, False, "int64", None, 4), (True, True, True, "uint8", 7, 5), (False, False, True, "probs", None, 3),
-    (True, False, False, "int32", None, 2), (False, True, True, "int64", 3, 33)])
-def test_jaccard_loss_reduced(per_sample, mean, weighted, target_kind, ignore_index, classes):
+@pytest.mark.parametrize("layout,classes", [("contiguous", 5), ("channels_last", 3)])
+def test_jaccard_large_logits(layout, classes):
+    """Logits of magnitude up to a few hundred (an overconfident network; exp overflows float32 past 88): the
+    softmax must subtract the voxel's largest logit before exp, in the sums and in the backward's recomputed
+    probabilities, for both tile shapes (classes within a thread, classes across threads)."""
+    gen = torch.Generator().manual_seed(17)
+    n, size = 2, (3, 5, 7)
+    logits64 = randn(n, classes, *size, dtype=torch.float64, generator=gen) * 60
+    target = make_target("int64", n, classes, size, gen, None).to(DEVICE)
+    grad_sums = torch.randn(n, classes, 3, dtype=torch.float64, generator=gen)
+    logits = in_layout(logits64, layout, F32)
+    sums = tb.jaccard_sums(logits, target, True, "softmax", None)
+    grad = tb.jaccard_sums_backward(grad_sums.float().to(DEVICE), logits, target, True, "softmax", None)
+    lg = logits64.to(DEVICE).clone().requires_grad_()
+    s = jaccard_sums_plain(lg, target, True, "softmax")
+    (s * grad_sums.to(DEVICE)).sum().backward()
+    assert_close(sums, s.detach(), None, F32, "sums")
+    assert_close(grad, lg.grad, None, F32, "grad_logits")
+
+
+@pytest.mark.parametrize("per_sample,mean,weighted,target_kind,ignore_index,classes,smooth", [
+    (False, True, False, "int64", None, 4, 0.5), (True, True, True, "uint8", 7, 5, 0.0),
+    (False, False, True, "probs", None, 3, 0.5), (True, False, False, "int32", None, 2, 0.5),
+    (False, True, True, "int64", 3, 33, 0.0)])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # (the interpreter's 0 / 0)
+def test_jaccard_loss_reduced(per_sample, mean, weighted, target_kind, ignore_index, classes, smooth):
     """The fused loss (two launches) and its one-launch backward against the float64 formula of the plain sums; the
-    label range its kernel finds (counted labels only)."""
+    label range its kernel finds (counted labels only). smooth=0 with a class count that is no power of two: the
+    padding classes' 0 / 0 terms must stay out of the loss and of the gradient."""
     from seg3d_fast.ops import jaccard_from_sums
 
     gen = torch.Generator().manual_seed(classes)
-    n, size, smooth = 3, (4, 5, 7), 0.5
+    n, size = 3, (4, 5, 7)
     logits64 = randn(n, classes, *size, dtype=torch.float64, generator=gen) * 3
     target = make_target(target_kind, n, classes, size, gen, ignore_index).to(DEVICE)
     weights = torch.rand(classes, dtype=torch.float64, generator=gen) + 0.5 if weighted else torch.ones(classes)
@@ -703,22 +726,28 @@ def test_jaccard_loss_reduced(per_sample, mean, weighted, target_kind, ignore_in
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_jaccard_programs_loop_over_tiles(monkeypatch, layout):
+@pytest.mark.parametrize("programs,loss_rows,size", [(2, 8, (4, 5, 7)), (3, 16, (5, 7, 9))])
+def test_jaccard_programs_loop_over_tiles(monkeypatch, layout, programs, loss_rows, size):
     """With more tiles than MAX_PROGRAMS, each sums program adds up several tiles (the last one past the volume),
-    and the loss kernel several steps of partial rows: sums, loss, label range and gradient still match float64,
-    for both tile shapes (classes within a thread for NCDHW logits, else _TILE elements)."""
+    and the loss kernel several steps of partial rows (the last step's rows partly past the blocks: 3 blocks in steps
+    of 2): sums, loss, label range and gradient still match float64, for both tile shapes (classes within a thread
+    for NCDHW logits, else _TILE elements). The least and the greatest label occur only in the volume's last tile,
+    which is no program's first."""
     from seg3d_fast.ops import jaccard_from_sums
 
     assert [tj._sums_grid(t) for t in (1, 2048, 2049, 11520)] == [(1, 1), (2048, 1), (1025, 2), (1920, 6)]
     assert tj.tile_shape(8, True) == (512, 2) and tj.tile_shape(16, True) == (128, 1)
-    monkeypatch.setattr(tj, "NUM_WARPS", 1)  # NCDHW: 64 voxels a tile, 3 tiles for 4 x 5 x 7
-    monkeypatch.setattr(tj, "_TILE", 128)  # channels-last: 16 voxels a tile for 5 classes, 9 tiles
-    monkeypatch.setattr(tj, "MAX_PROGRAMS", 2)  # 2 programs of 2 (or 5) tiles each
-    monkeypatch.setattr(tj, "_LOSS_ROWS", 8)  # 1 partial row a step
+    monkeypatch.setattr(tj, "NUM_WARPS", 1)  # NCDHW: 64 voxels a tile, 3 tiles for 4 x 5 x 7, 5 for 5 x 7 x 9
+    monkeypatch.setattr(tj, "_TILE", 128)  # channels-last: 16 voxels a tile for 5 classes, 9 tiles (or 20)
+    monkeypatch.setattr(tj, "MAX_PROGRAMS", programs)  # 2 programs of 2 (or 5) tiles each; 3 of 2 (or 7)
+    monkeypatch.setattr(tj, "_LOSS_ROWS", loss_rows)  # 1 partial row a step; 2
     gen = torch.Generator().manual_seed(3)
-    n, classes, size = 2, 5, (4, 5, 7)
+    n, classes = 2, 5
     logits64 = randn(n, classes, *size, dtype=torch.float64, generator=gen) * 3
-    target = make_target("int64", n, classes, size, gen, 255).to(DEVICE)
+    target = make_target("int64", n, classes, size, gen, 255)
+    target[(target == 0) | (target == classes - 1)] = 1
+    target[1, -1, -1, -1], target[0, -1, -1, -1] = 0, classes - 1
+    target = target.to(DEVICE)
     weights = torch.ones(classes)
     logits = in_layout(logits64, layout, F32)
     loss, sums, label_range = tb.jaccard_loss_reduced(logits, target, True, "softmax", 255, 1.0,
@@ -733,8 +762,7 @@ def test_jaccard_programs_loop_over_tiles(monkeypatch, layout):
     assert_close(tb.jaccard_sums(logits, target, True, "softmax", 255), plain.detach(), None, F32, "sums (sums path)")
     assert_close(loss, ref.detach(), None, F32, "loss")
     assert_close(grad, lg.grad, None, F32, "grad_logits")
-    counted = target[target != 255]
-    assert label_range.tolist() == [counted.min().item(), counted.max().item()]
+    assert label_range.tolist() == [0, classes - 1]
 
 
 def _size1_dim_layouts(gen):
@@ -786,6 +814,7 @@ def test_jaccard_unsupported_reasons(monkeypatch):
     logits, labels = torch.randn(1, 65, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.int64)
     reasons = lambda *a: " | ".join(tb.jaccard_unsupported(*a))
     assert "65 classes" in reasons(logits, labels, "softmax", None)
+    assert tb.jaccard_unsupported(logits[:, :64], labels, "softmax", None) == []  # MAX_CLASSES itself runs
     assert "dtype" in reasons(logits[:, :5].double(), labels, "softmax", None)
     assert "activation" in reasons(logits[:, :5], labels, "relu", None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
