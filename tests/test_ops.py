@@ -746,6 +746,15 @@ def test_upconv_errors_and_empty_batches():
         sf.upconv_prelu_add(x.int(), w, None, a)
     with pytest.raises(TypeError, match="skip has dtype torch.float64 but x has torch.float32"):
         sf.upconv_prelu_add(x, w, None, a, torch.randn(1, 3, 4, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"skip must have the output's shape \(1, 3, 4, 4, 4\); got \(1, 1, 4, 4, 4\)"):
+        sf.upconv_prelu_add(x, w, None, a, torch.randn(1, 1, 4, 4, 4))  # (broadcastable: a silent wrong sum)
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\); got \(2,\)"):
+        sf.upconv_prelu_add(x, w, torch.randn(2), a)
+    for bad in (torch.full((2,), 0.25), torch.full((1, 3), 0.25)):
+        with pytest.raises(ValueError, match=r"alpha must have shape \(1,\) or \(3,\)"):
+            sf.upconv_prelu_add(x, w, None, bad)
+    with pytest.raises(ValueError, match="channel mismatch: x has 2 channels but weight expects 3"):
+        sf.upconv_prelu_add(x, torch.randn(3, 3, 2, 2, 2), None, a)
     with pytest.raises(ValueError, match="at least one input and one output channel"):
         sf.conv3d_prelu(torch.randn(1, 0, 3, 3, 3), torch.randn(4, 0, 3, 3, 3))
     x0 = torch.randn(0, 2, 3, 4, 5, requires_grad=True)
@@ -770,6 +779,35 @@ def test_env_backend_forces_choice(monkeypatch):
     monkeypatch.setenv("SEG3D_FAST_BACKEND", "triton")
     sf.conv3d_prelu(x, w, b, alpha)
     assert calls == [1]
+
+
+def test_dispatch_skips_backends_that_cannot_run(monkeypatch):
+    """The dispatcher's automatic choice (the GPU's order forced here: cuda, triton, reference; the cuda backend made
+    one whose import failed) takes the first backend that says it can run the input, falls back to the reference
+    when the order leaves it out, and raises with every backend's reasons when none can; asked for by name, a
+    backend that cannot run is an error with its reason."""
+    skip_unless_usable("triton")
+    from seg3d_fast import backends
+
+    monkeypatch.setitem(backends._import_errors, "cuda", "import failed: ImportError: no _C")
+    monkeypatch.delitem(backends._modules, "cuda", raising=False)
+    order = ["cuda", "triton", "reference"]
+    monkeypatch.setattr(backends, "_preference", lambda *args: tuple(order))
+    labels = torch.randint(0, 3, (2, 4, 5, 1), device=DEVICE)
+
+    def choice(logits, backend=None):
+        return backends.select("jaccard", backend, logits.device, "key", (logits, labels, "softmax", None))
+    logits = torch.randn(2, 3, 4, 5, 1, device=DEVICE)
+    assert choice(logits) == "triton"
+    assert choice(logits.double()) == "reference"  # triton takes no float64
+    with pytest.raises(backends.BackendUnsupported, match="backend 'cuda' cannot run jaccard .*no _C"):
+        choice(logits, "cuda")
+    order[:] = ["triton"]  # an order without the reference: it is still the last resort
+    assert choice(logits.double()) == "reference"
+    with pytest.raises(backends.BackendUnsupported, match=r"no backend can run jaccard on this input: .*triton.*int64"):
+        choice(logits.long())
+    monkeypatch.setattr(ops, "_backend_cache", {})  # the op itself: float64 logits on the reference backend
+    torch.testing.assert_close(sf.jaccard_loss(logits.double(), labels), jaccard_plain(logits.double(), labels))
 
 
 def test_env_backend_that_names_no_backend(monkeypatch):

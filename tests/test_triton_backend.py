@@ -491,11 +491,43 @@ def test_upconv_wgrad_many_splits(monkeypatch):
     assert_close(grad_w, leaves[1].grad, None, F32, "grad weight")
 
 
+@pytest.mark.parametrize("output_mask", [(False, False, False, True), (False, False, True, False),
+                                         (True, False, False, False), (False, True, True, False)])
+def test_upconv_backward_output_subsets(output_mask, exact_fp32):
+    """Only the asked-for gradients of the upsampling block come back, each equal to float64's: a layer whose
+    alpha alone (or bias alone) is trained still gets that gradient."""
+    gen = torch.Generator().manual_seed(9)
+    x = randn(2, 3, 3, 2, 5, dtype=torch.float64, generator=gen)
+    wt = randn(3, 5, 2, 2, 2, dtype=torch.float64, generator=gen) * 0.4
+    b = randn(5, dtype=torch.float64, generator=gen)
+    a = torch.linspace(-0.3, 0.4, 5, dtype=torch.float64)
+    g = randn(2, 5, 6, 4, 10, dtype=torch.float64, generator=gen) + 1
+    leaves = [t.clone().requires_grad_() for t in (x, wt, b, a)]
+    upconv_plain(*leaves, None).backward(g)
+    grads = tb.upconv_prelu_add_backward(g.float().to(DEVICE), *(t.float().to(DEVICE) for t in (x, wt, b, a)),
+                                         output_mask)
+    for name, got, wanted, leaf in zip(("x", "weight", "bias", "alpha"), grads, output_mask, leaves):
+        if not wanted:
+            assert got is None, f"grad {name} returned without being asked for"
+            continue
+        assert got is not None and got.shape == leaf.shape, f"grad {name} missing"
+        assert_close(got, leaf.grad, None, F32, f"grad {name}")
+
+
 def test_upconv_unsupported_reasons():
     x = torch.zeros(1, 200, 2, 2, 2, device=DEVICE)
     reasons = tb.upconv_prelu_add_unsupported(x, torch.zeros(200, 4, 2, 2, 2, device=DEVICE), None,
                                               torch.ones(1, device=DEVICE), None)
     assert any("200 -> 4 channels" in r for r in reasons)
+    for c_in, c_out in ((4, 33), (33, 4)):  # either side past MAX_CHANNELS; MAX_CHANNELS itself runs
+        x = torch.zeros(1, c_in, 2, 2, 2, device=DEVICE)
+        alpha = torch.ones(1, device=DEVICE)
+        assert any(f"{c_in} -> {c_out} channels" in r for r in tb.upconv_prelu_add_unsupported(
+            x, torch.zeros(c_in, c_out, 2, 2, 2, device=DEVICE), None, alpha, None))
+    x, w32, alpha = (torch.zeros(1, 32, 2, 2, 2, device=DEVICE), torch.zeros(32, 32, 2, 2, 2, device=DEVICE),
+                     torch.ones(1, device=DEVICE))
+    assert tb.upconv_prelu_add_unsupported(x, w32, None, alpha, None) == []
+    assert any("no elements" in r for r in tb.upconv_prelu_add_unsupported(x[:0], w32, None, alpha, None))
     x64 = torch.zeros(1, 4, 2, 2, 2, dtype=torch.float64, device=DEVICE)
     assert any("float64" in r for r in tb.upconv_prelu_add_unsupported(x64, x64.new_zeros(4, 4, 2, 2, 2), None,
                                                                        x64.new_ones(1), None))
