@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from seg3d_fast.data import Seg3DFastDataError
-from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_folders, looks_like_brats, scores,
+from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_folders, looks_like_brats, scores, summarize,
                                 write_evaluation)
 from data_helpers import TCGA_TUMOUR, brats_case, load, save
 
@@ -50,6 +50,53 @@ def test_brats_regions():
     assert looks_like_brats({0, 4, 7}) is None
 
 
+def _dice(pred_mask, true_mask):
+    """Dice of two boolean masks, written out (1 when both are empty)."""
+    total = pred_mask.sum() + true_mask.sum()
+    return 1.0 if total == 0 else 2 * (pred_mask & true_mask).sum() / total
+
+
+@pytest.mark.parametrize("regions,labels", [("brats", (0, 1, 2, 3, 4)), ("brats2023", (0, 1, 2, 3))])
+def test_region_dice_on_random_label_maps(regions, labels):
+    """Every BRATS region of both label conventions (2015-2021: 3 is non-enhancing core, 4 enhancing; 2023+: 3 is
+    enhancing) against Dice computed by hand on random label maps holding every label; the per-class Dice too."""
+    rng = np.random.default_rng(7)
+    truth = rng.choice(labels, size=(9, 7, 5))
+    pred = np.where(rng.random(truth.shape) < 0.3, rng.choice(labels, size=truth.shape), truth)
+    enhancing = 4 if regions == "brats" else 3
+    spec = {"whole": [v for v in labels if v != 0], "core": [1, 3, 4] if regions == "brats" else [1, 3],
+            "enhancing": [enhancing]}
+    out = evaluate_case(pred, truth, classes=list(labels), regions=regions)
+    for name, members in spec.items():
+        assert out[name]["dice"] == pytest.approx(_dice(np.isin(pred, members), np.isin(truth, members))), name
+    assert dice_per_class(pred, truth, len(labels)) == pytest.approx([_dice(pred == c, truth == c) for c in labels])
+
+
+def test_evaluate_case_refuses_maps_of_other_shapes():
+    """Maps whose shapes numpy would broadcast (a single slice against a volume) are an error, not a comparison."""
+    truth = np.random.default_rng(1).integers(0, 3, size=(6, 5, 4))
+    for pred in (truth[..., :1], truth[None]):
+        with pytest.raises(ValueError, match="prediction shape .* differs from label shape"):
+            evaluate_case(pred, truth, classes=[1, 2])
+
+
+def test_summarize_skips_nan_per_metric():
+    """Means over cases: a NaN (PPV of a class predicted nowhere) is left out of its own mean only."""
+    rng = np.random.default_rng(3)
+    cases = {}
+    for name in ("a", "b", "c"):
+        truth = rng.integers(0, 3, size=(6, 5, 4))
+        pred = np.where(rng.random(truth.shape) < 0.4, rng.integers(0, 3, size=truth.shape), truth)
+        if name == "b":
+            pred[pred == 2] = 1  # class 2 predicted nowhere: PPV NaN, Dice 0
+        cases[name] = evaluate_case(pred, truth, classes=[1, 2])
+    mean = summarize(cases)
+    assert math.isnan(cases["b"]["class_2"]["ppv"]) and cases["b"]["class_2"]["dice"] == 0.0
+    for metric in ("dice", "jaccard", "sensitivity"):
+        assert mean["class_2"][metric] == pytest.approx(np.mean([c["class_2"][metric] for c in cases.values()]))
+    assert mean["class_2"]["ppv"] == pytest.approx((cases["a"]["class_2"]["ppv"] + cases["c"]["class_2"]["ppv"]) / 2)
+
+
 def test_evaluate_folders_brats(tmp_path):
     brats_case(tmp_path / "labels", "case_a")
     img, seg = load(tmp_path / "labels" / "case_a" / "case_a_seg.nii.gz")
@@ -65,6 +112,7 @@ def test_evaluate_folders_brats(tmp_path):
     n1, n4 = np.sum(seg == 1), np.sum(seg == 4)
     assert m["enhancing"]["ppv"] == pytest.approx(n4 / (n1 + n4))
     assert m["class_1"]["dice"] == 0.0 and math.isnan(m["class_1"]["ppv"])
+    assert result["mean_dice"] == pytest.approx(np.mean([m[f"class_{c}"]["dice"] for c in (1, 2, 4)]))
     write_evaluation(result, tmp_path / "out")
     data = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert data["mean"]["class_1"]["ppv"] is None  # NaN written as null
