@@ -223,11 +223,23 @@ def test_conv_backward_no_activation_grad_preact_is_grad_out():
     assert torch.equal(grads[4].double().cpu(), case["grad_out"].float().double())
 
 
-def test_conv_wgrad_gemm_many_splits_and_tiles():
+def test_conv_wgrad_gemm_many_splits_and_tiles(monkeypatch):
     """The v2 weight GEMM with several voxel splits, (tap, C_in) tiles of several taps that end inside a tap
     (C_in = 48: 1296 rows, 11 tiles of 128) and two C_out tiles, stride 2 over odd extents (420 output voxels:
-    2 splits of 256 under the interpreter)."""
+    2 splits of 256, given 8 parallel slots: the interpreter's 4 make one split for 22 tiles)."""
+    monkeypatch.setattr(conv_mod, "parallel_slots", lambda device: 8)
+    assert conv_mod._voxel_splits(2, 420, 11 * 2, torch.device(DEVICE)) == (2, 1)
     case = make_conv_case(BF16, 3, 2, "channel", None, "channels_last", 48, 70, size=(2, 11, 9, 13), seed=11)
+    check_backward(case, "act", (False, True, False, False, False))
+
+
+def test_conv_wgrad_gemm_uneven_voxel_splits(monkeypatch):
+    """The weight GEMM's voxel grains split unevenly: 5 grains of 256 voxels over at most 4 programs (one parallel
+    slot) make splits of 2, 2 and 1 grains, the last partly past the volume; every split's partial is summed."""
+    monkeypatch.setattr(conv_mod, "parallel_slots", lambda device: 1)
+    m = 7 * 11 * 14  # 1078 output voxels: 5 grains
+    assert conv_mod._voxel_splits(-(-m // conv_mod._VOX_GRAIN), m, 1, torch.device(DEVICE)) == (3, 2)
+    case = make_conv_case(BF16, 3, 1, "channel", None, "channels_last", 3, 5, size=(1, 7, 11, 14), seed=31)
     check_backward(case, "act", (False, True, False, False, False))
 
 
@@ -244,6 +256,55 @@ def test_conv_wgrad_deterministic():
     second = run_backward(case, "act")
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("saved_kind,dtype,stride", [("act", F32, 1), ("preact", BF16, 2)])
+def test_conv_backward_prelu_at_zero_preactivation(saved_kind, dtype, stride):
+    """Output voxels whose pre-activation is exactly 0 (a zero region of x, as an MRI's background, and a zero bias):
+    PReLU's derivative there is alpha, as PyTorch's (z > 0 ? 1 : alpha). Random inputs never hit 0, so nothing else
+    checks that the saved value 0 takes the alpha branch (dz = grad_out there changes grad_x and grad_bias)."""
+    case = make_conv_case(dtype, 3, stride, "channel", None, "contiguous", size=(1, 4, 5, 7), seed=17,
+                          negative_alpha=saved_kind == "preact")
+    case["x"][..., :4] = 0  # W = 7: the output columns whose 3-wide window lies in columns 0..3 (and the padding)
+    case["bias"].zero_()
+    z = reference_conv(case, torch.float64)["z"]
+    assert (z == 0).float().mean() > 0.3  # about 40% of the output voxels sit exactly at the kink
+    check_backward(case, saved_kind)
+
+
+def test_conv_backward_more_splits_than_one_summing_step(monkeypatch):
+    """More voxel splits than _finish_kernel sums per step (16; a GPU's 4 programs per SM make hundreds of splits,
+    the interpreter's 4 parallel slots at most 4): with 2 per step, 3 splits take a full step and a masked one, and
+    the weight, bias and shared-alpha partials of every split are summed."""
+    monkeypatch.setattr(conv_mod, "_FINISH_SPLITS", 2)
+    case = make_conv_case(BF16, 3, 1, "shared", None, "channels_last", 3, 5, size=(1, 5, 11, 13), seed=19)
+    m = 5 * 11 * 13  # 3 grains of 256 voxels: 3 splits of the bias / alpha pass and of the weight GEMM
+    assert conv_mod._voxel_splits(-(-m // conv_mod._VOX_GRAIN), m, 1, torch.device(DEVICE))[0] == 3
+    check_backward(case, "act", (False, True, True, True, False))
+
+
+@pytest.mark.parametrize("alpha_kind", ["shared", "channel"])
+def test_conv_backward_bias_and_alpha_past_one_channel_block(alpha_kind):
+    """C_out above the channels one _finish_kernel step sums (_FINISH_BLOCK = 256): the bias and alpha gradients of
+    every channel block (the shared alpha's summed over all of them)."""
+    assert conv_mod._FINISH_BLOCK < 264
+    case = make_conv_case(F32, 1, 1, alpha_kind, None, "contiguous", 3, 264, size=(2, 3, 4, 5), seed=23)
+    check_backward(case, "act", (False, False, True, True, False))
+
+
+def test_conv_backward_float32_parameters_with_half_activations():
+    """Mixed precision at the backend (autocast hands the op float32 parameters with a bf16 x): the weight, bias and
+    alpha gradients come back in float32, not rounded to x's dtype (the ops layer casts a bf16 gradient back to
+    float32, so only this sees that rounding), and within the bf16 tolerance of the float64 reference."""
+    case = make_conv_case(BF16, 3, 2, "channel", None, "channels_last", size=(1, 5, 6, 7), seed=29)
+    ref64, ref = reference_conv(case, torch.float64), reference_conv(case, BF16)
+    lay = lambda t: in_layout(t, "channels_last", BF16)  # noqa: E731
+    grads = tb.conv3d_prelu_backward(lay(case["grad_out"]), lay(case["x"]), case["weight"].float(),
+                                     case["alpha"].float(), lay(ref64["act"]), "act", 2, (True,) * 5)
+    names = ("grad_x", "grad_weight", "grad_bias", "grad_alpha", "grad_preact")
+    for name, got, dtype in zip(names, grads, (BF16, F32, F32, F32, BF16)):
+        assert got.dtype == dtype, (name, got.dtype)
+        assert_close(got, ref64[name], ref[name], BF16, name)
 
 
 def test_conv_unsupported_reasons(monkeypatch):
@@ -280,6 +341,36 @@ def test_default_tiles_first_and_untuned_runs(monkeypatch):
     with conv_mod.default_tiles():
         assert all(len(k.configs) == 1 for k in kernels) and kernels[0].configs == [default]
     assert [k.configs for k in kernels] == before
+
+
+def test_voxel_splits_are_whole_blocks_for_every_gpu_config(monkeypatch):
+    """A weight-gradient split's voxel count (a multiple of _VOX_GRAIN) is a whole number of voxel blocks for every
+    GPU tile config of both weight-gradient kernels: their loops step BLOCK_V from the split's start, so a grain
+    that some BLOCK_V does not divide would add the next split's first voxels twice (the interpreter runs one small
+    config only, so no numerical test sees it)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("SEG3D_FAST_AUTOTUNE", raising=False)
+    configs = conv_mod._wgrad_configs() + conv_mod._wgrad_gemm_configs()
+    assert len(configs) > 2 and max(c.kwargs["BLOCK_V"] for c in configs) > 64  # the GPU lists, not the interpreter's
+    for c in configs:
+        assert conv_mod._VOX_GRAIN % c.kwargs["BLOCK_V"] == 0, c
+
+
+def test_dot_precision_follows_the_tf32_switch():
+    """float32 dots are exact ("ieee") unless torch allows TF32 for matmuls; fp16 / bf16 take the tensor cores. (The
+    interpreter ignores input_precision: only this checks it.)"""
+    from seg3d_fast.backends.triton._common import dot_precision
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(F32) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(F32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert dot_precision(F16) == "tf32"
+    assert dot_precision(BF16) == ("upcast" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32")
 
 
 def test_unavailable_reason(monkeypatch):
@@ -325,6 +416,9 @@ TMA_CASES = [
     (F16, 1, "channel", "first", "channels_last", 64, 16, (2, 4, 3, 10)),
     (F16, 3, "channel", None, "contiguous", 16, 24, (2, 7, 3, 5)),
     (BF16, 3, "channel", None, "channels_last", 16, 136, (1, 3, 4, 9)),
+    # C_out a multiple of 16 with k = 3: the stride-1 dgrad on the TMA kernel with its flipped taps (TAP_SIGN -1;
+    # the k = 1 case above has only the centre tap)
+    (F16, 3, "shared", "after", "contiguous", 16, 16, (1, 3, 3, 5)),
 ]
 
 
