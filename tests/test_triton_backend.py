@@ -1035,10 +1035,12 @@ def test_gpu_conv_tma_real_size(tma_launches, stride, c_in, c_out, saved_kind):
 
 
 @requires_gpu
-@pytest.mark.parametrize("c,w,tma", [(8, 520, False), (16, 264, True)])
-def test_gpu_conv_past_2_31_elements(monkeypatch, c, w, tma):
+@pytest.mark.parametrize("c,w,tma,layout", [(8, 520, False, "channels_last"), (16, 264, True, "channels_last"),
+                                             (8, 520, False, "contiguous")])
+def test_gpu_conv_past_2_31_elements(monkeypatch, c, w, tma, layout):
     """x and out of 2.2e9 elements each (bf16): forward and grad_x, checked on the first and last planes; with 16
-    channels on the TMA kernel where it runs (coordinates per dimension, 64-bit offsets in the epilogue)."""
+    channels on the TMA kernel where it runs (coordinates per dimension, 64-bit offsets in the epilogue); NCDHW too
+    (the epilogue's channel offset c * D * H * W passes 2^31 there)."""
     if tma:
         monkeypatch.setenv("SEG3D_FAST_TRITON_TMA", "1")
     torch.cuda.empty_cache()
@@ -1046,6 +1048,8 @@ def test_gpu_conv_past_2_31_elements(monkeypatch, c, w, tma):
     assert n * c * d * h * w > 2 ** 31
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(n, d, h, w, c, device="cuda", dtype=BF16, generator=gen).permute(0, 4, 1, 2, 3)
+    if layout == "contiguous":
+        x = x.contiguous()
     weight = torch.randn(c, c, 3, 3, 3, device="cuda", dtype=BF16, generator=gen) / 15
     bias = torch.randn(c, device="cuda", dtype=BF16, generator=gen)
     alpha = torch.rand(c, device="cuda", dtype=BF16, generator=gen) * 0.5 + 0.05
@@ -1100,10 +1104,14 @@ def test_gpu_upconv_past_2_31_elements():
     for name, got, leaf in zip(("weight", "bias", "alpha"), (grad_w, grad_b, grad_a), leaves):
         assert_close(got, leaf.grad, None, BF16, f"grad {name}")
 
+
 @requires_gpu
-def test_gpu_jaccard_past_2_31_elements():
+@pytest.mark.parametrize("n,w", [(1, 1025), (2, 513)])
+def test_gpu_jaccard_past_2_31_elements(n, w):
+    """Logits of 2.2e9 elements in one sample, or in two (the sample offset n * C * S passes 2^31 in the second)."""
     torch.cuda.empty_cache()
-    n, c, d, h, w = 1, 2, 1024, 1024, 1025
+    c, d, h = 2, 1024, 1024
+    assert n * c * d * h * w > 2 ** 31
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(n, c, d, h, w, device="cuda", dtype=BF16, generator=gen)
     labels = torch.randint(0, c, (n, d, h, w), device="cuda", dtype=torch.uint8, generator=gen)
@@ -1115,7 +1123,6 @@ def test_gpu_jaccard_past_2_31_elements():
     lg = logits[:, :, -2:].double().requires_grad_()
     (jaccard_sums_plain(lg, labels[:, -2:], True, "softmax")).sum().backward()
     assert_close(grad[:, :, -2:], lg.grad, None, BF16, "grad_logits")
-
 
 
 @requires_gpu
