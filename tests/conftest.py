@@ -49,6 +49,9 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (runs on the GPU machine via benchmarks/gpu_check.sh)")
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
+    # pytest-xdist's; gpu_check.sh runs its workers with --dist loadgroup: the tests that take 10-26 GB of GPU memory
+    # (helpers.BIG_GPU_MEMORY) run one after another on one worker instead of side by side on one card
+    config.addinivalue_line("markers", "xdist_group(name): tests of one group run on one pytest-xdist worker")
 
 
 @pytest.fixture

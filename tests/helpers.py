@@ -7,8 +7,13 @@ where torch_err is the error of plain PyTorch computing the same thing in the sa
 (the standard a fused kernel is held to: at most about twice PyTorch's own error).
 FLOOR covers differences in summation order when PyTorch's own error is ~0.
 """
+import pytest
 import torch
 import torch.nn.functional as F
+
+# The GPU tests that take 10-26 GB of device memory (tensors past 2^31 elements): one pytest-xdist worker runs them
+# in turn (gpu_check.sh: --dist loadgroup), so that several never share one card at once.
+BIG_GPU_MEMORY = pytest.mark.xdist_group("big_gpu_memory")
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

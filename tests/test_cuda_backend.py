@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import cuda_emulator
-from helpers import assert_close, jaccard_sums_plain, randn, rel_err
+from helpers import BIG_GPU_MEMORY, assert_close, jaccard_sums_plain, randn, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -451,6 +451,7 @@ def test_stride2_phase_weights_partition_the_taps_aligned(shape):
     assert torch.equal(torch.cat(used).sort().values, weight.reshape(-1))
 
 
+@BIG_GPU_MEMORY
 def test_conv3d_prelu_beyond_2_31_elements(cuda_backend):
     """x and out have more than 2^31 elements: the last planes (highest offsets) must be right."""
     real_gpu_only(cuda_backend, "64-bit offsets: tensors of more than 2^31 elements (24 GiB), too large to simulate")
@@ -535,6 +536,7 @@ def test_jaccard_noncontiguous_and_deterministic(cuda_backend):
                        cuda_backend.jaccard_sums_backward(g, logits, target, True, "softmax", None))
 
 
+@BIG_GPU_MEMORY
 def test_jaccard_beyond_2_31_elements(cuda_backend):
     real_gpu_only(cuda_backend, "64-bit offsets: tensors of more than 2^31 elements (24 GiB), too large to simulate")
     n, c, s = 1, 4, 560 * 2**20  # 2.35e9 logits

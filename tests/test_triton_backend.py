@@ -21,7 +21,7 @@ from seg3d_fast.backends import triton as tb  # noqa: E402
 from seg3d_fast.backends.triton import conv3d_prelu as conv_mod  # noqa: E402
 from seg3d_fast.backends.triton import jaccard as tj  # noqa: E402
 from seg3d_fast.backends.triton._common import block_row_coords, carry_rows, row_split, strided_offset  # noqa: E402
-from tests.helpers import assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn  # noqa: E402
+from tests.helpers import BIG_GPU_MEMORY, assert_close, conv3d_prelu_plain, jaccard_sums_plain, randn  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1034,6 +1034,7 @@ def test_gpu_conv_tma_real_size(tma_launches, stride, c_in, c_out, saved_kind):
     assert tma_launches == ({"conv": 2, "wgrad": 1} if stride == 1 else {"conv": 1, "wgrad": 0})
 
 
+@BIG_GPU_MEMORY
 @requires_gpu
 @pytest.mark.parametrize("c,w,tma,layout", [(8, 520, False, "channels_last"), (16, 264, True, "channels_last"),
                                              (8, 520, False, "contiguous")])
@@ -1073,6 +1074,7 @@ def test_gpu_conv_past_2_31_elements(monkeypatch, c, w, tma, layout):
     assert_close(grad_x[:, :, -2:], ref, ref_bf16, BF16, "grad_x")
 
 
+@BIG_GPU_MEMORY
 @requires_gpu
 def test_gpu_upconv_past_2_31_elements():
     """The upsampling block with an output and grad_out of 2.2e9 elements each (bf16, channels-last, 8 -> 8
@@ -1105,6 +1107,7 @@ def test_gpu_upconv_past_2_31_elements():
         assert_close(got, leaf.grad, None, BF16, f"grad {name}")
 
 
+@BIG_GPU_MEMORY
 @requires_gpu
 @pytest.mark.parametrize("n,w", [(1, 1025), (2, 513)])
 def test_gpu_jaccard_past_2_31_elements(n, w):
@@ -1125,6 +1128,7 @@ def test_gpu_jaccard_past_2_31_elements(n, w):
     assert_close(grad[:, :, -2:], lg.grad, None, BF16, "grad_logits")
 
 
+@BIG_GPU_MEMORY
 @requires_gpu
 def test_gpu_jaccard_batch_past_grid_axis_limit():
     """70000 samples of 4^3 voxels (the sums and backward grids' sample axis was the second, limited to 65535):
