@@ -17,7 +17,7 @@ set -u -o pipefail
 # Limits add up to 570 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
 # 111 s of tests (8 workers), 110 s of benchmarks (to the deadline), 38 s of profile, 40 s of demo
 T_BUILD=${T_BUILD:-60}
-T_TESTS=${T_TESTS:-180}      # the big-memory tests run in turn on one worker (tests/helpers.py BIG_GPU_MEMORY)
+T_TESTS=${T_TESTS:-180}      # the big-memory tests run one at a time (tests/helpers.py BIG_GPU_MEMORY)
 T_CEILINGS=${T_CEILINGS:-15}
 T_BENCH=${T_BENCH:-100}        # rows still pending this many seconds - 15 after the stage starts are skipped
 T_PROFILE=${T_PROFILE:-100}
@@ -92,8 +92,8 @@ if [[ $DRY_RUN -eq 0 ]]; then
   EXISTING=$(for f in $TESTS; do [[ -e $f ]] && echo "$f"; done)
   # One default tile config per kernel (tuning is the benchmarks' job); all failures reported, in parallel if
   # pytest-xdist is there (the tests are many small launches and Triton compiles), the tests of 10-26 GB each
-  # (tests/helpers.py BIG_GPU_MEMORY) in turn on one worker.
-  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadgroup")
+  # one at a time (tests/helpers.py BIG_GPU_MEMORY).
+  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
   # GPU_CHECK_K: a -k filter; by default the CUDA backend runs as v3 (the default kernels, which use v2's for what
   # the halo kernel does not take): the v2-only and v1 runs (every generation also runs in the CPU simulation in
   # CI) and the CPU-side emulated/simulated cases are left out, to keep the stage within its limit.

@@ -49,9 +49,26 @@ def _seed():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (runs on the GPU machine via benchmarks/gpu_check.sh)")
     config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 CPU cores")
-    # pytest-xdist's; gpu_check.sh runs its workers with --dist loadgroup: the tests that take 10-26 GB of GPU memory
-    # (helpers.BIG_GPU_MEMORY) run one after another on one worker instead of side by side on one card
-    config.addinivalue_line("markers", "xdist_group(name): tests of one group run on one pytest-xdist worker")
+
+
+@pytest.fixture
+def one_big_gpu_test_at_a_time():
+    """For the tests of 10-26 GB of GPU memory (helpers.BIG_GPU_MEMORY): the pytest-xdist workers of gpu_check.sh
+    share one card, so these hold a file lock while they run (one at a time, whichever worker has them) and give
+    their cached blocks back to the card when done (a worker's caching allocator keeps them otherwise)."""
+    import fcntl
+    import gc
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "seg3d_fast_big_gpu_memory.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                gc.collect()
+                torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# The GPU tests that take 10-26 GB of device memory (tensors past 2^31 elements): one pytest-xdist worker runs them
-# in turn (gpu_check.sh: --dist loadgroup), so that several never share one card at once.
-BIG_GPU_MEMORY = pytest.mark.xdist_group("big_gpu_memory")
+# The GPU tests that take 10-26 GB of device memory (tensors past 2^31 elements): one at a time across the
+# pytest-xdist workers of gpu_check.sh, so that several never share one card at once (conftest.py).
+BIG_GPU_MEMORY = pytest.mark.usefixtures("one_big_gpu_test_at_a_time")
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
