@@ -9,6 +9,9 @@
 //         dL/dloss itself (a small per-block table in shared memory): 2 launches forward, 1 backward.
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -94,16 +97,15 @@ template <class T, int MAXC>
 __global__ void __launch_bounds__(kThreads)
 jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __restrict__ partial,
                     long long* __restrict__ range_partial, int C, long long S, int label_type, bool squared,
-                    bool sigmoid, bool has_ignore, long long ignore_index) {
+                    bool sigmoid, bool has_ignore, long long ignore_index, int blocks) {
   // range_partial (optional, label maps): (N, blocks, 2) least and greatest counted label of the block's voxels
-  const int n = blockIdx.y, tid = threadIdx.x;
+  const int n = blockIdx.x / blocks, block = blockIdx.x - n * blocks, tid = threadIdx.x;  // (sample_block_grid)
   float acc[MAXC][3];
 #pragma unroll
   for (int c = 0; c < MAXC; ++c) acc[c][0] = acc[c][1] = acc[c][2] = 0.0f;
   long long lo = kNoLabelMin, hi = kNoLabelMax;
 
-  for (long long v = blockIdx.x * static_cast<long long>(kThreads) + tid; v < S;
-       v += static_cast<long long>(gridDim.x) * kThreads) {
+  for (long long v = block * static_cast<long long>(kThreads) + tid; v < S; v += static_cast<long long>(blocks) * kThreads) {
     float x[MAXC], t[MAXC];
     long long lab = 0;
     if (!load_voxel<T, MAXC>(logits, target, n, C, S, v, label_type, has_ignore, ignore_index, x, t, lab)) continue;
@@ -140,11 +142,11 @@ jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __r
   for (int i = tid; i < C * 3; i += kThreads) {
     float s = 0.0f;
     for (int w = 0; w < kWarps; ++w) s += red[w][i];
-    partial[(static_cast<long long>(n) * gridDim.x + blockIdx.x) * C * 3 + i] = s;
+    partial[(static_cast<long long>(n) * blocks + block) * C * 3 + i] = s;
   }
   if (range_partial != nullptr && tid == 0) {
     for (int w = 1; w < kWarps; ++w) widen_range(lo, hi, red_range[w][0], red_range[w][1]);
-    long long* out = range_partial + (static_cast<long long>(n) * gridDim.x + blockIdx.x) * 2;
+    long long* out = range_partial + (static_cast<long long>(n) * blocks + block) * 2;
     out[0] = lo;
     out[1] = hi;
   }
@@ -249,10 +251,11 @@ __global__ void __launch_bounds__(kThreads)
 jaccard_backward_kernel(const float* __restrict__ grad_sums, const T* __restrict__ logits, const void* target,
                         T* __restrict__ grad, int C, long long S, int label_type, bool squared, bool sigmoid,
                         bool has_ignore, long long ignore_index, const float* __restrict__ grad_loss,
-                        const float* __restrict__ weights, int N, float smooth, bool per_sample, bool mean) {
+                        const float* __restrict__ weights, int N, float smooth, bool per_sample, bool mean,
+                        int blocks) {
   // grad_loss == nullptr: dL/d(sums) read from grad_sums (N, C, 3); else grad_sums holds the reduced loss's sums and
   // each block derives its sample's dL/d(sums) from them, the class weights and dL/dloss (the loss's backward fused).
-  const int n = blockIdx.y;
+  const int n = blockIdx.x / blocks, block = blockIdx.x - n * blocks;  // (sample_block_grid)
   __shared__ float g[MAXC * 3];
   if (grad_loss == nullptr) {
     for (int i = threadIdx.x; i < C * 3; i += kThreads) g[i] = grad_sums[static_cast<long long>(n) * C * 3 + i];
@@ -267,8 +270,8 @@ jaccard_backward_kernel(const float* __restrict__ grad_sums, const T* __restrict
   }
   __syncthreads();
 
-  for (long long v = blockIdx.x * static_cast<long long>(kThreads) + threadIdx.x; v < S;
-       v += static_cast<long long>(gridDim.x) * kThreads) {
+  for (long long v = block * static_cast<long long>(kThreads) + threadIdx.x; v < S;
+       v += static_cast<long long>(blocks) * kThreads) {
     const long long base = static_cast<long long>(n) * C * S + v;
     float x[MAXC], t[MAXC];
     long long lab;
@@ -303,6 +306,15 @@ struct LossArgs {
   bool per_sample = false, mean = false;
 };
 
+// The sums and backward grids: `blocks` per sample, sample-major on the first axis (n = blockIdx.x / blocks): the
+// second axis takes at most 65535 blocks, and batches of small volumes or 1-D inputs have more samples than that.
+dim3 sample_block_grid(int blocks, int N) {
+  if (static_cast<long long>(blocks) * N > std::numeric_limits<int>::max())
+    throw std::invalid_argument("seg3d_fast._cuda: Jaccard grid of " + std::to_string(blocks) + " blocks x " +
+                                std::to_string(N) + " samples exceeds 2^31 - 1 blocks");
+  return dim3(static_cast<unsigned>(blocks) * static_cast<unsigned>(N));
+}
+
 // The loss formula's terms (both directions).
 LossArgs loss_formula(uint64_t weights, float smooth, bool per_sample, bool mean) {
   LossArgs l;
@@ -319,9 +331,10 @@ void launch_sums(uint64_t logits, uint64_t target, uint64_t partial, uint64_t su
                  const LossArgs& l, cudaStream_t s) {
   const int blocks = jaccard_blocks(S);
   auto sums_kernel = jaccard_sums_kernel<T, MAXC>;
-  SEG3D_LAUNCH(sums_kernel, dim3(blocks, N), kThreads, 0, s)(
+  SEG3D_LAUNCH(sums_kernel, sample_block_grid(blocks, N), kThreads, 0, s)(
       reinterpret_cast<const T*>(logits), reinterpret_cast<const void*>(target), reinterpret_cast<float*>(partial),
-      reinterpret_cast<long long*>(l.range_partial), C, S, label_type, squared, sigmoid, has_ignore, ignore_index);
+      reinterpret_cast<long long*>(l.range_partial), C, S, label_type, squared, sigmoid, has_ignore, ignore_index,
+      blocks);
   SEG3D_CHECK_LAUNCH("jaccard_sums_kernel");
   const long long outputs = static_cast<long long>(N) * C * 3;
   // one warp per output; the loss needs every sum in one block
@@ -339,11 +352,11 @@ void launch_backward(uint64_t grad_sums, uint64_t logits, uint64_t target, uint6
                      const LossArgs& l, cudaStream_t s) {
   const int blocks = static_cast<int>(std::min<long long>((S + kThreads - 1) / kThreads, 8192));
   auto backward_kernel = jaccard_backward_kernel<T, MAXC>;
-  SEG3D_LAUNCH(backward_kernel, dim3(blocks, N), kThreads, 0, s)(
+  SEG3D_LAUNCH(backward_kernel, sample_block_grid(blocks, N), kThreads, 0, s)(
       reinterpret_cast<const float*>(grad_sums), reinterpret_cast<const T*>(logits),
       reinterpret_cast<const void*>(target), reinterpret_cast<T*>(grad), C, S, label_type, squared, sigmoid,
       has_ignore, ignore_index, reinterpret_cast<const float*>(l.grad_loss), reinterpret_cast<const float*>(l.weights),
-      N, l.smooth, l.per_sample, l.mean);
+      N, l.smooth, l.per_sample, l.mean, blocks);
   SEG3D_CHECK_LAUNCH("jaccard_backward_kernel");
 }
 

@@ -734,3 +734,22 @@ def test_jaccard_volumes_past_the_grid_caps(cuda_backend):
         jaccard_sums_plain(lg, target, True, "sigmoid").backward(grad_sums.to(dt))
         refs.append(lg.grad)
     assert_close(grad, refs[0], refs[1], torch.float16, "grad past 8192 blocks")
+
+
+def test_jaccard_batch_past_the_grid_axis_limit(cuda_backend):
+    """70000 samples of 2 voxels: more blocks than a grid's second axis takes (65535), where the sample index was
+    (such batches were refused): the sums and their backward (the kernels the fused loss launches too), on the first
+    and last samples. About 25 s in the simulation."""
+    one_simulation(cuda_backend, "70000 samples")
+    dev = cuda_backend.device
+    n, c = 70000, 3
+    logits, target = _jaccard_case(dev, torch.float32, n, c, (2,), "int64", None)
+    assert cuda_backend.jaccard_unsupported(logits, target, "softmax", None) == []
+    sums = cuda_backend.jaccard_sums(logits, target, True, "softmax", None)
+    assert_close(sums, jaccard_sums_plain(logits.double(), target, True, "softmax"), None, torch.float32, "sums")
+    grad_sums = randn(n, c, 3, device=dev)
+    grad = cuda_backend.jaccard_sums_backward(grad_sums, logits, target, True, "softmax", None)
+    for idx in (slice(0, 2), slice(n - 2, n)):
+        lg = logits[idx].double().requires_grad_()
+        (jaccard_sums_plain(lg, target[idx], True, "softmax") * grad_sums[idx].double()).sum().backward()
+        assert_close(grad[idx], lg.grad, None, torch.float32, "grad_logits")

@@ -29,7 +29,6 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LABEL_CODES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
 PROBABILITY_TARGET = 3
 MAX_CLASSES = 32         # kMaxClasses in csrc/launchers.h
-MAX_GRID_Y = 65535       # CUDA gridDim.y limit (the Jaccard kernels put the sample index there)
 SAVED_KINDS = {"none": 0, "act": 1, "preact": 2}
 MAX_VOXELS = 2**31 - 2**16  # voxel (row) indices are 32-bit (with room for a tile past the end); offsets 64-bit
 WGRAD_BLOCKS = {1: 256, 2: 1024, 3: 1024}  # wgrad splits aim at about this many blocks per kernel version (fixed, so
@@ -383,8 +382,6 @@ def jaccard_unsupported(logits, target, activation, ignore_index) -> list[str]:
         reasons.append(f"class count {logits.shape[1] if logits.dim() > 1 else None} not in [1, {MAX_CLASSES}]")
     if target.device != logits.device:
         reasons.append(f"target is on {target.device}, logits on {logits.device}")
-    if logits.dim() >= 1 and logits.shape[0] > MAX_GRID_Y:
-        reasons.append(f"batch size {logits.shape[0]} > {MAX_GRID_Y} (one CUDA grid row per sample)")
     if target.dtype.is_complex or target.dtype == torch.bool:
         reasons.append(f"target dtype {target.dtype} is neither an integer label map nor float probabilities")
     return reasons
