@@ -105,7 +105,8 @@ jaccard_sums_kernel(const T* __restrict__ logits, const void* target, float* __r
   for (int c = 0; c < MAXC; ++c) acc[c][0] = acc[c][1] = acc[c][2] = 0.0f;
   long long lo = kNoLabelMin, hi = kNoLabelMax;
 
-  for (long long v = block * static_cast<long long>(kThreads) + tid; v < S; v += static_cast<long long>(blocks) * kThreads) {
+  for (long long v = block * static_cast<long long>(kThreads) + tid; v < S;
+       v += static_cast<long long>(blocks) * kThreads) {
     float x[MAXC], t[MAXC];
     long long lab = 0;
     if (!load_voxel<T, MAXC>(logits, target, n, C, S, v, label_type, has_ignore, ignore_index, x, t, lab)) continue;
