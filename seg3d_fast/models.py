@@ -154,8 +154,13 @@ class Seg3DNet(nn.Module):
     def _check_norm_statistics(self, batch: int, deepest: list[int]):
         """The deepest level's norm needs more than one value per channel to normalise by (instance: per sample;
         batch, in training: over the batch); the norm layers' own errors name neither the input nor the level."""
-        norm, voxels = self.config["norm"], math.prod(deepest)
-        values = voxels if norm == "instance" else batch * voxels if norm == "batch" and self.training else 2
+        norm = self.config["norm"]
+        if norm == "instance":
+            values = math.prod(deepest)
+        elif norm == "batch" and self.training:
+            values = batch * math.prod(deepest)
+        else:  # no norm, or batch norm's running statistics
+            return
         if values < 2:
             raise ValueError(f"norm={norm!r} needs more than one value per channel at the deepest level, which is "
                              f"{'x'.join(map(str, deepest))} for a batch of {batch} after "
