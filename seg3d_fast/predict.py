@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from .data.datasets import Case, discover, load_case
 from .data.nifti import Seg3DFastDataError, float_image_like, label_image_like, read_json, save_nifti
-from .data.preprocess import (PreprocessConfig, labels_from_probabilities, logits_to_crop_probabilities, preprocess,
-                              restore_labels, restore_probabilities)
+from .data.preprocess import (PreprocessConfig, crop_probability_slabs, label_dtype, labels_from_probabilities,
+                              logits_to_crop_probabilities, preprocess, restore_labels, restore_probabilities)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,27 +123,34 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
     return config, models
 
 
-def crop_probabilities(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None):
-    """-> (reference image, probabilities float32 (num_classes, crop grid), Geometry): on the cropped canonical
-    grid at full resolution, not yet restored onto the input's grid (restore_probabilities / restore_labels)."""
+def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None, probabilities=False):
+    """-> (reference image, Geometry, labels (crop grid), probabilities float32 (num_classes, crop grid) or None):
+    on the cropped canonical grid at full resolution, not yet restored onto the input's grid (restore_labels /
+    restore_probabilities). The labels are the argmax of the mean of the models' probabilities (an ensemble).
+
+    Memory: one model's logits on the network grid, plus the crop grid's probabilities only where they are asked for
+    or an ensemble sums them; one model's label map alone is taken slab by slab (crop_probability_slabs)."""
     ref, image, _ = load_case(Case(case.name, case.images, None), expect_channels=config["model"]["in_channels"])
     x, _, geometry = preprocess(ref, image, None, PreprocessConfig.from_dict(config["preprocess"]),
                                 name=str(case.images[0]))
+    if len(models) == 1 and not probabilities:
+        logits = predict_logits(models[0], x, device, roi, overlap, amp_dtype)
+        labels = torch.empty(tuple(b - a for a, b in geometry.bbox), dtype=label_dtype(logits.shape[0]))
+        for a, b, probs in crop_probability_slabs(logits, geometry):
+            labels[a:b] = probs.argmax(0)
+        return ref, geometry, labels, None
     probs = None
-    for model in models:  # ensemble: mean of the fold models' probabilities (summed in place: one array, not two)
-        p = logits_to_crop_probabilities(predict_logits(model, x, device, roi, overlap, amp_dtype), geometry)
-        if probs is None:
-            probs = p
-        else:
-            probs += p
-        del p
+    for model in models:  # an ensemble's mean probabilities, summed in place: one (C, crop) array
+        probs = logits_to_crop_probabilities(predict_logits(model, x, device, roi, overlap, amp_dtype), geometry,
+                                             out=probs)
     probs /= len(models)
-    return ref, probs, geometry
+    return ref, geometry, labels_from_probabilities(probs), probs
 
 
 def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None):
     """-> (reference image, probabilities float32 (num_classes, X, Y, Z) on the input's grid)."""
-    ref, probs, geometry = crop_probabilities(models, config, case, device, roi, overlap, amp_dtype)
+    ref, geometry, _, probs = crop_predictions(models, config, case, device, roi, overlap, amp_dtype,
+                                               probabilities=True)
     return ref, restore_probabilities(probs, geometry)
 
 
@@ -161,13 +168,14 @@ def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None,
     config, models = load_models(run_path, device, ensemble, fold, backend)
     written = []
     for i, (case, (path, probs_path)) in enumerate(zip(cases, outputs)):
-        ref, probs, geometry = crop_probabilities(models, config, case, device, roi, overlap, AMP_DTYPES[amp])
+        ref, geometry, labels, probs = crop_predictions(models, config, case, device, roi, overlap, AMP_DTYPES[amp],
+                                                        probabilities=save_probabilities)
         # the argmax on the crop grid equals that of the restored probabilities (background outside the crop)
         # without their full-size (C, X, Y, Z) float32 arrays: 13 GB each for 41 classes at 512 x 512 x 300
-        save_nifti(label_image_like(restore_labels(labels_from_probabilities(probs), geometry), ref), path)
+        save_nifti(label_image_like(restore_labels(labels, geometry), ref), path)
         if save_probabilities:
             save_nifti(float_image_like(np.moveaxis(restore_probabilities(probs, geometry), 0, -1), ref), probs_path)
-        del probs
+        del labels, probs
         written.append(path)
         if progress:
             print(f"[{i + 1}/{len(cases)}] {case.name} -> {path}", flush=True)

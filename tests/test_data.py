@@ -8,7 +8,8 @@ import torch
 
 from seg3d_fast.data import Case, PreprocessConfig, Seg3DFastDataError, discover, load_case, load_nifti, preprocess
 from seg3d_fast.data.nifti import float_image_like, label_image_like, save_nifti
-from seg3d_fast.data.preprocess import downsample_labels, logits_to_crop_probabilities, restore_probabilities
+from seg3d_fast.data.preprocess import (Geometry, crop_probability_slabs, downsample_labels, logits_to_crop_probabilities,
+                                        restore_probabilities)
 from data_helpers import CT, CT_LABELS, TCGA_T1, TCGA_TUMOUR, brain_block, brats_case, load, permuted, save
 
 
@@ -313,6 +314,40 @@ def test_downsample_labels_majority():
     lab[2:, 2:, 2:] = 2
     out = downsample_labels(lab, (2, 2, 2))
     assert out[0, 0, 0] == 3 and out[1, 1, 1] == 2 and out[1, 0, 0] == 0
+
+
+@pytest.mark.parametrize("net, crop, slab_planes", [
+    ((5, 7, 6), (9, 13, 11), 2),     # upsampled on every axis, two planes a slab
+    ((9, 13, 11), (5, 7, 6), 100),   # downsampled, one slab
+    ((7, 6, 5), (7, 12, 10), 3),     # in-plane only
+    ((7, 6, 5), (13, 6, 5), 1),      # across planes only, one plane a slab
+    ((1, 4, 4), (3, 9, 9), 1),       # one network plane
+    ((6, 5, 4), (1, 1, 1), 1),       # to one voxel
+    ((20, 17, 15), (47, 33, 29), 5),
+    ((4, 4, 4), (4, 4, 4), 3),       # no interpolation
+])
+def test_crop_probability_slabs(net, crop, slab_planes):
+    """Slab by slab, the probabilities of interpolating the logits whole (trilinear, align_corners=False) and
+    taking their softmax: against that in float64, at most twice the error of PyTorch doing it in float32; every
+    plane once, in order, each slab within its byte budget."""
+    gen = torch.Generator().manual_seed(sum(net) + sum(crop))
+    logits = 3 * torch.randn((4, *net), generator=gen)
+    geometry = Geometry(shape=crop, orientation=None, canonical_shape=crop, bbox=tuple((0, n) for n in crop),
+                        processed_shape=net)
+    interpolate = torch.nn.functional.interpolate
+    expected = interpolate(logits.double()[None], size=crop, mode="trilinear", align_corners=False)[0].softmax(0)
+    torch_error = (interpolate(logits[None], size=crop, mode="trilinear", align_corners=False)[0].softmax(0)
+                   - expected).abs().max().item()
+    bound = 2 * torch_error + 1e-7
+    slab_bytes = 4 * 4 * crop[1] * crop[2] * slab_planes
+    stops = [0]
+    for a, b, probs in crop_probability_slabs(logits.clone(), geometry, slab_bytes=slab_bytes):
+        assert a == stops[-1] and probs.shape == (4, b - a, *crop[1:]) and probs.dtype == torch.float32
+        assert b - a <= slab_planes
+        assert (probs - expected[:, a:b]).abs().max().item() <= bound
+        stops.append(b)
+    assert stops[-1] == crop[0]
+    assert (logits_to_crop_probabilities(logits, geometry) - expected).abs().max().item() <= bound
 
 
 def test_empty_foreground(tmp_path):

@@ -104,9 +104,11 @@ def test_predict_writes_on_input_grid(two_fold_run, tmp_path):
 @pytest.mark.parametrize("ensemble", [True, False])
 def test_label_map_is_the_argmax_of_the_probabilities(two_fold_run, tmp_path, ensemble, monkeypatch):
     """Without --save-probabilities the label map is taken on the crop grid (no full-size (C, X, Y, Z) float
-    arrays); it must equal, bit for bit, the argmax of the probabilities restored as before (out-of-place softmax,
-    fold mean, padding, reorientation): a non-RAS volume of odd shape with a zero border (a crop), downsampled by
-    1.7 (interpolated logits), one fold or the ensemble. The saved probabilities are those same values."""
+    arrays; for one model no (C, crop) array either: slab by slab). Against the probabilities computed the plain
+    way (the logits interpolated whole, softmax, fold mean, padding, reorientation) on a non-RAS volume of odd shape
+    with a zero border (a crop), downsampled by 1.7 (interpolated logits), one fold or the ensemble: the saved
+    probabilities agree to float32 rounding and the label map is their argmax wherever the top two classes are not
+    within that rounding of each other. The label map written with the probabilities is theirs exactly."""
     run = tmp_path / "run"
     shutil.copytree(two_fold_run / "run", run)
     config = json.loads((run / "config.json").read_text())
@@ -128,16 +130,23 @@ def test_label_map_is_the_argmax_of_the_probabilities(two_fold_run, tmp_path, en
     expected = sum(F.interpolate(predict_logits(m, x, cpu)[None], size=crop_shape, mode="trilinear",
                                  align_corners=False)[0].softmax(0) for m in models) / len(models)
     expected = restore_probabilities(expected, geometry)
+    top2 = np.sort(expected, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-5
+    assert clear.mean() > 0.99
 
     with monkeypatch.context() as patch:  # the label map alone never builds the full-size probabilities
         patch.setattr(seg3d_fast.predict, "restore_probabilities", None)
+        if not ensemble:  # nor, for one model, those of the crop grid
+            patch.setattr(seg3d_fast.predict, "logits_to_crop_probabilities", None)
+            patch.setattr(seg3d_fast.predict, "labels_from_probabilities", None)
         written = predict(run, src, tmp_path / "labels", ensemble=ensemble, progress=False)
     labels = np.asanyarray(nib.load(str(written[0])).dataobj)
     assert labels.dtype == np.uint8 and len(np.unique(labels)) > 1
-    np.testing.assert_array_equal(labels, expected.argmax(0))
+    np.testing.assert_array_equal(labels[clear], expected.argmax(0)[clear])
     predict(run, src, tmp_path / "probs", ensemble=ensemble, save_probabilities=True, progress=False)
-    np.testing.assert_array_equal(nib.load(str(tmp_path / "probs" / "odd_probabilities.nii.gz")).get_fdata(),
-                                  np.moveaxis(expected, 0, -1))
+    probs = nib.load(str(tmp_path / "probs" / "odd_probabilities.nii.gz")).get_fdata()
+    np.testing.assert_allclose(probs, np.moveaxis(expected, 0, -1), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(probs.argmax(-1), labels)
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "probs" / "odd.nii.gz")).dataobj), labels)
 
 

@@ -8,7 +8,8 @@ foreground.
 Inverse (prediction): logits interpolated back to the cropped grid, softmax, padded with background
 outside the crop, reoriented to the input's orientation: the result lies on the input's exact grid. The label map
 is the argmax of those probabilities, taken on the crop grid and then restored (restore_labels), so no full-size
-(C, X, Y, Z) float array is needed unless the probabilities themselves are saved.
+(C, X, Y, Z) float array is needed unless the probabilities themselves are saved; for one model, slab by slab
+(crop_probability_slabs), so no (C, crop grid) array either.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -114,21 +115,65 @@ def downsample_labels(label, shape):
     return best
 
 
-def logits_to_crop_probabilities(logits, geometry):
-    """logits (C, d, h, w) on the network grid -> softmax probabilities on the cropped canonical grid.
-    `logits` is used up: float32 logits on the crop grid are overwritten by their probabilities."""
-    crop_shape = tuple(b - a for a, b in geometry.bbox)
+def crop_probability_slabs(logits, geometry, slab_bytes=2**25):
+    """logits (C, d, h, w) on the network grid -> softmax probabilities on the cropped canonical grid, slab by slab
+    along its first axis: yields (start, stop, float32 (C, stop - start, H, W)), about `slab_bytes` each.
+
+    The values are those of softmax(F.interpolate(logits, crop shape, "trilinear", align_corners=False)) to float32
+    rounding: the interpolation is split into bilinear within planes and linear across them, with PyTorch's source
+    indices and weights. No (C, crop grid) array is made: one is 13 GB for 41 classes at 512 x 512 x 300."""
     logits = logits.float()
-    if tuple(logits.shape[1:]) != crop_shape:
-        logits = F.interpolate(logits[None], size=crop_shape, mode="trilinear", align_corners=False)[0]
-    # in place: the values of logits.softmax(0) (tested) without a second (C, crop) array
-    return torch.softmax(logits, 0, out=logits)
+    crop = tuple(b - a for a, b in geometry.bbox)
+    depth = logits.shape[1]
+    first, second, w_first, w_second = _linear_weights(depth, crop[0])
+    step = max(1, slab_bytes // (4 * logits.shape[0] * crop[1] * crop[2]))
+    for a in range(0, crop[0], step):
+        b = min(a + step, crop[0])
+        lo = int(first[a])
+        planes = logits[:, lo:int(second[b - 1]) + 1]
+        if tuple(planes.shape[2:]) != crop[1:]:  # (C, planes, h, w) as a batch of C images of `planes` channels
+            planes = F.interpolate(planes, size=crop[1:], mode="bilinear", align_corners=False)
+        if depth == crop[0]:
+            slab = planes
+        else:
+            slab = (planes[:, first[a:b] - lo] * w_first[a:b, None, None]
+                    + planes[:, second[a:b] - lo] * w_second[a:b, None, None])
+        yield a, b, torch.softmax(slab, 0)
+
+
+def _linear_weights(in_size, out_size):
+    """PyTorch's linear interpolation along one axis (align_corners=False, sizes given): output i reads inputs
+    first[i] and second[i] with weights w_first[i] and w_second[i] (float32, computed as ATen does)."""
+    i = torch.arange(out_size, dtype=torch.float32)
+    if in_size == out_size:
+        return i.long(), i.long(), torch.ones(out_size), torch.zeros(out_size)
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    src = (scale * (i + 0.5) - 0.5).clamp_min(0)
+    first = src.floor().long().clamp_max(in_size - 1)
+    w_second = (src - first).clamp(0, 1)
+    second = (first + 1).clamp_max(in_size - 1)
+    return first, second, 1 - w_second, w_second
+
+
+def logits_to_crop_probabilities(logits, geometry, out=None):
+    """logits (C, d, h, w) on the network grid -> softmax probabilities (C, crop grid) float32 (crop_probability_slabs),
+    added to `out` when it is given (an ensemble's sum), else in a new array."""
+    if out is None:
+        out = torch.zeros((logits.shape[0], *(b - a for a, b in geometry.bbox)))
+    for a, b, probs in crop_probability_slabs(logits, geometry):
+        out[:, a:b] += probs
+    return out
+
+
+def label_dtype(num_classes):
+    """The smallest label-map dtype for this many classes: uint8, int16 beyond 256."""
+    return torch.uint8 if num_classes <= 256 else torch.int16
 
 
 def labels_from_probabilities(probs, slab_voxels=2**22):
-    """argmax over classes of probs (C, ...) -> uint8 labels (int16 beyond 256 classes), the first of equal
-    values winning as in numpy; taken slab by slab along the first spatial axis, so no int64 volume is made."""
-    labels = torch.empty(probs.shape[1:], dtype=torch.uint8 if probs.shape[0] <= 256 else torch.int16)
+    """argmax over classes of probs (C, ...) -> labels of label_dtype(C), the first of equal values winning as in
+    numpy; taken slab by slab along the first spatial axis, so no int64 volume is made."""
+    labels = torch.empty(probs.shape[1:], dtype=label_dtype(probs.shape[0]))
     step = max(1, slab_voxels // math.prod(probs.shape[2:]))
     for a in range(0, probs.shape[1], step):
         labels[a:a + step] = probs[:, a:a + step].argmax(0)
