@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from .data.datasets import Case, discover, load_case
 from .data.nifti import Seg3DFastDataError, float_image_like, label_image_like, read_json, save_nifti
-from .data.preprocess import (PreprocessConfig, crop_probability_slabs, label_dtype, labels_from_probabilities,
-                              logits_to_crop_probabilities, preprocess, restore_labels, restore_probabilities)
+from .data.preprocess import (PreprocessConfig, canonical_probabilities, crop_probability_slabs, input_grid,
+                              label_dtype, labels_from_probabilities, logits_to_crop_probabilities, preprocess,
+                              restore_labels)
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,11 +125,12 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
 
 
 def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None, probabilities=False):
-    """-> (reference image, Geometry, labels (crop grid), probabilities float32 (num_classes, crop grid) or None):
-    on the cropped canonical grid at full resolution, not yet restored onto the input's grid (restore_labels /
-    restore_probabilities). The labels are the argmax of the mean of the models' probabilities (an ensemble).
+    """-> (reference image, Geometry, labels on the crop grid, probabilities or None): the labels are the argmax of
+    the mean of the models' probabilities (an ensemble), not yet restored onto the input's grid (restore_labels);
+    the probabilities, numpy float32 (num_classes, canonical grid) (canonical_probabilities; input_grid restores
+    them), only where asked for.
 
-    Memory: one model's logits on the network grid, plus the crop grid's probabilities only where they are asked for
+    Memory: one model's logits on the network grid, plus the canonical grid's probabilities where they are asked for
     or an ensemble sums them; one model's label map alone is taken slab by slab (crop_probability_slabs)."""
     ref, image, _ = load_case(Case(case.name, case.images, None), expect_channels=config["model"]["in_channels"])
     x, _, geometry = preprocess(ref, image, None, PreprocessConfig.from_dict(config["preprocess"]),
@@ -139,19 +141,24 @@ def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dt
         for a, b, probs in crop_probability_slabs(logits, geometry):
             labels[a:b] = probs.argmax(0)
         return ref, geometry, labels, None
-    probs = None
-    for model in models:  # an ensemble's mean probabilities, summed in place: one (C, crop) array
-        probs = logits_to_crop_probabilities(predict_logits(model, x, device, roi, overlap, amp_dtype), geometry,
-                                             out=probs)
+    full = probs = None
+    for model in models:  # the mean of an ensemble's probabilities, summed in place (into the canonical grid's box)
+        logits = predict_logits(model, x, device, roi, overlap, amp_dtype)
+        if probs is None and probabilities:
+            full, probs = canonical_probabilities(logits.shape[0], geometry)
+        elif probs is None:
+            probs = torch.zeros((logits.shape[0], *(b - a for a, b in geometry.bbox)))
+        logits_to_crop_probabilities(logits, geometry, out=probs)
+        del logits
     probs /= len(models)
-    return ref, geometry, labels_from_probabilities(probs), probs
+    return ref, geometry, labels_from_probabilities(probs), full
 
 
 def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None):
     """-> (reference image, probabilities float32 (num_classes, X, Y, Z) on the input's grid)."""
     ref, geometry, _, probs = crop_predictions(models, config, case, device, roi, overlap, amp_dtype,
                                                probabilities=True)
-    return ref, restore_probabilities(probs, geometry)
+    return ref, input_grid(probs, geometry)
 
 
 def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None, roi=None, overlap=0.5,
@@ -174,7 +181,7 @@ def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None,
         # without their full-size (C, X, Y, Z) float32 arrays: 13 GB each for 41 classes at 512 x 512 x 300
         save_nifti(label_image_like(restore_labels(labels, geometry), ref), path)
         if save_probabilities:
-            save_nifti(float_image_like(np.moveaxis(restore_probabilities(probs, geometry), 0, -1), ref), probs_path)
+            save_nifti(float_image_like(np.moveaxis(input_grid(probs, geometry), 0, -1), ref), probs_path)
         del labels, probs
         written.append(path)
         if progress:

@@ -135,7 +135,7 @@ def test_label_map_is_the_argmax_of_the_probabilities(two_fold_run, tmp_path, en
     assert clear.mean() > 0.99
 
     with monkeypatch.context() as patch:  # the label map alone never builds the full-size probabilities
-        patch.setattr(seg3d_fast.predict, "restore_probabilities", None)
+        patch.setattr(seg3d_fast.predict, "canonical_probabilities", None)
         if not ensemble:  # nor, for one model, those of the crop grid
             patch.setattr(seg3d_fast.predict, "logits_to_crop_probabilities", None)
             patch.setattr(seg3d_fast.predict, "labels_from_probabilities", None)

@@ -183,27 +183,41 @@ def labels_from_probabilities(probs, slab_voxels=2**22):
 def restore_labels(crop_labels, geometry):
     """Labels (crop grid) -> numpy labels (X, Y, Z) on the input grid, of the same dtype: background (0) outside
     the crop, where restore_probabilities gives probability 1 to class 0."""
-    return _to_input_grid(np.zeros(geometry.canonical_shape, dtype=crop_labels.numpy().dtype), crop_labels.numpy(),
-                          geometry)
+    full = np.zeros(geometry.canonical_shape, dtype=crop_labels.numpy().dtype)
+    full[_crop_box(geometry)] = crop_labels.numpy()
+    return input_grid(full, geometry)
 
 
 def restore_probabilities(crop_probs, geometry):
     """Probabilities (C, crop grid) -> numpy float32 (C, X, Y, Z) on the input grid: background outside the crop."""
-    full = np.zeros((crop_probs.shape[0], *geometry.canonical_shape), dtype=np.float32)
+    full, crop = canonical_probabilities(crop_probs.shape[0], geometry)
+    crop.copy_(crop_probs)
+    return input_grid(full, geometry)
+
+
+def canonical_probabilities(num_classes, geometry):
+    """-> (full, crop): numpy float32 (C, canonical grid) holding the background outside the crop (probability 1
+    of class 0) and zeros inside it, and a torch view of its crop box, to add the crop grid's probabilities into
+    (logits_to_crop_probabilities(..., out=crop)) without a (C, crop grid) array of their own."""
+    full = np.zeros((num_classes, *geometry.canonical_shape), dtype=np.float32)
     full[0] = 1.0
-    return _to_input_grid(full, crop_probs.cpu().numpy(), geometry)
+    full[(0, *_crop_box(geometry))] = 0.0
+    return full, torch.from_numpy(full)[(slice(None), *_crop_box(geometry))]
 
 
-def _to_input_grid(full, crop, geometry):
-    """`crop` ([C,] crop grid) placed into `full` ([C,] canonical grid, holding the background outside the crop),
-    reoriented back onto the input's grid -> contiguous numpy ([C,] X, Y, Z)."""
-    full[(..., *[slice(a, b) for a, b in geometry.bbox])] = crop
+def input_grid(full, geometry):
+    """([C,] canonical grid) -> reoriented back onto the input's grid: a numpy view of `full` ([C,] X, Y, Z) with
+    its axes flipped and permuted, not a copy (nibabel writes it as it is)."""
     back = nib.orientations.ornt_transform(_RAS, geometry.orientation)
     channels = full.ndim == 4  # (apply_orientation turns the first three axes)
     full = nib.orientations.apply_orientation(np.moveaxis(full, 0, -1) if channels else full, back)
-    full = np.ascontiguousarray(np.moveaxis(full, -1, 0) if channels else full)
+    full = np.moveaxis(full, -1, 0) if channels else full
     assert full.shape[-3:] == tuple(geometry.shape), (full.shape, geometry.shape)
     return full
+
+
+def _crop_box(geometry):
+    return tuple(slice(a, b) for a, b in geometry.bbox)
 
 
 def _orientation(affine):
