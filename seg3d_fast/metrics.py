@@ -19,13 +19,6 @@ REGIONS = {
 METRICS = ("dice", "jaccard", "sensitivity", "ppv")
 
 
-def confusion(pred_mask, true_mask):
-    """(tp, fp, fn) voxel counts of two boolean masks."""
-    pred_mask, true_mask = np.asarray(pred_mask, bool), np.asarray(true_mask, bool)
-    tp = int(np.count_nonzero(pred_mask & true_mask))
-    return tp, int(np.count_nonzero(pred_mask)) - tp, int(np.count_nonzero(true_mask)) - tp
-
-
 def scores(tp, fp, fn):
     """{dice, jaccard, sensitivity, ppv} from counts."""
     nan = float("nan")
@@ -37,10 +30,43 @@ def scores(tp, fp, fn):
     }
 
 
+def label_counts(pred, truth, slab_voxels=2**22):
+    """(values, counts) of two label maps of one shape (numpy or torch): the label values found in either, sorted,
+    and counts[i, j], the voxels predicted values[i] whose truth is values[j]. Every per-class and region score
+    follows from it (scores_of), in one pass over the voxels, slab by slab (no volume-sized temporaries)."""
+    pred, truth = _numpy(pred), _numpy(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {truth.shape}")
+    pred, truth = pred.reshape(-1), truth.reshape(-1)
+    values = np.union1d(_label_values(pred), _label_values(truth))
+    n = len(values)
+    counts = np.zeros(n * n, dtype=np.int64)
+    for a in range(0, pred.size, slab_voxels):
+        pair = np.searchsorted(values, pred[a:a + slab_voxels]) * n + np.searchsorted(values, truth[a:a + slab_voxels])
+        counts += np.bincount(pair, minlength=n * n)
+    return values, counts.reshape(n, n)
+
+
+def _label_values(flat):
+    """The distinct values of a flat label map, sorted: by counting (no sort of the volume) for small integers."""
+    if flat.size and flat.dtype.kind in "biu" and 0 <= flat.min() and flat.max() < 2**20:
+        return np.flatnonzero(np.bincount(flat))
+    return np.unique(flat)
+
+
+def scores_of(counts, labels):
+    """scores() of the voxels whose label is one of `labels` (a class: one label; a region: several), from
+    label_counts' (values, counts)."""
+    values, counts = counts
+    member = np.isin(values, list(labels))
+    tp = int(counts[np.ix_(member, member)].sum())
+    return scores(tp, int(counts[member].sum()) - tp, int(counts[:, member].sum()) - tp)
+
+
 def dice_per_class(pred, truth, num_classes):
     """[Dice of class c for c in 0..num_classes-1] for two integer label maps (numpy or torch)."""
-    pred, truth = _numpy(pred), _numpy(truth)
-    return [scores(*confusion(pred == c, truth == c))["dice"] for c in range(num_classes)]
+    counts = label_counts(pred, truth)
+    return [scores_of(counts, (c,))["dice"] for c in range(num_classes)]
 
 
 def looks_like_brats(label_values):
@@ -51,12 +77,14 @@ def looks_like_brats(label_values):
 
 def evaluate_case(pred, truth, classes, regions=None):
     """{name: {metric: value}} for each class (name 'class_c') and region; pred/truth integer label maps."""
-    pred, truth = _numpy(pred), _numpy(truth)
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from label shape {truth.shape}")
-    out = {f"class_{c}": scores(*confusion(pred == c, truth == c)) for c in classes}
+    return evaluate_counts(label_counts(pred, truth), classes, regions)
+
+
+def evaluate_counts(counts, classes, regions=None):
+    """evaluate_case from the maps' label_counts."""
+    out = {f"class_{c}": scores_of(counts, (c,)) for c in classes}
     for name, labels in (REGIONS[regions].items() if regions else ()):
-        out[name] = scores(*confusion(np.isin(pred, labels), np.isin(truth, labels)))
+        out[name] = scores_of(counts, labels)
     return out
 
 
@@ -145,7 +173,7 @@ def evaluate_folders(pred_dir, label_dir, regions="auto"):
         raise Seg3DFastDataError(f"{pred_dir}: no NIfTI label maps to evaluate")
     if not Path(label_dir).is_dir():
         raise Seg3DFastDataError(f"{label_dir}: label folder not found")
-    pairs = []
+    counts = {}  # per case: label_counts, a few numbers; one case's label maps in memory at a time
     for p in preds:
         truth_path = find_label_file(label_dir, case_name(p))
         if truth_path is None:
@@ -153,16 +181,17 @@ def evaluate_folders(pred_dir, label_dir, regions="auto"):
         pred_img, pred = load_label(p)
         truth_img, truth = load_label(truth_path)
         check_same_grid(truth_path, truth_img, p, pred_img)
-        pairs.append((case_name(p), pred, truth))
+        counts[case_name(p)] = label_counts(pred, truth)
+        del pred, truth
     values = set()
-    for _, pred, truth in pairs:
-        values |= set(np.unique(pred).tolist()) | set(np.unique(truth).tolist())
+    for case_values, _ in counts.values():
+        values |= set(case_values.tolist())
     if regions == "auto":
         regions = looks_like_brats(values)
     elif regions == "none":
         regions = None
     classes = sorted(v for v in values if v != 0)
-    per_case = {name: evaluate_case(pred, truth, classes, regions) for name, pred, truth in pairs}
+    per_case = {name: evaluate_counts(case_counts, classes, regions) for name, case_counts in counts.items()}
     mean = summarize(per_case)
     dices = [mean[f"class_{c}"]["dice"] for c in classes if not math.isnan(mean[f"class_{c}"]["dice"])]
     return {"per_case": per_case, "mean": mean, "classes": classes, "regions": regions,

@@ -5,10 +5,11 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from seg3d_fast.data import Seg3DFastDataError
-from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_folders, looks_like_brats, scores, summarize,
-                                write_evaluation)
+from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_counts, evaluate_folders, label_counts,
+                                looks_like_brats, scores, summarize, write_evaluation)
 from data_helpers import TCGA_TUMOUR, brats_case, load, save
 
 
@@ -70,6 +71,67 @@ def test_region_dice_on_random_label_maps(regions, labels):
     for name, members in spec.items():
         assert out[name]["dice"] == pytest.approx(_dice(np.isin(pred, members), np.isin(truth, members))), name
     assert dice_per_class(pred, truth, len(labels)) == pytest.approx([_dice(pred == c, truth == c) for c in labels])
+
+
+@pytest.mark.parametrize("kind", ["int64", "uint8", "float", "large", "torch", "strided"])
+def test_label_counts(kind):
+    """label_counts against counts done by hand: label maps of integer, float (a NIfTI read with get_fdata) and
+    torch types, label values past the counting range (FreeSurfer-style 2035, 12175), non-contiguous maps, more
+    voxels than one slab; every class and region score taken from them equals the one computed from masks."""
+    rng = np.random.default_rng(5)
+    labels = np.array([0, 1, 2, 4, 7])
+    if kind == "large":
+        labels = np.array([0, 2035, 12175, 2**20 + 3])
+    truth = rng.choice(labels, size=(11, 9, 7))
+    pred = np.where(rng.random(truth.shape) < 0.3, rng.choice(labels[:-1], size=truth.shape), truth)
+    pred_in, truth_in = pred, truth
+    if kind in ("uint8", "float"):
+        dtype = np.uint8 if kind == "uint8" else np.float64
+        pred_in, truth_in = pred.astype(dtype), truth.astype(dtype)
+    elif kind == "torch":
+        pred_in, truth_in = torch.from_numpy(pred), torch.from_numpy(truth)
+    elif kind == "strided":
+        pred, truth = pred.transpose(2, 0, 1)[::-1], truth.transpose(2, 0, 1)[::-1]
+        pred_in, truth_in = pred, truth
+    values, counts = label_counts(pred_in, truth_in, slab_voxels=100)
+    np.testing.assert_array_equal(values, labels)
+    for i, p in enumerate(labels):
+        for j, t in enumerate(labels):
+            assert counts[i, j] == np.sum((pred == p) & (truth == t))
+    out = evaluate_counts((values, counts), classes=labels, regions="brats")
+    for c in labels:
+        assert out[f"class_{c}"]["dice"] == pytest.approx(_dice(pred == c, truth == c))
+    whole = np.isin(pred, [1, 2, 3, 4]), np.isin(truth, [1, 2, 3, 4])
+    assert out["whole"]["dice"] == pytest.approx(_dice(*whole))
+    assert label_counts(np.zeros(0, np.int64), np.zeros(0, np.int64))[1].shape == (0, 0)
+
+
+def test_evaluate_folders_holds_one_case_at_a_time(tmp_path, monkeypatch):
+    """A folder of many large volumes must not be loaded whole: each case's label maps are freed before the next
+    case's are read."""
+    import weakref
+
+    from seg3d_fast.data import datasets
+
+    img, tumour = load(TCGA_TUMOUR)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "labels").mkdir()
+    for i in range(3):
+        save(np.roll(tumour, i, axis=0), img.affine, tmp_path / "pred" / f"c{i}.nii.gz")
+        save(tumour, img.affine, tmp_path / "labels" / f"c{i}.nii.gz")
+    loaded = []
+    load_label = datasets.load_label
+
+    def tracked(path, *args, **kwargs):
+        assert sum(ref() is not None for ref in loaded) <= 1, "an earlier case's label maps are still alive"
+        image, labels = load_label(path, *args, **kwargs)
+        loaded.append(weakref.ref(labels))
+        return image, labels
+
+    monkeypatch.setattr(datasets, "load_label", tracked)
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    assert len(loaded) == 6 and result["per_case"]["c0"]["class_1"]["dice"] == 1.0
+    assert 0 < result["per_case"]["c2"]["class_1"]["dice"] < 1
 
 
 def test_evaluate_case_refuses_maps_of_other_shapes():
