@@ -7,8 +7,10 @@ import csv
 import io
 import json
 import math
+import warnings
 
 import numpy as np
+import torch
 
 # BRATS tumour regions as sets of labels. 2015-2021 labels: 1 necrosis/non-enhancing, 2 edema, 4 enhancing;
 # BraTS 2023+ relabelled enhancing tumour to 3.
@@ -31,27 +33,54 @@ def scores(tp, fp, fn):
 
 
 def label_counts(pred, truth, slab_voxels=2**22):
-    """(values, counts) of two label maps of one shape (numpy or torch): the label values found in either, sorted,
-    and counts[i, j], the voxels predicted values[i] whose truth is values[j]. Every per-class and region score
-    follows from it (scores_of), in one pass over the voxels, slab by slab (no volume-sized temporaries)."""
-    pred, truth = _numpy(pred), _numpy(truth)
+    """(values, counts) of two label maps of one shape (numpy, or torch on any device, counted there): the label
+    values found in either, sorted, and counts[i, j], the voxels predicted values[i] whose truth is values[j] (numpy
+    int64). Every per-class and region score follows from it (scores_of): one pass over the voxels, slab by slab,
+    instead of masks per class; a training step's Dice copies C x C numbers off the GPU, not its label maps."""
+    pred, truth = _tensor(pred), _tensor(truth)
     if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from label shape {truth.shape}")
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(truth.shape)}")
     pred, truth = pred.reshape(-1), truth.reshape(-1)
-    values = np.union1d(_label_values(pred), _label_values(truth))
+    if pred.numel() == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.int64)
+    lo, hi = (float(v) for v in torch.stack([torch.minimum(pred.min(), truth.min()).double(),
+                                             torch.maximum(pred.max(), truth.max()).double()]).cpu())
+    # small non-negative integers (every segmentation we know) are their own index; others are looked up
+    direct = not (pred.is_floating_point() or truth.is_floating_point()) and lo >= 0 and hi < _DIRECT_LABELS
+    values = (torch.arange(int(hi) + 1, device=pred.device) if direct else
+              torch.unique(torch.cat([torch.unique(pred), torch.unique(truth)])))
     n = len(values)
-    counts = np.zeros(n * n, dtype=np.int64)
-    for a in range(0, pred.size, slab_voxels):
-        pair = np.searchsorted(values, pred[a:a + slab_voxels]) * n + np.searchsorted(values, truth[a:a + slab_voxels])
-        counts += np.bincount(pair, minlength=n * n)
-    return values, counts.reshape(n, n)
+    counts = torch.zeros(n * n, dtype=torch.int64, device=pred.device)
+    for a in range(0, pred.numel(), slab_voxels):
+        p, t = pred[a:a + slab_voxels], truth[a:a + slab_voxels]
+        if not direct:
+            p, t = torch.searchsorted(values, p), torch.searchsorted(values, t)
+        counts += torch.bincount(p.long() * n + t.long(), minlength=n * n)
+    values, counts = values.cpu().numpy(), counts.view(n, n).cpu().numpy()
+    if direct:  # keep the values that occur
+        present = (counts.sum(0) + counts.sum(1)) > 0
+        values, counts = values[present], counts[np.ix_(present, present)]
+    return values, counts
 
 
-def _label_values(flat):
-    """The distinct values of a flat label map, sorted: by counting (no sort of the volume) for small integers."""
-    if flat.size and flat.dtype.kind in "biu" and 0 <= flat.min() and flat.max() < 2**20:
-        return np.flatnonzero(np.bincount(flat))
-    return np.unique(flat)
+_DIRECT_LABELS = 1024  # label values below this are counted in a (value, value) table directly: 8 MB of int64
+
+
+def _tensor(a):
+    """A torch view of a label map: numpy arrays without a copy where their strides and dtype allow (torch has no
+    min / max for uint16-64: those become int64, bool uint8)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach()
+        wide_unsigned = a.dtype in (torch.uint16, torch.uint32, torch.uint64)
+        return a.long() if wide_unsigned else a.to(torch.uint8) if a.dtype == torch.bool else a
+    a = np.asarray(a)
+    if a.dtype.kind == "b":
+        a = a.view(np.uint8)
+    if (a.dtype.kind == "u" and a.itemsize > 1) or any(s < 0 for s in a.strides):
+        a = a.astype(np.int64 if a.dtype.kind == "u" else a.dtype)
+    with warnings.catch_warnings():  # a read-only array (a memory map, nibabel's): only read here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def scores_of(counts, labels):
@@ -132,10 +161,6 @@ def _fmt(v):
 
 def _target_order(t):
     return (0, int(t.split("_")[1])) if t.startswith("class_") else (1, t)
-
-
-def _numpy(a):
-    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
 # ---- folders of NIfTI label maps ------------------------------------------------------------------------------

@@ -73,23 +73,29 @@ def test_region_dice_on_random_label_maps(regions, labels):
     assert dice_per_class(pred, truth, len(labels)) == pytest.approx([_dice(pred == c, truth == c) for c in labels])
 
 
-@pytest.mark.parametrize("kind", ["int64", "uint8", "float", "large", "torch", "strided"])
+@pytest.mark.parametrize("kind", ["int64", "uint8", "uint16", "bool", "float", "large", "torch", "torch_uint16",
+                                  "strided", "read_only"])
 def test_label_counts(kind):
-    """label_counts against counts done by hand: label maps of integer, float (a NIfTI read with get_fdata) and
-    torch types, label values past the counting range (FreeSurfer-style 2035, 12175), non-contiguous maps, more
+    """label_counts against counts done by hand: label maps of integer (uint16 as NIfTI label maps are often
+    stored: torch has no min / max for it), boolean, float (a NIfTI read with get_fdata) and torch types, label
+    values past the direct counting range (FreeSurfer-style 2035, 12175), non-contiguous and read-only maps, more
     voxels than one slab; every class and region score taken from them equals the one computed from masks."""
     rng = np.random.default_rng(5)
-    labels = np.array([0, 1, 2, 4, 7])
+    labels = np.array([0, 1] if kind == "bool" else [0, 1, 2, 4, 7])
     if kind == "large":
         labels = np.array([0, 2035, 12175, 2**20 + 3])
     truth = rng.choice(labels, size=(11, 9, 7))
     pred = np.where(rng.random(truth.shape) < 0.3, rng.choice(labels[:-1], size=truth.shape), truth)
     pred_in, truth_in = pred, truth
-    if kind in ("uint8", "float"):
-        dtype = np.uint8 if kind == "uint8" else np.float64
+    if kind in ("uint8", "uint16", "bool", "float"):
+        dtype = {"uint8": np.uint8, "uint16": np.uint16, "bool": bool, "float": np.float64}[kind]
         pred_in, truth_in = pred.astype(dtype), truth.astype(dtype)
-    elif kind == "torch":
-        pred_in, truth_in = torch.from_numpy(pred), torch.from_numpy(truth)
+    elif kind.startswith("torch"):
+        dtype = torch.uint16 if kind == "torch_uint16" else torch.int64
+        pred_in, truth_in = torch.from_numpy(pred).to(dtype), torch.from_numpy(truth).to(dtype)
+    elif kind == "read_only":
+        pred_in, truth_in = pred.copy(), truth.copy()
+        pred_in.flags.writeable = truth_in.flags.writeable = False
     elif kind == "strided":
         pred, truth = pred.transpose(2, 0, 1)[::-1], truth.transpose(2, 0, 1)[::-1]
         pred_in, truth_in = pred, truth
