@@ -87,7 +87,7 @@ if [[ $DRY_RUN -eq 0 ]]; then
   fi
   # --- GPU tests (importorskip keeps tests needing nibabel out where it is missing) ------------------------------
   DEFAULT_TESTS="tests/test_build.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py
-                 tests/test_graphs.py tests/test_ddp.py"
+                 tests/test_graphs.py tests/test_ddp.py tests/test_metrics.py"
   TESTS=${GPU_CHECK_TESTS:-"$DEFAULT_TESTS tests/test_profile.py"}
   EXISTING=$(for f in $TESTS; do [[ -e $f ]] && echo "$f"; done)
   # One default tile config per kernel (tuning is the benchmarks' job); all failures reported, in parallel if

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("nibabel")  # (data_helpers reads NIfTI; the GPU machine may lack it: skip, not a collection error)
+
 from seg3d_fast.data import Seg3DFastDataError
 from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_counts, evaluate_folders, label_counts,
                                 looks_like_brats, scores, summarize, write_evaluation)
@@ -110,6 +112,22 @@ def test_label_counts(kind):
     whole = np.isin(pred, [1, 2, 3, 4]), np.isin(truth, [1, 2, 3, 4])
     assert out["whole"]["dice"] == pytest.approx(_dice(*whole))
     assert label_counts(np.zeros(0, np.int64), np.zeros(0, np.int64))[1].shape == (0, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: label_counts counting on the device")
+@pytest.mark.parametrize("large", [False, True])
+def test_label_counts_on_the_gpu(large):
+    """Label maps on the GPU (training's per-step Dice) are counted there: the same table as on the CPU."""
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0, 3, 5000] if large else [0, 1, 2, 3])
+    truth = labels[torch.randint(len(labels), (2, 37, 29, 19), generator=gen)]
+    pred = torch.where(torch.rand(truth.shape, generator=gen) < 0.2, labels[torch.randint(len(labels), truth.shape,
+                                                                                          generator=gen)], truth)
+    expected = label_counts(pred, truth, slab_voxels=1000)
+    got = label_counts(pred.cuda(), truth.cuda(), slab_voxels=1000)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert dice_per_class(pred.cuda(), truth.cuda(), 4) == dice_per_class(pred, truth, 4)
 
 
 def test_evaluate_folders_holds_one_case_at_a_time(tmp_path, monkeypatch):
