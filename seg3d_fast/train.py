@@ -67,6 +67,7 @@ class TrainConfig:
     backend: str | None = None
     cuda_graph: bool = False            # forward + backward replayed as one CUDA graph (one GPU; fixed --crop)
     workers: int = 0
+    cache_dir: str | None = None        # preprocessed cases as .npy files read through memory maps (big datasets)
     resume: bool = False
     overwrite: bool = False             # train this fold again from scratch, replacing its checkpoint
     progress: bool = True
@@ -75,15 +76,30 @@ class TrainConfig:
 
 # ---- data ---------------------------------------------------------------------------------------------------
 class PreparedCase:
-    """One preprocessed case in memory: x (C, d, h, w) float32, y (d, h, w) int64, foreground voxel sample,
-    voxel size per axis (mm)."""
+    """One preprocessed case: x (C, d, h, w) float32, y (d, h, w) labels (uint8, or int16 / int32 for larger
+    values), a sample of foreground voxels, voxel size per axis (mm). The arrays are in memory, or memory maps of a
+    cache folder's files (prepare with cache_dir): the crops read only their own voxels from them."""
 
-    def __init__(self, name, x, y, spacing=(1.0, 1.0, 1.0)):
-        self.name, self.x, self.y, self.spacing = name, x.numpy(), y.numpy(), tuple(spacing)
-        fg = np.argwhere(self.y > 0)
-        if len(fg) > 10000:  # a fixed sample is enough to centre crops on foreground
-            fg = fg[np.random.default_rng(0).choice(len(fg), 10000, replace=False)]
-        self.foreground = fg
+    def __init__(self, name, x, y, spacing=(1.0, 1.0, 1.0), foreground=None):
+        self.name, self.x, self.y, self.spacing = name, x, y, tuple(spacing)
+        if foreground is None:
+            foreground = np.argwhere(self.y > 0)
+            if len(foreground) > 10000:  # a fixed sample is enough to centre crops on foreground
+                foreground = foreground[np.random.default_rng(0).choice(len(foreground), 10000, replace=False)]
+        self.foreground = foreground
+
+
+def _writable(a):
+    """A contiguous array torch can own: a view of a cached case's read-only memory map is copied (only the crop)."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable and type(a) is np.ndarray else np.array(a)
+
+
+def _label_storage(y):
+    """The label map in the smallest integer type that holds its values (8x less memory than int64 for <= 256
+    classes); crops are widened by the loss's own checks, not here."""
+    top = int(y.max(initial=0))
+    return y.astype(np.uint8 if top < 2**8 else np.int16 if top < 2**15 else np.int32)
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -105,7 +121,7 @@ class CropDataset(torch.utils.data.Dataset):
         if self.augment:
             x, y = augment(x, y, rng, case.spacing)
             x = augment_intensity(x, rng)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+        return torch.from_numpy(_writable(x)), torch.from_numpy(_writable(y))
 
 
 def random_crop(x, y, size, rng, foreground=None):
@@ -174,23 +190,77 @@ def make_splits(names, folds, seed):
              "val": sorted(n for i, n in enumerate(order) if i % folds == k)} for k in range(folds)]
 
 
-def prepare(cfg, dataset, names, num_classes, channels=None):
+def prepare(cfg, dataset, names, num_classes, channels=None, rank=0, world=1):
     """Load and preprocess cases -> (list of PreparedCase, largest label seen before any downsampling).
-    Every case must have `channels` channels (default: as many as the first case)."""
+    Every case must have `channels` channels (default: as many as the first case).
+    With cfg.cache_dir each case is preprocessed once into that folder (reused while its source files, the
+    preprocessing and the class count are unchanged) and read back as memory maps, so that the dataset need not fit
+    in memory; in a multi-process run each rank preprocesses its share first."""
     pre = PreprocessConfig(cfg.downsample, cfg.clip)
     by_name = {c.name: c for c in dataset.cases}
+    if cfg.cache_dir is not None and world > 1:
+        for name in names[rank::world]:
+            _cached_case(Path(cfg.cache_dir), by_name[name], pre, num_classes)
+        _barrier(world)
     out, top = [], 0
     for name in names:
-        ref, image, label = load_case(by_name[name], num_classes)
+        case = by_name[name]
+        if cfg.cache_dir is not None:
+            prepared, case_top = _cached_case(Path(cfg.cache_dir), case, pre, num_classes)
+        else:
+            prepared, case_top = _prepared_case(case, pre, num_classes)
         if channels is None:
-            channels = image.shape[0]
-        elif image.shape[0] != channels:  # (else a shape error deep inside batching or the model)
-            raise Seg3DFastDataError(f"{by_name[name].images[0]}: case {name} has {image.shape[0]} channel(s), "
+            channels = prepared.x.shape[0]
+        elif prepared.x.shape[0] != channels:  # (else a shape error deep inside batching or the model)
+            raise Seg3DFastDataError(f"{case.images[0]}: case {name} has {prepared.x.shape[0]} channel(s), "
                                      f"the dataset's other cases have {channels}")
-        top = max(top, int(label.max()))
-        x, y, geometry = preprocess(ref, image, label, pre, name=str(by_name[name].images[0]))
-        out.append(PreparedCase(name, x, y, geometry.spacing))
+        top = max(top, case_top)
+        out.append(prepared)
     return out, top
+
+
+def _prepared_case(case, pre, num_classes):
+    """-> (PreparedCase in memory, largest label before downsampling)."""
+    ref, image, label = load_case(case, num_classes)
+    x, y, geometry = preprocess(ref, image, label, pre, name=str(case.images[0]))
+    return PreparedCase(case.name, x.numpy(), _label_storage(y.numpy()), geometry.spacing), int(label.max())
+
+
+CACHE_VERSION = 1  # bump when preprocessing changes what it makes of the same files and settings
+
+
+def _cached_case(cache_dir, case, pre, num_classes):
+    """-> (PreparedCase of memory maps, largest label): from cache_dir/<name>.json and its .npy files when the
+    JSON's fingerprint (source files' size and time, preprocessing, class count) matches and they read back, else
+    preprocessed and written (arrays first, the JSON last, each atomically: a stopped run leaves no half case that
+    looks whole)."""
+    sources = [Path(p) for p in [*case.images, case.label] if p is not None]
+    if not all(p.is_file() for p in sources):
+        return _prepared_case(case, pre, num_classes)  # (which names the missing file)
+    fingerprint = {"version": CACHE_VERSION, "preprocess": pre.to_dict(), "num_classes": num_classes,
+                   "sources": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]}
+    fingerprint = json.loads(json.dumps(fingerprint))  # (as read back: lists for tuples)
+    meta_path = cache_dir / f"{case.name}.json"
+    paths = {key: cache_dir / f"{case.name}.{key}.npy" for key in ("x", "y", "foreground")}
+    try:
+        meta = read_json(meta_path)
+        if meta.get("fingerprint") == fingerprint:
+            x, y = (np.load(paths[key], mmap_mode="r") for key in ("x", "y"))
+            return PreparedCase(case.name, x, y, meta["spacing"], np.load(paths["foreground"])), int(meta["top_label"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or damaged: made again below
+    prepared, top = _prepared_case(case, pre, num_classes)
+    for key, path in paths.items():
+        write_atomic(path, functools.partial(_save_npy, getattr(prepared, key)))
+    write_text_atomic(meta_path, json.dumps({"fingerprint": fingerprint, "spacing": list(prepared.spacing),
+                                             "top_label": top}, indent=1) + "\n")
+    x, y = (np.load(paths[key], mmap_mode="r") for key in ("x", "y"))
+    return PreparedCase(case.name, x, y, prepared.spacing, prepared.foreground), top
+
+
+def _save_npy(array, path):
+    with open(path, "wb") as f:
+        np.save(f, array)
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
@@ -356,8 +426,9 @@ def train(cfg):
     if splits is None:
         splits = make_splits(names, cfg.folds, cfg.seed)
     split = splits[cfg.fold]
-    train_cases, top_train = prepare(cfg, dataset, split["train"], num_classes)
-    val_cases, top_val = prepare(cfg, dataset, split["val"], num_classes, channels=train_cases[0].x.shape[0])
+    train_cases, top_train = prepare(cfg, dataset, split["train"], num_classes, rank=rank, world=world)
+    val_cases, top_val = prepare(cfg, dataset, split["val"], num_classes, channels=train_cases[0].x.shape[0],
+                                 rank=rank, world=world)
     num_classes = num_classes or max(2, top_train + 1, top_val + 1)
     in_channels = train_cases[0].x.shape[0]
 
@@ -455,7 +526,7 @@ def validate(model, cases, num_classes, device, amp_dtype, crop):
     dices = []
     with torch.no_grad():
         for case in cases:
-            logits = predict_logits(model, torch.from_numpy(case.x), device, roi=crop, amp_dtype=amp_dtype)
+            logits = predict_logits(model, torch.from_numpy(_writable(case.x)), device, roi=crop, amp_dtype=amp_dtype)
             dices.append(np.mean(dice_per_class(logits.argmax(0), case.y, num_classes)[1:]))
     model.train()
     return float(np.mean(dices))
@@ -535,6 +606,10 @@ def add_arguments(p):
                    help="replay each step's forward and backward as one CUDA graph (one GPU; use with --crop): "
                         "removes the per-layer host work that bounds small and deep layers")
     p.add_argument("--workers", type=at_least(0), default=0, help="data loader worker processes")
+    p.add_argument("--cache-dir", default=None,
+                   help="preprocess each case once into this folder and read it back through memory maps, for "
+                        "datasets larger than memory (reused by later folds and resumed runs while the source files "
+                        "and preprocessing are unchanged); default: every case in memory")
     p.add_argument("--resume", action="store_true", help="continue from fold_k/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="train the fold again from scratch, replacing its checkpoint (without --resume or this, an "
@@ -556,7 +631,8 @@ def config_from_args(args):
                        downsample=args.downsample, clip=tuple(args.clip) if args.clip else None,
                        features=tuple(args.features), skip=args.skip, num_classes=args.num_classes, amp=args.amp,
                        augment=args.augment, val_every=args.val_every, seed=args.seed, device=args.device,
-                       backend=args.backend, cuda_graph=args.cuda_graph, workers=args.workers, resume=args.resume,
+                       backend=args.backend, cuda_graph=args.cuda_graph, workers=args.workers,
+                       cache_dir=args.cache_dir, resume=args.resume,
                        overwrite=args.overwrite, progress=args.progress)
 
 

@@ -66,9 +66,12 @@ def _assert_one_line_error(capsys, rc, path, words):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("cache", [False, True])
 @pytest.mark.parametrize("problem", ["missing", "truncated", "not_nifti", "grid", "label_range", "empty", "channels"])
-def test_train_bad_input(tmp_path, capsys, problem):
+def test_train_bad_input(tmp_path, capsys, problem, cache):
     manifest, path, words, extra = _bad_case(tmp_path, problem)
+    if cache:  # (the same errors when the cases go through a --cache-dir)
+        extra = [*extra, "--cache-dir", str(tmp_path / "cache")]
     rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, *extra])
     _assert_one_line_error(capsys, rc, path, words)
     assert not (tmp_path / "run").exists()  # nothing written

@@ -14,25 +14,30 @@ DRIVER = textwrap.dedent("""
     import torch.distributed as dist
     from seg3d_fast.train import TrainConfig, train
 
-    data, out, weights = sys.argv[1:4]
+    data, out, weights, cache_dir = sys.argv[1:5]
     model = train(TrainConfig(data=data, out=out, epochs=2, samples_per_epoch=4, features=(4, 8), crop=(12, 12, 12),
-                              lr=3e-3, progress=False, device="cpu"))  # (gloo on CPUs, also on a 1-GPU machine)
+                              lr=3e-3, progress=False, device="cpu",  # (gloo on CPUs, also on a 1-GPU machine)
+                              cache_dir=cache_dir or None))
     torch.save(model.state_dict(), f"{weights}/rank{dist.get_rank()}_of_{dist.get_world_size()}.pt")
     dist.destroy_process_group()
 """)
 
 
-def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path, cache):
+    """With a --cache-dir each rank preprocesses its share of the cases into it, then both read every case back."""
     pytest.importorskip("nibabel")  # (here, not at the top: the GPU machine may lack it, and the test below not)
     from data_helpers import brain_csv
 
     manifest = brain_csv(tmp_path / "data", n_cases=2)
+    cache_dir = str(tmp_path / "cache") if cache else ""
     (tmp_path / "driver.py").write_text(DRIVER)
     (tmp_path / "w").mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(tmp_path / "driver.py"), str(manifest), str(tmp_path / "run"), str(tmp_path / "w")],
+                        str(tmp_path / "driver.py"), str(manifest), str(tmp_path / "run"), str(tmp_path / "w"),
+                        cache_dir],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     w0 = torch.load(tmp_path / "w" / "rank0_of_2.pt", weights_only=True)
@@ -49,6 +54,8 @@ def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path):
     init = Seg3DNet(1, 4, (4, 8)).state_dict()
     assert any((init[k] - w0[k]).abs().max() > 1e-4 for k in w0)
     assert len(ckpt["history"]) == 2
+    if cache:
+        assert sorted(p.name for p in (tmp_path / "cache").glob("*.json")) == ["case0.json", "case1.json"]
 
 
 def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):

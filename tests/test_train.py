@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -226,3 +227,52 @@ def test_cuda_graph_needs_one_gpu(tmp_path):
     with pytest.raises(ValueError, match="--cuda-graph needs one CUDA device and one process; got device cpu"):
         train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=1, device="cpu", cuda_graph=True,
                           **TINY))
+
+
+def test_cache_dir_trains_the_same_from_memory_maps(tmp_path, monkeypatch):
+    """--cache-dir: each case preprocessed once into the folder and read back as memory maps; training from it
+    gives bit for bit the weights of training from memory. The cache is reused while the source files and the
+    preprocessing are unchanged, made again for a case whose file changed, whose files were damaged, or for other
+    preprocessing settings."""
+    from dataclasses import replace
+
+    import seg3d_fast.train as train_module
+
+    manifest = brain_csv(tmp_path / "data", n_cases=3)
+    cfg = TrainConfig(data=str(manifest), out=str(tmp_path / "memory"), epochs=1, folds=3, **TINY)
+    cached = replace(cfg, out=str(tmp_path / "cached"), cache_dir=str(tmp_path / "cache"))
+    expected = train(cfg).state_dict()
+    got = train(cached).state_dict()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+    cache = tmp_path / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        f"case{i}.{ext}" for i in range(3) for ext in ("json", "x.npy", "y.npy", "foreground.npy"))
+
+    made = []
+    preprocess = train_module.preprocess
+    monkeypatch.setattr(train_module, "preprocess", lambda ref, image, *a, **k: made.append(1) or
+                        preprocess(ref, image, *a, **k))
+    dataset = discover(cached.data)
+    names = ["case0", "case1", "case2"]
+    in_memory, top = prepare(cfg, dataset, names, None)
+    cases, cached_top = prepare(cached, dataset, names, None)
+    assert made == [1, 1, 1] and cached_top == top == 3  # (the in-memory run only: the cache was reused)
+    for a, b in zip(cases, in_memory):
+        assert isinstance(b.x, np.ndarray) and isinstance(a.x, np.memmap) and isinstance(a.y, np.memmap)
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+        assert a.y.dtype == np.uint8 and a.spacing == b.spacing
+        np.testing.assert_array_equal(a.foreground, b.foreground)
+    made.clear()
+    image = tmp_path / "data" / "case1_image.nii.gz"
+    assert image.is_file()
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # the file changed
+    (cache / "case2.x.npy").write_bytes((cache / "case2.x.npy").read_bytes()[:100])  # damaged
+    cases, _ = prepare(cached, dataset, names, None)
+    assert made == [1, 1]
+    for a, b in zip(cases, in_memory):
+        np.testing.assert_array_equal(a.x, b.x)
+    made.clear()
+    cases, _ = prepare(replace(cached, downsample=2.0), dataset, names, None)
+    assert made == [1, 1, 1] and cases[0].x.shape != in_memory[0].x.shape
