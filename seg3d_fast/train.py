@@ -97,7 +97,7 @@ def _writable(a):
 
 def _label_storage(y):
     """The label map in the smallest integer type that holds its values (8x less memory than int64 for <= 256
-    classes); crops are widened by the loss's own checks, not here."""
+    classes; the loss and the metrics take any integer type)."""
     top = int(y.max(initial=0))
     return y.astype(np.uint8 if top < 2**8 else np.int16 if top < 2**15 else np.int32)
 
@@ -195,24 +195,26 @@ def prepare(cfg, dataset, names, num_classes, channels=None, rank=0, world=1):
     Every case must have `channels` channels (default: as many as the first case).
     With cfg.cache_dir each case is preprocessed once into that folder (reused while its source files, the
     preprocessing and the class count are unchanged) and read back as memory maps, so that the dataset need not fit
-    in memory; in a multi-process run each rank preprocesses its share first."""
+    in memory. Rank r of a multi-process run starts at the r-th of `world` equal parts of the list, so that the
+    ranks mostly find the others' cases cached, with no barrier: a rank that meets a bad file raises its error, as
+    every rank does when it comes to that case, rather than leaving the others waiting."""
     pre = PreprocessConfig(cfg.downsample, cfg.clip)
     by_name = {c.name: c for c in dataset.cases}
-    if cfg.cache_dir is not None and world > 1:
-        for name in names[rank::world]:
-            _cached_case(Path(cfg.cache_dir), by_name[name], pre, num_classes)
-        _barrier(world)
-    out, top = [], 0
-    for name in names:
+    start = rank * len(names) // world if cfg.cache_dir is not None else 0
+    prepared_by_name = {}
+    for name in names[start:] + names[:start]:
         case = by_name[name]
         if cfg.cache_dir is not None:
-            prepared, case_top = _cached_case(Path(cfg.cache_dir), case, pre, num_classes)
+            prepared_by_name[name] = _cached_case(Path(cfg.cache_dir), case, pre, num_classes)
         else:
-            prepared, case_top = _prepared_case(case, pre, num_classes)
+            prepared_by_name[name] = _prepared_case(case, pre, num_classes)
+    out, top = [], 0
+    for name in names:
+        prepared, case_top = prepared_by_name[name]
         if channels is None:
             channels = prepared.x.shape[0]
         elif prepared.x.shape[0] != channels:  # (else a shape error deep inside batching or the model)
-            raise Seg3DFastDataError(f"{case.images[0]}: case {name} has {prepared.x.shape[0]} channel(s), "
+            raise Seg3DFastDataError(f"{by_name[name].images[0]}: case {name} has {prepared.x.shape[0]} channel(s), "
                                      f"the dataset's other cases have {channels}")
         top = max(top, case_top)
         out.append(prepared)

@@ -25,7 +25,8 @@ DRIVER = textwrap.dedent("""
 
 @pytest.mark.parametrize("cache", [False, True])
 def test_two_process_gloo_training_keeps_ranks_in_sync(tmp_path, cache):
-    """With a --cache-dir each rank preprocesses its share of the cases into it, then both read every case back."""
+    """With a --cache-dir the ranks preprocess into one folder, each starting from its own part of the case list,
+    and read every case back from it."""
     pytest.importorskip("nibabel")  # (here, not at the top: the GPU machine may lack it, and the test below not)
     from data_helpers import brain_csv
 
