@@ -144,11 +144,9 @@ def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dt
     full = probs = None
     for model in models:  # the mean of an ensemble's probabilities, summed in place (into the canonical grid's box)
         logits = predict_logits(model, x, device, roi, overlap, amp_dtype)
-        if probs is None and probabilities:
+        if full is None and probabilities:
             full, probs = canonical_probabilities(logits.shape[0], geometry)
-        elif probs is None:
-            probs = torch.zeros((logits.shape[0], *(b - a for a, b in geometry.bbox)))
-        logits_to_crop_probabilities(logits, geometry, out=probs)
+        probs = logits_to_crop_probabilities(logits, geometry, out=probs)
         del logits
     probs /= len(models)
     return ref, geometry, labels_from_probabilities(probs), full
