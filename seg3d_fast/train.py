@@ -252,10 +252,14 @@ def _cached_case(cache_dir, case, pre, num_classes):
     except (OSError, ValueError, KeyError, TypeError):
         pass  # missing or damaged: made again below
     prepared, top = _prepared_case(case, pre, num_classes)
-    for key, path in paths.items():
-        write_atomic(path, functools.partial(_save_npy, getattr(prepared, key)))
-    write_text_atomic(meta_path, json.dumps({"fingerprint": fingerprint, "spacing": list(prepared.spacing),
-                                             "top_label": top}, indent=1) + "\n")
+    try:
+        for key, path in paths.items():
+            write_atomic(path, functools.partial(_save_npy, getattr(prepared, key)))
+        write_text_atomic(meta_path, json.dumps({"fingerprint": fingerprint, "spacing": list(prepared.spacing),
+                                                 "top_label": top}, indent=1) + "\n")
+    except OSError as e:  # (a full disk, no permission, a file where the folder should be)
+        raise Seg3DFastDataError(f"{cache_dir}: cannot write the preprocessed case {case.name} there "
+                                 f"({e.strerror or e})") from None
     x, y = (np.load(paths[key], mmap_mode="r") for key in ("x", "y"))
     return PreparedCase(case.name, x, y, prepared.spacing, prepared.foreground), top
 

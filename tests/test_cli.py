@@ -77,6 +77,15 @@ def test_train_bad_input(tmp_path, capsys, problem, cache):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_train_cache_dir_not_writable(tmp_path, capsys):
+    """A --cache-dir that cannot be written (here a file where the folder should be) is a one-line error."""
+    image, label = brain_block(tmp_path / "d")
+    manifest = _manifest(tmp_path, image, label)
+    (tmp_path / "cache").write_text("not a folder")
+    rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, "--cache-dir", str(tmp_path / "cache")])
+    _assert_one_line_error(capsys, rc, tmp_path / "cache", "cannot write the preprocessed case")
+
+
 def test_predict_and_evaluate_bad_input(tmp_path, capsys):
     raw = TCGA_T1.read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
