@@ -335,3 +335,18 @@ def test_geometric_means_compare_backends_on_the_same_shapes():
     payload = {"kind": "benchmarks", "environment": {"device": "card"}, "records": [
         dict(r, ms=1.0, fraction_of_floor=None) for r in records]}
     assert "on the 2 shapes triton_tma measured: triton 1.00×, triton_tma 1.50×, cuda 2.00×" in report.summary(payload)
+
+
+def test_pipeline_memory_every_step_runs():
+    """benchmarks/pipeline_memory.py at a tiny scale: every step runs in its own process on its synthetic data and
+    reports its figures (the training cases' labels kept as uint8)."""
+    pytest.importorskip("nibabel")
+    import pipeline_memory
+
+    result = pipeline_memory.run(scale=0.05)
+    rows = {r["step"]: r for r in result["rows"]}
+    assert set(rows) == set(pipeline_memory.STEPS)
+    assert all(r["peak_mib"] >= 0 and r["seconds"] >= 0 for r in rows.values())
+    assert 0 < rows["evaluate"]["mean_dice"] < 1  # (10% of the predicted voxels relabelled)
+    assert rows["prepare_memory"]["label_dtype"] == rows["prepare_cache"]["label_dtype"] == "uint8"
+    assert pipeline_memory.table(result).count("\n") == len(rows) + 1

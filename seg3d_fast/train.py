@@ -49,7 +49,7 @@ class TrainConfig:
     samples_per_epoch: int | None = None  # default: the number of training cases
     batch_size: int = 1
     crop: tuple | None = None           # (D, H, W) random crops; None: whole (preprocessed) volumes
-    fg_prob: float = 0.33               # share of crops centred on a random foreground voxel
+    fg_prob: float = 0.33               # share of crops centred on a foreground voxel (class drawn first)
     lr: float = 1e-3
     lr_schedule: str = "poly"           # "poly": lr * (1 - epoch / epochs) ** 0.9, or "constant"
     weight_decay: float = 0.0
@@ -82,11 +82,25 @@ class PreparedCase:
 
     def __init__(self, name, x, y, spacing=(1.0, 1.0, 1.0), foreground=None):
         self.name, self.x, self.y, self.spacing = name, x, y, tuple(spacing)
-        if foreground is None:
-            foreground = np.argwhere(self.y > 0)
-            if len(foreground) > 10000:  # a fixed sample is enough to centre crops on foreground
-                foreground = foreground[np.random.default_rng(0).choice(len(foreground), 10000, replace=False)]
-        self.foreground = foreground
+        self.foreground = foreground_sample(y) if foreground is None else foreground
+
+
+FOREGROUND_PER_CLASS = 2000  # voxels kept per foreground class: a fixed sample is enough to centre crops on
+
+
+def foreground_sample(y):
+    """(K, 4) int64 rows (class, i, j, k), sorted by class: up to FOREGROUND_PER_CLASS random voxels of each
+    foreground class of the label map y, so that foreground crops centre on every class equally often (random_crop):
+    a small class (an enhancing tumour core, a thin vessel) as often as a large one."""
+    rng = np.random.default_rng(0)
+    counts = np.bincount(y.reshape(-1)) if y.size else np.zeros(1, np.int64)
+    rows = []
+    for c in np.flatnonzero(counts[1:]) + 1:
+        flat = np.flatnonzero(y.reshape(-1) == c)
+        if len(flat) > FOREGROUND_PER_CLASS:
+            flat = np.sort(rng.choice(flat, FOREGROUND_PER_CLASS, replace=False))
+        rows.append(np.column_stack([np.full(len(flat), c), *np.unravel_index(flat, y.shape)]))
+    return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 4), np.int64)
 
 
 def _writable(a):
@@ -125,18 +139,20 @@ class CropDataset(torch.utils.data.Dataset):
 
 
 def random_crop(x, y, size, rng, foreground=None):
-    """A crop of `size` (padded with background where the volume is smaller), centred on a random foreground
-    voxel when `foreground` (array of voxel indices) is given and not empty."""
+    """A crop of `size` (padded with background where the volume is smaller), centred, when `foreground`
+    (foreground_sample's (class, i, j, k) rows) is given and not empty, on a random voxel of a class drawn
+    uniformly from the classes in it."""
     shape = y.shape
     pad = [max(0, s - n) for s, n in zip(size, shape)]
     if any(pad):
         x = np.pad(x, [(0, 0)] + [(p // 2, p - p // 2) for p in pad])
         y = np.pad(y, [(p // 2, p - p // 2) for p in pad])
         shape = y.shape
-        if foreground is not None:
-            foreground = foreground + np.array([p // 2 for p in pad])
     if foreground is not None and len(foreground):
-        centre = foreground[rng.integers(len(foreground))]
+        classes, first = np.unique(foreground[:, 0], return_index=True)
+        pick = int(rng.integers(len(classes)))
+        stop = first[pick + 1] if pick + 1 < len(classes) else len(foreground)
+        centre = foreground[int(rng.integers(first[pick], stop)), 1:] + np.array([p // 2 for p in pad])
         start = [int(np.clip(c - s // 2, 0, n - s)) for c, s, n in zip(centre, size, shape)]
     else:
         start = [int(rng.integers(0, n - s + 1)) for s, n in zip(size, shape)]

@@ -10,7 +10,8 @@ import torch
 
 from seg3d_fast.data import Seg3DFastDataError
 from seg3d_fast.data import discover
-from seg3d_fast.train import TrainConfig, augment, augment_intensity, make_splits, prepare, random_crop, train
+from seg3d_fast.train import (FOREGROUND_PER_CLASS, TrainConfig, augment, augment_intensity, foreground_sample,
+                              make_splits, prepare, random_crop, train)
 from data_helpers import TCGA_T1, TCGA_TUMOUR, brain_csv, load, save
 
 TINY = dict(features=(4, 8), crop=(16, 16, 16), samples_per_epoch=2, lr=3e-3, progress=False)
@@ -176,12 +177,36 @@ def test_augment_and_crop_keep_image_and_label_aligned():
         np.testing.assert_array_equal(xa[1], -ya)
         seen.add(ya.tobytes())
     assert len(seen) > 6  # crops and augmentations actually vary
-    fg = np.argwhere(y == 3)
-    for seed in range(5):
-        _, yc = random_crop(x, y, (4, 4, 4), np.random.default_rng(seed), fg)
-        assert (yc == 3).any()
     xp, yp = random_crop(x[:, :5], y[:5], (8, 8, 8), np.random.default_rng(0))  # smaller than the crop: padded
     assert xp.shape == (2, 8, 8, 8) and yp.shape == (8, 8, 8)
+
+
+def test_foreground_crops_centre_on_every_class_equally_often():
+    """A large class and two of a few voxels each: foreground crops centre on each class about a third of the
+    time (drawn by class, then voxel), not in proportion to the classes' volumes (then the small ones would be
+    in under 1% of the crops); the sample holds each class's voxels (at most FOREGROUND_PER_CLASS), sorted by class;
+    a volume smaller than the crop is padded."""
+    y = np.zeros((40, 50, 60), np.uint8)
+    y[5:35, 5:45, 5:55] = 1
+    y[20, 20, 20] = 2
+    y[30:32, 40:42, 10:12] = 3
+    fg = foreground_sample(y)
+    assert fg.dtype == np.int64 and fg.shape == (FOREGROUND_PER_CLASS + 1 + 8, 4)
+    assert (np.diff(fg[:, 0]) >= 0).all() and (y[tuple(fg[:, 1:].T)] == fg[:, 0]).all()
+    assert len(np.unique(fg[fg[:, 0] == 1, 1:], axis=0)) == FOREGROUND_PER_CLASS
+    x = y[None].astype(np.float32)
+    hits = {c: 0 for c in (2, 3)}
+    for seed in range(300):
+        xc, yc = random_crop(x, y, (4, 4, 4), np.random.default_rng(seed), fg)
+        np.testing.assert_array_equal(xc[0], yc)
+        for c in hits:
+            hits[c] += bool((yc == c).any())
+    assert all(70 <= n <= 130 for n in hits.values()), hits
+    small = y[18:23, 17:22, 18:23]  # class 2 at (2, 3, 2), the volume smaller than the crop on every axis
+    _, yc = random_crop(small[None].astype(np.float32), small, (8, 9, 7), np.random.default_rng(0),
+                        foreground_sample(small))
+    assert yc.shape == (8, 9, 7) and (yc == 2).sum() == 1
+    assert foreground_sample(np.zeros((3, 4, 5), np.uint8)).shape == (0, 4)
 
 
 def test_rotation_only_where_the_plane_has_equal_voxel_sizes(tmp_path):

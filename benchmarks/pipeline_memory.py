@@ -1,0 +1,182 @@
+"""Memory and time of the data pipeline on big volumes, on the CPU: prediction (the label map alone, and with
+--save-probabilities), evaluation of a folder, and the preprocessed training cases in memory or in a --cache-dir.
+
+Each step runs in a process of its own, on synthetic volumes made beforehand (a random-intensity image, blocky
+labels with 10% of the voxels relabelled), and reports that process's peak resident memory (ru_maxrss) above the
+memory in use once its imports are done, its own wall time, and for the training cases the memory they hold
+after preparation. Prediction runs a real run folder: an untrained Seg3DNet of many classes (the prediction's
+memory is in the classes x volume arrays, not in the network).
+
+    python benchmarks/pipeline_memory.py [--scale 1.0] [--json out.json] [--keep DIR]
+
+--scale multiplies every extent (0.1: a plumbing run in seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# step: (what it measures, the synthetic data it needs)
+STEPS = {
+    "predict_labels": "predict: label map of one model, 41 classes, 320x320x200 volume, --downsample 2",
+    "predict_probabilities": "predict --save-probabilities: 21 classes, 256x256x160 LPS volume, --downsample 2",
+    "evaluate": "evaluate: 4 cases of 256x256x160, 41 classes",
+    "prepare_memory": "training cases in memory: 12 one-channel cases of 192x192x160, 4 classes",
+    "prepare_cache": "training cases in a --cache-dir (second use: read back as memory maps)",
+}
+
+
+def _extent(shape, scale):
+    return tuple(max(8, int(round(s * scale))) for s in shape)
+
+
+def _labels(rng, shape, classes, noise=0.1):
+    """Blocks of 4^3 voxels of random classes, `noise` of the voxels relabelled at random: -> uint8."""
+    import numpy as np
+
+    coarse = rng.integers(0, classes, [-(-s // 4) for s in shape])
+    y = coarse.repeat(4, 0).repeat(4, 1).repeat(4, 2)[tuple(slice(0, s) for s in shape)]
+    return np.where(rng.random(shape) < noise, rng.integers(0, classes, shape), y).astype(np.uint8)
+
+
+def make_data(root: Path, scale: float):
+    """The synthetic volumes and run folders every step reads (made once, before any step's process)."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from seg3d_fast.models import Seg3DNet
+
+    rng = np.random.default_rng(0)
+    for name, shape, classes, flip in (("labels41", (320, 320, 200), 41, 1), ("probs21", (256, 256, 160), 21, -1)):
+        shape = _extent(shape, scale)
+        d = root / name
+        d.mkdir(parents=True)
+        image = rng.normal(100, 20, shape).clip(1).astype(np.int16)  # MRI-like: every voxel foreground
+        nib.save(nib.Nifti1Image(image, np.diag([0.8 * flip, 0.8 * flip, 1.5, 1])), str(d / "case.nii"))
+        torch.manual_seed(0)
+        model = Seg3DNet(1, classes, (4, 8))
+        config = {"format": 1, "model": {**model.config, "features": list(model.config["features"])},
+                  "preprocess": {"downsample": 2.0, "clip": None}, "num_classes": classes}
+        (d / "run" / "fold_0").mkdir(parents=True)
+        (d / "run" / "config.json").write_text(json.dumps(config))
+        torch.save({"model": model.state_dict(), "config": config}, d / "run" / "fold_0" / "checkpoint.pt")
+    for sub in ("pred", "truth"):
+        (root / "evaluate" / sub).mkdir(parents=True)
+    shape = _extent((256, 256, 160), scale)
+    for i in range(4):
+        truth = _labels(rng, shape, 41)
+        pred = np.where(rng.random(shape) < 0.1, rng.integers(0, 41, shape), truth).astype(np.uint8)
+        nib.save(nib.Nifti1Image(truth, np.eye(4)), str(root / "evaluate" / "truth" / f"case{i}.nii"))
+        nib.save(nib.Nifti1Image(pred, np.eye(4)), str(root / "evaluate" / "pred" / f"case{i}.nii"))
+    d = root / "train"
+    d.mkdir()
+    rows = ["name,image,label"]
+    shape = _extent((192, 192, 160), scale)
+    for i in range(12):
+        nib.save(nib.Nifti1Image(rng.normal(100, 20, shape).clip(1).astype(np.int16), np.eye(4)), str(d / f"c{i}.nii"))
+        nib.save(nib.Nifti1Image(_labels(rng, shape, 4), np.eye(4)), str(d / f"c{i}_label.nii"))
+        rows.append(f"c{i},c{i}.nii,c{i}_label.nii")
+    (d / "train.csv").write_text("\n".join(rows) + "\n")
+
+
+def _resident_mib():
+    """Memory in use now (not the peak), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux)
+
+
+def run_step(step: str, root: Path) -> dict:
+    """One step, in this process: -> {peak_mib above the post-import baseline, seconds, ...}."""
+    import torch
+
+    from seg3d_fast.data import discover
+    from seg3d_fast.metrics import evaluate_folders
+    from seg3d_fast.predict import predict
+    from seg3d_fast.train import TrainConfig, prepare
+
+    torch.set_num_threads(2)
+    out = {}
+    base_peak, base_now = _peak_mib(), _resident_mib()
+    start = time.perf_counter()
+    if step in ("predict_labels", "predict_probabilities"):
+        d = root / ("labels41" if step == "predict_labels" else "probs21")
+        predict(d / "run", d / "case.nii", root / "out" / step, device="cpu",
+                save_probabilities=step == "predict_probabilities", progress=False)
+    elif step == "evaluate":
+        out["mean_dice"] = evaluate_folders(root / "evaluate" / "pred", root / "evaluate" / "truth")["mean_dice"]
+    elif step.startswith("prepare"):
+        cache = str(root / "cache") if step == "prepare_cache" else None
+        cfg = TrainConfig(data=str(root / "train" / "train.csv"), out=str(root / "unused"), cache_dir=cache)
+        dataset = discover(cfg.data)
+        names = [c.name for c in dataset.cases]
+        if cache:
+            prepare(cfg, dataset, names, None)  # fills the cache; the measured use reads it back
+            base_peak, base_now = _peak_mib(), _resident_mib()
+            start = time.perf_counter()
+        cases, _ = prepare(cfg, dataset, names, None)
+        out["held_mib"] = round(_resident_mib() - base_now, 1)
+        out["label_dtype"] = str(cases[0].y.dtype)
+    else:
+        raise ValueError(f"step must be one of {sorted(STEPS)}, got {step!r}")
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    out["peak_mib"] = round(max(0.0, _peak_mib() - max(base_peak, base_now)), 1)
+    return out
+
+
+def run(scale=1.0, steps=tuple(STEPS), keep=None):
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="seg3d_pipeline_", dir=keep) as tmp:
+        root = Path(tmp)
+        make_data(root, scale)
+        rows = []
+        for step in steps:
+            p = subprocess.run([sys.executable, __file__, "--step", step, "--root", str(root)],
+                               capture_output=True, text=True, check=False)
+            if p.returncode != 0:
+                raise RuntimeError(f"step {step} failed:\n{p.stderr[-3000:]}")
+            rows.append({"step": step, "what": STEPS[step], **json.loads(p.stdout.strip().splitlines()[-1])})
+    return {"kind": "pipeline_memory", "scale": scale, "python": sys.version.split()[0], "torch": torch.__version__,
+            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+
+
+def table(result) -> str:
+    lines = [f"| step (extents x {result['scale']:g}) | peak MiB above baseline | held MiB | seconds |",
+             "|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['what']} | {r['peak_mib']:.0f} | {r.get('held_mib', '–')} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--keep", default=None, help="make the data under this folder (default: the system's temp)")
+    parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # (one step, in a process of its own)
+    parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.step:
+        print(json.dumps(run_step(args.step, Path(args.root))))
+        return 0
+    result = run(args.scale, keep=args.keep)
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
