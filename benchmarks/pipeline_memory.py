@@ -7,7 +7,7 @@ memory in use once its imports are done, its own wall time, and for the training
 after preparation. Prediction runs a real run folder: an untrained Seg3DNet of many classes (the prediction's
 memory is in the classes x volume arrays, not in the network).
 
-    python benchmarks/pipeline_memory.py [--scale 1.0] [--json out.json] [--keep DIR]
+    python benchmarks/pipeline_memory.py [--scale 1.0] [--json out.json] [--keep DIR] [--steps ...]
 
 --scale multiplies every extent (0.1: a plumbing run in seconds).
 """
@@ -117,8 +117,8 @@ def run_step(step: str, root: Path) -> dict:
     elif step == "evaluate":
         out["mean_dice"] = evaluate_folders(root / "evaluate" / "pred", root / "evaluate" / "truth")["mean_dice"]
     elif step.startswith("prepare"):
-        cache = str(root / "cache") if step == "prepare_cache" else None
-        cfg = TrainConfig(data=str(root / "train" / "train.csv"), out=str(root / "unused"), cache_dir=cache)
+        cache = {"cache_dir": str(root / "cache")} if step == "prepare_cache" else {}
+        cfg = TrainConfig(data=str(root / "train" / "train.csv"), out=str(root / "unused"), **cache)
         dataset = discover(cfg.data)
         names = [c.name for c in dataset.cases]
         if cache:
@@ -165,13 +165,16 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--json", default=None, help="write the result here")
     parser.add_argument("--keep", default=None, help="make the data under this folder (default: the system's temp)")
+    parser.add_argument("--steps", nargs="+", choices=tuple(STEPS), default=tuple(STEPS),
+                        help="these steps only (e.g. to measure an earlier commit, PYTHONPATH at its checkout, which "
+                             "has no --cache-dir)")
     parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # (one step, in a process of its own)
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step:
         print(json.dumps(run_step(args.step, Path(args.root))))
         return 0
-    result = run(args.scale, keep=args.keep)
+    result = run(args.scale, tuple(args.steps), keep=args.keep)
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
