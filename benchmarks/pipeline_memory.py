@@ -138,13 +138,17 @@ def run_step(step: str, root: Path) -> dict:
 def run(scale=1.0, steps=tuple(STEPS), keep=None):
     import torch
 
+    import seg3d_fast
+
+    # the steps' processes import the seg3d_fast this one did (PYTHONPATH at another checkout measures that one)
+    path = os.pathsep.join(filter(None, [str(Path(seg3d_fast.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="seg3d_pipeline_", dir=keep) as tmp:
         root = Path(tmp)
         make_data(root, scale)
         rows = []
         for step in steps:
             p = subprocess.run([sys.executable, __file__, "--step", step, "--root", str(root)],
-                               capture_output=True, text=True, check=False)
+                               capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=path))
             if p.returncode != 0:
                 raise RuntimeError(f"step {step} failed:\n{p.stderr[-3000:]}")
             rows.append({"step": step, "what": STEPS[step], **json.loads(p.stdout.strip().splitlines()[-1])})
