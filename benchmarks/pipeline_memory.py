@@ -28,6 +28,7 @@ STEPS = {
     "predict_labels": "predict: label map of one model, 41 classes, 320x320x200 volume, --downsample 2",
     "predict_probabilities": "predict --save-probabilities: 21 classes, 256x256x160 LPS volume, --downsample 2",
     "evaluate": "evaluate: 4 cases of 256x256x160, 41 classes",
+    "downsample_labels": "label map downsampled by 2 (--downsample 2): 104 organ-like classes, 256x256x150",
     "prepare_memory": "training cases in memory: 12 one-channel cases of 192x192x160, 4 classes",
     "prepare_cache": "training cases in a --cache-dir (second use: read back as memory maps)",
 }
@@ -68,6 +69,13 @@ def make_data(root: Path, scale: float):
         (d / "run" / "fold_0").mkdir(parents=True)
         (d / "run" / "config.json").write_text(json.dumps(config))
         torch.save({"model": model.state_dict(), "config": config}, d / "run" / "fold_0" / "checkpoint.pt")
+    shape = _extent((256, 256, 150), scale)
+    organs, grid = np.zeros(shape, np.int64), np.ogrid[tuple(slice(0, n) for n in shape)]
+    for c in range(1, 105):  # ellipsoids of random centres and radii (4-25 voxels at scale 1)
+        centre = rng.uniform(0.08, 0.92, 3) * shape
+        radius = np.maximum(1.0, rng.uniform(4, 25, 3) * scale)
+        organs[sum(((g - m) / r) ** 2 for g, m, r in zip(grid, centre, radius)) <= 1] = c
+    np.save(root / "organs.npy", organs)
     for sub in ("pred", "truth"):
         (root / "evaluate" / sub).mkdir(parents=True)
     shape = _extent((256, 256, 160), scale)
@@ -116,6 +124,14 @@ def run_step(step: str, root: Path) -> dict:
                 save_probabilities=step == "predict_probabilities", progress=False)
     elif step == "evaluate":
         out["mean_dice"] = evaluate_folders(root / "evaluate" / "pred", root / "evaluate" / "truth")["mean_dice"]
+    elif step == "downsample_labels":
+        import numpy as np
+
+        from seg3d_fast.data.preprocess import downsample_labels
+
+        label = torch.from_numpy(np.load(root / "organs.npy"))
+        start = time.perf_counter()
+        out["classes"] = len(torch.unique(downsample_labels(label, tuple((n + 1) // 2 for n in label.shape))))
     elif step.startswith("prepare"):
         cache = {"cache_dir": str(root / "cache")} if step == "prepare_cache" else {}
         cfg = TrainConfig(data=str(root / "train" / "train.csv"), out=str(root / "unused"), **cache)
