@@ -84,6 +84,26 @@ class PreparedCase:
         self.name, self.x, self.y, self.spacing = name, x, y, tuple(spacing)
         self.foreground = foreground_sample(y) if foreground is None else foreground
 
+    def __getstate__(self):
+        # a memory map goes to a data-loader worker as its file, not its data (workers started by spawn or
+        # forkserver get the dataset pickled: each would otherwise hold a copy of every cached case)
+        state = dict(self.__dict__)
+        for key in ("x", "y"):
+            if isinstance(state[key], np.memmap) and state[key].filename:
+                state[key] = _MappedFile(state[key].filename)
+        return state
+
+    def __setstate__(self, state):
+        for key in ("x", "y"):
+            if isinstance(state[key], _MappedFile):
+                state[key] = np.load(state[key].path, mmap_mode="r")
+        self.__dict__.update(state)
+
+
+@dataclass(frozen=True)
+class _MappedFile:
+    path: str
+
 
 FOREGROUND_PER_CLASS = 2000  # voxels kept per foreground class: a fixed sample is enough to centre crops on
 

@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -301,3 +302,14 @@ def test_cache_dir_trains_the_same_from_memory_maps(tmp_path, monkeypatch):
     made.clear()
     cases, _ = prepare(replace(cached, downsample=2.0), dataset, names, None)
     assert made == [1, 1, 1] and cases[0].x.shape != in_memory[0].x.shape
+    # a cached case goes to a spawned data-loader worker as its files, not as copies of its arrays
+    blob = pickle.dumps(cases[0])
+    assert len(blob) < len(pickle.dumps(cases[0].foreground)) + 2000  # (the foreground sample and a few names)
+    back = pickle.loads(blob)
+    assert isinstance(back.x, np.memmap) and isinstance(back.y, np.memmap)
+    np.testing.assert_array_equal(back.x, cases[0].x)
+    np.testing.assert_array_equal(back.foreground, cases[0].foreground)
+    # and workers train the same weights as the main process
+    workers = train(replace(cached, out=str(tmp_path / "workers"), workers=2)).state_dict()
+    for k in expected:
+        torch.testing.assert_close(workers[k], expected[k], rtol=0, atol=0, msg=k)
