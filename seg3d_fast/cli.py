@@ -32,13 +32,14 @@ def _predict(args):
 def _evaluate(args):
     from .metrics import evaluate_folders, write_evaluation
 
-    result = evaluate_folders(args.pred_dir, args.label_dir, regions=args.regions)
+    result = evaluate_folders(args.pred_dir, args.label_dir, regions=args.regions, hd95=args.hd95)
     out = args.out or args.pred_dir
     write_evaluation(result, out)
     mean = result["mean"]
-    print(f"{'target':<12}" + "".join(f"{m:>13}" for m in ("dice", "jaccard", "sensitivity", "ppv")))
+    metrics = [m for m in ("dice", "jaccard", "sensitivity", "ppv", "hd95") if m in next(iter(mean.values()), {})]
+    print(f"{'target':<12}" + "".join(f"{m:>13}" for m in metrics))
     for target, values in mean.items():
-        print(f"{target:<12}" + "".join(f"{values[m]:>13.4f}" for m in ("dice", "jaccard", "sensitivity", "ppv")))
+        print(f"{target:<12}" + "".join(f"{values[m]:>13.4f}" for m in metrics))
     print(f"mean Dice over classes {result['classes']}: {result['mean_dice']:.4f} "
           f"({len(result['per_case'])} case(s)); wrote {out}/evaluation.csv and evaluation.json")
     return 0
@@ -152,12 +153,14 @@ def build_parser(argv=None):
     predict.add_arguments(p)
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("evaluate", help="Dice, Jaccard, sensitivity, PPV of predicted label maps")
+    p = sub.add_parser("evaluate", help="Dice, Jaccard, sensitivity, PPV, HD95 of predicted label maps")
     p.add_argument("pred_dir")
     p.add_argument("label_dir", help="folder with the ground-truth label maps (name.nii.gz, name_seg, labelsTr/)")
     p.add_argument("--out", default=None, help="where to write evaluation.csv/.json (default: PRED_DIR)")
     p.add_argument("--regions", choices=("auto", "brats", "brats2023", "none"), default="auto",
                    help="BRATS region scores (auto: when labels are within 0..4 and 4 occurs)")
+    p.add_argument("--no-hd95", dest="hd95", action="store_false",
+                   help="skip the 95th-percentile Hausdorff distances (mm), the slowest part for many classes")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("info", help="versions, devices and which kernel backends can run here")

@@ -1,7 +1,8 @@
 """Segmentation metrics: Dice, Jaccard, sensitivity, PPV per class and per BRATS region; folder evaluation.
 
 Conventions: Dice and Jaccard are 1 when prediction and truth are both empty; sensitivity is NaN when the truth
-is empty, PPV when the prediction is empty; means skip NaN.
+is empty, PPV when the prediction is empty; HD95 (mm, where the voxel size is known) is 0 when both are empty and
+NaN when one is; means skip NaN.
 """
 import csv
 import io
@@ -18,7 +19,7 @@ REGIONS = {
     "brats": {"whole": (1, 2, 3, 4), "core": (1, 3, 4), "enhancing": (4,)},
     "brats2023": {"whole": (1, 2, 3), "core": (1, 3), "enhancing": (3,)},
 }
-METRICS = ("dice", "jaccard", "sensitivity", "ppv")
+METRICS = ("dice", "jaccard", "sensitivity", "ppv", "hd95")  # hd95 only where the voxel size is given
 
 
 def scores(tp, fp, fn):
@@ -104,17 +105,69 @@ def looks_like_brats(label_values):
     return "brats" if values <= {0, 1, 2, 3, 4} and 4 in values else None
 
 
-def evaluate_case(pred, truth, classes, regions=None):
-    """{name: {metric: value}} for each class (name 'class_c') and region; pred/truth integer label maps."""
-    return evaluate_counts(label_counts(pred, truth), classes, regions)
+def evaluate_case(pred, truth, classes, regions=None, spacing=None):
+    """{name: {metric: value}} for each class (name 'class_c') and region; pred/truth integer label maps. With the
+    voxel size (`spacing`, mm per axis) also each target's HD95."""
+    targets = {**{f"class_{c}": (c,) for c in classes}, **(REGIONS[regions] if regions else {})}
+    hd = surface_hd95(pred, truth, spacing, targets) if spacing is not None else None
+    return evaluate_counts(label_counts(pred, truth), classes, regions, hd)
 
 
-def evaluate_counts(counts, classes, regions=None):
-    """evaluate_case from the maps' label_counts."""
+def evaluate_counts(counts, classes, regions=None, hd95=None):
+    """evaluate_case from the maps' label_counts (and {target: HD95}, where computed: a class missing from it is in
+    neither map, HD95 0)."""
     out = {f"class_{c}": scores_of(counts, (c,)) for c in classes}
     for name, labels in (REGIONS[regions].items() if regions else ()):
         out[name] = scores_of(counts, labels)
+    if hd95 is not None:
+        for target, values in out.items():
+            values["hd95"] = hd95.get(target, 0.0)
     return out
+
+
+def surface_hd95(pred, truth, spacing, targets):
+    """{target: HD95 in mm} for two label maps (numpy, 3D) and {target: its labels}: the larger of the two 95th
+    percentiles of the distances from each mask's surface voxels to the other's surface (MONAI's
+    compute_hausdorff_distance(percentile=95); the surface: the voxels the 6-neighbour erosion removes). Each
+    target is measured within the bounding box of its voxels in either map (found for every label in three passes):
+    a small organ costs its box, not the volume."""
+    from .data.preprocess import label_boxes
+
+    pred, truth = (np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for a in (pred, truth))
+    boxes = [label_boxes(a) for a in (pred, truth)]
+    out = {}
+    for target, labels in targets.items():
+        found = [b[v] for b in boxes for v in labels if v in b]
+        if not found:
+            out[target] = 0.0
+            continue
+        box = tuple(slice(min(f[a].start for f in found), max(f[a].stop for f in found)) for a in range(3))
+        out[target] = hd95(np.isin(pred[box], labels), np.isin(truth[box], labels), spacing)
+    return out
+
+
+def hd95(pred_mask, true_mask, spacing):
+    """95th-percentile Hausdorff distance (mm) between the surfaces of two boolean masks (see surface_hd95): 0 when
+    both are empty, NaN when one is."""
+    from scipy import ndimage
+
+    has_pred, has_true = bool(pred_mask.any()), bool(true_mask.any())
+    if not (has_pred or has_true):
+        return 0.0
+    if not (has_pred and has_true):
+        return float("nan")
+    surfaces = [m & ~ndimage.binary_erosion(m) for m in (pred_mask, true_mask)]
+    spacing = [float(v) if v > 0 else 1.0 for v in spacing]  # (an undefined voxel size: a single slice's axis)
+    directed = [ndimage.distance_transform_edt(~to, sampling=spacing)[fro] for fro, to in (surfaces, surfaces[::-1])]
+    return float(max(np.percentile(d, 95) for d in directed))
+
+
+def _candidate_regions(regions, case_values):
+    """The region definitions a folder's evaluation may report, known from one case: the one asked for, or with
+    'auto' both BRATS definitions where the case's labels lie within 0..4 (looks_like_brats decides on all cases)."""
+    if regions == "auto":
+        return ("brats", "brats2023") if set(case_values) <= {0, 1, 2, 3, 4} else ()
+    return () if regions in (None, "none") else (regions,)
 
 
 def summarize(per_case):
@@ -123,20 +176,27 @@ def summarize(per_case):
     out = {}
     for t in sorted(targets, key=_target_order):
         out[t] = {}
-        for m in METRICS:
+        for m in _metrics_in(per_case):
             vals = [case[t][m] for case in per_case.values() if t in case and not math.isnan(case[t][m])]
             out[t][m] = float(np.mean(vals)) if vals else float("nan")
     return out
 
 
+def _metrics_in(per_case):
+    """The METRICS the cases hold (hd95 only where it was computed), in METRICS' order."""
+    held = {m for case in per_case.values() for values in case.values() for m in values}
+    return [m for m in METRICS if m in held]
+
+
 def to_csv_text(per_case, mean):
-    """One row per (case, target) plus 'mean' rows; columns case, target, dice, jaccard, sensitivity, ppv."""
+    """One row per (case, target) plus 'mean' rows; columns case, target, dice, jaccard, sensitivity, ppv[, hd95]."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["case", "target", *METRICS])
+    metrics = _metrics_in(per_case)
+    w.writerow(["case", "target", *metrics])
     for case, targets in list(per_case.items()) + [("mean", mean)]:
         for t in sorted(targets, key=_target_order):
-            w.writerow([case, t, *(_fmt(targets[t][m]) for m in METRICS)])
+            w.writerow([case, t, *(_fmt(targets[t][m]) for m in metrics)])
     return buf.getvalue()
 
 
@@ -180,11 +240,14 @@ def find_label_file(label_dir, name):
     return None
 
 
-def evaluate_folders(pred_dir, label_dir, regions="auto"):
+def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
     """Compare every label map in pred_dir (probability maps skipped) with its ground truth in label_dir.
-    regions: 'auto' (BRATS regions when the labels look like BRATS), 'brats', 'brats2023' or 'none'.
+    regions: 'auto' (BRATS regions when the labels look like BRATS), 'brats', 'brats2023' or 'none'; hd95: also
+    each target's HD95 in mm (the NIfTI's voxel size).
     -> {"per_case", "mean", "classes", "regions", "mean_dice"}."""
     from pathlib import Path
+
+    import nibabel as nib
 
     from .data.datasets import load_label
     from .data.nifti import Seg3DFastDataError, case_name, check_same_grid, is_nifti_path
@@ -198,7 +261,7 @@ def evaluate_folders(pred_dir, label_dir, regions="auto"):
         raise Seg3DFastDataError(f"{pred_dir}: no NIfTI label maps to evaluate")
     if not Path(label_dir).is_dir():
         raise Seg3DFastDataError(f"{label_dir}: label folder not found")
-    counts = {}  # per case: label_counts, a few numbers; one case's label maps in memory at a time
+    counts, hd = {}, {}  # per case: label_counts and HD95s, a few numbers; one case's maps in memory at a time
     for p in preds:
         truth_path = find_label_file(label_dir, case_name(p))
         if truth_path is None:
@@ -207,6 +270,12 @@ def evaluate_folders(pred_dir, label_dir, regions="auto"):
         truth_img, truth = load_label(truth_path)
         check_same_grid(truth_path, truth_img, p, pred_img)
         counts[case_name(p)] = label_counts(pred, truth)
+        if hd95:  # every label of the case, and the regions that may be reported (before all cases are seen)
+            case_values = counts[case_name(p)][0].tolist()
+            targets = {f"class_{v}": (v,) for v in case_values if v != 0}
+            for definition in _candidate_regions(regions, case_values):
+                targets.update({(definition, name): labels for name, labels in REGIONS[definition].items()})
+            hd[case_name(p)] = surface_hd95(pred, truth, nib.affines.voxel_sizes(pred_img.affine), targets)
         del pred, truth
     values = set()
     for case_values, _ in counts.values():
@@ -216,7 +285,13 @@ def evaluate_folders(pred_dir, label_dir, regions="auto"):
     elif regions == "none":
         regions = None
     classes = sorted(v for v in values if v != 0)
-    per_case = {name: evaluate_counts(case_counts, classes, regions) for name, case_counts in counts.items()}
+    per_case = {}
+    for name, case_counts in counts.items():
+        case_hd = None
+        if hd95:
+            case_hd = {t: v for t, v in hd[name].items() if isinstance(t, str)}
+            case_hd.update({t[1]: v for t, v in hd[name].items() if isinstance(t, tuple) and t[0] == regions})
+        per_case[name] = evaluate_counts(case_counts, classes, regions, case_hd)
     mean = summarize(per_case)
     dices = [mean[f"class_{c}"]["dice"] for c in classes if not math.isnan(mean[f"class_{c}"]["dice"])]
     return {"per_case": per_case, "mean": mean, "classes": classes, "regions": regions,

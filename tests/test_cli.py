@@ -1,6 +1,7 @@
 """The seg3d-fast command: bad input gives one line naming the file, exit status 2, no traceback, nothing written;
 the demo (quick mode), predict, evaluate and info work end to end."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -181,7 +182,11 @@ def test_evaluate_cli(tmp_path, capsys):
     for c in (1, 2):
         t, q = truth == c, pred == c
         assert result["mean"][f"class_{c}"]["dice"] == pytest.approx(2 * (t & q).sum() / (t.sum() + q.sum()))
+        assert math.isfinite(result["mean"][f"class_{c}"]["hd95"])  # (its values: tests/test_metrics.py)
     assert "mean Dice" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "p"), str(tmp_path / "t"), "--out", str(tmp_path / "f"), "--no-hd95"]) == 0
+    assert "hd95" not in (tmp_path / "f" / "evaluation.csv").read_text().splitlines()[0]
+    assert "hd95" in capsys.readouterr().out.splitlines()[0] + (tmp_path / "e" / "evaluation.csv").read_text()
 
 
 def test_demo_quick_then_predict_with_its_run(tmp_path, capsys):

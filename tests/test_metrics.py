@@ -1,5 +1,7 @@
-"""Dice / Jaccard / sensitivity / PPV, BRATS regions and folder evaluation, against counts done by hand."""
+"""Dice / Jaccard / sensitivity / PPV / HD95, BRATS regions and folder evaluation, against counts and distances done
+by hand."""
 import csv
+import importlib.util
 import json
 import math
 
@@ -8,6 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("nibabel")  # (data_helpers reads NIfTI; the GPU machine may lack it: skip, not a collection error)
+# HD95's distance transform: a dependency, but the GPU machine's install (--no-deps) may lack it
+needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="scipy (HD95) is not installed")
 
 from seg3d_fast.data import Seg3DFastDataError
 from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_counts, evaluate_folders, label_counts,
@@ -130,6 +134,53 @@ def test_label_counts_on_the_gpu(large):
     assert dice_per_class(pred.cuda(), truth.cuda(), 4) == dice_per_class(pred, truth, 4)
 
 
+def _surface(mask):
+    """The voxels of a mask with a 6-neighbour outside it (the volume's outside counts as outside), by hand."""
+    padded = np.pad(mask, 1)
+    inner = np.ones_like(mask)
+    for axis in range(3):
+        for shift in (-1, 1):
+            inner &= np.roll(padded, shift, axis)[1:-1, 1:-1, 1:-1]
+    return mask & ~inner
+
+
+def _hd95_by_hand(pred_mask, true_mask, spacing):
+    """HD95 written out: all pairwise distances between the two surfaces, each direction's 95th percentile."""
+    a, b = (np.argwhere(_surface(m)) * np.asarray(spacing, float) for m in (pred_mask, true_mask))
+    d = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)
+    return max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95))
+
+
+@needs_scipy
+def test_hd95_against_pairwise_surface_distances():
+    """HD95 (scipy's distance transform within each target's bounding box) against all pairwise distances between
+    the two surfaces: random blobs of several labels in odd volumes, anisotropic voxels, masks touching the volume's
+    faces, regions of several labels; 0 when both masks are empty, NaN when one is."""
+    rng = np.random.default_rng(11)
+    for trial in range(12):
+        shape = tuple(int(n) for n in rng.integers(6, 15, 3))
+        grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+        truth = np.zeros(shape, np.int64)
+        for label in (1, 2, 4):
+            centre, radius = rng.uniform(0, 1, 3) * shape, rng.uniform(1.5, 5, 3)
+            truth[sum(((g - m) / r) ** 2 for g, m, r in zip(grid, centre, radius)) <= 1] = label
+        pred = np.where(rng.random(shape) < 0.1, rng.choice([0, 1, 2, 4], size=shape), np.roll(truth, 1, trial % 3))
+        spacing = tuple(rng.choice([0.5, 1.0, 2.5], 3))
+        out = evaluate_case(pred, truth, classes=[1, 2, 4], regions="brats", spacing=spacing)
+        for target, labels in (("class_1", [1]), ("class_2", [2]), ("class_4", [4]), ("whole", [1, 2, 3, 4]),
+                               ("core", [1, 3, 4])):
+            pm, tm = np.isin(pred, labels), np.isin(truth, labels)
+            if pm.any() and tm.any():
+                assert out[target]["hd95"] == pytest.approx(_hd95_by_hand(pm, tm, spacing)), (trial, target)
+    empty = np.zeros((5, 6, 7), np.int64)
+    one = empty.copy()
+    one[2, 3, 4] = 1
+    assert evaluate_case(empty, empty, classes=[1], spacing=(1, 1, 1))["class_1"]["hd95"] == 0.0
+    assert math.isnan(evaluate_case(one, empty, classes=[1], spacing=(1, 1, 1))["class_1"]["hd95"])
+    assert "hd95" not in evaluate_case(one, one, classes=[1])["class_1"]  # (no voxel size given)
+
+
+@needs_scipy
 def test_evaluate_folders_holds_one_case_at_a_time(tmp_path, monkeypatch):
     """A folder of many large volumes must not be loaded whole: each case's label maps are freed before the next
     case's are read."""
@@ -183,6 +234,7 @@ def test_summarize_skips_nan_per_metric():
     assert mean["class_2"]["ppv"] == pytest.approx((cases["a"]["class_2"]["ppv"] + cases["c"]["class_2"]["ppv"]) / 2)
 
 
+@needs_scipy
 def test_evaluate_folders_brats(tmp_path):
     brats_case(tmp_path / "labels", "case_a")
     img, seg = load(tmp_path / "labels" / "case_a" / "case_a_seg.nii.gz")
@@ -198,11 +250,15 @@ def test_evaluate_folders_brats(tmp_path):
     n1, n4 = np.sum(seg == 1), np.sum(seg == 4)
     assert m["enhancing"]["ppv"] == pytest.approx(n4 / (n1 + n4))
     assert m["class_1"]["dice"] == 0.0 and math.isnan(m["class_1"]["ppv"])
+    # HD95 (mm): whole, core and class 2 are perfect; class 1 is predicted nowhere (undefined)
+    assert m["whole"]["hd95"] == m["core"]["hd95"] == m["class_2"]["hd95"] == 0.0 and math.isnan(m["class_1"]["hd95"])
+    assert math.isfinite(m["enhancing"]["hd95"])
     assert result["mean_dice"] == pytest.approx(np.mean([m[f"class_{c}"]["dice"] for c in (1, 2, 4)]))
     write_evaluation(result, tmp_path / "out")
     data = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert data["mean"]["class_1"]["ppv"] is None  # NaN written as null
     rows = list(csv.DictReader(open(tmp_path / "out" / "evaluation.csv")))
+    assert "hd95" in rows[0]
     assert {(r["case"], r["target"]) for r in rows} >= {("case_a", "whole"), ("mean", "enhancing")}
 
 

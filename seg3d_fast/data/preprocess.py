@@ -113,9 +113,7 @@ def downsample_labels(label, shape):
     windows = [_pool_windows(n, m) for n, m in zip(y.shape, shape)]
     lengths = [e - s for s, e in windows]
     window_voxels = np.multiply.outer(np.multiply.outer(lengths[0], lengths[1]), lengths[2])
-    small = y.size and y.min() >= 0 and y.max() < 2**16
-    whole = tuple(slice(0, n) for n in y.shape)
-    boxes = _label_boxes(y.astype(np.uint16)) if small else {int(c): whole for c in np.unique(y)}
+    boxes = label_boxes(y)
     best_count = np.zeros(shape, dtype=np.int32)
     best = np.zeros(shape, dtype=np.int64)
     for c, box in sorted(boxes.items()):
@@ -138,9 +136,14 @@ def downsample_labels(label, shape):
     return torch.from_numpy(best)
 
 
-def _label_boxes(y):
-    """{label: bounding box (3 slices)} of the labels of y (non-negative integers below 2^16), from one bincount per
-    slice along each axis (three passes over the volume, whatever the number of labels)."""
+def label_boxes(y):
+    """{label: bounding box (3 slices)} of the labels of a 3D label map, from one bincount per slice along each axis
+    (three passes over the volume, whatever the number of labels) for non-negative labels below 2^16; others: the
+    whole volume for every label."""
+    y = np.asarray(y)
+    if not (y.size and y.min() >= 0 and y.max() < 2**16):
+        return {int(c): tuple(slice(0, n) for n in y.shape) for c in np.unique(y)}
+    y = y.astype(np.uint16, copy=False)
     labels, bounds = y.max() + 1, []
     for axis in range(3):
         moved = np.moveaxis(y, axis, 0)
