@@ -81,10 +81,13 @@ if [[ $DRY_RUN -eq 0 ]]; then
     "import torch; print('%d%d-real' % torch.cuda.get_device_capability())")}
   stage build "$T_BUILD" $PY -m pip install --no-deps --no-build-isolation --no-index -e . -q
   $PY -c "import seg3d_fast.backends as b; print('backends:', b.available())" || true
-  # nibabel (the demo and the graphed-training test read NIfTI): carried as a wheel in .whl/ when the machine lacks it
-  if ! $PY -c "import nibabel" 2>/dev/null && ls .whl/nibabel-*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/nibabel-*.whl && export PYTHONPATH=/tmp/site
-  fi
+  # nibabel (the demo and the graphed-training test read NIfTI) and scipy (the HD95 tests): carried as wheels in
+  # .whl/ when the machine lacks them
+  for pkg in nibabel scipy; do
+    if ! $PY -c "import $pkg" 2>/dev/null && ls .whl/$pkg-*.whl >/dev/null 2>&1; then
+      $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/$pkg-*.whl && export PYTHONPATH=/tmp/site
+    fi
+  done
   # --- GPU tests (importorskip keeps tests needing nibabel out where it is missing) ------------------------------
   DEFAULT_TESTS="tests/test_build.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py
                  tests/test_graphs.py tests/test_ddp.py tests/test_metrics.py"

@@ -142,11 +142,11 @@ def surface_hd95(pred, truth, spacing, targets):
             out[target] = 0.0
             continue
         box = tuple(slice(min(f[a].start for f in found), max(f[a].stop for f in found)) for a in range(3))
-        out[target] = hd95(np.isin(pred[box], labels), np.isin(truth[box], labels), spacing)
+        out[target] = mask_hd95(np.isin(pred[box], labels), np.isin(truth[box], labels), spacing)
     return out
 
 
-def hd95(pred_mask, true_mask, spacing):
+def mask_hd95(pred_mask, true_mask, spacing):
     """95th-percentile Hausdorff distance (mm) between the surfaces of two boolean masks (see surface_hd95): 0 when
     both are empty, NaN when one is."""
     from scipy import ndimage
