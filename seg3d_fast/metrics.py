@@ -135,15 +135,17 @@ def surface_hd95(pred, truth, spacing, targets):
 
     pred, truth = (np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a) for a in (pred, truth))
     boxes = [label_boxes(a) for a in (pred, truth)]
-    out = {}
-    for target, labels in targets.items():
+    present = {target: tuple(sorted({v for v in labels if any(v in b for b in boxes)}))
+               for target, labels in targets.items()}
+    by_labels = {}  # targets of the same labels present (regions of two BRATS conventions often are) measured once
+    for labels in set(present.values()):
         found = [b[v] for b in boxes for v in labels if v in b]
         if not found:
-            out[target] = 0.0
+            by_labels[labels] = 0.0
             continue
         box = tuple(slice(min(f[a].start for f in found), max(f[a].stop for f in found)) for a in range(3))
-        out[target] = mask_hd95(np.isin(pred[box], labels), np.isin(truth[box], labels), spacing)
-    return out
+        by_labels[labels] = mask_hd95(np.isin(pred[box], labels), np.isin(truth[box], labels), spacing)
+    return {target: by_labels[labels] for target, labels in present.items()}
 
 
 def mask_hd95(pred_mask, true_mask, spacing):
