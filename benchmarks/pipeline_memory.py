@@ -1,11 +1,12 @@
 """Memory and time of the data pipeline on big volumes, on the CPU: prediction (the label map alone, and with
---save-probabilities), evaluation of a folder, and the preprocessed training cases in memory or in a --cache-dir.
+--save-probabilities), evaluation of a folder (with and without HD95), the label map's downsampling, and the
+preprocessed training cases in memory or in a --cache-dir.
 
-Each step runs in a process of its own, on synthetic volumes made beforehand (a random-intensity image, blocky
-labels with 10% of the voxels relabelled), and reports that process's peak resident memory (ru_maxrss, the
-imports included) and its memory in use once the imports were done, its own wall time, and for the training cases
-the memory they hold after preparation. Prediction runs a real run folder: an untrained Seg3DNet of many classes (the prediction's
-memory is in the classes x volume arrays, not in the network).
+Each step runs in a process of its own, on synthetic volumes made beforehand (random-intensity images; blocky labels
+with 10% of the voxels relabelled, or organ-like ellipsoids), and reports that process's peak resident memory
+(ru_maxrss, the imports included) and its memory in use once the imports were done, its own wall time, and for the
+training cases the memory they hold after preparation. Prediction runs a real run folder: an untrained Seg3DNet of
+many classes (the prediction's memory is in the classes x volume arrays, not in the network).
 
     python benchmarks/pipeline_memory.py [--scale 1.0] [--json out.json] [--keep DIR] [--steps ...]
 
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# step: (what it measures, the synthetic data it needs)
+# step: what it measures
 STEPS = {
     "predict_labels": "predict: label map of one model, 41 classes, 320x320x200 volume, --downsample 2",
     "predict_probabilities": "predict --save-probabilities: 21 classes, 256x256x160 LPS volume, --downsample 2",
