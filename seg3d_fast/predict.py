@@ -44,8 +44,8 @@ def predict_logits(model, x, device, roi=None, overlap=0.5, amp_dtype=None):
     model.eval()
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), autocast:
-        if roi is None:
-            return model(x[None].to(device))[0].float().cpu()
+        if roi is None:  # (to the host first: a bf16 output moves half the bytes and has no float32 copy on the GPU)
+            return model(x[None].to(device))[0].cpu().float()
         roi = tuple(int(r) for r in roi)
         shape = tuple(x.shape[1:])
         pad = [max(0, r - s) for r, s in zip(roi, shape)]
@@ -58,7 +58,7 @@ def predict_logits(model, x, device, roi=None, overlap=0.5, amp_dtype=None):
             for b in window_starts(padded[1], roi[1], overlap):
                 for c in window_starts(padded[2], roi[2], overlap):
                     sl = (slice(a, a + roi[0]), slice(b, b + roi[1]), slice(c, c + roi[2]))
-                    logits = model(x[(slice(None), *sl)][None].to(device))[0].float().cpu()
+                    logits = model(x[(slice(None), *sl)][None].to(device))[0].cpu().float()
                     if out is None:
                         out = torch.zeros((logits.shape[0], *padded))
                     out[(slice(None), *sl)] += logits * weight
