@@ -30,13 +30,13 @@ def _predict(args):
 
 
 def _evaluate(args):
-    from .metrics import evaluate_folders, write_evaluation
+    from .metrics import METRICS, evaluate_folders, write_evaluation
 
     result = evaluate_folders(args.pred_dir, args.label_dir, regions=args.regions, hd95=args.hd95)
     out = args.out or args.pred_dir
     write_evaluation(result, out)
     mean = result["mean"]
-    metrics = [m for m in ("dice", "jaccard", "sensitivity", "ppv", "hd95") if m in next(iter(mean.values()), {})]
+    metrics = [m for m in METRICS if m in next(iter(mean.values()), {})]
     print(f"{'target':<12}" + "".join(f"{m:>13}" for m in metrics))
     for target, values in mean.items():
         print(f"{target:<12}" + "".join(f"{values[m]:>13.4f}" for m in metrics))

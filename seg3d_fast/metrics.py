@@ -287,13 +287,11 @@ def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
     elif regions == "none":
         regions = None
     classes = sorted(v for v in values if v != 0)
-    per_case = {}
-    for name, case_counts in counts.items():
-        case_hd = None
-        if hd95:
-            case_hd = {t: v for t, v in hd[name].items() if isinstance(t, str)}
-            case_hd.update({t[1]: v for t, v in hd[name].items() if isinstance(t, tuple) and t[0] == regions})
-        per_case[name] = evaluate_counts(case_counts, classes, regions, case_hd)
+    # each case's HD95s of its classes and of the regions reported ((definition, region) keys: the candidates)
+    chosen = {name: {(t[1] if isinstance(t, tuple) else t): v for t, v in values.items()
+                     if not isinstance(t, tuple) or t[0] == regions} for name, values in hd.items()}
+    per_case = {name: evaluate_counts(case_counts, classes, regions, chosen.get(name))
+                for name, case_counts in counts.items()}
     mean = summarize(per_case)
     dices = [mean[f"class_{c}"]["dice"] for c in classes if not math.isnan(mean[f"class_{c}"]["dice"])]
     return {"per_case": per_case, "mean": mean, "classes": classes, "regions": regions,

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from . import graphs
 from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json, write_atomic, write_text_atomic
-from .data.preprocess import PreprocessConfig, preprocess
+from .data.preprocess import PreprocessConfig, label_dtype, preprocess
 from .metrics import dice_per_class
 from .predict import predict_logits
 
@@ -132,13 +132,6 @@ def _writable(a):
     """A contiguous array torch can own: a view of a cached case's read-only memory map is copied (only the crop)."""
     a = np.ascontiguousarray(a)
     return a if a.flags.writeable and type(a) is np.ndarray else np.array(a)
-
-
-def _label_storage(y):
-    """The label map in the smallest integer type that holds its values (8x less memory than int64 for <= 256
-    classes; the loss and the metrics take any integer type)."""
-    top = int(y.max(initial=0))
-    return y.astype(np.uint8 if top < 2**8 else np.int16 if top < 2**15 else np.int32)
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -266,7 +259,9 @@ def _prepared_case(case, pre, num_classes):
     """-> (PreparedCase in memory, largest label before downsampling)."""
     ref, image, label = load_case(case, num_classes)
     x, y, geometry = preprocess(ref, image, label, pre, name=str(case.images[0]))
-    return PreparedCase(case.name, x.numpy(), _label_storage(y.numpy()), geometry.spacing), int(label.max())
+    # labels in the smallest type that holds them: uint8 is 1/8 of int64 (the loss and the metrics take any integer)
+    y = y.to(label_dtype(int(y.max()) + 1)).numpy()
+    return PreparedCase(case.name, x.numpy(), y, geometry.spacing), int(label.max())
 
 
 CACHE_VERSION = 1  # bump when preprocessing changes what it makes of the same files and settings
@@ -286,28 +281,27 @@ def _cached_case(cache_dir, case, pre, num_classes):
     meta_path = cache_dir / f"{case.name}.json"
     paths = {key: cache_dir / f"{case.name}.{key}.npy" for key in ("x", "y", "foreground")}
     try:
-        meta = read_json(meta_path)
-        if meta.get("fingerprint") == fingerprint:
-            x, y = (np.load(paths[key], mmap_mode="r") for key in ("x", "y"))
-            return PreparedCase(case.name, x, y, meta["spacing"], np.load(paths["foreground"])), int(meta["top_label"])
+        if read_json(meta_path).get("fingerprint") == fingerprint:
+            return _read_cached(case.name, meta_path, paths)
     except (OSError, ValueError, KeyError, TypeError):
         pass  # missing or damaged: made again below
     prepared, top = _prepared_case(case, pre, num_classes)
     try:
-        for key, path in paths.items():
-            write_atomic(path, functools.partial(_save_npy, getattr(prepared, key)))
+        for key, path in paths.items():  # (the temporary file's name ends in .npy: np.save keeps it)
+            write_atomic(path, lambda tmp, array=getattr(prepared, key): np.save(tmp, array))
         write_text_atomic(meta_path, json.dumps({"fingerprint": fingerprint, "spacing": list(prepared.spacing),
                                                  "top_label": top}, indent=1) + "\n")
     except OSError as e:  # (a full disk, no permission, a file where the folder should be)
         raise Seg3DFastDataError(f"{cache_dir}: cannot write the preprocessed case {case.name} there "
                                  f"({e.strerror or e})") from None
+    return _read_cached(case.name, meta_path, paths)
+
+
+def _read_cached(name, meta_path, paths):
+    """-> (PreparedCase of the cached arrays as read-only memory maps, largest label)."""
+    meta = read_json(meta_path)
     x, y = (np.load(paths[key], mmap_mode="r") for key in ("x", "y"))
-    return PreparedCase(case.name, x, y, prepared.spacing, prepared.foreground), top
-
-
-def _save_npy(array, path):
-    with open(path, "wb") as f:
-        np.save(f, array)
+    return PreparedCase(name, x, y, meta["spacing"], np.load(paths["foreground"])), int(meta["top_label"])
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------

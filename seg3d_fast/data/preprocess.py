@@ -222,8 +222,8 @@ def logits_to_crop_probabilities(logits, geometry, out=None):
 
 
 def label_dtype(num_classes):
-    """The smallest label-map dtype for this many classes: uint8, int16 beyond 256."""
-    return torch.uint8 if num_classes <= 256 else torch.int16
+    """The smallest label-map dtype for this many classes: uint8, int16 beyond 256, int32 beyond 2^15."""
+    return torch.uint8 if num_classes <= 2**8 else torch.int16 if num_classes <= 2**15 else torch.int32
 
 
 def labels_from_probabilities(probs, slab_voxels=2**22):
