@@ -90,9 +90,10 @@ if [[ $DRY_RUN -eq 0 ]]; then
   done
   # --- GPU tests (importorskip keeps tests needing nibabel out where it is missing) ------------------------------
   DEFAULT_TESTS="tests/test_build.py tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_ops.py
-                 tests/test_graphs.py tests/test_ddp.py tests/test_metrics.py"
+                 tests/test_graphs.py tests/test_ddp.py tests/test_metrics.py
+                 tests/test_predict.py::test_prediction_on_the_gpu_matches_the_host"
   TESTS=${GPU_CHECK_TESTS:-"$DEFAULT_TESTS tests/test_profile.py"}
-  EXISTING=$(for f in $TESTS; do [[ -e $f ]] && echo "$f"; done)
+  EXISTING=$(for f in $TESTS; do [[ -e ${f%%::*} ]] && echo "$f"; done)  # (a file, or a test in one)
   # One default tile config per kernel (tuning is the benchmarks' job); all failures reported, in parallel if
   # pytest-xdist is there (the tests are many small launches and Triton compiles), the tests of 10-26 GB each
   # one at a time (tests/helpers.py BIG_GPU_MEMORY).

@@ -28,6 +28,7 @@ from pathlib import Path
 # step: what it measures
 STEPS = {
     "predict_labels": "predict: label map of one model, 41 classes, 320x320x200 volume, --downsample 2",
+    "predict_window": "predict: the same label map in a sliding window of 64x64x64 (50% overlap)",
     "predict_probabilities": "predict --save-probabilities: 21 classes, 256x256x160 LPS volume, --downsample 2",
     "evaluate": "evaluate: 4 cases of 256x256x160, 41 classes",
     "evaluate_hd95": "evaluate with HD95: 1 case of 104 organ-like classes, 256x256x150 (prediction shifted 1 voxel)",
@@ -127,9 +128,10 @@ def run_step(step: str, root: Path) -> dict:
     out = {}
     baseline = _resident_mib()
     start = time.perf_counter()
-    if step in ("predict_labels", "predict_probabilities"):
-        d = root / ("labels41" if step == "predict_labels" else "probs21")
+    if step.startswith("predict"):
+        d = root / ("probs21" if step == "predict_probabilities" else "labels41")
         predict(d / "run", d / "case.nii", root / "out" / step, device="cpu",
+                roi=(64, 64, 64) if step == "predict_window" else None,
                 save_probabilities=step == "predict_probabilities", progress=False)
     elif step == "evaluate":  # (Dice and the other counts: the HD95 of 41 classes spread over the whole volume,
         # the worst case of its bounding boxes, is the next step's subject, on organ-like maps)

@@ -39,6 +39,8 @@ def label_counts(pred, truth, slab_voxels=2**22):
     int64). Every per-class and region score follows from it (scores_of): one pass over the voxels, slab by slab,
     instead of masks per class; a training step's Dice copies C x C numbers off the GPU, not its label maps."""
     pred, truth = _tensor(pred), _tensor(truth)
+    if pred.device != truth.device:  # counted on the GPU where one of them is there
+        pred, truth = (pred.to(truth.device), truth) if pred.device.type == "cpu" else (pred, truth.to(pred.device))
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from label shape {tuple(truth.shape)}")
     pred, truth = pred.reshape(-1), truth.reshape(-1)

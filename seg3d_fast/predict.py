@@ -4,7 +4,9 @@
 Output per case in --out: <case>.nii.gz (label map) and, with --save-probabilities,
 <case>_probabilities.nii.gz (float32, classes along the 4th axis).
 """
+import itertools
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,33 +40,68 @@ def window_starts(size, roi, overlap):
     return sorted({int(round(i * (size - roi) / (n - 1))) for i in range(n)})
 
 
-def predict_logits(model, x, device, roi=None, overlap=0.5, amp_dtype=None):
-    """x (C, d, h, w) float32 -> logits (num_classes, d, h, w) float32 on the CPU.
-    roi None: the whole volume in one pass; else windows of size roi blended with Gaussian weights."""
+def mirrored(model, x, mirror_axes=()):
+    """model(x) for x (1, C, d, h, w); with `mirror_axes` (spatial axes 0-2) the mean of its outputs over every
+    combination of flips of those axes, each flipped back (test-time augmentation: 2^len(axes) passes), float32."""
+    if not mirror_axes:
+        return model(x)
+    dims = [a + 2 for a in mirror_axes]
+    total = None
+    for flips in itertools.chain.from_iterable(itertools.combinations(dims, k) for k in range(len(dims) + 1)):
+        y = model(x.flip(flips) if flips else x)
+        y = (y.flip(flips) if flips else y).float()
+        total = y if total is None else total.add_(y)
+    return total.div_(2 ** len(dims))
+
+
+def predict_logits(model, x, device, roi=None, overlap=0.5, amp_dtype=None, out_device="cpu", mirror_axes=()):
+    """x (C, d, h, w) float32 -> logits (num_classes, d, h, w) float32 on `out_device` (the host by default; the
+    network's device keeps them there for what follows: interpolation, argmax, counting).
+    roi None: the whole volume in one pass; else windows of size roi blended with Gaussian weights, summed in place
+    on `out_device`. mirror_axes: each pass averaged over those axes' flips (mirrored)."""
     model.eval()
+    out_device = torch.device(out_device)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else torch.autocast(device.type, enabled=False)
     with torch.no_grad(), autocast:
-        if roi is None:  # (to the host first: a bf16 output moves half the bytes and has no float32 copy on the GPU)
-            return model(x[None].to(device))[0].cpu().float()
+        if roi is None:  # (moved before the cast: a bf16 output crosses to the host in half the bytes)
+            return mirrored(model, x[None].to(device), mirror_axes)[0].to(out_device).float()
         roi = tuple(int(r) for r in roi)
         shape = tuple(x.shape[1:])
         pad = [max(0, r - s) for r, s in zip(roi, shape)]
         if any(pad):  # volumes smaller than the window: pad with background, crop back at the end
             x = F.pad(x, [p for q in reversed(pad) for p in (0, q)])
+        if out_device == torch.device(device):
+            x = x.to(device)  # once, not a copy per window
         padded = tuple(x.shape[1:])
-        weight = gaussian_importance(roi)
-        out, norm = None, torch.zeros(padded)
+        weight = gaussian_importance(roi).to(out_device)
+        out = norm = None
         for a in window_starts(padded[0], roi[0], overlap):
             for b in window_starts(padded[1], roi[1], overlap):
                 for c in window_starts(padded[2], roi[2], overlap):
                     sl = (slice(a, a + roi[0]), slice(b, b + roi[1]), slice(c, c + roi[2]))
-                    logits = model(x[(slice(None), *sl)][None].to(device))[0].cpu().float()
+                    logits = mirrored(model, x[(slice(None), *sl)][None].to(device), mirror_axes)[0].to(out_device)
                     if out is None:
-                        out = torch.zeros((logits.shape[0], *padded))
-                    out[(slice(None), *sl)] += logits * weight
+                        out = torch.zeros((logits.shape[0], *padded), device=out_device)
+                        norm = torch.zeros(padded, device=out_device)
+                    out[(slice(None), *sl)].addcmul_(logits, weight)  # (no weighted copy of the window's logits)
                     norm[sl] += weight
         out /= norm
         return out[(slice(None), *[slice(0, s) for s in shape])].contiguous()
+
+
+def on_device_or_host(work, device):
+    """work(where): the network's output kept, interpolated and reduced on `where`. First on the network's device;
+    where that is a GPU without the memory for them, again with them on the host (the network stays on the GPU)."""
+    if device.type != "cuda":
+        return work(device)
+    try:
+        return work(device)
+    except torch.cuda.OutOfMemoryError:
+        pass  # (retried outside the handler: its traceback holds the failed attempt's tensors)
+    torch.cuda.empty_cache()
+    print(f"seg3d_fast: {device} ran out of memory for the predicted classes; summing them on the host instead",
+          file=sys.stderr, flush=True)
+    return work(torch.device("cpu"))
 
 
 # ---- runs ----------------------------------------------------------------------------------------------------
@@ -124,44 +161,52 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
     return config, models
 
 
-def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None, probabilities=False):
+def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None, probabilities=False,
+                     mirror_axes=()):
     """-> (reference image, Geometry, labels on the crop grid, probabilities or None): the labels are the argmax of
     the mean of the models' probabilities (an ensemble), not yet restored onto the input's grid (restore_labels);
     the probabilities, numpy float32 (num_classes, canonical grid) (canonical_probabilities; input_grid restores
-    them), only where asked for.
+    them), only where asked for. mirror_axes: test-time flips (mirrored).
 
-    Memory: one model's logits on the network grid, plus the canonical grid's probabilities where they are asked for
-    or an ensemble sums them; one model's label map alone is taken slab by slab (crop_probability_slabs)."""
+    Memory: one model's logits on the network grid, on the network's device where they fit (on_device_or_host),
+    plus on the host the canonical grid's probabilities where they are asked for or an ensemble sums them; one
+    model's label map alone is taken slab by slab (crop_probability_slabs), only the labels crossing to the host."""
     ref, image, _ = load_case(Case(case.name, case.images, None), expect_channels=config["model"]["in_channels"])
     x, _, geometry = preprocess(ref, image, None, PreprocessConfig.from_dict(config["preprocess"]),
                                 name=str(case.images[0]))
-    if len(models) == 1 and not probabilities:
-        logits = predict_logits(models[0], x, device, roi, overlap, amp_dtype)
-        labels = torch.empty(tuple(b - a for a, b in geometry.bbox), dtype=label_dtype(logits.shape[0]))
-        for a, b, probs in crop_probability_slabs(logits, geometry):
-            labels[a:b] = probs.argmax(0)
-        return ref, geometry, labels, None
-    full = probs = None
-    for model in models:  # the mean of an ensemble's probabilities, summed in place (into the canonical grid's box)
-        logits = predict_logits(model, x, device, roi, overlap, amp_dtype)
-        if full is None and probabilities:
-            full, probs = canonical_probabilities(logits.shape[0], geometry)
-        probs = logits_to_crop_probabilities(logits, geometry, out=probs)
-        del logits
-    probs /= len(models)
-    return ref, geometry, labels_from_probabilities(probs), full
+
+    def crop_outputs(where):
+        if len(models) == 1 and not probabilities:
+            logits = predict_logits(models[0], x, device, roi, overlap, amp_dtype, where, mirror_axes)
+            labels = torch.empty(tuple(b - a for a, b in geometry.bbox), dtype=label_dtype(logits.shape[0]))
+            for a, b, probs in crop_probability_slabs(logits, geometry):
+                labels[a:b] = probs.argmax(0).to(labels.dtype)
+            return labels, None
+        full = probs = None
+        for model in models:  # the mean of an ensemble's probabilities, summed in place (into the canonical grid's box)
+            logits = predict_logits(model, x, device, roi, overlap, amp_dtype, where, mirror_axes)
+            if full is None and probabilities:
+                full, probs = canonical_probabilities(logits.shape[0], geometry)
+            probs = logits_to_crop_probabilities(logits, geometry, out=probs)
+            del logits
+        probs /= len(models)
+        return labels_from_probabilities(probs), full
+
+    labels, full = on_device_or_host(crop_outputs, device)
+    return ref, geometry, labels, full
 
 
-def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None):
+def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None, mirror_axes=()):
     """-> (reference image, probabilities float32 (num_classes, X, Y, Z) on the input's grid)."""
     ref, geometry, _, probs = crop_predictions(models, config, case, device, roi, overlap, amp_dtype,
-                                               probabilities=True)
+                                               probabilities=True, mirror_axes=mirror_axes)
     return ref, input_grid(probs, geometry)
 
 
 def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None, roi=None, overlap=0.5,
-            save_probabilities=False, amp="none", backend=None, progress=True):
+            save_probabilities=False, amp="none", backend=None, progress=True, tta=False):
     """Predict every case under `inputs` (a NIfTI file, a folder of them, a dataset folder or a CSV manifest).
+    tta: average each prediction over the flips the run was trained with (run_mirror_axes).
     Returns the written label-map paths."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -171,10 +216,11 @@ def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None,
     cases = discover(inputs).cases
     outputs = _output_paths(cases, Path(out_dir), save_probabilities)  # checked before any work
     config, models = load_models(run_path, device, ensemble, fold, backend)
+    mirror_axes = run_mirror_axes(config, run_path) if tta else ()
     written = []
     for i, (case, (path, probs_path)) in enumerate(zip(cases, outputs)):
         ref, geometry, labels, probs = crop_predictions(models, config, case, device, roi, overlap, AMP_DTYPES[amp],
-                                                        probabilities=save_probabilities)
+                                                        probabilities=save_probabilities, mirror_axes=mirror_axes)
         # the argmax on the crop grid equals that of the restored probabilities (background outside the crop)
         # without their full-size (C, X, Y, Z) float32 arrays: 13 GB each for 41 classes at 512 x 512 x 300
         save_nifti(label_image_like(restore_labels(labels, geometry), ref), path)
@@ -185,6 +231,16 @@ def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None,
         if progress:
             print(f"[{i + 1}/{len(cases)}] {case.name} -> {path}", flush=True)
     return written
+
+
+def run_mirror_axes(config, run_path):
+    """The canonical axes a run's training flipped (its config's mirror_axes; runs from before that was recorded
+    were trained with every axis flipped, or none with --no-augment, which the config did not record)."""
+    axes = tuple(config.get("mirror_axes", (0, 1, 2)))
+    if not axes:
+        raise Seg3DFastDataError(f"{run_path}: --tta averages over the flips the model was trained with, and this run "
+                                 "was trained without flips (--no-augment, or --mirror-axes with no axis)")
+    return axes
 
 
 def _output_paths(cases, out_dir, save_probabilities):
@@ -221,11 +277,14 @@ def add_arguments(p):
                    help="windows' overlap, a fraction of their size in [0, 1)")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average over the flips the run was trained with (its --mirror-axes; "
+                        "2^axes network passes per volume or window)")
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--backend", choices=("reference", "triton", "cuda"), default=None)
 
 
 def main(args):
     predict(args.run, args.inputs, args.out, args.device, args.ensemble, args.fold, args.sliding_window,
-            args.overlap, args.save_probabilities, args.amp, args.backend)
+            args.overlap, args.save_probabilities, args.amp, args.backend, tta=args.tta)
     return 0

@@ -30,7 +30,7 @@ from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json, write_atomic, write_text_atomic
 from .data.preprocess import PreprocessConfig, label_dtype, preprocess
 from .metrics import dice_per_class
-from .predict import predict_logits
+from .predict import on_device_or_host, predict_logits
 
 CONFIG_FILE, SPLITS_FILE, CHECKPOINT_FILE = "config.json", "splits.json", "checkpoint.pt"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,6 +61,8 @@ class TrainConfig:
     norm: str | None = None
     num_classes: int | None = None      # default: dataset.json, else the largest label + 1
     augment: bool = True                # random flips, in-plane 90-degree rotations, contrast/brightness
+    mirror_axes: tuple = (0, 1, 2)      # the canonical (RAS) axes flipped at random (2 alone where classes have a
+                                        # side: see augment); predict --tta averages over the same flips
     val_every: int = 1
     seed: int = 0
     device: str = "auto"
@@ -137,9 +139,10 @@ def _writable(a):
 class CropDataset(torch.utils.data.Dataset):
     """Item i of epoch e: case i % n, cropped and augmented with numpy's generator seeded by (seed, e, i)."""
 
-    def __init__(self, cases, length, crop, fg_prob, augment, seed):
+    def __init__(self, cases, length, crop, fg_prob, augment, seed, mirror_axes=(0, 1, 2)):
         self.cases, self.length, self.crop = cases, length, crop
         self.fg_prob, self.augment, self.seed, self.epoch = fg_prob, augment, seed, 0
+        self.mirror_axes = tuple(mirror_axes)
 
     def __len__(self):
         return self.length
@@ -151,7 +154,7 @@ class CropDataset(torch.utils.data.Dataset):
         if self.crop is not None:
             x, y = random_crop(x, y, self.crop, rng, case.foreground if rng.random() < self.fg_prob else None)
         if self.augment:
-            x, y = augment(x, y, rng, case.spacing)
+            x, y = augment(x, y, rng, case.spacing, self.mirror_axes)
             x = augment_intensity(x, rng)
         return torch.from_numpy(_writable(x)), torch.from_numpy(_writable(y))
 
@@ -178,12 +181,15 @@ def random_crop(x, y, size, rng, foreground=None):
     return x[(slice(None), *sl)], y[sl]
 
 
-def augment(x, y, rng, spacing):
-    """Flip each axis with probability 1/2; rotate by a multiple of 90 degrees in the axial (x, y) plane: by 0 or
+def augment(x, y, rng, spacing, mirror_axes=(0, 1, 2)):
+    """Flip each of `mirror_axes` with probability 1/2; rotate by a multiple of 90 degrees in the axial (x, y) plane: by 0 or
     180 degrees only when that plane is not square (crop shapes stay fixed) or its two voxel sizes (`spacing`, mm
-    per axis) differ by more than SAME_SPACING_RTOL: a 90-degree turn would stretch the anatomy by their ratio."""
+    per axis) differ by more than SAME_SPACING_RTOL: a 90-degree turn would stretch the anatomy by their ratio.
+    Turns keep left and right apart, flips do not: a flip of axis 0 makes a left kidney look like a right one, and
+    so does one of axis 1 followed by the 180-degree turn (itself a flip of axes 0 and 1): where classes have a
+    side, flip axis 2 alone."""
     for axis in range(3):
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 and axis in mirror_axes:  # (drawn for every axis: the same crops whichever are left out)
             x, y = np.flip(x, axis + 1), np.flip(y, axis)
     turn_90 = y.shape[0] == y.shape[1] and math.isclose(spacing[0], spacing[1], rel_tol=SAME_SPACING_RTOL)
     k = int(rng.integers(4)) if turn_90 else 2 * int(rng.integers(2))
@@ -349,6 +355,7 @@ def run_config(cfg, model, dataset, num_classes):
         "data": str(cfg.data),
         "folds": cfg.folds,
         "crop": list(cfg.crop) if cfg.crop else None,
+        "mirror_axes": list(cfg.mirror_axes) if cfg.augment else [],  # the flips predict --tta averages over
         "amp": cfg.amp,
         "extra": cfg.extra,
     }
@@ -421,6 +428,8 @@ def train(cfg):
         raise Seg3DFastDataError(f"--fold {cfg.fold} outside 0..{cfg.folds - 1}")
     if cfg.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {cfg.amp!r}")
+    if not set(cfg.mirror_axes) <= {0, 1, 2}:
+        raise ValueError(f"mirror_axes must be canonical axes among 0, 1, 2, got {tuple(cfg.mirror_axes)}")
     # (data errors: the command line reports them in one line, as it does its own option checks)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise Seg3DFastDataError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
@@ -508,7 +517,8 @@ def train(cfg):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     length = cfg.samples_per_epoch or len(train_cases)
-    data = CropDataset(train_cases, length, tuple(cfg.crop) if cfg.crop else None, cfg.fg_prob, cfg.augment, cfg.seed)
+    data = CropDataset(train_cases, length, tuple(cfg.crop) if cfg.crop else None, cfg.fg_prob, cfg.augment, cfg.seed,
+                       cfg.mirror_axes)
     sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=pad_collate, pin_memory=device.type == "cuda")
@@ -567,8 +577,11 @@ def validate(model, cases, num_classes, device, amp_dtype, crop):
     dices = []
     with torch.no_grad():
         for case in cases:
-            logits = predict_logits(model, torch.from_numpy(_writable(case.x)), device, roi=crop, amp_dtype=amp_dtype)
-            dices.append(np.mean(dice_per_class(logits.argmax(0), case.y, num_classes)[1:]))
+            x = torch.from_numpy(_writable(case.x))
+            dice = on_device_or_host(lambda where: dice_per_class(  # (argmax and counts where the logits are)
+                predict_logits(model, x, device, roi=crop, amp_dtype=amp_dtype, out_device=where).argmax(0),
+                case.y, num_classes), device)
+            dices.append(np.mean(dice[1:]))
     model.train()
     return float(np.mean(dices))
 
@@ -589,7 +602,7 @@ def _check_or_write_config(path, config, checkpoints):
 # Settings that shape the remaining epochs (the crops drawn, the optimizer's steps): a resume that changes one does
 # not continue the run exactly. (--epochs may change: training longer is what a resume is for.)
 RESUME_SETTINGS = ("samples_per_epoch", "batch_size", "crop", "fg_prob", "lr", "lr_schedule", "weight_decay", "amp",
-                   "augment", "seed")
+                   "augment", "mirror_axes", "seed")
 
 
 def _changed_training_settings(saved, cfg) -> str:
@@ -638,6 +651,11 @@ def add_arguments(p):
     p.add_argument("--num-classes", type=at_least(2), default=None)
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
     p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--mirror-axes", type=int, nargs="*", choices=(0, 1, 2), default=[0, 1, 2], metavar="AXIS",
+                   help="the canonical (RAS) axes to flip at random in training, and to average over in predict "
+                        "--tta (default 0 1 2; none: no flips). Where classes have a side (left and right organs) "
+                        "use '--mirror-axes 2': a flip of axis 0 (left-right), or of 1 with the in-plane turns, "
+                        "makes a left organ look like a right one")
     p.add_argument("--val-every", type=at_least(1), default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -671,7 +689,7 @@ def config_from_args(args):
                        crop=tuple(args.crop) if args.crop else None, lr=args.lr, lr_schedule=args.lr_schedule,
                        downsample=args.downsample, clip=tuple(args.clip) if args.clip else None,
                        features=tuple(args.features), skip=args.skip, num_classes=args.num_classes, amp=args.amp,
-                       augment=args.augment, val_every=args.val_every, seed=args.seed, device=args.device,
+                       augment=args.augment, mirror_axes=tuple(sorted(set(args.mirror_axes))), val_every=args.val_every, seed=args.seed, device=args.device,
                        backend=args.backend, cuda_graph=args.cuda_graph, workers=args.workers,
                        cache_dir=args.cache_dir, resume=args.resume,
                        overwrite=args.overwrite, progress=args.progress)

@@ -109,7 +109,7 @@ def test_predict_and_evaluate_bad_input(tmp_path, capsys):
     (["--crop", "0", "16", "16"], "--crop"), (["--batch-size", "0"], "--batch-size"), (["--val-every", "0"], "--val-every"),
     (["--lr", "-1"], "--lr"), (["--device", "foo"], "--device"), (["--features", "0", "8"], "--features"),
     (["--downsample", "0.5"], "--downsample"), (["--epochs", "0"], "--epochs"), (["--folds", "0"], "--folds"),
-    (["--num-classes", "1"], "--num-classes")])
+    (["--num-classes", "1"], "--num-classes"), (["--mirror-axes", "3"], "--mirror-axes")])
 def test_bad_option_values(tmp_path, capsys, args, option):
     """A bad option value ends in argparse's one-line error naming the option (exit status 2), before anything is
     written."""
@@ -206,7 +206,7 @@ def test_demo_quick_then_predict_with_its_run(tmp_path, capsys):
     assert pred.shape == heldout.shape and np.allclose(pred.affine, heldout.affine)
     # the demo's run is reusable by `predict`
     assert main(["predict", str(out), str(out / "data" / "heldout_image.nii.gz"), "--out", str(tmp_path / "p"),
-                 "--sliding-window", "16", "16", "16"]) == 0
+                 "--sliding-window", "16", "16", "16", "--tta"]) == 0
     assert (tmp_path / "p" / "heldout_image.nii.gz").is_file()
 
 

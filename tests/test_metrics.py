@@ -121,7 +121,8 @@ def test_label_counts(kind):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: label_counts counting on the device")
 @pytest.mark.parametrize("large", [False, True])
 def test_label_counts_on_the_gpu(large):
-    """Label maps on the GPU (training's per-step Dice) are counted there: the same table as on the CPU."""
+    """Label maps on the GPU (training's per-step Dice) are counted there, also with the other map on the host: the
+    same table as on the CPU."""
     gen = torch.Generator().manual_seed(2)
     labels = torch.tensor([0, 3, 5000] if large else [0, 1, 2, 3])
     truth = labels[torch.randint(len(labels), (2, 37, 29, 19), generator=gen)]
@@ -132,6 +133,8 @@ def test_label_counts_on_the_gpu(large):
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
     assert dice_per_class(pred.cuda(), truth.cuda(), 4) == dice_per_class(pred, truth, 4)
+    for mixed in ((pred.cuda(), truth.numpy()), (pred, truth.cuda())):  # (validation: a prediction on the GPU, the
+        np.testing.assert_array_equal(label_counts(*mixed)[1], expected[1])  # label map on the host)
 
 
 def _surface(mask):

@@ -2,16 +2,18 @@
 import json
 import shutil
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
+nib = pytest.importorskip("nibabel")  # (the GPU check runs a test of this file where nibabel may be missing)
 import torch.nn.functional as F
 
 import seg3d_fast.predict
 from seg3d_fast.data import Seg3DFastDataError
-from seg3d_fast.predict import gaussian_importance, load_models, predict, predict_case, predict_logits, window_starts
-from seg3d_fast.train import TrainConfig, train
+from seg3d_fast.predict import (crop_predictions, gaussian_importance, load_models, mirrored, on_device_or_host,
+                                predict, predict_case, predict_logits, window_starts)
+from seg3d_fast.train import PreparedCase, TrainConfig, train, validate
 from seg3d_fast.data import PreprocessConfig, load_case, preprocess
 from seg3d_fast.data.datasets import Case
 from seg3d_fast.data.preprocess import restore_probabilities
@@ -48,6 +50,90 @@ def test_sliding_window_equals_whole_volume_for_a_pointwise_model():
     for roi in ((8, 8, 8), (16, 12, 5), (32, 32, 16)):
         windowed = predict_logits(model, x, torch.device("cpu"), roi=roi)
         torch.testing.assert_close(windowed, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_test_time_flips_average_the_flipped_predictions():
+    """mirror_axes: the network runs on every combination of flips of those axes and its outputs, flipped back,
+    are averaged (2^axes passes), for the whole volume and for each sliding window; for a voxel-wise network the
+    windows still reproduce the whole volume."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(2, 3, 3, padding=1)  # not symmetric: its flipped passes differ
+    passes = []
+    conv.register_forward_hook(lambda module, args, out: passes.append(args[0].shape))
+    x = torch.randn(2, 9, 8, 7)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        for axes in ((0, 1, 2), (1, 2), (0,)):
+            subsets = [[a + 1 for a in range(3) if m >> a & 1 and a in axes] for m in range(8)]
+            flips = {tuple(s) for s in subsets}
+            expected = sum(conv(x.flip(f)[None] if f else x[None])[0].flip(f) if f else conv(x[None])[0]
+                           for f in flips) / len(flips)
+            passes.clear()
+            got = predict_logits(conv, x, cpu, mirror_axes=axes)
+            assert len(passes) == 2 ** len(axes)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(got, conv(x[None])[0], atol=1e-3)  # the flips changed something
+        passes.clear()
+        windowed = predict_logits(conv, x, cpu, roi=(5, 8, 7), mirror_axes=(2,))
+        assert len(passes) == 2 * len(window_starts(9, 5, 0.5)) and windowed.shape == (3, 9, 8, 7)
+    pointwise = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 1), torch.nn.PReLU(), torch.nn.Conv3d(4, 3, 1))
+    whole = predict_logits(pointwise, x, cpu)
+    torch.testing.assert_close(predict_logits(pointwise, x, cpu, roi=(4, 5, 6), mirror_axes=(0, 1, 2)), whole,
+                               rtol=1e-5, atol=1e-5)
+    bf16 = torch.randn(1, 2, 3, 4, 5)
+    assert mirrored(lambda t: t.bfloat16(), bf16, (0,)).dtype == torch.float32  # (summed in float32)
+
+
+def test_tta_uses_the_flips_the_run_was_trained_with(two_fold_run, tmp_path, monkeypatch, capsys):
+    """predict --tta averages over the run's training flips (config mirror_axes; all three for runs from before it
+    was recorded); a run trained without flips has none to average over: a one-line error."""
+    run = tmp_path / "run"
+    shutil.copytree(two_fold_run / "run", run)
+    image = two_fold_run / "data" / "case0_image.nii.gz"
+    used = []
+    real = seg3d_fast.predict.mirrored
+    monkeypatch.setattr(seg3d_fast.predict, "mirrored", lambda model, x, axes=(): used.append(axes) or real(model, x, axes))
+    config = json.loads((run / "config.json").read_text())
+    assert config["mirror_axes"] == [0, 1, 2]
+    for saved, expected in (([1, 2], (1, 2)), (None, (0, 1, 2))):
+        if saved is None:
+            del config["mirror_axes"]
+        else:
+            config["mirror_axes"] = saved
+        (run / "config.json").write_text(json.dumps(config))
+        used.clear()
+        predict(run, image, tmp_path / "out", tta=True, progress=False)
+        assert used == [expected]
+    used.clear()
+    predict(run, image, tmp_path / "plain", progress=False)
+    assert used == [()]
+    config["mirror_axes"] = []
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Seg3DFastDataError, match="trained without flips"):
+        predict(run, image, tmp_path / "out2", tta=True, progress=False)
+
+
+def test_prediction_falls_back_to_the_host_when_the_gpu_runs_out_of_memory(capsys):
+    """The network's output is kept on its GPU; where that GPU runs out of memory for it, the work is done again
+    with it on the host (a message says so), from scratch; on the host itself nothing is retried."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    calls = []
+
+    def work(where):
+        calls.append(where)
+        if where.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return where
+
+    assert on_device_or_host(work, cuda) == cpu and calls == [cuda, cpu]
+    assert "ran out of memory" in capsys.readouterr().err
+    calls.clear()
+    assert on_device_or_host(work, cpu) == cpu and calls == [cpu]
+
+    def out_of_host_memory(where):
+        raise torch.OutOfMemoryError("no memory on the host either")
+    with pytest.raises(torch.OutOfMemoryError, match="host either"):
+        on_device_or_host(out_of_host_memory, cuda)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +276,44 @@ def test_predict_errors(two_fold_run, tmp_path):
         (tmp_path / "run" / "config.json").write_text(damage)
         with pytest.raises(Seg3DFastDataError, match="run/config.json: (not valid JSON|not a run configuration)"):
             predict(tmp_path / "run", TCGA_T1, tmp_path / "o", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: prediction summed and interpolated on it")
+def test_prediction_on_the_gpu_matches_the_host(two_fold_run, monkeypatch):
+    """With the network on the GPU the sliding window's sum, the interpolation to the crop grid, the argmax and the
+    validation Dice's counts run there (only labels cross to the host): the same results as on the host, to float32
+    rounding (near-ties aside); where the GPU runs out of memory for them, the host's results exactly."""
+    run = two_fold_run / "run"
+    case = Case("case0", [two_fold_run / "data" / "case0_image.nii.gz"])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for ensemble in (False, True):
+        config, on_cpu = load_models(run, cpu, ensemble=ensemble)
+        _, on_gpu = load_models(run, cuda, ensemble=ensemble)
+        _, _, expected, _ = crop_predictions(on_cpu, config, case, cpu, roi=(16, 16, 16))
+        _, _, got, _ = crop_predictions(on_gpu, config, case, cuda, roi=(16, 16, 16))
+        assert got.device == cpu and got.dtype == expected.dtype
+        assert (got == expected).float().mean() > 0.999
+
+        where = []  # the GPU made to run out of memory for the output: the host's path, the network on the GPU
+        real = seg3d_fast.predict.predict_logits
+
+        def short_of_memory(*args, out_device="cpu", **kwargs):
+            where.append(torch.device(out_device).type)
+            if torch.device(out_device).type == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(*args, out_device=out_device, **kwargs)
+        with monkeypatch.context() as patch:
+            patch.setattr(seg3d_fast.predict, "predict_logits", short_of_memory)
+            _, _, fallback, _ = crop_predictions(on_gpu, config, case, cuda, roi=(16, 16, 16))
+        assert where == ["cuda"] + ["cpu"] * len(on_gpu)
+        assert (fallback == got).float().mean() > 0.999
+
+    ref, image, label = load_case(Case("case0", case.images, two_fold_run / "data" / "case0_label.nii.gz"))
+    x, y, _ = preprocess(ref, image, label, PreprocessConfig.from_dict(config["preprocess"]))
+    prepared = [PreparedCase("case0", x.numpy(), y.numpy().astype(np.uint8))]
+    logits_cpu = predict_logits(on_cpu[0], x, cpu, roi=(16, 16, 16))
+    logits_gpu = predict_logits(on_gpu[0], x, cuda, roi=(16, 16, 16), out_device=cuda)
+    assert logits_gpu.device.type == "cuda"
+    torch.testing.assert_close(logits_gpu.cpu(), logits_cpu, rtol=1e-4, atol=1e-4)
+    assert validate(on_gpu[0], prepared, 4, cuda, None, (16, 16, 16)) == pytest.approx(
+        validate(on_cpu[0], prepared, 4, cpu, None, (16, 16, 16)), abs=1e-3)

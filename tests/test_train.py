@@ -182,6 +182,32 @@ def test_augment_and_crop_keep_image_and_label_aligned():
     assert xp.shape == (2, 8, 8, 8) and yp.shape == (8, 8, 8)
 
 
+def test_mirror_axes_limit_the_flips_and_are_recorded(tmp_path):
+    """Training flips only the mirror_axes, with the same crops and turns drawn whichever axes are left out; the
+    in-plane turn by 180 degrees is itself a flip of axes 0 and 1 (so only --mirror-axes 2 keeps a left organ from
+    looking like a right one). The run records the axes for predict --tta (none with --no-augment)."""
+    y = np.arange(5 * 5 * 4).reshape(5, 5, 4)  # tells every flip and turn apart (a square plane: turns by 90 degrees)
+    x = y[None].astype(np.float32)
+    flips = [tuple(a for a in range(3) if m >> a & 1) for m in range(8)]
+    seen = {}
+    for axes, orientations in (((0, 1, 2), 16), ((2,), 8), ((), 4)):
+        seen[axes] = [augment(x, y, np.random.default_rng(s), (1.0, 1.0, 1.0), axes)[1] for s in range(80)]
+        for ya in seen[axes]:  # undoing the turn leaves a flip of the mirror axes
+            assert any(np.array_equal(np.rot90(ya, k, (0, 1)), np.flip(y, f) if f else y)
+                       for k in range(4) for f in flips if set(f) <= set(axes))
+        assert len({ya.tobytes() for ya in seen[axes]}) == orientations
+    for a, b in zip(seen[(0, 1, 2)], seen[(2,)]):  # the same draws: they differ by flips of axes 0 and 1 at most
+        assert any(np.array_equal(np.flip(b, f) if f else b, a) for f in ((), (0,), (1,), (0, 1)))
+
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    train(TrainConfig(data=str(manifest), out=str(tmp_path / "a"), epochs=1, mirror_axes=(1, 2), **TINY))
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["mirror_axes"] == [1, 2]
+    train(TrainConfig(data=str(manifest), out=str(tmp_path / "b"), epochs=1, augment=False, **TINY))
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["mirror_axes"] == []
+    with pytest.raises(ValueError, match="mirror_axes"):
+        train(TrainConfig(data=str(manifest), out=str(tmp_path / "c"), epochs=1, mirror_axes=(3,), **TINY))
+
+
 def test_foreground_crops_centre_on_every_class_equally_often():
     """A large class and two of a few voxels each: foreground crops centre on each class about a third of the
     time (drawn by class, then voxel), not in proportion to the classes' volumes (then the small ones would be

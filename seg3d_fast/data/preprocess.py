@@ -182,6 +182,7 @@ def crop_probability_slabs(logits, geometry, slab_bytes=2**25):
     crop = tuple(b - a for a, b in geometry.bbox)
     depth = logits.shape[1]
     first, second, w_first, w_second = _linear_weights(depth, crop[0])
+    w_first, w_second = w_first.to(logits.device), w_second.to(logits.device)  # (the indices may stay on the host)
     step = max(1, slab_bytes // (4 * logits.shape[0] * crop[1] * crop[2]))
     for a in range(0, crop[0], step):
         b = min(a + step, crop[0])
@@ -212,12 +213,13 @@ def _linear_weights(in_size, out_size):
 
 
 def logits_to_crop_probabilities(logits, geometry, out=None):
-    """logits (C, d, h, w) on the network grid -> softmax probabilities (C, crop grid) float32 (crop_probability_slabs),
-    added to `out` when it is given (an ensemble's sum), else in a new array."""
+    """logits (C, d, h, w) on the network grid (any device) -> softmax probabilities (C, crop grid) float32 on the
+    host (crop_probability_slabs, on the logits' device), added to `out` when it is given (an ensemble's sum), else
+    in a new array."""
     if out is None:
         out = torch.zeros((logits.shape[0], *(b - a for a, b in geometry.bbox)))
     for a, b, probs in crop_probability_slabs(logits, geometry):
-        out[:, a:b] += probs
+        out[:, a:b] += probs.to(out.device)
     return out
 
 
