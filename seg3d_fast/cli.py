@@ -155,7 +155,8 @@ def build_parser(argv=None):
 
     p = sub.add_parser("evaluate", help="Dice, Jaccard, sensitivity, PPV, HD95 of predicted label maps")
     p.add_argument("pred_dir")
-    p.add_argument("label_dir", help="folder with the ground-truth label maps (name.nii.gz, name_seg, labelsTr/)")
+    p.add_argument("label_dir", help="the ground truth: a folder of label maps (name.nii.gz, name_seg, labelsTr/), "
+                                     "or the dataset as train reads it (a CSV manifest, a folder with dataset.json)")
     p.add_argument("--out", default=None, help="where to write evaluation.csv/.json (default: PRED_DIR)")
     p.add_argument("--regions", choices=("auto", "brats", "brats2023", "none"), default="auto",
                    help="BRATS region scores (auto: when labels are within 0..4 and 4 occurs)")

@@ -244,8 +244,58 @@ def find_label_file(label_dir, name):
     return None
 
 
+def ground_truth_lookup(source):
+    """-> a function: case name -> its ground-truth label file. `source`: a folder of label maps (find_label_file;
+    BRATS case folders and nnU-Net's labelsTr/ too), or a dataset that lists its cases' labels as train and predict
+    read it: a CSV manifest, or a folder with dataset.json (its labels wherever the list puts them). A name the
+    source does not list, or lists without a label, is an error naming both."""
+    from pathlib import Path
+
+    from .data.datasets import discover
+    from .data.nifti import Seg3DFastDataError
+
+    source = Path(source)
+    if not source.exists():
+        raise Seg3DFastDataError(f"{source}: label folder or dataset not found")
+    if source.is_dir() and not (source / "dataset.json").is_file():
+        def in_folder(name):
+            path = find_label_file(source, name)
+            if path is None:
+                raise Seg3DFastDataError(f"{source}: no ground-truth label file for case {name} (expected {name}.nii.gz, "
+                                         f"{name}_seg.nii.gz, {name}/ or labelsTr/; or pass the dataset's CSV manifest)")
+            return path
+        return in_folder
+    labels = {case.name: case.label for case in discover(source).cases}
+
+    def listed(name):
+        if name not in labels:
+            raise Seg3DFastDataError(f"{source}: no case {name} in this dataset (its cases: "
+                                     f"{', '.join(sorted(labels)[:5])}{', ...' if len(labels) > 5 else ''})")
+        if labels[name] is None:
+            raise Seg3DFastDataError(f"{source}: case {name} has no label file")
+        return labels[name]
+    return listed
+
+
+# More distinct values than a label map has (TotalSegmentator: 118; Schaefer's finest parcellation: 1001): an image
+# found under the case's name (its label_counts table would have distinct^2 entries: 8 GB at 32 k values).
+MAX_DISTINCT_LABELS = 2048
+
+
+def _check_label_map(path, labels, case):
+    """A label map with more distinct values than MAX_DISTINCT_LABELS (counted only where it could have them) is an
+    error naming its file."""
+    from .data.nifti import Seg3DFastDataError
+
+    distinct = 0 if labels.max() < MAX_DISTINCT_LABELS else len(np.unique(labels))
+    if distinct > MAX_DISTINCT_LABELS:
+        raise Seg3DFastDataError(f"{path}: {distinct} distinct values, more than a label map has: an image rather "
+                                 f"than case {case}'s labels? (pass the label folder, or the dataset's CSV manifest)")
+
+
 def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
-    """Compare every label map in pred_dir (probability maps skipped) with its ground truth in label_dir.
+    """Compare every label map in pred_dir (probability maps skipped) with its ground truth in label_dir (a folder
+    of label maps, or a dataset: ground_truth_lookup).
     regions: 'auto' (BRATS regions when the labels look like BRATS), 'brats', 'brats2023' or 'none'; hd95: also
     each target's HD95 in mm (the NIfTI's voxel size).
     -> {"per_case", "mean", "classes", "regions", "mean_dice"}."""
@@ -263,16 +313,15 @@ def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
                    and not case_name(p).endswith("_probabilities"))
     if not preds:
         raise Seg3DFastDataError(f"{pred_dir}: no NIfTI label maps to evaluate")
-    if not Path(label_dir).is_dir():
-        raise Seg3DFastDataError(f"{label_dir}: label folder not found")
+    truth_file = ground_truth_lookup(label_dir)
     counts, hd = {}, {}  # per case: label_counts and HD95s, a few numbers; one case's maps in memory at a time
     for p in preds:
-        truth_path = find_label_file(label_dir, case_name(p))
-        if truth_path is None:
-            raise Seg3DFastDataError(f"{p}: no ground-truth label file for case {case_name(p)} under {label_dir}")
+        truth_path = truth_file(case_name(p))
         pred_img, pred = load_label(p)
         truth_img, truth = load_label(truth_path)
         check_same_grid(truth_path, truth_img, p, pred_img)
+        _check_label_map(truth_path, truth, case_name(p))  # (before label_counts: its table has distinct^2 entries)
+        _check_label_map(p, pred, case_name(p))
         counts[case_name(p)] = label_counts(pred, truth)
         if hd95:  # every label of the case, and the regions that may be reported (before all cases are seen)
             case_values = counts[case_name(p)][0].tolist()

@@ -98,10 +98,10 @@ def test_predict_and_evaluate_bad_input(tmp_path, capsys):
     img, t1 = load(TCGA_T1)
     save((t1 > 500).astype(np.uint8), img.affine, tmp_path / "pred" / "a.nii.gz")
     rc = main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels")])
-    _assert_one_line_error(capsys, rc, tmp_path / "labels", "label folder not found")
+    _assert_one_line_error(capsys, rc, tmp_path / "labels", "label folder or dataset not found")
     (tmp_path / "labels").mkdir()
     rc = main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "labels")])
-    _assert_one_line_error(capsys, rc, tmp_path / "pred" / "a.nii.gz", "no ground-truth label file")
+    _assert_one_line_error(capsys, rc, tmp_path / "labels", "no ground-truth label file for case a")
     assert not (tmp_path / "o").exists() and not list((tmp_path / "pred").glob("evaluation*"))
 
 

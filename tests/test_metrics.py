@@ -212,6 +212,44 @@ def test_evaluate_folders_holds_one_case_at_a_time(tmp_path, monkeypatch):
     assert 0 < result["per_case"]["c2"]["class_1"]["dice"] < 1
 
 
+def test_evaluate_against_a_dataset_as_train_reads_it(tmp_path):
+    """The ground truth can be the dataset itself: a CSV manifest (labels named as the user likes, images beside
+    them) or a dataset.json folder, matched by case name as predict names its outputs; a case it does not list, or
+    lists without a label, is an error naming it. A map with more distinct values than a label map has (an image
+    found under the case's name in a plain folder) is refused before its counts' table is made."""
+    img, tumour = load(TCGA_TUMOUR)
+    data, pred = tmp_path / "data", tmp_path / "pred"
+    data.mkdir()
+    pred.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        save(rng.normal(size=tumour.shape).astype(np.float32), img.affine, data / f"c{i}_image.nii.gz")
+        save(np.roll(tumour, i, axis=1), img.affine, data / f"c{i}_label.nii.gz")
+        save(np.roll(tumour, 2 * i, axis=1), img.affine, pred / f"c{i}.nii.gz")
+    (data / "train.csv").write_text("name,image,label\nc0,c0_image.nii.gz,c0_label.nii.gz\n"
+                                    "c1,c1_image.nii.gz,c1_label.nii.gz\n")
+    result = evaluate_folders(pred, data / "train.csv", hd95=False)
+    assert result["per_case"]["c0"]["class_1"]["dice"] == 1.0
+    expected = evaluate_case(np.roll(tumour, 2, axis=1), np.roll(tumour, 1, axis=1), classes=[1])
+    assert result["per_case"]["c1"]["class_1"]["dice"] == pytest.approx(expected["class_1"]["dice"])
+    assert expected["class_1"]["dice"] < 1
+    (data / "imagesTr").mkdir()  # MSD: the 'training' list says where each label is
+    (data / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "tumour"}, "training": [
+        {"image": f"./c{i}_image.nii.gz", "label": f"./c{i}_label.nii.gz"} for i in range(2)]}))
+    with pytest.raises(Seg3DFastDataError, match="no case c0 in this dataset .its cases: c0_image, c1_image"):
+        evaluate_folders(pred, data, hd95=False)  # (MSD names cases by their image files)
+    for i in range(2):
+        (pred / f"c{i}.nii.gz").rename(pred / f"c{i}_image.nii.gz")
+    assert evaluate_folders(pred, data, hd95=False)["per_case"]["c0_image"]["class_1"]["dice"] == 1.0
+    (data / "train.csv").write_text("name,image,label\nc0_image,c0_image.nii.gz,\nc1_image,c1_image.nii.gz,\n")
+    with pytest.raises(Seg3DFastDataError, match="train.csv: case c0_image has no label file"):
+        evaluate_folders(pred, data / "train.csv", hd95=False)
+    (data / "dataset.json").unlink()  # a plain folder: c0_image.nii.gz is found, and it is the image
+    save((rng.random(tumour.shape) * 5000).astype(np.int16), img.affine, data / "c0_image.nii.gz")
+    with pytest.raises(Seg3DFastDataError, match=r"c0_image.nii.gz: \d+ distinct values, more than a label map has"):
+        evaluate_folders(pred, data, hd95=False)
+
+
 def test_evaluate_case_refuses_maps_of_other_shapes():
     """Maps whose shapes numpy would broadcast (a single slice against a volume) are an error, not a comparison."""
     truth = np.random.default_rng(1).integers(0, 3, size=(6, 5, 4))
@@ -271,10 +309,10 @@ def test_evaluate_folders_errors(tmp_path):
         evaluate_folders(tmp_path / "pred", tmp_path)
     img, tumour = load(TCGA_TUMOUR)
     save(tumour, img.affine, tmp_path / "pred" / "x.nii.gz")
-    with pytest.raises(Seg3DFastDataError, match="labels: label folder not found"):
+    with pytest.raises(Seg3DFastDataError, match="labels: label folder or dataset not found"):
         evaluate_folders(tmp_path / "pred", tmp_path / "labels")
     (tmp_path / "labels").mkdir()
-    with pytest.raises(Seg3DFastDataError, match="x.nii.gz: no ground-truth label file for case x"):
+    with pytest.raises(Seg3DFastDataError, match="labels: no ground-truth label file for case x"):
         evaluate_folders(tmp_path / "pred", tmp_path / "labels")
     save(tumour[:, :, :-1], img.affine, tmp_path / "labels" / "x.nii.gz")
     with pytest.raises(Seg3DFastDataError, match="x.nii.gz: grid mismatch"):
