@@ -99,7 +99,7 @@ def on_device_or_host(work, device):
     except torch.cuda.OutOfMemoryError:
         pass  # (retried outside the handler: its traceback holds the failed attempt's tensors)
     torch.cuda.empty_cache()
-    print(f"seg3d_fast: {device} ran out of memory for the predicted classes; summing them on the host instead",
+    print(f"seg3d_fast: {device} ran out of memory; trying again with the predicted classes summed on the host",
           file=sys.stderr, flush=True)
     return work(torch.device("cpu"))
 
