@@ -4,6 +4,7 @@ Bad input (missing, truncated or non-NIfTI files, mismatched grids, labels out o
 with one line `seg3d-fast: error: FILE: problem` on stderr and exit status 2, no traceback.
 """
 import argparse
+import math
 import re
 import sys
 
@@ -42,6 +43,10 @@ def _evaluate(args):
         print(f"{target:<12}" + "".join(f"{values[m]:>13.4f}" for m in metrics))
     print(f"mean Dice over classes {result['classes']}: {result['mean_dice']:.4f} "
           f"({len(result['per_case'])} case(s)); wrote {out}/evaluation.csv and evaluation.json")
+    missing = result["unpredicted"]
+    if missing:  # (evaluating one fold's predictions against the whole dataset leaves the other folds' out)
+        print(f"note: {len(missing)} labelled case(s) of {args.label_dir} have no prediction in {args.pred_dir}: "
+              f"{', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}")
     return 0
 
 
@@ -99,13 +104,24 @@ class UsageError(Exception):
 
 
 # argparse types: a bad value ends in argparse's one-line error naming the option (exit status 2), before any work
+def finite(text):
+    """A finite float (float() also takes 'nan' and 'inf')."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def at_least(low, kind=int, below=None):
-    """A number (int or float) >= low, and < below when given."""
+    """A number (int or finite float) >= low, and < below when given."""
     def parse(text):
         try:
-            value = kind(text)
+            value = int(text) if kind is int else finite(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
         if value < low or (below is not None and value >= below):
             bounds = f">= {low}" if below is None else f"in [{low}, {below})"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")

@@ -244,37 +244,47 @@ def find_label_file(label_dir, name):
     return None
 
 
-def ground_truth_lookup(source):
-    """-> a function: case name -> its ground-truth label file. `source`: a folder of label maps (find_label_file;
-    BRATS case folders and nnU-Net's labelsTr/ too), or a dataset that lists its cases' labels as train and predict
-    read it: a CSV manifest, or a folder with dataset.json (its labels wherever the list puts them). A name the
-    source does not list, or lists without a label, is an error naming both."""
-    from pathlib import Path
+class GroundTruth:
+    """Each case's ground-truth label file, from `source`: a folder of label maps (find_label_file; BRATS case
+    folders and nnU-Net's labelsTr/ too), or a dataset that lists its cases' labels as train and predict read it: a
+    CSV manifest, or a folder with dataset.json (its labels wherever the list puts them; its class count bounds the
+    label values). A name the source does not list, or lists without a label, is an error naming both."""
 
-    from .data.datasets import discover
-    from .data.nifti import Seg3DFastDataError
+    def __init__(self, source):
+        from pathlib import Path
 
-    source = Path(source)
-    if not source.exists():
-        raise Seg3DFastDataError(f"{source}: label folder or dataset not found")
-    if source.is_dir() and not (source / "dataset.json").is_file():
-        def in_folder(name):
-            path = find_label_file(source, name)
+        from .data.datasets import discover
+        from .data.nifti import Seg3DFastDataError
+
+        self.source = Path(source)
+        if not self.source.exists():
+            raise Seg3DFastDataError(f"{self.source}: label folder or dataset not found")
+        self.labels, self.num_classes = None, None  # (a folder of label maps lists no cases)
+        if self.source.is_file() or (self.source / "dataset.json").is_file():
+            dataset = discover(self.source)
+            self.labels = {case.name: case.label for case in dataset.cases}
+            self.num_classes = dataset.num_classes
+
+    def file(self, name):
+        from .data.nifti import Seg3DFastDataError
+
+        if self.labels is None:
+            path = find_label_file(self.source, name)
             if path is None:
-                raise Seg3DFastDataError(f"{source}: no ground-truth label file for case {name} (expected {name}.nii.gz, "
-                                         f"{name}_seg.nii.gz, {name}/ or labelsTr/; or pass the dataset's CSV manifest)")
+                raise Seg3DFastDataError(f"{self.source}: no ground-truth label file for case {name} (expected "
+                                         f"{name}.nii.gz, {name}_seg.nii.gz, {name}/ or labelsTr/; or pass the "
+                                         "dataset's CSV manifest)")
             return path
-        return in_folder
-    labels = {case.name: case.label for case in discover(source).cases}
+        if name not in self.labels:
+            raise Seg3DFastDataError(f"{self.source}: no case {name} in this dataset (its cases: "
+                                     f"{', '.join(sorted(self.labels)[:5])}{', ...' if len(self.labels) > 5 else ''})")
+        if self.labels[name] is None:
+            raise Seg3DFastDataError(f"{self.source}: case {name} has no label file")
+        return self.labels[name]
 
-    def listed(name):
-        if name not in labels:
-            raise Seg3DFastDataError(f"{source}: no case {name} in this dataset (its cases: "
-                                     f"{', '.join(sorted(labels)[:5])}{', ...' if len(labels) > 5 else ''})")
-        if labels[name] is None:
-            raise Seg3DFastDataError(f"{source}: case {name} has no label file")
-        return labels[name]
-    return listed
+    def unpredicted(self, names):
+        """The dataset's labelled cases not among `names` (none for a folder of label maps, which lists no cases)."""
+        return sorted(n for n, label in (self.labels or {}).items() if label is not None and n not in names)
 
 
 # More distinct values than a label map has (TotalSegmentator: 118; Schaefer's finest parcellation: 1001): an image
@@ -295,10 +305,11 @@ def _check_label_map(path, labels, case):
 
 def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
     """Compare every label map in pred_dir (probability maps skipped) with its ground truth in label_dir (a folder
-    of label maps, or a dataset: ground_truth_lookup).
+    of label maps, or a dataset: GroundTruth).
     regions: 'auto' (BRATS regions when the labels look like BRATS), 'brats', 'brats2023' or 'none'; hd95: also
     each target's HD95 in mm (the NIfTI's voxel size).
-    -> {"per_case", "mean", "classes", "regions", "mean_dice"}."""
+    -> {"per_case", "mean", "classes", "regions", "mean_dice", "unpredicted": the dataset's labelled cases that
+    pred_dir has no label map for}."""
     from pathlib import Path
 
     import nibabel as nib
@@ -313,12 +324,12 @@ def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
                    and not case_name(p).endswith("_probabilities"))
     if not preds:
         raise Seg3DFastDataError(f"{pred_dir}: no NIfTI label maps to evaluate")
-    truth_file = ground_truth_lookup(label_dir)
+    ground_truth = GroundTruth(label_dir)
     counts, hd = {}, {}  # per case: label_counts and HD95s, a few numbers; one case's maps in memory at a time
     for p in preds:
-        truth_path = truth_file(case_name(p))
-        pred_img, pred = load_label(p)
-        truth_img, truth = load_label(truth_path)
+        truth_path = ground_truth.file(case_name(p))
+        pred_img, pred = load_label(p, ground_truth.num_classes)
+        truth_img, truth = load_label(truth_path, ground_truth.num_classes)
         check_same_grid(truth_path, truth_img, p, pred_img)
         _check_label_map(truth_path, truth, case_name(p))  # (before label_counts: its table has distinct^2 entries)
         _check_label_map(p, pred, case_name(p))
@@ -346,7 +357,8 @@ def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
     mean = summarize(per_case)
     dices = [mean[f"class_{c}"]["dice"] for c in classes if not math.isnan(mean[f"class_{c}"]["dice"])]
     return {"per_case": per_case, "mean": mean, "classes": classes, "regions": regions,
-            "mean_dice": float(np.mean(dices)) if dices else float("nan")}
+            "mean_dice": float(np.mean(dices)) if dices else float("nan"),
+            "unpredicted": ground_truth.unpredicted(per_case)}
 
 
 def write_evaluation(result, out_dir):

@@ -117,10 +117,14 @@ def resolve_run(path):
 
 def load_models(run_path, device, ensemble=False, fold=None, backend=None):
     """-> (run config dict, [models]) from a run: one fold (default fold 0, or the lowest present), or every
-    fold with a checkpoint when ensemble=True."""
+    fold with a checkpoint when ensemble=True. Each model carries `trained_flips`, the canonical axes its own
+    training flipped at random (trained_flips: folds of one run may differ), what predict --tta averages over."""
     from .models import Seg3DNet
 
     run_dir, fold_dir = resolve_run(run_path)
+    if fold_dir is not None and (ensemble or fold is not None):
+        raise Seg3DFastDataError(f"{run_path}: one fold's folder, with --{'ensemble' if ensemble else 'fold'}: pass "
+                                 "the run folder to choose folds, or the fold's folder alone")
     config = read_json(run_dir / "config.json")
     missing = [k for k in ("model", "preprocess") if not isinstance(config.get(k), dict)]
     if missing:
@@ -157,34 +161,44 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
                                      f"{run_dir / 'config.json'} describes ({trained} vs {config['model']})")
         model = Seg3DNet(**model_cfg, backend=backend)
         model.load_state_dict(state["model"])
+        model.trained_flips = trained_flips(state.get("train_config"))
         models.append(model.to(device).eval())
     return config, models
 
 
+def trained_flips(train_config):
+    """The canonical axes a checkpoint's training flipped at random, from its train_config: its mirror_axes, none
+    with --no-augment; every axis for checkpoints from before mirror_axes (which flipped all three)."""
+    if not isinstance(train_config, dict):
+        return (0, 1, 2)
+    return tuple(train_config.get("mirror_axes", (0, 1, 2))) if train_config.get("augment", True) else ()
+
+
 def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None, probabilities=False,
-                     mirror_axes=()):
+                     mirror_axes=None):
     """-> (reference image, Geometry, labels on the crop grid, probabilities or None): the labels are the argmax of
     the mean of the models' probabilities (an ensemble), not yet restored onto the input's grid (restore_labels);
     the probabilities, numpy float32 (num_classes, canonical grid) (canonical_probabilities; input_grid restores
-    them), only where asked for. mirror_axes: test-time flips (mirrored).
+    them), only where asked for. mirror_axes: test-time flips (mirrored), one tuple of axes per model.
 
     Memory: one model's logits on the network grid, on the network's device where they fit (on_device_or_host),
     plus on the host the canonical grid's probabilities where they are asked for or an ensemble sums them; one
     model's label map alone is taken slab by slab (crop_probability_slabs), only the labels crossing to the host."""
+    mirror_axes = [()] * len(models) if mirror_axes is None else mirror_axes
     ref, image, _ = load_case(Case(case.name, case.images, None), expect_channels=config["model"]["in_channels"])
     x, _, geometry = preprocess(ref, image, None, PreprocessConfig.from_dict(config["preprocess"]),
                                 name=str(case.images[0]))
 
     def crop_outputs(where):
         if len(models) == 1 and not probabilities:
-            logits = predict_logits(models[0], x, device, roi, overlap, amp_dtype, where, mirror_axes)
+            logits = predict_logits(models[0], x, device, roi, overlap, amp_dtype, where, mirror_axes[0])
             labels = torch.empty(tuple(b - a for a, b in geometry.bbox), dtype=label_dtype(logits.shape[0]))
             for a, b, probs in crop_probability_slabs(logits, geometry):
                 labels[a:b] = probs.argmax(0).to(labels.dtype)
             return labels, None
         full = probs = None
-        for model in models:  # the mean of an ensemble's probabilities, summed in place (into the canonical grid's box)
-            logits = predict_logits(model, x, device, roi, overlap, amp_dtype, where, mirror_axes)
+        for model, axes in zip(models, mirror_axes):  # an ensemble's mean, summed in place (in the canonical box)
+            logits = predict_logits(model, x, device, roi, overlap, amp_dtype, where, axes)
             if full is None and probabilities:
                 full, probs = canonical_probabilities(logits.shape[0], geometry)
             probs = logits_to_crop_probabilities(logits, geometry, out=probs)
@@ -196,7 +210,7 @@ def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dt
     return ref, geometry, labels, full
 
 
-def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None, mirror_axes=()):
+def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=None, mirror_axes=None):
     """-> (reference image, probabilities float32 (num_classes, X, Y, Z) on the input's grid)."""
     ref, geometry, _, probs = crop_predictions(models, config, case, device, roi, overlap, amp_dtype,
                                                probabilities=True, mirror_axes=mirror_axes)
@@ -206,7 +220,7 @@ def predict_case(models, config, case, device, roi=None, overlap=0.5, amp_dtype=
 def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None, roi=None, overlap=0.5,
             save_probabilities=False, amp="none", backend=None, progress=True, tta=False):
     """Predict every case under `inputs` (a NIfTI file, a folder of them, a dataset folder or a CSV manifest).
-    tta: average each prediction over the flips the run was trained with (run_mirror_axes).
+    tta: average each model's prediction over the flips it was trained with (trained_flips).
     Returns the written label-map paths."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -216,7 +230,7 @@ def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None,
     cases = discover(inputs).cases
     outputs = _output_paths(cases, Path(out_dir), save_probabilities)  # checked before any work
     config, models = load_models(run_path, device, ensemble, fold, backend)
-    mirror_axes = run_mirror_axes(config, run_path) if tta else ()
+    mirror_axes = [_tta_flips(model, run_path) for model in models] if tta else None
     written = []
     for i, (case, (path, probs_path)) in enumerate(zip(cases, outputs)):
         ref, geometry, labels, probs = crop_predictions(models, config, case, device, roi, overlap, AMP_DTYPES[amp],
@@ -233,14 +247,11 @@ def predict(run_path, inputs, out_dir, device="auto", ensemble=False, fold=None,
     return written
 
 
-def run_mirror_axes(config, run_path):
-    """The canonical axes a run's training flipped (its config's mirror_axes; runs from before that was recorded
-    were trained with every axis flipped, or none with --no-augment, which the config did not record)."""
-    axes = tuple(config.get("mirror_axes", (0, 1, 2)))
-    if not axes:
-        raise Seg3DFastDataError(f"{run_path}: --tta averages over the flips the model was trained with, and this run "
-                                 "was trained without flips (--no-augment, or --mirror-axes with no axis)")
-    return axes
+def _tta_flips(model, run_path):
+    if not model.trained_flips:
+        raise Seg3DFastDataError(f"{run_path}: --tta averages over the flips a model was trained with, and a model of "
+                                 "this run was trained without flips (--no-augment, or --mirror-axes with no axis)")
+    return model.trained_flips
 
 
 def _output_paths(cases, out_dir, save_probabilities):

@@ -182,9 +182,10 @@ def random_crop(x, y, size, rng, foreground=None):
 
 
 def augment(x, y, rng, spacing, mirror_axes=(0, 1, 2)):
-    """Flip each of `mirror_axes` with probability 1/2; rotate by a multiple of 90 degrees in the axial (x, y) plane: by 0 or
-    180 degrees only when that plane is not square (crop shapes stay fixed) or its two voxel sizes (`spacing`, mm
-    per axis) differ by more than SAME_SPACING_RTOL: a 90-degree turn would stretch the anatomy by their ratio.
+    """Flip each of `mirror_axes` with probability 1/2; rotate by a multiple of 90 degrees in the axial (x, y)
+    plane: by 0 or 180 degrees only when that plane is not square (crop shapes stay fixed) or its two voxel sizes
+    (`spacing`, mm per axis) differ by more than SAME_SPACING_RTOL: a 90-degree turn would stretch the anatomy by
+    their ratio.
     Turns keep left and right apart, flips do not: a flip of axis 0 makes a left kidney look like a right one, and
     so does one of axis 1 followed by the 180-degree turn (itself a flip of axes 0 and 1): where classes have a
     side, flip axis 2 alone."""
@@ -355,7 +356,6 @@ def run_config(cfg, model, dataset, num_classes):
         "data": str(cfg.data),
         "folds": cfg.folds,
         "crop": list(cfg.crop) if cfg.crop else None,
-        "mirror_axes": list(cfg.mirror_axes) if cfg.augment else [],  # the flips predict --tta averages over
         "amp": cfg.amp,
         "extra": cfg.extra,
     }
@@ -554,6 +554,11 @@ def train(cfg):
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": float(sums[0] / sums[2]),
                "train_dice": float(sums[1] / sums[2]), "voxels_per_s": float(sums[3] / elapsed),
                "seconds": elapsed, "val_dice": None}
+        # a diverged epoch (weights no longer finite) must not replace the last good checkpoint (one sync per epoch)
+        if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
+            kept = f"{ckpt_path} keeps epoch {epoch}" if epoch > 0 else "no checkpoint was written"
+            raise Seg3DFastDataError(f"training diverged in epoch {epoch + 1} (weights no longer finite; mean loss "
+                                     f"{row['train_loss']:.4g}): {kept}; lower --lr (now {cfg.lr:g})")
         if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs) and rank == 0:
             row["val_dice"] = validate(model, val_cases, num_classes, device, amp_dtype, cfg.crop)
         history.append(row)
@@ -629,7 +634,7 @@ def _progress(iterable, enabled, desc):
 
 # ---- command line --------------------------------------------------------------------------------------------
 def add_arguments(p):
-    from .cli import at_least, device_name
+    from .cli import at_least, device_name, finite
 
     p.add_argument("data", help="dataset: BRATS folder, MSD/nnU-Net folder with dataset.json, or CSV manifest")
     p.add_argument("--out", required=True, help="run folder (config, splits, fold_k/checkpoint.pt, logs)")
@@ -644,14 +649,14 @@ def add_arguments(p):
     p.add_argument("--lr-schedule", choices=("poly", "constant"), default="poly")
     p.add_argument("--downsample", type=at_least(1.0, float), default=1.0,
                    help="shrink inputs by this factor ('compressed' input)")
-    p.add_argument("--clip", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+    p.add_argument("--clip", type=finite, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="intensity window before z-scoring, e.g. -1000 1000 for CT")
     p.add_argument("--features", type=at_least(1), nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--skip", choices=("sum", "concat"), default="sum")
     p.add_argument("--num-classes", type=at_least(2), default=None)
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
     p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--mirror-axes", type=int, nargs="*", choices=(0, 1, 2), default=[0, 1, 2], metavar="AXIS",
+    p.add_argument("--mirror-axes", type=int, nargs="*", choices=(0, 1, 2), default=None, metavar="AXIS",
                    help="the canonical (RAS) axes to flip at random in training, and to average over in predict "
                         "--tta (default 0 1 2; none: no flips). Where classes have a side (left and right organs) "
                         "use '--mirror-axes 2': a flip of axis 0 (left-right), or of 1 with the in-plane turns, "
@@ -681,6 +686,9 @@ def config_from_args(args):
 
     if args.clip is not None and not args.clip[0] < args.clip[1]:
         raise UsageError(f"--clip LOW HIGH needs LOW < HIGH, got {args.clip[0]:g} {args.clip[1]:g}")
+    if args.mirror_axes is not None and not args.augment:
+        raise UsageError("--mirror-axes chooses the flips of the augmentation that --no-augment turns off: pass one")
+    mirror_axes = (0, 1, 2) if args.mirror_axes is None else args.mirror_axes
     if len(args.features) < 2:
         raise UsageError(f"--features needs one value per level, at least 2 (e.g. 8 16 32 64), got "
                          f"{' '.join(map(str, args.features))}")
@@ -689,7 +697,7 @@ def config_from_args(args):
                        crop=tuple(args.crop) if args.crop else None, lr=args.lr, lr_schedule=args.lr_schedule,
                        downsample=args.downsample, clip=tuple(args.clip) if args.clip else None,
                        features=tuple(args.features), skip=args.skip, num_classes=args.num_classes, amp=args.amp,
-                       augment=args.augment, mirror_axes=tuple(sorted(set(args.mirror_axes))), val_every=args.val_every, seed=args.seed, device=args.device,
+                       augment=args.augment, mirror_axes=tuple(sorted(set(mirror_axes))), val_every=args.val_every, seed=args.seed, device=args.device,
                        backend=args.backend, cuda_graph=args.cuda_graph, workers=args.workers,
                        cache_dir=args.cache_dir, resume=args.resume,
                        overwrite=args.overwrite, progress=args.progress)

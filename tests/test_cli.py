@@ -109,7 +109,9 @@ def test_predict_and_evaluate_bad_input(tmp_path, capsys):
     (["--crop", "0", "16", "16"], "--crop"), (["--batch-size", "0"], "--batch-size"), (["--val-every", "0"], "--val-every"),
     (["--lr", "-1"], "--lr"), (["--device", "foo"], "--device"), (["--features", "0", "8"], "--features"),
     (["--downsample", "0.5"], "--downsample"), (["--epochs", "0"], "--epochs"), (["--folds", "0"], "--folds"),
-    (["--num-classes", "1"], "--num-classes"), (["--mirror-axes", "3"], "--mirror-axes")])
+    (["--num-classes", "1"], "--num-classes"), (["--mirror-axes", "3"], "--mirror-axes"), (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"), (["--downsample", "nan"], "--downsample"), (["--downsample", "inf"], "--downsample"),
+    (["--clip", "nan", "5"], "--clip")])
 def test_bad_option_values(tmp_path, capsys, args, option):
     """A bad option value ends in argparse's one-line error naming the option (exit status 2), before anything is
     written."""
@@ -127,7 +129,7 @@ def test_bad_option_combinations(tmp_path, capsys):
     rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, "--clip", "100", "-100"])
     _assert_one_line_error(capsys, rc, "--clip", "LOW < HIGH")
     assert not (tmp_path / "run").exists()
-    for args in (["--overlap", "1.0"], ["--sliding-window", "0", "8", "8"]):
+    for args in (["--overlap", "1.0"], ["--overlap", "nan"], ["--sliding-window", "0", "8", "8"]):
         with pytest.raises(SystemExit) as exit_:
             main(["predict", str(tmp_path), str(image), "--out", str(tmp_path / "o"), *args])
         assert exit_.value.code == 2 and f"argument {args[0]}" in capsys.readouterr().err
@@ -135,7 +137,8 @@ def test_bad_option_combinations(tmp_path, capsys):
     _assert_one_line_error(capsys, rc, "--ensemble", "pass one")
     # a one-level network, and CUDA graphs or fp16 on the CPU: one line too (they were ValueError tracebacks)
     for args, words in ((["--features", "8"], "at least 2"), (["--cuda-graph", "--device", "cpu"], "one CUDA device"),
-                        (["--amp", "fp16", "--device", "cpu"], "CUDA")):
+                        (["--amp", "fp16", "--device", "cpu"], "CUDA"),
+                        (["--no-augment", "--mirror-axes", "0"], "--no-augment")):
         rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, *args])
         _assert_one_line_error(capsys, rc, args[0], words)
         assert not (tmp_path / "run").exists()
@@ -187,6 +190,12 @@ def test_evaluate_cli(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "p"), str(tmp_path / "t"), "--out", str(tmp_path / "f"), "--no-hd95"]) == 0
     assert "hd95" not in (tmp_path / "f" / "evaluation.csv").read_text().splitlines()[0]
     assert "hd95" in capsys.readouterr().out.splitlines()[0] + (tmp_path / "e" / "evaluation.csv").read_text()
+    # against the dataset's manifest: its labelled cases without a prediction are named
+    (tmp_path / "t" / "m.csv").write_text("name,image,label\nc,c.nii.gz,c.nii.gz\nd,c.nii.gz,c.nii.gz\n")
+    assert main(["evaluate", str(tmp_path / "p"), str(tmp_path / "t" / "m.csv"), "--out", str(tmp_path / "g"),
+                 "--no-hd95"]) == 0
+    assert f"note: 1 labelled case(s) of {tmp_path / 't' / 'm.csv'} have no prediction" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g" / "evaluation.json").read_text())["unpredicted"] == ["d"]
 
 
 def test_demo_quick_then_predict_with_its_run(tmp_path, capsys):

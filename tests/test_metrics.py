@@ -215,8 +215,9 @@ def test_evaluate_folders_holds_one_case_at_a_time(tmp_path, monkeypatch):
 def test_evaluate_against_a_dataset_as_train_reads_it(tmp_path):
     """The ground truth can be the dataset itself: a CSV manifest (labels named as the user likes, images beside
     them) or a dataset.json folder, matched by case name as predict names its outputs; a case it does not list, or
-    lists without a label, is an error naming it. A map with more distinct values than a label map has (an image
-    found under the case's name in a plain folder) is refused before its counts' table is made."""
+    lists without a label, is an error naming it, a labelled case without a prediction is listed, and labels beyond
+    dataset.json's classes are an error. A map with more distinct values than a label map has (an image found under
+    the case's name in a plain folder) is refused before its counts' table is made."""
     img, tumour = load(TCGA_TUMOUR)
     data, pred = tmp_path / "data", tmp_path / "pred"
     data.mkdir()
@@ -229,7 +230,7 @@ def test_evaluate_against_a_dataset_as_train_reads_it(tmp_path):
     (data / "train.csv").write_text("name,image,label\nc0,c0_image.nii.gz,c0_label.nii.gz\n"
                                     "c1,c1_image.nii.gz,c1_label.nii.gz\n")
     result = evaluate_folders(pred, data / "train.csv", hd95=False)
-    assert result["per_case"]["c0"]["class_1"]["dice"] == 1.0
+    assert result["per_case"]["c0"]["class_1"]["dice"] == 1.0 and result["unpredicted"] == []
     expected = evaluate_case(np.roll(tumour, 2, axis=1), np.roll(tumour, 1, axis=1), classes=[1])
     assert result["per_case"]["c1"]["class_1"]["dice"] == pytest.approx(expected["class_1"]["dice"])
     assert expected["class_1"]["dice"] < 1
@@ -241,6 +242,15 @@ def test_evaluate_against_a_dataset_as_train_reads_it(tmp_path):
     for i in range(2):
         (pred / f"c{i}.nii.gz").rename(pred / f"c{i}_image.nii.gz")
     assert evaluate_folders(pred, data, hd95=False)["per_case"]["c0_image"]["class_1"]["dice"] == 1.0
+    (pred / "c1_image.nii.gz").rename(tmp_path / "c1_image.nii.gz")  # a case without a prediction: listed
+    result = evaluate_folders(pred, data, hd95=False)
+    assert list(result["per_case"]) == ["c0_image"] and result["unpredicted"] == ["c1_image"]
+    beyond = np.roll(tumour, 0, axis=1)
+    beyond[0, 0, 0] = 7  # dataset.json's 2 classes bound the label values
+    save(beyond, img.affine, tmp_path / "pred" / "c1_image.nii.gz")
+    with pytest.raises(Seg3DFastDataError, match="c1_image.nii.gz: label 7 outside the class range 0..1"):
+        evaluate_folders(pred, data, hd95=False)
+    (pred / "c1_image.nii.gz").unlink()
     (data / "train.csv").write_text("name,image,label\nc0_image,c0_image.nii.gz,\nc1_image,c1_image.nii.gz,\n")
     with pytest.raises(Seg3DFastDataError, match="train.csv: case c0_image has no label file"):
         evaluate_folders(pred, data / "train.csv", hd95=False)

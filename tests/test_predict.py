@@ -84,33 +84,47 @@ def test_test_time_flips_average_the_flipped_predictions():
     assert mirrored(lambda t: t.bfloat16(), bf16, (0,)).dtype == torch.float32  # (summed in float32)
 
 
-def test_tta_uses_the_flips_the_run_was_trained_with(two_fold_run, tmp_path, monkeypatch, capsys):
-    """predict --tta averages over the run's training flips (config mirror_axes; all three for runs from before it
-    was recorded); a run trained without flips has none to average over: a one-line error."""
+def test_tta_uses_the_flips_each_model_was_trained_with(two_fold_run, tmp_path, monkeypatch):
+    """predict --tta averages each model over the flips its own training drew (its checkpoint's mirror_axes: the
+    folds of one run may differ; none with --no-augment; all three for checkpoints from before mirror_axes); a
+    model trained without flips has none to average over: a one-line error. A fold's folder with --fold or
+    --ensemble is an error too (the folder picks the fold)."""
     run = tmp_path / "run"
     shutil.copytree(two_fold_run / "run", run)
     image = two_fold_run / "data" / "case0_image.nii.gz"
     used = []
     real = seg3d_fast.predict.mirrored
-    monkeypatch.setattr(seg3d_fast.predict, "mirrored", lambda model, x, axes=(): used.append(axes) or real(model, x, axes))
-    config = json.loads((run / "config.json").read_text())
-    assert config["mirror_axes"] == [0, 1, 2]
-    for saved, expected in (([1, 2], (1, 2)), (None, (0, 1, 2))):
-        if saved is None:
-            del config["mirror_axes"]
-        else:
-            config["mirror_axes"] = saved
-        (run / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(seg3d_fast.predict, "mirrored",
+                        lambda model, x, axes=(): used.append(tuple(axes)) or real(model, x, axes))
+
+    def set_train_config(fold, **settings):
+        path = run / f"fold_{fold}" / "checkpoint.pt"
+        state = torch.load(path, weights_only=True)
+        for key, value in settings.items():
+            if value is None:
+                state["train_config"].pop(key, None)
+            else:
+                state["train_config"][key] = value
+        torch.save(state, path)
+
+    assert [m.trained_flips for m in load_models(run, torch.device("cpu"), ensemble=True)[1]] == [(0, 1, 2)] * 2
+    set_train_config(0, mirror_axes=[2])
+    set_train_config(1, mirror_axes=None)  # a checkpoint from before mirror_axes: every axis
+    for args, expected in (({"tta": True, "ensemble": True}, [(2,), (0, 1, 2)]), ({"tta": True, "fold": 1}, [(0, 1, 2)]),
+                           ({"tta": True}, [(2,)]), ({}, [()])):
         used.clear()
-        predict(run, image, tmp_path / "out", tta=True, progress=False)
-        assert used == [expected]
+        predict(run, image, tmp_path / "out", progress=False, **args)
+        assert used == expected, args
     used.clear()
-    predict(run, image, tmp_path / "plain", progress=False)
-    assert used == [()]
-    config["mirror_axes"] = []
-    (run / "config.json").write_text(json.dumps(config))
+    predict(run / "fold_0", image, tmp_path / "out", progress=False, tta=True)
+    assert used == [(2,)]
+    set_train_config(1, augment=False)
+    predict(run, image, tmp_path / "out", progress=False, tta=True)  # fold 0 alone: fine
     with pytest.raises(Seg3DFastDataError, match="trained without flips"):
-        predict(run, image, tmp_path / "out2", tta=True, progress=False)
+        predict(run, image, tmp_path / "out2", tta=True, ensemble=True, progress=False)
+    for option in ({"fold": 0}, {"ensemble": True}):
+        with pytest.raises(Seg3DFastDataError, match="one fold's folder, with --(fold|ensemble)"):
+            predict(run / "fold_1", image, tmp_path / "out3", progress=False, **option)
 
 
 def test_prediction_falls_back_to_the_host_when_the_gpu_runs_out_of_memory(capsys):

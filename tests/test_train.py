@@ -11,6 +11,7 @@ import torch
 
 from seg3d_fast.data import Seg3DFastDataError
 from seg3d_fast.data import discover
+from seg3d_fast.predict import load_models
 from seg3d_fast.train import (FOREGROUND_PER_CLASS, TrainConfig, augment, augment_intensity, foreground_sample,
                               make_splits, prepare, random_crop, train)
 from data_helpers import TCGA_T1, TCGA_TUMOUR, brain_csv, load, save
@@ -73,6 +74,21 @@ def test_resume_with_other_training_settings_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resuming with training settings other than the checkpoint's" in err
     assert "--crop [16, 16, 16] -> [8, 8, 8]" in err and "--lr 0.003 -> 0.001" in err
+
+
+def test_diverged_training_keeps_the_last_good_checkpoint(tmp_path):
+    """An epoch that leaves the weights NaN or infinite (a far too large learning rate) stops the run with a
+    one-line error and does not replace the checkpoint of the epoch before."""
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    cfg = dict(data=str(manifest), out=str(tmp_path / "r"), **TINY)
+    with pytest.raises(Seg3DFastDataError, match="diverged in epoch 1 .*no checkpoint was written"):
+        train(TrainConfig(epochs=1, **dict(cfg, lr=1e30)))
+    assert not (tmp_path / "r" / "fold_0" / "checkpoint.pt").exists()
+    train(TrainConfig(epochs=1, overwrite=True, **cfg))
+    before = (tmp_path / "r" / "fold_0" / "checkpoint.pt").read_bytes()
+    with pytest.raises(Seg3DFastDataError, match="diverged in epoch 2 .*checkpoint.pt keeps epoch 1; lower --lr"):
+        train(TrainConfig(epochs=2, resume=True, **dict(cfg, lr=1e30)))
+    assert (tmp_path / "r" / "fold_0" / "checkpoint.pt").read_bytes() == before
 
 
 def test_clip_run_trains_more_folds_and_resumes(tmp_path):
@@ -185,7 +201,7 @@ def test_augment_and_crop_keep_image_and_label_aligned():
 def test_mirror_axes_limit_the_flips_and_are_recorded(tmp_path):
     """Training flips only the mirror_axes, with the same crops and turns drawn whichever axes are left out; the
     in-plane turn by 180 degrees is itself a flip of axes 0 and 1 (so only --mirror-axes 2 keeps a left organ from
-    looking like a right one). The run records the axes for predict --tta (none with --no-augment)."""
+    looking like a right one). Each checkpoint records its axes for predict --tta (none with --no-augment)."""
     y = np.arange(5 * 5 * 4).reshape(5, 5, 4)  # tells every flip and turn apart (a square plane: turns by 90 degrees)
     x = y[None].astype(np.float32)
     flips = [tuple(a for a in range(3) if m >> a & 1) for m in range(8)]
@@ -201,9 +217,9 @@ def test_mirror_axes_limit_the_flips_and_are_recorded(tmp_path):
 
     manifest = brain_csv(tmp_path / "data", n_cases=1)
     train(TrainConfig(data=str(manifest), out=str(tmp_path / "a"), epochs=1, mirror_axes=(1, 2), **TINY))
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["mirror_axes"] == [1, 2]
+    assert load_models(tmp_path / "a", torch.device("cpu"))[1][0].trained_flips == (1, 2)
     train(TrainConfig(data=str(manifest), out=str(tmp_path / "b"), epochs=1, augment=False, **TINY))
-    assert json.loads((tmp_path / "b" / "config.json").read_text())["mirror_axes"] == []
+    assert load_models(tmp_path / "b", torch.device("cpu"))[1][0].trained_flips == ()
     with pytest.raises(ValueError, match="mirror_axes"):
         train(TrainConfig(data=str(manifest), out=str(tmp_path / "c"), epochs=1, mirror_axes=(3,), **TINY))
 

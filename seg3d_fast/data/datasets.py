@@ -177,6 +177,9 @@ def _from_csv(path):
         raise Seg3DFastDataError(f"{path}: CSV manifest needs at least one image column besides name/label")
     cases = []
     for i, row in enumerate(rows, start=2):
+        if None in row:  # (csv.DictReader keeps a row's fields beyond the header under None)
+            raise Seg3DFastDataError(f"{path}: line {i}: {len(columns) + len(row[None])} fields, the header has "
+                                     f"{len(columns)}")
         images = []
         for c in image_cols:
             value = (row.get(c) or "").strip()
@@ -185,6 +188,9 @@ def _from_csv(path):
             images.append(_resolve(path.parent, value))
         label = (row.get(label_col) or "").strip() if label_col else ""
         name = (row.get(name_col) or "").strip() if name_col else ""
+        if name in (".", "..") or "/" in name or "\\" in name:  # (it names the output files)
+            raise Seg3DFastDataError(f"{path}: line {i}: case name {name!r} is not a plain name (it names the case's "
+                                     "output files: no '/', '\\', '.' or '..')")
         cases.append(Case(name or case_name(images[0]), images, _resolve(path.parent, label) if label else None))
     return Dataset(cases, "csv", image_cols, None, path.parent)
 
