@@ -2,7 +2,7 @@
 
 Fuses a Conv3d followed by a PReLU in any Sequential (also when the PReLU sits alone inside a following Sequential, as in
 MONAI's Convolution -> ADN blocks without norm or dropout), and a lone Conv3d (no activation). Leaves everything else and
-says why in the report: other convs, Conv3d subclasses (their forward may differ), convs with hooks or parametrized
+says why in the report: other convs, Conv3d subclasses with a forward of their own, convs with hooks or parametrized
 weights, and the PReLUs it could not fuse. Not seen: a forward that calls a Sequential's members itself (it gets the
 fused module and the Identity in their slots), and to_empty() / load_state_dict(assign=True) after the swap, which give
 each fused module its own new parameters (untying what convert keeps shared): convert models with real parameters.
@@ -21,6 +21,10 @@ from .nn import ConvPReLU3d
 
 def conv_unsupported_reasons(conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None) -> list[str]:
     """Why this Conv3d (+ PReLU) cannot become a ConvPReLU3d ([] = it can)."""
+    if not isinstance(conv, nn.Conv3d):
+        return [f"conv is a {type(conv).__name__}, not an nn.Conv3d"]
+    if prelu is not None and not isinstance(prelu, nn.PReLU):
+        return [f"prelu is a {type(prelu).__name__}, not an nn.PReLU (or None)"]
     reasons = []
     if conv.in_channels == 0 or conv.out_channels == 0:
         reasons.append(f"it has {conv.in_channels} input and {conv.out_channels} output channels (the fused op "
@@ -55,14 +59,21 @@ _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backw
 def _module_reasons(m: nn.Module, kind: type) -> list[str]:
     """Why module m, an instance of `kind` (Conv3d or PReLU), cannot be replaced by the fused module: the fused one
     would not run its own forward, hooks or parametrizations."""
-    if type(m) is not kind:
+    if type(m) is not kind:  # (a subclass that keeps the forward and its helpers runs as the class does)
         if parametrize.is_parametrized(m):
             return [f"its parameters are parametrized ({', '.join(m.parametrizations)}: weight_norm, spectral_norm, "
                     "...), which the fused module would not apply"]
         if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
             return [f"{type(m).__name__} is not initialized yet (run one forward pass before convert)"]
-        return [f"{type(m).__name__} is a subclass of {kind.__name__}: its forward may differ from the fused op"]
+        own = [name for name in _FORWARD_METHODS if getattr(type(m), name, None) is not getattr(kind, name, None)]
+        if own:
+            return [f"{type(m).__name__} is a subclass of {kind.__name__} with its own {', '.join(own)}: its forward "
+                    "may differ from the fused op"]
     return _hook_reasons(m)
+
+
+# What computes a Conv3d's or PReLU's output: a subclass that overrides none of them computes what its class does.
+_FORWARD_METHODS = ("forward", "_conv_forward", "__call__", "_call_impl")
 
 
 def _hook_reasons(m: nn.Module) -> list[str]:
@@ -222,6 +233,8 @@ def convert(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
     model's checkpoints. report.left lists what stays as it was and why, the PReLUs that run unfused included."""
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"convert() takes an eager nn.Module; got a TorchScript module: {_SCRIPTED}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert() takes an nn.Module; got {type(model).__name__}")
     report = ConvertReport()
     if isinstance(model, nn.Conv3d):
         reasons = _module_reasons(model, nn.Conv3d) or conv_unsupported_reasons(model)

@@ -259,6 +259,8 @@ def _alpha_positive_later(alpha):
     """Whether every alpha > 0 (NaN: no), as a function for the backward to call (see _read_later). The least alpha
     is what crosses: one reduction, where (alpha > 0).all() took two ops. While a graph is captured
     (graphs.recording_checks) the answer is yes and the least alpha is recorded, to be checked after each replay."""
+    if alpha.device.type == "meta":  # (no values: shapes only)
+        return lambda: True
     least = alpha.amin()
     checks = graphs.active_checks()
     if checks is not None:
@@ -323,7 +325,15 @@ def _conv_setup_context(ctx, inputs, output):
 def _conv_grads(ctx, grad_out, backward_fn):
     """Gradients of the 9 op inputs; backward_fn is the backward custom op (traced by torch.compile) or its
     implementation (eager)."""
-    x, weight, bias, alpha, residual, saved = ctx.saved_tensors
+    try:
+        x, weight, bias, alpha, residual, saved = ctx.saved_tensors
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        raise RuntimeError("seg3d_fast: the output (or an input) of a fused conv3d_prelu was modified in place before "
+                           "its backward (e.g. `out += x`, `out.mul_(s)` on a ConvPReLU3d's output): with an "
+                           "activation its backward reads the pre-activation back from that output. Write it out of "
+                           "place (`out = out + x`), or pass the sum as the fused op's residual") from e
     need_x, need_w, need_b, need_alpha, need_res = ctx.needs_input_grad[:5]
     need_b = need_b and bias is not None
     need_alpha = need_alpha and alpha is not None
@@ -552,6 +562,10 @@ def _check_loss_options(c, device, smooth, class_weights, reduction, **flags):
         if class_weights.shape != (c,):
             raise ValueError(f"class_weights must have one weight per class, shape ({c},); "
                              f"got {tuple(class_weights.shape)}")
+        if class_weights.device.type == "cpu":  # (values on a GPU are not read: that would wait for it every call)
+            w = class_weights.detach().double()
+            if not (w.isfinite().all() and (w >= 0).all() and w.sum() > 0):
+                raise ValueError(f"class_weights must be finite, >= 0 and not all 0; got {w.tolist()}")
     return class_weights
 
 
@@ -580,7 +594,8 @@ def _label_range_check(logits, target, ignore_index, label_range=None, defer=Non
     label_range: the (least, greatest) counted label where a kernel found it already (else computed here);
     defer: _defer_label_check's answer, where it was asked outside an autograd.Function (grad mode is off inside).
     (Out-of-range labels are memory-safe in every backend: they match no class.)"""
-    if target.dtype.is_floating_point or target.numel() == 0 or torch.compiler.is_compiling():
+    if target.dtype.is_floating_point or target.numel() == 0 or torch.compiler.is_compiling() or \
+            target.device.type == "meta":  # (meta tensors: no values)
         return None
     c = logits.shape[1]
     if label_range is None:

@@ -238,6 +238,10 @@ class _WSConv3d(nn.Conv3d):
         return F.conv3d(x, w, self.bias, self.stride, self.padding)
 
 
+class _MarkedConv3d(nn.Conv3d):
+    """A Conv3d subclass that only marks a conv (no forward of its own)."""
+
+
 class _Neg(nn.Module):
     def forward(self, x):
         return -x
@@ -283,6 +287,20 @@ def test_convert_leaves_what_it_cannot_fuse_exactly():
     assert "not initialized" in dict(sf.convert(lazy)[1].left)["0"]
     valid = nn.Sequential(nn.Conv3d(2, 4, 1, padding="valid"))
     assert sf.convert(copy.deepcopy(valid))[1].swapped == [("0", "Conv3d -> ConvPReLU3d(prelu=None)")]
+    # a subclass that keeps Conv3d's forward (a marker class) computes what Conv3d does: fused
+    plain_subclass = nn.Sequential(_MarkedConv3d(2, 4, 3, padding=1), nn.PReLU(4))
+    converted, report = sf.convert(copy.deepcopy(plain_subclass))
+    assert [path for path, _ in report.swapped] == ["0"] and not report.left
+    assert_same_model_function(plain_subclass, converted, x)
+
+
+def test_convert_and_from_modules_refuse_what_is_not_a_module():
+    with pytest.raises(TypeError, match="convert.. takes an nn.Module; got str"):
+        sf.convert("model.pt")
+    with pytest.raises(ValueError, match="prelu is a ReLU, not an nn.PReLU"):
+        sf.nn.ConvPReLU3d.from_modules(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU())
+    with pytest.raises(ValueError, match="conv is a Conv2d, not an nn.Conv3d"):
+        sf.nn.ConvPReLU3d.from_modules(nn.Conv2d(3, 4, 3, padding=1))
 
 
 def test_convert_keeps_submodule_checkpoint_keys():

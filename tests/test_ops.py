@@ -600,6 +600,53 @@ def test_training_step_never_synchronizes(backend):
         step(labels + 8)
 
 
+@pytest.mark.parametrize("target_kind", ["labels", "probabilities"])
+def test_reference_jaccard_sums_stay_float32_under_autocast(target_kind):
+    """Autocast would run the reference backend's einsums in bf16 (losses off by up to 5e-3, gradients by 1%, and a
+    bf16 loss for probability targets): the sums, the loss and the gradient are those without autocast."""
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(2, 4, 9, 8, 7, generator=gen) * 3).requires_grad_()
+    target = (torch.randint(0, 4, (2, 9, 8, 7), generator=gen) if target_kind == "labels"
+              else torch.rand(2, 4, 9, 8, 7, generator=gen).softmax(1))
+    expected = sf.jaccard_loss(logits, target, backend="reference")
+    expected_grad, = torch.autograd.grad(expected, logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sf.jaccard_loss(logits, target, backend="reference")
+    grad, = torch.autograd.grad(loss, logits)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_meta_tensors_run_forward_and_backward():
+    """Meta tensors (shapes only, e.g. to size a model) run forward and backward as nn.Conv3d + nn.PReLU do: the
+    alpha and label checks, which read values, are skipped there."""
+    conv = sf.nn.ConvPReLU3d(3, 4, stride=2).to("meta")
+    out = conv(torch.empty(2, 3, 5, 6, 7, device="meta", requires_grad=True))
+    out.sum().backward()
+    assert out.shape == (2, 4, 3, 3, 4) and conv.weight.grad.device.type == "meta"
+    logits = torch.empty(2, 3, 4, 4, 4, device="meta", requires_grad=True)
+    sf.jaccard_loss(logits, torch.empty(2, 4, 4, 4, dtype=torch.long, device="meta")).backward()
+    assert logits.grad.shape == logits.shape
+
+
+def test_in_place_change_of_the_output_is_a_clear_error():
+    """The backward of a conv with an activation reads the pre-activation back from the output it returned: an
+    in-place change of that output (`out += x`) is an error saying what to write instead, not autograd's version
+    message; an out-of-place sum trains, and so does an in-place one after a conv without activation."""
+    x = torch.randn(2, 4, 5, 5, 5, requires_grad=True)
+    for prelu, in_place_ok in (("channel", False), ("shared", False), (None, True)):
+        block = sf.nn.ConvPReLU3d(4, 4, prelu=prelu, backend="reference")
+        out = block(x)
+        out += x
+        if in_place_ok:
+            out.sum().backward()
+        else:
+            with pytest.raises(RuntimeError, match="modified in place .* Write it out of place"):
+                out.sum().backward()
+        (block(x) + x).sum().backward()
+
+
 def test_jaccard_errors():
     logits = torch.randn(2, 3, 4, 5, 6)
     with pytest.raises(ValueError, match=r"target labels must lie in \[0, 2\]"):
@@ -620,6 +667,9 @@ def test_jaccard_errors():
         sf.jaccard_loss(logits[:, :1], torch.zeros(2, 4, 5, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="class_weights must have one weight per class"):
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), class_weights=[1.0, 2.0])
+    for bad in ([0.0, 0.0, 0.0], [1.0, -1.0, 1.0], [1.0, float("nan"), 1.0], torch.tensor([1.0, float("inf"), 1.0])):
+        with pytest.raises(ValueError, match="class_weights must be finite, >= 0 and not all 0"):
+            sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long), class_weights=bad)
     with pytest.raises(ValueError, match="target is on meta"):
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 6, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="activation must be one of"):

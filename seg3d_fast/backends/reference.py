@@ -5,6 +5,8 @@ output, and from running every intermediate here without autograd.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -145,6 +147,19 @@ def _counted(target, ignore_index):
     return None if ignore_index is None else (target.reshape(target.shape[0], 1, -1) != ignore_index)
 
 
+def _autocast_off(fn):
+    """fn with autocast off on its first argument's device: the sums' einsums in fp32 (API.md), not in autocast's
+    bf16 / fp16."""
+    @functools.wraps(fn)
+    def wrapper(first, *args):
+        if not torch.amp.is_autocast_available(first.device.type):  # (meta tensors)
+            return fn(first, *args)
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(first, *args)
+    return wrapper
+
+
+@_autocast_off
 def jaccard_sums(logits, target, squared, activation, ignore_index):
     """(N, C, 3) [sum p t, sum p^2 | p, sum t^2 | t] in fp32 (fp64 for fp64 logits, for gradcheck). Temporaries:
     the probabilities and (N, 1, S) masks, not the (N, C, S) one-hot and products of the plain formula."""
@@ -165,6 +180,7 @@ def jaccard_sums(logits, target, squared, activation, ignore_index):
     return torch.stack([inter, p_sum, t_sum], -1)
 
 
+@_autocast_off
 def jaccard_sums_backward(grad_sums, logits, target, squared, activation, ignore_index):
     """d loss / d logits from d loss / d sums, with the probabilities recomputed; three (N, C, S) fp32 buffers at
     most (probabilities, their gradient, the result's cast)."""
