@@ -25,7 +25,8 @@ from torch import Tensor
 
 
 class AlphaAssumptionError(RuntimeError):
-    """A replayed backward took PReLU alpha > 0 where some alpha was <= 0: its gradients are not exact."""
+    """A replayed backward recovered the pre-activation from the output (alpha > 0, > 2^-7 in fp16) where some alpha
+    did not allow it: its gradients are not exact."""
 
 
 class CapturedChecks:
@@ -82,11 +83,12 @@ def recording_checks():
         _active = None
 
 
-def check_alpha_positive(least_alpha: Tensor) -> None:
+def check_alpha_recoverable(least_alpha: Tensor, threshold: float = 0.0) -> None:
     value = float(least_alpha)
-    if not value > 0:
-        raise AlphaAssumptionError(f"a PReLU alpha is {value:g} (<= 0): the replayed backward took alpha > 0, which "
-                                   "recovers the pre-activation from the layer's output; rerun the step eagerly")
+    if not value > threshold:
+        raise AlphaAssumptionError(f"a PReLU alpha is {value:g} (<= {threshold:g}): the replayed backward took alpha > "
+                                   f"{threshold:g}, which recovers the pre-activation from the layer's output; rerun "
+                                   "the step eagerly")
 
 
 def train_step(model, loss_fn, optimizer, x: Tensor, y: Tensor, autocast_dtype=None, scaler=None):

@@ -255,34 +255,42 @@ def _read_later(values: Tensor):
     return read
 
 
-def _alpha_positive_later(alpha):
-    """Whether every alpha > 0 (NaN: no), as a function for the backward to call (see _read_later). The least alpha
-    is what crosses: one reduction, where (alpha > 0).all() took two ops. While a graph is captured
-    (graphs.recording_checks) the answer is yes and the least alpha is recorded, to be checked after each replay."""
+# The least alpha from which the pre-activation z = y / alpha, read back from a stored output y, keeps the output
+# dtype's precision: in fp16 a smaller alpha puts alpha * z among its subnormals (below 2^-14) for small z, and z loses
+# bits (10x PyTorch's alpha-gradient error at alpha 1e-3). bf16 and fp32 have float32's exponent range.
+_RECOVERABLE_ALPHA = {torch.float16: 2.0 ** -7}
+
+
+def _alpha_recoverable_later(alpha, dtype):
+    """Whether every alpha is above _RECOVERABLE_ALPHA for activations of `dtype` (0: alpha > 0; NaN: no), as a
+    function for the backward to call (see _read_later). The least alpha is what crosses: one reduction. While a
+    graph is captured (graphs.recording_checks) the answer is yes and the least alpha is recorded, to be checked after
+    each replay."""
     if alpha.device.type == "meta":  # (no values: shapes only)
         return lambda: True
+    threshold = _RECOVERABLE_ALPHA.get(dtype, 0.0)
     least = alpha.amin()
     checks = graphs.active_checks()
     if checks is not None:
-        checks.add(least, graphs.check_alpha_positive)
+        checks.add(least, functools.partial(graphs.check_alpha_recoverable, threshold=threshold))
         return lambda: True
     read = _read_later(least)
-    return lambda: read().item() > 0
+    return lambda: read().item() > threshold
 
 
 def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first, output_mask,
-                        backend, alpha_positive=None):
+                        backend, alpha_recoverable=None):
     module = backends.load(_conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend,
                                          "backward"))
     mask = tuple(output_mask)
     if alpha is None:
         grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, None, "none", stride, mask)
     else:
-        positive = alpha_positive or _alpha_positive_later(alpha)
+        recoverable = alpha_recoverable or _alpha_recoverable_later(alpha, x.dtype)
         # The common case (every alpha > 0: z recovered from the saved output) is launched before the check is read,
         # so that the GPU has this backward queued while the host waits for the forward's copy of the least alpha.
         grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, saved, "act", stride, mask)
-        if not positive():  # z is not recoverable from the PReLU output: those gradients are dropped, and z is
+        if not recoverable():  # z is not recoverable from the PReLU output: those gradients are dropped, and z is
             # recomputed (exact, one extra forward conv)
             z, _ = module.conv3d_prelu_forward(x, weight, bias, None, residual if residual_first else None, stride,
                                                residual_first, False)
@@ -363,7 +371,8 @@ class _Conv3dPReLUEager(torch.autograd.Function):
         # every backward (a full activation written and held; the aten::zeros at the head of each backward)
         ctx.set_materialize_grads(False)
         alpha = inputs[3]  # (inference needs no backward, so no check)
-        ctx.alpha_positive = _alpha_positive_later(alpha) if alpha is not None and any(ctx.needs_input_grad) else None
+        ctx.alpha_recoverable = (_alpha_recoverable_later(alpha, inputs[0].dtype)
+                                 if alpha is not None and any(ctx.needs_input_grad) else None)
         return output
 
     @staticmethod
@@ -372,7 +381,7 @@ class _Conv3dPReLUEager(torch.autograd.Function):
         if grad_out is None:  # the output did not reach the loss
             return (None,) * 9
         return _conv_grads(ctx, grad_out,
-                           lambda *args: _conv_backward_impl(*args, alpha_positive=ctx.alpha_positive))
+                           lambda *args: _conv_backward_impl(*args, alpha_recoverable=ctx.alpha_recoverable))
 
 
 def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha: Optional[Tensor] = None,

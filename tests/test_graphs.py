@@ -21,6 +21,20 @@ def _conv_grads(negative_alpha, backend="reference", device="cpu"):
     return run_with_grads(fused, [x, w, b, alpha, r], g)
 
 
+def test_recorded_alpha_check_takes_fp16s_recoverable_alpha():
+    """In fp16 the replayed backward's assumption is alpha > 2^-7 (ops._RECOVERABLE_ALPHA): a smaller positive alpha
+    fails the check after the replay, as the eager backward would have recomputed z."""
+    x = torch.randn(2, 3, 4, 5, 6, dtype=torch.float16, requires_grad=True)
+    w = (torch.randn(4, 3, 3, 3, 3) * 0.1).half().requires_grad_()
+    for alpha, fails in ((1e-3, True), (0.25, False)):
+        with graphs.recording_checks() as checks:
+            sf.conv3d_prelu(x, w, None, torch.full((4,), alpha, dtype=torch.float16, requires_grad=True),
+                            backend="reference").sum().backward()
+            checks.pack()
+        with pytest.raises(graphs.AlphaAssumptionError, match=r"<= 0.0078125\)") if fails else contextlib.nullcontext():
+            checks.verify()
+
+
 @pytest.mark.parametrize("negative_alpha", [False, True])
 def test_recorded_alpha_check(negative_alpha):
     """While checks are recorded the conv backward takes alpha > 0 (no host read) and records the least alpha: with
@@ -34,7 +48,7 @@ def test_recorded_alpha_check(negative_alpha):
     assert len(checks) == 1
     torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
     if negative_alpha:
-        with pytest.raises(graphs.AlphaAssumptionError, match=r"PReLU alpha is -?\d.*<= 0"):
+        with pytest.raises(graphs.AlphaAssumptionError, match=r"PReLU alpha is -?\d.*<= 0\): the replayed backward"):
             checks.verify()
         # the assumption is what made the gradients differ: the eager backward recomputed the pre-activation
         assert any(not torch.equal(g, e) for g, e in zip(grads, eager_grads) if g is not None)
