@@ -86,8 +86,8 @@ def unwritten_label_range_valid():
     from seg3d_fast import ops
 
     check = ops._label_range_check
-    ops._label_range_check = lambda logits, target, ignore_index, label_range=None, defer=None: check(
-        logits, target, ignore_index, None if label_range is None else label_range.zero_(), defer)
+    ops._label_range_check = lambda logits, target, ignore_index, label_range=None, defer=None, note="": check(
+        logits, target, ignore_index, None if label_range is None else label_range.zero_(), defer, note)
     try:
         yield
     finally:

@@ -582,26 +582,31 @@ _WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
 def _label_map(target, ignore_index):
-    """The label map and ignore_index as the backends take them. uint16/32/64 labels (few torch ops take them: the
-    reference's range check had no kernel) become int64. An ignore_index that the labels' dtype cannot hold matches
-    no voxel: None (torch compares a uint8 map with -1 as with 255, an int8 one with 255 as with -1, so the reference
-    ignored those labels where the kernels, comparing values, reported them out of range)."""
+    """(label map, ignore_index) as the backends take them, and what a label-range error adds about ignore_index.
+    uint16/32/64 labels (few torch ops take them: the reference's range check had no kernel) become int64. An
+    ignore_index that the labels' dtype cannot hold matches no voxel: None (torch compares a uint8 map with -1 as with
+    255, an int8 one with 255 as with -1, so the reference ignored those labels where the kernels, comparing values,
+    reported them out of range)."""
     if target.dtype.is_floating_point:
-        return target, ignore_index
+        return target, ignore_index, ""
+    note = ""
     if target.dtype in _WIDE_UNSIGNED:
         target = target.long()
     if ignore_index is not None:
         info = torch.iinfo(target.dtype)
-        ignore_index = int(ignore_index) if info.min <= ignore_index <= info.max else None
-    return target, ignore_index
+        if not info.min <= ignore_index <= info.max:
+            note = f" (ignore_index={ignore_index} cannot occur in a {target.dtype} label map: no voxel was ignored)"
+            ignore_index = None
+    return target, ignore_index, note
 
 
-def _label_range_check(logits, target, ignore_index, label_range=None, defer=None):
+def _label_range_check(logits, target, ignore_index, label_range=None, defer=None, note=""):
     """Checks that the labels lie in [0, C) (ignore_index voxels aside). In training on a GPU the (min, max) is
     copied asynchronously and the returned function checks it in backward, after the gradient kernel is launched and
     before autograd receives the gradient: a check here would stall the CPU until the whole forward pass has run. Elsewhere it checks now and returns None.
     label_range: the (least, greatest) counted label where a kernel found it already (else computed here);
-    defer: _defer_label_check's answer, where it was asked outside an autograd.Function (grad mode is off inside).
+    defer: _defer_label_check's answer, where it was asked outside an autograd.Function (grad mode is off inside);
+    note: _label_map's word on an ignore_index the labels cannot hold, for the error.
     (Out-of-range labels are memory-safe in every backend: they match no class.)"""
     if target.dtype.is_floating_point or target.numel() == 0 or torch.compiler.is_compiling() or \
             target.device.type == "meta":  # (meta tensors: no values)
@@ -616,7 +621,7 @@ def _label_range_check(logits, target, ignore_index, label_range=None, defer=Non
         if lo < 0 or hi >= c:
             raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
                              + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
-                             + f"; found values in [{lo}, {hi}]")
+                             + f"; found values in [{lo}, {hi}]{note}")
 
     checks = graphs.active_checks()
     if checks is not None:  # read after each replay of the graph being captured
@@ -712,7 +717,7 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     _check_backend(backend)
     _refuse_func_transforms()
     smooth = float(smooth)  # (a numpy scalar)
-    target, ignore_index = _label_map(target, ignore_index)
+    target, ignore_index, ignore_note = _label_map(target, ignore_index)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
     if torch.compiler.is_compiling():
@@ -724,8 +729,9 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
         if reduction != "none" and hasattr(module, "jaccard_loss_reduced") and not learned_weights:
             weights = _loss_weights(class_weights, include_background, logits.shape[1], logits.device)
             return _JaccardLossReduced.apply(logits, target, weights, module, squared, activation, ignore_index,
-                                             smooth, per_sample, reduction == "mean", _defer_label_check(logits))
-        label_check = _label_range_check(logits, target, ignore_index)
+                                             smooth, per_sample, reduction == "mean", _defer_label_check(logits),
+                                             ignore_note)
+        label_check = _label_range_check(logits, target, ignore_index, note=ignore_note)
         sums = _JaccardSumsEager.apply(logits, target, squared, activation, ignore_index, backend or "", label_check)
     return _loss_from_sums(sums, smooth=smooth, class_weights=class_weights, include_background=include_background,
                            per_sample=per_sample, reduction=reduction)
@@ -754,11 +760,12 @@ class _JaccardLossReduced(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weights, module, squared, activation, ignore_index, smooth, per_sample, mean,
-                defer_label_check):
+                defer_label_check, ignore_note):
         options = (squared, activation, ignore_index, smooth, per_sample, mean)
         loss, sums, label_range = module.jaccard_loss_reduced(logits, target, squared, activation, ignore_index,
                                                                smooth, weights, per_sample, mean)
-        ctx.label_check = _label_range_check(logits, target, ignore_index, label_range, defer_label_check)
+        ctx.label_check = _label_range_check(logits, target, ignore_index, label_range, defer_label_check,
+                                             ignore_note)
         ctx.save_for_backward(logits, target, sums, weights)
         ctx.module, ctx.options = module, options
         return loss
@@ -776,7 +783,7 @@ class _JaccardLossReduced(torch.autograd.Function):
         # while the host waits for the forward's copy of the label range. It raises before autograd gets a gradient.
         if ctx.label_check is not None:
             ctx.label_check()
-        return (grad_logits,) + (None,) * 10
+        return (grad_logits,) + (None,) * 11
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -681,6 +681,8 @@ def test_jaccard_errors():
     with pytest.raises(ValueError, match=r"target labels must lie"):
         sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), -1))
     assert sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), -1), ignore_index=-1).isfinite()
+    with pytest.raises(ValueError, match=r"\[255, 255\] \(ignore_index=-1 cannot occur in a torch.uint8 label map"):
+        sf.jaccard_loss(logits, torch.full((2, 4, 5, 6), 255, dtype=torch.uint8), ignore_index=-1)
     with pytest.raises(ValueError, match="target label map must have shape"):
         sf.jaccard_loss(logits, torch.zeros(2, 4, 5, 7, dtype=torch.long))
     for bad in (torch.rand(2, 2, 4, 5, 6), torch.rand(2, 4, 5, 6, 3)):  # (the second: classes last, as many values)
