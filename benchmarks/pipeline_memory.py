@@ -4,7 +4,7 @@ preprocessed training cases in memory or in a --cache-dir.
 
 Each step runs in a process of its own, on synthetic volumes made beforehand (random-intensity images; blocky labels
 with 10% of the voxels relabelled, or organ-like ellipsoids), and reports that process's peak resident memory
-(ru_maxrss, the imports included) and its memory in use once the imports were done, its own wall time, and for the
+(VmHWM, the imports included) and its memory in use once the imports were done, its own wall time, and for the
 training cases the memory they hold after preparation. Prediction runs a real run folder: an untrained Seg3DNet of
 many classes (the prediction's memory is in the classes x volume arrays, not in the network).
 
@@ -18,7 +18,6 @@ import argparse
 import inspect
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -110,7 +109,10 @@ def _resident_mib():
 
 
 def _peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (KiB on Linux)
+    """This process's peak resident memory, MiB: VmHWM, which starts afresh at exec. (ru_maxrss does not: a step's
+    process would report the driver's own peak, that of making the data, wherever it was larger.)"""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # (kB)
 
 
 def run_step(step: str, root: Path) -> dict:
