@@ -84,13 +84,17 @@ def _differentiable_once(backward):
             return out
         single = not isinstance(out, tuple)
         out = (out,) if single else out
+        # The error node also takes the op's saved inputs that require grad, so that differentiating a gradient
+        # with respect to them (torch.autograd.grad(g.sum(), x)) reaches it and raises: without them it would
+        # find x unused, and with allow_unused=True return None, a wrong second derivative.
+        inputs = [t for t in ctx.saved_tensors if isinstance(t, Tensor) and t.requires_grad]
         error = torch._C._functions.DelayedError(
             b"trying to differentiate twice a seg3d_fast fused op: its backward is not differentiable (no second "
-            b"derivatives, e.g. no gradient penalties through it)", len(out))
+            b"derivatives, e.g. no gradient penalties through it)", len(out) + len(inputs))
         out = error(*[t.detach().requires_grad_() if isinstance(t, Tensor) and t.is_floating_point() else t
-                      for t in out])
+                      for t in out], *inputs)
         out = out if isinstance(out, tuple) else (out,)
-        return out[0] if single else out
+        return out[0] if single else out[:len(out) - len(inputs)]
     return wrapper
 
 

@@ -486,10 +486,15 @@ def test_double_backward_is_an_error_or_exact():
     g, = torch.autograd.grad(sf.conv3d_prelu(x, w, None, a).pow(3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         g.square().sum().backward()
+    for wrt in (x, w, a):  # (a gradient penalty's way: it had found them unused, or with allow_unused given None)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            torch.autograd.grad(g.square().sum(), wrt, retain_graph=True, allow_unused=True)
     logits = torch.randn(2, 3, 4, 4, dtype=d, requires_grad=True)
     for kwargs in ({}, {"reduction": "none"}):
         g, = torch.autograd.grad(sf.jaccard_loss(logits, torch.randint(0, 3, (2, 4, 4)), **kwargs).sum(), logits,
                                  create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            torch.autograd.grad(g.square().sum(), logits, retain_graph=True, allow_unused=True)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             g.square().sum().backward()
     sums = torch.rand(2, 3, 3, dtype=d, requires_grad=True)
