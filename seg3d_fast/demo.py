@@ -80,6 +80,12 @@ def run_demo(out="seg3d_demo", epochs=None, quick=False, device="auto", seed=0, 
     from .predict import predict
     from .train import TrainConfig, train
 
+    import torch
+
+    from .data.nifti import Seg3DFastDataError
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():  # (before the data is written)
+        raise Seg3DFastDataError(f"--device {device}: CUDA is not available here")
     start = time.perf_counter()
     out = Path(out)
     settings = dict(QUICK if quick else DEFAULTS)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import graphs
+from . import backends, graphs
 from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json, write_atomic, write_text_atomic
 from .data.preprocess import PreprocessConfig, label_dtype, preprocess
@@ -428,6 +428,8 @@ def train(cfg):
         raise Seg3DFastDataError(f"--fold {cfg.fold} outside 0..{cfg.folds - 1}")
     if cfg.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {cfg.amp!r}")
+    if cfg.backend is not None and backends.unavailable_reason(cfg.backend) is not None:  # (before anything is written)
+        raise Seg3DFastDataError(f"--backend {cfg.backend}: {backends.unavailable_reason(cfg.backend)}")
     if not set(cfg.mirror_axes) <= {0, 1, 2}:
         raise ValueError(f"mirror_axes must be canonical axes among 0, 1, 2, got {tuple(cfg.mirror_axes)}")
     # (data errors: the command line reports them in one line, as it does its own option checks)

@@ -9,7 +9,9 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+import seg3d_fast as sf
 from seg3d_fast.cli import main
 from data_helpers import TCGA_T1, brain_block, load, save
 
@@ -138,7 +140,8 @@ def test_bad_option_combinations(tmp_path, capsys):
     # a one-level network, and CUDA graphs or fp16 on the CPU: one line too (they were ValueError tracebacks)
     for args, words in ((["--features", "8"], "at least 2"), (["--cuda-graph", "--device", "cpu"], "one CUDA device"),
                         (["--amp", "fp16", "--device", "cpu"], "CUDA"),
-                        (["--no-augment", "--mirror-axes", "0"], "--no-augment")):
+                        (["--no-augment", "--mirror-axes", "0"], "--no-augment"),
+                        *([(["--backend", "cuda"], "--backend cuda")] if sf.backends.unavailable_reason("cuda") else [])):
         rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN, *args])
         _assert_one_line_error(capsys, rc, args[0], words)
         assert not (tmp_path / "run").exists()
@@ -196,6 +199,13 @@ def test_evaluate_cli(tmp_path, capsys):
                  "--no-hd95"]) == 0
     assert f"note: 1 labelled case(s) of {tmp_path / 't' / 'm.csv'} have no prediction" in capsys.readouterr().out
     assert json.loads((tmp_path / "g" / "evaluation.json").read_text())["unpredicted"] == ["d"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no CUDA GPU is (runs on CPU machines)")
+def test_demo_on_a_missing_gpu_writes_nothing(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path / "d"), "--quick", "--device", "cuda"])
+    _assert_one_line_error(capsys, rc, "--device cuda", "CUDA is not available")
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_quick_then_predict_with_its_run(tmp_path, capsys):

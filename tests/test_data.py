@@ -183,9 +183,10 @@ def test_csv_manifest_relative_paths(tmp_path):
     with pytest.raises(Seg3DFastDataError, match="m.csv: duplicate case names brain_image"):
         discover(tmp_path / "m.csv")
     # a row longer than the header; names that would put a case's outputs outside --out (or in a subfolder)
-    (tmp_path / "m.csv").write_text(f"name,image,label\na,{image},{label}\nb,{image},{label},extra\n")
-    with pytest.raises(Seg3DFastDataError, match="m.csv: line 3: 4 fields, the header has 3"):
-        discover(tmp_path / "m.csv")
+    for rows, line in ((f"a,{image},{label}\nb,{image},{label},extra\n", 3), (f"a,{image},{label},extra\n", 2)):
+        (tmp_path / "m.csv").write_text("name,image,label\n" + rows)
+        with pytest.raises(Seg3DFastDataError, match=f"m.csv: line {line}: 4 fields, the header has 3"):
+            discover(tmp_path / "m.csv")
     for name in ("../evil", "sub/a", "sub\\a", "..", "."):
         (tmp_path / "m.csv").write_text(f"name,image,label\n{name},{image},{label}\n")
         with pytest.raises(Seg3DFastDataError, match="m.csv: line 2: case name .* is not a plain name"):

@@ -164,12 +164,12 @@ def _from_csv(path):
     """Header row; columns 'name' (optional), one or more image columns, 'label' (optional, may be empty)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # (Excel's "CSV UTF-8" starts with a BOM)
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise Seg3DFastDataError(f"{path}: cannot read the CSV manifest ({e})") from None
     if not rows:
         raise Seg3DFastDataError(f"{path}: CSV manifest has no rows")
-    columns = list(rows[0].keys())
     image_cols = [c for c in columns if c and c.strip().lower() not in ("name", "case", "label")]
     label_col = next((c for c in columns if c and c.strip().lower() == "label"), None)
     name_col = next((c for c in columns if c and c.strip().lower() in ("name", "case")), None)
