@@ -598,7 +598,9 @@ def _label_map(target, ignore_index):
         target = target.long()
     if ignore_index is not None:
         info = torch.iinfo(target.dtype)
-        if not info.min <= ignore_index <= info.max:
+        if info.min <= ignore_index <= info.max:
+            ignore_index = int(ignore_index)  # (a numpy integer: the custom ops' schemas take a Python int)
+        else:
             note = f" (ignore_index={ignore_index} cannot occur in a {target.dtype} label map: no voxel was ignored)"
             ignore_index = None
     return target, ignore_index, note
