@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -430,6 +431,17 @@ def run_profile(args):
         from .cli import UsageError
 
         raise UsageError(f"variants {' '.join(graphed)} replay CUDA graphs: they need a CUDA device, got {device}")
+    from . import backends
+
+    for name in names:  # a backend that cannot run here, before any variant runs
+        backend = None if name.startswith("plain") else variant_backend(name)
+        why = None if backend is None else backends.unavailable_reason(backend)
+        if why is not None:
+            from .cli import UsageError
+
+            raise UsageError(f"variant {name}: backend {backend} cannot run here ({why})")
+    if args.memory_history and device.type != "cuda":
+        print("profile: --memory-history records the CUDA allocator's history: ignored on the CPU", file=sys.stderr)
     spatial = tuple(args.input_size)
     voxels = args.batch * math.prod(spatial)
     budget = int(args.memory_budget * 2**30)

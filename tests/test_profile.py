@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import seg3d_fast as sf
 from seg3d_fast import jaccard_loss, profile
 from seg3d_fast.models import Seg3DNet
 from helpers import assert_close
@@ -103,6 +104,12 @@ def test_profile_graph_variants_on_the_cpu_are_a_one_line_error(tmp_path, capsys
     assert rc == 2 and err.startswith("seg3d-fast: error: variants fused_graph replay CUDA graphs") and \
         "Traceback" not in err, err
     assert not (tmp_path / "p.json").exists()
+    if sf.backends.unavailable_reason("cuda") is not None:  # a variant whose backend cannot run here: the same
+        rc = main(["profile", "--input-size", "8", "8", "8", "--features", "2", "4", "--device", "cpu", "--steps", "1",
+                   "--memory-budget", "0", "--out", str(tmp_path / "p.json"), "--variants", "plain", "cuda"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("seg3d-fast: error: variant cuda: backend cuda cannot run here"), err
+        assert not (tmp_path / "p.json").exists()
 
 
 def test_largest_cube_estimate_is_exact_where_it_can_be(tmp_path):
