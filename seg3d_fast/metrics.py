@@ -101,6 +101,15 @@ def dice_per_class(pred, truth, num_classes):
     return [scores_of(counts, (c,))["dice"] for c in range(num_classes)]
 
 
+def mean_foreground_dice(pred, truth):
+    """Mean Dice over the foreground classes (labels other than 0) found in either map, NaN where there are none.
+    Training's and validation's score: a class absent from both would score 1 (scores()), making the mean depend on
+    how many classes the model has, not on how well it segments (BRATS's unused label 3 added a free 0.25)."""
+    values, counts = label_counts(pred, truth)
+    dices = [scores_of((values, counts), (v,))["dice"] for v in values.tolist() if v != 0]
+    return float(np.mean(dices)) if dices else float("nan")
+
+
 def looks_like_brats(label_values):
     """The regions to report for these label values: 'brats' when labels are within 0..4 and 4 occurs."""
     values = set(int(v) for v in label_values)

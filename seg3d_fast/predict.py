@@ -155,10 +155,12 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
             raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: cannot read the checkpoint ({e})") from None
         # a checkpoint left beside a config.json rewritten for another model (an --overwrite run stopped before
         # its first epoch) would otherwise fail in load_state_dict with a size-mismatch traceback
-        trained = (state.get("config") or {}).get("model") if isinstance(state, dict) else None
-        if trained is not None and trained != config["model"]:
-            raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: trained with another model than "
-                                     f"{run_dir / 'config.json'} describes ({trained} vs {config['model']})")
+        trained = (state.get("config") or {}) if isinstance(state, dict) else {}
+        for key in ("model", "preprocess", "num_classes"):  # (an --overwrite with other settings that stopped before
+            if key in trained and trained[key] != config[key]:  # its first epoch rewrote config.json only)
+                raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: trained with another {key} than "
+                                         f"{run_dir / 'config.json'} describes ({trained[key]} vs {config[key]}); "
+                                         "train it again, or resume it with its own settings")
         model = Seg3DNet(**model_cfg, backend=backend)
         model.load_state_dict(state["model"])
         model.trained_flips = trained_flips(state.get("train_config"))

@@ -29,7 +29,7 @@ from . import backends, graphs
 from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json, write_atomic, write_text_atomic
 from .data.preprocess import PreprocessConfig, label_dtype, preprocess
-from .metrics import dice_per_class
+from .metrics import mean_foreground_dice
 from .predict import on_device_or_host, predict_logits
 
 CONFIG_FILE, SPLITS_FILE, CHECKPOINT_FILE = "config.json", "splits.json", "checkpoint.pt"
@@ -404,7 +404,7 @@ def plot_curves(path, history):
     epochs = [r["epoch"] for r in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(epochs, [r["train_loss"] for r in history], label="train")
-    b.plot(epochs, [r["train_dice"] for r in history], label="train")
+    b.plot(epochs, [math.nan if r["train_dice"] is None else r["train_dice"] for r in history], label="train")
     val = [r for r in history if r.get("val_dice") is not None]
     if val:
         b.plot([r["epoch"] for r in val], [r["val_dice"] for r in val], "o-", label="validation")
@@ -537,24 +537,25 @@ def train(cfg):
         data.epoch = epoch
         sampler.set_epoch(epoch)
         net.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss sum, dice sum, batches, voxels
+        sums = torch.zeros(5, dtype=torch.float64)  # loss sum, dice sum, batches, voxels, batches with a Dice
         t0 = time.perf_counter()
         bar = _progress(loader, cfg.progress and rank == 0, f"epoch {epoch + 1}/{cfg.epochs}")
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, logits = step(x, y)
             with torch.no_grad():
-                dice = float(np.mean(dice_per_class(logits.argmax(1), y, num_classes)[1:]))
-            sums += torch.tensor([loss.item(), dice, 1.0, y.numel()], dtype=torch.float64)
+                dice = mean_foreground_dice(logits.argmax(1), y)  # (NaN: no foreground in the batch or its prediction)
+            scored = not math.isnan(dice)
+            sums += torch.tensor([loss.item(), dice if scored else 0.0, 1.0, y.numel(), scored], dtype=torch.float64)
             if hasattr(bar, "set_postfix"):
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", dice=f"{sums[1] / sums[2]:.3f}",
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", dice=f"{sums[1] / max(sums[4], 1):.3f}",
                                 vox_s=f"{sums[3] * world / elapsed:.3g}")
         if world > 1:
             dist.all_reduce(sums)
         elapsed = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": float(sums[0] / sums[2]),
-               "train_dice": float(sums[1] / sums[2]), "voxels_per_s": float(sums[3] / elapsed),
+               "train_dice": float(sums[1] / sums[4]) if sums[4] else None, "voxels_per_s": float(sums[3] / elapsed),
                "seconds": elapsed, "val_dice": None}
         # a diverged epoch (weights no longer finite) must not replace the last good checkpoint (one sync per epoch)
         if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
@@ -572,38 +573,50 @@ def train(cfg):
             write_logs(fold_dir, history)
             if cfg.progress:
                 val = f", validation Dice {row['val_dice']:.4f}" if row["val_dice"] is not None else ""
-                print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, Dice {row['train_dice']:.4f}{val}, "
+                dice = "–" if row["train_dice"] is None else f"{row['train_dice']:.4f}"
+                print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, Dice {dice}{val}, "
                       f"{row['voxels_per_s']:.3g} voxels/s", flush=True)
         _barrier(world)
     return model
 
 
 def validate(model, cases, num_classes, device, amp_dtype, crop):
-    """Mean foreground Dice over validation cases, predicted whole (sliding window of the crop size if any)."""
+    """Mean over validation cases of their mean_foreground_dice, predicted whole (sliding window of the crop size if
+    any); cases with no foreground in truth or prediction are left out (None: no case had any)."""
     model.eval()
     dices = []
     with torch.no_grad():
         for case in cases:
             x = torch.from_numpy(_writable(case.x))
-            dice = on_device_or_host(lambda where: dice_per_class(  # (argmax and counts where the logits are)
+            dices.append(on_device_or_host(lambda where: mean_foreground_dice(  # (argmax and counts there)
                 predict_logits(model, x, device, roi=crop, amp_dtype=amp_dtype, out_device=where).argmax(0),
-                case.y, num_classes), device)
-            dices.append(np.mean(dice[1:]))
+                case.y), device))
     model.train()
-    return float(np.mean(dices))
+    scored = [d for d in dices if not math.isnan(d)]
+    return float(np.mean(scored)) if scored else None
 
 
 def _check_or_write_config(path, config, checkpoints):
     """Writes the run's config; one that differs in model, preprocessing or classes is an error while checkpoints
-    trained with it remain (with none, e.g. after a run that failed before its first epoch, it is replaced)."""
-    if path.is_file() and checkpoints:
-        old = read_json(path)
+    trained with another remain. Each checkpoint is compared with the config it stores (config.json may be newer: an
+    --overwrite with other settings that stopped before its first checkpoint), else with config.json."""
+    saved = read_json(path) if path.is_file() and checkpoints else None
+    for checkpoint in checkpoints:
+        trained = _stored_config(checkpoint) or saved
         for key in ("model", "preprocess", "num_classes"):
-            if old.get(key) != config[key]:
-                raise Seg3DFastDataError(f"{path}: this run was made with a different {key} "
-                                         f"({old.get(key)} vs {config[key]}) and {checkpoints[0]} was trained "
-                                         "with it; use a new --out folder")
+            if trained is not None and trained.get(key) != config[key]:
+                raise Seg3DFastDataError(f"{checkpoint}: trained with a different {key} ({trained.get(key)} vs "
+                                         f"{config[key]}); train with its settings, or use a new --out folder")
     write_text_atomic(path, json.dumps(config, indent=1) + "\n")
+
+
+def _stored_config(checkpoint_path):
+    """The run config a checkpoint stores (None where it stores none or cannot be read)."""
+    try:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - reported where the checkpoint is used; config.json stands in
+        return None
+    return state.get("config") if isinstance(state, dict) and isinstance(state.get("config"), dict) else None
 
 
 # Settings that shape the remaining epochs (the crops drawn, the optimizer's steps): a resume that changes one does

@@ -15,8 +15,40 @@ needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reas
 
 from seg3d_fast.data import Seg3DFastDataError
 from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_counts, evaluate_folders, label_counts,
+                                mean_foreground_dice,
                                 looks_like_brats, scores, summarize, write_evaluation)
 from data_helpers import TCGA_TUMOUR, brats_case, load, save
+
+
+def test_training_dice_leaves_out_classes_absent_from_both_maps(tmp_path):
+    """Training's and validation's score is the mean Dice over the foreground classes found in either map: a class
+    in neither (BRATS's unused label 3, or a model with more classes than the labels) would score 1 and lift the
+    mean with the class count; a case with no foreground anywhere is left out of validation's mean (None if all)."""
+    from seg3d_fast.train import PreparedCase, validate
+
+    truth = np.zeros((6, 5, 4), np.int64)
+    truth[:3] = 1
+    truth[0, 0, :2] = 4
+    pred = truth.copy()
+    pred[0, 0, :] = 2  # class 4 missed, class 2 predicted where none is
+    expected = np.mean([_dice(pred == c, truth == c) for c in (1, 2, 4)])
+    assert mean_foreground_dice(pred, truth) == pytest.approx(expected)
+    assert mean_foreground_dice(pred, truth) < np.mean(dice_per_class(pred, truth, 5)[1:])  # (class 3 scored 1 there)
+    assert math.isnan(mean_foreground_dice(np.zeros_like(truth), np.zeros_like(truth)))
+
+    class Fixed(torch.nn.Module):  # logits of a fixed label map per case
+        def __init__(self, maps):
+            super().__init__()
+            self.maps = iter(maps)
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.from_numpy(next(self.maps)), 5).permute(3, 0, 1, 2)[None].float()
+
+    empty = np.zeros_like(truth)
+    cases = [PreparedCase(n, np.zeros((1, 6, 5, 4), np.float32), t.astype(np.uint8)) for n, t in (("a", truth),
+                                                                                                  ("b", empty))]
+    assert validate(Fixed([pred, empty]), cases, 5, torch.device("cpu"), None, None) == pytest.approx(expected)
+    assert validate(Fixed([empty, empty]), cases[1:] * 2, 5, torch.device("cpu"), None, None) is None
 
 
 def test_scores_from_counts():

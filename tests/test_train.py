@@ -136,8 +136,19 @@ def test_a_run_is_never_overwritten_silently(tmp_path):
     more = brain_csv(tmp_path / "more", n_cases=4)
     with pytest.raises(Seg3DFastDataError, match="splits.json: the run's split .* does not match"):
         train(TrainConfig(epochs=1, **dict(cfg, data=str(more), fold=1)))
-    with pytest.raises(Seg3DFastDataError, match="config.json: this run was made with a different model"):
+    with pytest.raises(Seg3DFastDataError, match="fold_0/checkpoint.pt: trained with a different model"):
         train(TrainConfig(epochs=1, **dict(cfg, fold=1, features=(2, 4))))
+    # an --overwrite with other settings that stops before its first checkpoint has rewritten config.json only:
+    # the fold's old checkpoint still resumes with its own settings, and predict refuses the mismatch meanwhile
+    before = ckpt.read_bytes()
+    with pytest.raises(Seg3DFastDataError, match="diverged"):
+        train(TrainConfig(epochs=1, overwrite=True, **dict(cfg, downsample=2.0, lr=1e30)))
+    assert ckpt.read_bytes() == before and json.loads((run / "config.json").read_text())["preprocess"]["downsample"] == 2
+    with pytest.raises(Seg3DFastDataError, match="checkpoint.pt: trained with another preprocess than"):
+        load_models(run, torch.device("cpu"))
+    train(TrainConfig(epochs=3, resume=True, **cfg))
+    assert json.loads((run / "config.json").read_text())["preprocess"]["downsample"] == 1
+    assert len(load_models(run, torch.device("cpu"), ensemble=True)[1]) == 1
 
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(Seg3DFastDataError, match="checkpoint.pt: cannot read the checkpoint"):
