@@ -1,5 +1,6 @@
 """NIfTI io, dataset layouts and preprocessing on real volumes (tests/fixtures, the bundled sample)."""
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -191,6 +192,15 @@ def test_csv_manifest_relative_paths(tmp_path):
         (tmp_path / "m.csv").write_text(f"name,image,label\n{name},{image},{label}\n")
         with pytest.raises(Seg3DFastDataError, match="m.csv: line 2: case name .* is not a plain name"):
             discover(tmp_path / "m.csv")
+
+
+def test_a_folder_of_subjects_images_is_not_a_brats_case(tmp_path):
+    """Files named <subject>_T1 (common outside BRATS) are one image per subject, not one case's modalities: their
+    names before the modality differ. (It was "BRATS case is missing modality file(s) t1ce, t2, flair".)"""
+    for name in ("sub01_T1", "sub02_T1", "sub03-t2"):
+        shutil.copy(TCGA_T1, tmp_path / f"{name}.nii.gz")
+    ds = discover(tmp_path)
+    assert ds.layout == "files" and [c.name for c in ds.cases] == ["sub01_T1", "sub02_T1", "sub03-t2"]
 
 
 def test_csv_manifest_with_byte_order_mark(tmp_path):

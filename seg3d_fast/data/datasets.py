@@ -211,11 +211,17 @@ def _from_folder(root):
 
 
 def _brats_case(folder):
-    """A Case when `folder` holds BRATS-named modality files, else None. Missing modalities are an error."""
-    by_suffix = {}
+    """A Case when `folder` holds BRATS-named modality files of one case (one name before the modality), else None.
+    Missing modalities are an error. (A folder of sub01_T1, sub02_T1, ... is several subjects' images, not a case.)"""
+    by_suffix, prefixes = {}, set()
+    brats_tokens = {BRATS_LABEL, *(m for naming in BRATS_MODALITIES.values() for m in naming)}
     for p in _nifti_files(folder):
-        token = re.split(r"[_-]", case_name(p))[-1].lower()
-        by_suffix[token] = p
+        *prefix, token = re.split(r"([_-])", case_name(p))
+        by_suffix[token.lower()] = p
+        if token.lower() in brats_tokens:
+            prefixes.add("".join(prefix[:-1]).lower())
+    if len(prefixes) > 1:
+        return None
     for naming in BRATS_MODALITIES.values():
         present = [m for m in naming if m in by_suffix]
         if not present:
