@@ -139,6 +139,11 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
             raise Seg3DFastDataError(f"{run_dir}: no fold_k/checkpoint.pt in this run")
         if ensemble:
             fold_dirs = present
+            folds = config.get("folds")
+            if isinstance(folds, int) and len(present) < folds:  # (a note: an ensemble of the folds trained so far)
+                missing = sorted(set(range(folds)) - {int(p.name.split("_")[1]) for p in present})
+                print(f"seg3d_fast: --ensemble of {len(present)} of the run's {folds} folds (no checkpoint for fold "
+                      f"{', '.join(map(str, missing))})", file=sys.stderr, flush=True)
         elif fold is not None:
             fold_dirs = [run_dir / f"fold_{fold}"]
             if not (fold_dirs[0] / "checkpoint.pt").is_file():
@@ -161,6 +166,11 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
                 raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: trained with another {key} than "
                                          f"{run_dir / 'config.json'} describes ({trained[key]} vs {config[key]}); "
                                          "train it again, or resume it with its own settings")
+        settings = state.get("train_config") if isinstance(state, dict) else None
+        if isinstance(settings, dict) and isinstance(settings.get("epochs"), int) and \
+                isinstance(state.get("epoch"), int) and state["epoch"] < settings["epochs"]:
+            print(f"seg3d_fast: {d / 'checkpoint.pt'} stopped at epoch {state['epoch']} of {settings['epochs']} "
+                  "(--resume to finish it)", file=sys.stderr, flush=True)
         model = Seg3DNet(**model_cfg, backend=backend)
         model.load_state_dict(state["model"])
         model.trained_flips = trained_flips(state.get("train_config"))

@@ -459,14 +459,17 @@ def train(cfg):
     kept = [p for p in sorted(out.glob(f"fold_*/{CHECKPOINT_FILE}")) if cfg.resume or p != ckpt_path]
 
     dataset = discover(cfg.data, require_labels=True)
+    if cfg.num_classes and dataset.num_classes and cfg.num_classes != dataset.num_classes:
+        raise Seg3DFastDataError(f"--num-classes {cfg.num_classes} differs from the {dataset.num_classes} classes the "
+                                 "dataset's dataset.json lists ('labels'); leave it out, or correct dataset.json")
     num_classes = cfg.num_classes or dataset.num_classes  # else: the largest label + 1, found while loading
     names = [c.name for c in dataset.cases]
     splits_path = out / SPLITS_FILE
-    splits = None
+    splits, split_seed = None, cfg.seed
     if splits_path.is_file():  # later folds (and resumed runs) reuse the saved split
         saved = read_json(splits_path)
         if saved.get("folds") == cfg.folds and sorted(saved.get("cases", [])) == sorted(names):
-            splits = saved.get("splits")
+            splits, split_seed = saved.get("splits"), saved.get("seed", cfg.seed)  # (the seed that made them)
             if not (isinstance(splits, list) and len(splits) == cfg.folds):
                 raise Seg3DFastDataError(f"{splits_path}: no list of {cfg.folds} fold(s) under 'splits'; the file is "
                                          "damaged")
@@ -490,7 +493,7 @@ def train(cfg):
     config = run_config(cfg, model, dataset, num_classes)
     if rank == 0:
         _check_or_write_config(out / CONFIG_FILE, config, kept)
-        write_text_atomic(splits_path, json.dumps({"folds": cfg.folds, "seed": cfg.seed, "cases": sorted(names),
+        write_text_atomic(splits_path, json.dumps({"folds": cfg.folds, "seed": split_seed, "cases": sorted(names),
                                                    "splits": splits}, indent=1) + "\n")
     loss_fn = sfnn.JaccardLoss(squared=True, backend=cfg.backend)
     # fused on a GPU: one launch per step for all parameters instead of a few per tensor list (host time per step)

@@ -84,7 +84,7 @@ def test_test_time_flips_average_the_flipped_predictions():
     assert mirrored(lambda t: t.bfloat16(), bf16, (0,)).dtype == torch.float32  # (summed in float32)
 
 
-def test_tta_uses_the_flips_each_model_was_trained_with(two_fold_run, tmp_path, monkeypatch):
+def test_tta_uses_the_flips_each_model_was_trained_with(two_fold_run, tmp_path, monkeypatch, capsys):
     """predict --tta averages each model over the flips its own training drew (its checkpoint's mirror_axes: the
     folds of one run may differ; none with --no-augment; all three for checkpoints from before mirror_axes); a
     model trained without flips has none to average over: a one-line error. A fold's folder with --fold or
@@ -108,6 +108,7 @@ def test_tta_uses_the_flips_each_model_was_trained_with(two_fold_run, tmp_path, 
         torch.save(state, path)
 
     assert [m.trained_flips for m in load_models(run, torch.device("cpu"), ensemble=True)[1]] == [(0, 1, 2)] * 2
+    assert "seg3d_fast" not in capsys.readouterr().err  # every fold there and finished: no note
     set_train_config(0, mirror_axes=[2])
     set_train_config(1, mirror_axes=None)  # a checkpoint from before mirror_axes: every axis
     for args, expected in (({"tta": True, "ensemble": True}, [(2,), (0, 1, 2)]), ({"tta": True, "fold": 1}, [(0, 1, 2)]),
@@ -125,6 +126,21 @@ def test_tta_uses_the_flips_each_model_was_trained_with(two_fold_run, tmp_path, 
     for option in ({"fold": 0}, {"ensemble": True}):
         with pytest.raises(Seg3DFastDataError, match="one fold's folder, with --(fold|ensemble)"):
             predict(run / "fold_1", image, tmp_path / "out3", progress=False, **option)
+
+
+def test_ensemble_notes_missing_and_unfinished_folds(two_fold_run, tmp_path, capsys):
+    """--ensemble averages the folds that have a checkpoint; it says which of the run's folds have none, and which
+    checkpoints stopped before their last epoch."""
+    run = tmp_path / "run"
+    shutil.copytree(two_fold_run / "run", run)
+    state = torch.load(run / "fold_0" / "checkpoint.pt", weights_only=True)
+    state["train_config"]["epochs"] = 5
+    torch.save(state, run / "fold_0" / "checkpoint.pt")
+    shutil.rmtree(run / "fold_1")
+    assert len(load_models(run, torch.device("cpu"), ensemble=True)[1]) == 1
+    err = capsys.readouterr().err
+    assert "--ensemble of 1 of the run's 2 folds (no checkpoint for fold 1)" in err
+    assert "fold_0/checkpoint.pt stopped at epoch 1 of 5" in err
 
 
 def test_prediction_falls_back_to_the_host_when_the_gpu_runs_out_of_memory(capsys):

@@ -14,7 +14,7 @@ from seg3d_fast.data import discover
 from seg3d_fast.predict import load_models
 from seg3d_fast.train import (FOREGROUND_PER_CLASS, TrainConfig, augment, augment_intensity, foreground_sample,
                               make_splits, prepare, random_crop, train)
-from data_helpers import TCGA_T1, TCGA_TUMOUR, brain_csv, load, save
+from data_helpers import TCGA_T1, TCGA_TUMOUR, brain_block, brain_csv, load, save
 
 TINY = dict(features=(4, 8), crop=(16, 16, 16), samples_per_epoch=2, lr=3e-3, progress=False)
 
@@ -89,6 +89,30 @@ def test_diverged_training_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(Seg3DFastDataError, match="diverged in epoch 2 .*checkpoint.pt keeps epoch 1; lower --lr"):
         train(TrainConfig(epochs=2, resume=True, **dict(cfg, lr=1e30)))
     assert (tmp_path / "r" / "fold_0" / "checkpoint.pt").read_bytes() == before
+
+
+def test_num_classes_against_dataset_json_and_the_split_seed(tmp_path):
+    """--num-classes that differs from dataset.json's labels is an error before anything is written (a larger one
+    had trained a model whose predictions evaluate then refused); a resume with another --seed keeps the split and
+    the seed that made it in splits.json."""
+    root = tmp_path / "nnunet"
+    for i in range(2):
+        image, label = brain_block(root / "raw", f"case{i}", (slice(22 + 6 * i, 42 + 6 * i), slice(30, 50),
+                                                               slice(28, 44)))
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (root / "labelsTr").mkdir(exist_ok=True)
+        image.rename(root / "imagesTr" / f"case{i}_0000.nii.gz")
+        label.rename(root / "labelsTr" / f"case{i}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "CSF": 1, "GM": 2, "WM": 3},
+                                                   "channel_names": {"0": "T1"}}))
+    cfg = dict(data=str(root), out=str(tmp_path / "r"), folds=2, **TINY)
+    with pytest.raises(Seg3DFastDataError, match="--num-classes 6 differs from the 4 classes"):
+        train(TrainConfig(epochs=1, num_classes=6, **cfg))
+    assert not (tmp_path / "r").exists()
+    train(TrainConfig(epochs=1, num_classes=4, **cfg))
+    split = json.loads((tmp_path / "r" / "splits.json").read_text())
+    train(TrainConfig(epochs=2, resume=True, **dict(cfg, seed=5)))
+    assert json.loads((tmp_path / "r" / "splits.json").read_text()) == split and split["seed"] == 0
 
 
 def test_clip_run_trains_more_folds_and_resumes(tmp_path):
