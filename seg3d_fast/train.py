@@ -12,6 +12,7 @@ multi-process run draws its own samples without any shared random state.
 Multi-GPU: `torchrun --nproc_per_node=N -m seg3d_fast train ...` (NCCL on GPUs, gloo on CPU); only rank 0 writes.
 """
 import functools
+import hashlib
 import json
 import math
 import os
@@ -275,18 +276,21 @@ CACHE_VERSION = 1  # bump when preprocessing changes what it makes of the same f
 
 
 def _cached_case(cache_dir, case, pre, num_classes):
-    """-> (PreparedCase of memory maps, largest label): from cache_dir/<name>.json and its .npy files when the
-    JSON's fingerprint (source files' size and time, preprocessing, class count) matches and they read back, else
-    preprocessed and written (arrays first, the JSON last, each atomically: a stopped run leaves no half case that
-    looks whole)."""
+    """-> (PreparedCase of memory maps, largest label): from cache_dir/<name>.<key>.json and its .npy files, <key> a
+    digest of the fingerprint (source files' path, size and time, preprocessing, class count), when the JSON's
+    fingerprint matches and they read back consistent, else preprocessed and written (arrays first, the JSON last,
+    each atomically: a stopped run leaves no half case that looks whole). One set of files per fingerprint: runs
+    that share the folder with other preprocessing or other files of the same name never read each other's."""
     sources = [Path(p) for p in [*case.images, case.label] if p is not None]
     if not all(p.is_file() for p in sources):
         return _prepared_case(case, pre, num_classes)  # (which names the missing file)
     fingerprint = {"version": CACHE_VERSION, "preprocess": pre.to_dict(), "num_classes": num_classes,
                    "sources": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in sources]}
-    fingerprint = json.loads(json.dumps(fingerprint))  # (as read back: lists for tuples)
-    meta_path = cache_dir / f"{case.name}.json"
-    paths = {key: cache_dir / f"{case.name}.{key}.npy" for key in ("x", "y", "foreground")}
+    text = json.dumps(fingerprint, sort_keys=True)
+    fingerprint = json.loads(text)  # (as read back: lists for tuples)
+    stem = f"{case.name}.{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+    meta_path = cache_dir / f"{stem}.json"
+    paths = {key: cache_dir / f"{stem}.{key}.npy" for key in ("x", "y", "foreground")}
     try:
         if read_json(meta_path).get("fingerprint") == fingerprint:
             return _read_cached(case.name, meta_path, paths)
@@ -305,10 +309,15 @@ def _cached_case(cache_dir, case, pre, num_classes):
 
 
 def _read_cached(name, meta_path, paths):
-    """-> (PreparedCase of the cached arrays as read-only memory maps, largest label)."""
+    """-> (PreparedCase of the cached arrays as read-only memory maps, largest label); ValueError where they do not
+    fit together (x's grid is y's, the foreground sample's voxels lie in it)."""
     meta = read_json(meta_path)
     x, y = (np.load(paths[key], mmap_mode="r") for key in ("x", "y"))
-    return PreparedCase(name, x, y, meta["spacing"], np.load(paths["foreground"])), int(meta["top_label"])
+    foreground = np.load(paths["foreground"])
+    if x.ndim != 4 or x.shape[1:] != y.shape or foreground.ndim != 2 or foreground.shape[1] != 4 or (
+            len(foreground) and not (foreground[:, 1:] < np.array(y.shape)).all()):
+        raise ValueError(f"cached case {name}: arrays that do not fit together")
+    return PreparedCase(name, x, y, meta["spacing"], foreground), int(meta["top_label"])
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------

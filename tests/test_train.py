@@ -349,8 +349,9 @@ def test_cache_dir_trains_the_same_from_memory_maps(tmp_path, monkeypatch):
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
     cache = tmp_path / "cache"
-    assert sorted(p.name for p in cache.iterdir()) == sorted(
-        f"case{i}.{ext}" for i in range(3) for ext in ("json", "x.npy", "y.npy", "foreground.npy"))
+    files = sorted(p.name for p in cache.iterdir())  # <case>.<fingerprint's digest>.<part>
+    assert len(files) == 12 and all(any(f == f"case{i}.{f.split('.')[1]}.{ext}" for i in range(3)
+                                        for ext in ("json", "x.npy", "y.npy", "foreground.npy")) for f in files)
 
     made = []
     preprocess = train_module.preprocess
@@ -371,14 +372,20 @@ def test_cache_dir_trains_the_same_from_memory_maps(tmp_path, monkeypatch):
     image = tmp_path / "data" / "case1_image.nii.gz"
     assert image.is_file()
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))  # the file changed
-    (cache / "case2.x.npy").write_bytes((cache / "case2.x.npy").read_bytes()[:100])  # damaged
+    x2, = cache.glob("case2.*.x.npy")
+    x2.write_bytes(x2.read_bytes()[:100])  # damaged
+    y0, = cache.glob("case0.*.y.npy")
+    np.save(y0, np.zeros((3, 3, 3), np.uint8))  # reads back, but is not x's grid
     cases, _ = prepare(cached, dataset, names, None)
-    assert made == [1, 1]
+    assert made == [1, 1, 1]
     for a, b in zip(cases, in_memory):
         np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
     made.clear()
     cases, _ = prepare(replace(cached, downsample=2.0), dataset, names, None)
     assert made == [1, 1, 1] and cases[0].x.shape != in_memory[0].x.shape
+    made.clear()  # each preprocessing has its own files: runs sharing the folder never read each other's
+    assert prepare(cached, dataset, names, None)[0][0].x.shape == in_memory[0].x.shape and made == []
     # a cached case goes to a spawned data-loader worker as its files, not as copies of its arrays
     blob = pickle.dumps(cases[0])
     assert len(blob) < len(pickle.dumps(cases[0].foreground)) + 2000  # (the foreground sample and a few names)
