@@ -571,11 +571,11 @@ def train(cfg):
                "seconds": elapsed, "val_dice": None}
         # a diverged epoch (weights no longer finite) must not replace the last good checkpoint (one sync per epoch)
         if not torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all():
-            kept = f"{ckpt_path} keeps epoch {epoch}" if epoch > 0 else "no checkpoint was written"
+            left = f"{ckpt_path} keeps epoch {epoch}" if epoch > 0 else "no checkpoint was written"
             raise Seg3DFastDataError(f"training diverged in epoch {epoch + 1} (weights no longer finite; mean loss "
-                                     f"{row['train_loss']:.4g}): {kept}; lower --lr (now {cfg.lr:g})")
+                                     f"{row['train_loss']:.4g}): {left}; lower --lr (now {cfg.lr:g})")
         if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs) and rank == 0:
-            row["val_dice"] = validate(model, val_cases, num_classes, device, amp_dtype, cfg.crop)
+            row["val_dice"] = validate(model, val_cases, device, amp_dtype, cfg.crop)
         history.append(row)
         if rank == 0:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -592,7 +592,7 @@ def train(cfg):
     return model
 
 
-def validate(model, cases, num_classes, device, amp_dtype, crop):
+def validate(model, cases, device, amp_dtype, crop):
     """Mean over validation cases of their mean_foreground_dice, predicted whole (sliding window of the crop size if
     any); cases with no foreground in truth or prediction are left out (None: no case had any)."""
     model.eval()

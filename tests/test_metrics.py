@@ -47,8 +47,8 @@ def test_training_dice_leaves_out_classes_absent_from_both_maps(tmp_path):
     empty = np.zeros_like(truth)
     cases = [PreparedCase(n, np.zeros((1, 6, 5, 4), np.float32), t.astype(np.uint8)) for n, t in (("a", truth),
                                                                                                   ("b", empty))]
-    assert validate(Fixed([pred, empty]), cases, 5, torch.device("cpu"), None, None) == pytest.approx(expected)
-    assert validate(Fixed([empty, empty]), cases[1:] * 2, 5, torch.device("cpu"), None, None) is None
+    assert validate(Fixed([pred, empty]), cases, torch.device("cpu"), None, None) == pytest.approx(expected)
+    assert validate(Fixed([empty, empty]), cases[1:] * 2, torch.device("cpu"), None, None) is None
 
 
 def test_scores_from_counts():

@@ -349,5 +349,5 @@ def test_prediction_on_the_gpu_matches_the_host(two_fold_run, monkeypatch, exact
     logits_gpu = predict_logits(on_gpu[0], x, cuda, roi=(16, 16, 16), out_device=cuda)
     assert logits_gpu.device.type == "cuda"
     torch.testing.assert_close(logits_gpu.cpu(), logits_cpu, rtol=1e-4, atol=1e-4)
-    assert validate(on_gpu[0], prepared, 4, cuda, None, (16, 16, 16)) == pytest.approx(
-        validate(on_cpu[0], prepared, 4, cpu, None, (16, 16, 16)), abs=1e-3)
+    assert validate(on_gpu[0], prepared, cuda, None, (16, 16, 16)) == pytest.approx(
+        validate(on_cpu[0], prepared, cpu, None, (16, 16, 16)), abs=1e-3)
