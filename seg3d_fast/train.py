@@ -493,7 +493,13 @@ def train(cfg):
     train_cases, top_train = prepare(cfg, dataset, split["train"], num_classes, rank=rank, world=world)
     val_cases, top_val = prepare(cfg, dataset, split["val"], num_classes, channels=train_cases[0].x.shape[0],
                                  rank=rank, world=world)
-    num_classes = num_classes or max(2, top_train + 1, top_val + 1)
+    if num_classes is None:  # from the labels: a stray value (one voxel of 5000) would make a 5001-class model
+        num_classes = max(2, top_train + 1, top_val + 1)
+        present = {0, *(int(c) for case in train_cases + val_cases for c in np.unique(case.foreground[:, 0]))}
+        if rank == 0 and num_classes > max(16, 2 * len(present)):
+            print(f"seg3d_fast: warning: the labels reach {num_classes - 1} but only {len(present)} values occur "
+                  f"(e.g. {sorted(present)[:8]}): the model gets {num_classes} classes; remap the labels to 0.."
+                  f"{len(present) - 1}, or pass --num-classes", file=sys.stderr, flush=True)
     in_channels = train_cases[0].x.shape[0]
 
     torch.manual_seed(cfg.seed)

@@ -115,6 +115,22 @@ def test_num_classes_against_dataset_json_and_the_split_seed(tmp_path):
     assert json.loads((tmp_path / "r" / "splits.json").read_text()) == split and split["seed"] == 0
 
 
+def test_a_stray_label_value_is_warned_about(tmp_path, capsys):
+    """Without dataset.json or --num-classes the class count is the largest label + 1: one stray voxel of 100 makes a
+    101-class model, which training says (the labels' values that occur, and what to do)."""
+    image, label = brain_block(tmp_path / "d")
+    img, lab = load(label)
+    lab = lab.astype(np.int16)
+    lab[0, 0, 0] = 100
+    save(lab, img.affine, label)
+    (tmp_path / "d" / "m.csv").write_text(f"image,label\n{image},{label}\n")
+    train(TrainConfig(data=str(tmp_path / "d" / "m.csv"), out=str(tmp_path / "r"), epochs=1, **TINY))
+    err = capsys.readouterr().err
+    assert "the labels reach 100 but only 5 values occur (e.g. [0, 1, 2, 3, 100])" in err and "--num-classes" in err
+    train(TrainConfig(data=str(tmp_path / "d" / "m.csv"), out=str(tmp_path / "r2"), epochs=1, num_classes=101, **TINY))
+    assert "labels reach" not in capsys.readouterr().err
+
+
 def test_clip_run_trains_more_folds_and_resumes(tmp_path):
     """--clip (CT) is saved in config.json as a JSON list: a second fold and --resume must not see it as a different
     preprocessing (a tuple compared with the list read back)."""
