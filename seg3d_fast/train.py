@@ -507,7 +507,7 @@ def train(cfg):
                             backend=cfg.backend).to(device)
     config = run_config(cfg, model, dataset, num_classes)
     if rank == 0:
-        _check_or_write_config(out / CONFIG_FILE, config, kept)
+        _check_or_write_config(out / CONFIG_FILE, config, kept, {ckpt_path: checkpoint} if checkpoint else {})
         write_text_atomic(splits_path, json.dumps({"folds": cfg.folds, "seed": split_seed, "cases": sorted(names),
                                                    "splits": splits}, indent=1) + "\n")
     loss_fn = sfnn.JaccardLoss(squared=True, backend=cfg.backend)
@@ -614,13 +614,14 @@ def validate(model, cases, device, amp_dtype, crop):
     return float(np.mean(scored)) if scored else None
 
 
-def _check_or_write_config(path, config, checkpoints):
+def _check_or_write_config(path, config, checkpoints, loaded):
     """Writes the run's config; one that differs in model, preprocessing or classes is an error while checkpoints
     trained with another remain. Each checkpoint is compared with the config it stores (config.json may be newer: an
-    --overwrite with other settings that stopped before its first checkpoint), else with config.json."""
+    --overwrite with other settings that stopped before its first checkpoint), else with config.json. loaded: {path:
+    state} of the checkpoints already read (a resumed fold's), not read again."""
     saved = read_json(path) if path.is_file() and checkpoints else None
     for checkpoint in checkpoints:
-        trained = _stored_config(checkpoint) or saved
+        trained = _stored_config(loaded[checkpoint] if checkpoint in loaded else _read_state(checkpoint)) or saved
         for key in ("model", "preprocess", "num_classes"):
             if trained is not None and trained.get(key) != config[key]:
                 raise Seg3DFastDataError(f"{checkpoint}: trained with a different {key} ({trained.get(key)} vs "
@@ -628,12 +629,16 @@ def _check_or_write_config(path, config, checkpoints):
     write_text_atomic(path, json.dumps(config, indent=1) + "\n")
 
 
-def _stored_config(checkpoint_path):
-    """The run config a checkpoint stores (None where it stores none or cannot be read)."""
+def _read_state(checkpoint_path):
+    """A checkpoint's contents, None where it cannot be read (reported where the checkpoint is used)."""
     try:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - reported where the checkpoint is used; config.json stands in
+        return torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - config.json stands in
         return None
+
+
+def _stored_config(state):
+    """The run config a checkpoint's contents hold (None where there is none)."""
     return state.get("config") if isinstance(state, dict) and isinstance(state.get("config"), dict) else None
 
 

@@ -20,6 +20,7 @@ BRATS_MODALITIES = {
     "new": ("t1n", "t1c", "t2w", "t2f"),
 }
 BRATS_LABEL = "seg"
+_BRATS_TOKENS = {BRATS_LABEL, *(m for naming in BRATS_MODALITIES.values() for m in naming)}
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000.nii.gz
 
 
@@ -214,11 +215,11 @@ def _brats_case(folder):
     """A Case when `folder` holds BRATS-named modality files of one case (one name before the modality), else None.
     Missing modalities are an error. (A folder of sub01_T1, sub02_T1, ... is several subjects' images, not a case.)"""
     by_suffix, prefixes = {}, set()
-    brats_tokens = {BRATS_LABEL, *(m for naming in BRATS_MODALITIES.values() for m in naming)}
     for p in _nifti_files(folder):
         *prefix, token = re.split(r"([_-])", case_name(p))
-        by_suffix[token.lower()] = p
-        if token.lower() in brats_tokens:
+        token = token.lower()
+        by_suffix[token] = p
+        if token in _BRATS_TOKENS:
             prefixes.add("".join(prefix[:-1]).lower())
     if len(prefixes) > 1:
         return None
