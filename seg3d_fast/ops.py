@@ -18,6 +18,7 @@ import numbers
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -166,6 +167,15 @@ def _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first):
         raise ValueError(f"residual must have the output's shape {out_shape}; got {tuple(residual.shape)}")
     if any(s <= 0 for s in out_shape[2:]):  # (an empty batch is fine: an empty output, as F.conv3d gives)
         raise ValueError(f"x spatial extent {tuple(x.shape[2:])} gives an empty output")
+
+
+def _python_scalar(value):
+    """A numpy scalar as the Python number it is (the custom ops' schemas take int / float). Under torch.compile
+    dynamo hands a numpy scalar over as a 0-d array, which the argument checks would refuse; turning it into a
+    number there breaks the graph at this call, as a numpy scalar does elsewhere in a compiled function."""
+    if isinstance(value, (np.generic, np.ndarray)) and value.ndim == 0 and value.dtype.kind in "iuf":
+        return value.item()
+    return value
 
 
 def _check_backend(backend):
@@ -406,10 +416,10 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
     if dtype is not None:
         x, residual = _cast(dtype, x, residual)
         weight, bias, alpha = _cast_params(dtype, weight, bias, alpha)
+    stride = _python_scalar(stride)
     _check_conv_args(x, weight, bias, alpha, residual, stride, residual_first)
     _check_backend(backend)
     _refuse_func_transforms()
-    stride = int(stride)  # (a numpy integer: the custom op's schema takes a Python int)
     save_act = alpha is not None and residual is not None and not residual_first
     # The backend is chosen inside the op, at run time: torch.compile traces only the op, not the dispatcher.
     op = _conv3d_prelu if torch.compiler.is_compiling() else _Conv3dPReLUEager.apply
@@ -598,9 +608,7 @@ def _label_map(target, ignore_index):
         target = target.long()
     if ignore_index is not None:
         info = torch.iinfo(target.dtype)
-        if info.min <= ignore_index <= info.max:
-            ignore_index = int(ignore_index)  # (a numpy integer: the custom ops' schemas take a Python int)
-        else:
+        if not info.min <= ignore_index <= info.max:
             note = f" (ignore_index={ignore_index} cannot occur in a {target.dtype} label map: no voxel was ignored)"
             ignore_index = None
     return target, ignore_index, note
@@ -656,6 +664,7 @@ def jaccard_from_sums(sums: Tensor, *, smooth: float = 1e-5, class_weights: Opti
                          f"class (N, C >= 1); got {_describe(sums)}")
     if sums.dtype not in FLOAT_DTYPES:
         raise TypeError(f"sums must be a floating-point tensor; got dtype {sums.dtype}")
+    smooth = _python_scalar(smooth)
     class_weights = _check_loss_options(sums.shape[1], sums.device, smooth, class_weights, reduction,
                                         include_background=include_background, per_sample=per_sample)
     _refuse_func_transforms()
@@ -718,11 +727,12 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     Labels outside [0, C) (other than ignore_index) raise ValueError; when training on a GPU that error comes from
     backward, so that the forward never waits for the GPU.
     """
+    smooth, ignore_index = _python_scalar(smooth), _python_scalar(ignore_index)
     class_weights = _check_jaccard_args(logits, target, activation, class_weights, ignore_index, reduction, smooth,
                                         squared, include_background, per_sample)
     _check_backend(backend)
     _refuse_func_transforms()
-    smooth = float(smooth)  # (a numpy scalar)
+    smooth = float(smooth)  # (an int)
     target, ignore_index, ignore_note = _label_map(target, ignore_index)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)

@@ -947,6 +947,28 @@ def test_jaccard_loss_under_torch_compile_fullgraph():
     torch.testing.assert_close(grad, eager_grad)
 
 
+def test_numpy_scalar_arguments_under_torch_compile():
+    """numpy scalars for stride, ignore_index and smooth work under torch.compile as in eager mode: dynamo hands
+    them over as 0-d arrays, which the argument checks refused ('stride must be an int ... got array(2)')."""
+    import numpy as np
+
+    torch._dynamo.reset()
+    x, w = torch.randn(2, 3, 5, 6, 7, requires_grad=True), torch.randn(4, 3, 3, 3, 3)
+    labels = torch.randint(0, 3, (2, 5, 6, 7))
+    labels[0, 0, 0, 0] = 255
+    calls = {
+        "stride": lambda: sf.conv3d_prelu(x, w, stride=np.int64(2)).square().sum(),
+        "ignore_index and smooth": lambda: sf.jaccard_loss(x[:, :3], labels, ignore_index=np.int32(255),
+                                                           smooth=np.float64(0.5)),
+        "jaccard_from_sums smooth": lambda: sf.jaccard_from_sums(x[:, :3, :3, 0, 0].exp(), smooth=np.float32(0.5)),
+    }
+    for what, call in calls.items():
+        eager = call()
+        compiled = torch.compile(call)()
+        torch.testing.assert_close(compiled, eager, msg=what)
+        torch.testing.assert_close(torch.autograd.grad(compiled, x)[0], torch.autograd.grad(eager, x)[0], msg=what)
+
+
 @pytest.mark.parametrize("with_skip", [True, False])
 def test_upconv_prelu_add_under_torch_compile_fullgraph(with_skip):
     """The upsampling block (an autograd.Function) traces without graph breaks and matches eager mode in value and
