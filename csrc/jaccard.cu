@@ -171,9 +171,10 @@ __device__ __forceinline__ void loss_sums_grad(const float* sums, const float* _
     coef = coef / (wsum * (per_sample ? static_cast<float>(N) : 1.0f));
   }
   const float num = I + smooth, den = P + T - I + smooth;
-  const float q = w != 0.0f ? coef / (den * den) : 0.0f;
-  d_p = q * num;
-  d_i = -(q * den + d_p);
+  // no den * den: it underflows with smooth = 0 (den < ~1e-19), and inf * num = NaN for an absent class (num = 0)
+  const float q = w != 0.0f ? coef / den : 0.0f;
+  d_p = w != 0.0f ? q * (num / den) : 0.0f;
+  d_i = -(q + d_p);
 }
 
 // sums (N, C, 3) = the partials (N, blocks, C, 3) summed over the blocks: one warp per output, lanes over the blocks

@@ -589,6 +589,9 @@ def _check_loss_options(c, device, smooth, class_weights, reduction, **flags):
             w = class_weights.detach().double()
             if not (w.isfinite().all() and (w >= 0).all() and w.sum() > 0):
                 raise ValueError(f"class_weights must be finite, >= 0 and not all 0; got {w.tolist()}")
+            if reduction == "mean" and not flags["include_background"] and not w[1:].sum() > 0:  # mean: 0 / 0
+                raise ValueError(f"class_weights of the scored classes are all 0 (include_background=False leaves "
+                                 f"out class 0's weight): the weighted mean would be NaN; got {w.tolist()}")
     return class_weights
 
 
@@ -710,9 +713,11 @@ class _JaccardTerms(torch.autograd.Function):
     @_differentiable_once  # num and den are saved without their graph: a second derivative would miss their terms
     def backward(ctx, grad):
         num, den = ctx.saved_tensors
-        q = grad / (den * den)
-        d_pt = q * num  # dL/dP = dL/dT = (I + s) / den^2
-        d_i = (q * den).add_(d_pt).neg_()  # dL/dI = -(den + I + s) / den^2
+        # no den * den: with smooth=0 it underflows for den < ~1e-19 (float32) and grad / 0 * num gave inf * 0 = NaN
+        # where the exact gradient is finite (an absent class, num = 0, predicted with a tiny P)
+        a = grad / den
+        d_pt = a * (num / den)  # dL/dP = dL/dT = (I + s) / den^2
+        d_i = (a + d_pt).neg_()  # dL/dI = -(den + I + s) / den^2
         return torch.stack([d_i, d_pt, d_pt], -1), None
 
 

@@ -652,6 +652,25 @@ def test_jaccard_loss_reduced_matches_the_sums_path(cuda_backend, activation, sq
     assert_close(grad, expected.double(), None, torch.float32, "grad_logits")
 
 
+def test_jaccard_loss_reduced_gradient_with_smooth_zero(cuda_backend):
+    """smooth=0 and an absent class predicted with a tiny mass (den = 4.8e-25): the gradient is finite, as the exact
+    one is (1 / den^2 underflowed in float32: inf * 0 = NaN in every logit)."""
+    dev = cuda_backend.device
+    logits = torch.tensor([14.0, -14.0], device=dev).reshape(1, 2, 1, 1, 1).repeat(1, 1, 2, 3, 4)
+    target = torch.zeros(1, 2, 3, 4, dtype=torch.long, device=dev)
+    w = torch.ones(2, device=dev)
+    loss, sums, _ = cuda_backend.jaccard_loss_reduced(logits, target, True, "softmax", None, 0.0, w, False, True)
+    grad = cuda_backend.jaccard_loss_reduced_backward(torch.tensor(1.0, device=dev), sums, w, logits, target, True,
+                                                      "softmax", None, 0.0, False, True)
+    lg64 = logits.double().cpu().requires_grad_()
+    p = lg64.softmax(1)
+    t = torch.nn.functional.one_hot(target.cpu(), 2).movedim(-1, 1).double()
+    i, pp, tt = [(a * b).sum((0, 2, 3, 4)) for a, b in ((p, t), (p, p), (t, t))]
+    want = torch.autograd.grad((1 - i / (pp + tt - i)).mean(), lg64)[0]
+    assert loss.isfinite() and grad.isfinite().all(), grad
+    torch.testing.assert_close(grad.double().cpu(), want, atol=1e-6, rtol=1e-4)
+
+
 def test_jaccard_loss_reduced_label_range_sees_bad_and_no_labels(cuda_backend):
     """Out-of-range labels show in the range (they match no class); a volume whose labels are all ignored has an
     empty range, which no check rejects. A larger volume: several blocks per sample write range partials."""

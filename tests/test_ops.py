@@ -820,6 +820,43 @@ def test_jaccard_class_weights_get_their_gradient(backend):
             torch.testing.assert_close(g, want.float(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_jaccard_gradient_with_smooth_zero_and_a_tiny_absent_class(backend):
+    """smooth=0, a class absent from the labels and predicted with a tiny mass (P + T - I = 4.8e-25): the loss is
+    finite and so is its exact gradient, but the backward's 1 / den^2 underflowed in float32 and gave inf * 0 = NaN
+    in every logit (plain float32 autograd: finite)."""
+    skip_unless_usable(backend)
+    logits = torch.tensor([14.0, -14.0, 3.0, 1.0], device=DEVICE).reshape(2, 2, 1, 1, 1).repeat(1, 1, 2, 3, 1)
+    logits[1] = torch.randn(2, 2, 3, 1)  # a second sample where class 1 occurs (pooled: class 1 counts)
+    labels = torch.zeros(2, 2, 3, 1, dtype=torch.long, device=DEVICE)
+    labels[1, 0, 0] = 1
+    for per_sample in (False, True):
+        lg = logits.clone().requires_grad_()
+        got = torch.autograd.grad(sf.jaccard_loss(lg, labels, smooth=0.0, per_sample=per_sample, backend=backend),
+                                  lg)[0]
+        lg64 = logits.double().requires_grad_()
+        want = torch.autograd.grad(sf.jaccard_loss(lg64, labels, smooth=0.0, per_sample=per_sample,
+                                                   backend="reference"), lg64)[0]
+        assert got.isfinite().all(), (per_sample, got)
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-4)
+
+
+def test_jaccard_class_weights_only_on_the_left_out_background_are_refused():
+    """class_weights whose only non-zero weight is the background's, with include_background=False: the weighted mean
+    is 0 / 0. It returned NaN silently, where all-zero weights raise."""
+    logits, labels = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))
+    for per_sample in (False, True):
+        with pytest.raises(ValueError, match="class_weights of the scored classes are all 0"):
+            sf.jaccard_loss(logits, labels, class_weights=[1.0, 0.0, 0.0], include_background=False,
+                            per_sample=per_sample)
+    with pytest.raises(ValueError, match="class_weights of the scored classes are all 0"):
+        sf.jaccard_from_sums(torch.rand(2, 3, 3) + 1, class_weights=[1.0, 0.0, 0.0], include_background=False)
+    # a sum, or a mean with the background scored, is defined
+    assert sf.jaccard_loss(logits, labels, class_weights=[1.0, 0.0, 0.0], include_background=False,
+                           reduction="sum").item() == 0
+    assert sf.jaccard_loss(logits, labels, class_weights=[1.0, 0.0, 0.0]).isfinite()
+
+
 def test_upconv_errors_and_empty_batches():
     """Bad upsampling inputs name the argument; an empty batch gives an empty output and zero parameter gradients
     (on the reference backend, as F.conv3d would), for both fused ops."""

@@ -301,9 +301,10 @@ def _loss_sums_grad(sums_ptr, w_ptr, gloss_ptr, n, N, C, smooth, PER_SAMPLE: tl.
         coef = coef / (tl.sum(w, axis=0) * (N if PER_SAMPLE else 1))
     num = i + smooth
     den = p + t - i + smooth
-    q = tl.where(w != 0, coef / (den * den), 0.0)
-    d_p = q * num
-    return -(q * den + d_p), d_p
+    # no den * den (it underflows in float32 with smooth=0: inf * num = NaN for an absent class, num = 0)
+    q = tl.where(w != 0, coef / den, 0.0)
+    d_p = tl.where(w != 0, q * (num / den), 0.0)
+    return -(q + d_p), d_p
 
 
 def _flat_spatial(t):
