@@ -39,7 +39,11 @@ int max_shared_memory(int device);
 
 // Dtype codes shared with seg3d_fast/backends/cuda.py.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum LabelType : int { kInt64 = 0, kInt32 = 1, kUInt8 = 2, kProb = 3 };
+// kProb: class probabilities in the logits' dtype; kProbF32: in float32 (with fp16 / bf16 logits: not rounded)
+enum LabelType : int { kInt64 = 0, kInt32 = 1, kUInt8 = 2, kProb = 3, kProbF32 = 4 };
+__host__ __device__ __forceinline__ bool is_probability(int label_type) {
+  return label_type == kProb || label_type == kProbF32;
+}
 
 // Kernel launch and the dynamic shared-memory array, spelled so that the CPU simulation can supply both.
 #if defined(SEG3D_SIMT_CPU)

@@ -82,6 +82,10 @@ __device__ __forceinline__ bool load_voxel(const T* __restrict__ logits, const v
     const T* tp = static_cast<const T*>(target);
 #pragma unroll
     for (int c = 0; c < MAXC; ++c) t[c] = c < C ? to_float(tp[base + c * S]) : 0.0f;
+  } else if (label_type == kProbF32) {
+    const float* tp = static_cast<const float*>(target);
+#pragma unroll
+    for (int c = 0; c < MAXC; ++c) t[c] = c < C ? tp[base + c * S] : 0.0f;
   } else {
     lab = load_label(target, label_type, static_cast<long long>(n) * S + v);
     if (has_ignore && lab == ignore_index) return false;
@@ -408,11 +412,11 @@ void jaccard_loss(uint64_t logits, uint64_t target, uint64_t weights, uint64_t p
                   bool mean, int dtype, int device, uint64_t stream) {
   use_device(device);
   if (N == 0) throw std::invalid_argument("seg3d_fast._cuda: jaccard_loss needs a non-empty batch");
-  if (loss == 0 || weights == 0 || (label_type != kProb && (range_partial == 0 || label_range == 0)))
+  if (loss == 0 || weights == 0 || (!is_probability(label_type) && (range_partial == 0 || label_range == 0)))
     throw std::invalid_argument("seg3d_fast._cuda: jaccard_loss needs weights, loss and (label maps) label range");
   LossArgs l = loss_formula(weights, smooth, per_sample, mean);
-  l.range_partial = label_type == kProb ? 0 : range_partial;
-  l.label_range = label_type == kProb ? 0 : label_range;
+  l.range_partial = is_probability(label_type) ? 0 : range_partial;
+  l.label_range = is_probability(label_type) ? 0 : label_range;
   l.loss = loss;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   SEG3D_JACCARD_DISPATCH(launch_sums, logits, target, partial, sums, N, C, S, label_type, squared, sigmoid,

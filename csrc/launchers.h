@@ -51,7 +51,7 @@ void prelu_backward(uint64_t grad_out, uint64_t saved, uint64_t alpha, uint64_t 
                     int row_blocks, int dtype, int device, uint64_t stream);
 
 // Jaccard sums (N, C, 3) fp32 and their backward; logits (N, C, S) contiguous, target (N, S) labels of
-// `label_type` or (N, C, S) probabilities in the logits dtype. partial: fp32 (N, blocks, C, 3) scratch.
+// `label_type` or (N, C, S) probabilities in the logits dtype (kProb) or float32 (kProbF32). partial: fp32 (N, blocks, C, 3) scratch.
 int jaccard_blocks(int64_t S);
 void jaccard_sums(uint64_t logits, uint64_t target, uint64_t partial, uint64_t sums, int N, int C, int64_t S,
                   int label_type, bool squared, bool sigmoid, bool has_ignore, int64_t ignore_index, int dtype,
@@ -61,7 +61,7 @@ void jaccard_backward(uint64_t grad_sums, uint64_t logits, uint64_t target, uint
                       int dtype, int device, uint64_t stream);
 // The reduced loss (API.md's jaccard_loss_reduced): jaccard_sums' launches that also write the loss (0-d fp32)
 //   sum_rows sum_c w_c (1 - (I + smooth) / (P + T - I + smooth)), rows = the samples (per_sample) or their pooled
-//   sums, divided by rows * sum_c w_c for mean; weights fp32 (C,). Label maps (label_type != kProb): also
+//   sums, divided by rows * sum_c w_c for mean; weights fp32 (C,). Label maps (not kProb / kProbF32): also
 //   label_range int64 (2,) = least, greatest counted label (2^62, -2^62 when none counts), range_partial int64
 //   (N, blocks, 2) scratch (both ignored for probabilities). N >= 1. sums: (N, C, 3) fp32, and for the pooled loss
 //   (!per_sample) (N + 1, C, 3): row N gets the pooled sums.

@@ -142,8 +142,9 @@ def _jaccard_tensors(logits, target, n, c, s, label_type, dtype_code):
 
     dtype = DTYPES[dtype_code]
     lg = _view(logits, (n, c, s), dtype, "logits").double()
-    if label_type == 3:
-        return lg, _view(target, (n, c, s), dtype, "target").double(), reference
+    if label_type in (3, 4):  # probabilities in the logits' dtype, in float32
+        target_dtype = dtype if label_type == 3 else torch.float32
+        return lg, _view(target, (n, c, s), target_dtype, "target").double(), reference
     return lg, _view(target, (n, s), LABEL_DTYPES[label_type], "target"), reference
 
 
@@ -174,7 +175,7 @@ def _loss_terms(sums, weights, smooth, per_sample):
 
 def jaccard_loss(logits, target, weights, partial, range_partial, sums, loss, label_range, n, c, s, label_type,
                  squared, sigmoid, has_ignore, ignore_index, smooth, per_sample, mean, dtype_code, device, stream):
-    assert n >= 1 and weights and loss and (label_type == 3 or (range_partial and label_range))
+    assert n >= 1 and weights and loss and (label_type in (3, 4) or (range_partial and label_range))
     lg, t, reference = _jaccard_tensors(logits, target, n, c, s, label_type, dtype_code)
     blocks = jaccard_blocks(s)
     _view(partial, (n, blocks, c, 3), torch.float32, "partial").fill_(float("nan"))
@@ -189,7 +190,7 @@ def jaccard_loss(logits, target, weights, partial, range_partial, sums, loss, la
     if mean:
         total = total / (w.sum() * (n if per_sample else 1))
     _view(loss, (), torch.float32, "loss").copy_(total)
-    if label_type != 3:
+    if label_type not in (3, 4):
         _view(range_partial, (n, blocks, 2), torch.int64, "range_partial").fill_(-1)
         counted = t[t != ignore_index] if has_ignore else t.reshape(-1)
         lo_hi = [counted.min().item(), counted.max().item()] if counted.numel() else [2 ** 62, -2 ** 62]

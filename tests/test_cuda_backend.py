@@ -522,6 +522,33 @@ def test_jaccard_sums_forward_backward(cuda_backend, dtype, activation, squared,
     assert_close(grad, refs[0], refs[1], dtype, what + " grad")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_jaccard_float32_probabilities_of_half_logits_are_read_unrounded(cuda_backend, dtype):
+    """float32 class probabilities with fp16 / bf16 logits (label smoothing's 0.9 / 0.05, which bf16 cannot hold) are
+    read as float32, as the other backends read them: they were rounded to the logits' dtype first (bf16: the
+    target's sums off by ~1e-3, the loss by ~1e-4)."""
+    dev = cuda_backend.device
+    logits = randn(2, 3, 5, 6, 7, dtype=dtype, device=dev)
+    labels = torch.randint(0, 3, (2, 5, 6, 7), device=dev)
+    target = torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).float() * 0.85 + 0.05  # label smoothing
+    ref64 = jaccard_sums_plain(logits.double(), target.double(), True, "softmax")
+    sums = cuda_backend.jaccard_sums(logits, target, True, "softmax", None)
+    assert rel_err(sums[..., 2], ref64[..., 2]) < 1e-6  # sum t^2: the target alone, float32 accumulation
+    assert_close(sums, ref64, None, dtype, f"{dtype} sums")
+    w = torch.ones(3, device=dev)
+    loss, reduced_sums, label_range = cuda_backend.jaccard_loss_reduced(logits, target, True, "softmax", None, 1e-5, w,
+                                                                        False, True)
+    assert label_range is None
+    torch.testing.assert_close(reduced_sums[0], sums.sum(0))  # the pooled row
+    lg64 = logits.double().requires_grad_()
+    s64 = jaccard_sums_plain(lg64, target.double(), True, "softmax").sum(0)
+    loss64 = (1 - (s64[:, 0] + 1e-5) / (s64[:, 1] + s64[:, 2] - s64[:, 0] + 1e-5)).mean()
+    assert abs(loss.item() - loss64.item()) < 1e-5
+    grad = cuda_backend.jaccard_loss_reduced_backward(torch.tensor(1.0, device=dev), reduced_sums, w, logits, target,
+                                                      True, "softmax", None, 1e-5, False, True)
+    assert_close(grad, torch.autograd.grad(loss64, lg64)[0], None, dtype, f"{dtype} grad_logits")
+
+
 def test_jaccard_noncontiguous_and_deterministic(cuda_backend):
     dev = cuda_backend.device
     logits = randn(3, 5, 6, 7, 9, dtype=torch.float16, device=dev, noncontig=True)

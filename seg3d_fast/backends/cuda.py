@@ -27,7 +27,7 @@ except ImportError as e:  # built without nvcc, or a broken build
 NAME = "cuda"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LABEL_CODES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
-PROBABILITY_TARGET = 3
+PROBABILITY_TARGET, PROBABILITY_TARGET_F32 = 3, 4  # probabilities in the logits' dtype, in float32
 MAX_CLASSES = 32         # kMaxClasses in csrc/launchers.h
 SAVED_KINDS = {"none": 0, "act": 1, "preact": 2}
 MAX_VOXELS = 2**31 - 2**16  # voxel (row) indices are 32-bit (with room for a tile past the end); offsets 64-bit
@@ -399,8 +399,10 @@ def _jaccard_inputs(logits, target):
     lg = logits.contiguous()
     n, c = lg.shape[:2]
     s = math.prod(lg.shape[2:])  # (no lg[0, 0] view: two more dispatches per call)
-    if target.dtype.is_floating_point:
-        t, label_type = target.to(lg.dtype).contiguous(), PROBABILITY_TARGET
+    if target.dtype == lg.dtype:
+        t, label_type = target.contiguous(), PROBABILITY_TARGET
+    elif target.dtype.is_floating_point:  # float32 (or wider) targets of fp16 / bf16 logits are read unrounded
+        t, label_type = target.to(torch.float32).contiguous(), PROBABILITY_TARGET_F32
     else:
         t = target if target.dtype in LABEL_CODES else target.long()
         t, label_type = t.contiguous(), LABEL_CODES[t.dtype]
@@ -438,7 +440,7 @@ def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smoo
     lg, t, n, c, s, label_type = _jaccard_inputs(logits, target)
     blocks = _cuda.jaccard_blocks(s)
     device = lg.device
-    is_label = label_type != PROBABILITY_TARGET
+    is_label = label_type not in (PROBABILITY_TARGET, PROBABILITY_TARGET_F32)
     w = _f32(weights, device)  # named: must outlive the launch
     partial = torch.empty(n * blocks * c * 3, dtype=torch.float32, device=device)
     sums = torch.empty((n if per_sample else n + 1, c, 3), dtype=torch.float32, device=device)  # pooled: row n too
