@@ -564,6 +564,30 @@ def test_torch_func_transforms_are_refused_clearly():
     assert sf.conv3d_prelu(x, w, None, a).shape == (1, 3, 3, 3, 3)  # (outside a transform: unaffected)
 
 
+def test_reference_bf16_stride2_backward_with_an_extent_1_axis_on_the_cpu():
+    """torch 2.13's oneDNN bf16 conv3d backward on the CPU, stride 2, an extent-1 axis: non-finite or huge weight
+    gradients (every one of 30 seeds for the first shape), or the process aborting ("double free or corruption");
+    its AMX forward is wrong for an output extent of 1 (pytorch/pytorch#169688). The reference backend runs those
+    convolutions without oneDNN. (No activation: with 800 output voxels one PReLU branch
+    flip at z ~ 0 would move the gradients by more than bf16's rounding.)"""
+    gen = torch.Generator().manual_seed(0)
+    for layout, shape in itertools.product((torch.contiguous_format, torch.channels_last_3d),
+                                           ((2, 16, 9, 1, 9), (2, 16, 9, 5, 2))):  # (an output extent of 1 too)
+        x = torch.randn(*shape, generator=gen).bfloat16().contiguous(memory_format=layout).requires_grad_()
+        w = (torch.randn(16, 16, 3, 3, 3, generator=gen) / 16).requires_grad_()
+        b = torch.randn(16, generator=gen, requires_grad=True)
+        y = sf.conv3d_prelu(x, w, b, stride=2, backend="reference")
+        g = torch.randn(y.shape, generator=gen).bfloat16()
+        got = torch.autograd.grad(y, [x, w, b], g)
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        want = torch.autograd.grad(sf.conv3d_prelu(x64, w64, b64, stride=2, backend="reference"), [x64, w64, b64],
+                                   g.double())
+        for name, have, exact in zip(("grad_x", "grad_weight", "grad_bias"), got, want):
+            assert have.isfinite().all(), name
+            assert (have.double() - exact).norm() <= 1e-2 * exact.norm(), (name, shape)
+        assert (y.double() - sf.conv3d_prelu(x64, w64, b64, stride=2, backend="reference")).norm() <= 1e-2 * y.norm()
+
+
 def test_conv_stride_must_be_an_int():
     """A bool, float or tensor stride is refused by name (True and 2.0 compare equal to 1 and 2: they reached
     F.conv3d and failed there with its argument-combination error, and a tensor stride ran in eager mode only); a

@@ -5,6 +5,7 @@ output, and from running every intermediate here without autograd.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -32,8 +33,26 @@ def _as_x(x, *params):
     return tuple(p if p is None or p.dtype == x.dtype else p.to(x.dtype) for p in params)
 
 
+@contextlib.contextmanager
+def _onednn_safe(x, stride):
+    """Around a convolution: oneDNN off for bf16 stride-2 convs on the CPU with an input extent of 1 or 2. Its bf16
+    backward there (torch 2.13 CPU) writes out of bounds: non-finite weight gradients, or the process aborting with
+    "double free or corruption" (an extent-1 axis); and its AMX bf16 forward is wrong where an output extent is 1 and
+    the stride > 1 (pytorch/pytorch#169688). PyTorch's own CPU kernel is right there (slower: fine for CPU bf16 runs, tests and checks)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and stride == 2 and min(x.shape[2:]) <= 2):
+        yield
+        return
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 def _preact(x, weight, bias, residual, stride, residual_first):
-    z = F.conv3d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
+    with _onednn_safe(x, stride):
+        z = F.conv3d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
     if residual is not None and residual_first:
         z += residual
     return z
@@ -74,11 +93,12 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
                 per_channel = per_channel / alpha.to(work)
             grad_alpha = (per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)).to(alpha.dtype)
         del negative  # not held through the convolution's backward, where this op's memory peaks
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        dz, x, weight, [weight.shape[0]] if need_b else None,
-        [stride] * 3, [weight.shape[-1] // 2] * 3, [1, 1, 1], False, [0, 0, 0], 1,
-        [need_x, need_w, need_b],
-    )
+    with _onednn_safe(x, stride):
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            dz, x, weight, [weight.shape[0]] if need_b else None,
+            [stride] * 3, [weight.shape[-1] // 2] * 3, [1, 1, 1], False, [0, 0, 0], 1,
+            [need_x, need_w, need_b],
+        )
     if need_x:
         grad_x = grad_x.contiguous(memory_format=out_format(x))
     # the weight's gradient in its layout and dtype, as the other backends (and the op's fake kernel) give it
