@@ -25,7 +25,7 @@ from torch import Tensor
 
 
 class AlphaAssumptionError(RuntimeError):
-    """A replayed backward recovered the pre-activation from the output (alpha > 0, > 2^-7 in fp16) where some alpha
+    """A replayed backward recovered the pre-activation from the output (alpha above ops._RECOVERABLE_ALPHA: 2^-7 in fp16) where some alpha
     did not allow it: its gradients are not exact."""
 
 

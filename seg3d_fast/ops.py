@@ -270,9 +270,11 @@ def _read_later(values: Tensor):
 
 
 # The least alpha from which the pre-activation z = y / alpha, read back from a stored output y, keeps the output
-# dtype's precision: in fp16 a smaller alpha puts alpha * z among its subnormals (below 2^-14) for small z, and z loses
-# bits (10x PyTorch's alpha-gradient error at alpha 1e-3). bf16 and fp32 have float32's exponent range.
-_RECOVERABLE_ALPHA = {torch.float16: 2.0 ** -7}
+# dtype's precision: 2^7 times the dtype's least normal number. A smaller alpha puts alpha * z among the subnormals
+# for small z, and z loses bits: in fp16 (below 2^-7) 10x PyTorch's alpha-gradient error at alpha 1e-3; bf16 and fp32
+# only below 2^-119 (alpha 1e-40: a bf16 alpha gradient off by 9%).
+_RECOVERABLE_ALPHA = {dtype: torch.finfo(dtype).tiny * 2.0 ** 7
+                      for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def _alpha_recoverable_later(alpha, dtype):

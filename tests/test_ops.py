@@ -124,10 +124,13 @@ def test_compiled_backends_through_ops(backend, dtype, k, stride, alpha_kind, re
 
 
 @pytest.mark.parametrize("backend", ["reference"] + COMPILED_BACKENDS)
-def test_small_fp16_alphas_keep_pytorchs_gradient_accuracy(backend):
-    """In fp16, alpha times a small pre-activation falls among the subnormals, and z read back from the output
-    loses bits (the alpha gradient had 10x PyTorch's error at alpha 1e-3): below 2^-7 the backward recomputes z, and
-    every gradient stays within twice PyTorch's own fp16 error (float64 reference; small activations)."""
+@pytest.mark.parametrize("dtype,alphas", [(torch.float16, (1e-3, 2.0 ** -7)), (torch.bfloat16, (1e-40,)),
+                                          (torch.float32, (1e-40,))], ids=str)
+def test_small_alphas_keep_pytorchs_gradient_accuracy(backend, dtype, alphas):
+    """alpha times a small pre-activation falls among the subnormals, and z read back from the output loses bits (in
+    fp16 the alpha gradient had 10x PyTorch's error at alpha 1e-3; in bf16 at alpha 1e-40, 9% error): below 2^7 times
+    the dtype's least normal number the backward recomputes z, and every gradient stays within twice PyTorch's own
+    error in that dtype (float64 reference; small activations)."""
     skip_unless_usable(backend)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 8, 5, 6, 7, generator=gen, dtype=torch.float64) * 0.01
@@ -142,10 +145,10 @@ def test_small_fp16_alphas_keep_pytorchs_gradient_accuracy(backend):
 
     plain = lambda x, w, b, a: F.prelu(F.conv3d(x, w, b, padding=1), a)  # noqa: E731
     fused = lambda *t: sf.conv3d_prelu(*t, backend=backend)  # noqa: E731
-    for alpha in (1e-3, 2.0 ** -7):
+    for alpha in alphas:
         truth = grads(plain, torch.float64, alpha)
-        torch_err = [(t - e).abs().max() for t, e in zip(grads(plain, torch.float16, alpha), truth)]
-        fused_err = [(t - e).abs().max() for t, e in zip(grads(fused, torch.float16, alpha), truth)]
+        torch_err = [(t - e).abs().max() for t, e in zip(grads(plain, dtype, alpha), truth)]
+        fused_err = [(t - e).abs().max() for t, e in zip(grads(fused, dtype, alpha), truth)]
         for name, f, p, e in zip(("x", "weight", "bias", "alpha"), fused_err, torch_err, truth):
             assert f <= 2 * p + 1e-3 * e.abs().max(), (alpha, name, f.item(), p.item())
 
