@@ -51,7 +51,8 @@ void prelu_backward(uint64_t grad_out, uint64_t saved, uint64_t alpha, uint64_t 
                     int row_blocks, int dtype, int device, uint64_t stream);
 
 // Jaccard sums (N, C, 3) fp32 and their backward; logits (N, C, S) contiguous, target (N, S) labels of
-// `label_type` or (N, C, S) probabilities in the logits dtype (kProb) or float32 (kProbF32). partial: fp32 (N, blocks, C, 3) scratch.
+// `label_type` or (N, C, S) probabilities in the logits dtype (kProb) or float32 (kProbF32). partial: fp32
+// (N, blocks, C, 3) scratch.
 int jaccard_blocks(int64_t S);
 void jaccard_sums(uint64_t logits, uint64_t target, uint64_t partial, uint64_t sums, int N, int C, int64_t S,
                   int label_type, bool squared, bool sigmoid, bool has_ignore, int64_t ignore_index, int dtype,

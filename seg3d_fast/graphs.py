@@ -25,8 +25,8 @@ from torch import Tensor
 
 
 class AlphaAssumptionError(RuntimeError):
-    """A replayed backward recovered the pre-activation from the output (alpha above ops._RECOVERABLE_ALPHA: 2^-7 in fp16) where some alpha
-    did not allow it: its gradients are not exact."""
+    """A replayed backward recovered the pre-activation from the output (alpha above ops._RECOVERABLE_ALPHA, 2^-7 in
+    fp16) where some alpha did not allow it: its gradients are not exact."""
 
 
 class CapturedChecks:

@@ -38,7 +38,8 @@ def _onednn_safe(x, stride):
     """Around a convolution: oneDNN off for bf16 stride-2 convs on the CPU with an input extent of 1 or 2. Its bf16
     backward there (torch 2.13 CPU) writes out of bounds: non-finite weight gradients, or the process aborting with
     "double free or corruption" (an extent-1 axis); and its AMX bf16 forward is wrong where an output extent is 1 and
-    the stride > 1 (pytorch/pytorch#169688). PyTorch's own CPU kernel is right there (slower: fine for CPU bf16 runs, tests and checks)."""
+    the stride > 1 (pytorch/pytorch#169688). PyTorch's own CPU kernel is right there (slower: fine for CPU bf16 runs,
+    tests and checks)."""
     if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and stride == 2 and min(x.shape[2:]) <= 2):
         yield
         return
