@@ -21,7 +21,7 @@ def test_load_nifti_reads_real_volume():
     assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
 
 
-@pytest.mark.parametrize("problem", ["missing", "truncated_gz", "truncated_nii", "not_nifti", "folder"])
+@pytest.mark.parametrize("problem", ["missing", "truncated_gz", "truncated_nii", "not_nifti", "folder", "nan"])
 def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
     raw = TCGA_T1.read_bytes()
     if problem == "missing":
@@ -38,6 +38,11 @@ def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
     elif problem == "not_nifti":
         path, expect = tmp_path / "notes.nii.gz", "not a readable NIfTI"
         path.write_text("this is a text file, not an image\n")
+    elif problem == "nan":  # (a label map stored as float too: the message speaks of the data, not an image)
+        path, expect = tmp_path / "labels.nii.gz", "the data holds NaN or infinite values"
+        data = np.zeros((3, 4, 5), np.float32)
+        data[1, 2, 3] = np.nan
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
     else:
         path, expect = tmp_path, "not a file"
     with pytest.raises(Seg3DFastDataError) as e:
@@ -498,3 +503,24 @@ def test_single_slice_with_zero_slice_thickness(tmp_path):
     probs = restore_probabilities(logits_to_crop_probabilities(logits, geom), geom)
     assert probs.shape == (2, *t1.shape[:2], 1)
     np.testing.assert_array_equal(probs.argmax(0), label)
+
+
+def test_flipped_single_slice_axis_of_a_ct_preprocesses(tmp_path):
+    """One coronal CT slice stored with axes S, P, R (the length-1 P axis flipped by the reorientation to RAS; every
+    voxel foreground, so no crop copies it): np.ascontiguousarray kept the flipped length-1 axis's negative stride
+    (numpy calls such an array contiguous) and torch.from_numpy refused the label map, so training failed. Image and
+    labels come out in RAS order, and the inverse restores the grid."""
+    affine = np.array([[0, 0, 1.0, 0], [0, -1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1]])
+    assert nib.aff2axcodes(affine) == ("S", "P", "R")
+    image = (-1000 + 5 * np.arange(16 * 17, dtype=np.float32)).reshape(16, 1, 17)
+    labels = np.zeros((16, 1, 17), np.uint8)
+    labels[4:10, 0, 4:11] = 1
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "a.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, affine), str(tmp_path / "a_lab.nii.gz"))
+    (tmp_path / "train.csv").write_text("name,image,label\na,a.nii.gz,a_lab.nii.gz\n")
+    ref, img, label = load_case(discover(tmp_path / "train.csv").cases[0])
+    x, y, geom = preprocess(ref, img, label)
+    assert tuple(y.shape) == (17, 1, 16) and torch.equal(y, torch.from_numpy(labels.transpose(2, 1, 0).copy()))
+    logits = 10.0 * torch.nn.functional.one_hot(y.long(), 2).permute(3, 0, 1, 2).float()
+    restored = restore_probabilities(logits_to_crop_probabilities(logits, geom), geom).argmax(0)
+    np.testing.assert_array_equal(restored, labels)

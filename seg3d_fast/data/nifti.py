@@ -70,7 +70,7 @@ def load_nifti(path):
     if data.size == 0:
         raise Seg3DFastDataError(f"{path}: empty image, shape {data.shape}")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise Seg3DFastDataError(f"{path}: image contains NaN or infinite values")
+        raise Seg3DFastDataError(f"{path}: the data holds NaN or infinite values")
     return img, data
 
 
