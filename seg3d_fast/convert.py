@@ -59,6 +59,10 @@ _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backw
 def _module_reasons(m: nn.Module, kind: type) -> list[str]:
     """Why module m, an instance of `kind` (Conv3d or PReLU), cannot be replaced by the fused module: the fused one
     would not run its own forward, hooks or parametrizations."""
+    patched = _instance_overrides(m)
+    if patched:
+        return [f"its {', '.join(patched)} is overridden on the instance (module.forward = ...), which the fused "
+                "module would not run"]
     if type(m) is not kind:  # (a subclass that keeps the forward and its helpers runs as the class does)
         if parametrize.is_parametrized(m):
             return [f"its parameters are parametrized ({', '.join(m.parametrizations)}: weight_norm, spectral_norm, "
@@ -74,6 +78,11 @@ def _module_reasons(m: nn.Module, kind: type) -> list[str]:
 
 # What computes a Conv3d's or PReLU's output: a subclass that overrides none of them computes what its class does.
 _FORWARD_METHODS = ("forward", "_conv_forward", "__call__", "_call_impl")
+
+
+def _instance_overrides(m: nn.Module) -> list[str]:
+    """The forward methods set on the instance itself (monkeypatching, accelerate-style wrappers), not its class."""
+    return [name for name in _FORWARD_METHODS if name in vars(m)]
 
 
 def _hook_reasons(m: nn.Module) -> list[str]:
@@ -96,12 +105,14 @@ class ConvertReport:
 
 def _trivial(m: nn.Module) -> bool:
     """Modules that do nothing at inference or training time between a conv and its activation."""
-    return type(m) is nn.Identity or (type(m) is nn.Dropout and m.p == 0)
+    return ((type(m) is nn.Identity or (type(m) is nn.Dropout and m.p == 0))
+            and not _hook_reasons(m) and not _instance_overrides(m))  # (a hook or patched forward does something)
 
 
 def _runs_in_order(m: nn.Module) -> bool:
     """An nn.Sequential that runs its children one after the other (not a subclass with its own forward)."""
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+    return (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+            and not _instance_overrides(m))
 
 
 def _next_prelu(m: nn.Module) -> Optional[tuple[nn.PReLU, str, nn.Module]]:
@@ -111,7 +122,9 @@ def _next_prelu(m: nn.Module) -> Optional[tuple[nn.PReLU, str, nn.Module]]:
     if isinstance(m, nn.PReLU):
         return (m, "weight", _identity_for(m)) if not _module_reasons(m, nn.PReLU) else None
     # a Sequential subclass that keeps Sequential's forward (MONAI's ADN) runs its children in order all the same
-    if _runs_in_order(m) and not _hook_reasons(m):
+    # (the copy below is a plain Sequential of m's children: m may hold nothing else, or it would be lost)
+    if _runs_in_order(m) and not _hook_reasons(m) and not m._parameters and not m._buffers \
+            and type(m).get_extra_state is nn.Module.get_extra_state:
         real = [(n, c) for n, c in m._modules.items() if c is not None and not _trivial(c)]
         if len(real) == 1 and isinstance(real[0][1], nn.PReLU) and not _module_reasons(real[0][1], nn.PReLU):
             name, prelu = real[0]

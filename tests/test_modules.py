@@ -384,6 +384,52 @@ def test_convert_fuses_prelu_in_sequential_subclass_without_own_forward():
     assert [path for path, _ in sf.convert(hooked)[1].swapped if "+ PReLU" in _] == ["1.conv"]
 
 
+def test_convert_keeps_what_a_module_instance_adds():
+    """Three ways a module instance computes more than its class, each silently dropped by convert() (found by a
+    randomized sweep over 1,500 models): a hook on the Identity / Dropout(0) between conv and PReLU (the hook ran
+    after the activation instead of before it); a forward set on the Conv3d, PReLU or Sequential instance
+    (monkeypatching, accelerate-style wrappers: replaced as if it were the class's); a Sequential subclass around the
+    PReLU with state of its own (replaced by a plain Sequential of its children: its buffer left the state_dict, and
+    the original checkpoint no longer loaded). Each is now left unfused, or fused with nothing lost."""
+    import types
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 5, 5)
+
+    def check(model, fused):
+        original = copy.deepcopy(model)
+        checkpoint = model.state_dict()
+        converted, report = sf.convert(model)
+        assert_same_model_function(original, converted, x)
+        assert list(converted.state_dict()) == list(checkpoint)
+        converted.load_state_dict(checkpoint)
+        assert len([p for p, what in report.swapped if "+ PReLU" in what]) == fused, str(report)
+        return report
+
+    hooked = nn.Identity()
+    hooked.register_forward_hook(lambda m, i, o: o - 0.3)
+    check(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Sequential(hooked, nn.PReLU(4, init=0.1))), fused=0)
+
+    halved = lambda self, t: type(self).forward(self, t) * 0.5 - 0.2  # noqa: E731
+    for patched in ("conv", "prelu"):
+        conv, prelu = nn.Conv3d(2, 4, 3, padding=1), nn.PReLU(4, init=0.1)
+        target = conv if patched == "conv" else prelu
+        target.forward = types.MethodType(halved, target)
+        report = check(nn.Sequential(conv, prelu), fused=0)
+        assert "overridden on the instance" in " ".join(why for _, why in report.left), str(report)
+    block = nn.Sequential(nn.PReLU(4, init=0.1))
+    block.forward = types.MethodType(lambda self, t: nn.Sequential.forward(self, t) + 1.0, block)
+    check(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), block), fused=0)
+
+    class ADNWithState(nn.Sequential):
+        def __init__(self, *modules):
+            super().__init__(*modules)
+            self.register_buffer("step", torch.tensor(3.0))
+
+    check(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), ADNWithState(nn.PReLU(4))), fused=0)
+    check(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), _ADN(nn.PReLU(4))), fused=1)  # (no state: fused as before)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.jit itself is deprecated)
 def test_convert_refuses_torchscript_modules():
     """A scripted or traced model (or part) cannot be changed: convert() said nothing (0 swapped, 0 left) and left
