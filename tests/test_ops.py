@@ -567,28 +567,36 @@ def test_torch_func_transforms_are_refused_clearly():
     assert sf.conv3d_prelu(x, w, None, a).shape == (1, 3, 3, 3, 3)  # (outside a transform: unaffected)
 
 
-def test_reference_bf16_stride2_backward_with_an_extent_1_axis_on_the_cpu():
-    """torch 2.13's oneDNN bf16 conv3d backward on the CPU, stride 2, an extent-1 axis: non-finite or huge weight
-    gradients (every one of 30 seeds for the first shape), or the process aborting ("double free or corruption");
-    its AMX forward is wrong for an output extent of 1 (pytorch/pytorch#169688). The reference backend runs those
-    convolutions without oneDNN. (No activation: with 800 output voxels one PReLU branch
-    flip at z ~ 0 would move the gradients by more than bf16's rounding.)"""
+def test_reference_bf16_convs_with_an_extent_of_1_or_2_on_the_cpu():
+    """torch 2.13's oneDNN bf16 conv3d on the CPU fails for tiny extents: stride 2 with an extent-1 axis, non-finite or
+    huge weight gradients (every one of 30 seeds for the first shape) or the process aborting ("double free or
+    corruption"); its AMX forward is wrong for an output extent of 1 (pytorch/pytorch#169688); stride 1 on a
+    (1, 1, 1, 1, 2) channels-last input, ~1e37 (every seed). The reference backend runs those convolutions without
+    oneDNN. (No activation: with 800 output voxels one PReLU branch flip at z ~ 0 would move the gradients by more
+    than bf16's rounding.)"""
     gen = torch.Generator().manual_seed(0)
-    for layout, shape in itertools.product((torch.contiguous_format, torch.channels_last_3d),
-                                           ((2, 16, 9, 1, 9), (2, 16, 9, 5, 2))):  # (an output extent of 1 too)
-        x = torch.randn(*shape, generator=gen).bfloat16().contiguous(memory_format=layout).requires_grad_()
-        w = (torch.randn(16, 16, 3, 3, 3, generator=gen) / 16).requires_grad_()
-        b = torch.randn(16, generator=gen, requires_grad=True)
-        y = sf.conv3d_prelu(x, w, b, stride=2, backend="reference")
+    cases = [(layout, shape, c, 2) for layout in (torch.contiguous_format, torch.channels_last_3d)
+             for shape, c in (((2, 16, 9, 1, 9), 16), ((2, 16, 9, 5, 2), 16))]
+    cases.append(("one channel, channels-last strides", (1, 1, 1, 1, 2), 1, 1))
+    for layout, shape, c_in, stride in cases:
+        x = torch.randn(*shape, generator=gen).bfloat16()
+        if isinstance(layout, str):  # the layout a channels_last_3d conv gives one channel
+            x = x.as_strided(shape, (2, 1, 2, 2, 1))
+        else:
+            x = x.contiguous(memory_format=layout)
+        x.requires_grad_()
+        w = (torch.randn(6 if c_in == 1 else 16, c_in, 3, 3, 3, generator=gen) / c_in).requires_grad_()
+        b = torch.randn(w.shape[0], generator=gen, requires_grad=True)
+        y = sf.conv3d_prelu(x, w, b, stride=stride, backend="reference")
         g = torch.randn(y.shape, generator=gen).bfloat16()
         got = torch.autograd.grad(y, [x, w, b], g)
         x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
-        want = torch.autograd.grad(sf.conv3d_prelu(x64, w64, b64, stride=2, backend="reference"), [x64, w64, b64],
-                                   g.double())
+        y64 = sf.conv3d_prelu(x64, w64, b64, stride=stride, backend="reference")
+        want = torch.autograd.grad(y64, [x64, w64, b64], g.double())
+        assert (y.double() - y64).norm() <= 1e-2 * y64.norm(), (layout, shape)
         for name, have, exact in zip(("grad_x", "grad_weight", "grad_bias"), got, want):
-            assert have.isfinite().all(), name
-            assert (have.double() - exact).norm() <= 1e-2 * exact.norm(), (name, shape)
-        assert (y.double() - sf.conv3d_prelu(x64, w64, b64, stride=2, backend="reference")).norm() <= 1e-2 * y.norm()
+            assert have.isfinite().all(), (name, layout, shape)
+            assert (have.double() - exact).norm() <= 1e-2 * exact.norm(), (name, layout, shape)
 
 
 def test_conv_stride_must_be_an_int():

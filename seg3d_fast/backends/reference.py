@@ -34,13 +34,13 @@ def _as_x(x, *params):
 
 
 @contextlib.contextmanager
-def _onednn_safe(x, stride):
-    """Around a convolution: oneDNN off for bf16 stride-2 convs on the CPU with an input extent of 1 or 2. Its bf16
-    backward there (torch 2.13 CPU) writes out of bounds: non-finite weight gradients, or the process aborting with
-    "double free or corruption" (an extent-1 axis); and its AMX bf16 forward is wrong where an output extent is 1 and
-    the stride > 1 (pytorch/pytorch#169688). PyTorch's own CPU kernel is right there (slower: fine for CPU bf16 runs,
-    tests and checks)."""
-    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and stride == 2 and min(x.shape[2:]) <= 2):
+def _onednn_safe(x):
+    """Around a convolution: oneDNN off for bf16 convs on the CPU with a spatial extent of 1 or 2, where its bf16
+    kernels (torch 2.13 CPU) fail: with stride 2 its backward writes out of bounds (non-finite weight gradients, or
+    the process aborting with "double free or corruption") and its AMX forward is wrong for an output extent of 1
+    (pytorch/pytorch#169688); with stride 1 a (1, 1, 1, 1, 2) channels-last input gave ~1e37. PyTorch's own CPU
+    kernel is right there (slower: fine for CPU bf16 runs, tests and checks)."""
+    if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and min(x.shape[2:]) <= 2):
         yield
         return
     enabled = torch.backends.mkldnn.enabled
@@ -52,7 +52,7 @@ def _onednn_safe(x, stride):
 
 
 def _preact(x, weight, bias, residual, stride, residual_first):
-    with _onednn_safe(x, stride):
+    with _onednn_safe(x):
         z = F.conv3d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
     if residual is not None and residual_first:
         z += residual
@@ -94,7 +94,7 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
                 per_channel = per_channel / alpha.to(work)
             grad_alpha = (per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)).to(alpha.dtype)
         del negative  # not held through the convolution's backward, where this op's memory peaks
-    with _onednn_safe(x, stride):
+    with _onednn_safe(x):
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             dz, x, weight, [weight.shape[0]] if need_b else None,
             [stride] * 3, [weight.shape[-1] // 2] * 3, [1, 1, 1], False, [0, 0, 0], 1,
