@@ -278,13 +278,13 @@ _RECOVERABLE_ALPHA = {dtype: torch.finfo(dtype).tiny * 2.0 ** 7
 
 
 def _alpha_recoverable_later(alpha, dtype):
-    """Whether every alpha is above _RECOVERABLE_ALPHA for activations of `dtype` (0: alpha > 0; NaN: no), as a
+    """Whether every alpha is above _RECOVERABLE_ALPHA for activations of `dtype` (NaN: no), as a
     function for the backward to call (see _read_later). The least alpha is what crosses: one reduction. While a
     graph is captured (graphs.recording_checks) the answer is yes and the least alpha is recorded, to be checked after
     each replay."""
     if alpha.device.type == "meta":  # (no values: shapes only)
         return lambda: True
-    threshold = _RECOVERABLE_ALPHA.get(dtype, 0.0)
+    threshold = _RECOVERABLE_ALPHA[dtype]
     least = alpha.amin()
     checks = graphs.active_checks()
     if checks is not None:

@@ -437,8 +437,9 @@ def train(cfg):
         raise Seg3DFastDataError(f"--fold {cfg.fold} outside 0..{cfg.folds - 1}")
     if cfg.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {cfg.amp!r}")
-    if cfg.backend is not None and backends.unavailable_reason(cfg.backend) is not None:  # (before anything is written)
-        raise Seg3DFastDataError(f"--backend {cfg.backend}: {backends.unavailable_reason(cfg.backend)}")
+    unusable = cfg.backend is not None and backends.unavailable_reason(cfg.backend)
+    if unusable:  # (before anything is written)
+        raise Seg3DFastDataError(f"--backend {cfg.backend}: {unusable}")
     if not set(cfg.mirror_axes) <= {0, 1, 2}:
         raise ValueError(f"mirror_axes must be canonical axes among 0, 1, 2, got {tuple(cfg.mirror_axes)}")
     # (data errors: the command line reports them in one line, as it does its own option checks)
