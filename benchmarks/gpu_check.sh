@@ -14,8 +14,9 @@
 # benchmarks/conftest.py, and the stage limits below (seconds).
 set -u -o pipefail
 
-# Limits add up to 570 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
-# 111 s of tests (8 workers), 110 s of benchmarks (to the deadline), 38 s of profile, 40 s of demo
+# Limits add up to 610 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
+# 111 s of tests (8 workers), 110 s of benchmarks (to the deadline), 38 s of profile, 40 s of demo; the H200 run of
+# 2026-11-27 (run 5) 38 s to build and 161 s of tests
 T_BUILD=${T_BUILD:-60}
 T_TESTS=${T_TESTS:-180}      # the big-memory tests run one at a time (tests/helpers.py BIG_GPU_MEMORY)
 T_CEILINGS=${T_CEILINGS:-15}
@@ -23,7 +24,7 @@ T_BENCH=${T_BENCH:-100}        # rows still pending this many seconds - 15 after
 T_PROFILE=${T_PROFILE:-100}
 T_GRAPHS=${T_GRAPHS:-45}       # the CUDA-graph variants, in a process of their own (the profile's figures survive it)
 T_REPORT=${T_REPORT:-10}
-T_DEMO=${T_DEMO:-50}
+T_DEMO=${T_DEMO:-90}
 T_HOST=${T_HOST:-10}
 
 DRY_RUN=0
@@ -165,10 +166,12 @@ for f in /tmp/seg3d_trace/ops_*.txt /tmp/seg3d_trace/host_*.txt; do
 done
 # --- the main job on the GPU: the demo (nibabel installed above where it was missing) -----------------------------
 if [[ $DRY_RUN -eq 0 ]]; then
-  # Default backend order (cuda, triton, reference) without run-time timing: the demo's crop shapes are not in the
-  # benchmark's table, and tuning every new shape would eat the stage's time.
+  # Default backend order (cuda, triton, reference) without run-time timing, and one tile config per Triton kernel:
+  # the demo's crop shapes are not in the benchmark's table, and tuning every new shape would eat the stage's time
+  # (with tuning on, the 2026-11-27 H200 run was still compiling the first epoch's kernels after 50 s).
   rm -f /tmp/seg3d_demo/metrics.json
-  stage demo "$T_DEMO" env SEG3D_FAST_MEASURE_DISPATCH=0 $PY -m seg3d_fast demo --device cuda --out /tmp/seg3d_demo
+  stage demo "$T_DEMO" env SEG3D_FAST_MEASURE_DISPATCH=0 SEG3D_FAST_AUTOTUNE=0 $PY -m seg3d_fast demo --device cuda \
+    --out /tmp/seg3d_demo
   [[ -s /tmp/seg3d_demo/metrics.json ]] && echo "demo metrics: $(tr -d "\n " < /tmp/seg3d_demo/metrics.json)"
 fi
 

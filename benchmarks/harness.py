@@ -21,6 +21,7 @@ call, for the baselines as for the fused ops, whose checks seg3d_fast.graphs rec
 a fused forward + backward otherwise waits in its backward for the alpha check its forward copied).
 CPU time: pytest-benchmark's median wall time.
 """
+import contextlib
 import math
 import os
 import statistics
@@ -140,11 +141,28 @@ def upconv_function(variant, case):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # inputs
+_generators = {}
+
+
+def _gen(device):
+    """The inputs' own random generator (one per device, seeded once). Not the default one: a CUDA graph capture
+    that fails at its end leaves the default CUDA generator mid-capture, after which every draw from it raised
+    ("Offset increment outside graph capture"; H200 run 5 lost 481 of 485 rows so)."""
+    device = torch.device(device)
+    if device not in _generators:
+        _generators[device] = torch.Generator(device).manual_seed(0)
+    return _generators[device]
+
+
 def _rand(shape, dtype, device, channels_last, grad=True):
-    t = torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+    t = torch.randn(shape, device=device, dtype=torch.float32, generator=_gen(device)).to(dtype)
     if channels_last:
         t = t.contiguous(memory_format=torch.channels_last_3d)
     return t.requires_grad_(grad)
+
+
+def _uniform(shape, device):
+    return torch.rand(shape, device=device, generator=_gen(device))
 
 
 def conv_inputs(case, dtype, device, channels_last):
@@ -152,12 +170,12 @@ def conv_inputs(case, dtype, device, channels_last):
     network's init so that activations stay O(1) in half precision."""
     x = _rand((case.n, case.c_in, *case.spatial), dtype, device, channels_last)
     bound = 1 / math.sqrt(case.c_in * case.k**3)
-    weight = (torch.rand((case.c_out, case.c_in) + (case.k,) * 3, device=device) * 2 - 1).mul_(bound)
+    weight = (_uniform((case.c_out, case.c_in) + (case.k,) * 3, device) * 2 - 1).mul_(bound)
     weight = weight.to(dtype)
     if channels_last:
         weight = weight.contiguous(memory_format=torch.channels_last_3d)
-    bias = (torch.rand(case.c_out, device=device) * 2 - 1).mul_(bound).to(dtype)
-    alpha = (0.1 + 0.3 * torch.rand(case.c_out, device=device)).to(dtype) if case.prelu else None
+    bias = (_uniform(case.c_out, device) * 2 - 1).mul_(bound).to(dtype)
+    alpha = (0.1 + 0.3 * _uniform(case.c_out, device)).to(dtype) if case.prelu else None
     residual = _rand((case.n, case.c_out, *case.out_spatial), dtype, device, channels_last) if case.residual else None
     for t in (weight, bias, alpha):
         if t is not None:
@@ -168,9 +186,9 @@ def conv_inputs(case, dtype, device, channels_last):
 def upconv_inputs(case, dtype, device, channels_last):
     x = _rand((case.n, case.c_in, *case.spatial), dtype, device, channels_last)
     bound = 1 / math.sqrt(case.c_out * 8)
-    weight = ((torch.rand((case.c_in, case.c_out, 2, 2, 2), device=device) * 2 - 1) * bound).to(dtype)
-    bias = ((torch.rand(case.c_out, device=device) * 2 - 1) * bound).to(dtype)
-    alpha = (0.1 + 0.3 * torch.rand(case.c_out, device=device)).to(dtype)
+    weight = ((_uniform((case.c_in, case.c_out, 2, 2, 2), device) * 2 - 1) * bound).to(dtype)
+    bias = ((_uniform(case.c_out, device) * 2 - 1) * bound).to(dtype)
+    alpha = (0.1 + 0.3 * _uniform(case.c_out, device)).to(dtype)
     skip = _rand((case.n, case.c_out, *(2 * s for s in case.spatial)), dtype, device, channels_last)
     for t in (weight, bias, alpha):
         t.requires_grad_(True)
@@ -179,7 +197,7 @@ def upconv_inputs(case, dtype, device, channels_last):
 
 def jaccard_inputs(case, dtype, device, channels_last):
     logits = _rand((case.n, case.classes, *case.spatial), dtype, device, channels_last)
-    labels = torch.randint(0, case.classes, (case.n, *case.spatial), device=device)
+    labels = torch.randint(0, case.classes, (case.n, *case.spatial), device=device, generator=_gen(device))
     return logits, labels
 
 
@@ -198,7 +216,7 @@ def direction_callables(fn, make_inputs, direction, copies):
             calls.append(lambda inputs=inputs: fn(*inputs))
             continue
         out = fn(*inputs)
-        grad = torch.randn_like(out)
+        grad = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=_gen(out.device))
         if direction == "backward":
             calls.append(lambda out=out, grad=grad, leaves=leaves:
                          torch.autograd.grad(out, leaves, grad, retain_graph=True))
@@ -309,7 +327,8 @@ def graph_median_ms(calls, reps=10):
     graph = torch.cuda.CUDAGraph()
     try:
         with graphs.recording_checks() as checks:
-            with torch.cuda.graph(graph):
+            # captured on the row's stream (run_row): a backward row's ops run on its forward's stream
+            with torch.cuda.graph(graph, stream=torch.cuda.current_stream()):
                 for call in calls:
                     call()
                 checks.pack()
@@ -391,6 +410,20 @@ def fill_speedups(records):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # one row, start to end
+_row_streams = {}
+
+
+def _row_stream(device):
+    """Where a GPU row runs, from building its inputs to its CUDA graph's capture: one side stream. Autograd runs
+    each backward op on the stream its forward op ran on, so a backward row's retained forward must be built on the
+    stream that the graph captures; built on the default stream, every backward row's capture failed (H200 run 5)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if device not in _row_streams:
+        _row_streams[device] = torch.cuda.Stream(device)
+    return torch.cuda.stream(_row_streams[device])
+
+
 def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceilings, results):
     """Measure one (op, shape, dtype, direction, backend) row, attach its figures to the pytest-benchmark row and
     append the record to the results file. Skips (with the reason) where the variant cannot run the input."""
@@ -413,14 +446,15 @@ def run_row(benchmark, op, case, dtype_name, direction, variant, device, ceiling
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
     try:
-        with variant_env(variant):  # the graph of a backward row is built here
+        with _row_stream(device), variant_env(variant):  # the graph of a backward row is built here
             calls = direction_callables(fn, make, direction, copies_for(make, device))
         if variant in VARIANT_ENV:
             calls = [lambda call=call: _with_env(variant, call) for call in calls]
-        peak = peak_bytes(calls[0], device)
-        rounds = 5 if device.type == "cuda" else (1 if variant.startswith("triton") else 3)  # CPU: interpreter
-        budget_ms = float(os.environ.get("SEG3D_BENCH_REP_MS", "30"))
-        ms, ms_host, ms_queued, graphed = measure(benchmark, calls, device, rounds, budget_ms)
+        with _row_stream(device):
+            peak = peak_bytes(calls[0], device)
+            rounds = 5 if device.type == "cuda" else (1 if variant.startswith("triton") else 3)  # CPU: interpreter
+            budget_ms = float(os.environ.get("SEG3D_BENCH_REP_MS", "30"))
+            ms, ms_host, ms_queued, graphed = measure(benchmark, calls, device, rounds, budget_ms)
     except Unsupported as e:
         pytest.skip(f"{variant}: {e}")
     except torch.cuda.OutOfMemoryError as e:

@@ -203,14 +203,15 @@ def crop_predictions(models, config, case, device, roi=None, overlap=0.5, amp_dt
 
     def crop_outputs(where):
         if len(models) == 1 and not probabilities:
-            logits = predict_logits(models[0], x, device, roi, overlap, amp_dtype, where, mirror_axes[0])
+            logits = predict_logits(models[0], x, device, roi, overlap, amp_dtype, out_device=where,
+                                    mirror_axes=mirror_axes[0])
             labels = torch.empty(tuple(b - a for a, b in geometry.bbox), dtype=label_dtype(logits.shape[0]))
             for a, b, probs in crop_probability_slabs(logits, geometry):
                 labels[a:b] = probs.argmax(0).to(labels.dtype)
             return labels, None
         full = probs = None
         for model, axes in zip(models, mirror_axes):  # an ensemble's mean, summed in place (in the canonical box)
-            logits = predict_logits(model, x, device, roi, overlap, amp_dtype, where, axes)
+            logits = predict_logits(model, x, device, roi, overlap, amp_dtype, out_device=where, mirror_axes=axes)
             if full is None and probabilities:
                 full, probs = canonical_probabilities(logits.shape[0], geometry)
             probs = logits_to_crop_probabilities(logits, geometry, out=probs)

@@ -166,9 +166,11 @@ def _batches(steps, shape=(2, 4, 12, 16, 8), classes=4):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_step_matches_eager(backend, dtype, monkeypatch):
+def test_cuda_graph_step_matches_eager(backend, dtype, monkeypatch, exact_fp32):
     """Replayed steps give the eager steps' losses and weights (deterministic kernels on both sides), and replay
-    after the warmup steps; an input of another shape runs eagerly, and the replays go on after it."""
+    after the warmup steps; an input of another shape runs eagerly, and the replays go on after it. Exact fp32: with
+    TF32, cuDNN's transposed convs (the cuda backend has no fused upsampling) differed by ~2e-4 between the graphed
+    and the eager step (H200, 2026-11-27), as cuDNN may pick another algorithm while capturing."""
     skip_unless_usable(backend)
     monkeypatch.setenv("SEG3D_FAST_DETERMINISTIC", "1")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)

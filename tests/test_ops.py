@@ -285,7 +285,7 @@ def jaccard_plain(logits, target, squared=True, activation="softmax", smooth=1e-
         sums = sums.sum(0, keepdim=True)
     i, p, t = sums.unbind(-1)
     loss = 1 - (i + smooth) / (p + t - i + smooth)
-    w = torch.ones(loss.shape[1], dtype=loss.dtype) if class_weights is None else class_weights.to(loss.dtype)
+    w = torch.ones(loss.shape[1], dtype=loss.dtype, device=loss.device) if class_weights is None else class_weights.to(loss.dtype)
     if not include_background:
         loss, w = loss[:, 1:], w[1:]
     if reduction == "none":
@@ -408,17 +408,18 @@ def test_upconv_prelu_add_per_dtype(backend, dtype, param_dtype, alpha_size, bia
     """Forward and every gradient against float64 through the op's autograd, alphas of both signs, channels-last
     input, N > 1, odd extents; float32 parameters with a bf16 x (mixed precision) too."""
     skip_unless_usable(backend)
-    x = randn(2, 3, 3, 4, 5, dtype=dtype, channels_last=True)
-    w = (randn(3, 4, 2, 2, 2, dtype=dtype) * 0.5).to(param_dtype)
-    b = randn(4, dtype=dtype).to(param_dtype) if bias else None
-    a = torch.tensor([0.25, -0.3, 0.1, 0.5][:alpha_size], dtype=dtype).to(param_dtype)
-    skip = randn(2, 4, 6, 8, 10, dtype=dtype)
+    dev = "cpu" if backend == "reference" else DEVICE
+    x = randn(2, 3, 3, 4, 5, dtype=dtype, channels_last=True, device=dev)
+    w = (randn(3, 4, 2, 2, 2, dtype=dtype, device=dev) * 0.5).to(param_dtype)
+    b = randn(4, dtype=dtype, device=dev).to(param_dtype) if bias else None
+    a = torch.tensor([0.25, -0.3, 0.1, 0.5][:alpha_size], dtype=dtype, device=dev).to(param_dtype)
+    skip = randn(2, 4, 6, 8, 10, dtype=dtype, device=dev)
 
     def plain(x, w, b, a, s):
         w, b, a = (None if t is None else t.to(x.dtype) for t in (w, b, a))  # as autocast casts them
         return F.prelu(F.conv_transpose3d(x, w, b, stride=2), a) + s
     args = [x, w, b, a, skip]
-    g = torch.randn(2, 4, 6, 8, 10, dtype=torch.float64) + 1
+    g = torch.randn(2, 4, 6, 8, 10, dtype=torch.float64, device=dev) + 1
     ref_out, ref_grads = run_with_grads(plain, [None if t is None else t.double() for t in args], g)
     torch_out, torch_grads = run_with_grads(plain, args, g)
     out, grads = run_with_grads(lambda *t: sf.upconv_prelu_add(*t, backend=backend), args, g)
@@ -517,7 +518,8 @@ def test_double_backward_is_an_error_or_exact():
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
     if sf.backends.available()["triton"] is None:
-        up = sf.upconv_prelu_add(xu.float(), *[p.float() for p in params], backend="triton")
+        up = sf.upconv_prelu_add(xu.to(DEVICE, torch.float32), *[p.to(DEVICE, torch.float32) for p in params],
+                                 backend="triton")
         g, = torch.autograd.grad(up.pow(3).sum(), xu, create_graph=True)
         with pytest.raises(RuntimeError, match="differentiate twice"):
             g.square().sum().backward()

@@ -230,6 +230,7 @@ def test_conv_wgrad_gemm_many_splits_and_tiles(monkeypatch):
     (C_in = 48: 1296 rows, 11 tiles of 128) and two C_out tiles, stride 2 over odd extents (420 output voxels:
     2 splits of 256, given 8 parallel slots: the interpreter's 4 make one split for 22 tiles)."""
     monkeypatch.setattr(conv_mod, "parallel_slots", lambda device: 8)
+    monkeypatch.setattr(conv_mod, "_WGRAD_MIN_VOX", conv_mod._VOX_GRAIN)  # (a GPU's minimum: one split here)
     assert conv_mod._voxel_splits(2, 420, 11 * 2, torch.device(DEVICE)) == (2, 1)
     case = make_conv_case(BF16, 3, 2, "channel", None, "channels_last", 48, 70, size=(2, 11, 9, 13), seed=11)
     check_backward(case, "act", (False, True, False, False, False))
@@ -239,6 +240,7 @@ def test_conv_wgrad_gemm_uneven_voxel_splits(monkeypatch):
     """The weight GEMM's voxel grains split unevenly: 5 grains of 256 voxels over at most 4 programs (one parallel
     slot) make splits of 2, 2 and 1 grains, the last partly past the volume; every split's partial is summed."""
     monkeypatch.setattr(conv_mod, "parallel_slots", lambda device: 1)
+    monkeypatch.setattr(conv_mod, "_WGRAD_MIN_VOX", conv_mod._VOX_GRAIN)
     m = 7 * 11 * 14  # 1078 output voxels: 5 grains
     assert conv_mod._voxel_splits(-(-m // conv_mod._VOX_GRAIN), m, 1, torch.device(DEVICE)) == (3, 2)
     case = make_conv_case(BF16, 3, 1, "channel", None, "channels_last", 3, 5, size=(1, 7, 11, 14), seed=31)
@@ -279,6 +281,7 @@ def test_conv_backward_more_splits_than_one_summing_step(monkeypatch):
     the interpreter's 4 parallel slots at most 4): with 2 per step, 3 splits take a full step and a masked one, and
     the weight, bias and shared-alpha partials of every split are summed."""
     monkeypatch.setattr(conv_mod, "_FINISH_SPLITS", 2)
+    monkeypatch.setattr(conv_mod, "_WGRAD_MIN_VOX", conv_mod._VOX_GRAIN)
     case = make_conv_case(BF16, 3, 1, "shared", None, "channels_last", 3, 5, size=(1, 5, 11, 13), seed=19)
     m = 5 * 11 * 13  # 3 grains of 256 voxels: 3 splits of the bias / alpha pass and of the weight GEMM
     assert conv_mod._voxel_splits(-(-m // conv_mod._VOX_GRAIN), m, 1, torch.device(DEVICE))[0] == 3
@@ -301,8 +304,9 @@ def test_conv_backward_float32_parameters_with_half_activations():
     case = make_conv_case(BF16, 3, 2, "channel", None, "channels_last", size=(1, 5, 6, 7), seed=29)
     ref64, ref = reference_conv(case, torch.float64), reference_conv(case, BF16)
     lay = lambda t: in_layout(t, "channels_last", BF16)  # noqa: E731
-    grads = tb.conv3d_prelu_backward(lay(case["grad_out"]), lay(case["x"]), case["weight"].float(),
-                                     case["alpha"].float(), lay(ref64["act"]), "act", 2, (True,) * 5)
+    fp32 = lambda t: t.to(DEVICE, torch.float32)  # noqa: E731
+    grads = tb.conv3d_prelu_backward(lay(case["grad_out"]), lay(case["x"]), fp32(case["weight"]),
+                                     fp32(case["alpha"]), lay(ref64["act"]), "act", 2, (True,) * 5)
     names = ("grad_x", "grad_weight", "grad_bias", "grad_alpha", "grad_preact")
     for name, got, dtype in zip(names, grads, (BF16, F32, F32, F32, BF16)):
         assert got.dtype == dtype, (name, got.dtype)
@@ -939,7 +943,8 @@ def test_jaccard_loss_reduced_label_range_sees_bad_and_no_labels():
 
 
 def test_jaccard_unsupported_reasons(monkeypatch):
-    logits, labels = torch.randn(1, 65, 2, 2, 2), torch.zeros(1, 2, 2, 2, dtype=torch.int64)
+    logits = torch.randn(1, 65, 2, 2, 2, device=DEVICE)
+    labels = torch.zeros(1, 2, 2, 2, dtype=torch.int64, device=DEVICE)
     reasons = lambda *a: " | ".join(tb.jaccard_unsupported(*a))
     assert "65 classes" in reasons(logits, labels, "softmax", None)
     assert tb.jaccard_unsupported(logits[:, :64], labels, "softmax", None) == []  # MAX_CLASSES itself runs
