@@ -212,14 +212,18 @@ def time_steps(variant, x, labels, warmup, steps):
     wall time it says that the step runs at the host's pace (launch and Python overhead), not the GPU's. On a GPU the
     allocator's peak is reset after the warm-up: max_memory_allocated afterwards is the timed steps' peak (the
     optimizer state made in warm-up included, its one-time work such as Triton's autotuning buffers or the
-    dispatcher's timing of every backend on a new shape not)."""
-    if variant.graph_step is not None:  # its eager warm-up and the capture come before the timed replays
-        warmup += variant.graph_step.warmup + 1
-    for _ in range(warmup):
+    dispatcher's timing of every backend on a new shape not). A graphed variant's peak is reset before the step
+    that captures its graph instead: replays allocate nothing, the memory they use is the capture's."""
+    # a graphed variant: the step's own eager warm-up, then the peak reset, then the capture (the next call) and
+    # the warm-up replays
+    before_reset = warmup if variant.graph_step is None else variant.graph_step.warmup
+    for _ in range(before_reset):
         variant.step(x, labels)
     if variant.device.type == "cuda":
         _sync(variant.device)
         torch.cuda.reset_peak_memory_stats(variant.device)
+    for _ in range(0 if variant.graph_step is None else warmup + 1):
+        variant.step(x, labels)
     times, host = [], []
     for _ in range(steps):
         _sync(variant.device)
@@ -464,7 +468,8 @@ def run_profile(args):
             row.update(graph_replays=g.replays, graph_eager_steps=g.eager_steps, graph_disabled=g.disabled)
         if device.type == "cuda":
             row.update(peak_bytes=torch.cuda.max_memory_allocated(device),
-                       memory_method="torch.cuda.max_memory_allocated over the timed steps")
+                       memory_method="torch.cuda.max_memory_allocated over the timed steps" + (
+                           " (and the graph's capture)" if variant.graphed else ""))
         else:
             row.update(peak_bytes=variant.saved_bytes(x) + 4 * variant.param_bytes(),
                        memory_method="estimate: saved-for-backward bytes + 4x parameters")

@@ -222,8 +222,9 @@ def test_alive_at_peak_from_an_allocator_trace():
 
 def test_time_steps_resets_the_gpu_peak_after_the_warmup(monkeypatch):
     """The profile's GPU peak is "max_memory_allocated over the timed steps": the allocator's peak is reset after the
-    warm-up steps (autotuning, the dispatcher's timing of each backend on a new shape), not before them. (CUDA
-    calls faked: the order of steps and resets is what is checked.)"""
+    warm-up steps (autotuning, the dispatcher's timing of each backend on a new shape), not before them; for a
+    graphed variant before its capture (run 5 reported the replays' 0.20 GiB). (CUDA calls faked: the order of
+    steps and resets is what is checked.)"""
     events = []
 
     class FakeVariant:
@@ -238,6 +239,15 @@ def test_time_steps_resets_the_gpu_peak_after_the_warmup(monkeypatch):
     times, host = profile.time_steps(FakeVariant(), None, None, warmup=2, steps=3)
     assert len(times) == len(host) == 3
     assert events == ["step", "step", "reset", "step", "step", "step"]
+
+    # a graphed variant: reset after the CudaGraphStep's own eager warm-up, before the call that captures (the
+    # capture allocates the memory the replays use), then the profile's warm-up replays and the timed ones
+    class FakeGraphStep:
+        warmup = 3
+    events.clear()
+    FakeVariant.graph_step = FakeGraphStep()
+    profile.time_steps(FakeVariant(), None, None, warmup=2, steps=3)
+    assert events == ["step"] * 3 + ["reset"] + ["step"] * (1 + 2) + ["step"] * 3
 
 
 def test_compare_against_the_best_plain_variant_in_any_order():
