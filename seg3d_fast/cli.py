@@ -6,7 +6,9 @@ with one line `seg3d-fast: error: FILE: problem` on stderr and exit status 2, no
 import argparse
 import math
 import re
+import signal
 import sys
+import threading
 
 
 def _demo(args):
@@ -201,14 +203,37 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    previous = _stop_on_sigterm()
     try:
         return args.func(args) or 0
     except (Seg3DFastDataError, UsageError, BackendUnsupported, OSError) as e:  # (OSError: e.g. an unwritable --out)
         print(f"seg3d-fast: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("seg3d-fast: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("seg3d-fast: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, a scheduler's preemption, torchrun stopping the other ranks), raised like Ctrl-C so that
+    write_atomic removes its temporary file (the default action ends the process on the spot)."""
+
+
+def _stop_on_sigterm():
+    """Install the SIGTERM handler (main thread only) -> the previous one, or None where none was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

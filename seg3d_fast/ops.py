@@ -88,7 +88,10 @@ def _differentiable_once(backward):
         # The error node also takes the op's saved inputs that require grad, so that differentiating a gradient
         # with respect to them (torch.autograd.grad(g.sum(), x)) reaches it and raises: without them it would
         # find x unused, and with allow_unused=True return None, a wrong second derivative.
-        inputs = [t for t in ctx.saved_tensors if isinstance(t, Tensor) and t.requires_grad]
+        # So do the incoming gradients that require grad: they carry what the loss put downstream of the op (learned
+        # class weights scaling the loss's terms, a factor multiplying the output), which a gradient of this backward's
+        # results depends on too; without them that second derivative came back None (allow_unused=True).
+        inputs = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, Tensor) and t.requires_grad]
         error = torch._C._functions.DelayedError(
             b"trying to differentiate twice a seg3d_fast fused op: its backward is not differentiable (no second "
             b"derivatives, e.g. no gradient penalties through it)", len(out) + len(inputs))
@@ -311,7 +314,9 @@ def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, strid
             z, _ = module.conv3d_prelu_forward(x, weight, bias, None, residual if residual_first else None, stride,
                                                residual_first, False)
             grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, z, "preact", stride, mask)
-    return [g if g is not None else x.new_empty(0) for g in grads]
+    # (a backend may compute a gradient it was not asked for, e.g. aten's convolution_backward the weight's with the
+    # bias's: the op's fake kernel promises an empty tensor there)
+    return [g if g is not None and need else x.new_empty(0) for g, need in zip(grads, mask)]
 
 
 @torch.library.custom_op("seg3d_fast::conv3d_prelu_backward", mutates_args=())
@@ -319,8 +324,15 @@ def _conv3d_prelu_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Op
                            alpha: Optional[Tensor], residual: Optional[Tensor], saved: Optional[Tensor],
                            stride: int, residual_first: bool, output_mask: list[bool],
                            backend: str) -> list[Tensor]:
-    return _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first,
-                               output_mask, backend)
+    grads = _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first,
+                                output_mask, backend)
+    # The pre-activation's gradient (the residual's, residual_first=True) in grad_out's layout, as the fake kernel
+    # says: the backends give it in the saved output's (reference: torch.where's choice) or always channels-last
+    # (triton), and torch.compile's inductor asserts the fake's strides (a channels_last_3d model failed there).
+    # (Only on the traced path: eager autograd takes any layout.)
+    if output_mask[4] and grads[4].dim() == 5:
+        grads[4] = grads[4].contiguous(memory_format=out_format(grad_out))
+    return grads
 
 
 @_conv3d_prelu_backward.register_fake
@@ -566,7 +578,10 @@ def _check_loss_options(c, device, smooth, class_weights, reduction, **flags):
     for name, value in flags.items():
         if not isinstance(value, bool):  # ('no' or None would pass as a truth value)
             raise TypeError(f"{name} must be a bool; got {value!r}")
-    if isinstance(smooth, bool) or not isinstance(smooth, numbers.Real) or not math.isfinite(smooth) or smooth < 0:
+    # (under torch.compile(dynamic=True) dynamo may hand smooth over as a SymFloat / SymInt, which math.isfinite cannot
+    # take: the comparisons below work on it and on a number alike, and guard on its value)
+    if isinstance(smooth, bool) or not isinstance(smooth, (numbers.Real, torch.SymFloat, torch.SymInt)) \
+            or not (0 <= smooth < math.inf):  # (NaN fails every comparison)
         raise ValueError(f"smooth must be a number >= 0 (finite); got {smooth!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
@@ -587,7 +602,9 @@ def _check_loss_options(c, device, smooth, class_weights, reduction, **flags):
         if class_weights.shape != (c,):
             raise ValueError(f"class_weights must have one weight per class, shape ({c},); "
                              f"got {tuple(class_weights.shape)}")
-        if class_weights.device.type == "cpu":  # (values on a GPU are not read: that would wait for it every call)
+        # (values on a GPU are not read: that would wait for it every call; nor under torch.compile, where a check of
+        # values is data-dependent control flow, a graph break, as jaccard_loss's label check is skipped there)
+        if class_weights.device.type == "cpu" and not torch.compiler.is_compiling():
             w = class_weights.detach().double()
             if not (w.isfinite().all() and (w >= 0).all() and w.sum() > 0):
                 raise ValueError(f"class_weights must be finite, >= 0 and not all 0; got {w.tolist()}")

@@ -157,7 +157,10 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
         try:
             state = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)
         except Exception as e:
-            raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: cannot read the checkpoint ({e})") from None
+            raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: cannot read the checkpoint ({type(e).__name__}"
+                                     f"{': ' + str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
+        if not (isinstance(state, dict) and isinstance(state.get("model"), dict)):
+            raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: not a training checkpoint (no model weights)")
         # a checkpoint left beside a config.json rewritten for another model (an --overwrite run stopped before
         # its first epoch) would otherwise fail in load_state_dict with a size-mismatch traceback
         trained = (state.get("config") or {}) if isinstance(state, dict) else {}

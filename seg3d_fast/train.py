@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,11 +30,12 @@ import torch.distributed as dist
 from . import backends, graphs
 from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json, write_atomic, write_text_atomic
-from .data.preprocess import PreprocessConfig, label_dtype, preprocess
+from .data.preprocess import PreprocessConfig, c_array, label_dtype, preprocess
 from .metrics import mean_foreground_dice
 from .predict import on_device_or_host, predict_logits
 
 CONFIG_FILE, SPLITS_FILE, CHECKPOINT_FILE = "config.json", "splits.json", "checkpoint.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "rng", "config")  # what --resume reads
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # In-plane voxel sizes this close count as equal for 90-degree rotations (the rounding of downsampled sizes alone
 # makes them differ by a few percent on small crops).
@@ -133,7 +135,7 @@ def foreground_sample(y):
 
 def _writable(a):
     """A contiguous array torch can own: a view of a cached case's read-only memory map is copied (only the crop)."""
-    a = np.ascontiguousarray(a)
+    a = c_array(a)  # (a flip of an extent-1 axis, e.g. of a 2D image, kept a negative stride: c_array copies it)
     return a if a.flags.writeable and type(a) is np.ndarray else np.array(a)
 
 
@@ -371,7 +373,12 @@ def run_config(cfg, model, dataset, num_classes):
 
 
 def save_checkpoint(path, state):
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    try:
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
+    except RuntimeError as e:  # (torch's zip writer reports a full disk or a failed write as a RuntimeError)
+        free = shutil.disk_usage(Path(path).parent).free
+        raise Seg3DFastDataError(f"{path}: cannot write the checkpoint ({str(e).strip()[:120]}; {free} bytes free "
+                                 "on that disk); the previous checkpoint, if any, is kept") from None
 
 
 def rng_state():
@@ -460,8 +467,13 @@ def train(cfg):
         try:
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a checkpoint at all
-            raise Seg3DFastDataError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: "
-                                     f"{str(e).strip().splitlines()[0][:160]})") from e
+            text = str(e).strip()  # (an empty file: EOFError with no text)
+            raise Seg3DFastDataError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}"
+                                     f"{': ' + text.splitlines()[0][:160] if text else ''})") from e
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+        if missing:
+            raise Seg3DFastDataError(f"{ckpt_path}: not a training checkpoint (no {', '.join(missing)}); the fold is "
+                                     "damaged: --overwrite trains it again")
     elif ckpt_path.is_file() and not cfg.overwrite:
         raise Seg3DFastDataError(f"{ckpt_path}: this fold has a checkpoint already; pass --resume to continue it "
                                  "or --overwrite to train the fold again from scratch (replacing it)")
@@ -480,9 +492,11 @@ def train(cfg):
         saved = read_json(splits_path)
         if saved.get("folds") == cfg.folds and sorted(saved.get("cases", [])) == sorted(names):
             splits, split_seed = saved.get("splits"), saved.get("seed", cfg.seed)  # (the seed that made them)
-            if not (isinstance(splits, list) and len(splits) == cfg.folds):
-                raise Seg3DFastDataError(f"{splits_path}: no list of {cfg.folds} fold(s) under 'splits'; the file is "
-                                         "damaged")
+            if not (isinstance(splits, list) and len(splits) == cfg.folds and all(
+                    isinstance(s, dict) and all(isinstance(s.get(k), list) and set(s[k]) <= set(names)
+                                                for k in ("train", "val")) for s in splits)):
+                raise Seg3DFastDataError(f"{splits_path}: no list of {cfg.folds} fold(s) of the dataset's case names "
+                                         "under 'splits' ({'train': [...], 'val': [...]}); the file is damaged")
         elif kept:  # a new split would put cases that those folds validated on into training, and back
             raise Seg3DFastDataError(
                 f"{splits_path}: the run's split ({saved.get('folds')} fold(s) over {len(saved.get('cases', []))} "
@@ -526,10 +540,18 @@ def train(cfg):
             scaler.load_state_dict(checkpoint["scaler"])
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         set_rng_state(checkpoint["rng"])
+        if rank == 0 and history:  # (the logs follow the checkpoint: a run stopped between the two left them behind)
+            write_logs(fold_dir, history)
         changed = _changed_training_settings(checkpoint.get("train_config"), cfg)
         if changed and rank == 0:
             print(f"{ckpt_path}: resuming with training settings other than the checkpoint's ({changed}); training "
                   "goes on with the new ones, not as the interrupted run would have", file=sys.stderr, flush=True)
+        saved_epochs = (checkpoint.get("train_config") or {}).get("epochs")
+        if (rank == 0 and cfg.lr_schedule == "poly" and isinstance(saved_epochs, int) and saved_epochs != cfg.epochs
+                and 1 < start_epoch < cfg.epochs):  # (epoch 1's rate is lr whatever the length)
+            print(f"{ckpt_path}: resuming with --epochs {saved_epochs} -> {cfg.epochs} under --lr-schedule poly: "
+                  f"epochs 2..{start_epoch} decayed the learning rate for {saved_epochs} epochs, the rest decay it for "
+                  f"{cfg.epochs}; not what a {cfg.epochs}-epoch run would have trained", file=sys.stderr, flush=True)
         if start_epoch >= cfg.epochs and rank == 0:
             print(f"{ckpt_path}: already trained for {start_epoch} epoch(s) (--epochs {cfg.epochs}): nothing to do",
                   file=sys.stderr, flush=True)

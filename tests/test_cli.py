@@ -250,3 +250,32 @@ def test_brats_pipeline_train_predict_evaluate(tmp_path, capsys):
     result = json.loads((pred / "evaluation.json").read_text())
     assert set(result["per_case"]) == {"BraTS_000", "BraTS_001"}
     assert {"whole", "core", "enhancing"} <= set(result["mean"])
+
+
+def test_sigterm_stops_a_command_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, a scheduler's preemption, torchrun stopping the other ranks) is handled like Ctrl-C: a
+    checkpoint being written atomically leaves no hidden temporary file behind, and the exit status is 143 (its
+    default action ended the process mid-write, leaving a full-size temporary file each time)."""
+    import signal
+
+    from seg3d_fast import train as train_mod
+    from seg3d_fast.data.nifti import write_atomic
+    target = tmp_path / "checkpoint.pt"
+
+    def killed_while_writing(args):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+        write_atomic(target, write)
+    monkeypatch.setattr(train_mod, "main", killed_while_writing)
+    missed = []  # where main installs no handler of its own, this one gets the signal (and pytest lives on)
+    ours = lambda *a: missed.append(1)  # noqa: E731
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        rc = main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")])
+        restored = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not missed and rc == 143 and capsys.readouterr().err.strip() == "seg3d-fast: terminated"
+    assert list(tmp_path.iterdir()) == [] and restored is ours  # main put the handler it found back

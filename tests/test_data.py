@@ -1,5 +1,6 @@
 """NIfTI io, dataset layouts and preprocessing on real volumes (tests/fixtures, the bundled sample)."""
 import json
+import re
 import shutil
 
 import nibabel as nib
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from seg3d_fast.data import Case, PreprocessConfig, Seg3DFastDataError, discover, load_case, load_nifti, preprocess
-from seg3d_fast.data.nifti import float_image_like, label_image_like, save_nifti
+from seg3d_fast.data.nifti import float_image_like, label_image_like, save_nifti, write_atomic
 from seg3d_fast.data.preprocess import (Geometry, crop_probability_slabs, downsample_labels,
                                         logits_to_crop_probabilities, restore_probabilities)
 from data_helpers import CT, CT_LABELS, TCGA_T1, TCGA_TUMOUR, brain_block, brats_case, load, permuted, save
@@ -524,3 +525,45 @@ def test_flipped_single_slice_axis_of_a_ct_preprocesses(tmp_path):
     logits = 10.0 * torch.nn.functional.one_hot(y.long(), 2).permute(3, 0, 1, 2).float()
     restored = restore_probabilities(logits_to_crop_probabilities(logits, geom), geom).argmax(0)
     np.testing.assert_array_equal(restored, labels)
+
+
+def test_gzip_stream_damaged_in_the_middle_is_refused(tmp_path):
+    """nibabel inflates only the data block and never reaches the gzip trailer: a stream damaged in the middle (a
+    bad sector, a broken download) still inflates, to other voxels, unless its CRC-32 is checked (it was not:
+    4725 of 9216 voxels of this block came back different, silently)."""
+    image, _ = brain_block(tmp_path, "c0")
+    raw = bytearray(image.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 50] = bytes(50)
+    bad = tmp_path / "damaged.nii.gz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(Seg3DFastDataError, match="damaged.nii.gz: cannot read the image data, file truncated or corrupt"):
+        load_nifti(bad)
+    load_nifti(image)  # the intact file still reads
+
+
+@pytest.mark.parametrize("meta,words", [
+    ({"training": [{"label": "labelsTr/a.nii.gz"}]}, "'training' entry 0 is not"),
+    ({"training": ["imagesTr/a.nii.gz"]}, "'training' entry 0 is not"),
+    ({"training": {"image": "a"}}, "'training' must be a list"),
+    ({"labels": ["background", "tumour"], "training": []}, "'labels' must be an object"),
+    ({"channel_names": {"T1": 0}, "training": []}, "'channel_names' must map channel indices"),
+])
+def test_dataset_json_of_the_wrong_structure_is_named(tmp_path, meta, words):
+    """Valid JSON of the wrong shape in dataset.json: one error naming the file and the key, not a KeyError,
+    TypeError or AttributeError traceback."""
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(Seg3DFastDataError, match="dataset.json: " + re.escape(words)):
+        discover(tmp_path)
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path):
+    """ENOSPC raised by a write names no file: write_atomic puts the target's name on it (the command line's
+    one-line error then says which file), and removes its temporary file."""
+    import errno
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match="No space left on device: '.*out.nii.gz'") as info:
+        write_atomic(tmp_path / "out.nii.gz", full)
+    assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []

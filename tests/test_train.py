@@ -206,6 +206,8 @@ def test_corrupt_run_files_are_named(tmp_path):
     train(TrainConfig(epochs=1, **cfg))
     for name, damage in (("splits.json", '{"folds": 1, "cases": ["case0"'), ("splits.json", "[1, 2]"),
                          ("splits.json", '{"folds": 1, "cases": ["case0"], "splits": 7}'),
+                         ("splits.json", '{"folds": 1, "cases": ["case0"], "splits": [{"train": ["zz"], "val": []}]}'),
+                         ("splits.json", '{"folds": 1, "cases": ["case0"], "splits": [["case0"]]}'),
                          ("config.json", "\x00\x00\x00")):
         good = (run / name).read_text()
         (run / name).write_text(damage)
@@ -413,3 +415,70 @@ def test_cache_dir_trains_the_same_from_memory_maps(tmp_path, monkeypatch):
     workers = train(replace(cached, out=str(tmp_path / "workers"), workers=2)).state_dict()
     for k in expected:
         torch.testing.assert_close(workers[k], expected[k], rtol=0, atol=0, msg=k)
+
+
+def test_damaged_checkpoints_are_named(tmp_path, monkeypatch):
+    """--resume and predict on an empty checkpoint.pt (EOFError with no text: the message itself failed with an
+    IndexError) or on one that loads but is no training checkpoint: one error naming the file. A checkpoint that
+    cannot be written (torch's zip writer reports a full disk as a RuntimeError) is named too, and the previous one
+    is kept."""
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    run = tmp_path / "run"
+    cfg = dict(data=str(manifest), out=str(run), **dict(TINY, samples_per_epoch=1))
+    train(TrainConfig(epochs=1, **cfg))
+    ckpt = run / "fold_0" / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    for content, words in ((b"", r"cannot read the checkpoint \(EOFError\)"), (None, "not a training checkpoint")):
+        if content is None:
+            torch.save({"epoch": 1}, ckpt)
+        else:
+            ckpt.write_bytes(content)
+        with pytest.raises(Seg3DFastDataError, match=f"checkpoint.pt: {words}"):
+            train(TrainConfig(epochs=2, resume=True, **cfg))
+        with pytest.raises(Seg3DFastDataError, match="checkpoint.pt: (cannot read|not a training)"):
+            load_models(run, torch.device("cpu"))
+    ckpt.write_bytes(good)
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 20672 vs 20576")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(Seg3DFastDataError, match="checkpoint.pt: cannot write the checkpoint .*bytes free"):
+        train(TrainConfig(epochs=2, resume=True, **cfg))
+    assert ckpt.read_bytes() == good and not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_rewrites_logs_that_a_stop_left_behind(tmp_path):
+    """The logs are written after the checkpoint: a run stopped between the two left metrics without the last
+    epoch, and a resume with nothing left to train never wrote them again."""
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    cfg = dict(data=str(manifest), out=str(tmp_path / "r"), **dict(TINY, samples_per_epoch=1))
+    train(TrainConfig(epochs=2, **cfg))
+    metrics = tmp_path / "r" / "fold_0" / "metrics.json"
+    metrics.write_text(json.dumps(json.loads(metrics.read_text())[:1]))
+    train(TrainConfig(epochs=2, resume=True, **cfg))
+    assert [r["epoch"] for r in json.loads(metrics.read_text())] == [1, 2]
+
+
+def test_resume_with_another_length_under_poly_says_so(tmp_path, capsys):
+    """The poly schedule decays over the run's --epochs: 2 epochs, then a resume to 3, is not a 3-epoch run once
+    epoch 2 used the shorter run's rate (a resume after epoch 1 is: epoch 1's rate is lr whatever the length)."""
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    cfg = dict(data=str(manifest), out=str(tmp_path / "r"), **dict(TINY, samples_per_epoch=1))
+    train(TrainConfig(epochs=2, **cfg))
+    train(TrainConfig(epochs=3, resume=True, **cfg))
+    assert "resuming with --epochs 2 -> 3 under --lr-schedule poly" in capsys.readouterr().err
+
+
+def test_a_flipped_axis_of_extent_one_trains(tmp_path):
+    """A sample one voxel thick (a 2D image, a single slice) flipped along that axis kept a negative stride that
+    numpy calls contiguous, and torch.from_numpy refused it (about 1 sample in 32 of a 2D image)."""
+    from seg3d_fast.train import _writable
+    flipped = np.arange(20, dtype=np.float32).reshape(1, 4, 5)[::-1]
+    assert torch.equal(torch.from_numpy(_writable(flipped)), torch.arange(20.0).reshape(1, 4, 5))
+    rng = np.random.default_rng(0)
+    img = rng.uniform(1, 100, (20, 20)).astype(np.float32)  # 2D: (X, Y), one slice
+    for name, data in (("img", img), ("lab", (img > 50).astype(np.uint8))):
+        save(data, np.eye(4), tmp_path / f"{name}.nii.gz")
+    (tmp_path / "m.csv").write_text(f"image,label\n{tmp_path}/img.nii.gz,{tmp_path}/lab.nii.gz\n")
+    train(TrainConfig(data=str(tmp_path / "m.csv"), out=str(tmp_path / "r"), epochs=1, samples_per_epoch=48,
+                      features=(4, 8), progress=False))

@@ -5,6 +5,7 @@ load_case(case) -> (reference image, float32 array (C, X, Y, Z), int64 label arr
 checked: readable NIfTI, all channels and the label on one grid, labels integral and inside the class range.
 """
 import csv
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,9 @@ def _from_dataset_json(root):
     meta = read_json(meta_path)
     num_classes = _num_classes_from_labels(meta.get("labels"), meta_path)
     channels = meta.get("channel_names") or meta.get("modality") or {}
+    if isinstance(channels, dict) and not all(str(k).isdigit() for k in channels):
+        raise Seg3DFastDataError(f"{meta_path}: 'channel_names' must map channel indices (\"0\", \"1\", ...) to "
+                                 f"names, got keys {sorted(map(str, channels))[:4]}")
     channel_names = [channels[k] for k in sorted(channels, key=int)] if isinstance(channels, dict) else []
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
@@ -137,7 +141,14 @@ def _from_dataset_json(root):
             cases.append(Case(name, files, find_nifti(labels_dir, name)))
         return Dataset(cases, "nnunet", channel_names, num_classes, root)
     cases = []  # MSD: 'training' entries point at (possibly 4D) images
-    for entry in meta.get("training", []):
+    training = meta.get("training") or []
+    if not isinstance(training, list):
+        raise Seg3DFastDataError(f"{meta_path}: 'training' must be a list of {{\"image\": ..., \"label\": ...}}")
+    for i, entry in enumerate(training):
+        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)
+                and isinstance(entry.get("label") or "", str)):
+            raise Seg3DFastDataError(f"{meta_path}: 'training' entry {i} is not {{\"image\": path, \"label\": path}}: "
+                                     f"{json.dumps(entry)[:80]}")
         image = root / entry["image"]
         label = root / entry["label"] if entry.get("label") else None
         cases.append(Case(case_name(image), [image], label))
@@ -150,6 +161,9 @@ def _num_classes_from_labels(labels, where):
     """dataset.json 'labels': MSD {"0": "background", ...} or nnU-Net v2 {"background": 0, ...}."""
     if not labels:
         return None
+    if not isinstance(labels, dict):
+        raise Seg3DFastDataError(f"{where}: 'labels' must be an object ({{\"0\": \"background\", ...}} or "
+                                 f"{{\"background\": 0, ...}}), got {type(labels).__name__}")
     values = []
     for k, v in labels.items():
         for candidate in (k, v):

@@ -3,6 +3,7 @@
 Writes are atomic (a temporary file in the same folder, then os.replace), so a failed or interrupted run
 never leaves a half-written output behind.
 """
+import gzip
 import json
 import os
 import tempfile
@@ -58,6 +59,7 @@ def load_nifti(path):
         raise Seg3DFastDataError(f"{path}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
     try:
         data = np.asanyarray(img.dataobj)
+        _check_gzip_stream(path)
     except Exception as e:
         raise Seg3DFastDataError(f"{path}: cannot read the image data, file truncated or corrupt ({_short(e)})") from None
     if data.ndim == 5 and data.shape[3] == 1:  # ITK's vector images: (X, Y, Z, 1 time point, components)
@@ -72,6 +74,17 @@ def load_nifti(path):
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise Seg3DFastDataError(f"{path}: the data holds NaN or infinite values")
     return img, data
+
+
+def _check_gzip_stream(path):
+    """Inflate a gzip file to its end: nibabel reads just the data block and never reaches the trailer, so a stream
+    damaged in the middle (still inflatable, other bytes) passes unless its CRC-32 is checked here."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    with gzip.open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
 
 
 def grid_shape(img):
@@ -156,10 +169,12 @@ def write_atomic(path, write, suffix=None):
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # (ENOSPC from a write names
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None     # no file: the command line's
+        raise                                                                     # one-line error should)
 
 
 def write_text_atomic(path, text):

@@ -74,7 +74,7 @@ def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="imag
     image = image[(slice(None), *crop)].astype(np.float32, copy=True)
     foreground = foreground[crop]
     if label is not None:
-        label = _c_array(label[crop])
+        label = c_array(label[crop])
     if config.clip is not None:
         np.clip(image, config.clip[0], config.clip[1], out=image)
     for c in range(image.shape[0]):
@@ -291,10 +291,10 @@ def _orientation(affine):
 
 def _to_canonical(array, orientation):
     """Reorder/flip the first three axes to RAS, as nibabel.as_closest_canonical does with the image."""
-    return _c_array(nib.orientations.apply_orientation(array, orientation))
+    return c_array(nib.orientations.apply_orientation(array, orientation))
 
 
-def _c_array(array):
+def c_array(array):
     """np.ascontiguousarray, and a copy where a stride is still negative: numpy calls an array with a flipped
     length-1 axis C-contiguous (its strides are ignored) and returns it as it is, but torch.from_numpy refuses it."""
     array = np.ascontiguousarray(array)
