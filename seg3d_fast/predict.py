@@ -115,6 +115,22 @@ def resolve_run(path):
     raise Seg3DFastDataError(f"{path}: not a training run (no config.json; train one with `seg3d-fast train`)")
 
 
+def read_checkpoint(path, keys):
+    """A training checkpoint (torch.load, weights only) as a dict holding `keys`; a file that cannot be read or is
+    not such a checkpoint: one error naming it (train --resume and predict)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a checkpoint at all
+        text = str(e).strip()  # (an empty file: EOFError with no text)
+        raise Seg3DFastDataError(f"{path}: cannot read the checkpoint ({type(e).__name__}"
+                                 f"{': ' + text.splitlines()[0][:160] if text else ''})") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise Seg3DFastDataError(f"{path}: not a training checkpoint (no {', '.join(missing)}); the fold is damaged: "
+                                 "train it again (--overwrite)")
+    return state
+
+
 def load_models(run_path, device, ensemble=False, fold=None, backend=None):
     """-> (run config dict, [models]) from a run: one fold (default fold 0, or the lowest present), or every
     fold with a checkpoint when ensemble=True. Each model carries `trained_flips`, the canonical axes its own
@@ -154,22 +170,16 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
     model_cfg["features"] = tuple(model_cfg["features"])
     models = []
     for d in fold_dirs:
-        try:
-            state = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: cannot read the checkpoint ({type(e).__name__}"
-                                     f"{': ' + str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
-        if not (isinstance(state, dict) and isinstance(state.get("model"), dict)):
-            raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: not a training checkpoint (no model weights)")
+        state = read_checkpoint(d / "checkpoint.pt", ("model",))
         # a checkpoint left beside a config.json rewritten for another model (an --overwrite run stopped before
         # its first epoch) would otherwise fail in load_state_dict with a size-mismatch traceback
-        trained = (state.get("config") or {}) if isinstance(state, dict) else {}
+        trained = state.get("config") or {}
         for key in ("model", "preprocess", "num_classes"):  # (an --overwrite with other settings that stopped before
             if key in trained and trained[key] != config[key]:  # its first epoch rewrote config.json only)
                 raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: trained with another {key} than "
                                          f"{run_dir / 'config.json'} describes ({trained[key]} vs {config[key]}); "
                                          "train it again, or resume it with its own settings")
-        settings = state.get("train_config") if isinstance(state, dict) else None
+        settings = state.get("train_config")
         if isinstance(settings, dict) and isinstance(settings.get("epochs"), int) and \
                 isinstance(state.get("epoch"), int) and state["epoch"] < settings["epochs"]:
             print(f"seg3d_fast: {d / 'checkpoint.pt'} stopped at epoch {state['epoch']} of {settings['epochs']} "

@@ -32,7 +32,7 @@ from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json, write_atomic, write_text_atomic
 from .data.preprocess import PreprocessConfig, c_array, label_dtype, preprocess
 from .metrics import mean_foreground_dice
-from .predict import on_device_or_host, predict_logits
+from .predict import on_device_or_host, predict_logits, read_checkpoint
 
 CONFIG_FILE, SPLITS_FILE, CHECKPOINT_FILE = "config.json", "splits.json", "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "rng", "config")  # what --resume reads
@@ -464,16 +464,7 @@ def train(cfg):
     if cfg.resume:
         if not ckpt_path.is_file():
             raise Seg3DFastDataError(f"{ckpt_path}: no checkpoint to resume from")
-        try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated, corrupt or not a checkpoint at all
-            text = str(e).strip()  # (an empty file: EOFError with no text)
-            raise Seg3DFastDataError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}"
-                                     f"{': ' + text.splitlines()[0][:160] if text else ''})") from e
-        missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
-        if missing:
-            raise Seg3DFastDataError(f"{ckpt_path}: not a training checkpoint (no {', '.join(missing)}); the fold is "
-                                     "damaged: --overwrite trains it again")
+        checkpoint = read_checkpoint(ckpt_path, CHECKPOINT_KEYS)
     elif ckpt_path.is_file() and not cfg.overwrite:
         raise Seg3DFastDataError(f"{ckpt_path}: this fold has a checkpoint already; pass --resume to continue it "
                                  "or --overwrite to train the fold again from scratch (replacing it)")
@@ -540,8 +531,6 @@ def train(cfg):
             scaler.load_state_dict(checkpoint["scaler"])
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         set_rng_state(checkpoint["rng"])
-        if rank == 0 and history:  # (the logs follow the checkpoint: a run stopped between the two left them behind)
-            write_logs(fold_dir, history)
         changed = _changed_training_settings(checkpoint.get("train_config"), cfg)
         if changed and rank == 0:
             print(f"{ckpt_path}: resuming with training settings other than the checkpoint's ({changed}); training "
@@ -555,6 +544,10 @@ def train(cfg):
         if start_epoch >= cfg.epochs and rank == 0:
             print(f"{ckpt_path}: already trained for {start_epoch} epoch(s) (--epochs {cfg.epochs}): nothing to do",
                   file=sys.stderr, flush=True)
+            # the logs follow the checkpoint: a run stopped between the two left them behind (with epochs left to
+            # train, the next epoch's logs catch up)
+            if history:
+                write_logs(fold_dir, history)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -285,7 +285,8 @@ def jaccard_plain(logits, target, squared=True, activation="softmax", smooth=1e-
         sums = sums.sum(0, keepdim=True)
     i, p, t = sums.unbind(-1)
     loss = 1 - (i + smooth) / (p + t - i + smooth)
-    w = torch.ones(loss.shape[1], dtype=loss.dtype, device=loss.device) if class_weights is None else class_weights.to(loss.dtype)
+    w = torch.ones(loss.shape[1], dtype=loss.dtype, device=loss.device) if class_weights is None \
+        else class_weights.to(loss.dtype)
     if not include_background:
         loss, w = loss[:, 1:], w[1:]
     if reduction == "none":

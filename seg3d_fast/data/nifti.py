@@ -172,9 +172,10 @@ def write_atomic(path, write, suffix=None):
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # (ENOSPC from a write names
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None     # no file: the command line's
-        raise                                                                     # one-line error should)
+        # ENOSPC from a write names no file: the command line's one-line error should say which
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
 
 
 def write_text_atomic(path, text):
