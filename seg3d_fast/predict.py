@@ -135,8 +135,6 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
     """-> (run config dict, [models]) from a run: one fold (default fold 0, or the lowest present), or every
     fold with a checkpoint when ensemble=True. Each model carries `trained_flips`, the canonical axes its own
     training flipped at random (trained_flips: folds of one run may differ), what predict --tta averages over."""
-    from .models import Seg3DNet
-
     run_dir, fold_dir = resolve_run(run_path)
     if fold_dir is not None and (ensemble or fold is not None):
         raise Seg3DFastDataError(f"{run_path}: one fold's folder, with --{'ensemble' if ensemble else 'fold'}: pass "
@@ -166,8 +164,6 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
                 raise Seg3DFastDataError(f"{fold_dirs[0]}: no checkpoint for fold {fold}")
         else:
             fold_dirs = present[:1]
-    model_cfg = {k: v for k, v in config["model"].items()}
-    model_cfg["features"] = tuple(model_cfg["features"])
     models = []
     for d in fold_dirs:
         state = read_checkpoint(d / "checkpoint.pt", ("model",))
@@ -184,11 +180,29 @@ def load_models(run_path, device, ensemble=False, fold=None, backend=None):
                 isinstance(state.get("epoch"), int) and state["epoch"] < settings["epochs"]:
             print(f"seg3d_fast: {d / 'checkpoint.pt'} stopped at epoch {state['epoch']} of {settings['epochs']} "
                   "(--resume to finish it)", file=sys.stderr, flush=True)
-        model = Seg3DNet(**model_cfg, backend=backend)
-        model.load_state_dict(state["model"])
+        model = _model_from_config(config["model"], run_dir / "config.json", backend)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # missing / unexpected keys or other tensor shapes: another network's weights
+            raise Seg3DFastDataError(f"{d / 'checkpoint.pt'}: its weights do not fit the model "
+                                     f"{run_dir / 'config.json'} describes ({str(e).splitlines()[0]})") from None
         model.trained_flips = trained_flips(state.get("train_config"))
         models.append(model.to(device).eval())
     return config, models
+
+
+def _model_from_config(settings, path, backend):
+    """Seg3DNet from a run's model settings; settings a damaged or hand-edited config.json lacks, or that no
+    Seg3DNet takes, are named (not a KeyError or TypeError traceback)."""
+    from .models import Seg3DNet
+
+    missing = [k for k in ("in_channels", "num_classes", "features") if k not in settings]
+    if missing:
+        raise Seg3DFastDataError(f"{path}: the model settings lack {', '.join(missing)}; the run folder is damaged")
+    try:
+        return Seg3DNet(**settings, backend=backend)
+    except (TypeError, ValueError) as e:
+        raise Seg3DFastDataError(f"{path}: the model settings do not describe a Seg3DNet ({e})") from None
 
 
 def trained_flips(train_config):

@@ -434,6 +434,23 @@ def plot_curves(path, history):
     plt.close(fig)
 
 
+def _check_crop_fits(crop, batch_size):
+    """A batch of crops too big for this machine's memory (a typo: --crop 1280 160 144) is named before anything
+    is written, not met as a MemoryError in a loader. Counted: a 1-channel float32 image and int64 labels per voxel,
+    the least a batch holds."""
+    if crop is None or not hasattr(os, "sysconf"):
+        return
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # (not reported on this system)
+        return
+    need = batch_size * math.prod(crop) * (4 + 8)
+    if need > memory:
+        raise Seg3DFastDataError(f"--crop {' '.join(map(str, crop))}: a batch of {batch_size} such crops needs "
+                                 f"{need / 2**30:.0f} GiB for its images and labels alone, more than this "
+                                 f"machine's {memory / 2**30:.0f} GiB of memory; pass a smaller --crop")
+
+
 # ---- the loop ------------------------------------------------------------------------------------------------
 def train(cfg):
     """Train fold `cfg.fold` into `cfg.out`; returns the trained model (unwrapped)."""
@@ -450,6 +467,7 @@ def train(cfg):
     if not set(cfg.mirror_axes) <= {0, 1, 2}:
         raise ValueError(f"mirror_axes must be canonical axes among 0, 1, 2, got {tuple(cfg.mirror_axes)}")
     # (data errors: the command line reports them in one line, as it does its own option checks)
+    _check_crop_fits(cfg.crop, cfg.batch_size)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise Seg3DFastDataError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):

@@ -288,6 +288,21 @@ def test_preprocess_canonical_crop_zscore(tmp_path):
     assert geom.bbox == tuple((s.start, s.stop) for s in box) and geom.shape == (48, 64, 10)
 
 
+def test_intensities_far_from_one_normalise_and_beyond_float32_are_named(tmp_path):
+    """float64 images: intensities of ~1e25 (their squares overflow float32) still normalise to zero mean, unit
+    standard deviation; intensities beyond float32's range are named, not read as infinities that wreck training."""
+    rng = np.random.default_rng(0)
+    data = rng.uniform(1.0, 2.0, (9, 7, 5)) * 1e25
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "big.nii.gz"))
+    ref, image, _ = load_case(Case("big", [tmp_path / "big.nii.gz"]))
+    x, _, _ = preprocess(ref, image, None)
+    assert torch.isfinite(x).all()
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std(correction=0)) - 1) < 1e-4
+    nib.save(nib.Nifti1Image(data * 1e15, np.eye(4)), str(tmp_path / "huge.nii.gz"))
+    with pytest.raises(Seg3DFastDataError, match="huge.nii.gz: intensities beyond float32's range"):
+        load_case(Case("huge", [tmp_path / "huge.nii.gz"]))
+
+
 def test_preprocess_ct_clip_and_downsample():
     ref, image, label = load_case(discover(CT).cases[0])
     _, lab = load(CT_LABELS)

@@ -305,6 +305,21 @@ def test_predict_errors(two_fold_run, tmp_path):
     (stale / "config.json").write_text(json.dumps(config))
     with pytest.raises(Seg3DFastDataError, match="fold_0/checkpoint.pt: trained with another model than"):
         load_models(stale, torch.device("cpu"))
+    # model settings that lack a key, that no Seg3DNet takes, or that do not fit the checkpoint's weights
+    for edit, message in ((lambda m: m.pop("features"), "the model settings lack features"),
+                          (lambda m: m.update(widths=[4, 8]), "do not describe a Seg3DNet .*widths"),
+                          (lambda m: m.update(skip="product"), "do not describe a Seg3DNet .*skip must be one of"),
+                          (lambda m: m.update(features=[4, 8, 16]), "fold_0/checkpoint.pt: its weights do not fit"),
+                          (lambda m: m.update(num_classes=3), "fold_0/checkpoint.pt: its weights do not fit")):
+        config = json.loads((two_fold_run / "run" / "config.json").read_text())
+        edit(config["model"])
+        (stale / "config.json").write_text(json.dumps(config))
+        for path in (stale / "fold_0" / "checkpoint.pt", stale / "fold_1" / "checkpoint.pt"):
+            state = torch.load(path, weights_only=False)
+            state.pop("config", None)  # checkpoints without their config (older runs): config.json stands alone
+            torch.save(state, path)
+        with pytest.raises(Seg3DFastDataError, match=message):
+            load_models(stale, torch.device("cpu"))
     for damage in ("{\"model\": {\"in_channels\": 1", "{}"):  # damaged run configuration: named, no traceback
         (tmp_path / "run").mkdir(exist_ok=True)
         (tmp_path / "run" / "config.json").write_text(damage)

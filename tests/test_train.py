@@ -343,6 +343,15 @@ def test_intensity_augmentation_is_per_channel_affine():
     assert not np.allclose(out, x)
 
 
+def test_crop_beyond_the_machines_memory_is_named(tmp_path):
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    with pytest.raises(ValueError, match="--crop 100000 1600 1440: a batch of 2 such crops needs .* GiB for its "
+                                         "images and labels alone, more than this machine's"):
+        train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=1, device="cpu",
+                          **{**TINY, "crop": (100000, 1600, 1440), "batch_size": 2}))
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
 def test_cuda_graph_needs_one_gpu(tmp_path):
     manifest = brain_csv(tmp_path / "data", n_cases=1)
     with pytest.raises(ValueError, match="--cuda-graph needs one CUDA device and one process; got device cpu"):

@@ -78,9 +78,9 @@ def preprocess(ref_img, image, label=None, config=PreprocessConfig(), name="imag
     if config.clip is not None:
         np.clip(image, config.clip[0], config.clip[1], out=image)
     for c in range(image.shape[0]):
-        values = image[c][foreground]
-        std = values.std()
-        image[c] = (image[c] - values.mean()) / (std if std > 0 else 1.0)
+        values = image[c][foreground]  # statistics in float64: float32 squares overflow past ~1e19
+        mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+        image[c] = (image[c] - mean) / (std if std > 0 else 1.0)
         image[c][~foreground] = 0.0
     x = torch.from_numpy(image)
     y = torch.from_numpy(label) if label is not None else None
