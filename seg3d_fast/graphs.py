@@ -131,7 +131,7 @@ class CudaGraphStep:
     Calls run eagerly until `warmup` calls in a row had inputs of one shape, dtype and layout (they tune kernels,
     choose backends and fill the ops' caches for them, which a capture must not do); the next such call captures
     and replays. Calls with inputs of other shapes or dtypes than the captured ones run eagerly (counted in
-    eager_steps); so does every call once a replay's alpha check failed (disabled says why). Gradients are the graph's own tensors, put back into each parameter's .grad before the
+    eager_steps); so does every call once a replay's alpha check failed or a capture failed (disabled says why). Gradients are the graph's own tensors, put back into each parameter's .grad before the
     optimizer runs. autocast_dtype: the autocast dtype (None: no autocast); scaler: a torch.amp.GradScaler for fp16.
     Single-process only: a DistributedDataParallel model is refused (its gradient all-reduce is not captured here).
     """
@@ -158,7 +158,10 @@ class CudaGraphStep:
         signature = (x.shape, x.dtype, x.stride(), y.shape, y.dtype, y.stride())
         if self.disabled is None and self._graph is None and self._warm[0] == signature and \
                 self._warm[1] >= self.warmup:
-            self._capture(x, y)
+            try:
+                self._capture(x, y)
+            except RuntimeError as e:  # a capture refused (an op or the driver): train on eagerly, as it warms up
+                self._off(f"the capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         if self._graph is None or not self._fits(x, y):
             if self._graph is None:
                 warm_signature, count = self._warm
@@ -170,10 +173,7 @@ class CudaGraphStep:
         try:
             self._checks.verify()  # waits for the replay: the optimizer must not take unverified gradients
         except AlphaAssumptionError as e:
-            self.disabled = f"replay {self.replays + 1}: {e}"
-            warnings.warn(f"CudaGraphStep: {self.disabled}; this and later steps run eagerly", RuntimeWarning,
-                          stacklevel=2)
-            self._release()
+            self._off(f"replay {self.replays + 1}: {e}")
             return self._eager(x, y)
         self.replays += 1
         for p, g in self._grads:  # .grad may have been reset (zero_grad) since the capture: the graph writes these
@@ -202,6 +202,11 @@ class CudaGraphStep:
         self._logits, self._loss = logits.detach(), loss.detach()
         self._grads = [(p, p.grad) for group in self.optimizer.param_groups for p in group["params"]
                        if p.grad is not None]
+
+    def _off(self, why):
+        self.disabled = why
+        warnings.warn(f"CudaGraphStep: {why}; this and later steps run eagerly", RuntimeWarning, stacklevel=3)
+        self._release()
 
     def _release(self):
         self._graph = self._checks = self._logits = self._loss = None

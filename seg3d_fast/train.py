@@ -11,6 +11,7 @@ multi-process run draws its own samples without any shared random state.
 
 Multi-GPU: `torchrun --nproc_per_node=N -m seg3d_fast train ...` (NCCL on GPUs, gloo on CPU); only rank 0 writes.
 """
+import argparse
 import functools
 import hashlib
 import json
@@ -70,7 +71,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     backend: str | None = None
-    cuda_graph: bool = False            # forward + backward replayed as one CUDA graph (one GPU; fixed --crop)
+    cuda_graph: bool | None = None      # forward + backward replayed as one CUDA graph; None: where it can run
+                                        # (one CUDA device, one process, a --crop: every batch of one shape)
     workers: int = 0
     cache_dir: str | None = None        # preprocessed cases as .npy files read through memory maps (big datasets)
     resume: bool = False
@@ -434,6 +436,14 @@ def plot_curves(path, history):
     plt.close(fig)
 
 
+def use_cuda_graph(cfg, device, world):
+    """--cuda-graph as asked; by default on where it can run and pays: one CUDA device, one process, and crops
+    (every batch one shape; whole volumes of different shapes would each run eagerly)."""
+    if cfg.cuda_graph is not None:
+        return cfg.cuda_graph
+    return device.type == "cuda" and world == 1 and cfg.crop is not None
+
+
 def _check_crop_fits(crop, batch_size):
     """A batch of crops too big for this machine's memory (a typo: --crop 1280 160 144) is named before anything
     is written, not met as a MemoryError in a loader. Counted: a 1-channel float32 image and int64 labels per voxel,
@@ -470,7 +480,7 @@ def train(cfg):
     _check_crop_fits(cfg.crop, cfg.batch_size)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise Seg3DFastDataError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
-    if cfg.cuda_graph and (device.type != "cuda" or world > 1):
+    if cfg.cuda_graph and (device.type != "cuda" or world > 1):  # (asked for: an error; by default: off there)
         raise Seg3DFastDataError(f"--cuda-graph needs one CUDA device and one process; got device {device}, "
                          f"{world} processes")
     out = Path(cfg.out)
@@ -577,7 +587,7 @@ def train(cfg):
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=pad_collate, pin_memory=device.type == "cuda")
     amp_dtype = AMP_DTYPES[cfg.amp]
-    if cfg.cuda_graph:  # (inputs of another shape than the first batches', e.g. uncropped volumes, run eagerly)
+    if use_cuda_graph(cfg, device, world):  # (inputs of another shape than the first batches' run eagerly)
         step = graphs.CudaGraphStep(model, loss_fn, optimizer, autocast_dtype=amp_dtype, scaler=scaler)
     else:
         step = functools.partial(graphs.train_step, net, loss_fn, optimizer, autocast_dtype=amp_dtype, scaler=scaler)
@@ -738,9 +748,10 @@ def add_arguments(p):
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--backend", choices=("reference", "triton", "cuda"), default=None,
                    help="force a kernel backend (default: the dispatcher's choice)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each step's forward and backward as one CUDA graph (one GPU; use with --crop): "
-                        "removes the per-layer host work that bounds small and deep layers")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each step's forward and backward as one CUDA graph, which removes the per-layer "
+                        "host work that bounds small and deep layers (default: on for one CUDA device with --crop, "
+                        "off otherwise)")
     p.add_argument("--workers", type=at_least(0), default=0, help="data loader worker processes")
     p.add_argument("--cache-dir", default=None,
                    help="preprocess each case once into this folder and read it back through memory maps, for "

@@ -254,14 +254,15 @@ def test_training_with_cuda_graphs_matches_eager(tmp_path, monkeypatch):
     """`seg3d-fast train --cuda-graph` trains the same weights as without it (deterministic kernels)."""
     pytest.importorskip("nibabel")
     from data_helpers import brain_csv
-    from seg3d_fast.train import TrainConfig, train
+    from seg3d_fast.train import TrainConfig, train, use_cuda_graph
 
     monkeypatch.setenv("SEG3D_FAST_DETERMINISTIC", "1")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     manifest = brain_csv(tmp_path / "data", n_cases=2)
     config = dict(data=str(manifest), epochs=2, features=(4, 8), crop=(16, 16, 16), samples_per_epoch=6, lr=3e-3,
                   progress=False, device="cuda", amp="bf16")
-    eager = train(TrainConfig(out=str(tmp_path / "eager"), **config))
+    eager = train(TrainConfig(out=str(tmp_path / "eager"), cuda_graph=False, **config))
+    assert use_cuda_graph(TrainConfig(**config), torch.device("cuda"), 1)  # the default, with a --crop on a GPU
     graphed = train(TrainConfig(out=str(tmp_path / "graphed"), cuda_graph=True, **config))
     assert_same_training(graphed, eager)
 
@@ -338,3 +339,47 @@ def test_cuda_graph_step_plumbing_on_cpu(monkeypatch):
     assert step._graph is None and (step.eager_steps, step.replays) == (3, 1)
     both(x, y)
     assert step.eager_steps == 4
+
+
+def test_cuda_graph_step_trains_on_eagerly_when_the_capture_fails(monkeypatch):
+    """A capture that an op or the driver refuses warns, turns graphs off and runs that step eagerly: the same
+    weights as eager steps (training on a GPU uses CUDA graphs by default, so a failed capture must not end it)."""
+    _stand_in_graphs(monkeypatch)
+
+    @contextlib.contextmanager
+    def refused(graph):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", refused)
+    torch.manual_seed(0)
+    model = Seg3DNet(2, 3, (4, 8), backend="reference")
+    twin = copy.deepcopy(model)
+    opt, twin_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
+    loss_fn = sf.nn.JaccardLoss(backend="reference")
+    step = graphs.CudaGraphStep(model, loss_fn, opt, warmup=1)
+    x, y = torch.randn(2, 2, 6, 4, 6), torch.randint(0, 3, (2, 6, 4, 6))
+    step(x, y)
+    graphs.train_step(twin, loss_fn, twin_opt, x, y)
+    with pytest.warns(RuntimeWarning, match="the capture failed \\(RuntimeError: operation not permitted when "
+                                            "stream is capturing\\); this and later steps run eagerly"):
+        loss, _ = step(x, y)
+    twin_loss, _ = graphs.train_step(twin, loss_fn, twin_opt, x, y)
+    step(x, y)
+    graphs.train_step(twin, loss_fn, twin_opt, x, y)
+    torch.testing.assert_close(loss, twin_loss, rtol=0, atol=0)
+    assert step._graph is None and (step.eager_steps, step.replays) == (3, 0) and "capture failed" in step.disabled
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_training_uses_cuda_graphs_by_default_where_they_can_run():
+    from seg3d_fast.train import TrainConfig, use_cuda_graph
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    cropped, whole = TrainConfig(data="d", out="o", crop=(16, 16, 16)), TrainConfig(data="d", out="o")
+    assert use_cuda_graph(cropped, gpu, 1)
+    assert not use_cuda_graph(cropped, gpu, 2)  # DDP: the gradient all-reduce is not captured
+    assert not use_cuda_graph(cropped, cpu, 1) and not use_cuda_graph(whole, gpu, 1)
+    assert not use_cuda_graph(TrainConfig(data="d", out="o", crop=(16, 16, 16), cuda_graph=False), gpu, 1)
+    assert use_cuda_graph(TrainConfig(data="d", out="o", cuda_graph=True), gpu, 1)
