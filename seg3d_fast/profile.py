@@ -413,7 +413,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_variants(device):
-    return ["plain", "plain_cl", "fused"] if device.type == "cuda" else ["plain", "reference"]
+    # on a GPU also the steps `train` takes there by default (CUDA graphs), beside the plain network graphed too
+    if device.type == "cuda":
+        return ["plain", "plain_cl", "fused", "fused_graph", "plain_cl_graph"]
+    return ["plain", "reference"]
 
 
 def _out_path(args, stem):
