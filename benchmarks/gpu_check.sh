@@ -10,8 +10,9 @@
 # profile.png, profile_graphs.json, report.md, dispatch_table.json (measured backend order per op and shape, to merge
 # into seg3d_fast/backends/dispatch_table.json). At most 8 files: the device tool returns no more.
 # Knobs: PYTHON (default python3), GPU_CHECK_TESTS (test files), GPU_CHECK_SKIP (stage names, e.g. "bench demo" for
-# a rerun after a change that the last run's benchmarks still describe), the SEG3D_BENCH_* variables of
-# benchmarks/conftest.py, and the stage limits below (seconds).
+# a rerun after a change that the last run's benchmarks still describe), GPU_CHECK_BENCH_K (a pytest -k expression
+# over the benchmark rows' ids, e.g. "c64 or c128 or c256" for the rows a time-limited run did not reach), the
+# SEG3D_BENCH_* variables of benchmarks/conftest.py, and the stage limits below (seconds).
 set -u -o pipefail
 
 # Limits add up to 600 s; the H100 run of 2026-11-26 (run 3) took 32 s to build (this card's architecture only),
@@ -145,7 +146,7 @@ export SEG3D_CEILINGS_JSON=/tmp/seg3d_ceilings.json SEG3D_BENCH_OUT=$RES/bench.j
 export SEG3D_BENCH_REP_DTYPES=${SEG3D_BENCH_REP_DTYPES:-bf16}
 export SEG3D_BENCH_DEADLINE=$(( $(date +%s) + T_BENCH - 15 ))
 stage bench "$T_BENCH" $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-  --benchmark-columns=median,min,rounds --benchmark-sort=name
+  --benchmark-columns=median,min,rounds --benchmark-sort=name ${GPU_CHECK_BENCH_K:+-k "$GPU_CHECK_BENCH_K"}
 
 # --- the measured backend order, used by the profile's "fused" network (each layer on its fastest backend) ----------
 if [[ -s $RES/bench.json ]]; then
