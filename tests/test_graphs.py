@@ -301,17 +301,23 @@ def test_cuda_graph_step_captures_only_warm_inputs(monkeypatch):
     assert step.replays == 2
 
 
-def test_cuda_graph_step_plumbing_on_cpu(monkeypatch):
-    """CudaGraphStep's bookkeeping with a stand-in graph (the GPU tests capture for real): eager warmup, the
-    capturing call equal to an eager step (static inputs, checks verified, gradients put back, optimizer), inputs
-    of another shape run eagerly, and a failed alpha check reruns the step eagerly and turns graphs off."""
-    _stand_in_graphs(monkeypatch)
+def _graph_step_and_twin():
+    """A CudaGraphStep (warmup 1) of a tiny reference Seg3DNet, and an identical model and optimizer to step eagerly
+    beside it: -> (step, model, twin, twin's optimizer, loss)."""
     torch.manual_seed(0)
     model = Seg3DNet(2, 3, (4, 8), backend="reference")
     twin = copy.deepcopy(model)
     opt, twin_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
     loss_fn = sf.nn.JaccardLoss(backend="reference")
-    step = graphs.CudaGraphStep(model, loss_fn, opt, warmup=1)
+    return graphs.CudaGraphStep(model, loss_fn, opt, warmup=1), model, twin, twin_opt, loss_fn
+
+
+def test_cuda_graph_step_plumbing_on_cpu(monkeypatch):
+    """CudaGraphStep's bookkeeping with a stand-in graph (the GPU tests capture for real): eager warmup, the
+    capturing call equal to an eager step (static inputs, checks verified, gradients put back, optimizer), inputs
+    of another shape run eagerly, and a failed alpha check reruns the step eagerly and turns graphs off."""
+    _stand_in_graphs(monkeypatch)
+    step, model, twin, twin_opt, loss_fn = _graph_step_and_twin()
     x, y = torch.randn(2, 2, 6, 4, 6), torch.randint(0, 3, (2, 6, 4, 6))
 
     def both(x, y, same=True):
@@ -352,12 +358,7 @@ def test_cuda_graph_step_trains_on_eagerly_when_the_capture_fails(monkeypatch):
         yield
 
     monkeypatch.setattr(torch.cuda, "graph", refused)
-    torch.manual_seed(0)
-    model = Seg3DNet(2, 3, (4, 8), backend="reference")
-    twin = copy.deepcopy(model)
-    opt, twin_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
-    loss_fn = sf.nn.JaccardLoss(backend="reference")
-    step = graphs.CudaGraphStep(model, loss_fn, opt, warmup=1)
+    step, model, twin, twin_opt, loss_fn = _graph_step_and_twin()
     x, y = torch.randn(2, 2, 6, 4, 6), torch.randint(0, 3, (2, 6, 4, 6))
     step(x, y)
     graphs.train_step(twin, loss_fn, twin_opt, x, y)
