@@ -131,9 +131,10 @@ class CudaGraphStep:
     Calls run eagerly until `warmup` calls in a row had inputs of one shape, dtype and layout (they tune kernels,
     choose backends and fill the ops' caches for them, which a capture must not do); the next such call captures
     and replays. Calls with inputs of other shapes or dtypes than the captured ones run eagerly (counted in
-    eager_steps); so does every call once a replay's alpha check failed or a capture failed (disabled says why). Gradients are the graph's own tensors, put back into each parameter's .grad before the
-    optimizer runs. autocast_dtype: the autocast dtype (None: no autocast); scaler: a torch.amp.GradScaler for fp16.
-    Single-process only: a DistributedDataParallel model is refused (its gradient all-reduce is not captured here).
+    eager_steps); so does every call once a replay's alpha check failed or a capture failed (disabled says why).
+    Gradients are the graph's own tensors, put back into each parameter's .grad before the optimizer runs.
+    autocast_dtype: the autocast dtype (None: no autocast); scaler: a torch.amp.GradScaler for fp16. Single-process
+    only: a DistributedDataParallel model is refused (its gradient all-reduce is not captured here).
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, *,
