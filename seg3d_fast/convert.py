@@ -49,6 +49,8 @@ def conv_unsupported_reasons(conv: nn.Conv3d, prelu: Optional[nn.PReLU] = None) 
         reasons.append(f"groups={conv.groups} (only 1 is supported)")
     if prelu is not None and prelu.weight.numel() not in (1, conv.out_channels):
         reasons.append(f"PReLU has {prelu.weight.numel()} parameters for {conv.out_channels} channels")
+    elif prelu is not None and prelu.weight.dim() != 1:  # (F.prelu takes a 0-d weight; the fused op's alpha is 1-D)
+        reasons.append(f"PReLU weight has shape {tuple(prelu.weight.shape)}, not (1,) or ({conv.out_channels},)")
     return reasons
 
 
@@ -259,6 +261,8 @@ def convert(model: nn.Module) -> tuple[nn.Module, ConvertReport]:
     _convert(model, "", report)
     for path, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, nn.PReLU):
-            why = _module_reasons(m, nn.PReLU) or ["not directly after a fusable Conv3d in an nn.Sequential"]
+            why = _module_reasons(m, nn.PReLU) or (
+                [f"its weight has shape {tuple(m.weight.shape)}, not 1-D"] if m.weight.dim() != 1
+                else ["not directly after a fusable Conv3d in an nn.Sequential"])
             report.left.append((path, "PReLU runs unfused: " + "; ".join(why)))
     return model, report

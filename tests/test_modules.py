@@ -283,6 +283,11 @@ def test_convert_leaves_what_it_cannot_fuse_exactly():
         converted, report = sf.convert(copy.deepcopy(original))
         assert any(why in reason for _, reason in report.left), (name, str(report))
         assert_same_model_function(original, converted, x)
+    scalar_alpha = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.PReLU())
+    scalar_alpha[1].weight = nn.Parameter(torch.tensor(0.3))  # 0-d: F.prelu takes it, the fused op's alpha is 1-D
+    converted, report = sf.convert(copy.deepcopy(scalar_alpha))
+    assert "its weight has shape (), not 1-D" in dict(report.left)["1"], str(report)
+    assert_same_model_function(scalar_alpha, converted, x)
     lazy = nn.Sequential(nn.LazyConv3d(4, 3, padding=1))
     assert "not initialized" in dict(sf.convert(lazy)[1].left)["0"]
     valid = nn.Sequential(nn.Conv3d(2, 4, 1, padding="valid"))
