@@ -22,7 +22,8 @@ def test_load_nifti_reads_real_volume():
     assert nib.aff2axcodes(img.affine) == ("L", "A", "S")
 
 
-@pytest.mark.parametrize("problem", ["missing", "truncated_gz", "truncated_nii", "not_nifti", "folder", "nan"])
+@pytest.mark.parametrize("problem", ["missing", "truncated_gz", "truncated_nii", "not_nifti", "folder", "nan", "rgb",
+                                     "complex"])
 def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
     raw = TCGA_T1.read_bytes()
     if problem == "missing":
@@ -44,6 +45,13 @@ def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
         data = np.zeros((3, 4, 5), np.float32)
         data[1, 2, 3] = np.nan
         nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    elif problem == "rgb":  # (was a TypeError traceback; complex data was read as its real part, silently)
+        path, expect = tmp_path / "colour.nii.gz", "RGB voxels"
+        data = np.zeros((3, 4, 5), [("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    elif problem == "complex":
+        path, expect = tmp_path / "k_space.nii.gz", "complex64 voxels"
+        nib.save(nib.Nifti1Image(np.full((3, 4, 5), 1 + 2j, np.complex64), np.eye(4)), str(path))
     else:
         path, expect = tmp_path, "not a file"
     with pytest.raises(Seg3DFastDataError) as e:

@@ -71,6 +71,10 @@ def load_nifti(path):
                                  f"{data.shape}")
     if data.size == 0:
         raise Seg3DFastDataError(f"{path}: empty image, shape {data.shape}")
+    if data.dtype.kind not in "biuf":  # RGB (float32 refused its structured type) or complex (cast to its real part)
+        raise Seg3DFastDataError(f"{path}: {img.header.get_value_label('datatype')} voxels, expected one real number "
+                                 "per voxel (store colour components or real and imaginary parts as channels of a 4D "
+                                 "image)")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise Seg3DFastDataError(f"{path}: the data holds NaN or infinite values")
     return img, data
