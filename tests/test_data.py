@@ -257,6 +257,18 @@ def test_label_range_checks(tmp_path):
     case.label = tmp_path / "neg.nii.gz"
     with pytest.raises(Seg3DFastDataError, match="label -1 outside the class range"):
         load_case(case)
+    # values beyond int64 / int32 are named as they are (the int64 cast made 1e20 and 2^63 + 7 negative labels, and
+    # 1e12 trained into int32 label maps that wrapped)
+    for value, dtype, text in ((1e20, np.float64, "1e+20"), (2**63 + 7, np.uint64, str(2**63 + 7)),
+                               (10**12, np.float64, "1000000000000"), (2**31, np.int64, "2147483648")):
+        big = lab.astype(dtype)
+        big[big == 2] = dtype(value)
+        nib.save(nib.Nifti1Image(big, img.affine, dtype=dtype), str(tmp_path / "big.nii.gz"))
+        case.label = tmp_path / "big.nii.gz"
+        with pytest.raises(Seg3DFastDataError, match=re.escape(f"big.nii.gz: label {text} is too large")):
+            load_case(case)
+    with pytest.raises(Seg3DFastDataError, match=f"big.nii.gz: label {2**31} outside the class range 0..4"):
+        load_case(case, num_classes=5)
     # float storage a hair off the integers (a scale factor's rounding) reads as the integers
     save(lab.astype(np.float32) * np.float32(1.0000001), img.affine, tmp_path / "scaled.nii.gz")
     case.label = tmp_path / "scaled.nii.gz"

@@ -23,6 +23,7 @@ BRATS_MODALITIES = {
 BRATS_LABEL = "seg"
 _BRATS_TOKENS = {BRATS_LABEL, *(m for naming in BRATS_MODALITIES.values() for m in naming)}
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")  # nnU-Net: case_0000.nii.gz
+MAX_LABEL = 2**31 - 1  # prepared label maps are int32 at most (preprocess.label_dtype): a larger value would wrap
 
 
 @dataclass
@@ -112,13 +113,16 @@ def load_label(path, num_classes=None):
         if not np.all(np.abs(data - rounded) <= 1e-3):
             raise Seg3DFastDataError(f"{path}: label map has non-integer values (expected class indices)")
         data = rounded
-    labels = data.astype(np.int64)
-    lo, hi = int(labels.min()), int(labels.max())
+    # before the cast (1e20, or a uint64 past 2^63, wraps to negatives); floats past 2^53 are named as floats (1e+20)
+    lo, hi = (int(v) if data.dtype.kind in "iu" or abs(v) < 2**53 else float(v) for v in (data.min(), data.max()))
     if lo < 0:
         raise Seg3DFastDataError(f"{path}: label {lo} outside the class range (labels must be >= 0)")
     if num_classes is not None and hi >= num_classes:
         raise Seg3DFastDataError(f"{path}: label {hi} outside the class range 0..{num_classes - 1}")
-    return img, labels
+    if hi > MAX_LABEL:
+        raise Seg3DFastDataError(f"{path}: label {hi} is too large for a class index (at most {MAX_LABEL}); remap "
+                                 "the labels to 0..n-1")
+    return img, data.astype(np.int64)
 
 
 # ---- layouts ------------------------------------------------------------------------------------------------
