@@ -72,6 +72,17 @@ def test_label_image_keeps_grid_and_header(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
 
+@pytest.mark.parametrize("top", [255, 256, 2**15, 40000, 2**31 - 1])
+def test_label_image_holds_large_labels(tmp_path, top):
+    """Labels past int16 (a model with a stray label of 40000 has 40001 classes) are written as they are, not
+    wrapped."""
+    img, _ = load(TCGA_T1)
+    labels = np.zeros(img.shape, np.int64)
+    labels[1, 2, 3], labels[2, 2, 2] = top, 1
+    save_nifti(label_image_like(labels, img), tmp_path / "lab.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "lab.nii.gz")).dataobj), labels)
+
+
 def test_outputs_drop_the_inputs_display_window_and_intent(tmp_path):
     """A label map or probability map written 'like' an image with a display window (cal_max 3000) and ITK's
     vector intent must not carry them: viewers would show the labels 0..3 in a 0..3000 window (black)."""

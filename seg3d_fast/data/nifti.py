@@ -117,7 +117,9 @@ def label_image_like(labels, like_img):
     labels = np.asarray(labels)
     if len(like_img.shape) == 2:
         labels = labels.reshape(like_img.shape)
-    dtype = np.uint8 if labels.max(initial=0) < 256 and labels.min(initial=0) >= 0 else np.int16
+    lo, hi = labels.min(initial=0), labels.max(initial=0)
+    # int32 past int16's range: a 40001-class model's label 40000 was written as int16, -25536
+    dtype = np.uint8 if 0 <= lo and hi < 2**8 else np.int16 if -2**15 <= lo and hi < 2**15 else np.int32
     out = type(like_img)(labels.astype(dtype), like_img.affine, _output_header(like_img, dtype))
     out.header.set_slope_inter(1, 0)  # integer labels: no intensity scaling from the input header
     return out
