@@ -236,6 +236,18 @@ def test_csv_manifest_with_byte_order_mark(tmp_path):
     assert case.name == "case0" and case.images == [image] and case.label == label
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_csv_manifest_with_semicolons_or_tabs(tmp_path, delimiter):
+    """Excel's CSV where the decimal mark is a comma uses ';' (with a BOM in "CSV UTF-8"): it read as one image
+    column, the case named after the row's last file ('no label file for case(s) case 0_label')."""
+    image, label = brain_block(tmp_path, "case 0")
+    rows = [["name", "T1, 2 mm", "label"], ["case0", image.name, label.name]]
+    (tmp_path / "m.csv").write_text("".join(delimiter.join(r) + "\n" for r in rows), encoding="utf-8-sig")
+    ds = discover(tmp_path / "m.csv", require_labels=True)
+    assert ds.channel_names == ["T1, 2 mm"] and len(ds.cases) == 1
+    assert (ds.cases[0].name, ds.cases[0].images, ds.cases[0].label) == ("case0", [image], label)
+
+
 def test_grid_mismatch_between_modalities_and_label(tmp_path):
     img, t1 = load(TCGA_T1)
     _, tumour = load(TCGA_TUMOUR)

@@ -187,7 +187,11 @@ def _from_csv(path):
     """Header row; columns 'name' (optional), one or more image columns, 'label' (optional, may be empty)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # (Excel's "CSV UTF-8" starts with a BOM)
-            reader = csv.DictReader(f)
+            # Excel separates fields with ';' where the decimal mark is a comma (and some tools with tabs): read as one
+            # column, such a manifest named a wrong case in a wrong error. The header's most frequent one is used.
+            delimiter = max(",;\t", key=f.readline().count)
+            f.seek(0)
+            reader = csv.DictReader(f, delimiter=delimiter)
             rows, columns = list(reader), reader.fieldnames or []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise Seg3DFastDataError(f"{path}: cannot read the CSV manifest ({e})") from None
