@@ -226,6 +226,17 @@ def test_a_folder_of_subjects_images_is_not_a_brats_case(tmp_path):
         shutil.copy(TCGA_T1, tmp_path / f"{name}.nii.gz")
     ds = discover(tmp_path)
     assert ds.layout == "files" and [c.name for c in ds.cases] == ["sub01_T1", "sub02_T1", "sub03-t2"]
+    # one subject's image alone too (it was that error again), while a case folder among others stays strict
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(TCGA_T1, alone / "patient7_T1.nii.gz")
+    ds = discover(alone)
+    assert ds.layout == "files" and [c.name for c in ds.cases] == ["patient7_T1"]
+    brats_case(tmp_path / "brats", "BraTS_000")
+    (tmp_path / "brats" / "BraTS_001").mkdir()
+    shutil.copy(TCGA_T1, tmp_path / "brats" / "BraTS_001" / "BraTS_001_t1.nii.gz")
+    with pytest.raises(Seg3DFastDataError, match="BraTS_001: BRATS case is missing modality file.*t1ce, t2, flair"):
+        discover(tmp_path / "brats")
 
 
 def test_csv_manifest_with_byte_order_mark(tmp_path):

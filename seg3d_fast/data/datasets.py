@@ -228,7 +228,7 @@ def _from_folder(root):
     brats = [c for c in brats if c is not None]
     if brats:
         return Dataset(brats, "brats", list(_brats_naming(brats[0])), None, root)
-    single = _brats_case(root)
+    single = _brats_case(root, lone=False)
     if single is not None:
         return Dataset([single], "brats", list(_brats_naming(single)), None, root.parent)
     grouped = _group_channel_files(root, strict=False)
@@ -237,9 +237,11 @@ def _from_folder(root):
     return Dataset([Case(n, f) for n, f in grouped.items()] + singles, "files", [], None, root)
 
 
-def _brats_case(folder):
+def _brats_case(folder, lone=True):
     """A Case when `folder` holds BRATS-named modality files of one case (one name before the modality), else None.
-    Missing modalities are an error. (A folder of sub01_T1, sub02_T1, ... is several subjects' images, not a case.)"""
+    Missing modalities are an error. (A folder of sub01_T1, sub02_T1, ... is several subjects' images, not a case.)
+    lone=False: one modality file alone (no other, no label) is an image, not a case missing three (a folder holding
+    one subject's sub01_T1)."""
     by_suffix, prefixes = {}, set()
     for p in _nifti_files(folder):
         *prefix, token = re.split(r"([_-])", case_name(p))
@@ -254,6 +256,8 @@ def _brats_case(folder):
         if not present:
             continue
         missing = [m for m in naming if m not in by_suffix]
+        if not lone and len(present) == 1 and BRATS_LABEL not in by_suffix:
+            return None
         if missing:
             raise Seg3DFastDataError(f"{folder}: BRATS case is missing modality file(s) {', '.join(missing)}")
         return Case(folder.name, [by_suffix[m] for m in naming], by_suffix.get(BRATS_LABEL))
