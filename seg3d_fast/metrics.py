@@ -263,11 +263,14 @@ class GroundTruth:
         from pathlib import Path
 
         from .data.datasets import discover
-        from .data.nifti import Seg3DFastDataError
+        from .data.nifti import Seg3DFastDataError, is_nifti_path
 
         self.source = Path(source)
         if not self.source.exists():
             raise Seg3DFastDataError(f"{self.source}: label folder or dataset not found")
+        if self.source.is_file() and is_nifti_path(self.source):  # (discover read it as an image: 'has no label file')
+            raise Seg3DFastDataError(f"{self.source}: one label map; expected the folder holding the label maps, a CSV "
+                                     "manifest or a dataset folder with dataset.json")
         self.labels, self.num_classes = None, None  # (a folder of label maps lists no cases)
         if self.source.is_file() or (self.source / "dataset.json").is_file():
             dataset = discover(self.source)
@@ -328,7 +331,8 @@ def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
-        raise Seg3DFastDataError(f"{pred_dir}: prediction folder not found")
+        raise Seg3DFastDataError(f"{pred_dir}: {'not a folder' if pred_dir.exists() else 'not found'}; expected the "
+                                 "folder of predicted label maps")
     preds = sorted(p for p in pred_dir.iterdir() if is_nifti_path(p) and not p.name.startswith(".")
                    and not case_name(p).endswith("_probabilities"))
     if not preds:

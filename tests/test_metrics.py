@@ -353,6 +353,12 @@ def test_evaluate_folders_errors(tmp_path):
     save(tumour, img.affine, tmp_path / "pred" / "x.nii.gz")
     with pytest.raises(Seg3DFastDataError, match="labels: label folder or dataset not found"):
         evaluate_folders(tmp_path / "pred", tmp_path / "labels")
+    # a label map or a prediction passed for a folder is named as such (it was 'case x has no label file' for the
+    # label map, read as a dataset's image, and 'prediction folder not found' for the prediction)
+    with pytest.raises(Seg3DFastDataError, match="x.nii.gz: one label map; expected the folder holding the label maps"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "pred" / "x.nii.gz")
+    with pytest.raises(Seg3DFastDataError, match="x.nii.gz: not a folder; expected the folder of predicted label maps"):
+        evaluate_folders(tmp_path / "pred" / "x.nii.gz", tmp_path / "pred")
     (tmp_path / "labels").mkdir()
     with pytest.raises(Seg3DFastDataError, match="labels: no ground-truth label file for case x"):
         evaluate_folders(tmp_path / "pred", tmp_path / "labels")
