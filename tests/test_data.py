@@ -203,8 +203,12 @@ def test_csv_manifest_relative_paths(tmp_path):
     assert ds.layout == "csv" and [c.name for c in ds.cases] == ["a", "b"]
     assert ds.cases[0].label == tmp_path / "vols" / label.name and ds.cases[1].label is None
     assert ds.cases[0].images == ds.cases[1].images == [image]
-    with pytest.raises(Seg3DFastDataError, match="m.csv: no label file for case.* b"):
+    with pytest.raises(Seg3DFastDataError, match="m.csv: no label file for case.* b$"):
         discover(tmp_path / "m.csv", require_labels=True)
+    (tmp_path / "mask.csv").write_text(f"image,mask\nvols/{image.name},vols/{label.name}\n")  # (mask: read as an image)
+    with pytest.raises(Seg3DFastDataError, match="no label file for case.*; its label column must be named 'label' "
+                                                 r"\(columns read as images: image, mask\)"):
+        discover(tmp_path / "mask.csv", require_labels=True)
     (tmp_path / "m.csv").write_text(f"image,label\nvols/{image.name},\n{image},\n")
     with pytest.raises(Seg3DFastDataError, match="m.csv: duplicate case names brain_image"):
         discover(tmp_path / "m.csv")

@@ -63,8 +63,10 @@ def discover(path, require_labels=False):
                                  "imagesTr/labelsTr, a CSV manifest or NIfTI files)")
     if require_labels:
         missing = [c.name for c in ds.cases if c.label is None]
-        if missing:
-            raise Seg3DFastDataError(f"{path}: no label file for case(s) {', '.join(missing[:5])}")
+        if missing:  # (a manifest's 'mask' or 'seg' column is read as an image channel: say which name is a label's)
+            hint = (f"; its label column must be named 'label' (columns read as images: {', '.join(ds.channel_names)})"
+                    if ds.layout == "csv" and len(missing) == len(ds.cases) else "")
+            raise Seg3DFastDataError(f"{path}: no label file for case(s) {', '.join(missing[:5])}{hint}")
     names = [c.name for c in ds.cases]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
