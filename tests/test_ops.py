@@ -432,6 +432,21 @@ def test_upconv_prelu_add_per_dtype(backend, dtype, param_dtype, alpha_size, bia
             assert_close(got, want, theirs, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_upconv_reference_output_keeps_channels_last(dtype):
+    """The reference's output is channels_last_3d when x is (API.md), whatever layout conv_transpose3d picks: on the
+    CPU it was NCDHW for every fp16 input and for fp32 with 8 -> 4 channels."""
+    x = randn(2, 8, 3, 4, 1, dtype=dtype, channels_last=True)
+    w = randn(8, 4, 2, 2, 2, dtype=dtype) * 0.3
+    a = torch.tensor([0.25], dtype=dtype)
+    for skip in (None, randn(2, 4, 6, 8, 2, dtype=dtype)):
+        out = sf.upconv_prelu_add(x, w, None, a, skip, backend="reference")
+        assert out.is_contiguous(memory_format=torch.channels_last_3d), out.stride()
+        want = F.prelu(F.conv_transpose3d(x.double(), w.double(), stride=2), a.double())
+        torch.testing.assert_close(out.double(), want if skip is None else want + skip.double(), rtol=2e-2,
+                                   atol=2e-2)
+
+
 def test_upconv_backend_choice(monkeypatch):
     """The cuda backend has no upsampling kernel: asked for by name it says so; forced for every op through the
     environment (or for a whole Seg3DNet) the upsampling runs on the best other backend."""

@@ -112,8 +112,11 @@ def upconv_prelu_add_unsupported(x, weight, bias, alpha, skip):
 
 
 def upconv_prelu_add_forward(x, weight, bias, alpha, skip):
+    fmt = out_format(x)
     weight, bias, alpha = _as_x(x, weight, bias, alpha)
-    out = F.prelu(F.conv_transpose3d(x, weight, bias, stride=2), alpha)
+    # channels_last_3d when x is (API.md): conv_transpose3d's own output layout varies with dtype and shape (on the
+    # CPU fp16 always NCDHW, fp32 often)
+    out = F.prelu(F.conv_transpose3d(x, weight, bias, stride=2).contiguous(memory_format=fmt), alpha)
     if skip is None:
         return out
     # in place in eager (no second output-sized tensor); out of place while torch.compile traces it: with torch 2.11
