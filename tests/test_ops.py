@@ -447,6 +447,25 @@ def test_upconv_reference_output_keeps_channels_last(dtype):
                                    atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_upconv_reference_shared_alpha_gradient_rounds_once(dtype):
+    """A shared alpha's gradient where the channels' terms cancel (every pre-activation negative, the upstream gradient
+    +1 on half the channels and -1 on the others): within twice PyTorch's error. The reference rounded each channel's
+    sum to fp16 / bf16 before summing the channels (bf16: ~10x PyTorch's error)."""
+    x = randn(2, 8, 3, 4, 5, dtype=dtype) * 0.3
+    w = randn(8, 8, 2, 2, 2, dtype=dtype) * 0.3
+    b = torch.full((8,), -3.0, dtype=dtype)  # z < 0 everywhere: every voxel adds to the alpha gradient
+    a = torch.tensor([0.25], dtype=dtype)
+    g = torch.ones(2, 8, 6, 8, 10, dtype=torch.float64)
+    g[:, 4:] = -1
+    plain = lambda x, w, b, a: F.prelu(F.conv_transpose3d(x, w, b, stride=2), a)
+    _, ref_grads = run_with_grads(plain, [t.double() for t in (x, w, b, a)], g)
+    _, torch_grads = run_with_grads(plain, [x, w, b, a], g)
+    _, grads = run_with_grads(lambda *t: sf.upconv_prelu_add(*t, backend="reference"), [x, w, b, a], g)
+    assert grads[3].dtype == dtype
+    assert_close(grads[3], ref_grads[3], torch_grads[3], dtype, "grad alpha")
+
+
 def test_upconv_backend_choice(monkeypatch):
     """The cuda backend has no upsampling kernel: asked for by name it says so; forced for every op through the
     environment (or for a whole Seg3DNet) the upsampling runs on the best other backend."""

@@ -136,7 +136,10 @@ def upconv_prelu_add_backward(grad_out, x, weight, bias, alpha, output_mask):
     del z
     grad_alpha = None
     if need_alpha:
-        per_channel = alpha_terms.sum(dim=(0, 2, 3, 4))
+        # summed in float32 (float64 for float64) and rounded once: fp16 / bf16 per-channel sums, summed again over
+        # the channels for a shared alpha, lost its bits where the channels' terms cancel (bf16: 4x PyTorch's error)
+        work = torch.float64 if alpha_terms.dtype == torch.float64 else torch.float32
+        per_channel = alpha_terms.sum(dim=(0, 2, 3, 4), dtype=work)
         grad_alpha = as_param(per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1), alpha)
     del alpha_terms
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
