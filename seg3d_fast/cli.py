@@ -4,6 +4,7 @@ Bad input (missing, truncated or non-NIfTI files, mismatched grids, labels out o
 with one line `seg3d-fast: error: FILE: problem` on stderr and exit status 2, no traceback.
 """
 import argparse
+import errno
 import math
 import re
 import signal
@@ -207,7 +208,7 @@ def main(argv=None):
     try:
         return args.func(args) or 0
     except (Seg3DFastDataError, UsageError, BackendUnsupported, OSError) as e:  # (OSError: e.g. an unwritable --out)
-        print(f"seg3d-fast: error: {e}", file=sys.stderr)
+        print(f"seg3d-fast: error: {_os_error_text(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     except Terminated:
         print("seg3d-fast: terminated", file=sys.stderr)
@@ -218,6 +219,14 @@ def main(argv=None):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _os_error_text(e):
+    """A file where a folder belongs (--out naming a file, or a file in the path) says so; other OS errors as they
+    are ("[Errno 17] File exists: 'run'" did not say that a folder was expected)."""
+    if e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename is not None:
+        return f"{e.filename}: cannot make this folder, a file is in its place or its parent's ({e.strerror})"
+    return str(e)
 
 
 class Terminated(KeyboardInterrupt):

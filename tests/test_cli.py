@@ -89,6 +89,17 @@ def test_train_cache_dir_not_writable(tmp_path, capsys):
     _assert_one_line_error(capsys, rc, tmp_path / "cache", "cannot write the preprocessed case")
 
 
+def test_train_out_is_a_file(tmp_path, capsys):
+    """--out naming a file (or a path through one): a one-line error saying a folder could not be made there."""
+    image, label = brain_block(tmp_path / "d")
+    manifest = _manifest(tmp_path, image, label)
+    (tmp_path / "run").write_text("not a folder")
+    for out in (tmp_path / "run", tmp_path / "run" / "sub"):
+        rc = main(["train", manifest, "--out", str(out), *QUICK_TRAIN])
+        _assert_one_line_error(capsys, rc, out, "cannot make this folder, a file is in its place or its parent's")
+    assert (tmp_path / "run").read_text() == "not a folder"
+
+
 def test_predict_and_evaluate_bad_input(tmp_path, capsys):
     raw = TCGA_T1.read_bytes()
     (tmp_path / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
