@@ -39,21 +39,23 @@ def _onednn_safe(x):
     kernels (torch 2.13 CPU) fail: with stride 2 its backward writes out of bounds (non-finite weight gradients, or
     the process aborting with "double free or corruption") and its AMX forward is wrong for an output extent of 1
     (pytorch/pytorch#169688); with stride 1 a (1, 1, 1, 1, 2) channels-last input gave ~1e37. PyTorch's own CPU
-    kernel is right there (slower: fine for CPU bf16 runs, tests and checks)."""
+    kernel is right there (slower: fine for CPU bf16 runs, tests and checks). Yields the dtype to convolve in: there
+    float32, since that kernel accumulates in bf16 (gradients off by up to 7%, 10-50x PyTorch's own oneDNN error)."""
     if not (x.device.type == "cpu" and x.dtype == torch.bfloat16 and min(x.shape[2:]) <= 2):
-        yield
+        yield x.dtype
         return
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
-        yield
+        yield torch.float32
     finally:
         torch.backends.mkldnn.enabled = enabled
 
 
 def _preact(x, weight, bias, residual, stride, residual_first):
-    with _onednn_safe(x):
-        z = F.conv3d(x, weight, bias, stride=stride, padding=weight.shape[-1] // 2)
+    with _onednn_safe(x) as work:
+        z = F.conv3d(x.to(work), weight.to(work), None if bias is None else bias.to(work), stride=stride,
+                     padding=weight.shape[-1] // 2).to(x.dtype)
     if residual is not None and residual_first:
         z += residual
     return z
@@ -94,14 +96,14 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
                 per_channel = per_channel / alpha.to(work)
             grad_alpha = (per_channel if alpha.numel() > 1 else per_channel.sum().reshape(1)).to(alpha.dtype)
         del negative  # not held through the convolution's backward, where this op's memory peaks
-    with _onednn_safe(x):
+    with _onednn_safe(x) as work:
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            dz, x, weight, [weight.shape[0]] if need_b else None,
+            dz.to(work), x.to(work), weight.to(work), [weight.shape[0]] if need_b else None,
             [stride] * 3, [weight.shape[-1] // 2] * 3, [1, 1, 1], False, [0, 0, 0], 1,
             [need_x, need_w, need_b],
         )
     if need_x:
-        grad_x = grad_x.contiguous(memory_format=out_format(x))
+        grad_x = grad_x.to(x.dtype).contiguous(memory_format=out_format(x))
     # the weight's gradient in its layout and dtype, as the other backends (and the op's fake kernel) give it
     return grad_x, as_param(grad_w, params), as_param(grad_b, params), grad_alpha, (dz if need_dz else None)
 
