@@ -155,6 +155,9 @@ def test_folder_of_numbered_images_is_one_case_per_file(tmp_path):
     for name in ("scan_0000", "scan_0001", "other"):
         save(t1, img.affine, mixed / f"{name}.nii.gz")
     assert {c.name: len(c.images) for c in discover(mixed).cases} == {"scan": 2, "other": 1}
+    # one file: channel 0 of an nnU-Net case is that case, as in its folder; other numbers are the file's own name
+    assert [c.name for c in discover(mixed / "scan_0000.nii.gz").cases] == ["scan"]
+    assert [c.name for c in discover(numbered / "subject_0001.nii.gz").cases] == ["subject_0001"]
 
 
 def test_upper_case_file_extensions(tmp_path):

@@ -51,7 +51,11 @@ def discover(path, require_labels=False):
         if path.suffix.lower() == ".csv":
             ds = _from_csv(path)
         elif is_nifti_path(path):
-            ds = Dataset([Case(case_name(path), [path])], "files", root=path.parent)
+            # an nnU-Net channel file (case_0000) alone is that case, as in its folder: predict writes case.nii.gz,
+            # the name evaluate finds in labelsTr
+            m = _CHANNEL_RE.match(case_name(path))
+            name = m["case"] if m and m["channel"] == "0000" else case_name(path)
+            ds = Dataset([Case(name, [path])], "files", root=path.parent)
         else:
             raise Seg3DFastDataError(f"{path}: expected a NIfTI file (.nii/.nii.gz), a CSV manifest or a folder")
     elif (path / "dataset.json").is_file():
