@@ -29,6 +29,8 @@ def _triple(value, name: str, allowed: tuple[int, ...]) -> tuple[int, int, int]:
 
 def _unbatched(forward, x: Tensor, other: Optional[Tensor]) -> Tensor:
     """forward on an unbatched (C, D, H, W) x (and residual / skip) as a batch of one, as nn.Conv3d takes it."""
+    if x.dim() != 4:  # (the op would name 5-D only)
+        raise ValueError(f"x must have shape (N, C, D, H, W) or, unbatched, (C, D, H, W); got {tuple(x.shape)}")
     if other is not None and other.dim() != 4:
         raise ValueError(f"x is unbatched (C, D, H, W), so the residual / skip must be too; got shape "
                          f"{tuple(other.shape)}")
@@ -102,7 +104,7 @@ class ConvPReLU3d(nn.Module):
         return tuple(k // 2 for k in self.kernel_size)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if isinstance(x, Tensor) and x.dim() == 4:
+        if isinstance(x, Tensor) and x.dim() != 5:
             return _unbatched(self.forward, x, residual)
         return ops.conv3d_prelu(x, self.weight, self.bias, self.alpha, residual, stride=self.stride[0],
                                 residual_first=self.residual_first, backend=self.backend)
@@ -131,7 +133,7 @@ class UpConvPReLU3d(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
-        if isinstance(x, Tensor) and x.dim() == 4:
+        if isinstance(x, Tensor) and x.dim() != 5:
             return _unbatched(self.forward, x, skip)
         return ops.upconv_prelu_add(x, self.weight, self.bias, self.alpha, skip, backend=self.backend)
 

@@ -72,6 +72,10 @@ def test_modules_take_what_torch_modules_take():
     skip = torch.randn(2, 10, 12, 14)
     y_ref = F.prelu(tconv(x.unsqueeze(0)), up.alpha).squeeze(0) + skip
     torch.testing.assert_close(up(x, skip), y_ref)
+    for module in (fused, up):  # neither batched nor unbatched: the message names both shapes
+        with pytest.raises(ValueError, match=r"x must have shape \(N, C, D, H, W\) or, unbatched, \(C, D, H, W\); "
+                                             r"got \(5, 6, 7\)"):
+            module(x[0])
 
 
 def test_modules_state_dict_pickle_device_dtype():
