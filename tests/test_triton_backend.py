@@ -313,6 +313,36 @@ def test_conv_backward_float32_parameters_with_half_activations():
         assert_close(got, ref64[name], ref[name], BF16, name)
 
 
+def strided_views(bias, alpha):
+    """(bias, alpha) pairs where one is a strided view with the same values: every other element of a larger buffer,
+    or (alpha) one value expanded to every channel (stride 0)."""
+    bank = torch.zeros(2 * bias.numel(), dtype=bias.dtype, device=bias.device)
+    bank[::2] = bias
+    alpha_bank = torch.zeros(2 * alpha.numel(), dtype=alpha.dtype, device=alpha.device)
+    alpha_bank[::2] = alpha
+    return [(bank[::2], alpha), (bias, alpha_bank[::2]), (bias, alpha[:1].expand(alpha.numel()))]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_strided_bias_and_alpha(stride):
+    """A strided bias or alpha (bias[::2] of a larger buffer, an alpha expanded from one value) gives the results of
+    its contiguous copy: the kernels index them by channel alone, and read other values (bias[1] for channel 1, or
+    past the one value of an expanded alpha)."""
+    case = make_conv_case(F32, 3, stride, "channel", "after", c_in=3, c_out=5, size=(1, 3, 4, 5))
+    x, r, g = (in_layout(case[name], "contiguous", F32) for name in ("x", "residual", "grad_out"))
+    w, bias, alpha = (case[name].to(device=DEVICE, dtype=F32) for name in ("weight", "bias", "alpha"))
+    for b, a in strided_views(bias, alpha):
+        assert not (b.is_contiguous() and a.is_contiguous())
+        out, act = tb.conv3d_prelu_forward(x, w, b, a, r, stride, False, True)
+        want, want_act = tb.conv3d_prelu_forward(x, w, b.contiguous(), a.contiguous(), r, stride, False, True)
+        assert torch.equal(out, want) and torch.equal(act, want_act)
+        for kind in ("act", "preact"):
+            grads = tb.conv3d_prelu_backward(g, x, w, a, act, kind, stride, (True,) * 5)
+            wanted = tb.conv3d_prelu_backward(g, x, w, a.contiguous(), act, kind, stride, (True,) * 5)
+            for got, exp in zip(grads, wanted):
+                assert torch.equal(got, exp)
+
+
 def test_conv_unsupported_reasons(monkeypatch):
     x, w = torch.randn(1, 4, 3, 3, 3), torch.randn(8, 4, 3, 3, 3)
     assert tb.conv3d_prelu_unsupported(x.to(DEVICE), w.to(DEVICE), None, None, None, 1, False) == []
@@ -612,6 +642,23 @@ def test_upconv_backward_output_subsets(output_mask, exact_fp32):
             continue
         assert got is not None and got.shape == leaf.shape, f"grad {name} missing"
         assert_close(got, leaf.grad, None, F32, f"grad {name}")
+
+
+def test_upconv_strided_bias_and_alpha(exact_fp32):
+    """A strided bias or alpha (as test_conv_strided_bias_and_alpha) gives the results of its contiguous copy."""
+    gen = torch.Generator().manual_seed(13)
+    x = randn(2, 3, 2, 3, 2, dtype=torch.float64, generator=gen).float().to(DEVICE)
+    wt = (randn(3, 4, 2, 2, 2, dtype=torch.float64, generator=gen) * 0.4).float().to(DEVICE)
+    bias = randn(4, dtype=torch.float64, generator=gen).float().to(DEVICE)
+    alpha = torch.tensor([0.2, -0.1, 0.3, 0.25], device=DEVICE)
+    g = randn(2, 4, 4, 6, 4, dtype=torch.float64, generator=gen).float().to(DEVICE)
+    for b, a in strided_views(bias, alpha):
+        out = tb.upconv_prelu_add_forward(x, wt, b, a, None)
+        assert torch.equal(out, tb.upconv_prelu_add_forward(x, wt, b.contiguous(), a.contiguous(), None))
+        grads = tb.upconv_prelu_add_backward(g, x, wt, b, a, (True,) * 4)
+        wanted = tb.upconv_prelu_add_backward(g, x, wt, b.contiguous(), a.contiguous(), (True,) * 4)
+        for got, exp in zip(grads, wanted):
+            assert torch.equal(got, exp)
 
 
 def test_upconv_unsupported_reasons():
