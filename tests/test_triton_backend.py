@@ -976,6 +976,26 @@ def test_jaccard_loss_layouts_with_size1_dims():
             assert_close(grad32, grad64, None, F32, f"{name} {reduction} grad")
 
 
+def test_jaccard_loss_reduced_strided_class_weights():
+    """Class weights that are a strided view (class_weights[::2] of a larger tensor, which ops.jaccard_loss passes on
+    as they are) give the loss and gradient of their contiguous copy: the kernels read weight c at index c."""
+    import seg3d_fast as sf
+
+    gen = torch.Generator().manual_seed(21)
+    logits = randn(2, 4, 3, 4, 5, dtype=torch.float64, generator=gen).float().to(DEVICE)
+    labels = torch.randint(0, 4, (2, 3, 4, 5), generator=gen).to(DEVICE)
+    bank = torch.tensor([1.0, 9.0, 2.0, 9.0, 0.5, 9.0, 3.0, 9.0], device=DEVICE)
+    results = []
+    for weights in (bank[::2], bank[::2].contiguous()):
+        loss, sums, _ = tb.jaccard_loss_reduced(logits, labels, True, "softmax", None, 1e-5, weights, False, True)
+        grad = tb.jaccard_loss_reduced_backward(torch.tensor(1.0, device=DEVICE), sums, weights, logits, labels, True,
+                                                "softmax", None, 1e-5, False, True)
+        results.append((loss, grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    want = sf.jaccard_loss(logits.cpu(), labels.cpu(), class_weights=bank[::2].cpu(), backend="reference")
+    torch.testing.assert_close(results[0][0].cpu(), want)
+
+
 def test_jaccard_loss_reduced_label_range_sees_bad_and_no_labels():
     """Out-of-range labels show in the range (they match no class); a volume whose labels are all ignored has an
     empty range, which no check rejects."""
