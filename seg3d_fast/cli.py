@@ -240,6 +240,9 @@ def _stop_on_sigterm():
         return None
 
     def stop(signum, frame):
+        # once: torchrun sends each worker SIGTERM twice in a row, and the repeat must not interrupt the clean-up
+        # the first started (a temporary file left behind, a traceback from main's finally)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, stop)

@@ -290,3 +290,38 @@ def test_sigterm_stops_a_command_and_leaves_no_temporary_file(tmp_path, monkeypa
         signal.signal(signal.SIGTERM, before)
     assert not missed and rc == 143 and capsys.readouterr().err.strip() == "seg3d-fast: terminated"
     assert list(tmp_path.iterdir()) == [] and restored is ours  # main put the handler it found back
+
+
+def test_a_repeated_sigterm_does_not_interrupt_the_clean_up(tmp_path, monkeypatch, capsys):
+    """torchrun stops its workers with two SIGTERMs a millisecond apart: the second, arriving while the first's
+    Terminated removes a checkpoint's temporary file, left that file behind (or a traceback from main's finally)."""
+    import signal
+
+    from seg3d_fast import train as train_mod
+    from seg3d_fast.data import nifti
+    target = tmp_path / "checkpoint.pt"
+    real_exists = os.path.exists
+    repeats = []
+
+    def exists_with_a_second_sigterm(path):  # (write_atomic's clean-up asks first: the repeat lands right there)
+        if not repeats:
+            repeats.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_exists(path)
+
+    def killed_while_writing(args):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(nifti.os.path, "exists", exists_with_a_second_sigterm)
+        nifti.write_atomic(target, write)
+    monkeypatch.setattr(train_mod, "main", killed_while_writing)
+    before = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        rc = main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")])
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, before)
+    assert repeats and rc == 143 and capsys.readouterr().err.strip() == "seg3d-fast: terminated"
+    assert list(tmp_path.iterdir()) == []
