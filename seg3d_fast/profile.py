@@ -383,22 +383,25 @@ def trace(variant, x, labels, out_dir, steps=3):
 # ---------------------------------------------------------------------------------------------------------------------
 # the command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-size", type=int, nargs=3, default=[128, 160, 144], metavar=("D", "H", "W"),
+    from .cli import at_least, device_name
+
+    # (bounded types: a bad value is argparse's one-line error naming the option, not a traceback from a step)
+    parser.add_argument("--input-size", type=at_least(1), nargs=3, default=[128, 160, 144], metavar=("D", "H", "W"),
                         help="volume per sample (default: the paper's BRATS crop 128 160 144)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--in-channels", type=int, default=4)
-    parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--batch", type=at_least(1), default=1)
+    parser.add_argument("--in-channels", type=at_least(1), default=4)
+    parser.add_argument("--classes", type=at_least(2), default=5)
+    parser.add_argument("--features", type=at_least(1), nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16/bf16: autocast (AMP)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
                         help="default: plain, plain_cl and fused (on the CPU: plain and reference)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per variant")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--memory-budget", type=float, default=16.0, metavar="GIB",
+    parser.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--steps", type=at_least(1), default=10, help="timed training steps per variant")
+    parser.add_argument("--warmup", type=at_least(0), default=3)
+    parser.add_argument("--memory-budget", type=at_least(0.0, float), default=16.0, metavar="GIB",
                         help="budget for the largest-cubic-volume search (GiB; 0 skips the search)")
-    parser.add_argument("--max-edge", type=int, default=512, help="largest edge the search tries")
-    parser.add_argument("--time-limit", type=float, default=0, metavar="S",
+    parser.add_argument("--max-edge", type=at_least(16), default=512, help="largest edge the search tries")
+    parser.add_argument("--time-limit", type=at_least(0.0, float), default=0, metavar="S",
                         help="skip the remaining volume searches once this many seconds have passed (0: no limit)")
     parser.add_argument("--trace", default=None, metavar="DIR", help="write torch.profiler traces here")
     parser.add_argument("--memory-history", action="store_true",
@@ -407,7 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/profile_<date>.json; "
                                                     "--saved-bytes: benchmarks/results/cpu_memory_<date>.json)")
     parser.add_argument("--chart", default=None, help="PNG chart (default: the JSON path with .png)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--threads", type=at_least(0), default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--saved-bytes", action="store_true",
                         help="CPU check instead: saved-for-backward bytes and step time, fused / plain, fp32")
 
@@ -654,6 +657,15 @@ def _chart(payload, path):
 
 
 def main(args) -> int:
+    from .cli import UsageError
+
+    if len(args.features) < 2:
+        raise UsageError(f"--features needs one value per level, at least 2 (e.g. 8 16 32 64), got "
+                         f"{' '.join(map(str, args.features))}")
+    if args.device == "auto":
+        args.device = None
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.saved_bytes:

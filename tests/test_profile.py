@@ -112,6 +112,29 @@ def test_profile_graph_variants_on_the_cpu_are_a_one_line_error(tmp_path, capsys
         assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.parametrize("bad, named", [
+    (["--input-size", "0", "8", "8"], "argument --input-size"), (["--batch", "0"], "argument --batch"),
+    (["--steps", "0"], "argument --steps"), (["--features", "0", "4"], "argument --features"),
+    (["--features", "4"], "--features needs one value per level"), (["--classes", "1"], "argument --classes"),
+    (["--threads", "-1"], "argument --threads"), (["--memory-budget", "nan"], "argument --memory-budget"),
+    (["--time-limit", "-1"], "argument --time-limit"), (["--device", "mps"], "argument --device")])
+def test_profile_bad_option_values_are_one_line_errors(tmp_path, capsys, bad, named):
+    """(They were tracebacks from inside the first step: a negative tensor dimension, an empty median, torch's
+    set_num_threads, a NaN budget converted to int.)"""
+    from seg3d_fast.cli import main
+
+    argv = ["profile", "--input-size", "8", "8", "8", "--features", "2", "4", "--device", "cpu", "--steps", "1",
+            "--memory-budget", "0", "--out", str(tmp_path / "p.json"), *bad]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # (argparse's own errors)
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]  # (argparse's usage lines before it)
+    assert rc == 2 and last.startswith("seg3d-fast") and named in last and "Traceback" not in err, err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_largest_cube_estimate_is_exact_where_it_can_be(tmp_path):
     # CPU estimate = saved bytes + 4x parameters, linear in voxels: a budget of exactly the estimate at edge 48
     # must give 48, and one byte less must give 32.
