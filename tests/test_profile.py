@@ -284,3 +284,24 @@ def test_compare_against_the_best_plain_variant_in_any_order():
         fused = next(r for r in results if r["variant"] == "fused")
         assert fused["speedup_vs_plain"] == pytest.approx(13.2 / 21.4)
         assert fused["memory_vs_plain"] == pytest.approx(661130752 / 906822656)
+
+
+def test_results_file_survives_a_run_stopped_while_it_is_rewritten(tmp_path, monkeypatch):
+    """The JSON is rewritten after every figure; a Ctrl-C or timeout during a rewrite left it truncated (the figures
+    measured before lost) instead of the previous version."""
+    from pathlib import Path
+
+    path = tmp_path / "new" / "p.json"
+    profile._write(path, {"results": [{"variant": "plain"}]})
+    real = Path.write_text
+
+    def stopped_halfway(self, text, *args, **kwargs):
+        real(self, text[:len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        profile._write(path, {"results": [{"variant": "plain"}, {"variant": "reference"}]})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"results": [{"variant": "plain"}]}
+    assert [p.name for p in path.parent.iterdir()] == ["p.json"]  # (no temporary file left)
