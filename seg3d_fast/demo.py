@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .data import sample_paths
-from .data.nifti import load_nifti, read_json, save_nifti, write_atomic, write_text_atomic
+from .data.nifti import load_nifti, read_json, save_nifti
+from .files import write_atomic, write_text_atomic
 from .metrics import evaluate_case, to_json_text
 
 CLASS_NAMES = ("background", "CSF", "GM", "WM")

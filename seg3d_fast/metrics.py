@@ -376,7 +376,7 @@ def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
 
 def write_evaluation(result, out_dir):
     """evaluation.csv and evaluation.json in out_dir (written atomically)."""
-    from .data.nifti import write_text_atomic
+    from .files import write_text_atomic
 
     write_text_atomic(f"{out_dir}/evaluation.csv", to_csv_text(result["per_case"], result["mean"]))
     write_text_atomic(f"{out_dir}/evaluation.json", to_json_text(result))

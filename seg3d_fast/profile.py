@@ -31,7 +31,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import graphs, ops
+from .files import write_atomic
 from .models import peak_live_bytes, saved_tensor_bytes
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -628,29 +628,7 @@ def _load_average():
 def _write(path, payload):
     # atomically: the file is rewritten after every figure, and a run stopped mid-write (Ctrl-C, a timeout) must keep
     # the figures measured before it, not a truncated JSON
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
-
-
-def _write_atomic(path, write):
-    """write(tmp) then rename it to path (data.nifti.write_atomic's way, without importing nibabel, which a GPU
-    machine may lack)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
 def _chart(payload, path):
@@ -675,7 +653,7 @@ def _chart(payload, path):
     fig.suptitle(f"Seg3DNet training, {payload['environment']['device']}, input {c['batch']}x{c['in_channels']}x"
                  f"{'x'.join(map(str, c['input_size']))}, {c['dtype']}", fontsize=10)
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from . import backends, graphs
 from .data.datasets import discover, load_case
-from .data.nifti import Seg3DFastDataError, read_json, write_atomic, write_text_atomic
+from .data.nifti import Seg3DFastDataError, read_json
 from .data.preprocess import PreprocessConfig, c_array, label_dtype, preprocess
+from .files import write_atomic, write_text_atomic
 from .metrics import mean_foreground_dice
 from .predict import on_device_or_host, predict_logits, read_checkpoint
 

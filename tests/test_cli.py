@@ -270,7 +270,7 @@ def test_sigterm_stops_a_command_and_leaves_no_temporary_file(tmp_path, monkeypa
     import signal
 
     from seg3d_fast import train as train_mod
-    from seg3d_fast.data.nifti import write_atomic
+    from seg3d_fast.files import write_atomic
     target = tmp_path / "checkpoint.pt"
 
     def killed_while_writing(args):
@@ -297,8 +297,7 @@ def test_a_repeated_sigterm_does_not_interrupt_the_clean_up(tmp_path, monkeypatc
     Terminated removes a checkpoint's temporary file, left that file behind (or a traceback from main's finally)."""
     import signal
 
-    from seg3d_fast import train as train_mod
-    from seg3d_fast.data import nifti
+    from seg3d_fast import files, train as train_mod
     target = tmp_path / "checkpoint.pt"
     real_exists = os.path.exists
     repeats = []
@@ -314,8 +313,8 @@ def test_a_repeated_sigterm_does_not_interrupt_the_clean_up(tmp_path, monkeypatc
             with open(tmp, "wb") as f:
                 f.write(b"x" * 1000)
             os.kill(os.getpid(), signal.SIGTERM)
-        monkeypatch.setattr(nifti.os.path, "exists", exists_with_a_second_sigterm)
-        nifti.write_atomic(target, write)
+        monkeypatch.setattr(files.os.path, "exists", exists_with_a_second_sigterm)
+        files.write_atomic(target, write)
     monkeypatch.setattr(train_mod, "main", killed_while_writing)
     before = signal.signal(signal.SIGTERM, lambda *a: None)
     try:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from seg3d_fast.data import Case, PreprocessConfig, Seg3DFastDataError, discover, load_case, load_nifti, preprocess
-from seg3d_fast.data.nifti import float_image_like, label_image_like, save_nifti, write_atomic
+from seg3d_fast.data.nifti import float_image_like, label_image_like, save_nifti
+from seg3d_fast.files import write_atomic
 from seg3d_fast.data.preprocess import (Geometry, crop_probability_slabs, downsample_labels,
                                         logits_to_crop_probabilities, restore_probabilities)
 from data_helpers import CT, CT_LABELS, TCGA_T1, TCGA_TUMOUR, brain_block, brats_case, load, permuted, save
