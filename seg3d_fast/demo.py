@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import sample_paths
-from .data.nifti import load_nifti, read_json, save_nifti
+from .data.nifti import Seg3DFastDataError, load_nifti, read_json, save_nifti
 from .files import write_atomic, write_text_atomic
 from .metrics import evaluate_case, to_json_text
 
@@ -44,9 +44,13 @@ def split_sample(data_dir):
 
 
 def _forget_previous_demo(out):
-    """A demo run already in `out` (possibly with other settings) is replaced, never resumed or mixed."""
+    """A demo run already in `out` (possibly with other settings) is replaced, never resumed or mixed; another
+    training run there is refused before the demo writes anything (its data/ would go in beside that run)."""
     config = out / "config.json"
-    if config.is_file() and read_json(config).get("extra", {}).get("demo"):
+    if config.is_file():
+        if not read_json(config).get("extra", {}).get("demo"):
+            raise Seg3DFastDataError(f"{out}: holds a training run that is not the demo's ({config}); pass another "
+                                     "--out")
         for name in ("config.json", "splits.json", "fold_0/checkpoint.pt"):
             (out / name).unlink(missing_ok=True)
 
@@ -82,8 +86,6 @@ def run_demo(out="seg3d_demo", epochs=None, quick=False, device="auto", seed=0, 
     from .train import TrainConfig, train
 
     import torch
-
-    from .data.nifti import Seg3DFastDataError
 
     if str(device).startswith("cuda") and not torch.cuda.is_available():  # (before the data is written)
         raise Seg3DFastDataError(f"--device {device}: CUDA is not available here")

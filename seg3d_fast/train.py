@@ -12,6 +12,7 @@ multi-process run draws its own samples without any shared random state.
 Multi-GPU: `torchrun --nproc_per_node=N -m seg3d_fast train ...` (NCCL on GPUs, gloo on CPU); only rank 0 writes.
 """
 import argparse
+import datetime
 import functools
 import hashlib
 import json
@@ -328,6 +329,7 @@ def _read_cached(name, meta_path, paths):
 # ---- distributed ---------------------------------------------------------------------------------------------
 # NCCL takes CUDA tensors only: CPU tensors (the epoch's loss and Dice sums) go through gloo
 GPU_PROCESS_GROUP = "cpu:gloo,cuda:nccl"
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=2)
 
 
 def dist_setup(device_arg):
@@ -346,7 +348,9 @@ def dist_setup(device_arg):
             raise Seg3DFastDataError(f"--device {device_arg}: CUDA is not available here")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(GPU_PROCESS_GROUP if device.type == "cuda" else "gloo")
+        # the other ranks wait at a barrier while rank 0 validates and writes the checkpoint: NCCL's default 10
+        # minutes would end a run whose validation set takes longer
+        dist.init_process_group(GPU_PROCESS_GROUP if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return rank, world, device
 
 
@@ -483,7 +487,7 @@ def train(cfg):
         raise Seg3DFastDataError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
     if cfg.cuda_graph and (device.type != "cuda" or world > 1):  # (asked for: an error; by default: off there)
         raise Seg3DFastDataError(f"--cuda-graph needs one CUDA device and one process; got device {device}, "
-                         f"{world} processes")
+                                 f"{world} process{'es' if world > 1 else ''}")
     out = Path(cfg.out)
     fold_dir = out / f"fold_{cfg.fold}"
     ckpt_path = fold_dir / CHECKPOINT_FILE
@@ -560,7 +564,7 @@ def train(cfg):
             scaler.load_state_dict(checkpoint["scaler"])
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         set_rng_state(checkpoint["rng"])
-        changed = _changed_training_settings(checkpoint.get("train_config"), cfg)
+        changed = _changed_training_settings(checkpoint.get("train_config"), cfg, world)
         if changed and rank == 0:
             print(f"{ckpt_path}: resuming with training settings other than the checkpoint's ({changed}); training "
                   "goes on with the new ones, not as the interrupted run would have", file=sys.stderr, flush=True)
@@ -632,7 +636,7 @@ def train(cfg):
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "scaler": scaler.state_dict() if scaler else None, "epoch": epoch + 1,
                                         "history": history, "rng": rng_state(), "config": config,
-                                        "train_config": _jsonable(asdict(cfg))})
+                                        "train_config": {**_jsonable(asdict(cfg)), "processes": world}})
             write_logs(fold_dir, history)
             if cfg.progress:
                 val = f", validation Dice {row['val_dice']:.4f}" if row["val_dice"] is not None else ""
@@ -693,14 +697,19 @@ RESUME_SETTINGS = ("samples_per_epoch", "batch_size", "crop", "fg_prob", "lr", "
                    "augment", "mirror_axes", "seed")
 
 
-def _changed_training_settings(saved, cfg) -> str:
+def _changed_training_settings(saved, cfg, world=1) -> str:
     """'lr 0.001 -> 0.003, ...' for the RESUME_SETTINGS that differ from a checkpoint's train_config ('' if none, or
-    for a checkpoint without one)."""
+    for a checkpoint without one), and another number of processes (each draws its own batch: the global batch
+    changes with it)."""
     if not isinstance(saved, dict):
         return ""
     now = _jsonable(asdict(cfg))
-    return ", ".join(f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in RESUME_SETTINGS
-                     if k in saved and saved[k] != now[k])
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in RESUME_SETTINGS
+               if k in saved and saved[k] != now[k]]
+    if isinstance(saved.get("processes"), int) and saved["processes"] != world:
+        changed.append(f"processes {saved['processes']} -> {world} (a step's batch {saved['processes'] * cfg.batch_size}"
+                       f" -> {world * cfg.batch_size})")
+    return ", ".join(changed)
 
 
 def _jsonable(d):

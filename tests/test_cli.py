@@ -219,6 +219,16 @@ def test_demo_on_a_missing_gpu_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_demo_refuses_a_folder_holding_another_training_run(tmp_path, capsys):
+    """The demo replaces its own earlier run, but never writes its data/ and run into another training run's folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"in_channels": 1}, "extra": {}}))
+    rc = main(["demo", "--out", str(run), "--quick"])
+    _assert_one_line_error(capsys, rc, run, "holds a training run that is not the demo's")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
 def test_demo_quick_then_predict_with_its_run(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0

@@ -72,9 +72,13 @@ def test_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(train_module.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(train_module.dist, "init_process_group", lambda backend: backends.append(backend))
+    timeouts = []
+    monkeypatch.setattr(train_module.dist, "init_process_group",
+                        lambda backend, timeout: (backends.append(backend), timeouts.append(timeout)))
     assert train_module.dist_setup("auto") == (1, 2, torch.device("cuda", 1))
     assert backends == [train_module.GPU_PROCESS_GROUP] == ["cpu:gloo,cuda:nccl"]
+    # (rank 0 validates while the others wait at a barrier: longer than NCCL's default 10 minutes)
+    assert timeouts == [train_module.PROCESS_GROUP_TIMEOUT] and timeouts[0].total_seconds() >= 3600
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_module.dist_setup("cpu")[2] == torch.device("cpu") and backends[-1] == "gloo"
 

@@ -74,6 +74,14 @@ def test_resume_with_other_training_settings_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resuming with training settings other than the checkpoint's" in err
     assert "--crop [16, 16, 16] -> [8, 8, 8]" in err and "--lr 0.003 -> 0.001" in err
+    # another number of processes (torchrun): each draws its own batch, so a step's batch changes with it
+    from seg3d_fast.train import _changed_training_settings
+
+    saved = torch.load(tmp_path / "r" / "fold_0" / "checkpoint.pt", weights_only=True)["train_config"]
+    assert saved["processes"] == 1
+    resumed = TrainConfig(epochs=3, resume=True, **dict(cfg, lr=1e-3, crop=(8, 8, 8)))
+    assert _changed_training_settings(saved, resumed, 1) == ""
+    assert _changed_training_settings(saved, resumed, 2) == "processes 1 -> 2 (a step's batch 1 -> 2)"
 
 
 def test_diverged_training_keeps_the_last_good_checkpoint(tmp_path):
