@@ -395,7 +395,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", type=at_least(1), nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16/bf16: autocast (AMP)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
-                        help="default: plain, plain_cl and fused (on the CPU: plain and reference)")
+                        help="default: plain, plain_cl, fused, fused_graph and plain_cl_graph (on the CPU: plain "
+                             "and reference)")
     parser.add_argument("--device", type=device_name, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--steps", type=at_least(1), default=10, help="timed training steps per variant")
     parser.add_argument("--warmup", type=at_least(0), default=3)

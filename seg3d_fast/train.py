@@ -707,8 +707,9 @@ def _changed_training_settings(saved, cfg, world=1) -> str:
     changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in RESUME_SETTINGS
                if k in saved and saved[k] != now[k]]
     if isinstance(saved.get("processes"), int) and saved["processes"] != world:
-        changed.append(f"processes {saved['processes']} -> {world} (a step's batch {saved['processes'] * cfg.batch_size}"
-                       f" -> {world * cfg.batch_size})")
+        before, after = saved["processes"], world
+        changed.append(f"processes {before} -> {after} (a step's batch {before * cfg.batch_size} -> "
+                       f"{after * cfg.batch_size})")
     return ", ".join(changed)
 
 
