@@ -437,7 +437,7 @@ def run_profile(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:  # the memory-cap API wants an indexed device
         device = torch.device("cuda", torch.cuda.current_device())
-    names = args.variants or _default_variants(device)
+    names = list(dict.fromkeys(args.variants or _default_variants(device)))  # (a variant listed twice runs once)
     graphed = [n for n in names if n.endswith(GRAPH_SUFFIX)]
     if graphed and device.type != "cuda":  # (checked before any variant runs: a one-line error, nothing written)
         from .cli import UsageError
@@ -671,6 +671,8 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.saved_bytes:
+        if args.variants or args.dtype != "fp32":  # (said, not ignored)
+            raise UsageError("--saved-bytes compares plain and reference in fp32: --variants and --dtype do not apply")
         run_saved_bytes(args)
     else:
         run_profile(args)

@@ -117,7 +117,8 @@ def test_profile_graph_variants_on_the_cpu_are_a_one_line_error(tmp_path, capsys
     (["--steps", "0"], "argument --steps"), (["--features", "0", "4"], "argument --features"),
     (["--features", "4"], "--features needs one value per level"), (["--classes", "1"], "argument --classes"),
     (["--threads", "-1"], "argument --threads"), (["--memory-budget", "nan"], "argument --memory-budget"),
-    (["--time-limit", "-1"], "argument --time-limit"), (["--device", "mps"], "argument --device")])
+    (["--time-limit", "-1"], "argument --time-limit"), (["--device", "mps"], "argument --device"),
+    (["--saved-bytes", "--dtype", "bf16"], "--variants and --dtype do not apply")])
 def test_profile_bad_option_values_are_one_line_errors(tmp_path, capsys, bad, named):
     """(They were tracebacks from inside the first step: a negative tensor dimension, an empty median, torch's
     set_num_threads, a NaN budget converted to int.)"""
@@ -143,6 +144,11 @@ def test_largest_cube_estimate_is_exact_where_it_can_be(tmp_path):
     at_48 = profile.estimate_bytes(variant, 1, (48, 48, 48))
     assert profile.largest_cube(variant, 1, at_48, 96)["max_cubic_edge"] == 48
     assert profile.largest_cube(variant, 1, at_48 - 1, 96)["max_cubic_edge"] == 32
+
+
+def test_a_variant_listed_twice_runs_once(tmp_path):
+    assert profile.main(_args(tmp_path, "--variants", "plain", "plain", "--memory-budget", "0")) == 0
+    assert [r["variant"] for r in json.loads((tmp_path / "p.json").read_text())["results"]] == ["plain"]
 
 
 def test_saved_bytes_mode_tiny(tmp_path):
