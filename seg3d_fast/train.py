@@ -442,22 +442,24 @@ def plot_curves(path, history):
 
 
 def use_cuda_graph(cfg, device, world):
-    """--cuda-graph as asked; by default on where it can run and pays: one CUDA device, one process, and crops
-    (every batch one shape; whole volumes of different shapes would each run eagerly)."""
-    if cfg.cuda_graph is not None:
-        return cfg.cuda_graph
-    return device.type == "cuda" and world == 1 and cfg.crop is not None
+    """--cuda-graph as asked (an error where it cannot run: one CUDA device, one process); by default on where it
+    can run and pays: with crops (every batch one shape; whole volumes of different shapes would each run eagerly)."""
+    possible = device.type == "cuda" and world == 1
+    if cfg.cuda_graph and not possible:
+        raise Seg3DFastDataError(f"--cuda-graph needs one CUDA device and one process; got device {device}, "
+                                 f"{world} process{'es' if world > 1 else ''}")
+    return cfg.cuda_graph if cfg.cuda_graph is not None else possible and cfg.crop is not None
 
 
 def _check_crop_fits(crop, batch_size):
     """A batch of crops too big for this machine's memory (a typo: --crop 1280 160 144) is named before anything
     is written, not met as a MemoryError in a loader. Counted: a 1-channel float32 image and int64 labels per voxel,
     the least a batch holds."""
-    if crop is None or not hasattr(os, "sysconf"):
+    if crop is None:
         return
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):  # (not reported on this system)
+    except (AttributeError, ValueError, OSError):  # (not reported on this system; no os.sysconf on Windows)
         return
     need = batch_size * math.prod(crop) * (4 + 8)
     if need > memory:
@@ -485,9 +487,7 @@ def train(cfg):
     _check_crop_fits(cfg.crop, cfg.batch_size)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise Seg3DFastDataError("--amp fp16 needs a CUDA device; use bf16 on the CPU")
-    if cfg.cuda_graph and (device.type != "cuda" or world > 1):  # (asked for: an error; by default: off there)
-        raise Seg3DFastDataError(f"--cuda-graph needs one CUDA device and one process; got device {device}, "
-                                 f"{world} process{'es' if world > 1 else ''}")
+    graphed = use_cuda_graph(cfg, device, world)
     out = Path(cfg.out)
     fold_dir = out / f"fold_{cfg.fold}"
     ckpt_path = fold_dir / CHECKPOINT_FILE
@@ -592,7 +592,7 @@ def train(cfg):
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=pad_collate, pin_memory=device.type == "cuda")
     amp_dtype = AMP_DTYPES[cfg.amp]
-    if use_cuda_graph(cfg, device, world):  # (inputs of another shape than the first batches' run eagerly)
+    if graphed:  # (inputs of another shape than the first batches' run eagerly)
         step = graphs.CudaGraphStep(model, loss_fn, optimizer, autocast_dtype=amp_dtype, scaler=scaler)
     else:
         step = functools.partial(graphs.train_step, net, loss_fn, optimizer, autocast_dtype=amp_dtype, scaler=scaler)

@@ -83,7 +83,8 @@ def load_case(case, num_classes=None, expect_channels=None):
     ref_path, ref_img, channels = None, None, []
     for path in case.images:
         img, data = load_nifti(path)
-        peak = max(-float(data.min()), float(data.max())) if data.dtype.itemsize > 4 else 0.0
+        wide_float = data.dtype.kind == "f" and data.dtype.itemsize > 4  # (integers and float32 always fit)
+        peak = max(-float(data.min()), float(data.max())) if wide_float else 0.0
         if peak > float(np.finfo(np.float32).max):
             raise Seg3DFastDataError(f"{path}: intensities beyond float32's range (up to {peak:.3g}); rescale "
                                      "the image")

@@ -53,6 +53,12 @@ def tensor_reasons(tensors: dict) -> list[str]:
     return reasons
 
 
+def by_channel(t):
+    """A per-channel vector (bias, PReLU alpha, class weights) as the kernels read it, one value per index at unit
+    stride: a strided view (bias[::2] of a larger buffer, an alpha expanded from one value) is copied; None stays."""
+    return None if t is None else t.reshape(-1).contiguous()
+
+
 def autotune_configs(gpu_configs, default, interpreter):
     """Configs for triton.autotune: the full list on a GPU (the default first), one default when
     SEG3D_FAST_AUTOTUNE=0, one small config under the interpreter. Read once, when the kernel module is imported."""

@@ -33,8 +33,8 @@ except ImportError:
 
 from .. import device_table
 from .._layout import out_format
-from ._common import (autotune_configs, block_row_coords, carry_rows, cdiv, dot, dot_precision, fast_divisor,
-                      interpreting, next_pow2, parallel_slots, row_split, strided_offset, tensor_reasons)
+from ._common import (autotune_configs, block_row_coords, by_channel, carry_rows, cdiv, dot, dot_precision,
+                      fast_divisor, interpreting, next_pow2, parallel_slots, row_split, strided_offset, tensor_reasons)
 
 _DZ_NONE, _DZ_ACT, _DZ_PREACT = 0, 1, 2
 _DZ_KINDS = {"none": _DZ_NONE, "act": _DZ_ACT, "preact": _DZ_PREACT}
@@ -844,12 +844,9 @@ def conv3d_prelu_forward(x, weight, bias, alpha, residual, stride, residual_firs
     out = torch.empty((n, c_out, do, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     act = torch.empty_like(out) if save_act else None
     weight_mat = _weight_matrix(weight.permute(2, 3, 4, 1, 0), x.dtype)  # rows (tap, C_in)
-    # (the kernels index bias and alpha by channel alone: a strided view, e.g. bias[::2] or an alpha expanded from one
-    # value, is copied to unit stride)
     _launch_conv(_channels_last(x), weight_mat, _forward_taps(k, x.device), out, (n, do, ho, wo), c_in, stride,
-                 bias=bias.contiguous() if bias is not None else None,
-                 alpha=alpha.reshape(-1).contiguous() if alpha is not None else None, residual=residual,
-                 residual_first=residual_first, act=act, kernel_taps=(k, 1))
+                 bias=by_channel(bias), alpha=by_channel(alpha), residual=residual, residual_first=residual_first,
+                 act=act, kernel_taps=(k, 1))
     return out, act
 
 
@@ -1069,7 +1066,7 @@ def conv3d_prelu_backward(grad_out, x, weight, alpha, saved, saved_kind, stride,
         want_a = False  # no activation: no alpha gradient
     g = _channels_last(grad_out)
     s = _channels_last(saved) if dz_kind != _DZ_NONE else None
-    a = alpha.reshape(-1).contiguous() if (alpha is not None and dz_kind != _DZ_NONE) else None  # (unit stride)
+    a = by_channel(alpha) if dz_kind != _DZ_NONE else None
     grad_x, dw_part, db_part, da_part, dz = _backward(g, s, dz_kind, a, x, weight, stride,
                                                       want_x, want_w, want_b, want_a, want_dz)
     grad_w, grad_b, grad_a = _finish(dw_part, db_part, da_part, weight, alpha, weight.dtype)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, cdiv, interpreting, next_pow2
+from ._common import SUPPORTED_DTYPES, by_channel, cdiv, interpreting, next_pow2
 
 MAX_CLASSES = 64  # all classes of a voxel are held in registers at once (BLOCK_C x BLOCK_S tile)
 NUM_WARPS = 8
@@ -419,7 +419,7 @@ def jaccard_loss_reduced(logits, target, squared, activation, ignore_index, smoo
     and greatest counted label, or None for class probabilities). weights: float32 (C,) on the logits' device, 0 for
     a class left out. Non-empty inputs."""
     n, c = logits.shape[:2]
-    weights = _unit_stride(weights)
+    weights = by_channel(weights)
     logits, target, spatial, tiles, strides, meta = _prepare(logits, target, ignore_index)
     label_range = meta["TARGET_IS_LABEL"]
     partials, ranges = _launch_sums(logits, target, spatial, tiles, strides, meta, squared, activation, label_range)
@@ -441,10 +441,4 @@ def jaccard_loss_reduced_backward(grad_loss, sums, weights, logits, target, squa
         grad_loss = grad_loss.to(device=logits.device, dtype=torch.float32)
     grad_loss = grad_loss.reshape(1)  # (a 1-element pointer argument, as measured on the GPU)
     return _launch_backward(sums, logits, target, squared, activation, ignore_index,
-                            (_unit_stride(weights), grad_loss, float(smooth), per_sample, mean))
-
-
-def _unit_stride(weights):
-    """The class weights as the kernels read them (by class index alone): a strided view, e.g. class_weights[::2],
-    copied (a contiguous one as it is, with no torch call)."""
-    return weights if weights.is_contiguous() else weights.contiguous()
+                            (by_channel(weights), grad_loss, float(smooth), per_sample, mean))

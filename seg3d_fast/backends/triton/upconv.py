@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .._layout import out_format
-from ._common import (autotune_configs, block_row_coords, cdiv, dot, dot_precision, next_pow2, parallel_slots,
-                      strided_offset, tensor_reasons)
+from ._common import (autotune_configs, block_row_coords, by_channel, cdiv, dot, dot_precision, next_pow2,
+                      parallel_slots, strided_offset, tensor_reasons)
 
 MAX_CHANNELS = 32  # the backward holds a tap's whole (C_in, C_out) weight and the rows' channels in registers: from 64
                    # channels every tile spills on sm_90 (benchmarks/aot_check.py), so wider blocks take the reference
@@ -240,8 +240,7 @@ def _strides5(t):
 
 
 def _alpha_args(alpha):
-    # (the kernels index alpha by channel alone: a strided view, e.g. one expanded from a single value, is copied)
-    return alpha.reshape(-1).contiguous(), alpha.numel() > 1
+    return by_channel(alpha), alpha.numel() > 1
 
 
 def upconv_prelu_add_forward(x, weight, bias, alpha, skip):
@@ -253,7 +252,7 @@ def upconv_prelu_add_forward(x, weight, bias, alpha, skip):
     block_n = next_pow2(c_out, 16, 128)
     block_k = next_pow2(c_in, 16, 64)
     a, per_channel = _alpha_args(alpha)
-    bias = bias.contiguous() if bias is not None else None  # (indexed by channel alone, as alpha)
+    bias = by_channel(bias)
     s = skip if skip is not None else out
     grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]), 8, cdiv(c_out, block_n))  # noqa: E731
     _upconv_fwd_kernel[grid](
@@ -279,7 +278,7 @@ def upconv_prelu_add_backward(grad_out, x, weight, bias, alpha, output_mask):
     a, per_channel = _alpha_args(alpha)
     common = dict(HAS_BIAS=bias is not None, ALPHA_PER_CH=per_channel, DOT_PREC=dot_precision(x.dtype),
                   BLOCK_CI=block_ci, BLOCK_CO=block_co)
-    b = bias.contiguous() if bias is not None else a  # (indexed by channel alone, as alpha)
+    b = by_channel(bias) if bias is not None else a
     f32 = dict(dtype=torch.float32, device=x.device)
     grad_x = grad_w = grad_b = grad_a = None
     if want_x or want_b or want_a:
