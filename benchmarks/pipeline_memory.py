@@ -34,6 +34,8 @@ STEPS = {
     "downsample_labels": "label map downsampled by 2 (--downsample 2): 104 organ-like classes, 256x256x150",
     "prepare_memory": "training cases in memory: 12 one-channel cases of 192x192x160, 4 classes",
     "prepare_cache": "training cases in a --cache-dir (second use: read back as memory maps)",
+    "training_batches": "training batches: 24 crops of 4x128x160x144 (flips, turns, intensity) from a 4x155x240x240 "
+                        "case, each a batch of one, on one thread (as in a data-loader worker)",
 }
 
 
@@ -115,7 +117,7 @@ def _peak_mib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # (kB)
 
 
-def run_step(step: str, root: Path) -> dict:
+def run_step(step: str, root: Path, scale: float = 1.0) -> dict:
     """One step, in this process: -> {peak_mib (the process's), baseline_mib (in use after the imports), seconds,
     ...}."""
     import numpy as np
@@ -161,6 +163,19 @@ def run_step(step: str, root: Path) -> dict:
         cases, _ = prepare(cfg, dataset, names, None)
         out["held_mib"] = round(_resident_mib() - before, 1)
         out["label_dtype"] = str(cases[0].y.dtype)
+    elif step == "training_batches":
+        from seg3d_fast.train import CropDataset, PreparedCase, pad_collate
+
+        torch.set_num_threads(1)
+        rng = np.random.default_rng(0)
+        shape, crop = _extent((155, 240, 240), scale), _extent((128, 160, 144), scale)
+        case = PreparedCase("case", rng.normal(size=(4, *shape)).astype(np.float32),
+                            (rng.random(shape) < 0.1).astype(np.uint8))
+        data = CropDataset([case], 24, crop, 0.33, True, seed=0)
+        start = time.perf_counter()
+        for i in range(len(data)):
+            pad_collate([data[i]])
+        out["ms_per_batch"] = round((time.perf_counter() - start) * 1e3 / len(data), 1)
     else:
         raise ValueError(f"step must be one of {sorted(STEPS)}, got {step!r}")
     out["seconds"] = round(time.perf_counter() - start, 2)
@@ -180,7 +195,7 @@ def run(scale=1.0, steps=tuple(STEPS), keep=None):
         make_data(root, scale)
         rows = []
         for step in steps:
-            p = subprocess.run([sys.executable, __file__, "--step", step, "--root", str(root)],
+            p = subprocess.run([sys.executable, __file__, "--step", step, "--root", str(root), "--scale", str(scale)],
                                capture_output=True, text=True, check=False, env=dict(os.environ, PYTHONPATH=path))
             if p.returncode != 0:
                 raise RuntimeError(f"step {step} failed:\n{p.stderr[-3000:]}")
@@ -193,8 +208,9 @@ def table(result) -> str:
     lines = [f"| step (extents x {result['scale']:g}) | peak MiB (after imports) | held MiB | seconds |",
              "|---|---|---|---|"]
     for r in result["rows"]:
+        per_batch = f" ({r['ms_per_batch']:.1f} ms per batch)" if "ms_per_batch" in r else ""
         lines.append(f"| {r['what']} | {r['peak_mib']:.0f} ({r['baseline_mib']:.0f}) | {r.get('held_mib', '–')} "
-                     f"| {r['seconds']:.1f} |")
+                     f"| {r['seconds']:.1f}{per_batch} |")
     return "\n".join(lines)
 
 
@@ -210,7 +226,7 @@ def main(argv=None):
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step:
-        print(json.dumps(run_step(args.step, Path(args.root))))
+        print(json.dumps(run_step(args.step, Path(args.root), args.scale)))
         return 0
     result = run(args.scale, tuple(args.steps), keep=args.keep)
     print(table(result))

@@ -159,21 +159,24 @@ def profile_markdown(payload):
     out = [f"_{environment_line(payload['environment'])}._", "",
            f"Seg3DNet features {tuple(c['features'])}, input {shape}, {c['dtype']}, Adam; largest cube in "
            f"{c['memory_budget']:g} GiB.", "",
-           "| variant | ms/step | host ms | GPU busy ms | steps/s | Mvoxels/s | speed-up | peak GiB | memory vs plain "
-           "| step tensors GiB | largest cube |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| variant | ms/step | host ms | GPU busy ms | steps/s | Mvoxels/s | speed-up | back-to-back ms/step "
+           "(speed-up) | peak GiB | memory vs plain | step tensors GiB | largest cube |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["results"]:
         edge = r.get("max_cubic_edge")
         peak = _fmt(r["peak_bytes"] and r["peak_bytes"] / 2**30, ".2f")
         tensors = _fmt(r.get("step_tensor_peak_bytes") and r["step_tensor_peak_bytes"] / 2**30, ".2f")
         out.append(f"| {r['variant']} | {r['step_ms']:.1f} | {_fmt(r.get('host_ms'), '.1f')} | "
                    f"{_fmt(r.get('gpu_busy_ms'), '.1f')} | {r['steps_per_s']:.2f} | {r['voxels_per_s'] / 1e6:.1f} | "
-                   f"{_fmt(r.get('speedup_vs_plain'), '.2f')}× | {peak} | {_fmt(r.get('memory_vs_plain'), '.2f')} | "
+                   f"{_fmt(r.get('speedup_vs_plain'), '.2f')}× | {_fmt(r.get('back_to_back_ms'), '.1f')} "
+                   f"({_fmt(r.get('back_to_back_speedup_vs_plain'), '.2f')}×) | {peak} | "
+                   f"{_fmt(r.get('memory_vs_plain'), '.2f')} | "
                    f"{tensors} | {f'{edge}³' if edge else '–'} |")
     methods = {r.get("memory_method") for r in payload["results"]} | {r.get("max_cubic_method")
                                                                       for r in payload["results"]}
-    out += ["", "Host ms: the time until a step's call returns, its GPU work still queued (near ms/step: the step "
-            "runs at the host's pace). GPU busy ms: the GPU's kernel and copy time per step (torch.profiler, "
+    out += ["", "ms/step: one step, waited for before and after. Back-to-back: steps with no wait between them, as "
+            "a training loop runs them. Host ms: the time until a step's call returns, its GPU work still queued (near "
+            "ms/step: the step runs at the host's pace). GPU busy ms: the GPU's kernel and copy time per step (torch.profiler, "
             "--trace). Memory: " + "; ".join(sorted(m for m in methods if m)) + ". Step tensors: the peak of the "
             "tensors one forward + backward allocates (activations, gradients, temporaries; no workspaces or "
             "allocator rounding)."]

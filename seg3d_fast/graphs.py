@@ -30,32 +30,49 @@ class AlphaAssumptionError(RuntimeError):
 
 
 class CapturedChecks:
-    """Device values recorded while a graph was captured, each with the host check that reads it after a replay."""
+    """Device values recorded while a graph was captured, each with the host check that reads it after a replay and
+    the same test on the device (`fails`), which lets an optimizer skip a step whose check failed before the host
+    has read it (CudaGraphStep)."""
 
     def __init__(self):
         self._values: list[Tensor] = []
         self._checks: list[Callable[[Tensor], None]] = []
+        self._fails: list[Optional[Callable[[Tensor], Tensor]]] = []
         self.packed: Optional[Tensor] = None
+        self.failed: Optional[Tensor] = None
 
-    def add(self, values: Tensor, check: Callable[[Tensor], None]) -> None:
-        """check(values on the CPU, float64, original shape) raises when they break the op's assumption."""
+    def add(self, values: Tensor, check: Callable[[Tensor], None],
+            fails: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        """check(values on the CPU, float64, original shape) raises when they break the op's assumption;
+        fails(values as recorded, on the device) is a bool tensor, True where check would raise."""
         self._values.append(values.detach())
         self._checks.append(check)
+        self._fails.append(fails)
 
     def __len__(self):
         return len(self._values)
 
+    @property
+    def on_device(self) -> bool:
+        """Whether every check also runs on the device (pack() then sets `failed`)."""
+        return all(f is not None for f in self._fails)
+
     def pack(self) -> Optional[Tensor]:
-        """All values in one float64 device tensor (call it inside the capture: each replay refills it)."""
+        """All values in one float64 device tensor and, where every check runs on the device, `failed`: 1.0 where
+        one failed, else 0.0 (a float32 scalar, as an optimizer's found_inf). Call it inside the capture: each
+        replay refills both."""
         if self._values:
             self.packed = torch.cat([v.reshape(-1).to(torch.float64) for v in self._values])
+            if self.on_device:
+                self.failed = torch.stack([f(v).any() for f, v in zip(self._fails, self._values)]).any().float()
         return self.packed
 
-    def verify(self) -> None:
-        """Copies pack()'s tensor to the CPU (waiting for the work before it) and runs every check on it."""
+    def verify(self, host: Optional[Tensor] = None) -> None:
+        """Runs every check on pack()'s values: `host`, a copy of them on the CPU, else a copy made now (waiting
+        for the work before it)."""
         if self.packed is None:
             return
-        host = self.packed.cpu()
+        host = self.packed.cpu() if host is None else host
         start = 0
         for values, check in zip(self._values, self._checks):
             check(host[start:start + values.numel()].reshape(values.shape))
@@ -81,6 +98,11 @@ def recording_checks():
         yield _active
     finally:
         _active = None
+
+
+def alpha_unrecoverable(least_alpha: Tensor, threshold: float = 0.0) -> Tensor:
+    """check_alpha_recoverable's test on the device: True where it would raise (NaN included)."""
+    return ~(least_alpha > threshold)
 
 
 def check_alpha_recoverable(least_alpha: Tensor, threshold: float = 0.0) -> None:
@@ -135,6 +157,12 @@ class CudaGraphStep:
     Gradients are the graph's own tensors, put back into each parameter's .grad before the optimizer runs.
     autocast_dtype: the autocast dtype (None: no autocast); scaler: a torch.amp.GradScaler for fp16. Single-process
     only: a DistributedDataParallel model is refused (its gradient all-reduce is not captured here).
+
+    The host waits for no replay. With an optimizer that takes a found_inf flag (fused Adam, AdamW and SGD:
+    `_step_supports_amp_scaling`) and no scaler, the replay's checks run on the device and the optimizer skips a step
+    whose check failed; the host reads them at the next call (or settle()), by when the replay is long done, and then
+    reruns that step eagerly (alpha) or raises (labels). Otherwise each call waits for its replay's checks before the
+    optimizer runs. Call settle() before reading or saving the model after the last step.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, *,
@@ -150,12 +178,14 @@ class CudaGraphStep:
         self.eager_steps = self.replays = 0
         self.disabled: Optional[str] = None
         self._graph = None
+        self._unread = None  # the last replay's checks, copied to the host, not yet read (see settle)
         self._warm = (None, 0)  # (input signature, eager steps in a row with it)
 
     def __call__(self, x: Tensor, y: Tensor):
         """One training step on (x, y). Returns (loss, logits): after a replay, the graph's output tensors, which
         the next call overwrites."""
         _check_devices(x, y)
+        self.settle()
         signature = (x.shape, x.dtype, x.stride(), y.shape, y.dtype, y.stride())
         if self.disabled is None and self._graph is None and self._warm[0] == signature and \
                 self._warm[1] >= self.warmup:
@@ -171,16 +201,47 @@ class CudaGraphStep:
         self._static_x.copy_(x)
         self._static_y.copy_(y)
         self._graph.replay()
-        try:
-            self._checks.verify()  # waits for the replay: the optimizer must not take unverified gradients
-        except AlphaAssumptionError as e:
-            self._off(f"replay {self.replays + 1}: {e}")
-            return self._eager(x, y)
         self.replays += 1
         for p, g in self._grads:  # .grad may have been reset (zero_grad) since the capture: the graph writes these
             p.grad = g
-        _optimizer_step(self.optimizer, self.scaler)
+        if self._skips_failed_steps():
+            from seg3d_fast import ops
+
+            self._unread = ops._read_later(self._checks.packed)  # (copied before the optimizer's work is queued)
+            self.optimizer.found_inf, self.optimizer.grad_scale = self._checks.failed, None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        else:
+            try:
+                self._checks.verify()  # waits for the replay: the optimizer must not take unverified gradients
+            except AlphaAssumptionError as e:
+                return self._rerun_eagerly(e)
+            _optimizer_step(self.optimizer, self.scaler)
         return self._loss, self._logits
+
+    def settle(self) -> None:
+        """Reads the last replay's checks if they are not read yet (waiting for that replay only): a failed alpha
+        check reruns that step eagerly (its optimizer step was skipped) and turns graphs off; labels out of range
+        raise ValueError (nothing was applied)."""
+        read, self._unread = self._unread, None
+        if read is not None:
+            try:
+                self._checks.verify(read())
+            except AlphaAssumptionError as e:
+                self._rerun_eagerly(e)
+
+    def _skips_failed_steps(self):
+        return (self.scaler is None and self._checks.failed is not None
+                and getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def _rerun_eagerly(self, error):
+        """The last replay's step again, eagerly (exact for any alpha), its optimizer step not yet applied."""
+        x, y = self._static_x, self._static_y
+        self.replays -= 1
+        self._off(f"replay {self.replays + 1}: {error}")
+        return self._eager(x, y)
 
     def _eager(self, x, y):
         self.eager_steps += 1

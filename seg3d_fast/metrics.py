@@ -110,6 +110,27 @@ def mean_foreground_dice(pred, truth):
     return float(np.mean(dices)) if dices else float("nan")
 
 
+def mean_foreground_dice_tensor(pred, truth, num_classes, slab_voxels=2**22):
+    """mean_foreground_dice of two label maps (torch, one device) as a float64 tensor (dice, found) where they are,
+    with no host read: found is 1 where a foreground class occurs in either map, and dice is then their mean Dice,
+    else 0. Training sums it over an epoch's steps, which a read per step would make wait for the GPU. Labels lie in
+    [0, num_classes) (others count nowhere); counted by scatter-add, which needs no host read where bincount does."""
+    k = num_classes
+    pred, truth = pred.reshape(-1), truth.reshape(-1)
+    counts = torch.zeros(k * k + 1, dtype=torch.int64, device=pred.device)  # (the last bin: labels out of range)
+    one = torch.ones(1, dtype=torch.int64, device=pred.device)
+    for a in range(0, pred.numel(), slab_voxels):
+        p, t = pred[a:a + slab_voxels].long(), truth[a:a + slab_voxels].long()
+        index = torch.where((p >= 0) & (p < k) & (t >= 0) & (t < k), p * k + t, k * k)
+        counts.scatter_add_(0, index, one.expand_as(index))
+    counts = counts[:-1].view(k, k).double()
+    tp, both = counts.diagonal()[1:], (counts.sum(0) + counts.sum(1))[1:]  # foreground: 2 tp / (|pred| + |truth|)
+    present = both > 0
+    dices = torch.where(present, 2 * tp / both.clamp(min=1), 0.0)
+    found = present.any().double()
+    return torch.stack([dices.sum() / present.sum().clamp(min=1), found])
+
+
 def looks_like_brats(label_values):
     """The regions to report for these label values: 'brats' when labels are within 0..4 and 4 occurs."""
     values = set(int(v) for v in label_values)

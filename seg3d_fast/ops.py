@@ -291,7 +291,8 @@ def _alpha_recoverable_later(alpha, dtype):
     least = alpha.amin()
     checks = graphs.active_checks()
     if checks is not None:
-        checks.add(least, functools.partial(graphs.check_alpha_recoverable, threshold=threshold))
+        checks.add(least, functools.partial(graphs.check_alpha_recoverable, threshold=threshold),
+                   functools.partial(graphs.alpha_unrecoverable, threshold=threshold))
         return lambda: True
     read = _read_later(least)
     return lambda: read().item() > threshold
@@ -661,7 +662,7 @@ def _label_range_check(logits, target, ignore_index, label_range=None, defer=Non
 
     checks = graphs.active_checks()
     if checks is not None:  # read after each replay of the graph being captured
-        checks.add(label_range, check)
+        checks.add(label_range, check, lambda lo_hi: (lo_hi[0] < 0) | (lo_hi[1] >= c))
         return None
     if _defer_label_check(logits) if defer is None else defer:
         read = _read_later(label_range)

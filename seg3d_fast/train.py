@@ -34,7 +34,7 @@ from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json
 from .data.preprocess import PreprocessConfig, c_array, label_dtype, preprocess
 from .files import write_atomic, write_text_atomic
-from .metrics import mean_foreground_dice
+from .metrics import mean_foreground_dice, mean_foreground_dice_tensor
 from .predict import on_device_or_host, predict_logits, read_checkpoint
 
 CONFIG_FILE, SPLITS_FILE, CHECKPOINT_FILE = "config.json", "splits.json", "checkpoint.pt"
@@ -43,6 +43,7 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # In-plane voxel sizes this close count as equal for 90-degree rotations (the rounding of downsampled sizes alone
 # makes them differ by a few percent on small crops).
 SAME_SPACING_RTOL = 0.05
+PROGRESS_SECONDS = 1.0  # the progress bar's loss and Dice are read from the GPU at most this often (each read waits)
 
 
 @dataclass
@@ -75,7 +76,7 @@ class TrainConfig:
     backend: str | None = None
     cuda_graph: bool | None = None      # forward + backward replayed as one CUDA graph; None: where it can run
                                         # (one CUDA device, one process, a --crop: every batch of one shape)
-    workers: int = 0
+    workers: int | None = None          # data loader processes; None: data_workers()'s choice
     cache_dir: str | None = None        # preprocessed cases as .npy files read through memory maps (big datasets)
     resume: bool = False
     overwrite: bool = False             # train this fold again from scratch, replacing its checkpoint
@@ -137,14 +138,19 @@ def foreground_sample(y):
     return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 4), np.int64)
 
 
-def _writable(a):
-    """A contiguous array torch can own: a view of a cached case's read-only memory map is copied (only the crop)."""
+def _writable(a, source=None):
+    """A contiguous array torch can own: a view of a cached case's read-only memory map is copied (only the crop),
+    and so is one that still shares memory with `source` (a crop that is a contiguous part of the case): a batch
+    of one is not copied again on its way to the model."""
     a = c_array(a)  # (a flip of an extent-1 axis, e.g. of a 2D image, kept a negative stride: c_array copies it)
-    return a if a.flags.writeable and type(a) is np.ndarray else np.array(a)
+    owned = a.flags.writeable and type(a) is np.ndarray and not (source is not None and np.may_share_memory(a, source))
+    return a if owned else np.array(a)
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Item i of epoch e: case i % n, cropped and augmented with numpy's generator seeded by (seed, e, i)."""
+    """Item i of epoch e: case i % n, cropped and augmented with numpy's generator seeded by (seed, e, i). Items are
+    indexed by i (epoch: the `epoch` attribute) or by (e, i), as EpochSampler gives them to data loader workers that
+    persist across epochs (and so never see the attribute change)."""
 
     def __init__(self, cases, length, crop, fg_prob, augment, seed, mirror_axes=(0, 1, 2)):
         self.cases, self.length, self.crop = cases, length, crop
@@ -154,8 +160,9 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def __getitem__(self, item):
+        epoch, i = item if isinstance(item, tuple) else (self.epoch, item)
+        rng = np.random.default_rng([self.seed, epoch, i])
         case = self.cases[i % len(self.cases)]
         x, y = case.x, case.y
         if self.crop is not None:
@@ -163,7 +170,24 @@ class CropDataset(torch.utils.data.Dataset):
         if self.augment:
             x, y = augment(x, y, rng, case.spacing, self.mirror_axes)
             x = augment_intensity(x, rng)
-        return torch.from_numpy(_writable(x)), torch.from_numpy(_writable(y))
+        return torch.from_numpy(_writable(x, case.x)), torch.from_numpy(_writable(y, case.y))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A sampler's indices i as (epoch, i) for CropDataset: the epoch travels with each index to the workers."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
 
 
 def random_crop(x, y, size, rng, foreground=None):
@@ -210,20 +234,40 @@ def augment_intensity(x, rng, scale=0.1, shift=0.1):
     """Per-channel random contrast and brightness on the z-scored image (x * U(1 +- scale) + U(+- shift)):
     robustness to the per-image normalisation of differently composed volumes."""
     c = x.shape[0]
-    a = rng.uniform(1 - scale, 1 + scale, c).astype(np.float32)[:, None, None, None]
-    b = rng.uniform(-shift, shift, c).astype(np.float32)[:, None, None, None]
-    return x * a + b
+    a = rng.uniform(1 - scale, 1 + scale, c).astype(np.float32)
+    b = rng.uniform(-shift, shift, c).astype(np.float32)
+    # one contiguous output, written channel by channel: the multiply is the crop's (flipped, turned) copy, the add
+    # runs on a channel still in cache. A crop's x * a + b made two volume-sized temporaries (about twice the time).
+    out = np.empty(x.shape, np.float32)
+    for i in range(c):
+        np.multiply(x[i], a[i], out=out[i])
+        out[i] += b[i]
+    return out
 
 
 def pad_collate(batch):
-    """Stack samples, padding smaller volumes with zeros / background to the largest extent in the batch."""
+    """Stack samples, padding smaller volumes with zeros / background to the largest extent in the batch. Samples
+    already of that extent are not copied before the stack, and a batch of one is not copied at all (a training
+    crop of 4 x 128 x 160 x 144 is 47 MB: each copy costs the data loader milliseconds per step)."""
     shape = [max(s) for s in zip(*(y.shape for _, y in batch))]
     xs, ys = [], []
     for x, y in batch:
         pad = [p for s, n in zip(reversed(shape), reversed(y.shape)) for p in (0, s - n)]
-        xs.append(torch.nn.functional.pad(x, pad))
-        ys.append(torch.nn.functional.pad(y, pad))
+        xs.append(torch.nn.functional.pad(x, pad) if any(pad) else x)
+        ys.append(torch.nn.functional.pad(y, pad) if any(pad) else y)
+    if len(batch) == 1:
+        return xs[0].unsqueeze(0), ys[0].unsqueeze(0)
     return torch.stack(xs), torch.stack(ys)
+
+
+def data_workers(device, world=1) -> int:
+    """Data loader processes when --workers is not given: none on the CPU (the model's own work needs the cores), and
+    on a GPU min(8, this process's share of the cores - 1). A full-size crop (4 x 128 x 160 x 144, flipped, turned,
+    intensity-augmented) takes the loader 10-20 ms on one core, a GPU training step less (8-9 ms on an H200)."""
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // world - 1))
 
 
 def make_splits(names, folds, seed):
@@ -588,9 +632,13 @@ def train(cfg):
     length = cfg.samples_per_epoch or len(train_cases)
     data = CropDataset(train_cases, length, tuple(cfg.crop) if cfg.crop else None, cfg.fg_prob, cfg.augment, cfg.seed,
                        cfg.mirror_axes)
-    sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                                         collate_fn=pad_collate, pin_memory=device.type == "cuda")
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True,
+                                                               seed=cfg.seed))
+    workers = data_workers(device, world) if cfg.workers is None else cfg.workers
+    # workers kept from epoch to epoch: starting them per epoch cost seconds over a short run's epochs
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                                         collate_fn=pad_collate, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
     amp_dtype = AMP_DTYPES[cfg.amp]
     if graphed:  # (inputs of another shape than the first batches' run eagerly)
         step = graphs.CudaGraphStep(model, loss_fn, optimizer, autocast_dtype=amp_dtype, scaler=scaler)
@@ -601,23 +649,31 @@ def train(cfg):
         lr = cfg.lr * ((1 - epoch / cfg.epochs) ** 0.9 if cfg.lr_schedule == "poly" else 1.0)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        data.epoch = epoch
         sampler.set_epoch(epoch)
         net.train()
-        sums = torch.zeros(5, dtype=torch.float64)  # loss sum, dice sum, batches, voxels, batches with a Dice
-        t0 = time.perf_counter()
+        # loss sum, Dice sum, batches with a Dice (no foreground in a batch or its prediction: none), summed where
+        # the steps run: read once per epoch and for the progress bar, not per step, so that the host queues the
+        # next step while the GPU runs this one
+        scores = torch.zeros(3, dtype=torch.float64, device=device)
+        batches = voxels = 0
+        t0 = shown = time.perf_counter()
         bar = _progress(loader, cfg.progress and rank == 0, f"epoch {epoch + 1}/{cfg.epochs}")
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, logits = step(x, y)
             with torch.no_grad():
-                dice = mean_foreground_dice(logits.argmax(1), y)  # (NaN: no foreground in the batch or its prediction)
-            scored = not math.isnan(dice)
-            sums += torch.tensor([loss.item(), dice if scored else 0.0, 1.0, y.numel(), scored], dtype=torch.float64)
-            if hasattr(bar, "set_postfix"):
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", dice=f"{sums[1] / max(sums[4], 1):.3f}",
-                                vox_s=f"{sums[3] * world / elapsed:.3g}")
+                dice, found = mean_foreground_dice_tensor(logits.argmax(1), y, num_classes)
+                scores += torch.stack([loss.detach().double(), dice, found])
+            batches, voxels = batches + 1, voxels + y.numel()
+            if hasattr(bar, "set_postfix") and time.perf_counter() - shown >= PROGRESS_SECONDS:
+                shown = time.perf_counter()
+                loss_sum, dice_sum, found_sum = scores.tolist()
+                bar.set_postfix(loss=f"{loss_sum / batches:.4f}", dice=f"{dice_sum / max(found_sum, 1):.3f}",
+                                vox_s=f"{voxels * world / (shown - t0):.3g}")
+        if graphed:
+            step.settle()  # the last replay's checks, before the epoch's weights are kept
+        loss_sum, dice_sum, found_sum = scores.tolist()
+        sums = torch.tensor([loss_sum, dice_sum, batches, voxels, found_sum], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(sums)
         elapsed = time.perf_counter() - t0
@@ -763,7 +819,8 @@ def add_arguments(p):
                    help="replay each step's forward and backward as one CUDA graph, which removes the per-layer "
                         "host work that bounds small and deep layers (default: on for one CUDA device with --crop, "
                         "off otherwise)")
-    p.add_argument("--workers", type=at_least(0), default=0, help="data loader worker processes")
+    p.add_argument("--workers", type=at_least(0), default=None,
+                   help="data loader worker processes (default: 0 on the CPU; on a GPU min(8, cores per process - 1))")
     p.add_argument("--cache-dir", default=None,
                    help="preprocess each case once into this folder and read it back through memory maps, for "
                         "datasets larger than memory (reused by later folds and resumed runs while the source files "

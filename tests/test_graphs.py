@@ -33,6 +33,7 @@ def test_recorded_alpha_check_takes_fp16s_recoverable_alpha():
             checks.pack()
         with pytest.raises(graphs.AlphaAssumptionError, match=r"<= 0.0078125\)") if fails else contextlib.nullcontext():
             checks.verify()
+        assert float(checks.failed) == float(fails)  # the same test on the device
 
 
 @pytest.mark.parametrize("negative_alpha", [False, True])
@@ -57,6 +58,7 @@ def test_recorded_alpha_check(negative_alpha):
         for g, e in zip(grads, eager_grads):
             if e is not None:
                 torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert float(checks.failed) == float(negative_alpha)  # the same test on the device
 
 
 def test_recorded_label_check():
@@ -71,10 +73,15 @@ def test_recorded_label_check():
     assert len(checks) == 1 and logits.grad is not None
     with pytest.raises(ValueError, match=r"target labels must lie in \[0, 4\] for 5 classes; found values in \[0, 7\]"):
         checks.verify()
-    with graphs.recording_checks() as checks:
-        sf.jaccard_loss(logits, labels.clamp(max=4), backend="reference").backward()
-        checks.pack()
-    checks.verify()
+    assert float(checks.failed) == 1.0  # the same test on the device
+    for labels in (labels.clamp(max=4), labels.clamp(max=4).sub_(1)):  # in range; -1 below it
+        with graphs.recording_checks() as checks:
+            sf.jaccard_loss(logits, labels, backend="reference").backward()
+            checks.pack()
+        below = bool(labels.min() < 0)
+        with pytest.raises(ValueError, match=r"found values in \[-1, 3\]") if below else contextlib.nullcontext():
+            checks.verify()
+        assert float(checks.failed) == float(below)
 
 
 def test_no_host_read_while_recording(monkeypatch):
@@ -149,11 +156,13 @@ def assert_same_training(model, twin, tol=1e-3):
     assert rel_err(ours, theirs) <= tol
 
 
-def _twins(backend, dtype):
+def _twins(backend, dtype, fused=False):
+    """fused: PyTorch's fused Adam, which takes found_inf: CudaGraphStep then reads each replay's checks at its next
+    call (the optimizer skips a failed step); else each call waits for them."""
     torch.manual_seed(0)  # (4 input channels, 4 classes: the cuda kernels take even channel counts in bf16)
     model = Seg3DNet(4, 4, (8, 16, 32), backend=backend).cuda().to(memory_format=torch.channels_last_3d)
     twin = copy.deepcopy(model)
-    return [(m, torch.optim.Adam(m.parameters(), lr=1e-3)) for m in (model, twin)]
+    return [(m, torch.optim.Adam(m.parameters(), lr=1e-3, fused=fused)) for m in (model, twin)]
 
 
 def _batches(steps, shape=(2, 4, 12, 16, 8), classes=4):
@@ -166,7 +175,8 @@ def _batches(steps, shape=(2, 4, 12, 16, 8), classes=4):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_step_matches_eager(backend, dtype, monkeypatch, exact_fp32):
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused_adam"])
+def test_cuda_graph_step_matches_eager(backend, dtype, fused, monkeypatch, exact_fp32):
     """Replayed steps give the eager steps' losses and weights (deterministic kernels on both sides), and replay
     after the warmup steps; an input of another shape runs eagerly, and the replays go on after it. Exact fp32: with
     TF32, cuDNN's transposed convs (the cuda backend has no fused upsampling) differed by ~2e-4 between the graphed
@@ -174,7 +184,7 @@ def test_cuda_graph_step_matches_eager(backend, dtype, monkeypatch, exact_fp32):
     skip_unless_usable(backend)
     monkeypatch.setenv("SEG3D_FAST_DETERMINISTIC", "1")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    (model, opt), (twin, twin_opt) = _twins(backend, dtype)
+    (model, opt), (twin, twin_opt) = _twins(backend, dtype, fused)
     autocast = None if dtype == torch.float32 else dtype
     loss_fn = sf.nn.JaccardLoss(backend=backend)
     step = graphs.CudaGraphStep(model, loss_fn, opt, autocast_dtype=autocast, warmup=2)
@@ -185,17 +195,20 @@ def test_cuda_graph_step_matches_eager(backend, dtype, monkeypatch, exact_fp32):
         loss, logits = step(x, y)
         twin_loss, twin_logits = graphs.train_step(twin, loss_fn, twin_opt, x, y, autocast)
         assert rel_err(loss, twin_loss) <= tol and rel_err(logits, twin_logits) <= tol, f"step {i}"
+    step.settle()
     assert (step.replays, step.eager_steps, step.disabled) == (4, 3, None)
     assert_same_training(model, twin)
 
 
 @gpu
 @pytest.mark.gpu
-def test_cuda_graph_step_falls_back_when_alpha_turns_negative():
-    """A replay whose backward took alpha > 0 where alpha < 0 is rerun eagerly (warning), and steps stay eager."""
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused_adam"])
+def test_cuda_graph_step_falls_back_when_alpha_turns_negative(fused):
+    """A replay whose backward took alpha > 0 where alpha < 0 is rerun eagerly (warning), and steps stay eager.
+    With fused Adam the rerun comes at the next call or settle() (the optimizer skipped the replayed step)."""
     backend = "triton" if sf.backends.available()["triton"] is None else "cuda"
     skip_unless_usable(backend)
-    (model, opt), (twin, twin_opt) = _twins(backend, torch.float32)
+    (model, opt), (twin, twin_opt) = _twins(backend, torch.float32, fused)
     loss_fn = sf.nn.JaccardLoss(backend=backend)
     step = graphs.CudaGraphStep(model, loss_fn, opt, warmup=1)
     batches = _batches(4)
@@ -208,6 +221,7 @@ def test_cuda_graph_step_falls_back_when_alpha_turns_negative():
             m.enc_second[0].alpha.fill_(-0.2)
     with pytest.warns(RuntimeWarning, match="PReLU alpha is -0.2.*run eagerly"):
         step(*batches[2])
+        step.settle()
     graphs.train_step(twin, loss_fn, twin_opt, *batches[2])
     step(*batches[3])
     graphs.train_step(twin, loss_fn, twin_opt, *batches[3])
@@ -217,10 +231,13 @@ def test_cuda_graph_step_falls_back_when_alpha_turns_negative():
 
 @gpu
 @pytest.mark.gpu
-def test_cuda_graph_step_rejects_bad_labels_before_the_optimizer():
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused_adam"])
+def test_cuda_graph_step_rejects_bad_labels_before_the_optimizer(fused):
+    """Labels out of range raise, and the optimizer takes nothing from that step (with fused Adam the error comes
+    at the next call or settle(): the optimizer skipped the step on the device)."""
     backend = "triton" if sf.backends.available()["triton"] is None else "cuda"
     skip_unless_usable(backend)
-    (model, opt), _ = _twins(backend, torch.float32)
+    (model, opt), _ = _twins(backend, torch.float32, fused)
     step = graphs.CudaGraphStep(model, sf.nn.JaccardLoss(backend=backend), opt, warmup=1)
     batches = _batches(3)
     for x, y in batches[:2]:
@@ -229,6 +246,7 @@ def test_cuda_graph_step_rejects_bad_labels_before_the_optimizer():
     x, y = batches[2]
     with pytest.raises(ValueError, match=r"target labels must lie in \[0, 3\]"):
         step(x, y + 4)
+        step.settle()
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q), "the optimizer ran on a step whose labels failed the check"
 
@@ -301,13 +319,13 @@ def test_cuda_graph_step_captures_only_warm_inputs(monkeypatch):
     assert step.replays == 2
 
 
-def _graph_step_and_twin():
+def _graph_step_and_twin(fused=False):
     """A CudaGraphStep (warmup 1) of a tiny reference Seg3DNet, and an identical model and optimizer to step eagerly
-    beside it: -> (step, model, twin, twin's optimizer, loss)."""
+    beside it: -> (step, model, twin, twin's optimizer, loss). fused: PyTorch's fused Adam (on the CPU too)."""
     torch.manual_seed(0)
     model = Seg3DNet(2, 3, (4, 8), backend="reference")
     twin = copy.deepcopy(model)
-    opt, twin_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(twin.parameters(), lr=1e-2)
+    opt, twin_opt = (torch.optim.Adam(m.parameters(), lr=1e-2, fused=fused) for m in (model, twin))
     loss_fn = sf.nn.JaccardLoss(backend="reference")
     return graphs.CudaGraphStep(model, loss_fn, opt, warmup=1), model, twin, twin_opt, loss_fn
 
@@ -345,6 +363,68 @@ def test_cuda_graph_step_plumbing_on_cpu(monkeypatch):
     assert step._graph is None and (step.eager_steps, step.replays) == (3, 1)
     both(x, y)
     assert step.eager_steps == 4
+
+
+def _as_if_replayed(step, index, value):
+    """What a replay would leave in the recorded checks with check `index`'s value (the stand-in graph replays
+    nothing): the packed values and the device-side verdict computed from them."""
+    step._checks.packed[index] = value
+    checks = step._checks
+    values, start = [], 0
+    for v in checks._values:
+        values.append(checks.packed[start:start + v.numel()].reshape(v.shape))
+        start += v.numel()
+    checks.failed = torch.stack([f(v).any() for f, v in zip(checks._fails, values)]).any().float()
+
+
+def _same_weights(model, twin):
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_cuda_graph_step_with_fused_adam_reads_its_checks_a_call_later(monkeypatch):
+    """With an optimizer that takes found_inf (fused Adam) a replayed step does not wait for its checks: the
+    optimizer skips the step on the device where one failed, and the next call (or settle()) reads them. A failed
+    alpha check then reruns that step eagerly (the same weights as eager steps throughout); labels out of range raise
+    there, with nothing applied. Each call also leaves the optimizer without the found_inf it was given."""
+    _stand_in_graphs(monkeypatch)
+    step, model, twin, twin_opt, loss_fn = _graph_step_and_twin(fused=True)
+    x, y = torch.randn(2, 2, 6, 4, 6), torch.randint(0, 3, (2, 6, 4, 6))
+
+    def both():
+        step(x, y)
+        graphs.train_step(twin, loss_fn, twin_opt, x, y)
+
+    both()  # warmup
+    both()  # capture and "replay"; checks on the device pass
+    assert step.replays == 1 and step._unread is not None and float(step._checks.failed) == 0.0
+    assert not hasattr(step.optimizer, "found_inf")
+    step.settle()
+    assert step._unread is None
+    _same_weights(model, twin)
+
+    # labels out of range: the optimizer skips the step; the next call raises before it steps
+    label_index = len(step._checks.packed) - 1  # the label range (least, greatest): the last values recorded
+    _as_if_replayed(step, label_index, 7)
+    step(x, y)
+    _same_weights(model, twin)  # found_inf = 1: no update
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 2\] for 3 classes; found values in \[0, 7\]"):
+        step.settle()
+    _as_if_replayed(step, label_index, 2)
+
+    # an alpha that turned negative: the replayed step is skipped, then rerun eagerly at the next call
+    with torch.no_grad():
+        model.enc_second[0].alpha.fill_(-0.5)
+        twin.enc_second[0].alpha.fill_(-0.5)
+    _as_if_replayed(step, 0, -0.5)
+    step(x, y)
+    _same_weights(model, twin)  # found_inf = 1: no update
+    graphs.train_step(twin, loss_fn, twin_opt, x, y)
+    with pytest.warns(RuntimeWarning, match=r"replay 3: a PReLU alpha is -0.5 .*run eagerly"):
+        step(x, y)  # reruns the skipped step eagerly, then runs this one eagerly
+    graphs.train_step(twin, loss_fn, twin_opt, x, y)
+    assert step._graph is None and (step.eager_steps, step.replays) == (3, 2)  # (replay 2: the labels' step)
+    _same_weights(model, twin)
 
 
 def test_cuda_graph_step_trains_on_eagerly_when_the_capture_fails(monkeypatch):

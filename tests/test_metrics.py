@@ -15,9 +15,36 @@ needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reas
 
 from seg3d_fast.data import Seg3DFastDataError
 from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_counts, evaluate_folders, label_counts,
-                                mean_foreground_dice,
+                                mean_foreground_dice, mean_foreground_dice_tensor,
                                 looks_like_brats, scores, summarize, write_evaluation)
 from data_helpers import TCGA_TUMOUR, brats_case, load, save
+
+
+@pytest.mark.parametrize("case", ["random", "no_foreground", "one_class", "label_dtypes", "slabs"])
+def test_training_dice_on_the_device_is_mean_foreground_dice(case):
+    """mean_foreground_dice_tensor (training's per-step score, no host read) gives mean_foreground_dice's value, 0
+    and found = 0 where that is NaN, for label maps of any integer dtype and over slab boundaries."""
+    gen = torch.Generator().manual_seed(3)
+    k = 6
+    pred = torch.randint(0, k, (2, 5, 7, 3), generator=gen)
+    truth = torch.randint(0, k, (2, 5, 7, 3), generator=gen)
+    truth[truth == 3] = 0  # a class only in the prediction, and (below) one in neither map
+    pred[pred == 5] = 1
+    slab = 2**22
+    if case == "no_foreground":
+        pred, truth = torch.zeros_like(pred), torch.zeros_like(truth)
+    elif case == "one_class":
+        pred, truth = (pred == 2).long() * 2, (truth == 2).long() * 2
+    elif case == "label_dtypes":
+        pred, truth = pred.to(torch.uint8), truth.to(torch.int16)
+    elif case == "slabs":
+        slab = 17
+    dice, found = mean_foreground_dice_tensor(pred, truth, k, slab_voxels=slab).tolist()
+    expected = mean_foreground_dice(pred, truth)
+    if math.isnan(expected):
+        assert (dice, found) == (0.0, 0.0)
+    else:
+        assert found == 1.0 and dice == pytest.approx(expected, rel=1e-12)
 
 
 def test_training_dice_leaves_out_classes_absent_from_both_maps(tmp_path):

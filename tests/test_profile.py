@@ -265,18 +265,21 @@ def test_time_steps_resets_the_gpu_peak_after_the_warmup(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: events.append("reset"))
-    times, host = profile.time_steps(FakeVariant(), None, None, warmup=2, steps=3)
-    assert len(times) == len(host) == 3
-    assert events == ["step", "step", "reset", "step", "step", "step"]
+    times, host, back_to_back = profile.time_steps(FakeVariant(), None, None, warmup=2, steps=3)
+    assert len(times) == len(host) == 3 and back_to_back >= 0
+    assert events == ["step", "step", "reset"] + ["step"] * 3 + ["step"] * 3  # (the timed steps, then back to back)
 
     # a graphed variant: reset after the CudaGraphStep's own eager warm-up, before the call that captures (the
     # capture allocates the memory the replays use), then the profile's warm-up replays and the timed ones
     class FakeGraphStep:
         warmup = 3
+
+        def settle(self):
+            events.append("settle")
     events.clear()
     FakeVariant.graph_step = FakeGraphStep()
     profile.time_steps(FakeVariant(), None, None, warmup=2, steps=3)
-    assert events == ["step"] * 3 + ["reset"] + ["step"] * (1 + 2) + ["step"] * 3
+    assert events == ["step"] * 3 + ["reset"] + ["step"] * (1 + 2) + ["step"] * 3 + ["step"] * 3 + ["settle"]
 
 
 def test_compare_against_the_best_plain_variant_in_any_order():
@@ -285,10 +288,12 @@ def test_compare_against_the_best_plain_variant_in_any_order():
     the larger). Figures of run 3 (H100)."""
     rows = [("plain_cl", 13.2, 914483712), ("fused", 21.4, 661130752), ("plain", 20.3, 906822656)]
     for order in (rows, rows[::-1]):
-        results = [{"variant": v, "step_ms": ms, "peak_bytes": peak} for v, ms, peak in order]
+        results = [{"variant": v, "step_ms": ms, "back_to_back_ms": ms - 1, "peak_bytes": peak}
+                   for v, ms, peak in order]
         profile._compare(results)
         fused = next(r for r in results if r["variant"] == "fused")
         assert fused["speedup_vs_plain"] == pytest.approx(13.2 / 21.4)
+        assert fused["back_to_back_speedup_vs_plain"] == pytest.approx(12.2 / 20.4)
         assert fused["memory_vs_plain"] == pytest.approx(661130752 / 906822656)
 
 

@@ -351,6 +351,60 @@ def test_intensity_augmentation_is_per_channel_affine():
     assert not np.allclose(out, x)
 
 
+def test_loader_items_copy_nothing_twice_and_never_alias_the_case():
+    """A crop is copied once (the intensity augmentation writes it contiguous), a batch of one not again (it was
+    padded and stacked: two more copies of 47 MB for a 4 x 128 x 160 x 144 crop), a batch of several once; and no
+    item shares memory with its case, whose arrays later items crop again."""
+    from seg3d_fast.train import CropDataset, PreparedCase, pad_collate
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 9, 8, 7)).astype(np.float32)
+    y = rng.integers(0, 3, (9, 8, 7)).astype(np.uint8)
+    case = PreparedCase("a", x, y)
+    for crop, augment_on in (((9, 8, 7), False), (None, False), ((4, 8, 7), False), ((5, 6, 7), True)):
+        data = CropDataset([case], 3, crop, 0.5, augment_on, seed=1)
+        item_x, item_y = data[0]
+        assert item_x.is_contiguous() and item_y.is_contiguous()
+        assert not np.shares_memory(item_x.numpy(), x) and not np.shares_memory(item_y.numpy(), y), crop
+        bx, by = pad_collate([(item_x, item_y)])
+        assert bx.data_ptr() == item_x.data_ptr() and by.data_ptr() == item_y.data_ptr()
+        assert bx.shape == (1, *item_x.shape)
+    small = (torch.ones(2, 3, 4, 5), torch.ones(3, 4, 5, dtype=torch.uint8))
+    big = (torch.ones(2, 3, 4, 6), torch.ones(3, 4, 6, dtype=torch.uint8))
+    bx, by = pad_collate([small, big])
+    assert bx.shape == (2, 2, 3, 4, 6) and by.shape == (2, 3, 4, 6)
+    assert bx[0, :, :, :, 5].eq(0).all() and by[0, :, :, 5].eq(0).all() and bx[1].eq(1).all()
+
+
+def test_crop_items_carry_their_epoch_to_persistent_workers(tmp_path):
+    """Items indexed (epoch, i) are those of index i with the dataset's epoch set: the data loader's workers, kept
+    from epoch to epoch, get the epoch with each index. Trained with 2 workers over 2 epochs: the weights of the
+    main process's loading (workers that missed the epoch would crop epoch 2 as epoch 1)."""
+    from seg3d_fast.train import CropDataset, EpochSampler, PreparedCase, data_workers
+
+    rng = np.random.default_rng(0)
+    case = PreparedCase("a", rng.normal(size=(1, 12, 10, 9)).astype(np.float32),
+                        rng.integers(0, 2, (12, 10, 9)).astype(np.uint8))
+    data = CropDataset([case], 4, (5, 5, 5), 0.5, True, seed=3)
+    data.epoch = 2
+    by_attribute = data[1]
+    data.epoch = 0
+    for a, b in zip(data[(2, 1)], by_attribute):
+        assert torch.equal(a, b)
+    assert not torch.equal(data[(1, 1)][0], by_attribute[0])
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=0))
+    sampler.set_epoch(5)
+    assert sorted(sampler) == [(5, i) for i in range(4)] and len(sampler) == 4
+
+    assert data_workers(torch.device("cpu")) == 0
+    manifest = brain_csv(tmp_path / "data", n_cases=2)
+    cfg = dict(data=str(manifest), epochs=2, device="cpu", **{**TINY, "samples_per_epoch": 4})
+    main = train(TrainConfig(out=str(tmp_path / "main"), workers=0, **cfg)).state_dict()
+    workers = train(TrainConfig(out=str(tmp_path / "workers"), workers=2, **cfg)).state_dict()
+    for k in main:
+        torch.testing.assert_close(workers[k], main[k], rtol=0, atol=0, msg=k)
+
+
 def test_crop_beyond_the_machines_memory_is_named(tmp_path):
     manifest = brain_csv(tmp_path / "data", n_cases=1)
     with pytest.raises(ValueError, match="--crop 100000 1600 1440: a batch of 2 such crops needs .* GiB for its "
