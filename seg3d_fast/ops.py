@@ -492,7 +492,14 @@ def _(logits, target, squared, activation, ignore_index, backend):
 @torch.library.custom_op("seg3d_fast::jaccard_sums_backward", mutates_args=())
 def _jaccard_sums_backward(grad_sums: Tensor, logits: Tensor, target: Tensor, squared: bool, activation: str,
                            ignore_index: Optional[int], backend: str) -> Tensor:
-    return _jaccard_sums_backward_impl(grad_sums, logits, target, squared, activation, ignore_index, backend)
+    grad = _jaccard_sums_backward_impl(grad_sums, logits, target, squared, activation, ignore_index, backend)
+    # In the fake kernel's layout (empty_like(logits)): the backends give it contiguous (reference, cuda) or in a
+    # channels-last logits' layout (triton), and torch.compile's inductor asserts the fake's strides (channels_last_3d
+    # logits failed there on the reference backend). (Only on the traced path: eager autograd takes any layout.)
+    strides = torch.empty_like(logits, device="meta").stride()
+    if grad.stride() != strides:
+        grad = torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device).copy_(grad)
+    return grad
 
 
 @_jaccard_sums_backward.register_fake

@@ -1134,6 +1134,28 @@ def test_conv_backward_op_outputs_match_its_fake_kernel():
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_jaccard_backward_op_output_matches_its_fake_kernel(backend):
+    """The loss's backward op gives the logits' gradient in the fake kernel's layout (empty_like(logits)) for
+    channels_last_3d and other dense permuted logits: the reference backend gave it contiguous, and inductor's stride
+    assertion failed on a compiled loss over channels-last logits (a channels_last_3d model's output)."""
+    skip_unless_usable(backend)
+    labels = torch.randint(0, 3, (2, 4, 5, 6), device=DEVICE)
+    channels_last = torch.randn(2, 3, 4, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    permuted = torch.randn(2, 4, 3, 5, 6, device=DEVICE).transpose(1, 2)  # dense, classes not outermost
+    for logits in (channels_last, permuted):
+        torch.library.opcheck(ops._jaccard_sums_backward,
+                              (torch.randn(2, 3, 3, device=DEVICE), logits, labels, True, "softmax", None, backend),
+                              test_utils=BACKWARD_OP_CHECKS)
+    torch._dynamo.reset()
+    l1, l2 = channels_last.clone().requires_grad_(), channels_last.clone().requires_grad_()
+    got = torch.compile(lambda l, t: sf.jaccard_loss(l, t, backend=backend), fullgraph=True)(l1, labels)
+    want = sf.jaccard_loss(l2, labels, backend=backend)
+    got.backward(), want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(l1.grad, l2.grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_seg3dnet_under_inductor_residual_gradient_layouts(backend, channels_last):
     """torch.compile (inductor) of Seg3DNet, residual_first=True, trains as in eager mode with either input layout on
