@@ -152,7 +152,12 @@ class JaccardLoss(nn.Module):
         self.kwargs = dict(squared=squared, activation=activation, smooth=smooth,
                            include_background=include_background, per_sample=per_sample,
                            ignore_index=ignore_index, reduction=reduction, backend=backend)
-        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        try:
+            weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:  # (torch's own error named no argument: "too many
+            # dimensions 'str'", "could not determine the shape of object type 'dict'")
+            raise TypeError(f"class_weights must be a tensor or a sequence of numbers, one per class; got "
+                            f"{class_weights!r}") from e
         self.register_buffer("class_weights", weights)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

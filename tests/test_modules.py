@@ -115,6 +115,16 @@ def test_reset_parameters_keeps_alpha_init():
     torch.testing.assert_close(m.alpha.detach(), torch.full((4,), 0.3))
 
 
+def test_jaccard_loss_module_names_bad_class_weights():
+    """JaccardLoss(class_weights=...) that are not numbers: a TypeError naming class_weights, as jaccard_loss gives
+    (the module's constructor let torch's own error through: "too many dimensions 'str'")."""
+    for bad in (["a", "b", "c"], "abc", {"a": 1.0}, [1.0, None]):
+        with pytest.raises(TypeError, match="class_weights must be a tensor or a sequence of numbers"):
+            sf.nn.JaccardLoss(class_weights=bad)
+    crit = sf.nn.JaccardLoss(class_weights=(1, 2, 3))  # ints and tuples still work
+    assert crit.class_weights.dtype == torch.float32 and crit.class_weights.tolist() == [1.0, 2.0, 3.0]
+
+
 def test_zero_channels_are_refused_clearly():
     """No channels: a ValueError naming them (was ZeroDivisionError / IndexError from the init), and convert()
     leaves such a Conv3d as it is (it crashed)."""
