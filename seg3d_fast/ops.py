@@ -111,6 +111,19 @@ def _refuse_func_transforms():
                            ".backward() (and a Python loop instead of vmap)")
 
 
+def _refuse_batched_gradient(grad, what: str):
+    """A backward given a batch of incoming gradients (torch.autograd.grad(..., is_grads_batched=True), or
+    torch.autograd.functional.jacobian / hessian with vectorize=True: autograd vmaps the backward) where it cannot run
+    one: the kernel backends read raw pointers and the loss's backward accumulates in place, so PyTorch's own error
+    spoke of BatchedTensorImpl storage or of vmap and addcmul_. Say what the caller can do instead."""
+    functorch = torch._C._functorch
+    if isinstance(grad, Tensor) and (functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad)):
+        raise RuntimeError(f"seg3d_fast: {what} cannot take a batch of gradients (torch.autograd.grad(..., "
+                           "is_grads_batched=True), torch.autograd.functional.jacobian / hessian with "
+                           "vectorize=True): call torch.autograd.grad once per gradient (a Python loop), or "
+                           "vectorize=False")
+
+
 def _check_same(name: str, t: Optional[Tensor], x: Tensor, ref_name: str = "x", ref: Optional[Tensor] = None):
     """t is None or a tensor on x's device with the dtype of `ref` (default: x)."""
     if t is None:
@@ -300,8 +313,10 @@ def _alpha_recoverable_later(alpha, dtype):
 
 def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first, output_mask,
                         backend, alpha_recoverable=None):
-    module = backends.load(_conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend,
-                                         "backward"))
+    name = _conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend, "backward")
+    if name != "reference":  # (the reference's torch ops take a batch of gradients)
+        _refuse_batched_gradient(grad_out, f"conv3d_prelu's backward on the {name} backend")
+    module = backends.load(name)
     mask = tuple(output_mask)
     if alpha is None:
         grads = module.conv3d_prelu_backward(grad_out, x, weight, alpha, None, "none", stride, mask)
@@ -514,6 +529,7 @@ def _jaccard_setup_context(ctx, inputs, output):
 
 
 def _jaccard_grads(ctx, grad_sums, backward_fn):
+    _refuse_batched_gradient(grad_sums, "jaccard_loss's backward")
     logits, target = ctx.saved_tensors
     grad = backward_fn(grad_sums, logits, target, *ctx.args) if ctx.needs_input_grad[0] else None
     return grad, None, None, None, None, None
@@ -821,6 +837,7 @@ class _JaccardLossReduced(torch.autograd.Function):
     @staticmethod
     @_differentiable_once
     def backward(ctx, grad):
+        _refuse_batched_gradient(grad, "jaccard_loss's backward")
         logits, target, sums, weights = ctx.saved_tensors
         squared, activation, ignore_index, smooth, per_sample, mean = ctx.options
         grad_logits = None
@@ -875,6 +892,8 @@ class _UpConvPReLUAdd(torch.autograd.Function):
 
 
 def _upconv_grads(ctx, grad_out):
+    if ctx.backend != "reference":  # (the reference's torch ops take a batch of gradients)
+        _refuse_batched_gradient(grad_out, f"upconv_prelu_add's backward on the {ctx.backend} backend")
     x, weight, bias, alpha = ctx.saved_tensors
     need_x, need_w, need_b, need_alpha, need_skip = ctx.needs_input_grad[:5]
     grad_x, grad_w, grad_b, grad_alpha = _backend_module(ctx.backend).upconv_prelu_add_backward(

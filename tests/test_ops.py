@@ -604,6 +604,39 @@ def test_torch_func_transforms_are_refused_clearly():
     assert sf.conv3d_prelu(x, w, None, a).shape == (1, 3, 3, 3, 3)  # (outside a transform: unaffected)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_batched_gradients_are_refused_clearly_or_exact(backend):
+    """torch.autograd.grad(..., is_grads_batched=True) and jacobian(vectorize=True) vmap the backward: the loss (any
+    backend) and the kernel backends' conv and upsampling backwards raise an error that says what to do instead
+    (PyTorch's own spoke of BatchedTensorImpl storage, is_contiguous inside vmap, or vmap and addcmul_); the
+    reference's conv and upsampling backwards, plain torch ops, give each gradient of the batch exactly."""
+    skip_unless_usable(backend)
+    x = torch.randn(2, 2, 3, 3, 3, device=DEVICE, requires_grad=True)
+    w, a = torch.randn(3, 2, 3, 3, 3, device=DEVICE), torch.tensor([0.25, -0.2, 0.1], device=DEVICE)
+    w_up, a_up = torch.randn(2, 3, 2, 2, 2, device=DEVICE), torch.full((3,), 0.25, device=DEVICE)
+    labels = torch.randint(0, 3, (2, 3, 3, 3), device=DEVICE)
+    calls = {"conv3d_prelu": lambda: sf.conv3d_prelu(x, w, None, a, backend=backend),
+             "upconv_prelu_add": lambda: sf.upconv_prelu_add(x, w_up, None, a_up, backend=backend),
+             "jaccard_loss": lambda: sf.jaccard_loss(sf.conv3d_prelu(x, w, None, a), labels, backend=backend,
+                                                     per_sample=True, reduction="none"),
+             "jaccard_loss reduced": lambda: sf.jaccard_loss(sf.conv3d_prelu(x, w, None, a), labels,
+                                                             backend=backend).reshape(1)}
+    for what, call in calls.items():
+        out = call()
+        grads = torch.randn(3, *out.shape, device=DEVICE)
+        if backend == "reference" and not what.startswith("jaccard"):
+            got, = torch.autograd.grad(out, x, grads, is_grads_batched=True, retain_graph=True)
+            for i in range(3):
+                torch.testing.assert_close(got[i], torch.autograd.grad(out, x, grads[i], retain_graph=True)[0])
+            continue
+        with pytest.raises(RuntimeError, match=f"{what.split()[0]}'s backward.*cannot take a batch of gradients.*"
+                                               "once per gradient"):
+            torch.autograd.grad(out, x, grads, is_grads_batched=True)
+    with pytest.raises(RuntimeError, match="cannot take a batch of gradients"):
+        torch.autograd.functional.jacobian(lambda t: sf.jaccard_loss(t, labels, backend=backend),
+                                           torch.randn(2, 3, 3, 3, 3, device=DEVICE), vectorize=True)
+
+
 def test_reference_bf16_convs_with_an_extent_of_1_or_2_on_the_cpu():
     """torch 2.13's oneDNN bf16 conv3d on the CPU fails for tiny extents: stride 2 with an extent-1 axis, non-finite or
     huge weight gradients (every one of 30 seeds for the first shape) or the process aborting ("double free or
