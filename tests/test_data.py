@@ -24,7 +24,7 @@ def test_load_nifti_reads_real_volume():
 
 
 @pytest.mark.parametrize("problem", ["missing", "truncated_gz", "truncated_nii", "not_nifti", "folder", "nan", "rgb",
-                                     "complex"])
+                                     "complex", "nan_pixdim", "nan_sform"])
 def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
     raw = TCGA_T1.read_bytes()
     if problem == "missing":
@@ -53,6 +53,15 @@ def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
     elif problem == "complex":
         path, expect = tmp_path / "k_space.nii.gz", "complex64 voxels"
         nib.save(nib.Nifti1Image(np.full((3, 4, 5), 1 + 2j, np.complex64), np.eye(4)), str(path))
+    elif problem in ("nan_pixdim", "nan_sform"):  # (numpy's LinAlgError "SVD did not converge" in preprocessing)
+        path, expect = tmp_path / f"{problem}.nii.gz", "affine (sform, qform or pixdim) holds NaN or infinite values"
+        header = nib.Nifti1Header()
+        header.set_data_shape((3, 4, 5))
+        if problem == "nan_pixdim":  # no qform or sform: nibabel's affine is made from the voxel sizes
+            header["pixdim"][1:4] = [np.nan, 1, 1]
+        else:
+            header.set_sform(np.diag([np.nan, 1, 1, 1]), code=2)
+        nib.save(nib.Nifti1Image(np.ones((3, 4, 5), np.float32), None, header), str(path))
     else:
         path, expect = tmp_path, "not a file"
     with pytest.raises(Seg3DFastDataError) as e:

@@ -57,6 +57,9 @@ def load_nifti(path):
         raise Seg3DFastDataError(f"{path}: not a readable NIfTI file ({_short(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise Seg3DFastDataError(f"{path}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
+    if not np.isfinite(img.affine).all():  # (NaN voxel sizes or srow entries: io_orientation's SVD failed, a traceback)
+        raise Seg3DFastDataError(f"{path}: the header's voxel-to-world affine (sform, qform or pixdim) holds NaN or "
+                                 "infinite values; the voxels have no position to reorient or compare")
     try:
         data = np.asanyarray(img.dataobj)
         _check_gzip_stream(path)
