@@ -345,10 +345,8 @@ def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
     pred_dir has no label map for}."""
     from pathlib import Path
 
-    import nibabel as nib
-
     from .data.datasets import load_label
-    from .data.nifti import Seg3DFastDataError, case_name, check_same_grid, is_nifti_path
+    from .data.nifti import Seg3DFastDataError, case_name, check_same_grid, is_nifti_path, voxel_sizes_mm
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -373,7 +371,8 @@ def evaluate_folders(pred_dir, label_dir, regions="auto", hd95=True):
             targets = {f"class_{v}": (v,) for v in case_values if v != 0}
             for definition in _candidate_regions(regions, case_values):
                 targets.update({(definition, name): labels for name, labels in REGIONS[definition].items()})
-            hd[case_name(p)] = surface_hd95(pred, truth, nib.affines.voxel_sizes(pred_img.affine), targets)
+            # (mm: the ground truth's voxel size in its header's unit; the affines were compared as numbers)
+            hd[case_name(p)] = surface_hd95(pred, truth, voxel_sizes_mm(truth_img), targets)
         del pred, truth
     values = set()
     for case_values, _ in counts.values():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nibabel")  # (data_helpers reads NIfTI; the GPU machine may lack it: skip, not a collection error)
+nib = pytest.importorskip("nibabel")  # (data_helpers reads NIfTI; the GPU machine may lack it: skip, not a collection error)
 # HD95's distance transform: a dependency, but the GPU machine's install (--no-deps) may lack it
 needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="scipy (HD95) is not installed")
 
@@ -240,6 +240,30 @@ def test_hd95_against_pairwise_surface_distances():
     assert evaluate_case(empty, empty, classes=[1], spacing=(1, 1, 1))["class_1"]["hd95"] == 0.0
     assert math.isnan(evaluate_case(one, empty, classes=[1], spacing=(1, 1, 1))["class_1"]["hd95"])
     assert "hd95" not in evaluate_case(one, one, classes=[1])["class_1"]  # (no voxel size given)
+
+
+@needs_scipy
+def test_hd95_is_in_mm_whatever_the_header_s_spatial_unit(tmp_path):
+    """HD95 is reported in mm: a volume whose header gives its voxel size in microns (microscopy, preclinical) or
+    meters (xyzt_units) is converted; it was reported in the file's own unit (a 1000x error for microns). The same
+    masks written in mm, microns and meters score the same HD95, and by hand."""
+    img, tumour = load(TCGA_TUMOUR)
+    pred = np.roll(tumour, 2, axis=0)
+    spacing_mm = nib.affines.voxel_sizes(img.affine)
+    expected = _hd95_by_hand(pred > 0, tumour > 0, spacing_mm)
+    assert expected > 0
+    for unit, per_mm in (("mm", 1.0), ("micron", 1000.0), ("meter", 1e-3), ("unknown", 1.0)):
+        folder = tmp_path / unit
+        (folder / "pred").mkdir(parents=True)
+        (folder / "labels").mkdir()
+        affine = img.affine.copy()
+        affine[:3] *= per_mm
+        for data, path in ((pred, folder / "pred" / "c.nii.gz"), (tumour, folder / "labels" / "c.nii.gz")):
+            out = nib.Nifti1Image(data.astype(np.uint8), affine)
+            out.header.set_xyzt_units(unit, "sec")
+            nib.save(out, str(path))
+        hd95 = evaluate_folders(folder / "pred", folder / "labels")["per_case"]["c"]["class_1"]["hd95"]
+        assert hd95 == pytest.approx(expected, rel=1e-5), unit
 
 
 @needs_scipy

@@ -99,6 +99,21 @@ def grid_shape(img):
     return tuple(img.shape[:3]) if len(img.shape) >= 3 else (*img.shape, 1)
 
 
+# NIfTI's xyzt_units (spatial part) as nibabel names them -> mm per unit; 'unknown' is read as mm
+_MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
+
+
+def voxel_sizes_mm(img):
+    """Voxel size per axis in mm: the affine's column lengths in the header's spatial unit (xyzt_units), converted
+    (a microscopy or preclinical volume in microns, a file in meters)."""
+    sizes = nib.affines.voxel_sizes(img.affine)
+    try:
+        unit = img.header.get_xyzt_units()[0]
+    except Exception:  # (an unknown code: nibabel raises; read as mm, like 'unknown')
+        unit = "unknown"
+    return sizes * _MM_PER_UNIT.get(unit, 1.0)
+
+
 def same_grid(img_a, img_b, shape_a=None, shape_b=None):
     shape_a = tuple(shape_a if shape_a is not None else grid_shape(img_a))
     shape_b = tuple(shape_b if shape_b is not None else grid_shape(img_b))
