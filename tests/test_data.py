@@ -170,6 +170,29 @@ def test_folder_of_numbered_images_is_one_case_per_file(tmp_path):
     assert [c.name for c in discover(numbered / "subject_0001.nii.gz").cases] == ["subject_0001"]
 
 
+def test_images_in_other_formats_are_named_not_passed_over(tmp_path, capsys):
+    """A folder of Analyze / NIfTI-pair images (.hdr/.img, as FSL's NIFTI_PAIR and SPM write) was 'no cases found'
+    with no word of them, and beside NIfTI files they were left out silently (predict wrote fewer cases than the
+    folder held): the error, or a note, names them; one passed alone is named as another format."""
+    img, t1 = load(TCGA_T1)
+    pairs, mixed = tmp_path / "pairs", tmp_path / "mixed"
+    pairs.mkdir()
+    mixed.mkdir()
+    nib.save(nib.Nifti1Pair(t1, img.affine), str(pairs / "a.img"))
+    nib.save(nib.AnalyzeImage(t1, img.affine), str(mixed / "b.img"))
+    save(t1, img.affine, mixed / "a.nii.gz")
+    (mixed / "notes.txt").write_text("not an image\n")
+    with pytest.raises(Seg3DFastDataError, match=r"pairs: no cases found .*; 2 file\(s\) in other formats than "
+                                                 r"NIfTI, not read \(a.hdr, a.img\): convert them to .nii.gz"):
+        discover(pairs)
+    with pytest.raises(Seg3DFastDataError, match="a.hdr: an image in another format than NIfTI"):
+        discover(pairs / "a.hdr")
+    capsys.readouterr()
+    assert [c.name for c in discover(mixed).cases] == ["a"]
+    err = capsys.readouterr().err
+    assert "mixed: 2 file(s) in other formats than NIfTI, not read (b.hdr, b.img)" in err and "notes" not in err
+
+
 def test_upper_case_file_extensions(tmp_path):
     """.NII.GZ / .NII (scanner exports, Windows tools) are NIfTI files: single files, a folder of channel files with
     their labels in labelsTr, and ground truth found by `evaluate`."""

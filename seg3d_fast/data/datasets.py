@@ -7,6 +7,7 @@ checked: readable NIfTI, all channels and the label on one grid, labels integral
 import csv
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,15 +57,23 @@ def discover(path, require_labels=False):
             m = _CHANNEL_RE.match(case_name(path))
             name = m["case"] if m and m["channel"] == "0000" else case_name(path)
             ds = Dataset([Case(name, [path])], "files", root=path.parent)
+        elif _is_other_format(path):
+            raise Seg3DFastDataError(f"{path}: an image in another format than NIfTI (.nii/.nii.gz); convert it to "
+                                     ".nii.gz (nibabel, SimpleITK, dcm2niix)")
         else:
             raise Seg3DFastDataError(f"{path}: expected a NIfTI file (.nii/.nii.gz), a CSV manifest or a folder")
     elif (path / "dataset.json").is_file():
         ds = _from_dataset_json(path)
     else:
         ds = _from_folder(path)
+    # images in other formats (Analyze / NIfTI pairs .hdr/.img, MGH, NRRD, MetaImage, DICOM) are not read: say so,
+    # else a folder of them was 'no cases found' and a mixed folder lost its other cases without a word
+    others = [p.name for p in _files(path) if _is_other_format(p)] if ds.layout == "files" and path.is_dir() else []
+    listed = f"{len(others)} file(s) in other formats than NIfTI, not read ({', '.join(others[:3])}" \
+             f"{', ...' if len(others) > 3 else ''}): convert them to .nii.gz" if others else ""
     if not ds.cases:
         raise Seg3DFastDataError(f"{path}: no cases found (expected BRATS case folders, dataset.json with "
-                                 "imagesTr/labelsTr, a CSV manifest or NIfTI files)")
+                                 f"imagesTr/labelsTr, a CSV manifest or NIfTI files){'; ' + listed if listed else ''}")
     if require_labels:
         missing = [c.name for c in ds.cases if c.label is None]
         if missing:  # (a manifest's 'mask' or 'seg' column is read as an image channel: say which name is a label's)
@@ -75,6 +84,8 @@ def discover(path, require_labels=False):
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise Seg3DFastDataError(f"{path}: duplicate case names {', '.join(dup[:5])}")
+    if others:
+        print(f"seg3d_fast: note: {path}: {listed}", file=sys.stderr, flush=True)
     return ds
 
 
@@ -297,7 +308,19 @@ def _group_channel_files(folder, strict=True):
 
 
 def _nifti_files(folder):
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
+    return [p for p in _files(folder) if is_nifti_path(p)]
+
+
+def _files(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+# medical image formats that are not NIfTI files (.hdr/.img: Analyze 7.5 and NIfTI-1 pairs)
+OTHER_IMAGE_SUFFIXES = (".hdr", ".img", ".img.gz", ".hdr.gz", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+def _is_other_format(path):
+    return str(path).lower().endswith(OTHER_IMAGE_SUFFIXES)
 
 
 def _resolve(base, value):
