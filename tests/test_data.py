@@ -24,7 +24,7 @@ def test_load_nifti_reads_real_volume():
 
 
 @pytest.mark.parametrize("problem", ["missing", "truncated_gz", "truncated_nii", "not_nifti", "folder", "nan", "rgb",
-                                     "complex", "nan_pixdim", "nan_sform"])
+                                     "complex", "nan_pixdim", "nan_sform", "gzip_named_nii"])
 def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
     raw = TCGA_T1.read_bytes()
     if problem == "missing":
@@ -53,6 +53,9 @@ def test_load_nifti_errors_name_file_and_problem(tmp_path, problem):
     elif problem == "complex":
         path, expect = tmp_path / "k_space.nii.gz", "complex64 voxels"
         nib.save(nib.Nifti1Image(np.full((3, 4, 5), 1 + 2j, np.complex64), np.eye(4)), str(path))
+    elif problem == "gzip_named_nii":  # (nibabel goes by the name: 'Cannot work out file type of ...')
+        path, expect = tmp_path / "scan.nii", "a gzip-compressed file under an uncompressed name; rename it to scan.nii.gz"
+        path.write_bytes(raw)
     elif problem in ("nan_pixdim", "nan_sform"):  # (numpy's LinAlgError "SVD did not converge" in preprocessing)
         path, expect = tmp_path / f"{problem}.nii.gz", "affine (sform, qform or pixdim) holds NaN or infinite values"
         header = nib.Nifti1Header()

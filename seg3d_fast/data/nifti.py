@@ -54,6 +54,9 @@ def load_nifti(path):
     try:
         img = nib.load(str(path))
     except Exception as e:  # nibabel raises several types for foreign or damaged headers
+        if not path.name.lower().endswith(".gz") and _starts_with(path, b"\x1f\x8b"):  # (nibabel goes by the name)
+            raise Seg3DFastDataError(f"{path}: a gzip-compressed file under an uncompressed name; rename it to "
+                                     f"{path.name}.gz") from None
         raise Seg3DFastDataError(f"{path}: not a readable NIfTI file ({_short(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise Seg3DFastDataError(f"{path}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
@@ -83,12 +86,19 @@ def load_nifti(path):
     return img, data
 
 
+def _starts_with(path, magic):
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def _check_gzip_stream(path):
     """Inflate a gzip file to its end: nibabel reads just the data block and never reaches the trailer, so a stream
     damaged in the middle (still inflatable, other bytes) passes unless its CRC-32 is checked here."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            return
+    if not _starts_with(path, b"\x1f\x8b"):
+        return
     with gzip.open(path, "rb") as f:
         while f.read(1 << 24):
             pass
