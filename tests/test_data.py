@@ -1,4 +1,5 @@
 """NIfTI io, dataset layouts and preprocessing on real volumes (tests/fixtures, the bundled sample)."""
+import gzip
 import json
 import re
 import shutil
@@ -651,6 +652,17 @@ def test_gzip_stream_damaged_in_the_middle_is_refused(tmp_path):
     with pytest.raises(Seg3DFastDataError, match="damaged.nii.gz: cannot read the image data, file truncated or corrupt"):
         load_nifti(bad)
     load_nifti(image)  # the intact file still reads
+    # bytes after the last whole member that start no member: ignored, as nibabel and gzip -d ignore them (the check
+    # refused this file that every other reader takes); a second member whose CRC is wrong is still refused
+    trailing = tmp_path / "trailing.nii.gz"
+    trailing.write_bytes(image.read_bytes() + b"written by some scanner software\n")
+    np.testing.assert_array_equal(load_nifti(trailing)[1], load_nifti(image)[1])
+    member = bytearray(gzip.compress(b"more data" * 100))
+    member[-8] ^= 0xFF  # its CRC-32
+    second = tmp_path / "second.nii.gz"
+    second.write_bytes(image.read_bytes() + bytes(member))
+    with pytest.raises(Seg3DFastDataError, match="second.nii.gz: cannot read the image data, file truncated or corrupt"):
+        load_nifti(second)
 
 
 @pytest.mark.parametrize("meta,words", [
