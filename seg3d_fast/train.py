@@ -582,7 +582,8 @@ def train(cfg):
         if rank == 0 and num_classes > max(16, 2 * len(present)):
             print(f"seg3d_fast: warning: the labels reach {num_classes - 1} but only {len(present)} values occur "
                   f"(e.g. {sorted(present)[:8]}): the model gets {num_classes} classes; remap the labels to 0.."
-                  f"{len(present) - 1}, or pass --num-classes", file=sys.stderr, flush=True)
+                  f"{len(present) - 1} for a model of {len(present)} (--num-classes cannot be less than the largest "
+                  f"label + 1)", file=sys.stderr, flush=True)
     in_channels = train_cases[0].x.shape[0]
 
     torch.manual_seed(cfg.seed)
