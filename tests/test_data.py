@@ -135,6 +135,20 @@ def test_brats_missing_modality(tmp_path):
         discover(tmp_path)
 
 
+def test_a_bids_subject_is_not_called_a_brats_case_without_saying_what_was_seen(tmp_path):
+    """A BIDS subject folder (sub-01_T1w, sub-01_FLAIR: 'flair' is a BRATS modality) is read as a BRATS case with
+    three modalities missing: the error names the file that made it look like one and where other layouts go."""
+    folder = tmp_path / "sub-01"
+    folder.mkdir()
+    image, _ = brain_block(tmp_path, "x")
+    for name in ("sub-01_T1w.nii.gz", "sub-01_FLAIR.nii.gz"):
+        shutil.copy(image, folder / name)
+    with pytest.raises(Seg3DFastDataError, match=r"sub-01: BRATS case is missing modality file\(s\) t1, t1ce, t2 "
+                                                 r"\(found sub-01_FLAIR.nii.gz\); cases of other layouts can be "
+                                                 r"listed in a CSV"):
+        discover(tmp_path)
+
+
 def test_nnunet_layout_multichannel(tmp_path):
     img, t1 = load(TCGA_T1)
     _, tumour = load(TCGA_TUMOUR)

@@ -276,8 +276,11 @@ def _brats_case(folder, lone=True):
         missing = [m for m in naming if m not in by_suffix]
         if not lone and len(present) == 1 and BRATS_LABEL not in by_suffix:
             return None
-        if missing:
-            raise Seg3DFastDataError(f"{folder}: BRATS case is missing modality file(s) {', '.join(missing)}")
+        if missing:  # (a BIDS subject's sub-01_FLAIR.nii.gz beside sub-01_T1w.nii.gz comes here too: say what was seen)
+            found = ", ".join(by_suffix[m].name for m in present)
+            raise Seg3DFastDataError(f"{folder}: BRATS case is missing modality file(s) {', '.join(missing)} (found "
+                                     f"{found}); cases of other layouts can be listed in a CSV (README: Dataset "
+                                     "layouts)")
         return Case(folder.name, [by_suffix[m] for m in naming], by_suffix.get(BRATS_LABEL))
     return None
 
