@@ -158,8 +158,8 @@ class CudaGraphStep:
     autocast_dtype: the autocast dtype (None: no autocast); scaler: a torch.amp.GradScaler for fp16. Single-process
     only: a DistributedDataParallel model is refused (its gradient all-reduce is not captured here).
 
-    The host waits for no replay. With an optimizer that takes a found_inf flag (fused Adam, AdamW and SGD:
-    `_step_supports_amp_scaling`) and no scaler, the replay's checks run on the device and the optimizer skips a step
+    With an optimizer that takes a found_inf flag (fused Adam, AdamW and SGD: `_step_supports_amp_scaling`) and no
+    scaler, the host waits for no replay: the replay's checks also run on the device and the optimizer skips a step
     whose check failed; the host reads them at the next call (or settle()), by when the replay is long done, and then
     reruns that step eagerly (alpha) or raises (labels). Otherwise each call waits for its replay's checks before the
     optimizer runs. Call settle() before reading or saving the model after the last step.
