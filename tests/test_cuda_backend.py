@@ -389,6 +389,44 @@ def test_conv3d_prelu_unsupported_reasons(cuda_backend):
     assert any("kernel" in r for r in reasons), reasons
 
 
+def test_conv3d_prelu_threads_with_one_shape(cuda_backend, monkeypatch):
+    """Two threads running convs of one shape at once (nn.DataParallel's replicas, a threaded server) each launch on
+    their own tensors. The per-shape ConvArgs plan was one object for every thread, its pointers set on each call: a
+    thread that set them between another thread's setting them and its launch sent that launch to the other thread's
+    tensors (its own output left unwritten; the other's copies of x and the weight already freed). Made certain here:
+    the other thread's whole call runs just before this thread's first launch, which must still hold its own
+    pointers (checked before it runs, so that the old code fails here rather than reading freed memory)."""
+    import threading
+    import types
+
+    dev, module = cuda_backend.device, cuda_backend.module
+    x, weight, bias, alpha, _, _ = _conv_case(dev, torch.float16, 8, 16, 3, 1, "channel", None)
+    x_other = randn(*x.shape, dtype=torch.float16, device=dev)
+    alone = [module.conv3d_prelu_forward(t, weight, bias, alpha, None, 1, False, False)[0] for t in (x, x_other)]
+    real, other, main = module._cuda, {}, threading.get_ident()
+
+    def run_other():
+        other["out"] = module.conv3d_prelu_forward(x_other, weight, bias, alpha, None, 1, False, False)[0]
+
+    def conv_gemm(args, *rest):
+        if threading.get_ident() != main:
+            other.setdefault("launches", []).append((args.input, args.weight, args.out))
+        elif "started" not in other:  # this thread's first launch: the other thread's call runs first, to its end
+            other["started"] = True
+            thread = threading.Thread(target=run_other)
+            thread.start()
+            thread.join()
+            assert (args.input, args.weight, args.out) not in other["launches"], \
+                "this call's launch would read and write the other thread's tensors"
+        return real.conv_gemm(args, *rest)
+
+    api = {name: getattr(real, name) for name in dir(real) if not name.startswith("__")}
+    monkeypatch.setattr(module, "_cuda", types.SimpleNamespace(**{**api, "conv_gemm": conv_gemm}))
+    out = module.conv3d_prelu_forward(x, weight, bias, alpha, None, 1, False, False)[0]
+    assert torch.equal(other["out"], alone[1])
+    assert torch.equal(out, alone[0])
+
+
 @pytest.mark.parametrize("stride,c_in", [(1, 8), (2, 3)])
 def test_conv3d_prelu_channels_last_weight(cuda_backend, stride, c_in):
     """A channels_last_3d weight (a model moved with .to(memory_format=...)): the weight gradient comes back in that

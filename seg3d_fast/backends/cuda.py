@@ -11,6 +11,7 @@ import importlib
 import itertools
 import math
 import os
+import threading
 from functools import lru_cache
 
 import torch
@@ -158,11 +159,13 @@ def conv3d_prelu_unsupported(x, weight, bias, alpha, residual, stride, residual_
 
 def _conv_args(inp, weight, out, channels, grid, out_size, in_stride, out_stride, out_offset, taps):
     """ConvArgs for the gather conv (csrc/launchers.h). taps: per dim a list of input offsets (weight tap order).
-    The sizes come from a plan made once per shape (_conv_plan); the per-call fields (pointers, epilogue) are all
-    set on every call, since calls of one shape (a forward and a 1x1x1 dgrad can match) share the plan."""
+    The sizes come from a plan made once per shape and thread (_conv_plan); the per-call fields (pointers, epilogue)
+    are all set on every call, since calls of one shape (a forward and a 1x1x1 dgrad can match) share the plan. One
+    plan per thread: threads running one shape at once (nn.DataParallel's replicas, a threaded server) would
+    otherwise set each other's pointers between a call's setting them and its launch."""
     a = _conv_plan(_cuda.ConvArgs, inp.shape[0], channels, tuple(inp.shape[2:]), tuple(grid), tuple(out_size),
                    out.shape[1], in_stride, out_stride, tuple(out_offset), tuple(tuple(t) for t in taps),
-                   _copy_bytes(channels, inp.dtype) // inp.dtype.itemsize, kernels_version())
+                   _copy_bytes(channels, inp.dtype) // inp.dtype.itemsize, kernels_version(), threading.get_ident())
     a.input, a.weight, a.out = _ptr(inp), _ptr(weight), _ptr(out)
     a.bias = a.alpha = a.residual = a.act = a.alpha_mode = a.residual_first = 0
     return a
@@ -170,9 +173,10 @@ def _conv_args(inp, weight, out, channels, grid, out_size, in_stride, out_stride
 
 @lru_cache(maxsize=4096)
 def _conv_plan(args_type, n, channels, in_size, grid, out_size, c_out, in_stride, out_stride, out_offset, taps, vec,
-               kernels):
+               kernels, thread):
     """The sizes of a ConvArgs (a pybind object: ~25 attribute writes, measurable per launch). Its type is part of
-    the key: the CPU tests swap the extension for a simulation or a model, each with its own ConvArgs."""
+    the key: the CPU tests swap the extension for a simulation or a model, each with its own ConvArgs. thread: the
+    calling thread's id (unused here: it keys the cache, one plan per thread)."""
     a = args_type()
     a.N, a.C = n, channels
     a.ID, a.IH, a.IW = in_size
