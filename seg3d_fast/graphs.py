@@ -6,13 +6,16 @@ The fused ops check two things on the host in eager mode, from an asynchronous c
 conv backward then recovers the pre-activation from the saved output; otherwise it recomputes it) and that the labels
 lie in [0, C). A graph cannot read the host mid-replay, so while checks are recorded (recording_checks) the ops
 instead record the device values these checks read, and the conv backward takes alpha > 0. CudaGraphStep reads the
-recorded values after each replay (one small copy) and before the optimizer runs: a step whose alpha assumption
+recorded values after each replay (one small copy): with an optimizer that takes found_inf (fused Adam, AdamW, SGD)
+and no grad scaler, the replay also tests them on the device, the optimizer skips a step that failed, and the host
+reads them at the next call or settle(); with others, before the optimizer runs. A step whose alpha assumption
 failed is rerun eagerly (exact for any alpha) and graphs stay off from then on; labels out of range raise ValueError
-as in eager mode.
+as in eager mode, with nothing applied.
 
     step = CudaGraphStep(model, loss_fn, optimizer, autocast_dtype=torch.bfloat16)
     for x, y in loader:
         loss, logits = step(x.cuda(), y.cuda())  # the graph's own output tensors: read them before the next call
+    step.settle()  # the last replay's checks (its rerun, or the labels' error), before the model is used or saved
 """
 from __future__ import annotations
 
