@@ -243,6 +243,13 @@ def _stop_on_sigterm():
         # once: torchrun sends each worker SIGTERM twice in a row, and the repeat must not interrupt the clean-up
         # the first started (a temporary file left behind, a traceback from main's finally)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # a SIGTERM sent to the process group (`timeout`, a scheduler) reaches the data loader's workers too, and
+        # PyTorch's workers die by one that is not their main process's: its SIGCHLD handler then raised "DataLoader
+        # worker (pid N) is killed by signal: Terminated" over this Terminated (exit status 1, or a traceback under
+        # 143). Worker deaths are expected from here on. (Not put back: a worker killed by the signal and not yet
+        # reaped would raise it at the next SIGCHLD; the data loader's own checks of its workers remain.)
+        if hasattr(signal, "SIGCHLD"):
+            signal.signal(signal.SIGCHLD, lambda *args: None)  # (not SIG_DFL: a pending one would print an OSError)
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, stop)

@@ -302,6 +302,49 @@ def test_sigterm_stops_a_command_and_leaves_no_temporary_file(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == [] and restored is ours  # main put the handler it found back
 
 
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
+def test_sigterm_to_the_process_group_stops_training_with_data_loader_workers_cleanly(tmp_path):
+    """`timeout`, a scheduler or a kill of the process group sends SIGTERM to the data loader's workers too (on a GPU
+    train starts them by default and keeps them between epochs). PyTorch's workers die by it (a SIGTERM not from
+    their main process), and PyTorch's SIGCHLD handler raised 'DataLoader worker (pid N) is killed by signal:
+    Terminated' over the main process's Terminated: exit status 1, or a traceback under 143, in most tries. Now:
+    143, 'terminated' alone, no process left, the last epoch's checkpoint whole."""
+    import signal
+    import time
+
+    from data_helpers import brain_csv
+
+    manifest = brain_csv(tmp_path / "data", n_cases=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    for attempt, delay in enumerate((0.0, 0.3, 0.6)):  # (between epochs, the persistent workers idle; or in one)
+        out = tmp_path / f"run{attempt}"
+        p = subprocess.Popen([sys.executable, "-m", "seg3d_fast", "train", str(manifest), "--out", str(out),
+                              "--device", "cpu", "--workers", "2", "--features", "4", "8", "--crop", "12", "12", "12",
+                              "--samples-per-epoch", "8", "--epochs", "1000", "--quiet"],
+                             env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            while not (out / "fold_0" / "metrics.csv").exists() and p.poll() is None:
+                time.sleep(0.02)
+            time.sleep(delay)
+            os.killpg(p.pid, signal.SIGTERM)
+            err = p.communicate(timeout=120)[1]
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        assert p.returncode == 143 and "seg3d-fast: terminated" in err, err[-3000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+        for _ in range(50):  # no process left in its group (the workers: the main process joined them)
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("a data loader worker outlived the training process")
+        assert torch.load(out / "fold_0" / "checkpoint.pt", weights_only=False)["epoch"] >= 1
+
+
 def test_a_repeated_sigterm_does_not_interrupt_the_clean_up(tmp_path, monkeypatch, capsys):
     """torchrun stops its workers with two SIGTERMs a millisecond apart: the second, arriving while the first's
     Terminated removes a checkpoint's temporary file, left that file behind (or a traceback from main's finally)."""
