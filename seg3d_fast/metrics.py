@@ -110,25 +110,25 @@ def mean_foreground_dice(pred, truth):
     return float(np.mean(dices)) if dices else float("nan")
 
 
-def mean_foreground_dice_tensor(pred, truth, num_classes, slab_voxels=2**22):
+def mean_foreground_dice_tensor(pred, truth, num_classes, slab_elements=2**24):
     """mean_foreground_dice of two label maps (torch, one device) as a float64 tensor (dice, found) where they are,
     with no host read: found is 1 where a foreground class occurs in either map, and dice is then their mean Dice,
     else 0. Training sums it over an epoch's steps, which a read per step would make wait for the GPU. Labels lie in
-    [0, num_classes) (others count nowhere); counted by scatter-add, which needs no host read where bincount does."""
-    k = num_classes
+    [0, num_classes) (others count in no class). Counted by comparing each voxel with every foreground class, slab
+    by slab (slab_elements voxel-class pairs at a time): bincount reads its input's maximum on the host, and a
+    scatter-add would pile most voxels' atomic adds onto the background's one counter."""
     pred, truth = pred.reshape(-1), truth.reshape(-1)
-    counts = torch.zeros(k * k + 1, dtype=torch.int64, device=pred.device)  # (the last bin: labels out of range)
-    one = torch.ones(1, dtype=torch.int64, device=pred.device)
-    for a in range(0, pred.numel(), slab_voxels):
-        p, t = pred[a:a + slab_voxels].long(), truth[a:a + slab_voxels].long()
-        index = torch.where((p >= 0) & (p < k) & (t >= 0) & (t < k), p * k + t, k * k)
-        counts.scatter_add_(0, index, one.expand_as(index))
-    counts = counts[:-1].view(k, k).double()
-    tp, both = counts.diagonal()[1:], (counts.sum(0) + counts.sum(1))[1:]  # foreground: 2 tp / (|pred| + |truth|)
-    present = both > 0
-    dices = torch.where(present, 2 * tp / both.clamp(min=1), 0.0)
-    found = present.any().double()
-    return torch.stack([dices.sum() / present.sum().clamp(min=1), found])
+    classes = torch.arange(1, num_classes, device=pred.device)
+    counts = torch.zeros(3, len(classes), dtype=torch.int64, device=pred.device)  # |pred = c|, |truth = c|, both
+    step = max(1, slab_elements // max(len(classes), 1))
+    for a in range(0, pred.numel() if len(classes) else 0, step):
+        p, t = pred[a:a + step, None] == classes, truth[a:a + step, None] == classes
+        counts += torch.stack([p.sum(0), t.sum(0), (p & t).sum(0)])
+    counts = counts.double()
+    either = counts[0] + counts[1]  # Dice of class c: 2 |both| / (|pred = c| + |truth = c|)
+    present = either > 0
+    dices = torch.where(present, 2 * counts[2] / either.clamp(min=1), 0.0)
+    return torch.stack([dices.sum() / present.sum().clamp(min=1), present.any().double()])
 
 
 def looks_like_brats(label_values):

@@ -20,17 +20,18 @@ from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_counts, 
 from data_helpers import TCGA_TUMOUR, brats_case, load, save
 
 
-@pytest.mark.parametrize("case", ["random", "no_foreground", "one_class", "label_dtypes", "slabs"])
+@pytest.mark.parametrize("case", ["random", "no_foreground", "one_class", "label_dtypes", "slabs", "one_class_model"])
 def test_training_dice_on_the_device_is_mean_foreground_dice(case):
     """mean_foreground_dice_tensor (training's per-step score, no host read) gives mean_foreground_dice's value, 0
-    and found = 0 where that is NaN, for label maps of any integer dtype and over slab boundaries."""
+    and found = 0 where that is NaN, for label maps of any integer dtype, over slab boundaries, for a model of one
+    class (no foreground)."""
     gen = torch.Generator().manual_seed(3)
     k = 6
     pred = torch.randint(0, k, (2, 5, 7, 3), generator=gen)
     truth = torch.randint(0, k, (2, 5, 7, 3), generator=gen)
     truth[truth == 3] = 0  # a class only in the prediction, and (below) one in neither map
     pred[pred == 5] = 1
-    slab = 2**22
+    slab = 2**24
     if case == "no_foreground":
         pred, truth = torch.zeros_like(pred), torch.zeros_like(truth)
     elif case == "one_class":
@@ -38,8 +39,10 @@ def test_training_dice_on_the_device_is_mean_foreground_dice(case):
     elif case == "label_dtypes":
         pred, truth = pred.to(torch.uint8), truth.to(torch.int16)
     elif case == "slabs":
-        slab = 17
-    dice, found = mean_foreground_dice_tensor(pred, truth, k, slab_voxels=slab).tolist()
+        slab = 17  # voxel-class pairs a slab: 3 voxels
+    elif case == "one_class_model":
+        k, pred, truth = 1, torch.zeros_like(pred), torch.zeros_like(truth)
+    dice, found = mean_foreground_dice_tensor(pred, truth, k, slab_elements=slab).tolist()
     expected = mean_foreground_dice(pred, truth)
     if math.isnan(expected):
         assert (dice, found) == (0.0, 0.0)
