@@ -35,7 +35,8 @@ STEPS = {
     "prepare_memory": "training cases in memory: 12 one-channel cases of 192x192x160, 4 classes",
     "prepare_cache": "training cases in a --cache-dir (second use: read back as memory maps)",
     "training_batches": "training batches: 24 crops of 4x128x160x144 (flips, turns, intensity) from a 4x155x240x240 "
-                        "case, each a batch of one, on one thread (as in a data-loader worker)",
+                        "case (extents x --scale), each a batch of one, on one thread (as in a data-loader worker), "
+                        "and through one worker",
 }
 
 
@@ -176,6 +177,13 @@ def run_step(step: str, root: Path, scale: float = 1.0) -> dict:
         for i in range(len(data)):
             pad_collate([data[i]])
         out["ms_per_batch"] = round((time.perf_counter() - start) * 1e3 / len(data), 1)
+        # the same through one data loader worker, as training loads them: the batch's way to the main process
+        # included (the first batch, the worker's start, not counted)
+        batches = iter(torch.utils.data.DataLoader(data, batch_size=1, num_workers=1, collate_fn=pad_collate))
+        next(batches)
+        start = time.perf_counter()
+        count = sum(1 for _ in batches)
+        out["ms_per_batch_worker"] = round((time.perf_counter() - start) * 1e3 / count, 1)
     else:
         raise ValueError(f"step must be one of {sorted(STEPS)}, got {step!r}")
     out["seconds"] = round(time.perf_counter() - start, 2)
@@ -208,7 +216,9 @@ def table(result) -> str:
     lines = [f"| step (extents x {result['scale']:g}) | peak MiB (after imports) | held MiB | seconds |",
              "|---|---|---|---|"]
     for r in result["rows"]:
-        per_batch = f" ({r['ms_per_batch']:.1f} ms per batch)" if "ms_per_batch" in r else ""
+        per_batch = f" ({r['ms_per_batch']:.1f} ms per batch" if "ms_per_batch" in r else ""
+        per_batch += f", {r['ms_per_batch_worker']:.1f} through a worker)" if "ms_per_batch_worker" in r else \
+            (")" if per_batch else "")
         lines.append(f"| {r['what']} | {r['peak_mib']:.0f} ({r['baseline_mib']:.0f}) | {r.get('held_mib', '–')} "
                      f"| {r['seconds']:.1f}{per_batch} |")
     return "\n".join(lines)

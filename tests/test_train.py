@@ -376,6 +376,32 @@ def test_loader_items_copy_nothing_twice_and_never_alias_the_case():
     assert bx[0, :, :, :, 5].eq(0).all() and by[0, :, :, 5].eq(0).all() and bx[1].eq(1).all()
 
 
+def _collate_noting_shared_memory(batch):
+    from seg3d_fast.train import pad_collate
+
+    x, y = pad_collate(batch)
+    return x, y, torch.tensor([x.is_shared(), y.is_shared()])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_loader_workers_make_their_batches_in_shared_memory(batch_size):
+    """In a data loader worker, items and batches are made in shared memory, from which they reach the main process
+    as they are (PyTorch copies a tensor of ordinary memory there: 47 MB for a full-size crop, more time than the
+    crop); the batches are those of the main process's loading."""
+    from seg3d_fast.train import CropDataset, PreparedCase
+
+    rng = np.random.default_rng(0)
+    case = PreparedCase("a", rng.normal(size=(2, 9, 8, 7)).astype(np.float32), rng.integers(0, 3, (9, 8, 7)).astype(np.uint8))
+    for crop, augment_on in (((5, 6, 7), True), ((9, 8, 7), False), (None, False)):
+        data = CropDataset([case], 4, crop, 0.5, augment_on, seed=1)
+        here = list(torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=_collate_noting_shared_memory))
+        there = list(torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=1,
+                                                 collate_fn=_collate_noting_shared_memory))
+        for (x, y, _), (wx, wy, shared) in zip(here, there):
+            assert shared.all(), (crop, augment_on)
+            assert torch.equal(x, wx) and torch.equal(y, wy)
+
+
 def test_crop_items_carry_their_epoch_to_persistent_workers(tmp_path):
     """Items indexed (epoch, i) are those of index i with the dataset's epoch set: the data loader's workers, kept
     from epoch to epoch, get the epoch with each index. Trained with 2 workers over 2 epochs: the weights of the
