@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 
+from .files import Terminated, forget_termination, terminate, terminating
+
 
 def _demo(args):
     from .demo import run_demo
@@ -207,16 +209,21 @@ def main(argv=None):
     previous = _stop_on_sigterm()
     try:
         return args.func(args) or 0
-    except (Seg3DFastDataError, UsageError, BackendUnsupported, OSError) as e:  # (OSError: e.g. an unwritable --out)
-        print(f"seg3d-fast: error: {_os_error_text(e) if isinstance(e, OSError) else e}", file=sys.stderr)
-        return 2
-    except Terminated:
-        print("seg3d-fast: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print("seg3d-fast: interrupted", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        # after a SIGTERM, whatever ends the run is its end (its Terminated may come back as another exception:
+        # files.stop_if_terminated)
+        if isinstance(e, Terminated) or (terminating() and not isinstance(e, SystemExit)):
+            print("seg3d-fast: terminated", file=sys.stderr)
+            return 143
+        if isinstance(e, (Seg3DFastDataError, UsageError, BackendUnsupported, OSError)):  # (OSError: an unwritable --out)
+            print(f"seg3d-fast: error: {_os_error_text(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+            return 2
+        if isinstance(e, KeyboardInterrupt):
+            print("seg3d-fast: interrupted", file=sys.stderr)
+            return 130
+        raise
     finally:
+        forget_termination()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -227,11 +234,6 @@ def _os_error_text(e):
     if e.errno in (errno.EEXIST, errno.ENOTDIR) and e.filename is not None:
         return f"{e.filename}: cannot make this folder, a file is in its place or its parent's ({e.strerror})"
     return str(e)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, a scheduler's preemption, torchrun stopping the other ranks), raised like Ctrl-C so that
-    write_atomic removes its temporary file (the default action ends the process on the spot)."""
 
 
 def _stop_on_sigterm():
@@ -250,7 +252,7 @@ def _stop_on_sigterm():
         # reaped would raise it at the next SIGCHLD; the data loader's own checks of its workers remain.)
         if hasattr(signal, "SIGCHLD"):
             signal.signal(signal.SIGCHLD, lambda *args: None)  # (not SIG_DFL: a pending one would print an OSError)
-        raise Terminated()
+        terminate()
 
     return signal.signal(signal.SIGTERM, stop)
 

@@ -2,7 +2,40 @@
 benchmarks, which write results on GPU machines without it, use the same code."""
 import os
 import tempfile
+import threading
 from pathlib import Path
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, a scheduler's preemption, torchrun stopping the other ranks), raised like Ctrl-C so that
+    write_atomic removes its temporary file (the default action ends the process on the spot)."""
+
+
+_termination = threading.Event()
+
+
+def terminate():
+    """What the CLI's SIGTERM handler does: note the request, and raise Terminated where the process is."""
+    _termination.set()
+    raise Terminated()
+
+
+def terminating() -> bool:
+    return _termination.is_set()
+
+
+def forget_termination():
+    """For the next run in this process (the CLI's main, called again by tests)."""
+    _termination.clear()
+
+
+def stop_if_terminated():
+    """Raise Terminated again where SIGTERM's was lost: an exception raised at an arbitrary point can be swallowed
+    by the code it interrupts (Python 3.11 wraps one raised in a class's __set_name__ into a RuntimeError, which
+    matplotlib's guarded import of its 3D axes caught; training then went on with SIGTERM ignored). Long loops call
+    this once per step."""
+    if _termination.is_set():
+        raise Terminated()
 
 
 def _file_mode():

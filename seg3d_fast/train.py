@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,7 @@ from . import backends, graphs
 from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json
 from .data.preprocess import PreprocessConfig, label_dtype, preprocess
-from .files import write_atomic, write_text_atomic
+from .files import stop_if_terminated, write_atomic, write_text_atomic
 from .metrics import mean_foreground_dice, mean_foreground_dice_tensor
 from .predict import on_device_or_host, predict_logits, read_checkpoint
 
@@ -298,6 +299,15 @@ def data_workers(device, world=1) -> int:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(0, min(8, cores // world - 1))
+
+
+def _worker_exits_on_sigterm(worker_id):
+    """A data loader worker leaves with exit status 0 on SIGTERM. A SIGTERM sent to the process group (`timeout`, a
+    scheduler) reaches the workers too, and PyTorch's workers die by one that is not their main process's: its
+    SIGCHLD handler then raised "DataLoader worker (pid N) is killed by signal: Terminated" in the main process, at
+    whatever it was running (inside an import guarded by `except Exception`, it was swallowed, and the run went on
+    to wait 5 s for the dead workers and end with status 1)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def make_splits(names, folds, seed):
@@ -669,7 +679,7 @@ def train(cfg):
     # workers kept from epoch to epoch: starting them per epoch cost seconds over a short run's epochs
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                                          collate_fn=pad_collate, pin_memory=device.type == "cuda",
-                                         persistent_workers=workers > 0)
+                                         persistent_workers=workers > 0, worker_init_fn=_worker_exits_on_sigterm)
     amp_dtype = AMP_DTYPES[cfg.amp]
     if graphed:  # (inputs of another shape than the first batches' run eagerly)
         step = graphs.CudaGraphStep(model, loss_fn, optimizer, autocast_dtype=amp_dtype, scaler=scaler)
@@ -696,6 +706,7 @@ def train(cfg):
                 dice, found = mean_foreground_dice_tensor(logits.argmax(1), y, num_classes)
                 scores += torch.stack([loss.detach().double(), dice, found])
             batches, voxels = batches + 1, voxels + y.numel()
+            stop_if_terminated()
             if hasattr(bar, "set_postfix") and time.perf_counter() - shown >= PROGRESS_SECONDS:
                 shown = time.perf_counter()
                 loss_sum, dice_sum, found_sum = scores.tolist()
@@ -730,6 +741,7 @@ def train(cfg):
                 dice = "–" if row["train_dice"] is None else f"{row['train_dice']:.4f}"
                 print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, Dice {dice}{val}, "
                       f"{row['voxels_per_s']:.3g} voxels/s", flush=True)
+        stop_if_terminated()  # (before the next epoch waits for its first batch)
         _barrier(world)
     return model
 

@@ -302,6 +302,50 @@ def test_sigterm_stops_a_command_and_leaves_no_temporary_file(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == [] and restored is ours  # main put the handler it found back
 
 
+def test_a_sigterm_whose_exception_was_swallowed_still_ends_the_run(tmp_path, monkeypatch, capsys):
+    """The SIGTERM handler's exception is raised wherever the process is, and code there can swallow it: Python 3.11
+    wraps one raised in a class's __set_name__ into a RuntimeError, which matplotlib's import of its 3D axes caught
+    (`except Exception`) while training wrote its plot. Training went on with SIGTERM ignored and ended 5 s later,
+    status 1, on its dead data loader workers. Now the next step raises Terminated again
+    (files.stop_if_terminated), and any exception after a SIGTERM ends the command as terminated (143)."""
+    import signal
+    import time
+
+    from seg3d_fast import files, train as train_mod
+
+    steps = []
+
+    def swallowed_then_next_step(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the handler runs here)
+        except RuntimeError:
+            pass
+        except KeyboardInterrupt as e:  # as the guarded import swallowed it, wrapped
+            try:
+                raise RuntimeError("Error calling __set_name__") from e
+            except RuntimeError:
+                pass
+        steps.append("next step")
+        files.stop_if_terminated()
+        steps.append("went on")
+    monkeypatch.setattr(train_mod, "main", swallowed_then_next_step)
+    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == 143
+    assert steps == ["next step"] and capsys.readouterr().err.strip() == "seg3d-fast: terminated"
+    assert not files.terminating()  # (main forgets it: the next run in this process starts afresh)
+
+    def error_after_sigterm(args):  # e.g. the dead workers' 'exited unexpectedly' before a step could check
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
+    monkeypatch.setattr(train_mod, "main", error_after_sigterm)
+    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == 143
+    assert capsys.readouterr().err.strip() == "seg3d-fast: terminated"
+
+
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
 def test_sigterm_to_the_process_group_stops_training_with_data_loader_workers_cleanly(tmp_path):
     """`timeout`, a scheduler or a kill of the process group sends SIGTERM to the data loader's workers too (on a GPU
