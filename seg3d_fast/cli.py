@@ -215,7 +215,7 @@ def main(argv=None):
         if isinstance(e, Terminated) or (terminating() and not isinstance(e, SystemExit)):
             print("seg3d-fast: terminated", file=sys.stderr)
             return 143
-        if isinstance(e, (Seg3DFastDataError, UsageError, BackendUnsupported, OSError)):  # (OSError: an unwritable --out)
+        if isinstance(e, (Seg3DFastDataError, UsageError, BackendUnsupported, OSError)):  # (OSError: e.g. --out)
             print(f"seg3d-fast: error: {_os_error_text(e) if isinstance(e, OSError) else e}", file=sys.stderr)
             return 2
         if isinstance(e, KeyboardInterrupt):
