@@ -20,11 +20,13 @@ from seg3d_fast.metrics import (dice_per_class, evaluate_case, evaluate_counts, 
 from data_helpers import TCGA_TUMOUR, brats_case, load, save
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("case", ["random", "no_foreground", "one_class", "label_dtypes", "slabs", "one_class_model"])
-def test_training_dice_on_the_device_is_mean_foreground_dice(case):
-    """mean_foreground_dice_tensor (training's per-step score, no host read) gives mean_foreground_dice's value, 0
-    and found = 0 where that is NaN, for label maps of any integer dtype, over slab boundaries, for a model of one
-    class (no foreground)."""
+def test_training_dice_on_the_device_is_mean_foreground_dice(case, device):
+    """mean_foreground_dice_tensor (training's per-step score, no host read: on a GPU under sync-debug "error")
+    gives mean_foreground_dice's value, 0 and found = 0 where that is NaN, for label maps of any integer dtype, over
+    slab boundaries, for a model of one class (no foreground)."""
     gen = torch.Generator().manual_seed(3)
     k = 6
     pred = torch.randint(0, k, (2, 5, 7, 3), generator=gen)
@@ -42,7 +44,15 @@ def test_training_dice_on_the_device_is_mean_foreground_dice(case):
         slab = 17  # voxel-class pairs a slab: 3 voxels
     elif case == "one_class_model":
         k, pred, truth = 1, torch.zeros_like(pred), torch.zeros_like(truth)
-    dice, found = mean_foreground_dice_tensor(pred, truth, k, slab_elements=slab).tolist()
+    on_device = pred.to(device), truth.to(device)
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = mean_foreground_dice_tensor(*on_device, k, slab_elements=slab)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    dice, found = result.tolist()
     expected = mean_foreground_dice(pred, truth)
     if math.isnan(expected):
         assert (dice, found) == (0.0, 0.0)
