@@ -40,12 +40,11 @@ class CapturedChecks:
     def __init__(self):
         self._values: list[Tensor] = []
         self._checks: list[Callable[[Tensor], None]] = []
-        self._fails: list[Optional[Callable[[Tensor], Tensor]]] = []
+        self._fails: list[Callable[[Tensor], Tensor]] = []
         self.packed: Optional[Tensor] = None
         self.failed: Optional[Tensor] = None
 
-    def add(self, values: Tensor, check: Callable[[Tensor], None],
-            fails: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    def add(self, values: Tensor, check: Callable[[Tensor], None], fails: Callable[[Tensor], Tensor]) -> None:
         """check(values on the CPU, float64, original shape) raises when they break the op's assumption;
         fails(values as recorded, on the device) is a bool tensor, True where check would raise."""
         self._values.append(values.detach())
@@ -55,19 +54,12 @@ class CapturedChecks:
     def __len__(self):
         return len(self._values)
 
-    @property
-    def on_device(self) -> bool:
-        """Whether every check also runs on the device (pack() then sets `failed`)."""
-        return all(f is not None for f in self._fails)
-
     def pack(self) -> Optional[Tensor]:
-        """All values in one float64 device tensor and, where every check runs on the device, `failed`: 1.0 where
-        one failed, else 0.0 (a float32 scalar, as an optimizer's found_inf). Call it inside the capture: each
-        replay refills both."""
+        """All values in one float64 device tensor, and `failed`: 1.0 where a check failed, else 0.0 (a float32
+        scalar, as an optimizer's found_inf). Call it inside the capture: each replay refills both."""
         if self._values:
             self.packed = torch.cat([v.reshape(-1).to(torch.float64) for v in self._values])
-            if self.on_device:
-                self.failed = torch.stack([f(v).any() for f, v in zip(self._fails, self._values)]).any().float()
+            self.failed = torch.stack([f(v).any() for f, v in zip(self._fails, self._values)]).any().float()
         return self.packed
 
     def verify(self, host: Optional[Tensor] = None) -> None:
@@ -104,13 +96,13 @@ def recording_checks():
 
 
 def alpha_unrecoverable(least_alpha: Tensor, threshold: float = 0.0) -> Tensor:
-    """check_alpha_recoverable's test on the device: True where it would raise (NaN included)."""
+    """check_alpha_recoverable's test, on any device: True where it raises (NaN included)."""
     return ~(least_alpha > threshold)
 
 
 def check_alpha_recoverable(least_alpha: Tensor, threshold: float = 0.0) -> None:
-    value = float(least_alpha)
-    if not value > threshold:
+    if alpha_unrecoverable(least_alpha, threshold):
+        value = float(least_alpha)
         raise AlphaAssumptionError(f"a PReLU alpha is {value:g} (<= {threshold:g}): the replayed backward took alpha > "
                                    f"{threshold:g}, which recovers the pre-activation from the layer's output; rerun "
                                    "the step eagerly")

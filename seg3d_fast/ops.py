@@ -111,13 +111,14 @@ def _refuse_func_transforms():
                            ".backward() (and a Python loop instead of vmap)")
 
 
-def _refuse_batched_gradient(grad, what: str):
+def _refuse_batched_gradient(grad, what: str, backend: Optional[str] = None):
     """A backward given a batch of incoming gradients (torch.autograd.grad(..., is_grads_batched=True), or
     torch.autograd.functional.jacobian / hessian with vectorize=True: autograd vmaps the backward) where it cannot run
     one: the kernel backends read raw pointers and the loss's backward accumulates in place, so PyTorch's own error
-    spoke of BatchedTensorImpl storage or of vmap and addcmul_. Say what the caller can do instead."""
+    spoke of BatchedTensorImpl storage or of vmap and addcmul_. Say what the caller can do instead. The reference
+    backend's conv and upsampling backwards (torch ops) take a batch."""
     functorch = torch._C._functorch
-    if isinstance(grad, Tensor) and (functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad)):
+    if backend != "reference" and isinstance(grad, Tensor) and (functorch.is_legacy_batchedtensor(grad) or functorch.is_batchedtensor(grad)):
         raise RuntimeError(f"seg3d_fast: {what} cannot take a batch of gradients (torch.autograd.grad(..., "
                            "is_grads_batched=True), torch.autograd.functional.jacobian / hessian with "
                            "vectorize=True): call torch.autograd.grad once per gradient (a Python loop), or "
@@ -314,8 +315,7 @@ def _alpha_recoverable_later(alpha, dtype):
 def _conv_backward_impl(grad_out, x, weight, bias, alpha, residual, saved, stride, residual_first, output_mask,
                         backend, alpha_recoverable=None):
     name = _conv_backend(x, weight, bias, alpha, residual, stride, residual_first, backend, "backward")
-    if name != "reference":  # (the reference's torch ops take a batch of gradients)
-        _refuse_batched_gradient(grad_out, f"conv3d_prelu's backward on the {name} backend")
+    _refuse_batched_gradient(grad_out, f"conv3d_prelu's backward on the {name} backend", name)
     module = backends.load(name)
     mask = tuple(output_mask)
     if alpha is None:
@@ -676,16 +676,19 @@ def _label_range_check(logits, target, ignore_index, label_range=None, defer=Non
         counted = target if ignore_index is None else torch.where(target == ignore_index, 0, target)
         label_range = torch.stack(torch.aminmax(counted))
 
+    def out_of_range(lo_hi):  # (least, greatest): Python ints here, a device tensor in a captured graph
+        return (lo_hi[0] < 0) | (lo_hi[1] >= c)
+
     def check(lo_hi):
         lo, hi = (int(v) for v in lo_hi.tolist())  # (float64 when read after a graph's replay)
-        if lo < 0 or hi >= c:
+        if out_of_range((lo, hi)):
             raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
                              + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
                              + f"; found values in [{lo}, {hi}]{note}")
 
     checks = graphs.active_checks()
     if checks is not None:  # read after each replay of the graph being captured
-        checks.add(label_range, check, lambda lo_hi: (lo_hi[0] < 0) | (lo_hi[1] >= c))
+        checks.add(label_range, check, out_of_range)
         return None
     if _defer_label_check(logits) if defer is None else defer:
         read = _read_later(label_range)
@@ -892,8 +895,7 @@ class _UpConvPReLUAdd(torch.autograd.Function):
 
 
 def _upconv_grads(ctx, grad_out):
-    if ctx.backend != "reference":  # (the reference's torch ops take a batch of gradients)
-        _refuse_batched_gradient(grad_out, f"upconv_prelu_add's backward on the {ctx.backend} backend")
+    _refuse_batched_gradient(grad_out, f"upconv_prelu_add's backward on the {ctx.backend} backend", ctx.backend)
     x, weight, bias, alpha = ctx.saved_tensors
     need_x, need_w, need_b, need_alpha, need_skip = ctx.needs_input_grad[:5]
     grad_x, grad_w, grad_b, grad_alpha = _backend_module(ctx.backend).upconv_prelu_add_backward(
