@@ -266,10 +266,35 @@ def augment_intensity(x, rng, scale=0.1, shift=0.1):
     # one contiguous output, written channel by channel: the multiply is the crop's (flipped, turned) copy, the add
     # runs on a channel still in cache. A crop's x * a + b made two volume-sized temporaries (about twice the time).
     out = _new_array(x.shape, np.float32)
+    if x.strides[-1] < 0 and torch.get_num_threads() == 1:
+        _affine_innermost_reversed(x, a, b, out)
+        return out
     for i in range(c):
         np.multiply(x[i], a[i], out=out[i])
         out[i] += b[i]
     return out
+
+
+def _affine_innermost_reversed(x, a, b, out, slab=16):
+    """out[i] = x[i] * a[i] + b[i] (the same roundings) where x's innermost axis is reversed (a crop flipped along
+    its last axis): numpy copies such an axis element by element, torch's flip 16 bytes at a time (a 4 x 128 x 160 x
+    144 float32 crop: 23-25 ms in numpy, 6-11 ms here, against numpy's 4-12 ms for the crop unflipped). Slabs of the
+    first axis keep torch's flipped temporary in cache. torch.from_numpy takes no negative strides: each reversed
+    axis is turned back in the view and flipped by torch. Used on one torch thread, as in a data loader worker: on
+    several, each of these small ops is a parallel region, and on cores busy with other work their waits made the
+    whole 5-20x slower than numpy."""
+    dims = tuple(d for d, stride in enumerate(x.strides) if stride < 0)
+    forward = torch.from_numpy(x[tuple(slice(None, None, -1) if d in dims else slice(None) for d in range(x.ndim))])
+    target = torch.from_numpy(out)
+    flip = tuple(d - 1 for d in dims if d > 0)  # dims of one channel
+    n = x.shape[1]
+    for i in range(x.shape[0]):
+        channel = forward[x.shape[0] - 1 - i if 0 in dims else i]
+        for start in range(0, n, slab):
+            stop = min(start + slab, n)
+            part = channel[n - stop:n - start] if 0 in flip else channel[start:stop]
+            torch.mul(part.flip(flip), float(a[i]), out=target[i, start:stop])
+            target[i, start:stop] += float(b[i])
 
 
 def pad_collate(batch):

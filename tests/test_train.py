@@ -1,5 +1,6 @@
 """Training on small blocks of the real brain sample: outputs, exact resume, k-fold splits, AMP, augmentation."""
 import csv
+import itertools
 import json
 import math
 import os
@@ -349,6 +350,29 @@ def test_intensity_augmentation_is_per_channel_affine():
         assert 0.9 <= a <= 1.1 and -0.1 <= b <= 0.1
         np.testing.assert_allclose(out[c], a * x[c] + b, atol=1e-5)
     assert not np.allclose(out, x)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_intensity_augmentation_of_flipped_and_turned_crops(threads):
+    """Every flip and turn of a crop gives x * a + b with numpy's roundings, C-contiguous: on one torch thread (a
+    data loader worker) a crop reversed along its innermost axis is written through torch's flip in slabs."""
+    base = np.random.default_rng(5).normal(size=(3, 37, 21, 19)).astype(np.float32)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for flips in itertools.product((False, True), repeat=4):
+            for k in range(4):
+                x = base[:, 2:35, 1:20, 3:18]  # a crop: strided in every axis but the last
+                for axis in np.flatnonzero(flips):
+                    x = np.flip(x, axis)
+                x = np.rot90(x, k, axes=(1, 2))
+                draws = np.random.default_rng(7)
+                a = draws.uniform(0.9, 1.1, 3).astype(np.float32)[:, None, None, None]
+                b = draws.uniform(-0.1, 0.1, 3).astype(np.float32)[:, None, None, None]
+                out = augment_intensity(x, np.random.default_rng(7))
+                assert out.flags.c_contiguous and np.array_equal(out, x * a + b), (flips, k)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_loader_items_copy_nothing_twice_and_never_alias_the_case():
