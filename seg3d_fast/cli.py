@@ -208,6 +208,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     previous = _stop_on_sigterm()
     try:
+        if args.command in ("demo", "train", "predict", "profile"):  # (the commands that run the fused ops)
+            _check_env_backend()
         return args.func(args) or 0
     except BaseException as e:
         # after a SIGTERM, whatever ends the run is its end (its Terminated may come back as another exception:
@@ -226,6 +228,16 @@ def main(argv=None):
         forget_termination()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _check_env_backend():
+    """A SEG3D_FAST_BACKEND that names no backend: a one-line error, not the first op's ValueError traceback."""
+    from .backends import env_backend
+
+    try:
+        env_backend()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _os_error_text(e):

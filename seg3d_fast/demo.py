@@ -83,12 +83,13 @@ def overlay_png(path, image, truth, pred, title):
 def run_demo(out="seg3d_demo", epochs=None, quick=False, device="auto", seed=0, progress=True):
     """-> the metrics dict written to OUT/metrics.json."""
     from .predict import predict
-    from .train import TrainConfig, train
+    from .train import TrainConfig, check_forced_backend, train
 
     import torch
 
     if str(device).startswith("cuda") and not torch.cuda.is_available():  # (before the data is written)
         raise Seg3DFastDataError(f"--device {device}: CUDA is not available here")
+    check_forced_backend(None)  # (env SEG3D_FAST_BACKEND naming a backend that cannot run here)
     start = time.perf_counter()
     out = Path(out)
     settings = dict(QUICK if quick else DEFAULTS)

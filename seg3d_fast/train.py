@@ -577,6 +577,19 @@ def _check_crop_fits(crop, batch_size):
                                  f"machine's {memory / 2**30:.0f} GiB of memory; pass a smaller --crop")
 
 
+def check_forced_backend(backend):
+    """--backend, or env SEG3D_FAST_BACKEND (an explicit choice too), that cannot run here at all: one error naming
+    it, before anything is written (not a run folder with config.json and splits.json, then the first step's
+    BackendUnsupported; a misspelt variable was a ValueError traceback)."""
+    try:
+        forced = backend or backends.env_backend()
+    except ValueError as e:
+        raise Seg3DFastDataError(str(e)) from None
+    unusable = forced is not None and backends.unavailable_reason(forced)
+    if unusable:
+        raise Seg3DFastDataError(f"{'--backend ' if backend else backends.ENV_BACKEND + '='}{forced}: {unusable}")
+
+
 # ---- the loop ------------------------------------------------------------------------------------------------
 def train(cfg):
     """Train fold `cfg.fold` into `cfg.out`; returns the trained model (unwrapped)."""
@@ -587,9 +600,7 @@ def train(cfg):
         raise Seg3DFastDataError(f"--fold {cfg.fold} outside 0..{cfg.folds - 1}")
     if cfg.amp not in AMP_DTYPES:
         raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {cfg.amp!r}")
-    unusable = cfg.backend is not None and backends.unavailable_reason(cfg.backend)
-    if unusable:  # (before anything is written)
-        raise Seg3DFastDataError(f"--backend {cfg.backend}: {unusable}")
+    check_forced_backend(cfg.backend)  # (before anything is written)
     if not set(cfg.mirror_axes) <= {0, 1, 2}:
         raise ValueError(f"mirror_axes must be canonical axes among 0, 1, 2, got {tuple(cfg.mirror_axes)}")
     # (data errors: the command line reports them in one line, as it does its own option checks)

@@ -158,6 +158,27 @@ def test_bad_option_combinations(tmp_path, capsys):
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("value", ["bogus", "cuda"])
+def test_env_backend_that_cannot_run_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, value):
+    """SEG3D_FAST_BACKEND counts as an explicit choice, like --backend: a value naming no backend, or a backend that
+    cannot run here, is a one-line error before train or the demo writes anything (it was a ValueError traceback,
+    or a run folder with config.json and splits.json and then the first step's error)."""
+    if value == "cuda" and not sf.backends.unavailable_reason("cuda"):
+        pytest.skip("the cuda backend can run here")
+    monkeypatch.setenv("SEG3D_FAST_BACKEND", value)
+    image, label = brain_block(tmp_path / "d")
+    manifest = _manifest(tmp_path, image, label)
+    rc = main(["train", manifest, "--out", str(tmp_path / "run"), *QUICK_TRAIN])
+    _assert_one_line_error(capsys, rc, "SEG3D_FAST_BACKEND", value)
+    assert not (tmp_path / "run").exists()
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--quick"])
+    _assert_one_line_error(capsys, rc, "SEG3D_FAST_BACKEND", value)
+    assert not (tmp_path / "demo").exists()
+    if value == "bogus":
+        rc = main(["predict", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "o")])
+        _assert_one_line_error(capsys, rc, "SEG3D_FAST_BACKEND", value)
+
+
 def test_predict_never_overwrites_its_inputs(tmp_path, capsys):
     """--out the input folder: the prediction would replace the image; refused before any work (the run is not
     even read)."""
