@@ -191,11 +191,11 @@ def build_parser(argv=None):
     # Only build the profile parser when asked for: seg3d_fast.profile may import heavier things.
     argv = sys.argv[1:] if argv is None else argv
     if "profile" in argv[:1]:
-        p = sub.add_parser("profile", help="time and memory of Seg3DNet and the fused ops")
+        p = sub.add_parser("profile", help="training time and memory of Seg3DNet, fused and plain PyTorch")
         _profile_arguments(p)
         p.set_defaults(func=_profile)
     else:
-        sub.add_parser("profile", help="time and memory of Seg3DNet and the fused ops (see profile --help)")
+        sub.add_parser("profile", help="training time and memory of Seg3DNet, fused and plain PyTorch (see profile --help)")
     return parser
 
 
