@@ -142,7 +142,8 @@ def device_name(text):
 
 
 def check_amp(amp, device):
-    if amp == "fp16" and not device.startswith("cuda") and not _cuda():
+    """fp16 autocast runs on a GPU only: refused for --device cpu, and for auto where there is no GPU."""
+    if amp == "fp16" and (device == "cpu" or device == "auto" and not _cuda()):
         raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 on the CPU")
 
 
@@ -158,10 +159,11 @@ def build_parser(argv=None):
 
     p = sub.add_parser("demo", help="train on the bundled brain MRI, predict a held-out slab, print Dice")
     p.add_argument("--out", default="seg3d_demo", help="output folder (default ./seg3d_demo)")
-    p.add_argument("--epochs", type=at_least(1), default=None)
+    p.add_argument("--epochs", type=at_least(1), default=None, help="training epochs (default 100; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="a tiny model for a few seconds (checks the pipeline only)")
-    p.add_argument("--device", type=device_name, default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (a GPU where there is one), cpu, cuda, cuda:1 ...")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, crops and augmentation")
     p.set_defaults(func=_demo)
 
     from . import predict, train  # argument definitions live beside the code that uses them

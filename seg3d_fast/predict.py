@@ -326,8 +326,10 @@ def add_arguments(p):
                    help="predict in Gaussian-blended windows of this size (default: the whole volume at once)")
     p.add_argument("--overlap", type=at_least(0.0, float, below=1.0), default=0.5,
                    help="windows' overlap, a fraction of their size in [0, 1)")
-    p.add_argument("--save-probabilities", action="store_true")
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <case>_probabilities.nii.gz (float32 class probabilities along the 4th axis)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none",
+                   help="autocast the network to this dtype (fp16: GPU only)")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average over the flips the run was trained with (its --mirror-axes; "
                         "2^axes network passes per volume or window)")

@@ -1,8 +1,10 @@
 """seg3d-fast profile: full-volume training throughput and memory of Seg3DNet, fused backends beside plain PyTorch.
 
 For each variant ("plain": the same network from nn.Conv3d / nn.PReLU / sums, the baseline; "plain_cl": that in
-channels_last_3d; "reference" / "triton" / "cuda": the fused network forced onto that backend; "fused_graph",
-"cuda_graph", "plain_cl_graph": those with forward and backward replayed as one CUDA graph) it measures:
+channels_last_3d; "fused": the fused network, each layer on the best backend that can run it; "reference" /
+"triton" / "cuda": the fused network forced onto that backend; "triton_tma": triton with its opt-in TMA kernels;
+"fused_graph", "cuda_graph", "plain_cl_graph": those with forward and backward replayed as one CUDA graph) it
+measures:
   steps/s and voxels/s of full training steps (forward, Jaccard loss, backward, Adam) at --input-size and --batch,
     in --dtype (fp16/bf16: autocast, fp32 master weights);
   peak memory: on a GPU torch.cuda.max_memory_allocated over the timed steps (model, optimizer state, activations,

@@ -158,6 +158,19 @@ def test_bad_option_combinations(tmp_path, capsys):
         assert not (tmp_path / "run").exists()
 
 
+def test_fp16_on_the_cpu_is_refused_where_a_gpu_is_present(tmp_path, capsys, monkeypatch):
+    """--device cpu --amp fp16 is refused on a GPU machine too (it ran fp16 autocast on the CPU in predict)."""
+    import seg3d_fast.cli
+
+    monkeypatch.setattr(seg3d_fast.cli, "_cuda", lambda: True)
+    image, label = brain_block(tmp_path / "d")
+    for command in (["train", _manifest(tmp_path, image, label), "--out", str(tmp_path / "run"), *QUICK_TRAIN],
+                    ["predict", str(tmp_path), str(image), "--out", str(tmp_path / "o")]):
+        rc = main([*command, "--amp", "fp16", "--device", "cpu"])
+        _assert_one_line_error(capsys, rc, "--amp fp16", "CUDA")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("value", ["bogus", "cuda"])
 def test_env_backend_that_cannot_run_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, value):
     """SEG3D_FAST_BACKEND counts as an explicit choice, like --backend: a value naming no backend, or a backend that
