@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from .files import Terminated, forget_termination, terminate, terminating
+from .files import Terminated, forget_termination, interrupt, interrupted, terminate, terminating
 
 
 def _demo(args):
@@ -209,6 +209,7 @@ def main(argv=None):
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     previous = _stop_on_sigterm()
+    previous_sigint = _stop_on_sigint()
     try:
         if args.command in ("demo", "train", "predict", "profile"):  # (the commands that run the fused ops)
             _check_env_backend()
@@ -219,17 +220,19 @@ def main(argv=None):
         if isinstance(e, Terminated) or (terminating() and not isinstance(e, SystemExit)):
             print("seg3d-fast: terminated", file=sys.stderr)
             return 143
+        if isinstance(e, KeyboardInterrupt) or (interrupted() and not isinstance(e, SystemExit)):  # (likewise Ctrl-C)
+            print("seg3d-fast: interrupted", file=sys.stderr)
+            return 130
         if isinstance(e, (Seg3DFastDataError, UsageError, BackendUnsupported, OSError)):  # (OSError: e.g. --out)
             print(f"seg3d-fast: error: {_os_error_text(e) if isinstance(e, OSError) else e}", file=sys.stderr)
             return 2
-        if isinstance(e, KeyboardInterrupt):
-            print("seg3d-fast: interrupted", file=sys.stderr)
-            return 130
         raise
     finally:
         forget_termination()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
 
 
 def _check_env_backend():
@@ -269,6 +272,18 @@ def _stop_on_sigterm():
         terminate()
 
     return signal.signal(signal.SIGTERM, stop)
+
+
+def _stop_on_sigint():
+    """Ctrl-C as Python's own handler does it (KeyboardInterrupt where the process is), and noted, so that one
+    swallowed by the code it interrupted still ends the run (files.stop_if_terminated: matplotlib's guarded import of
+    its 3D axes caught it, wrapped in a RuntimeError, and training went on to its last epoch, exit status 0). Only
+    where Python's handler is in place (not where SIGINT is ignored: a background job, nohup) -> the previous
+    handler, or None."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    return signal.signal(signal.SIGINT, lambda signum, frame: interrupt())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ class Terminated(KeyboardInterrupt):
 
 
 _termination = threading.Event()
+_interruption = threading.Event()
 
 
 def terminate():
@@ -20,22 +21,35 @@ def terminate():
     raise Terminated()
 
 
+def interrupt():
+    """What the CLI's SIGINT (Ctrl-C) handler does: note it, and raise KeyboardInterrupt where the process is."""
+    _interruption.set()
+    raise KeyboardInterrupt()
+
+
 def terminating() -> bool:
     return _termination.is_set()
+
+
+def interrupted() -> bool:
+    return _interruption.is_set()
 
 
 def forget_termination():
     """For the next run in this process (the CLI's main, called again by tests)."""
     _termination.clear()
+    _interruption.clear()
 
 
 def stop_if_terminated():
-    """Raise Terminated again where SIGTERM's was lost: an exception raised at an arbitrary point can be swallowed
-    by the code it interrupts (Python 3.11 wraps one raised in a class's __set_name__ into a RuntimeError, which
-    matplotlib's guarded import of its 3D axes caught; training then went on with SIGTERM ignored). Long loops call
-    this once per step."""
+    """Raise Terminated (or KeyboardInterrupt, for Ctrl-C) again where the signal's was lost: an exception raised at
+    an arbitrary point can be swallowed by the code it interrupts (Python 3.11 wraps one raised in a class's
+    __set_name__ into a RuntimeError, which matplotlib's guarded import of its 3D axes caught; training then went on
+    with SIGTERM or Ctrl-C ignored). Long loops call this once per step."""
     if _termination.is_set():
         raise Terminated()
+    if _interruption.is_set():
+        raise KeyboardInterrupt()
 
 
 def _file_mode():

@@ -380,6 +380,47 @@ def test_a_sigterm_whose_exception_was_swallowed_still_ends_the_run(tmp_path, mo
     assert capsys.readouterr().err.strip() == "seg3d-fast: terminated"
 
 
+def test_a_ctrl_c_whose_exception_was_swallowed_still_ends_the_run(tmp_path, monkeypatch, capsys):
+    """Ctrl-C as SIGTERM above: its KeyboardInterrupt, raised inside matplotlib's guarded import of its 3D axes while
+    training wrote its first plot, was wrapped in a RuntimeError and caught ('Unable to import Axes3D'), and training
+    went on to its last epoch with exit status 0; landing in the unguarded import of matplotlib's axes, it ended the
+    run with that RuntimeError's traceback and status 1. Now the next step raises KeyboardInterrupt again, and any
+    exception after a Ctrl-C ends the command as interrupted (130)."""
+    import signal
+    import time
+
+    from seg3d_fast import files, train as train_mod
+
+    steps = []
+
+    def swallowed_then_next_step(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # (the handler runs here)
+        except KeyboardInterrupt as e:  # as the guarded import swallowed it, wrapped
+            try:
+                raise RuntimeError("Error calling __set_name__") from e
+            except RuntimeError:
+                pass
+        steps.append("next step")
+        files.stop_if_terminated()
+        steps.append("went on")
+    monkeypatch.setattr(train_mod, "main", swallowed_then_next_step)
+    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == 130
+    assert steps == ["next step"] and capsys.readouterr().err.strip() == "seg3d-fast: interrupted"
+    assert not files.interrupted() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    def wrapped_after_ctrl_c(args):  # the unguarded import: the RuntimeError is what reaches main
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__ on '_axis_method_wrapper' instance") from e
+    monkeypatch.setattr(train_mod, "main", wrapped_after_ctrl_c)
+    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.strip() == "seg3d-fast: interrupted"
+
+
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
 def test_sigterm_to_the_process_group_stops_training_with_data_loader_workers_cleanly(tmp_path):
     """`timeout`, a scheduler or a kill of the process group sends SIGTERM to the data loader's workers too (on a GPU
