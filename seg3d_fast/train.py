@@ -734,7 +734,8 @@ def train(cfg):
         scores = torch.zeros(3, dtype=torch.float64, device=device)
         batches = voxels = 0
         t0 = shown = time.perf_counter()
-        bar = _progress(loader, cfg.progress and rank == 0, f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = _progress(_received(loader), cfg.progress and rank == 0, f"epoch {epoch + 1}/{cfg.epochs}",
+                        total=len(loader))
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, logits = step(x, y)
@@ -852,12 +853,32 @@ def _jsonable(d):
     return json.loads(json.dumps(d, default=str))
 
 
-def _progress(iterable, enabled, desc):
+def _progress(iterable, enabled, desc, total=None):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def _received(loader):
+    """The loader's batches. A data loader worker that dies (the out-of-memory killer) while the main process
+    receives its batch's shared memory ends the connection that hands the memory over, and PyTorch, which had not yet
+    seen the worker gone, passed on the ConnectionResetError: the command line reported it as bad input, 'seg3d-fast:
+    error: [Errno 104] Connection reset by peer' (exit status 2), one time in eight. Raised here as the error PyTorch
+    gives for a dead worker the other times."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except ConnectionError as e:
+            if not loader.num_workers:
+                raise
+            raise RuntimeError(f"DataLoader worker exited unexpectedly: its connection ended while its batch was "
+                               f"received ({e})") from e
+        yield batch
 
 
 # ---- command line --------------------------------------------------------------------------------------------

@@ -455,6 +455,33 @@ def test_crop_items_carry_their_epoch_to_persistent_workers(tmp_path):
         torch.testing.assert_close(workers[k], main[k], rtol=0, atol=0, msg=k)
 
 
+def test_a_worker_dying_while_its_batch_is_received_is_a_dead_worker(tmp_path, monkeypatch):
+    """A data loader worker killed (the out-of-memory killer) while the main process received its batch's shared
+    memory: PyTorch, not yet seeing the worker gone, passed on the ConnectionResetError of the connection that hands
+    the memory over, which the command line reported as bad input ('seg3d-fast: error: [Errno 104] Connection reset
+    by peer', exit status 2; one kill -9 of a worker in eight). Now it is the error of a dead worker; the previous
+    epoch's checkpoint is kept."""
+    from torch.utils.data import dataloader
+
+    from seg3d_fast.train import EpochSampler
+
+    real_next, real_set_epoch = dataloader._MultiProcessingDataLoaderIter._next_data, EpochSampler.set_epoch
+
+    def next_data(self):
+        if epochs[-1] == 1:  # (the first batch of epoch 2)
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real_next(self)
+    epochs = []
+    monkeypatch.setattr(EpochSampler, "set_epoch",
+                        lambda self, epoch: (epochs.append(epoch), real_set_epoch(self, epoch)))
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_next_data", next_data)
+    manifest = brain_csv(tmp_path / "data", n_cases=2)
+    with pytest.raises(RuntimeError, match=r"DataLoader worker exited unexpectedly: its connection ended while its "
+                                           r"batch was received \(\[Errno 104\] Connection reset by peer\)"):
+        train(TrainConfig(data=str(manifest), out=str(tmp_path / "r"), epochs=2, device="cpu", workers=1, **TINY))
+    assert torch.load(tmp_path / "r" / "fold_0" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
 def test_crop_beyond_the_machines_memory_is_named(tmp_path):
     manifest = brain_csv(tmp_path / "data", n_cases=1)
     with pytest.raises(ValueError, match="--crop 100000 1600 1440: a batch of 2 such crops needs .* GiB for its "
