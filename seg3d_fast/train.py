@@ -680,7 +680,13 @@ def train(cfg):
         if checkpoint["config"]["model"] != config["model"] or checkpoint["config"]["preprocess"] != config["preprocess"]:
             raise Seg3DFastDataError(f"{ckpt_path}: checkpoint was trained with a different model or preprocessing")
         model.load_state_dict(checkpoint["model"])
+        # the optimizer's state (moments, steps) from the checkpoint, its settings from this run: load_state_dict also
+        # restores each group's weight_decay and fused, so a resume with another weight_decay went on with the old
+        # one (while saying it went on with the new), and a checkpoint written on the CPU resumed unfused on a GPU
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, setting in zip(optimizer.param_groups, settings):
+            group.update(setting)
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]

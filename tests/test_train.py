@@ -85,6 +85,26 @@ def test_resume_with_other_training_settings_says_so(tmp_path, capsys):
     assert _changed_training_settings(saved, resumed, 2) == "processes 1 -> 2 (a step's batch 1 -> 2)"
 
 
+def test_resume_takes_the_optimizer_state_not_its_settings_from_the_checkpoint(tmp_path, capsys):
+    """Adam's load_state_dict also restores each parameter group's settings: a resume with another weight_decay said
+    it went on with the new one (and recorded it in train_config) but trained with the checkpoint's, and a
+    checkpoint's `fused` (True where it was written on a GPU) outlived a move to another device. The moments and
+    step counts come from the checkpoint, the settings from this run."""
+    manifest = brain_csv(tmp_path / "data", n_cases=1)
+    cfg = dict(data=str(manifest), out=str(tmp_path / "r"), device="cpu", **TINY)
+    train(TrainConfig(epochs=1, **cfg))
+    path = tmp_path / "r" / "fold_0" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True  # (as a GPU run writes it)
+    torch.save(state, path)
+    train(TrainConfig(epochs=2, resume=True, weight_decay=0.1, **cfg))
+    assert "--weight-decay 0.0 -> 0.1" in capsys.readouterr().err
+    resumed = torch.load(path, weights_only=True)
+    assert [(g["weight_decay"], g["fused"]) for g in resumed["optimizer"]["param_groups"]] == [(0.1, False)]
+    assert all(s["step"] == 2 * TINY["samples_per_epoch"] for s in resumed["optimizer"]["state"].values())
+
+
 def test_diverged_training_keeps_the_last_good_checkpoint(tmp_path):
     """An epoch that leaves the weights NaN or infinite (a far too large learning rate) stops the run with a
     one-line error and does not replace the checkpoint of the epoch before."""
