@@ -127,7 +127,9 @@ class Seg3DNet(nn.Module):
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (N, {self.in_channels}, D, H, W); got {tuple(x.shape)}")
         extent = x.shape[2:]
-        pad = [(-s) % self.multiple for s in extent]
+        # (rounded up by floor division, not (-s) % multiple: under torch.compile with dynamic extents a Mod in the
+        # sizes reached the trilinear upsampling's scale and PyTorch's tensorify pass failed on it)
+        pad = [-(-s // self.multiple) * self.multiple - s for s in extent]
         self._check_norm_statistics(x.shape[0], [(s + p) // self.multiple for s, p in zip(extent, pad)])
         if any(pad):  # odd extents: pad at the far end, crop the logits back
             x = F.pad(x, [p for s in reversed(pad) for p in (0, s)])
