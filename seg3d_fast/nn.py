@@ -37,6 +37,15 @@ def _unbatched(forward, x: Tensor, other: Optional[Tensor]) -> Tensor:
     return forward(x.unsqueeze(0), None if other is None else other.unsqueeze(0)).squeeze(0)
 
 
+def _refuse_script(module):
+    """torch.jit.script calls __prepare_scriptable__ on a module and each submodule before compiling it: TorchScript
+    cannot compile the fused ops (Python custom ops and autograd.Functions) and its own errors spoke of list sizes,
+    keyword-argument expansion or generators. Say what works instead."""
+    raise TypeError(f"{type(module).__name__} (seg3d_fast) cannot be compiled by torch.jit.script: its fused ops run "
+                    "Python code TorchScript cannot compile. Use torch.compile or torch.export, or torch.jit.trace (its "
+                    "trace records the ops as seg3d_fast:: custom ops: `import seg3d_fast` before torch.jit.load)")
+
+
 class ConvPReLU3d(nn.Module):
     """Conv3d (kernel 1 or 3, stride 1 or 2, padding k//2) + bias + PReLU + optional residual sum, fused.
 
@@ -45,6 +54,8 @@ class ConvPReLU3d(nn.Module):
     Parameters: weight (C_out, C_in, k, k, k), bias (C_out,), alpha; initialised like nn.Conv3d and nn.PReLU.
     Takes (N, C, D, H, W) or unbatched (C, D, H, W) input, as nn.Conv3d does.
     """
+
+    __prepare_scriptable__ = _refuse_script
 
     # nn.Conv3d's attributes that are fixed here, for code that reads them off any conv (receptive field, FLOPs)
     dilation, groups, padding_mode = (1, 1, 1), 1, "zeros"
@@ -119,6 +130,8 @@ class UpConvPReLU3d(nn.Module):
     """Transposed conv (kernel 2, stride 2) + PReLU + optional skip sum; saves only its coarse input. backend:
     "reference" | "triton" | None (the faster that can run it). Batched or unbatched input, as nn.ConvTranspose3d."""
 
+    __prepare_scriptable__ = _refuse_script
+
     def __init__(self, in_channels: int, out_channels: int, alpha_init: float = 0.25, device=None, dtype=None,
                  backend: Optional[str] = None):
         super().__init__()
@@ -143,6 +156,8 @@ class UpConvPReLU3d(nn.Module):
 
 class JaccardLoss(nn.Module):
     """Fused Jaccard (Tanimoto) loss; forward(logits, target). See ops.jaccard_loss for the arguments."""
+
+    __prepare_scriptable__ = _refuse_script
 
     def __init__(self, squared: bool = True, activation: str = "softmax", smooth: float = 1e-5,
                  class_weights: Optional[Sequence[float]] = None, include_background: bool = True,

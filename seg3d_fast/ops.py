@@ -195,6 +195,12 @@ def _python_scalar(value):
     return value
 
 
+def _tracing() -> bool:
+    """torch.compile / torch.export (dynamo or make_fx) or torch.jit.trace is recording the ops: they take the
+    custom ops, whose backend is chosen when the recorded graph runs."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _check_backend(backend):
     if backend is not None and backend not in backends.NAMES:
         raise ValueError(f"backend must be one of {backends.NAMES} or None; got {backend!r}")
@@ -452,7 +458,9 @@ def conv3d_prelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, alpha
     _refuse_func_transforms()
     save_act = alpha is not None and residual is not None and not residual_first
     # The backend is chosen inside the op, at run time: torch.compile traces only the op, not the dispatcher.
-    op = _conv3d_prelu if torch.compiler.is_compiling() else _Conv3dPReLUEager.apply
+    # torch.jit.trace records the op too (the eager autograd.Function would be a Python call that torch.jit.save
+    # cannot write).
+    op = _conv3d_prelu if _tracing() else _Conv3dPReLUEager.apply
     out, _ = op(x, weight, bias, alpha, residual, stride, residual_first, save_act, backend or "")
     return out
 
@@ -681,7 +689,10 @@ def _label_range_check(logits, target, ignore_index, label_range=None, defer=Non
 
     def check(lo_hi):
         lo, hi = (int(v) for v in lo_hi.tolist())  # (float64 when read after a graph's replay)
-        if out_of_range((lo, hi)):
+        # (`or` on the Python ints, not out_of_range's `|`: under torch.jit.trace the ints are traced values and
+        # `|` recorded an aten::bitwise_or(Tensor, bool) that TorchScript's alias analysis failed on, an internal
+        # assert)
+        if lo < 0 or hi >= c:
             raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
                              + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
                              + f"; found values in [{lo}, {hi}]{note}")
@@ -726,7 +737,12 @@ def _loss_from_sums(sums, *, smooth=1e-5, class_weights=None, include_background
     """jaccard_from_sums on checked arguments."""
     if not per_sample:
         sums = sums.sum(0, keepdim=True)
-    loss = _JaccardTerms.apply(sums, smooth)
+    if torch.jit.is_tracing():  # the formula as torch ops (the autograd.Function would be a Python call in the
+        # trace, which torch.jit.save cannot write)
+        inter, p_sum, t_sum = sums.unbind(-1)
+        loss = 1 - (inter + smooth) / (p_sum + t_sum - inter + smooth)
+    else:
+        loss = _JaccardTerms.apply(sums, smooth)
     if not include_background:
         loss = loss[:, 1:]
     if not per_sample:
@@ -787,7 +803,7 @@ def jaccard_loss(logits: Tensor, target: Tensor, *, squared: bool = True, activa
     target, ignore_index, ignore_note = _label_map(target, ignore_index)
     while logits.dim() < 5:  # 1-D/2-D inputs: trailing singleton spatial dims (views, no copy)
         logits, target = logits.unsqueeze(-1), target.unsqueeze(-1)
-    if torch.compiler.is_compiling():
+    if _tracing():
         sums = _jaccard_sums(logits, target, squared, activation, ignore_index, backend or "")
     else:
         module = _jaccard_backend(logits, target, activation, ignore_index, backend or "")
@@ -946,4 +962,7 @@ def upconv_prelu_add(x: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: T
     if skip is not None and tuple(skip.shape) != out_shape:
         raise ValueError(f"skip must have the output's shape {out_shape}; got {tuple(skip.shape)}")
     _refuse_func_transforms()
+    if torch.jit.is_tracing():  # the reference's torch ops, recorded with their own autograd (the autograd.Function
+        # would be a Python call in the trace, which torch.jit.save cannot write)
+        return _reference.upconv_prelu_add_forward(x, weight, bias, alpha, skip)
     return _UpConvPReLUAdd.apply(x, weight, bias, alpha, skip, backend or "")

@@ -651,3 +651,45 @@ def test_seg3dnet_dynamic_extents_under_torch_compile(how):
         reference.zero_grad()
     # one graph for extents needing no padding, one for padded ones
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # (torch.jit itself is deprecated)
+def test_torch_jit_script_refused_with_a_clear_error():
+    """torch.jit.script cannot compile the fused ops (Python custom ops, autograd.Functions); its own errors spoke of
+    list sizes, keyword-argument expansion or generators. Each fused module, also inside another model, says so and
+    what to use instead."""
+    modules = [sf.nn.ConvPReLU3d(2, 3), sf.nn.UpConvPReLU3d(2, 3), sf.nn.JaccardLoss(), Seg3DNet(2, 3, (4, 8)),
+               nn.Sequential(nn.Conv3d(2, 2, 1), sf.nn.ConvPReLU3d(2, 3))]
+    for module in modules:
+        with pytest.raises(TypeError, match="cannot be compiled by torch.jit.script.*torch.jit.trace"):
+            torch.jit.script(module)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_torch_jit_trace_saves_loads_and_trains():
+    """torch.jit.trace of Seg3DNet and of the loss records the custom ops (and the upsampling's and the loss formula's
+    torch ops), so that torch.jit.save writes it and the loaded module gives eager mode's outputs and gradients. The
+    trace held the eager path's autograd.Functions as Python calls, which torch.jit.save refused ("Could not export
+    Python function call '_Conv3dPReLUEager'"), and tracing the loss failed on an internal assert of TorchScript (the
+    label check's `|` on traced ints)."""
+    torch.manual_seed(0)
+    net = Seg3DNet(2, 3, (4, 8), deep_supervision=2)
+    crit = sf.nn.JaccardLoss(per_sample=True)
+    x, labels = torch.randn(2, 2, 5, 6, 7), torch.randint(0, 3, (2, 5, 6, 7))
+    loaded = []
+    for module, args in ((net, (x,)), (crit, (torch.randn(2, 3, 5, 6, 7), labels))):
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.trace(module, args), buffer)
+        buffer.seek(0)
+        loaded.append(torch.jit.load(buffer))
+        assert "seg3d_fast::" in str(loaded[-1].inlined_graph)
+    traced_net, traced_crit = loaded
+    results = []
+    for model, loss_fn in ((traced_net, traced_crit), (net, crit)):
+        xg = x.clone().requires_grad_()
+        out = model(xg)
+        loss = loss_fn(out, labels)
+        results.append((out.detach(), loss.detach(), *torch.autograd.grad(loss, [xg, *model.parameters()])))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert len(results[0]) == len(results[1]) == 3 + len(list(net.parameters()))
