@@ -693,3 +693,24 @@ def test_torch_jit_trace_saves_loads_and_trains():
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert len(results[0]) == len(results[1]) == 3 + len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_dynamic_extents_save_load(strict):
+    """README's torch.export recipe: extents as multiples of net.multiple (at least 2 of them), the batch free; the
+    exported program, saved and loaded, gives eager mode's logits on other sizes, and keeps the fused op."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    net = Seg3DNet(2, 3, (4, 6, 8), deep_supervision=2).eval()
+    m = net.multiple
+    shapes = {"x": {0: Dim("n"), 2: m * Dim("d", min=2), 3: m * Dim("h", min=2), 4: m * Dim("w", min=2)}}
+    program = torch.export.export(net, (torch.randn(2, 2, 8, 12, 16),), dynamic_shapes=shapes, strict=strict)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    assert any("seg3d_fast" in str(node.target) for node in loaded.graph.nodes)
+    for size in ((1, 2, 8, 8, 8), (3, 2, 16, 8, 24)):
+        x = torch.randn(*size)
+        torch.testing.assert_close(loaded.module()(x), net(x))
