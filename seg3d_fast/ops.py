@@ -676,7 +676,9 @@ def _label_range_check(logits, target, ignore_index, label_range=None, defer=Non
     defer: _defer_label_check's answer, where it was asked outside an autograd.Function (grad mode is off inside);
     note: _label_map's word on an ignore_index the labels cannot hold, for the error.
     (Out-of-range labels are memory-safe in every backend: they match no class.)"""
-    if target.dtype.is_floating_point or target.numel() == 0 or torch.compiler.is_compiling() or \
+    # (none while torch.compile or torch.jit.trace records the op: a value read on the host is not recorded; under
+    # trace it gave an aten::bitwise_or(Tensor, bool) that failed an internal assert of TorchScript's alias analysis)
+    if target.dtype.is_floating_point or target.numel() == 0 or _tracing() or \
             target.device.type == "meta":  # (meta tensors: no values)
         return None
     c = logits.shape[1]
@@ -689,10 +691,7 @@ def _label_range_check(logits, target, ignore_index, label_range=None, defer=Non
 
     def check(lo_hi):
         lo, hi = (int(v) for v in lo_hi.tolist())  # (float64 when read after a graph's replay)
-        # (`or` on the Python ints, not out_of_range's `|`: under torch.jit.trace the ints are traced values and
-        # `|` recorded an aten::bitwise_or(Tensor, bool) that TorchScript's alias analysis failed on, an internal
-        # assert)
-        if lo < 0 or hi >= c:
+        if out_of_range((lo, hi)):
             raise ValueError(f"target labels must lie in [0, {c - 1}] for {c} classes"
                              + (f" (or equal ignore_index={ignore_index})" if ignore_index is not None else "")
                              + f"; found values in [{lo}, {hi}]{note}")
