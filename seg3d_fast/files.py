@@ -1,6 +1,8 @@
 """Files written atomically (results, logs, checkpoints, NIfTI): no nibabel here, so that the profile and the
 benchmarks, which write results on GPU machines without it, use the same code."""
 import os
+import re
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -67,7 +69,10 @@ def write_atomic(path, write, suffix=None):
     one, never a part): for JSON, CSV, PNG, NIfTI and checkpoints. The file gets the usual mode (umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=suffix or path.suffix, dir=path.parent)
+    except OSError as e:  # (a read-only folder: name the file being written, not the hidden temporary)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     os.close(fd)
     try:
         write(tmp)
@@ -81,10 +86,45 @@ def write_atomic(path, write, suffix=None):
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        # ENOSPC from a write names no file: the command line's one-line error should say which
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+        # ENOSPC from a write names no file, other errors the hidden temporary: the command line's one-line error
+        # should name the file being written
+        if isinstance(e, OSError) and e.filename in (None, tmp) and e.errno is not None:
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
+
+
+def _owner(pid=None):
+    """'<host>-<pid>': the writer named in write_atomic's temporary file names, so that remove_stale_temporaries
+    knows one whose writer is gone (kill -9, a power cut) from one being written."""
+    return f"{socket.gethostname()}-{os.getpid() if pid is None else pid}"
+
+
+def remove_stale_temporaries(folder):
+    """Removes the temporary files write_atomic left in `folder` when its process was killed before it could (kill
+    -9, the out-of-memory killer): those of processes of this host that no longer run. Another host's, or a running
+    process's, are left alone. -> the paths removed."""
+    pattern = re.compile(r"\.(?P<owner>" + re.escape(socket.gethostname()) + r"-(?P<pid>\d+))\.[^.]+")
+    removed = []
+    for candidate in Path(folder).glob(".*"):
+        match = pattern.search(candidate.name)
+        if match is None or not candidate.is_file() or _running(int(match["pid"])):
+            continue
+        try:
+            candidate.unlink()
+            removed.append(candidate)
+        except FileNotFoundError:  # (removed meanwhile)
+            pass
+    return removed
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's)
+        return True
+    return True
 
 
 def write_text_atomic(path, text):

@@ -34,7 +34,7 @@ from . import backends, graphs
 from .data.datasets import discover, load_case
 from .data.nifti import Seg3DFastDataError, read_json
 from .data.preprocess import PreprocessConfig, label_dtype, preprocess
-from .files import stop_if_terminated, write_atomic, write_text_atomic
+from .files import remove_stale_temporaries, stop_if_terminated, write_atomic, write_text_atomic
 from .metrics import mean_foreground_dice, mean_foreground_dice_tensor
 from .predict import on_device_or_host, predict_logits, read_checkpoint
 
@@ -667,6 +667,9 @@ def train(cfg):
                             backend=cfg.backend).to(device)
     config = run_config(cfg, model, dataset, num_classes)
     if rank == 0:
+        for folder in (out, fold_dir):  # (what a killed run's writes left behind: its checkpoint's copy, 1-100s MB)
+            if folder.is_dir():
+                remove_stale_temporaries(folder)
         _check_or_write_config(out / CONFIG_FILE, config, kept, {ckpt_path: checkpoint} if checkpoint else {})
         write_text_atomic(splits_path, json.dumps({"folds": cfg.folds, "seed": split_seed, "cases": sorted(names),
                                                    "splits": splits}, indent=1) + "\n")
@@ -815,9 +818,18 @@ def _check_or_write_config(path, config, checkpoints, loaded):
         trained = _stored_config(loaded[checkpoint] if checkpoint in loaded else _read_state(checkpoint)) or saved
         for key in ("model", "preprocess", "num_classes"):
             if trained is not None and trained.get(key) != config[key]:
-                raise Seg3DFastDataError(f"{checkpoint}: trained with a different {key} ({trained.get(key)} vs "
-                                         f"{config[key]}); train with its settings, or use a new --out folder")
+                raise Seg3DFastDataError(f"{checkpoint}: trained with a different {key} (checkpoint -> this run: "
+                                         f"{_differences(trained.get(key), config[key])}); train with its settings, "
+                                         f"or use a new --out folder")
     write_text_atomic(path, json.dumps(config, indent=1) + "\n")
+
+
+def _differences(before, after) -> str:
+    """'num_classes 6 -> 4, ...': the fields of two config dicts that differ (it printed both dicts whole)."""
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return f"{before} -> {after}"
+    return ", ".join(f"{k} {before.get(k)} -> {after.get(k)}" for k in dict.fromkeys([*before, *after])
+                     if before.get(k) != after.get(k))
 
 
 def _read_state(checkpoint_path):

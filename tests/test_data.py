@@ -1,6 +1,7 @@
 """NIfTI io, dataset layouts and preprocessing on real volumes (tests/fixtures, the bundled sample)."""
 import gzip
 import json
+import os
 import re
 import shutil
 
@@ -705,3 +706,52 @@ def test_a_full_disk_names_the_file_being_written(tmp_path):
     with pytest.raises(OSError, match="No space left on device: '.*out.nii.gz'") as info:
         write_atomic(tmp_path / "out.nii.gz", full)
     assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_written_names_the_file_being_written(tmp_path, monkeypatch):
+    """A read-only folder refuses write_atomic's hidden temporary file (and a write may name it): the error names
+    the file being written, with its errno and kind, not '.out.nii.gz.x1y2z3.gz'."""
+    import errno
+    import tempfile
+
+    def read_only(prefix, suffix, dir):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x1y2z3{suffix}")
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkstemp", read_only)
+        with pytest.raises(PermissionError, match=r"Permission denied: '[^']*/out.nii.gz'$"):
+            write_atomic(tmp_path / "out.nii.gz", lambda tmp: None)
+
+    def refused(tmp):
+        raise PermissionError(errno.EACCES, "Permission denied", tmp)
+    with pytest.raises(PermissionError, match=r"Permission denied: '[^']*/out.nii.gz'$"):
+        write_atomic(tmp_path / "out.nii.gz", refused)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    """A writer killed before write_atomic's clean-up (kill -9) leaves its hidden temporary file; training removes
+    those of this host's processes that no longer run, and keeps a running writer's and another host's."""
+    import subprocess
+    import sys
+
+    from seg3d_fast import files
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    left = tmp_path / f".checkpoint.pt.{files._owner(dead)}.k2j4h5g6.pt"
+    running = tmp_path / f".metrics.csv.{files._owner()}.a1b2c3d4.csv"
+    other_host = tmp_path / f".curves.png.another-host-{dead}.q1w2e3r4.png"
+    kept = [running, other_host, tmp_path / ".hidden", tmp_path / "checkpoint.pt"]
+    for path in (left, *kept):
+        path.write_bytes(b"x")
+    assert files.remove_stale_temporaries(tmp_path) == [left]
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
+def test_write_atomic_temporaries_name_their_writer(tmp_path):
+    """write_atomic's temporary file carries this host and process (what remove_stale_temporaries reads)."""
+    from seg3d_fast import files
+
+    seen = []
+    write_atomic(tmp_path / "out.json", lambda tmp: (seen.append(os.path.basename(tmp)), open(tmp, "w").close()))
+    assert seen[0].startswith(f".out.json.{files._owner()}.") and files.remove_stale_temporaries(tmp_path) == []
