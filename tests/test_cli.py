@@ -336,66 +336,27 @@ def test_sigterm_stops_a_command_and_leaves_no_temporary_file(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == [] and restored is ours  # main put the handler it found back
 
 
-def test_a_sigterm_whose_exception_was_swallowed_still_ends_the_run(tmp_path, monkeypatch, capsys):
-    """The SIGTERM handler's exception is raised wherever the process is, and code there can swallow it: Python 3.11
-    wraps one raised in a class's __set_name__ into a RuntimeError, which matplotlib's import of its 3D axes caught
-    (`except Exception`) while training wrote its plot. Training went on with SIGTERM ignored and ended 5 s later,
-    status 1, on its dead data loader workers. Now the next step raises Terminated again
-    (files.stop_if_terminated), and any exception after a SIGTERM ends the command as terminated (143)."""
+@pytest.mark.parametrize("signal_name, status, said", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_whose_exception_was_swallowed_still_ends_the_run(tmp_path, monkeypatch, capsys, signal_name, status,
+                                                                   said):
+    """SIGTERM's handler and Ctrl-C's raise wherever the process is, and code there can swallow the exception: Python
+    3.11 wraps one raised in a class's __set_name__ into a RuntimeError, which matplotlib's import of its 3D axes
+    caught (`except Exception`) while training wrote its plot. Training went on with the signal ignored (SIGTERM:
+    ended 5 s later, status 1, on its dead data loader workers; Ctrl-C: to its last epoch, status 0); landing in the
+    unguarded import of matplotlib's axes, Ctrl-C ended the run with that RuntimeError's traceback and status 1. Now
+    the next step raises again (files.stop_if_terminated), and any exception after the signal ends the command as
+    terminated (143) or interrupted (130)."""
     import signal
     import time
 
     from seg3d_fast import files, train as train_mod
 
+    signum = getattr(signal, signal_name)
     steps = []
 
     def swallowed_then_next_step(args):
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # (the handler runs here)
-        except RuntimeError:
-            pass
-        except KeyboardInterrupt as e:  # as the guarded import swallowed it, wrapped
-            try:
-                raise RuntimeError("Error calling __set_name__") from e
-            except RuntimeError:
-                pass
-        steps.append("next step")
-        files.stop_if_terminated()
-        steps.append("went on")
-    monkeypatch.setattr(train_mod, "main", swallowed_then_next_step)
-    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == 143
-    assert steps == ["next step"] and capsys.readouterr().err.strip() == "seg3d-fast: terminated"
-    assert not files.terminating()  # (main forgets it: the next run in this process starts afresh)
-
-    def error_after_sigterm(args):  # e.g. the dead workers' 'exited unexpectedly' before a step could check
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-        except KeyboardInterrupt:
-            pass
-        raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
-    monkeypatch.setattr(train_mod, "main", error_after_sigterm)
-    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == 143
-    assert capsys.readouterr().err.strip() == "seg3d-fast: terminated"
-
-
-def test_a_ctrl_c_whose_exception_was_swallowed_still_ends_the_run(tmp_path, monkeypatch, capsys):
-    """Ctrl-C as SIGTERM above: its KeyboardInterrupt, raised inside matplotlib's guarded import of its 3D axes while
-    training wrote its first plot, was wrapped in a RuntimeError and caught ('Unable to import Axes3D'), and training
-    went on to its last epoch with exit status 0; landing in the unguarded import of matplotlib's axes, it ended the
-    run with that RuntimeError's traceback and status 1. Now the next step raises KeyboardInterrupt again, and any
-    exception after a Ctrl-C ends the command as interrupted (130)."""
-    import signal
-    import time
-
-    from seg3d_fast import files, train as train_mod
-
-    steps = []
-
-    def swallowed_then_next_step(args):
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
             time.sleep(5)  # (the handler runs here)
         except KeyboardInterrupt as e:  # as the guarded import swallowed it, wrapped
             try:
@@ -406,19 +367,22 @@ def test_a_ctrl_c_whose_exception_was_swallowed_still_ends_the_run(tmp_path, mon
         files.stop_if_terminated()
         steps.append("went on")
     monkeypatch.setattr(train_mod, "main", swallowed_then_next_step)
-    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == 130
-    assert steps == ["next step"] and capsys.readouterr().err.strip() == "seg3d-fast: interrupted"
-    assert not files.interrupted() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == status
+    assert steps == ["next step"] and capsys.readouterr().err.strip() == f"seg3d-fast: {said}"
+    # (main forgets it, and puts the handlers back: the next run in this process starts afresh)
+    assert not files.terminating() and not files.interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
-    def wrapped_after_ctrl_c(args):  # the unguarded import: the RuntimeError is what reaches main
+    def error_after_the_signal(args):  # the unguarded import's wrapped error, or the dead workers' 'exited
+        # unexpectedly' before a step could check: what reaches main
         try:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
             time.sleep(5)
         except KeyboardInterrupt as e:
             raise RuntimeError("Error calling __set_name__ on '_axis_method_wrapper' instance") from e
-    monkeypatch.setattr(train_mod, "main", wrapped_after_ctrl_c)
-    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == 130
-    assert capsys.readouterr().err.strip() == "seg3d-fast: interrupted"
+    monkeypatch.setattr(train_mod, "main", error_after_the_signal)
+    assert main(["train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run")]) == status
+    assert capsys.readouterr().err.strip() == f"seg3d-fast: {said}"
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups (POSIX)")
