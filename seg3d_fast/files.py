@@ -103,7 +103,7 @@ def remove_stale_temporaries(folder):
     """Removes the temporary files write_atomic left in `folder` when its process was killed before it could (kill
     -9, the out-of-memory killer): those of processes of this host that no longer run. Another host's, or a running
     process's, are left alone. -> the paths removed."""
-    pattern = re.compile(r"\.(?P<owner>" + re.escape(socket.gethostname()) + r"-(?P<pid>\d+))\.[^.]+")
+    pattern = re.compile(r"\." + re.escape(socket.gethostname()) + r"-(?P<pid>\d+)\.[^.]+")
     removed = []
     for candidate in Path(folder).glob(".*"):
         match = pattern.search(candidate.name)
