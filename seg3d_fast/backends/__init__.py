@@ -103,7 +103,23 @@ def _preference(op: str, device, key: str, bench, direction: str) -> tuple[str, 
 _table_cache: dict | None = None
 _measured_cache: dict[str, dict] = {}
 ENV_MEASURE = "SEG3D_FAST_MEASURE_DISPATCH"  # "0": never time backends at run time (use table or default order)
-CACHE_DIR = Path(os.environ.get("SEG3D_FAST_CACHE", Path.home() / ".cache" / "seg3d_fast"))
+
+
+def _cache_dir() -> Path | None:
+    """Env SEG3D_FAST_CACHE (unset, empty or blank: ~/.cache/seg3d_fast); None where no home directory can be found
+    (HOME unset and the user not in the password database, as in some containers): measured orders are then kept for
+    the process only. (Path.home() raised at import, so `import seg3d_fast` failed there even with SEG3D_FAST_CACHE
+    set; an empty SEG3D_FAST_CACHE was Path(""), the working directory.)"""
+    value = os.environ.get("SEG3D_FAST_CACHE", "")
+    if value.strip():
+        return Path(value)
+    try:
+        return Path.home() / ".cache" / "seg3d_fast"
+    except RuntimeError:  # "Could not determine home directory"
+        return None
+
+
+CACHE_DIR = _cache_dir()
 
 
 # Revision of the kernels' speed: bump it with any kernel change that can reorder the backends. A dispatch table or
@@ -120,15 +136,18 @@ def _dispatch_table() -> dict:
     return _table_cache
 
 
-def _cache_file(card: str) -> Path:
+def _cache_file(card: str) -> Path | None:
+    if CACHE_DIR is None:
+        return None
     name = "".join(c if c.isalnum() else "_" for c in card)
     return CACHE_DIR / f"dispatch-{name}-r{KERNELS_REVISION}.json"
 
 
 def _measured(card: str) -> dict:
     if card not in _measured_cache:
+        path = _cache_file(card)
         try:
-            _measured_cache[card] = json.loads(_cache_file(card).read_text())
+            _measured_cache[card] = json.loads(path.read_text()) if path is not None else {}
         except (OSError, ValueError):
             _measured_cache[card] = {}
     return _measured_cache[card]
@@ -136,6 +155,8 @@ def _measured(card: str) -> dict:
 
 def _save_measured(card: str):
     path = _cache_file(card)
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
