@@ -236,11 +236,12 @@ def main(argv=None):
 
 
 def _check_env_backend():
-    """A SEG3D_FAST_BACKEND that names no backend: a one-line error, not the first op's ValueError traceback."""
-    from .backends import env_backend
+    """A SEG3D_FAST_BACKEND that names no backend, a dispatch table that is not one: a one-line error, not the first
+    op's ValueError traceback."""
+    from .backends import check_environment
 
     try:
-        env_backend()
+        check_environment()
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -60,3 +60,81 @@ def test_empty_cache_variable_means_the_default(tmp_path, value):
                       {"SEG3D_FAST_CACHE": value, "HOME": str(tmp_path)}, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(tmp_path / ".cache" / "seg3d_fast")
+
+
+CARD = "NVIDIA H100 80GB HBM3"
+KEY = "bfloat16-k3-s1-ci3-co5"
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch, tmp_path):
+    """The dispatcher's GPU path without a GPU: a cuda device of card CARD, no timing, fresh caches in tmp_path;
+    -> a function giving the order for conv3d_prelu at KEY."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: CARD)
+    monkeypatch.setattr(backends, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(backends, "_measured_cache", {})
+    monkeypatch.setattr(backends, "_table_cache", None)
+    monkeypatch.setenv(backends.ENV_MEASURE, "0")
+    return lambda: backends._preference("conv3d_prelu", torch.device("cuda"), KEY, None, "forward")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"kernels_revision": %d, "cards": {' % backends.KERNELS_REVISION, "cannot be read as JSON"),
+    ("", "cannot be read as JSON"),
+    ("[1, 2]", "is not a JSON object"),
+    ('{"kernels_revision": %d, "cards": []}' % backends.KERNELS_REVISION, "'cards' is not an object"),
+    ('{"kernels_revision": %d, "cards": {"%s": {"conv3d_prelu": {"%s": "cuda"}}}}'
+     % (backends.KERNELS_REVISION, CARD, KEY), "expected a list of backend names, got 'cuda'"),
+    ('{"kernels_revision": %d, "cards": {"%s": {"conv3d_prelu": {"%s": ["CUDA"]}}}}'
+     % (backends.KERNELS_REVISION, CARD, KEY), r"\['CUDA'\] name no backend"),
+    (None, "does not exist"),
+    ("folder", "Is a directory"),
+])
+def test_dispatch_table_that_is_not_one(on_a_gpu, monkeypatch, tmp_path, capsys, text, problem):
+    """A SEG3D_FAST_DISPATCH_TABLE file that is truncated, empty, of the wrong shape or names no backend is an error
+    naming the file and the variable (it was a JSONDecodeError / AttributeError / IsADirectoryError traceback at the
+    first GPU op, an order written "cuda" was taken as the backends 'c', 'u', 'd', 'a', and a path naming no file was
+    ignored); the command line reports it in one line before any work."""
+    path = tmp_path / "table.json"
+    if text == "folder":
+        path.mkdir()
+    elif text is not None:
+        path.write_text(text)
+    monkeypatch.setattr(backends, "DISPATCH_TABLE", path)
+    with pytest.raises(backends.DispatchTableError, match=f"{path}.*SEG3D_FAST_DISPATCH_TABLE.*{problem}"):
+        on_a_gpu()
+    from seg3d_fast.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seg3d-fast: error: dispatch table") and err.count("\n") == 1 and str(path) in err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_dispatch_table_variable_empty_means_the_committed_table(tmp_path):
+    """SEG3D_FAST_DISPATCH_TABLE="" was Path(""), the working directory: IsADirectoryError at the first GPU op."""
+    done = run_python("import seg3d_fast as sf; b = sf.backends; print(b.DISPATCH_TABLE == b.COMMITTED_TABLE, "
+                      "bool(b._dispatch_table()))", {"SEG3D_FAST_DISPATCH_TABLE": ""}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True True"
+
+
+@pytest.mark.parametrize("text", ['{"conv3d_prelu/%s": "cuda"}' % KEY, "[]", "null", '{"conv3d_prelu/%s": 5}' % KEY,
+                                  '{"conv3d_prelu/%s": ["tritonx"]}' % KEY, "{trunc"])
+def test_measured_cache_that_is_not_one_is_measured_again(on_a_gpu, text):
+    """A measured-order cache edited by hand or another tool: its entries that are not orders are ignored (measured
+    again and replaced). A list or null file raised TypeError / AttributeError at every later run, a string order
+    became the backends 'c', 'u', 'd', 'a', an unknown name a ValueError about a backend argument never passed."""
+    backends.CACHE_DIR.mkdir()
+    backends._cache_file(CARD).write_text(text)
+    assert on_a_gpu() == backends.DEFAULT_GPU_ORDER
+
+
+def test_measured_cache_name_taken_by_a_folder(on_a_gpu, monkeypatch):
+    """A folder where the cache file belongs: the order is still measured and used, and no temporary is left."""
+    monkeypatch.setenv(backends.ENV_MEASURE, "1")
+    monkeypatch.setattr(backends, "_measure", lambda op, bench, device: ["triton", "reference"])
+    backends._cache_file(CARD).mkdir(parents=True)
+    bench = backends.Bench("conv3d_prelu", (), None)
+    assert backends._preference("conv3d_prelu", torch.device("cuda"), KEY, bench, "forward") == ("triton", "reference")
+    assert [p.name for p in backends.CACHE_DIR.iterdir()] == [backends._cache_file(CARD).name]

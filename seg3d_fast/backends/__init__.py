@@ -18,7 +18,9 @@ ENV_BACKEND = "SEG3D_FAST_BACKEND"
 DEFAULT_GPU_ORDER = ("cuda", "triton", "reference")
 # Measured backend order per card, op, direction and shape (written by benchmarks/gpu_check.sh via report.py);
 # env SEG3D_FAST_DISPATCH_TABLE points at another file.
-DISPATCH_TABLE = Path(os.environ.get("SEG3D_FAST_DISPATCH_TABLE", Path(__file__).with_name("dispatch_table.json")))
+ENV_DISPATCH_TABLE = "SEG3D_FAST_DISPATCH_TABLE"
+COMMITTED_TABLE = Path(__file__).with_name("dispatch_table.json")
+DISPATCH_TABLE = Path(os.environ[ENV_DISPATCH_TABLE]) if os.environ.get(ENV_DISPATCH_TABLE, "").strip() else COMMITTED_TABLE
 
 _modules: dict[str, object] = {}
 _import_errors: dict[str, str] = {}
@@ -26,6 +28,10 @@ _import_errors: dict[str, str] = {}
 
 class BackendUnsupported(RuntimeError):
     """An explicitly requested backend cannot run the given input; the message lists why."""
+
+
+class DispatchTableError(ValueError):
+    """The dispatch table file cannot be read as one; the message names the file and what is wrong."""
 
 
 def deterministic() -> bool:
@@ -127,12 +133,51 @@ CACHE_DIR = _cache_dir()
 KERNELS_REVISION = 4
 
 
+def _order_problem(order) -> str | None:
+    """Why `order` is not a list of backend names (None: it is one)."""
+    if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+        return f"expected a list of backend names, got {order!r}"
+    unknown = [name for name in order if name not in NAMES]
+    return f"{unknown} name no backend (expected some of {NAMES})" if unknown else None
+
+
 def _dispatch_table() -> dict:
-    """{card: {op: {key: order}}} of the committed table, empty when it was measured on other kernels."""
+    """{card: {op: {key: order}}} of the committed table (or SEG3D_FAST_DISPATCH_TABLE's), empty when it was measured
+    on other kernels. A file that is not a table is a DispatchTableError naming it (unreadable, truncated or
+    hand-edited JSON gave a JSONDecodeError, IsADirectoryError or AttributeError at the first GPU op, and an order
+    written as a string was taken letter by letter); a SEG3D_FAST_DISPATCH_TABLE naming no file is one too (it was
+    ignored)."""
     global _table_cache
     if _table_cache is None:
-        data = json.loads(DISPATCH_TABLE.read_text()) if DISPATCH_TABLE.exists() else {}
-        _table_cache = data.get("cards", {}) if data.get("kernels_revision") == KERNELS_REVISION else {}
+        named = DISPATCH_TABLE != COMMITTED_TABLE
+        where = f"dispatch table {DISPATCH_TABLE}" + (f" (env {ENV_DISPATCH_TABLE})" if named else "")
+        fix = f"fix or remove the file, or unset {ENV_DISPATCH_TABLE}" if named else "restore it from the repository"
+        if not DISPATCH_TABLE.exists():
+            if named:
+                raise DispatchTableError(f"{where} does not exist: unset {ENV_DISPATCH_TABLE} or point it at a table")
+            _table_cache = {}
+            return _table_cache
+        try:
+            data = json.loads(DISPATCH_TABLE.read_text())
+        except (OSError, ValueError) as e:
+            raise DispatchTableError(f"{where} cannot be read as JSON ({type(e).__name__}: {e}): {fix}") from None
+        if not isinstance(data, dict):
+            raise DispatchTableError(f"{where} is not a JSON object: {fix}")
+        if data.get("kernels_revision") != KERNELS_REVISION:
+            _table_cache = {}
+            return _table_cache
+        cards = data.get("cards", {})
+        if not isinstance(cards, dict):
+            raise DispatchTableError(f"{where}: 'cards' is not an object: {fix}")
+        for card, ops in cards.items():
+            if not isinstance(ops, dict) or not all(isinstance(keys, dict) for keys in ops.values()):
+                raise DispatchTableError(f"{where}: card {card!r} is not an object of ops of keys: {fix}")
+            for op, keys in ops.items():
+                for key, order in keys.items():
+                    problem = _order_problem(order)
+                    if problem is not None:
+                        raise DispatchTableError(f"{where}: {card} / {op} / {key}: {problem}: {fix}")
+        _table_cache = cards
     return _table_cache
 
 
@@ -147,9 +192,13 @@ def _measured(card: str) -> dict:
     if card not in _measured_cache:
         path = _cache_file(card)
         try:
-            _measured_cache[card] = json.loads(path.read_text()) if path is not None else {}
+            data = json.loads(path.read_text()) if path is not None else {}
         except (OSError, ValueError):
-            _measured_cache[card] = {}
+            data = {}
+        # entries that are not orders (a file edited by hand or by another tool) are measured again and replaced:
+        # a string order was taken letter by letter, and a list or null file raised at every later run
+        data = data if isinstance(data, dict) else {}
+        _measured_cache[card] = {k: v for k, v in data.items() if _order_problem(v) is None}
     return _measured_cache[card]
 
 
@@ -163,7 +212,12 @@ def _save_measured(card: str):
         tmp.write_text(json.dumps(_measured_cache[card], indent=1, sort_keys=True))
         os.replace(tmp, path)  # atomic: concurrent processes never read a half-written cache
     except OSError:
-        pass  # a read-only home only costs re-measuring in the next process
+        # a read-only home only costs re-measuring in the next process (nor is the temporary left, where the cache
+        # file's name is taken by a folder)
+        try:
+            tmp.unlink()
+        except (OSError, UnboundLocalError):
+            pass
 
 
 def _measure(op: str, bench, device) -> list[str]:
@@ -214,6 +268,13 @@ def env_backend() -> str | None:
         raise ValueError(f"environment variable {ENV_BACKEND}={name!r} names no backend: expected one of {NAMES} "
                          "(or unset it to let the dispatcher choose)")
     return name
+
+
+def check_environment():
+    """Raise the ValueError that the first op would (SEG3D_FAST_BACKEND naming no backend, a dispatch table that is
+    not one), for the command line to report before any work."""
+    env_backend()
+    _dispatch_table()
 
 
 def select(op: str, backend: str | None, device, key: str, args: tuple, bench: Bench | None = None,
