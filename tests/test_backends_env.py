@@ -138,3 +138,61 @@ def test_measured_cache_name_taken_by_a_folder(on_a_gpu, monkeypatch):
     bench = backends.Bench("conv3d_prelu", (), None)
     assert backends._preference("conv3d_prelu", torch.device("cuda"), KEY, bench, "forward") == ("triton", "reference")
     assert [p.name for p in backends.CACHE_DIR.iterdir()] == [backends._cache_file(CARD).name]
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("TRUE", True), (" yes ", True), ("On", True),
+                                        ("0", False), ("false", False), ("False", False), ("no", False), ("off", False),
+                                        ("", None), ("  ", None)])
+def test_switches_read_alike(on_a_gpu, monkeypatch, value, on):
+    """Each switch was compared with one string: SEG3D_FAST_MEASURE_DISPATCH=true turned the timing off and
+    SEG3D_FAST_AUTOTUNE=false left autotuning on, silently. All take 1/0, true/false, yes/no, on/off in any case;
+    unset or blank is the default."""
+    for name, default in backends.ENV_FLAGS.items():
+        monkeypatch.setenv(name, value)
+        assert backends.env_flag(name) is (default if on is None else on), name
+    monkeypatch.setattr(backends, "_measure", lambda op, bench, device: ["triton", "reference"])
+    bench = backends.Bench("conv3d_prelu", (), None)
+    measured = backends._preference("conv3d_prelu", torch.device("cuda"), KEY, bench, "forward")
+    assert measured == (("triton", "reference") if on in (True, None) else backends.DEFAULT_GPU_ORDER)
+    if backends.load("triton") is not None:
+        from seg3d_fast.backends.triton import _common
+
+        import triton
+
+        configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (16, 32, 64)]
+        monkeypatch.setattr(_common, "interpreting", lambda: False)
+        assert len(_common.autotune_configs(configs[1:], configs[0], configs[0])) == (3 if on in (True, None) else 1)
+
+
+@pytest.mark.parametrize("name, value", [("SEG3D_FAST_MEASURE_DISPATCH", "maybe"), ("SEG3D_FAST_AUTOTUNE", "2"),
+                                         ("SEG3D_FAST_TRITON_TMA", "enable"), ("SEG3D_FAST_DETERMINISTIC", "y es"),
+                                         ("SEG3D_FAST_CUDA_KERNELS", "V3")])
+def test_switch_that_is_not_one_is_one_line_before_any_work(monkeypatch, tmp_path, capsys, name, value):
+    """A switch with a value that is neither on nor off (or SEG3D_FAST_CUDA_KERNELS naming no kernels, which raised
+    only inside the first cuda op: a traceback) is a one-line error naming the variable before the demo writes
+    anything."""
+    from seg3d_fast.cli import main
+
+    monkeypatch.setenv(name, value)
+    if name != "SEG3D_FAST_CUDA_KERNELS":
+        with pytest.raises(ValueError, match=f"environment variable {name}='{value}' is not a switch"):
+            backends.env_flag(name)
+    elif backends.load("cuda") is None:
+        pytest.skip("the cuda backend module cannot be imported here")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seg3d-fast: error: ") and name in err and repr(value) in err and err.count("\n") == 1
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's reason")
+@pytest.mark.parametrize("value", ["true", "TRUE", "on"])
+def test_triton_interpret_read_as_triton_reads_it(tmp_path, value):
+    """Triton's knobs take TRITON_INTERPRET=true (and yes/on): the interpreter ran, while the backend compared with
+    "1" only, said 'no CUDA device (set TRITON_INTERPRET=1 ...)' and would have chosen the GPU's tile configs."""
+    pytest.importorskip("triton")
+    done = run_python("import seg3d_fast as sf; from seg3d_fast.backends.triton import _common; "
+                      "print(sf.backends.available()['triton'], _common.interpreting())",
+                      {"TRITON_INTERPRET": value}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None True"

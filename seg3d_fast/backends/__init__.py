@@ -34,11 +34,32 @@ class DispatchTableError(ValueError):
     """The dispatch table file cannot be read as one; the message names the file and what is wrong."""
 
 
+# The on/off switches and their defaults (unset or blank: the default)
+ENV_FLAGS = {"SEG3D_FAST_DETERMINISTIC": False, "SEG3D_FAST_MEASURE_DISPATCH": True, "SEG3D_FAST_AUTOTUNE": True,
+             "SEG3D_FAST_TRITON_TMA": False}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name: str) -> bool:
+    """The switch env `name` (one of ENV_FLAGS): 1/true/yes/on or 0/false/no/off in any case, unset or blank for its
+    default; any other value is a ValueError naming the variable. (Each was compared with one string: "true" turned
+    SEG3D_FAST_MEASURE_DISPATCH off, "false" left SEG3D_FAST_AUTOTUNE on, "true" left SEG3D_FAST_TRITON_TMA and
+    SEG3D_FAST_DETERMINISTIC off, all silently.)"""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return ENV_FLAGS[name]
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(f"environment variable {name}={raw!r} is not a switch: expected 1 or 0 (or true/false, yes/no, "
+                     f"on/off), or unset it for the default ({int(ENV_FLAGS[name])})")
+
+
 def deterministic() -> bool:
     """Bitwise-reproducible mode: no float atomics (torch's flag or SEG3D_FAST_DETERMINISTIC=1)."""
     import torch
 
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("SEG3D_FAST_DETERMINISTIC", "0") == "1"
+    return torch.are_deterministic_algorithms_enabled() or env_flag("SEG3D_FAST_DETERMINISTIC")
 
 
 def device_table(rows, dtype, device):
@@ -100,7 +121,7 @@ def _preference(op: str, device, key: str, bench, direction: str) -> tuple[str, 
         return tuple(order)
     cache = _measured(card)
     cache_key = f"{op}/{key}"
-    if cache_key not in cache and bench is not None and os.environ.get(ENV_MEASURE, "1") == "1":
+    if cache_key not in cache and bench is not None and env_flag(ENV_MEASURE):
         cache[cache_key] = _measure(op, bench, device)
         _save_measured(card)
     return tuple(cache.get(cache_key) or DEFAULT_GPU_ORDER)
@@ -271,9 +292,15 @@ def env_backend() -> str | None:
 
 
 def check_environment():
-    """Raise the ValueError that the first op would (SEG3D_FAST_BACKEND naming no backend, a dispatch table that is
-    not one), for the command line to report before any work."""
+    """Raise the ValueError that the first op would (SEG3D_FAST_BACKEND naming no backend, a switch that is not one,
+    SEG3D_FAST_CUDA_KERNELS naming no kernels, a dispatch table that is not one), for the command line to report
+    before any work."""
     env_backend()
+    for name in ENV_FLAGS:
+        env_flag(name)
+    cuda = load("cuda")
+    if cuda is not None:
+        cuda.kernels_version()
     _dispatch_table()
 
 

@@ -17,7 +17,9 @@ def unavailable_reason():
         return _IMPORT_ERROR
     import torch
 
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    from ._common import interpreting
+
+    if torch.cuda.is_available() or interpreting():
         return None
     return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU, slowly)"
 

@@ -6,9 +6,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import env_flag
+
 
 def interpreting():
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1): tiny shapes, one small config."""
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1): tiny shapes, one small config. Read as Triton
+    reads it (its knobs take true/yes/on too: TRITON_INTERPRET=true ran the interpreter while the backend said there
+    was no CUDA device and chose the GPU's tile configs)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -64,7 +71,7 @@ def autotune_configs(gpu_configs, default, interpreter):
     SEG3D_FAST_AUTOTUNE=0, one small config under the interpreter. Read once, when the kernel module is imported."""
     if interpreting():
         return [interpreter]
-    if os.environ.get("SEG3D_FAST_AUTOTUNE", "1") == "0":
+    if not env_flag("SEG3D_FAST_AUTOTUNE"):
         return [default]
     key = lambda c: (sorted(c.kwargs.items()), c.num_warps, c.num_stages)  # noqa: E731
     return [default] + [c for c in gpu_configs if key(c) != key(default)]

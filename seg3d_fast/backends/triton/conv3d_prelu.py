@@ -20,7 +20,6 @@ import contextlib
 import functools
 import itertools
 import math
-import os
 
 import torch
 import triton
@@ -31,7 +30,7 @@ try:  # host-side TMA descriptors (Triton 3.4+)
 except ImportError:
     TensorDescriptor = None
 
-from .. import device_table
+from .. import device_table, env_flag
 from .._layout import out_format
 from ._common import (autotune_configs, block_row_coords, by_channel, carry_rows, cdiv, dot, dot_precision,
                       fast_divisor, interpreting, next_pow2, parallel_slots, row_split, strided_offset, tensor_reasons)
@@ -730,7 +729,7 @@ def tma_unsupported(src, other, n):
     only: fp32 tiles reach the tensor cores from shared memory unrounded (TF32 by truncation, measured on an H100
     at 2.7x PyTorch's TF32 error), and exact fp32 multiplies on the FMA units (no TMA benefit)."""
     reasons = []
-    if os.environ.get("SEG3D_FAST_TRITON_TMA", "0") != "1":
+    if not env_flag("SEG3D_FAST_TRITON_TMA"):
         reasons.append("the TMA kernels are opt-in (SEG3D_FAST_TRITON_TMA=1): measured on an H100 they are not yet "
                        "faster on every layer shape (the 1x1x1 layer is slower with them)")
     if TensorDescriptor is None:
