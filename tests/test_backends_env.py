@@ -196,3 +196,20 @@ def test_triton_interpret_read_as_triton_reads_it(tmp_path, value):
                       {"TRITON_INTERPRET": value}, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None True"
+
+
+def test_measured_orders_are_measured_again_once_another_backend_can_run(on_a_gpu, monkeypatch):
+    """Orders measured before a backend could run here (the CUDA extension built later, Triton installed later)
+    leave it out: the orders are kept per set of runnable backends, so the new one is timed (it was never chosen
+    until the cache file was deleted)."""
+    monkeypatch.setenv(backends.ENV_MEASURE, "1")
+    bench = backends.Bench("conv3d_prelu", (), None)
+    runnable = {"reference", "triton"}
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name: None if name in runnable else "not built")
+    monkeypatch.setattr(backends, "_measure", lambda op, bench, device: sorted(runnable, key=backends.DEFAULT_GPU_ORDER.index))
+    assert backends._preference("conv3d_prelu", torch.device("cuda"), KEY, bench, "forward") == ("triton", "reference")
+    runnable.add("cuda")  # e.g. a later `pip install .` with nvcc present, in a new process
+    monkeypatch.setattr(backends, "_measured_cache", {})
+    assert backends._preference("conv3d_prelu", torch.device("cuda"), KEY, bench, "forward") == ("cuda", "triton",
+                                                                                                  "reference")
+    assert len(list(backends.CACHE_DIR.glob("dispatch-*.json"))) == 2

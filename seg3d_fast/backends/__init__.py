@@ -203,10 +203,14 @@ def _dispatch_table() -> dict:
 
 
 def _cache_file(card: str) -> Path | None:
+    """The measured orders of this card, kernels revision and set of backends that can run here: orders measured
+    before a backend could run (the CUDA extension not yet built, Triton not installed) leave it out, and it was
+    never chosen until the file was deleted."""
     if CACHE_DIR is None:
         return None
     name = "".join(c if c.isalnum() else "_" for c in card)
-    return CACHE_DIR / f"dispatch-{name}-r{KERNELS_REVISION}.json"
+    runnable = "+".join(n for n in NAMES if unavailable_reason(n) is None)
+    return CACHE_DIR / f"dispatch-{name}-r{KERNELS_REVISION}-{runnable}.json"
 
 
 def _measured(card: str) -> dict:
