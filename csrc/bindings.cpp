@@ -75,6 +75,10 @@ PYBIND11_MODULE(_cuda, m) {
   using namespace seg3d;
   m.doc() = "seg3d_fast CUDA kernels (conv3d + bias + PReLU + residual, Jaccard sums); see csrc/launchers.h";
   m.attr("MAX_CLASSES") = kMaxClasses;
+  // The Python layer's contract with this module (argument structs, functions, their meaning): bump it with
+  // INTERFACE_REVISION in seg3d_fast/backends/cuda.py at any change, so that a module built from another version of
+  // the package (a stale build, another checkout's) is reported unusable rather than called with the wrong layout.
+  m.attr("INTERFACE_REVISION") = 1;
 
   py::class_<ConvArgs> conv(m, "ConvArgs");
   conv.def(py::init<>())

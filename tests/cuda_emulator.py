@@ -233,7 +233,8 @@ def model_extension():
         WgradArgs=_struct(real and real.WgradArgs),
         conv_gemm=conv_gemm, conv_wgrad=conv_wgrad, prelu_backward=prelu_backward, jaccard_blocks=jaccard_blocks,
         jaccard_sums=jaccard_sums, jaccard_backward=jaccard_backward, jaccard_loss=jaccard_loss,
-        jaccard_loss_backward=jaccard_loss_backward, MAX_CLASSES=cuda_backend.MAX_CLASSES)
+        jaccard_loss_backward=jaccard_loss_backward, MAX_CLASSES=cuda_backend.MAX_CLASSES,
+        INTERFACE_REVISION=cuda_backend.INTERFACE_REVISION)
 
 
 @contextlib.contextmanager

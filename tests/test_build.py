@@ -34,6 +34,26 @@ def test_extension_imports_and_exposes_the_kernels():
     args.toff_d = [-1, 0, 1]
     assert list(args.toff_d) == [-1, 0, 1]
     assert ext.MAX_CLASSES == 32
+    from seg3d_fast.backends import cuda
+
+    assert ext.INTERFACE_REVISION == cuda.INTERFACE_REVISION  # (built from this checkout's csrc/)
+
+
+@pytest.mark.parametrize("revision", [None, 0])
+def test_an_extension_of_another_version_is_not_used(monkeypatch, revision):
+    """A seg3d_fast._cuda built from another version of the package (a stale build, another checkout's module found
+    first) would take this version's arguments in its own layout: the backend says it cannot run, and why."""
+    import types
+
+    from seg3d_fast.backends import cuda
+
+    stale = types.SimpleNamespace(__file__="/elsewhere/seg3d_fast/_cuda.so")
+    if revision is not None:
+        stale.INTERFACE_REVISION = revision
+    monkeypatch.setattr(cuda, "_cuda", stale)
+    reason = cuda.unavailable_reason()
+    assert reason.startswith("extension /elsewhere/seg3d_fast/_cuda.so was built from another version of seg3d_fast "
+                             f"(interface revision {revision}, this package needs {cuda.INTERFACE_REVISION})")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

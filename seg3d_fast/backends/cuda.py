@@ -30,6 +30,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LABEL_CODES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
 PROBABILITY_TARGET, PROBABILITY_TARGET_F32 = 3, 4  # probabilities in the logits' dtype, in float32
 MAX_CLASSES = 32         # kMaxClasses in csrc/launchers.h
+INTERFACE_REVISION = 1   # the extension's INTERFACE_REVISION (csrc/bindings.cpp): bump both at any contract change
 SAVED_KINDS = {"none": 0, "act": 1, "preact": 2}
 MAX_VOXELS = 2**31 - 2**16  # voxel (row) indices are 32-bit (with room for a tile past the end); offsets 64-bit
 WGRAD_BLOCKS = {1: 256, 2: 1024, 3: 1024}  # wgrad splits aim at about this many blocks per kernel version (fixed, so
@@ -43,6 +44,11 @@ def unavailable_reason() -> str | None:
         if isinstance(_IMPORT_ERROR, ModuleNotFoundError) and _IMPORT_ERROR.name == "seg3d_fast._cuda":
             return "extension not built (no nvcc at install time)"
         return f"extension seg3d_fast._cuda failed to import: {type(_IMPORT_ERROR).__name__}: {_IMPORT_ERROR}"
+    built = getattr(_cuda, "INTERFACE_REVISION", None)
+    if built != INTERFACE_REVISION:
+        return (f"extension {getattr(_cuda, '__file__', 'seg3d_fast._cuda')} was built from another version of "
+                f"seg3d_fast (interface revision {built}, this package needs {INTERFACE_REVISION}): reinstall the "
+                "package (pip install .) to rebuild it")
     if not torch.cuda.is_available():
         return "no CUDA GPU"
     return None
