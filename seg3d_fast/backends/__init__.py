@@ -231,18 +231,16 @@ def _save_measured(card: str):
     path = _cache_file(card)
     if path is None:
         return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(_measured_cache[card], indent=1, sort_keys=True))
         os.replace(tmp, path)  # atomic: concurrent processes never read a half-written cache
     except OSError:
         # a read-only home only costs re-measuring in the next process (nor is the temporary left, where the cache
         # file's name is taken by a folder)
-        try:
+        if tmp.is_file():  # (written, then not renamed)
             tmp.unlink()
-        except (OSError, UnboundLocalError):
-            pass
 
 
 def _measure(op: str, bench, device) -> list[str]:
